@@ -1,0 +1,3 @@
+//! Audio codecs: G.711 μ-law/A-law and streaming resampling.
+
+pub mod g711;

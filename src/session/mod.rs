@@ -1,0 +1,3 @@
+//! Per-call sessions: playback accounting and barge-in, the call engine, the registry.
+
+pub mod playback;

@@ -1,0 +1,1 @@
+//! Playback accounting, pacing and barge-in (see BARGE-IN.md).

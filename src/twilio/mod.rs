@@ -1,0 +1,1 @@
+//! Twilio: Media Streams messages, the stream state machine, request signatures, TwiML.

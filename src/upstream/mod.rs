@@ -1,0 +1,1 @@
+//! Realtime voice APIs behind one seam: OpenAI Realtime first.
