@@ -1,0 +1,101 @@
+//! TwiML that connects a call to a bidirectional Media Stream.
+//!
+//! Owns the `<Connect><Stream>` document the voice webhook answers with. Invariant: every value
+//! placed in an attribute is XML-escaped (`&`, `<`, `>`, `"`, `'`), so a parameter taken from a
+//! caller or a URL cannot break out of its attribute or inject elements.
+
+/// Renders `<Response><Connect><Stream url=…>` with one `<Parameter>` per pair.
+///
+/// `stream_url` must be a `wss://` URL without a query string (Twilio drops queries on stream
+/// URLs); values travel as `parameters` and come back in `start.customParameters`.
+pub fn connect_stream(
+    stream_url: &str,
+    parameters: &[(&str, &str)],
+    status_callback: Option<&str>,
+) -> String {
+    let mut xml = String::with_capacity(160 + parameters.len() * 48);
+    xml.push_str(r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url=""#);
+    push_escaped_attribute(&mut xml, stream_url);
+    xml.push('"');
+    if let Some(callback) = status_callback {
+        xml.push_str(r#" statusCallback=""#);
+        push_escaped_attribute(&mut xml, callback);
+        xml.push_str(r#"" statusCallbackMethod="POST""#);
+    }
+    xml.push('>');
+    for (name, value) in parameters {
+        xml.push_str(r#"<Parameter name=""#);
+        push_escaped_attribute(&mut xml, name);
+        xml.push_str(r#"" value=""#);
+        push_escaped_attribute(&mut xml, value);
+        xml.push_str(r#""/>"#);
+    }
+    xml.push_str("</Stream></Connect></Response>");
+    xml
+}
+
+fn push_escaped_attribute(out: &mut String, value: &str) {
+    for character in value.chars() {
+        match character {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            other => out.push(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_stream_without_parameters() {
+        assert_eq!(
+            connect_stream("wss://example.com/media", &[], None),
+            r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="wss://example.com/media"></Stream></Connect></Response>"#
+        );
+    }
+
+    #[test]
+    fn parameters_and_status_callback_in_order() {
+        assert_eq!(
+            connect_stream(
+                "wss://example.com/media",
+                &[("From", "+14158675309"), ("agent", "sales")],
+                Some("https://example.com/status"),
+            ),
+            concat!(
+                r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect>"#,
+                r#"<Stream url="wss://example.com/media" statusCallback="https://example.com/status" statusCallbackMethod="POST">"#,
+                r#"<Parameter name="From" value="+14158675309"/>"#,
+                r#"<Parameter name="agent" value="sales"/>"#,
+                r#"</Stream></Connect></Response>"#
+            )
+        );
+    }
+
+    #[test]
+    fn attribute_values_are_escaped() {
+        let xml = connect_stream(
+            "wss://example.com/a&b",
+            &[("n\"a'm<e>", r#"x&"<>'y"#)],
+            Some("https://example.com/s?a=1&b=2"),
+        );
+        assert_eq!(
+            xml,
+            concat!(
+                r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect>"#,
+                r#"<Stream url="wss://example.com/a&amp;b" statusCallback="https://example.com/s?a=1&amp;b=2" statusCallbackMethod="POST">"#,
+                r#"<Parameter name="n&quot;a&apos;m&lt;e&gt;" value="x&amp;&quot;&lt;&gt;&apos;y"/>"#,
+                r#"</Stream></Connect></Response>"#
+            )
+        );
+        // Raw quotes only delimit attributes: the declaration's two, the stream's three and
+        // the parameter's two.
+        assert_eq!(xml.matches('"').count(), 2 * 2 + 2 * 3 + 2 * 2);
+        assert_eq!(xml.matches('<').count(), xml.matches('>').count());
+    }
+}
