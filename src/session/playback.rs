@@ -65,7 +65,7 @@ impl Default for PlaybackConfig {
 impl PlaybackConfig {
     /// Checks what [`Playback::new`] would otherwise silently round.
     pub fn validate(&self) -> Result<(), PlaybackError> {
-        if self.chunk_ms == 0 || !self.chunk_ms.is_multiple_of(FRAME_MS) {
+        if self.chunk_ms == 0 || self.chunk_ms % FRAME_MS != 0 {
             return Err(PlaybackError::InvalidChunkMs(self.chunk_ms));
         }
         Ok(())
@@ -142,8 +142,8 @@ impl Item {
             (None, Some(start)) => (0, start),
             (None, None) => return 0,
         };
-        let elapsed = u32::try_from(now.saturating_duration_since(since).as_millis())
-            .unwrap_or(u32::MAX);
+        let elapsed =
+            u32::try_from(now.saturating_duration_since(since).as_millis()).unwrap_or(u32::MAX);
         base.saturating_add(elapsed).min(self.sent_ms)
     }
 
@@ -424,7 +424,11 @@ impl Playback {
         if let Some(index) = playing.filter(|_| truncate.is_some()) {
             affected.push(&self.items[index].response_id);
         }
-        affected.extend(self.items[unheard_from..].iter().map(|i| i.response_id.as_str()));
+        affected.extend(
+            self.items[unheard_from..]
+                .iter()
+                .map(|i| i.response_id.as_str()),
+        );
         let in_progress = self.responses.iter().rev().find(|r| !r.done);
         let interrupted_response = in_progress
             .map(|r| r.id.clone())
@@ -494,7 +498,11 @@ impl Playback {
         self.counters.bytes_sent += self.chunk_bytes as u64;
         self.mark.clear();
         // Writing to a String cannot fail.
-        let _ = write!(self.mark, "{}:{}:{}", self.generation, item.seq, item.sent_ms);
+        let _ = write!(
+            self.mark,
+            "{}:{}:{}",
+            self.generation, item.seq, item.sent_ms
+        );
         self.drop_empty_closed_segments();
         let item = &self.items[item_index];
         Some(Transmit {
@@ -507,7 +515,8 @@ impl Playback {
 
     /// When `poll_transmit` should be called next: `None` when nothing is queued or only a
     /// partial chunk is (more audio or `on_response_done` must come first). At exactly this
-    /// instant a chunk is sendable; a nanosecond earlier it is not.
+    /// instant a chunk is sendable and, unless it is the latest `now` we were given (already
+    /// due), a nanosecond earlier it is not.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let ready = self
             .segments
@@ -520,8 +529,14 @@ impl Playback {
         let Some(end) = self.play_end else {
             return self.last_now;
         };
-        // Before the clock's origin means "already due"; the last time we saw is then due too.
-        end.checked_sub(self.send_below).or(self.last_now).or(Some(end))
+        // A due time already past is reported as the latest time we were given, so drivers
+        // see "now" rather than an arbitrary past instant (or one before the clock's origin).
+        let due = end.checked_sub(self.send_below);
+        match (due, self.last_now) {
+            (Some(due), Some(last)) => Some(due.max(last)),
+            (Some(due), None) => Some(due),
+            (None, last) => last.or(Some(end)),
+        }
     }
 
     // --- internals ---
@@ -592,7 +607,8 @@ impl Playback {
         let partial = segment.len % self.chunk_bytes;
         if partial != 0 {
             let padding = self.chunk_bytes - partial;
-            self.audio.extend(std::iter::repeat_n(MULAW_SILENCE, padding));
+            self.audio
+                .extend(std::iter::repeat_n(MULAW_SILENCE, padding));
             segment.len += padding;
         }
         segment.closed = true;
@@ -606,5 +622,738 @@ impl Playback {
         {
             self.segments.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const LEAD_MS: u64 = 120;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn audio(duration_ms: usize) -> Vec<u8> {
+        // Not silence, so padding is distinguishable from audio.
+        (0..duration_ms * BYTES_PER_MS)
+            .map(|i| (i % 200) as u8)
+            .collect()
+    }
+
+    /// An owned copy of a `Transmit`, with when Twilio is estimated to finish playing it.
+    #[derive(Debug, Clone)]
+    struct Sent {
+        payload: Vec<u8>,
+        mark: String,
+        item_id: String,
+        item_ms: u32,
+        played_at: Instant,
+    }
+
+    /// Drives a `Playback` in virtual time against a simulated Twilio that plays chunks in order
+    /// and echoes each mark `latency` after the audio before it has played.
+    struct Harness {
+        t0: Instant,
+        pb: Playback,
+        sent: Vec<Sent>,
+        /// Marks Twilio has not echoed yet, in order.
+        pending_echoes: VecDeque<Sent>,
+        twilio_end: Instant,
+        latency: Duration,
+        max_buffered: Duration,
+    }
+
+    impl Harness {
+        fn new(latency_ms: u64) -> Self {
+            let t0 = Instant::now();
+            Self {
+                t0,
+                pb: Playback::new(PlaybackConfig::default()),
+                sent: Vec::new(),
+                pending_echoes: VecDeque::new(),
+                twilio_end: t0,
+                latency: ms(latency_ms),
+                max_buffered: Duration::ZERO,
+            }
+        }
+
+        fn at(&self, t_ms: u64) -> Instant {
+            self.t0 + ms(t_ms)
+        }
+
+        /// Drains `poll_transmit` at `now`; returns how many chunks were sent.
+        fn pump_at(&mut self, now: Instant) -> usize {
+            let mut count = 0;
+            while let Some(tx) = self.pb.poll_transmit(now) {
+                assert_eq!(tx.payload.len(), 160, "chunks are 20 ms");
+                self.twilio_end = self.twilio_end.max(now) + ms(20);
+                let sent = Sent {
+                    payload: tx.payload.to_vec(),
+                    mark: tx.mark.to_owned(),
+                    item_id: tx.item_id.to_owned(),
+                    item_ms: tx.item_ms,
+                    played_at: self.twilio_end,
+                };
+                self.pending_echoes.push_back(sent.clone());
+                self.sent.push(sent);
+                self.max_buffered = self.max_buffered.max(self.twilio_end - now);
+                count += 1;
+            }
+            count
+        }
+
+        fn pump(&mut self, t_ms: u64) -> usize {
+            self.pump_at(self.at(t_ms))
+        }
+
+        /// Delivers the mark echoes due by `t_ms`, then pumps.
+        fn step(&mut self, t_ms: u64) {
+            let now = self.at(t_ms);
+            while self
+                .pending_echoes
+                .front()
+                .is_some_and(|s| s.played_at + self.latency <= now)
+            {
+                let Some(echo) = self.pending_echoes.pop_front() else {
+                    break;
+                };
+                let outcome = self.pb.on_mark(now, &echo.mark);
+                assert_eq!(
+                    outcome,
+                    MarkOutcome::Confirmed {
+                        item_id: echo.item_id.clone(),
+                        ms: echo.item_ms
+                    }
+                );
+            }
+            self.pump_at(now);
+        }
+
+        fn run(&mut self, from_ms: u64, to_ms: u64) {
+            for t in from_ms..=to_ms {
+                self.step(t);
+            }
+        }
+
+        /// Twilio's answer to `clear`: every outstanding mark echoed at once.
+        fn clear(&mut self, t_ms: u64) -> Vec<MarkOutcome> {
+            let now = self.at(t_ms);
+            self.twilio_end = now;
+            let echoes: Vec<Sent> = self.pending_echoes.drain(..).collect();
+            echoes
+                .iter()
+                .map(|e| self.pb.on_mark(now, &e.mark))
+                .collect()
+        }
+
+        fn sent_ms_of(&self, item_id: &str) -> u32 {
+            self.sent
+                .iter()
+                .rev()
+                .find(|s| s.item_id == item_id)
+                .map_or(0, |s| s.item_ms)
+        }
+    }
+
+    /// Golden trace 1 up to and including the barge-in; returns the harness for trace 4.
+    fn play_trace_1() -> (Harness, Interruption) {
+        let mut h = Harness::new(10);
+        let t = h.at(0);
+        h.pb.on_response_created("r1");
+        assert!(h.pb.on_audio_delta(t, "r1", "A", &audio(1000)));
+        h.run(0, 420);
+
+        let sent_a = h.sent_ms_of("A");
+        assert_eq!(sent_a, 420 + LEAD_MS as u32, "lead ahead of real time");
+        for (i, s) in h.sent.iter().enumerate() {
+            let mark = parse_mark_name(&s.mark).expect("our own mark parses");
+            assert_eq!(mark.generation, 0);
+            assert_eq!(mark.ms, 20 * (i as u32 + 1));
+            assert_eq!(s.item_ms, mark.ms);
+            assert_eq!(s.item_id, "A");
+        }
+        assert_eq!(h.pb.heard_ms(h.at(420)), Some(("A".to_owned(), 410)));
+
+        let interruption = h.pb.on_speech_started(h.at(420)).expect("audio is playing");
+        (h, interruption)
+    }
+
+    #[test]
+    fn trace_1_interrupt_mid_sentence() {
+        let (mut h, interruption) = play_trace_1();
+        assert_eq!(
+            interruption,
+            Interruption {
+                truncate: Some(Truncate {
+                    item_id: "A".into(),
+                    audio_end_ms: 410
+                }),
+                delete: vec![],
+                interrupted_response: Some("r1".into()),
+                cancel_response: false,
+            }
+        );
+        assert_eq!(h.pb.generation(), 1);
+        assert_eq!(h.pb.queued_ms(), 0);
+        assert!(!h.pb.is_active(h.at(420)));
+        assert_eq!(h.pb.poll_transmit(h.at(421)).map(|t| t.item_ms), None);
+
+        // Late deltas of r1 are dropped, and counted.
+        assert!(!h.pb.on_audio_delta(h.at(425), "r1", "A", &audio(100)));
+        assert_eq!(h.pb.queued_ms(), 0);
+
+        // Twilio's answer to the clear: marks 420..=540 of generation 0 change nothing.
+        let outcomes = h.clear(430);
+        assert_eq!(outcomes, vec![MarkOutcome::Stale; 7]);
+        assert_eq!(h.pb.heard_ms(h.at(430)), None);
+        assert!(!h.pb.is_active(h.at(430)));
+
+        let c = h.pb.counters();
+        assert_eq!(c.chunks_sent, 27);
+        assert_eq!(c.bytes_sent, 27 * 160);
+        assert_eq!(c.queued_bytes_dropped, 8000 - 27 * 160);
+        assert_eq!(c.interruptions, 1);
+        assert_eq!(c.late_deltas_dropped, 1);
+        assert_eq!(c.stale_marks, 7);
+        assert_eq!(c.unknown_marks, 0);
+    }
+
+    #[test]
+    fn trace_2_interrupt_before_any_playback() {
+        let mut h = Harness::new(10);
+        h.pb.on_response_created("r0");
+        assert!(h.pb.on_audio_delta(h.at(0), "r0", "G", &audio(1000)));
+        assert_eq!(h.pump(0), 6);
+        assert_eq!(h.sent_ms_of("G"), 120);
+        let interruption =
+            h.pb.on_speech_started(h.at(5))
+                .expect("greeting is playing");
+        assert_eq!(
+            interruption.truncate,
+            Some(Truncate {
+                item_id: "G".into(),
+                audio_end_ms: 5
+            })
+        );
+        assert!(interruption.delete.is_empty());
+        assert_eq!(interruption.interrupted_response.as_deref(), Some("r0"));
+    }
+
+    #[test]
+    fn trace_2_heard_never_exceeds_sent_when_the_driver_stalls() {
+        let mut h = Harness::new(10);
+        assert!(h.pb.on_audio_delta(h.at(0), "r0", "G", &audio(1000)));
+        assert_eq!(h.pump(0), 6);
+        // No poll for 200 ms: only 120 ms went out, so at most 120 ms can have been heard.
+        let interruption = h.pb.on_speech_started(h.at(200)).expect("audio is queued");
+        assert_eq!(
+            interruption.truncate,
+            Some(Truncate {
+                item_id: "G".into(),
+                audio_end_ms: 120
+            })
+        );
+    }
+
+    #[test]
+    fn trace_3_two_items_second_never_heard() {
+        let mut h = Harness::new(0);
+        h.pb.on_response_created("r2");
+        assert!(h.pb.on_audio_delta(h.at(400), "r2", "B", &audio(600)));
+        h.run(400, 900);
+        assert_eq!(h.sent_ms_of("B"), 600);
+        assert!(h.pb.on_audio_delta(h.at(900), "r2", "C", &audio(300)));
+        assert_eq!(h.sent_ms_of("C"), 0);
+        assert_eq!(h.pb.heard_ms(h.at(900)), Some(("B".to_owned(), 500)));
+
+        let interruption = h.pb.on_speech_started(h.at(900)).expect("B is playing");
+        assert_eq!(
+            interruption,
+            Interruption {
+                truncate: Some(Truncate {
+                    item_id: "B".into(),
+                    audio_end_ms: 500
+                }),
+                delete: vec!["C".into()],
+                interrupted_response: Some("r2".into()),
+                cancel_response: false,
+            }
+        );
+        assert_eq!(h.pb.counters().queued_bytes_dropped, 300 * 8);
+    }
+
+    #[test]
+    fn trace_4_two_barge_ins_in_a_row() {
+        let (mut h, _) = play_trace_1();
+        h.clear(420);
+        h.latency = ms(0);
+        h.pb.on_response_created("r3");
+        assert!(h.pb.on_audio_delta(h.at(500), "r3", "D", &audio(400)));
+        h.run(500, 650);
+        // Marks of generation 0 with D's per-call index or larger positions never count for D.
+        let d_seq = parse_mark_name(&h.sent.last().expect("D was sent").mark)
+            .expect("parses")
+            .item_seq;
+        assert_eq!(
+            h.pb.on_mark(h.at(650), &format!("0:{d_seq}:380")),
+            MarkOutcome::Stale
+        );
+        assert_eq!(h.pb.on_mark(h.at(650), "0:0:1000"), MarkOutcome::Stale);
+        h.run(651, 700);
+        assert_eq!(h.pb.heard_ms(h.at(700)), Some(("D".to_owned(), 200)));
+
+        let interruption = h.pb.on_speech_started(h.at(700)).expect("D is playing");
+        assert_eq!(
+            interruption,
+            Interruption {
+                truncate: Some(Truncate {
+                    item_id: "D".into(),
+                    audio_end_ms: 200
+                }),
+                delete: vec![],
+                interrupted_response: Some("r3".into()),
+                cancel_response: false,
+            }
+        );
+        assert_eq!(h.pb.generation(), 2);
+        assert_eq!(h.pb.counters().interruptions, 2);
+        assert!(
+            h.sent
+                .iter()
+                .filter(|s| s.item_id == "D")
+                .all(|s| s.mark.starts_with("1:"))
+        );
+    }
+
+    #[test]
+    fn trace_5_speech_while_silent_does_nothing() {
+        let mut h = Harness::new(10);
+        h.pb.on_response_created("r1");
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "A", &audio(200)));
+        h.pb.on_response_done("r1");
+        h.run(0, 300);
+        assert!(h.pending_echoes.is_empty(), "all marks confirmed");
+        assert!(!h.pb.is_active(h.at(300)));
+        assert_eq!(h.pb.on_speech_started(h.at(300)), None);
+        assert_eq!(h.pb.generation(), 0);
+        assert_eq!(h.pb.counters().interruptions, 0);
+        // The next response still plays in generation 0.
+        assert!(h.pb.on_audio_delta(h.at(400), "r2", "B", &audio(40)));
+        assert_eq!(h.pump(400), 2);
+        assert!(h.sent.last().is_some_and(|s| s.mark.starts_with("0:")));
+    }
+
+    #[test]
+    fn trace_6_stale_marks_never_raise_confirmed() {
+        let mut h = Harness::new(0);
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "A", &audio(1000)));
+        h.run(0, 300);
+        assert!(h.pb.on_speech_started(h.at(300)).is_some());
+        let old_marks: Vec<String> = h.pending_echoes.drain(..).map(|s| s.mark).collect();
+        h.twilio_end = h.at(300);
+
+        assert!(h.pb.on_audio_delta(h.at(300), "r2", "X", &audio(500)));
+        h.run(300, 400);
+        assert_eq!(h.pb.heard_ms(h.at(400)), Some(("X".to_owned(), 100)));
+        let x_seq = parse_mark_name(&h.sent.last().expect("X sent").mark)
+            .expect("parses")
+            .item_seq;
+
+        for mark in old_marks
+            .iter()
+            .cloned()
+            .chain([format!("0:{x_seq}:480"), "0:0:1000".to_owned()])
+        {
+            assert_eq!(h.pb.on_mark(h.at(400), &mark), MarkOutcome::Stale);
+        }
+        assert_eq!(h.pb.heard_ms(h.at(400)), Some(("X".to_owned(), 100)));
+        assert_eq!(h.pb.counters().stale_marks, old_marks.len() as u64 + 2);
+
+        // An out-of-order echo of the current generation does not lower or re-time the position.
+        assert_eq!(
+            h.pb.on_mark(h.at(400), &format!("1:{x_seq}:60")),
+            MarkOutcome::Confirmed {
+                item_id: "X".into(),
+                ms: 60
+            }
+        );
+        assert_eq!(h.pb.heard_ms(h.at(400)), Some(("X".to_owned(), 100)));
+
+        // Names we could not have sent are unknown and harmless.
+        let sent_x = h.sent_ms_of("X");
+        for bogus in [
+            "",
+            "garbage",
+            "1:99:20",
+            "7:0:20",
+            "1:1:20:5",
+            "+1:1:20",
+            "1:-1:20",
+            "1::20",
+            "99999999999:1:20",
+            &format!("1:{x_seq}:{}", sent_x + 20),
+        ] {
+            assert_eq!(
+                h.pb.on_mark(h.at(400), bogus),
+                MarkOutcome::Unknown,
+                "{bogus:?}"
+            );
+        }
+        assert_eq!(h.pb.counters().unknown_marks, 10);
+        assert_eq!(h.pb.heard_ms(h.at(400)), Some(("X".to_owned(), 100)));
+    }
+
+    #[test]
+    fn barge_in_during_the_greeting_then_next_response_plays() {
+        let mut h = Harness::new(20);
+        h.pb.on_response_created("greet");
+        let greeting = audio(2000);
+        // The greeting arrives in uneven deltas, faster than real time, and is not done.
+        let mut offset = 0;
+        for (t, size) in [(0, 1200), (30, 777), (60, 3001), (90, 2500)] {
+            assert!(h.pb.on_audio_delta(h.at(t), "greet", "G", &greeting[offset..offset + size]));
+            offset += size;
+            h.run(t, t + 29);
+        }
+        h.run(120, 700);
+        assert_eq!(h.pb.heard_ms(h.at(700)), Some(("G".to_owned(), 680)));
+        let interruption = h.pb.on_speech_started(h.at(700)).expect("greeting playing");
+        assert_eq!(
+            interruption,
+            Interruption {
+                truncate: Some(Truncate {
+                    item_id: "G".into(),
+                    audio_end_ms: 680
+                }),
+                delete: vec![],
+                interrupted_response: Some("greet".into()),
+                cancel_response: false,
+            }
+        );
+        assert!(h.clear(700).iter().all(|o| *o == MarkOutcome::Stale));
+        assert!(
+            !h.pb
+                .on_audio_delta(h.at(710), "greet", "G", &greeting[offset..])
+        );
+        h.pb.on_response_done("greet");
+
+        // Rule 6: a new response id is accepted in the new generation.
+        h.pb.on_response_created("r1");
+        assert!(h.pb.on_audio_delta(h.at(900), "r1", "A", &audio(100)));
+        h.pb.on_response_done("r1");
+        h.run(900, 1100);
+        let a: Vec<&Sent> = h.sent.iter().filter(|s| s.item_id == "A").collect();
+        assert_eq!(a.len(), 5);
+        assert!(a.iter().all(|s| s.mark.starts_with("1:")));
+        assert!(h.pending_echoes.is_empty());
+    }
+
+    #[test]
+    fn second_speech_started_right_after_a_barge_in_does_nothing() {
+        let mut h = Harness::new(0);
+        h.pb.set_server_interrupts_response(false);
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "A", &audio(500)));
+        h.run(0, 100);
+        let first = h.pb.on_speech_started(h.at(100)).expect("playing");
+        assert!(
+            first.cancel_response,
+            "interrupt_response=false needs response.cancel"
+        );
+        assert_eq!(h.pb.on_speech_started(h.at(101)), None);
+        assert_eq!(h.pb.generation(), 1);
+        assert_eq!(h.pb.counters().interruptions, 1);
+    }
+
+    #[test]
+    fn clear_echoes_of_many_items_change_nothing() {
+        let mut h = Harness::new(30);
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "A", &audio(60)));
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "B", &audio(60)));
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "C", &audio(200)));
+        h.run(0, 100);
+        let interruption = h.pb.on_speech_started(h.at(100)).expect("playing");
+        // At t=100 A (0..60) has played, B (60..120) is playing at 40, C never started.
+        assert_eq!(
+            interruption.truncate,
+            Some(Truncate {
+                item_id: "B".into(),
+                audio_end_ms: 40
+            })
+        );
+        assert_eq!(interruption.delete, vec!["C".to_owned()]);
+        let before = h.pb.counters().clone();
+        let outcomes = h.clear(100);
+        assert!(!outcomes.is_empty());
+        assert!(outcomes.iter().all(|o| *o == MarkOutcome::Stale));
+        let after = h.pb.counters();
+        assert_eq!(
+            after.stale_marks,
+            before.stale_marks + outcomes.len() as u64
+        );
+        assert_eq!(after.unknown_marks, before.unknown_marks);
+        assert!(!h.pb.is_active(h.at(100)));
+        assert_eq!(h.pb.heard_ms(h.at(100)), None);
+        assert_eq!(h.pb.on_speech_started(h.at(100)), None);
+    }
+
+    #[test]
+    fn pacing_bounds_outstanding_audio_over_a_3_second_response() {
+        let mut h = Harness::new(40);
+        let total = audio(3000);
+        let sizes = [37, 113, 401, 7, 977, 250];
+        let mut offset = 0;
+        for t in 0..=3400u64 {
+            // Deltas arrive about 2.5x faster than real time, in odd sizes.
+            if t % 8 == 0 && offset < total.len() {
+                let size = sizes[(t / 8) as usize % sizes.len()].min(total.len() - offset);
+                assert!(h.pb.on_audio_delta(h.at(t), "r1", "A", &total[offset..offset + size]));
+                offset += size;
+                if offset == total.len() {
+                    h.pb.on_response_done("r1");
+                }
+            }
+            let now = h.at(t);
+            h.step(t);
+            let buffered = h.twilio_end.saturating_duration_since(now);
+            assert!(buffered <= ms(LEAD_MS), "{buffered:?} buffered at {t}");
+            // Work-conserving: a whole chunk is held back only because the lead is full.
+            if h.pb.poll_timeout().is_some() {
+                assert!(buffered > ms(LEAD_MS - 20), "{buffered:?} buffered at {t}");
+            }
+        }
+        assert!(h.max_buffered <= ms(LEAD_MS + 20));
+        assert_eq!(h.max_buffered, ms(LEAD_MS));
+        let sent: Vec<u8> = h
+            .sent
+            .iter()
+            .flat_map(|s| s.payload.iter().copied())
+            .collect();
+        assert_eq!(sent, total, "3000 ms is whole chunks: no padding");
+        assert_eq!(h.sent_ms_of("A"), 3000);
+        assert!(h.pending_echoes.is_empty());
+        assert_eq!(h.pb.heard_ms(h.at(3400)), Some(("A".to_owned(), 3000)));
+    }
+
+    #[test]
+    fn poll_timeout_is_exact() {
+        let mut h = Harness::new(0);
+        assert_eq!(h.pb.poll_timeout(), None, "nothing queued");
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "A", &audio(300)));
+        assert_eq!(h.pb.poll_timeout(), Some(h.at(0)));
+        assert_eq!(h.pump(0), 6);
+        let mut expected = h.at(20);
+        for _ in 0..5 {
+            assert_eq!(h.pb.poll_timeout(), Some(expected));
+            let just_before = expected - Duration::from_nanos(1);
+            assert_eq!(h.pump_at(just_before), 0);
+            assert_eq!(h.pump_at(expected), 1);
+            expected += ms(20);
+        }
+        // A late wake-up sends one chunk per elapsed 20 ms, never a burst beyond the lead.
+        let late = h.at(400);
+        assert_eq!(h.pb.poll_timeout(), Some(h.at(120)));
+        assert_eq!(h.pump_at(late), 4);
+        assert_eq!(h.pb.poll_timeout(), None, "all 300 ms sent");
+        assert_eq!(h.sent_ms_of("A"), 300);
+    }
+
+    #[test]
+    fn partial_chunk_waits_then_is_padded_with_silence() {
+        let mut h = Harness::new(0);
+        let a = audio(100);
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "A", &a[..100]));
+        assert_eq!(h.pump(0), 0, "partial chunk waits");
+        assert_eq!(h.pb.poll_timeout(), None);
+        assert_eq!(h.pb.queued_ms(), 12);
+        assert!(h.pb.is_active(h.at(0)), "queued audio counts as active");
+
+        // A new item pads the previous one.
+        assert!(h.pb.on_audio_delta(h.at(1), "r1", "B", &a[..200]));
+        assert_eq!(h.pb.poll_timeout(), Some(h.at(1)));
+        assert_eq!(h.pump(1), 2);
+        assert_eq!(h.sent[0].item_id, "A");
+        assert_eq!(&h.sent[0].payload[..100], &a[..100]);
+        assert!(h.sent[0].payload[100..].iter().all(|&b| b == MULAW_SILENCE));
+        assert_eq!(h.sent[0].item_ms, 20);
+        assert_eq!((h.sent[1].item_id.as_str(), h.sent[1].item_ms), ("B", 20));
+        assert_eq!(h.sent[1].payload, &a[..160]);
+
+        // The response's end pads B's last 40 bytes.
+        assert_eq!(h.pb.poll_timeout(), None);
+        h.pb.on_response_done("r1");
+        assert_eq!(h.pump(2), 1);
+        assert_eq!(&h.sent[2].payload[..40], &a[160..200]);
+        assert!(h.sent[2].payload[40..].iter().all(|&b| b == MULAW_SILENCE));
+        assert_eq!(h.sent_ms_of("B"), 40);
+        assert_eq!(h.pb.queued_ms(), 0);
+        let marks: Vec<MarkName> = h
+            .sent
+            .iter()
+            .map(|s| parse_mark_name(&s.mark).expect("ok"))
+            .collect();
+        assert_ne!(marks[0].item_seq, marks[1].item_seq);
+    }
+
+    #[test]
+    fn speech_with_only_queued_audio_deletes_without_truncate() {
+        let mut h = Harness::new(0);
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "A", &audio(10)));
+        let interruption = h.pb.on_speech_started(h.at(0)).expect("queued audio");
+        assert_eq!(interruption.truncate, None);
+        assert_eq!(interruption.delete, vec!["A".to_owned()]);
+        assert_eq!(interruption.interrupted_response.as_deref(), Some("r1"));
+    }
+
+    #[test]
+    fn queue_overflow_drops_the_newest_audio() {
+        let mut pb = Playback::new(PlaybackConfig {
+            max_queued: ms(100),
+            ..PlaybackConfig::default()
+        });
+        let now = Instant::now();
+        assert!(pb.on_audio_delta(now, "r1", "A", &audio(60)));
+        assert!(!pb.on_audio_delta(now, "r1", "A", &audio(60)));
+        assert_eq!(pb.queued_ms(), 100);
+        assert_eq!(pb.counters().queued_bytes_dropped, 20 * 8);
+    }
+
+    #[test]
+    fn config_validation_and_rounding() {
+        let bad = PlaybackConfig {
+            chunk_ms: 30,
+            ..PlaybackConfig::default()
+        };
+        assert_eq!(bad.validate(), Err(PlaybackError::InvalidChunkMs(30)));
+        assert_eq!(PlaybackConfig::default().validate(), Ok(()));
+        let mut pb = Playback::new(PlaybackConfig {
+            chunk_ms: 0,
+            lead: ms(0),
+            ..PlaybackConfig::default()
+        });
+        let now = Instant::now();
+        assert!(pb.on_audio_delta(now, "r1", "A", &audio(100)));
+        // A lead below one chunk still lets one chunk be in flight.
+        assert_eq!(pb.poll_transmit(now).map(|t| t.payload.len()), Some(160));
+        assert!(pb.poll_transmit(now).is_none());
+        assert_eq!(pb.poll_timeout(), Some(now + ms(20)));
+    }
+
+    /// Deterministic LCG (Knuth's MMIX constants).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn randomised_interleavings_keep_the_invariants() {
+        let (mut total_interruptions, mut total_truncates) = (0, 0);
+        for seed in 0..20u64 {
+            let mut rng = Lcg(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let mut h = Harness::new(rng.below(60));
+            let mut t = 0u64;
+            let mut response = 0u32;
+            let mut item = 0u32;
+            // (generation, item_id) -> ms sent, checked against truncates.
+            let mut sent_ms: HashMap<(u32, String), u32> = HashMap::new();
+            let mut sent_count = 0;
+            let mut interruptions = 0;
+            let mut truncates = 0;
+            for _ in 0..3000 {
+                let now = h.at(t);
+                match rng.below(10) {
+                    0 => {
+                        response += 1;
+                        item = 0;
+                        h.pb.on_response_created(&format!("r{response}"));
+                    }
+                    1 | 2 => {
+                        if rng.below(4) == 0 {
+                            item += 1;
+                        }
+                        let size = rng.below(900) as usize;
+                        let bytes = vec![0x55u8; size];
+                        h.pb.on_audio_delta(
+                            now,
+                            &format!("r{response}"),
+                            &format!("r{response}-i{item}"),
+                            &bytes,
+                        );
+                    }
+                    3 => h.pb.on_response_done(&format!("r{response}")),
+                    4 => {
+                        if rng.below(3) == 0 {
+                            let name =
+                                format!("{}:{}:{}", rng.below(4), rng.below(8), rng.below(2000));
+                            let _ = h.pb.on_mark(now, &name);
+                        } else {
+                            h.step(t);
+                        }
+                    }
+                    5 => {
+                        if let Some(i) = h.pb.on_speech_started(now) {
+                            interruptions += 1;
+                            let generation = h.pb.generation().wrapping_sub(1);
+                            if let Some(tr) = &i.truncate {
+                                let sent = sent_ms
+                                    .get(&(generation, tr.item_id.clone()))
+                                    .copied()
+                                    .unwrap_or(0);
+                                assert!(tr.audio_end_ms <= sent, "seed {seed}: {tr:?} > {sent}");
+                                assert!(!i.delete.contains(&tr.item_id));
+                                truncates += 1;
+                            }
+                            let mut unique = i.delete.clone();
+                            unique.sort();
+                            unique.dedup();
+                            assert_eq!(unique.len(), i.delete.len());
+                            h.clear(t);
+                        }
+                    }
+                    _ => t += rng.below(50),
+                }
+                let now = h.at(t);
+                h.pump_at(now);
+                for s in &h.sent[sent_count..] {
+                    let mark = parse_mark_name(&s.mark).expect("our marks parse");
+                    assert_eq!(mark.generation, h.pb.generation());
+                    assert_eq!(mark.ms, s.item_ms);
+                    let entry = sent_ms
+                        .entry((mark.generation, s.item_id.clone()))
+                        .or_default();
+                    assert_eq!(s.item_ms, *entry + 20);
+                    *entry = s.item_ms;
+                }
+                sent_count = h.sent.len();
+                if let Some((id, heard)) = h.pb.heard_ms(now) {
+                    let sent = sent_ms.get(&(h.pb.generation(), id)).copied().unwrap_or(0);
+                    assert!(heard <= sent);
+                }
+                assert!(h.twilio_end.saturating_duration_since(now) <= ms(LEAD_MS));
+                // Drained at `now`, so the next wake-up must be in the future (no busy loop).
+                assert!(
+                    h.pb.poll_timeout().is_none_or(|due| due > now),
+                    "seed {seed}"
+                );
+            }
+            assert_eq!(h.pb.counters().interruptions, interruptions);
+            total_interruptions += interruptions;
+            total_truncates += truncates;
+            assert_eq!(h.pb.counters().chunks_sent, h.sent.len() as u64);
+        }
+        // The walk must actually exercise barge-in, with and without a playing item.
+        assert!(total_truncates > 20, "{total_truncates}");
+        assert!(total_interruptions > total_truncates);
     }
 }
