@@ -386,12 +386,21 @@ impl Playback {
         }
     }
 
-    /// `input_audio_buffer.speech_started`. `None` (rule 5) when nothing is playing or queued;
-    /// else the [`Interruption`], after which the generation is bumped, the queue is dropped and
+    /// `input_audio_buffer.speech_started`. `None` (rule 5) when nothing is playing or queued
+    /// and no response with audio in this generation is still running; else the
+    /// [`Interruption`], after which the generation is bumped, the queue is dropped and
     /// late deltas of the interrupted response(s) are ignored.
     pub fn on_speech_started(&mut self, now: Instant) -> Option<Interruption> {
         self.observe(now);
-        if !self.is_active(now) {
+        // Rule 5 extended: a response still producing audio for an item we started playing is
+        // interrupted even if the pacer ran dry for a moment, or its next deltas would play
+        // over the caller and the model would believe it said all of them.
+        let response_running = self.items.iter().any(|item| {
+            self.responses
+                .iter()
+                .any(|r| r.id == item.response_id && !r.done)
+        });
+        if !self.is_active(now) && !response_running {
             return None;
         }
         let playing = self.playing_index(now);
@@ -1205,6 +1214,41 @@ mod tests {
         assert_eq!(interruption.truncate, None);
         assert_eq!(interruption.delete, vec!["A".to_owned()]);
         assert_eq!(interruption.interrupted_response.as_deref(), Some("r1"));
+    }
+
+    #[test]
+    fn item_played_to_its_end_is_not_truncated() {
+        let mut h = Harness::new(0);
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "A", &audio(100)));
+        h.pb.on_response_done("r1");
+        h.run(0, 150);
+        // r2 has audio queued but not yet sent (the driver has not polled since it arrived).
+        assert!(h.pb.on_audio_delta(h.at(150), "r2", "B", &audio(100)));
+        let interruption = h.pb.on_speech_started(h.at(150)).expect("B is queued");
+        assert_eq!(
+            interruption,
+            Interruption {
+                truncate: None,
+                delete: vec!["B".into()],
+                interrupted_response: Some("r2".into()),
+                cancel_response: false,
+            }
+        );
+    }
+
+    #[test]
+    fn item_whose_response_is_still_running_is_truncated_even_if_all_sent_was_heard() {
+        let mut h = Harness::new(0);
+        assert!(h.pb.on_audio_delta(h.at(0), "r1", "A", &audio(100)));
+        h.run(0, 150);
+        let interruption = h.pb.on_speech_started(h.at(150)).expect("r1 still running");
+        assert_eq!(
+            interruption.truncate,
+            Some(Truncate {
+                item_id: "A".into(),
+                audio_end_ms: 100
+            })
+        );
     }
 
     #[test]
