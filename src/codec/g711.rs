@@ -27,7 +27,11 @@ const fn ulaw_expand(code: u8) -> i16 {
 /// STL `ulaw_compress` for one 16-bit sample; only `sample >> 2` matters.
 const fn ulaw_compress(sample: i16) -> u8 {
     let s = sample as i32;
-    let mut absno = if s < 0 { ((!s) >> 2) + 33 } else { (s >> 2) + 33 };
+    let mut absno = if s < 0 {
+        ((!s) >> 2) + 33
+    } else {
+        (s >> 2) + 33
+    };
     if absno > 0x1FFF {
         absno = 0x1FFF;
     }
@@ -176,11 +180,177 @@ pub fn alaw_encode_slice(samples: &[i16], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+    use sha2::{Digest, Sha256};
+
+    const CONFORMANCE: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/g711-conformance.json"
+    ));
+
+    fn conformance() -> Value {
+        serde_json::from_str(CONFORMANCE).expect("fixture is valid JSON")
+    }
+
+    fn fixture_str<'a>(value: &'a Value, pointer: &str) -> &'a str {
+        value
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("fixture lacks string {pointer}"))
+    }
+
+    fn parse_code(text: &str) -> u8 {
+        let hex = text.strip_prefix("0x").expect("codes are written 0xNN");
+        u8::from_str_radix(hex, 16).expect("code is hex")
+    }
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        Sha256::digest(bytes)
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
+
+    fn encode_all_i16(encode: fn(i16) -> u8) -> Vec<u8> {
+        (i16::MIN..=i16::MAX).map(encode).collect()
+    }
+
+    fn decode_table_le(decode: fn(u8) -> i16) -> Vec<u8> {
+        (0..=u8::MAX)
+            .flat_map(|code| decode(code).to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn mulaw_decode_vectors_match_the_stl() {
+        let fixture = conformance();
+        let vectors = fixture
+            .pointer("/mulaw/decode")
+            .and_then(Value::as_object)
+            .expect("mulaw.decode");
+        assert!(!vectors.is_empty());
+        for (code, expected) in vectors {
+            let expected = expected.as_i64().expect("decoded value is a number");
+            assert_eq!(
+                i64::from(mulaw_decode(parse_code(code))),
+                expected,
+                "code {code}"
+            );
+        }
+    }
+
+    #[test]
+    fn mulaw_encode_vectors_match_the_stl() {
+        let fixture = conformance();
+        let vectors = fixture
+            .pointer("/mulaw/encode_itu")
+            .and_then(Value::as_object)
+            .expect("mulaw.encode_itu");
+        assert!(!vectors.is_empty());
+        for (sample, expected) in vectors {
+            let sample: i16 = sample.parse().expect("sample is an i16");
+            let expected = parse_code(expected.as_str().expect("code is a string"));
+            assert_eq!(mulaw_encode(sample), expected, "sample {sample}");
+        }
+    }
+
+    #[test]
+    fn mulaw_full_range_encode_hash_matches_the_stl_not_sox() {
+        let fixture = conformance();
+        let digest = sha256_hex(&encode_all_i16(mulaw_encode));
+        assert_eq!(
+            digest,
+            fixture_str(&fixture, "/mulaw/sha256_encode_all_i16")
+        );
+    }
+
+    #[test]
+    fn alaw_full_range_encode_hash_matches_the_stl() {
+        let fixture = conformance();
+        let digest = sha256_hex(&encode_all_i16(alaw_encode));
+        assert_eq!(digest, fixture_str(&fixture, "/alaw/sha256_encode_all_i16"));
+    }
+
+    #[test]
+    fn decode_table_hashes_match_the_stl() {
+        let fixture = conformance();
+        assert_eq!(
+            sha256_hex(&decode_table_le(mulaw_decode)),
+            fixture_str(&fixture, "/mulaw/sha256_decode_table")
+        );
+        assert_eq!(
+            sha256_hex(&decode_table_le(alaw_decode)),
+            fixture_str(&fixture, "/alaw/sha256_decode_table")
+        );
+    }
+
+    #[test]
+    fn mulaw_codes_round_trip_except_negative_zero() {
+        for code in 0..=u8::MAX {
+            let expected = if code == 0x7F { MULAW_SILENCE } else { code };
+            assert_eq!(
+                mulaw_encode(mulaw_decode(code)),
+                expected,
+                "code {code:#04x}"
+            );
+        }
+    }
+
+    #[test]
+    fn alaw_codes_round_trip() {
+        for code in 0..=u8::MAX {
+            assert_eq!(alaw_encode(alaw_decode(code)), code, "code {code:#04x}");
+        }
+    }
+
+    #[test]
+    fn mulaw_max_round_trip_error_matches_fixture() {
+        let fixture = conformance();
+        let expected = fixture
+            .pointer("/mulaw/max_abs_error_roundtrip")
+            .and_then(Value::as_i64)
+            .expect("max_abs_error_roundtrip");
+        let max_error = (i16::MIN..=i16::MAX)
+            .map(|sample| (i64::from(mulaw_decode(mulaw_encode(sample))) - i64::from(sample)).abs())
+            .max();
+        assert_eq!(max_error, Some(expected));
+    }
+
+    #[test]
+    fn silence_codes_decode_to_zero() {
+        assert_eq!(mulaw_decode(MULAW_SILENCE), 0);
+        assert_eq!(mulaw_encode(0), MULAW_SILENCE);
+        assert_eq!(alaw_encode(0), ALAW_SILENCE);
+        assert_eq!(alaw_decode(ALAW_SILENCE), 8);
+    }
+
+    #[test]
+    fn slice_functions_agree_with_the_scalar_ones() {
+        let samples: Vec<i16> = (0..160).map(|n| (n * 409 - 32768) as i16).collect();
+        let mut mulaw = [0u8; 160];
+        let mut alaw = [0u8; 160];
+        mulaw_encode_slice(&samples, &mut mulaw);
+        alaw_encode_slice(&samples, &mut alaw);
+        let mut mulaw_back = [0i16; 160];
+        let mut alaw_back = [0i16; 160];
+        mulaw_decode_slice(&mulaw, &mut mulaw_back);
+        alaw_decode_slice(&alaw, &mut alaw_back);
+        for (n, &sample) in samples.iter().enumerate() {
+            assert_eq!(mulaw[n], mulaw_encode(sample));
+            assert_eq!(alaw[n], alaw_encode(sample));
+            assert_eq!(mulaw_back[n], mulaw_decode(mulaw[n]));
+            assert_eq!(alaw_back[n], alaw_decode(alaw[n]));
+        }
+    }
 
     #[test]
     fn encoder_table_matches_the_direct_stl_algorithm_for_every_input() {
         for sample in i16::MIN..=i16::MAX {
-            assert_eq!(mulaw_encode(sample), ulaw_compress(sample), "mu-law {sample}");
+            assert_eq!(
+                mulaw_encode(sample),
+                ulaw_compress(sample),
+                "mu-law {sample}"
+            );
             assert_eq!(alaw_encode(sample), alaw_compress(sample), "A-law {sample}");
         }
     }
