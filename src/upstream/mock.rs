@@ -1,0 +1,1111 @@
+//! An in-process mock of the OpenAI Realtime API (GA shape) on 127.0.0.1.
+//!
+//! Owns a tiny realtime "model" used by `voxrelay serve` without an API key, by the demo and by
+//! tests: it checks the handshake like the real service (Bearer required, `OpenAI-Beta`
+//! answered with `beta_api_shape_disabled` and close 4000), merges `session.update`s, runs an
+//! energy VAD over appended audio, and answers each utterance by echoing it back (and
+//! `response.create` with a chime). Invariants: every server event carries an `event_id`;
+//! audio deltas are sent as fast as the socket takes them, with client messages read between
+//! any two deltas so an interruption lands mid-response like on the real service; a truncate
+//! past the audio produced for an item is rejected; everything a session saw is recorded in
+//! [`MockLog`]. The session logic ([`MockSession`]) is sans-IO and takes time as an input;
+//! only the driver touches sockets and the clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
+use serde_json::{Map, Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::g711::{alaw_decode, alaw_encode, mulaw_decode, mulaw_encode};
+
+/// How the mock "model" behaves.
+#[derive(Clone, Debug)]
+pub struct MockConfig {
+    /// The model's think time between the end of an utterance and its reply.
+    pub reply_delay: Duration,
+    /// A 20 ms window louder than this (RMS, dB full scale) is speech.
+    pub vad_threshold_dbfs: f32,
+    /// Silence after speech that ends an utterance.
+    pub silence_ms: u32,
+    /// Length of the chime spoken for `response.create` (the greeting).
+    pub greeting_ms: u32,
+    /// Audio carried by each `response.output_audio.delta`.
+    pub delta_ms: u32,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            reply_delay: Duration::from_millis(200),
+            vad_threshold_dbfs: -35.0,
+            silence_ms: 500,
+            greeting_ms: 1500,
+            delta_ms: 100,
+        }
+    }
+}
+
+/// Everything one mock session saw and said.
+#[derive(Clone, Debug, Default)]
+pub struct MockSessionRecord {
+    pub id: String,
+    /// The merged session configuration.
+    pub session: Value,
+    /// Every appended sample, decoded to PCM at `input_rate` (8 kHz for G.711, 24 kHz for PCM).
+    pub input_audio_8k: Vec<i16>,
+    pub input_rate: u32,
+    /// Every sample sent in audio deltas, at `output_rate`.
+    pub output_audio: Vec<i16>,
+    pub output_rate: u32,
+    pub client_event_types: Vec<String>,
+    /// `(item_id, audio_end_ms)` of every truncate received, accepted or not.
+    pub truncates: Vec<(String, u32)>,
+    pub deletes: Vec<String>,
+    pub user_texts: Vec<String>,
+    /// The `code` of every error event sent.
+    pub errors_sent: Vec<String>,
+    pub closed: bool,
+}
+
+/// What every session of a mock server saw, shared with the test or demo that started it.
+#[derive(Debug, Default)]
+pub struct MockLog {
+    sessions: Mutex<Vec<Arc<Mutex<MockSessionRecord>>>>,
+    active: AtomicUsize,
+}
+
+impl MockLog {
+    /// A snapshot of every session so far, in connection order.
+    pub fn sessions(&self) -> Vec<MockSessionRecord> {
+        lock(&self.sessions)
+            .iter()
+            .map(|record| lock(record).clone())
+            .collect()
+    }
+
+    /// Sessions whose socket is still open.
+    pub fn active_sessions(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    fn new_session(&self, id: String) -> Arc<Mutex<MockSessionRecord>> {
+        let record = Arc::new(Mutex::new(MockSessionRecord {
+            id,
+            ..MockSessionRecord::default()
+        }));
+        lock(&self.sessions).push(record.clone());
+        record
+    }
+}
+
+/// A test peer: a panic elsewhere must not make the log unreadable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Handle to a running mock server. Dropping it shuts the server down.
+#[derive(Debug)]
+pub struct MockRealtimeServer {
+    addr: SocketAddr,
+    log: Arc<MockLog>,
+    cancel: CancellationToken,
+}
+
+impl MockRealtimeServer {
+    /// Binds 127.0.0.1 on a free port and spawns the accept loop.
+    pub async fn start(config: MockConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let log = Arc::new(MockLog::default());
+        let cancel = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, config, log.clone(), cancel.clone()));
+        Ok(Self { addr, log, cancel })
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/realtime?model=gpt-realtime", self.addr)
+    }
+
+    pub fn log(&self) -> Arc<MockLog> {
+        self.log.clone()
+    }
+
+    /// Stops accepting and closes every open session.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for MockRealtimeServer {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    config: MockConfig,
+    log: Arc<MockLog>,
+    cancel: CancellationToken,
+) {
+    let mut next_session = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _peer)) = accepted else {
+            continue;
+        };
+        next_session += 1;
+        let session_id = format!("sess_mock_{next_session}");
+        tokio::spawn(serve_connection(
+            stream,
+            session_id,
+            config.clone(),
+            log.clone(),
+            cancel.child_token(),
+        ));
+    }
+}
+
+/// Decrements the active-session gauge however the connection ends.
+struct ActiveGuard(Arc<MockLog>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    session_id: String,
+    config: MockConfig,
+    log: Arc<MockLog>,
+    cancel: CancellationToken,
+) {
+    // Best effort: without it the mock is only slower.
+    let _ = stream.set_nodelay(true);
+    let mut beta_header = false;
+    let check_handshake = |request: &Request, response: Response| {
+        if request.uri().path() != "/v1/realtime" {
+            return Err(error_response(StatusCode::NOT_FOUND, "unknown path"));
+        }
+        let authorized = request
+            .headers()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .is_some_and(|key| !key.trim().is_empty());
+        if !authorized {
+            return Err(error_response(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token",
+            ));
+        }
+        beta_header = request.headers().contains_key("openai-beta");
+        Ok(response)
+    };
+    let Ok(mut socket) = tokio_tungstenite::accept_hdr_async(stream, check_handshake).await else {
+        return;
+    };
+
+    log.active.fetch_add(1, Ordering::SeqCst);
+    let _active = ActiveGuard(log.clone());
+    let record = log.new_session(session_id.clone());
+    let mut session = MockSession::new(session_id, config, record.clone());
+
+    if beta_header {
+        let error = session.beta_rejection();
+        let _ = socket.send(Message::text(error)).await;
+        let _ = socket
+            .close(Some(CloseFrame {
+                code: CloseCode::from(4000),
+                reason: Utf8Bytes::from_static("beta_api_shape_disabled"),
+            }))
+            .await;
+        // Let the client's close reply arrive so the close handshake completes.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while socket.next().await.is_some() {}
+        })
+        .await;
+        lock(&record).closed = true;
+        return;
+    }
+
+    let started = tokio::time::Instant::now();
+    session.open();
+    loop {
+        if cancel.is_cancelled() {
+            let _ = socket.close(None).await;
+            break;
+        }
+        // Client messages already waiting go first, so a barge-in lands between two deltas.
+        if let Some(incoming) = socket.next().now_or_never() {
+            if !handle_incoming(&mut session, incoming, started.elapsed()) {
+                break;
+            }
+            continue;
+        }
+        if let Some(frame) = session.poll_transmit(started.elapsed()) {
+            if socket.send(Message::text(frame)).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        let wake_at = session.poll_timeout().map(|due| started + due);
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            incoming = socket.next() => {
+                if !handle_incoming(&mut session, incoming, started.elapsed()) {
+                    break;
+                }
+            }
+            _ = sleep_until_some(wake_at) => {}
+        }
+    }
+    lock(&record).closed = true;
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns false when the connection is over.
+fn handle_incoming(
+    session: &mut MockSession,
+    incoming: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    now: Duration,
+) -> bool {
+    match incoming {
+        Some(Ok(Message::Text(text))) => {
+            session.handle_text(text.as_str(), now);
+            true
+        }
+        Some(Ok(Message::Binary(_))) => {
+            session.handle_text("", now);
+            true
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => true,
+        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => false,
+    }
+}
+
+fn error_response(status: StatusCode, body: &str) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(body.to_owned()));
+    *response.status_mut() = status;
+    response
+}
+
+/// Audio formats the GA API accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Pcmu,
+    Pcma,
+    Pcm24k,
+}
+
+impl Format {
+    fn from_value(format: &Value) -> Option<Self> {
+        match format.get("type").and_then(Value::as_str)? {
+            "audio/pcmu" => Some(Self::Pcmu),
+            "audio/pcma" => Some(Self::Pcma),
+            "audio/pcm" => match format.get("rate") {
+                None => Some(Self::Pcm24k),
+                Some(rate) if rate.as_u64() == Some(24_000) => Some(Self::Pcm24k),
+                Some(_) => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn rate(self) -> u32 {
+        match self {
+            Self::Pcmu | Self::Pcma => 8_000,
+            Self::Pcm24k => 24_000,
+        }
+    }
+
+    fn encode(self, samples: &[i16]) -> String {
+        let bytes: Vec<u8> = match self {
+            Self::Pcmu => samples.iter().map(|&sample| mulaw_encode(sample)).collect(),
+            Self::Pcma => samples.iter().map(|&sample| alaw_encode(sample)).collect(),
+            Self::Pcm24k => samples.iter().flat_map(|s| s.to_le_bytes()).collect(),
+        };
+        BASE64.encode(bytes)
+    }
+}
+
+/// Naive rate conversion between 8 and 24 kHz: good enough for a mock's echo.
+fn convert_rate(samples: &[i16], from: u32, to: u32) -> Vec<i16> {
+    if from == to {
+        samples.to_vec()
+    } else if to > from {
+        let factor = (to / from.max(1)).max(1) as usize;
+        samples
+            .iter()
+            .flat_map(|&sample| std::iter::repeat_n(sample, factor))
+            .collect()
+    } else {
+        let step = (from / to.max(1)).max(1) as usize;
+        samples.iter().step_by(step).copied().collect()
+    }
+}
+
+/// A two-note chime (E5 then A5, bell-like decay) at `rate`.
+fn chime(duration_ms: u32, rate: u32) -> Vec<i16> {
+    let total = (duration_ms as u64 * rate as u64 / 1000) as usize;
+    let half = total.div_ceil(2).max(1);
+    (0..total)
+        .map(|index| {
+            let (frequency, local) = if index < half {
+                (659.25, index)
+            } else {
+                (880.0, index - half)
+            };
+            let t = local as f32 / rate as f32;
+            let attack = (local as f32 / (rate as f32 * 0.01)).min(1.0);
+            let envelope = attack * (-3.0 * t).exp();
+            let tone = (2.0 * std::f32::consts::PI * frequency * t).sin()
+                + 0.3 * (2.0 * std::f32::consts::PI * 2.0 * frequency * t).sin();
+            (tone * envelope * 7000.0) as i16
+        })
+        .collect()
+}
+
+fn rms_dbfs(window: &[i16]) -> f32 {
+    if window.is_empty() {
+        return f32::NEG_INFINITY;
+    }
+    let energy: f64 = window.iter().map(|&s| (s as f64) * (s as f64)).sum();
+    let rms = (energy / window.len() as f64).sqrt();
+    (20.0 * (rms / 32768.0).log10()) as f32
+}
+
+/// A response being spoken.
+struct ActiveResponse {
+    id: String,
+    item_id: String,
+    audio: Vec<i16>,
+    sent: usize,
+    transcript: String,
+}
+
+/// An echo waiting for the model's think time.
+struct PendingReply {
+    due: Duration,
+    audio: Vec<i16>,
+    transcript: String,
+}
+
+#[derive(Default)]
+struct VadState {
+    /// Samples not yet forming a whole 20 ms window.
+    window: Vec<i16>,
+    /// Samples of input analysed so far (whole windows).
+    analysed: usize,
+    in_speech: bool,
+    utterance_start: usize,
+    speech_end: usize,
+    silence_ms: u32,
+    item_id: String,
+}
+
+/// One mock session's protocol logic, sans-IO: text in, text frames out, time as an input.
+pub struct MockSession {
+    config: MockConfig,
+    record: Arc<Mutex<MockSessionRecord>>,
+    session: Value,
+    outbox: VecDeque<String>,
+    next_event: u64,
+    next_id: u64,
+    /// `true` for assistant items, with the milliseconds of audio produced for them.
+    items: HashMap<String, (bool, u64)>,
+    last_item: Option<String>,
+    vad: VadState,
+    /// A PCM16 byte split across two appends.
+    carry: Option<u8>,
+    pending: Option<PendingReply>,
+    active: Option<ActiveResponse>,
+}
+
+impl MockSession {
+    pub fn new(id: String, config: MockConfig, record: Arc<Mutex<MockSessionRecord>>) -> Self {
+        let session = json!({
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": id,
+            "model": "gpt-realtime",
+            "output_modalities": ["audio"],
+            "instructions": "",
+            "tools": [],
+            "tool_choice": "auto",
+            "max_output_tokens": "inf",
+            "audio": {
+                "input": {
+                    "format": {"type": "audio/pcm", "rate": 24000},
+                    "transcription": null,
+                    "noise_reduction": null,
+                    "turn_detection": {
+                        "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
+                        "silence_duration_ms": 200, "idle_timeout_ms": null,
+                        "create_response": true, "interrupt_response": true
+                    }
+                },
+                "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "marin", "speed": 1}
+            }
+        });
+        {
+            let mut record = lock(&record);
+            record.session = session.clone();
+            record.input_rate = 24_000;
+            record.output_rate = 24_000;
+        }
+        Self {
+            config,
+            record,
+            session,
+            outbox: VecDeque::new(),
+            next_event: 0,
+            next_id: 0,
+            items: HashMap::new(),
+            last_item: None,
+            vad: VadState::default(),
+            carry: None,
+            pending: None,
+            active: None,
+        }
+    }
+
+    /// Queues `session.created`.
+    pub fn open(&mut self) {
+        let session = self.session.clone();
+        self.emit(json!({"type": "session.created", "session": session}));
+    }
+
+    /// The error the real service sends before closing a beta-shaped connection with 4000.
+    pub fn beta_rejection(&mut self) -> String {
+        let mut event = json!({"type": "error", "error": {
+            "type": "invalid_request_error",
+            "code": "beta_api_shape_disabled",
+            "message": "The Realtime Beta API is no longer supported. Please use /v1/realtime for the GA API.",
+            "param": null
+        }});
+        self.stamp(&mut event);
+        lock(&self.record)
+            .errors_sent
+            .push("beta_api_shape_disabled".to_owned());
+        event.to_string()
+    }
+
+    /// The next frame to send, if any is ready at `now`.
+    pub fn poll_transmit(&mut self, now: Duration) -> Option<String> {
+        if let Some(frame) = self.outbox.pop_front() {
+            return Some(frame);
+        }
+        if self.active.is_none() && self.pending.as_ref().is_some_and(|p| p.due <= now) {
+            if let Some(reply) = self.pending.take() {
+                self.start_response(reply.audio, reply.transcript);
+            }
+            return self.outbox.pop_front();
+        }
+        self.step_response();
+        self.outbox.pop_front()
+    }
+
+    /// When `poll_transmit` will next have something, if nothing is ready now.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if !self.outbox.is_empty() || self.active.is_some() {
+            return Some(Duration::ZERO);
+        }
+        self.pending.as_ref().map(|pending| pending.due)
+    }
+
+    /// Handles one client text frame.
+    pub fn handle_text(&mut self, text: &str, now: Duration) {
+        let Ok(Value::Object(event)) = serde_json::from_str::<Value>(text) else {
+            self.error(
+                "invalid_request_error",
+                "invalid_event",
+                "Invalid JSON.",
+                None,
+            );
+            return;
+        };
+        let client_event_id = event
+            .get("event_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let Some(kind) = event.get("type").and_then(Value::as_str) else {
+            self.error(
+                "invalid_request_error",
+                "invalid_event",
+                "The 'type' field is missing.",
+                client_event_id,
+            );
+            return;
+        };
+        lock(&self.record).client_event_types.push(kind.to_owned());
+        match kind {
+            "session.update" => self.session_update(&event, client_event_id),
+            "input_audio_buffer.append" => self.append(&event, client_event_id, now),
+            "input_audio_buffer.clear" => {
+                self.vad = VadState::default();
+                self.pending = None;
+                self.emit(json!({"type": "input_audio_buffer.cleared"}));
+            }
+            "conversation.item.create" => self.item_create(&event, client_event_id),
+            "conversation.item.truncate" => self.truncate(&event, client_event_id),
+            "conversation.item.delete" => self.delete(&event, client_event_id),
+            "response.create" => {
+                if self.active.is_some() {
+                    self.error(
+                        "invalid_request_error",
+                        "conversation_already_has_active_response",
+                        "Conversation already has an active response in progress.",
+                        client_event_id,
+                    );
+                } else {
+                    self.pending = None;
+                    let audio = chime(self.config.greeting_ms, self.output_format().rate());
+                    self.start_response(audio, "(greeting chime)".to_owned());
+                }
+            }
+            "response.cancel" => {
+                if self.active.is_some() {
+                    self.cancel_active("client_cancelled");
+                } else {
+                    self.error(
+                        "invalid_request_error",
+                        "response_cancel_not_active",
+                        "Cancellation failed: no active response found.",
+                        client_event_id,
+                    );
+                }
+            }
+            other => {
+                let message =
+                    format!("Invalid value: '{other}'. Not a client event the mock supports.");
+                self.error(
+                    "invalid_request_error",
+                    "invalid_event",
+                    &message,
+                    client_event_id,
+                );
+            }
+        }
+    }
+
+    fn session_update(&mut self, event: &Map<String, Value>, client_event_id: Option<String>) {
+        let Some(Value::Object(update)) = event.get("session") else {
+            self.error(
+                "invalid_request_error",
+                "missing_required_parameter",
+                "Missing required parameter: 'session'.",
+                client_event_id,
+            );
+            return;
+        };
+        match update.get("type").and_then(Value::as_str) {
+            Some("realtime") => {}
+            Some(_) => {
+                self.error(
+                    "invalid_request_error",
+                    "invalid_value",
+                    "Invalid value for 'session.type': only 'realtime' is supported here.",
+                    client_event_id,
+                );
+                return;
+            }
+            None => {
+                self.error(
+                    "invalid_request_error",
+                    "missing_required_parameter",
+                    "Missing required parameter: 'session.type'.",
+                    client_event_id,
+                );
+                return;
+            }
+        }
+        for beta_field in [
+            "input_audio_format",
+            "output_audio_format",
+            "modalities",
+            "voice",
+            "turn_detection",
+        ] {
+            if update.contains_key(beta_field) {
+                let message = format!("Unknown parameter: 'session.{beta_field}'.");
+                self.error(
+                    "invalid_request_error",
+                    "unknown_parameter",
+                    &message,
+                    client_event_id,
+                );
+                return;
+            }
+        }
+        let mut merged = self.session.clone();
+        merge(&mut merged, &Value::Object(update.clone()));
+        for direction in ["input", "output"] {
+            if Format::from_value(&merged["audio"][direction]["format"]).is_none() {
+                let message = format!("Invalid value for 'session.audio.{direction}.format'.");
+                self.error(
+                    "invalid_request_error",
+                    "invalid_value",
+                    &message,
+                    client_event_id,
+                );
+                return;
+            }
+        }
+        self.session = merged;
+        let input_rate = self.input_format().rate();
+        let output_rate = self.output_format().rate();
+        {
+            let mut record = lock(&self.record);
+            record.session = self.session.clone();
+            record.input_rate = input_rate;
+            record.output_rate = output_rate;
+        }
+        let session = self.session.clone();
+        self.emit(json!({"type": "session.updated", "session": session}));
+    }
+
+    fn input_format(&self) -> Format {
+        Format::from_value(&self.session["audio"]["input"]["format"]).unwrap_or(Format::Pcm24k)
+    }
+
+    fn output_format(&self) -> Format {
+        Format::from_value(&self.session["audio"]["output"]["format"]).unwrap_or(Format::Pcm24k)
+    }
+
+    fn turn_detection_flag(&self, name: &str) -> bool {
+        self.session["audio"]["input"]["turn_detection"][name]
+            .as_bool()
+            .unwrap_or(true)
+    }
+
+    fn append(
+        &mut self,
+        event: &Map<String, Value>,
+        client_event_id: Option<String>,
+        now: Duration,
+    ) {
+        let decoded = event
+            .get("audio")
+            .and_then(Value::as_str)
+            .map(|audio| BASE64.decode(audio));
+        let bytes = match decoded {
+            Some(Ok(bytes)) => bytes,
+            _ => {
+                self.error(
+                    "invalid_request_error",
+                    "invalid_value",
+                    "Invalid 'audio': expected base64-encoded audio.",
+                    client_event_id,
+                );
+                return;
+            }
+        };
+        let samples: Vec<i16> = match self.input_format() {
+            Format::Pcmu => bytes.iter().map(|&code| mulaw_decode(code)).collect(),
+            Format::Pcma => bytes.iter().map(|&code| alaw_decode(code)).collect(),
+            Format::Pcm24k => {
+                let mut joined = Vec::with_capacity(bytes.len() + 1);
+                joined.extend(self.carry.take());
+                joined.extend_from_slice(&bytes);
+                let pairs = joined.chunks_exact(2);
+                self.carry = pairs.remainder().first().copied();
+                pairs
+                    .map(|pair| i16::from_le_bytes([pair[0], pair[1]]))
+                    .collect()
+            }
+        };
+        lock(&self.record)
+            .input_audio_8k
+            .extend_from_slice(&samples);
+        if self.session["audio"]["input"]["turn_detection"].is_object() {
+            self.run_vad(&samples, now);
+        }
+    }
+
+    fn run_vad(&mut self, samples: &[i16], now: Duration) {
+        let rate = self.input_format().rate() as usize;
+        let window_len = rate / 50;
+        let prefix_ms = self.session["audio"]["input"]["turn_detection"]["prefix_padding_ms"]
+            .as_u64()
+            .unwrap_or(300) as usize;
+        let prefix_samples = prefix_ms * rate / 1000;
+        let to_ms = |sample: usize| (sample * 1000 / rate) as u64;
+        for &sample in samples {
+            self.vad.window.push(sample);
+            if self.vad.window.len() < window_len {
+                continue;
+            }
+            let loud = rms_dbfs(&self.vad.window) > self.config.vad_threshold_dbfs;
+            self.vad.window.clear();
+            let window_start = self.vad.analysed;
+            self.vad.analysed += window_len;
+            if loud {
+                if !self.vad.in_speech {
+                    self.vad.in_speech = true;
+                    self.vad.utterance_start = window_start.saturating_sub(prefix_samples);
+                    self.vad.item_id = self.new_id("item");
+                    self.pending = None;
+                    let item_id = self.vad.item_id.clone();
+                    self.emit(json!({
+                        "type": "input_audio_buffer.speech_started",
+                        "audio_start_ms": to_ms(self.vad.utterance_start),
+                        "item_id": item_id,
+                    }));
+                    if self.active.is_some() && self.turn_detection_flag("interrupt_response") {
+                        self.cancel_active("turn_detected");
+                    }
+                }
+                self.vad.speech_end = self.vad.analysed;
+                self.vad.silence_ms = 0;
+            } else if self.vad.in_speech {
+                self.vad.silence_ms += 20;
+                if self.vad.silence_ms >= self.config.silence_ms {
+                    self.end_utterance(to_ms(self.vad.speech_end), rate, now);
+                }
+            }
+        }
+    }
+
+    fn end_utterance(&mut self, audio_end_ms: u64, rate: usize, now: Duration) {
+        self.vad.in_speech = false;
+        let item_id = self.vad.item_id.clone();
+        let (start, end) = (self.vad.utterance_start, self.vad.speech_end);
+        let audio: Vec<i16> = {
+            let record = lock(&self.record);
+            record
+                .input_audio_8k
+                .get(start..end)
+                .map(<[i16]>::to_vec)
+                .unwrap_or_default()
+        };
+        let seconds = audio.len() as f64 / rate as f64;
+        let transcript = format!("({seconds:.1} s of speech)");
+        self.emit(json!({
+            "type": "input_audio_buffer.speech_stopped",
+            "audio_end_ms": audio_end_ms,
+            "item_id": item_id,
+        }));
+        let previous = self.last_item.replace(item_id.clone());
+        self.items.insert(item_id.clone(), (false, 0));
+        self.emit(json!({
+            "type": "input_audio_buffer.committed",
+            "previous_item_id": previous,
+            "item_id": item_id,
+        }));
+        self.emit(json!({
+            "type": "conversation.item.input_audio_transcription.completed",
+            "item_id": item_id,
+            "content_index": 0,
+            "transcript": transcript,
+        }));
+        if self.turn_detection_flag("create_response") {
+            let output = convert_rate(&audio, rate as u32, self.output_format().rate());
+            self.pending = Some(PendingReply {
+                due: now + self.config.reply_delay,
+                audio: output,
+                transcript,
+            });
+        }
+    }
+
+    fn start_response(&mut self, audio: Vec<i16>, transcript: String) {
+        let id = self.new_id("resp");
+        let item_id = self.new_id("item");
+        let previous = self.last_item.replace(item_id.clone());
+        self.items.insert(item_id.clone(), (true, 0));
+        self.emit(json!({
+            "type": "response.created",
+            "response": {"object": "realtime.response", "id": id, "status": "in_progress",
+                         "output": [], "output_modalities": ["audio"], "usage": null},
+        }));
+        let item = json!({"id": item_id, "object": "realtime.item", "type": "message",
+                          "status": "in_progress", "role": "assistant", "content": []});
+        self.emit(
+            json!({"type": "response.output_item.added", "response_id": id,
+                         "output_index": 0, "item": item}),
+        );
+        self.emit(
+            json!({"type": "conversation.item.added", "previous_item_id": previous,
+                         "item": item}),
+        );
+        self.active = Some(ActiveResponse {
+            id,
+            item_id,
+            audio,
+            sent: 0,
+            transcript,
+        });
+    }
+
+    /// Queues the next delta of the active response, or its closing events.
+    fn step_response(&mut self) {
+        let format = self.output_format();
+        let rate = format.rate() as usize;
+        let delta_len = (self.config.delta_ms.max(1) as usize * rate / 1000).max(1);
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if active.sent < active.audio.len() {
+            let end = (active.sent + delta_len).min(active.audio.len());
+            let chunk = &active.audio[active.sent..end];
+            active.sent = end;
+            let delta = format.encode(chunk);
+            lock(&self.record).output_audio.extend_from_slice(chunk);
+            let produced_ms = (end * 1000 / rate) as u64;
+            let (id, item_id) = (active.id.clone(), active.item_id.clone());
+            if let Some(item) = self.items.get_mut(&item_id) {
+                item.1 = produced_ms;
+            }
+            self.emit(json!({
+                "type": "response.output_audio.delta", "response_id": id, "item_id": item_id,
+                "output_index": 0, "content_index": 0, "delta": delta,
+            }));
+            return;
+        }
+        let Some(done) = self.active.take() else {
+            return;
+        };
+        let ids = json!({"response_id": done.id, "item_id": done.item_id,
+                         "output_index": 0, "content_index": 0});
+        let mut transcript_done = ids.clone();
+        transcript_done["type"] = json!("response.output_audio_transcript.done");
+        transcript_done["transcript"] = json!(done.transcript);
+        self.emit(transcript_done);
+        let mut audio_done = ids;
+        audio_done["type"] = json!("response.output_audio.done");
+        self.emit(audio_done);
+        self.finish(&done, "completed", None);
+    }
+
+    fn cancel_active(&mut self, reason: &str) {
+        if let Some(cancelled) = self.active.take() {
+            self.finish(&cancelled, "cancelled", Some(reason));
+        }
+    }
+
+    fn finish(&mut self, response: &ActiveResponse, status: &str, reason: Option<&str>) {
+        let item_status = if status == "completed" {
+            "completed"
+        } else {
+            "incomplete"
+        };
+        let item = json!({"id": response.item_id, "object": "realtime.item", "type": "message",
+                          "status": item_status, "role": "assistant",
+                          "content": [{"type": "output_audio", "transcript": response.transcript}]});
+        self.emit(
+            json!({"type": "response.output_item.done", "response_id": response.id,
+                         "output_index": 0, "item": item}),
+        );
+        let details = reason.map(|reason| json!({"type": status, "reason": reason}));
+        self.emit(json!({
+            "type": "response.done",
+            "response": {"object": "realtime.response", "id": response.id, "status": status,
+                         "status_details": details, "output": [item], "usage": null},
+        }));
+    }
+
+    fn item_create(&mut self, event: &Map<String, Value>, client_event_id: Option<String>) {
+        let Some(Value::Object(item)) = event.get("item") else {
+            self.error(
+                "invalid_request_error",
+                "missing_required_parameter",
+                "Missing required parameter: 'item'.",
+                client_event_id,
+            );
+            return;
+        };
+        let mut item = item.clone();
+        match item.get("type").and_then(Value::as_str) {
+            Some("message") => {
+                let texts: Vec<String> = item
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|part| part.get("type").and_then(Value::as_str) == Some("input_text"))
+                    .filter_map(|part| part.get("text").and_then(Value::as_str))
+                    .map(str::to_owned)
+                    .collect();
+                if item.get("role").and_then(Value::as_str) == Some("user") {
+                    lock(&self.record).user_texts.extend(texts);
+                }
+            }
+            Some("function_call_output" | "function_call") => {}
+            _ => {
+                self.error(
+                    "invalid_request_error",
+                    "invalid_value",
+                    "Invalid value for 'item.type'.",
+                    client_event_id,
+                );
+                return;
+            }
+        }
+        let item_id = match item.get("id").and_then(Value::as_str) {
+            Some(id) => id.to_owned(),
+            None => self.new_id("item"),
+        };
+        item.insert("id".to_owned(), json!(item_id));
+        item.insert("object".to_owned(), json!("realtime.item"));
+        item.insert("status".to_owned(), json!("completed"));
+        let previous = self.last_item.replace(item_id.clone());
+        self.items.insert(item_id, (false, 0));
+        self.emit(json!({
+            "type": "conversation.item.created",
+            "previous_item_id": previous,
+            "item": item,
+        }));
+    }
+
+    fn truncate(&mut self, event: &Map<String, Value>, client_event_id: Option<String>) {
+        let item_id = event.get("item_id").and_then(Value::as_str);
+        let audio_end_ms = event.get("audio_end_ms").and_then(Value::as_u64);
+        let (Some(item_id), Some(audio_end_ms)) = (item_id, audio_end_ms) else {
+            self.error(
+                "invalid_request_error",
+                "missing_required_parameter",
+                "'item_id' and a non-negative integer 'audio_end_ms' are required.",
+                client_event_id,
+            );
+            return;
+        };
+        let item_id = item_id.to_owned();
+        let recorded_ms = u32::try_from(audio_end_ms).unwrap_or(u32::MAX);
+        lock(&self.record)
+            .truncates
+            .push((item_id.clone(), recorded_ms));
+        match self.items.get_mut(&item_id) {
+            None => {
+                let message = format!("Item with item_id '{item_id}' not found.");
+                self.error(
+                    "invalid_request_error",
+                    "item_truncate_invalid_item_id",
+                    &message,
+                    client_event_id,
+                );
+            }
+            Some((false, _)) => {
+                let message = format!("Item '{item_id}' is not an assistant message with audio.");
+                self.error(
+                    "invalid_request_error",
+                    "invalid_value",
+                    &message,
+                    client_event_id,
+                );
+            }
+            Some((true, produced_ms)) if audio_end_ms > *produced_ms => {
+                let message = format!(
+                    "Audio content of {produced_ms}ms is already shorter than {audio_end_ms}ms"
+                );
+                self.error(
+                    "invalid_request_error",
+                    "invalid_value",
+                    &message,
+                    client_event_id,
+                );
+            }
+            Some((true, produced_ms)) => {
+                *produced_ms = audio_end_ms;
+                self.emit(json!({
+                    "type": "conversation.item.truncated",
+                    "item_id": item_id,
+                    "content_index": 0,
+                    "audio_end_ms": audio_end_ms,
+                }));
+            }
+        }
+    }
+
+    fn delete(&mut self, event: &Map<String, Value>, client_event_id: Option<String>) {
+        let Some(item_id) = event
+            .get("item_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            self.error(
+                "invalid_request_error",
+                "missing_required_parameter",
+                "Missing required parameter: 'item_id'.",
+                client_event_id,
+            );
+            return;
+        };
+        lock(&self.record).deletes.push(item_id.clone());
+        if self.items.remove(&item_id).is_some() {
+            self.emit(json!({"type": "conversation.item.deleted", "item_id": item_id}));
+        } else {
+            let message = format!("Item with item_id '{item_id}' not found.");
+            self.error(
+                "invalid_request_error",
+                "item_delete_invalid_item_id",
+                &message,
+                client_event_id,
+            );
+        }
+    }
+
+    fn new_id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}_mock_{}", self.next_id)
+    }
+
+    fn stamp(&mut self, event: &mut Value) {
+        self.next_event += 1;
+        if let Value::Object(map) = event {
+            map.insert(
+                "event_id".to_owned(),
+                json!(format!("event_mock_{}", self.next_event)),
+            );
+        }
+    }
+
+    fn emit(&mut self, mut event: Value) {
+        self.stamp(&mut event);
+        self.outbox.push_back(event.to_string());
+    }
+
+    fn error(&mut self, kind: &str, code: &str, message: &str, client_event_id: Option<String>) {
+        lock(&self.record).errors_sent.push(code.to_owned());
+        self.emit(json!({"type": "error", "error": {
+            "type": kind, "code": code, "message": message, "param": null,
+            "event_id": client_event_id,
+        }}));
+    }
+}
+
+/// Deep-merges `update` into `target`: objects merge key by key, anything else replaces.
+fn merge(target: &mut Value, update: &Value) {
+    match (target, update) {
+        (Value::Object(target), Value::Object(update)) => {
+            for (key, value) in update {
+                merge(target.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+        (target, update) => *target = update.clone(),
+    }
+}
