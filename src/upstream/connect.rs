@@ -155,8 +155,7 @@ mod tests {
             let key = Secret::new("sk-very-secret");
             let error = connect(&format!("ws://{addr}/v1/realtime"), Some(&key))
                 .await
-                .err()
-                .expect("refused");
+                .expect_err("refused");
             let shown = format!("{error} {error:?}");
             assert!(!shown.contains("sk-very-secret"), "{shown}");
         });

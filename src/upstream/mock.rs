@@ -201,6 +201,8 @@ async fn serve_connection(
     // Best effort: without it the mock is only slower.
     let _ = stream.set_nodelay(true);
     let mut beta_header = false;
+    // The callback's signature is tungstenite's; its error is the HTTP response itself.
+    #[allow(clippy::result_large_err)]
     let check_handshake = |request: &Request, response: Response| {
         if request.uri().path() != "/v1/realtime" {
             return Err(error_response(StatusCode::NOT_FOUND, "unknown path"));
@@ -340,6 +342,14 @@ impl Format {
         match self {
             Self::Pcmu | Self::Pcma => 8_000,
             Self::Pcm24k => 24_000,
+        }
+    }
+
+    fn quantise(self, sample: i16) -> i16 {
+        match self {
+            Self::Pcmu => mulaw_decode(mulaw_encode(sample)),
+            Self::Pcma => alaw_decode(alaw_encode(sample)),
+            Self::Pcm24k => sample,
         }
     }
 
@@ -875,7 +885,10 @@ impl MockSession {
             let chunk = &active.audio[active.sent..end];
             active.sent = end;
             let delta = format.encode(chunk);
-            lock(&self.record).output_audio.extend_from_slice(chunk);
+            // Record what the client hears: G.711 output is quantised by the encoding.
+            lock(&self.record)
+                .output_audio
+                .extend(chunk.iter().map(|&sample| format.quantise(sample)));
             let produced_ms = (end * 1000 / rate) as u64;
             let (id, item_id) = (active.id.clone(), active.item_id.clone());
             if let Some(item) = self.items.get_mut(&item_id) {
@@ -1107,5 +1120,523 @@ fn merge(target: &mut Value, update: &Value) {
             }
         }
         (target, update) => *target = update.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+    type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    const STEP: Duration = Duration::from_secs(5);
+
+    fn fast_config() -> MockConfig {
+        MockConfig {
+            reply_delay: Duration::from_millis(10),
+            ..MockConfig::default()
+        }
+    }
+
+    async fn dial(
+        server: &MockRealtimeServer,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut request = server.url().into_client_request()?;
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .insert(*name, HeaderValue::from_str(value).expect("header"));
+        }
+        let (socket, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake in time")?;
+        Ok(socket)
+    }
+
+    async fn dial_ok(server: &MockRealtimeServer) -> Client {
+        let mut client = dial(server, &[("authorization", "Bearer sk-test")])
+            .await
+            .expect("authorized dial");
+        let created = next_event(&mut client).await;
+        assert_eq!(created["type"], "session.created");
+        client
+    }
+
+    async fn next_event(client: &mut Client) -> Value {
+        loop {
+            let message = tokio::time::timeout(STEP, client.next())
+                .await
+                .expect("event in time")
+                .expect("socket open")
+                .expect("no socket error");
+            if let Message::Text(text) = message {
+                let event: Value = serde_json::from_str(text.as_str()).expect("server JSON");
+                assert!(event["event_id"].is_string(), "event_id missing: {event}");
+                return event;
+            }
+        }
+    }
+
+    /// Events up to and including the first of type `until`.
+    async fn events_until(client: &mut Client, until: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let event = next_event(client).await;
+            let done = event["type"] == until;
+            events.push(event);
+            if done {
+                return events;
+            }
+        }
+    }
+
+    async fn send(client: &mut Client, event: Value) {
+        client
+            .send(Message::text(event.to_string()))
+            .await
+            .expect("send");
+    }
+
+    fn session_update(format: Value) -> Value {
+        json!({"type": "session.update", "session": {"type": "realtime",
+            "audio": {"input": {"format": format}, "output": {"format": format}}}})
+    }
+
+    fn tone(ms: u32, rate: u32, amplitude: f32) -> Vec<i16> {
+        let count = (ms * rate / 1000) as usize;
+        (0..count)
+            .map(|n| {
+                let t = n as f32 / rate as f32;
+                (amplitude * (2.0 * std::f32::consts::PI * 440.0 * t).sin()) as i16
+            })
+            .collect()
+    }
+
+    fn types(events: &[Value]) -> Vec<&str> {
+        events.iter().filter_map(|e| e["type"].as_str()).collect()
+    }
+
+    fn decode_deltas(events: &[Value], format: Format) -> Vec<i16> {
+        events
+            .iter()
+            .filter(|e| e["type"] == "response.output_audio.delta")
+            .flat_map(|e| {
+                let bytes = BASE64
+                    .decode(e["delta"].as_str().expect("delta"))
+                    .expect("base64");
+                match format {
+                    Format::Pcmu => bytes.iter().map(|&b| mulaw_decode(b)).collect::<Vec<_>>(),
+                    Format::Pcma => bytes.iter().map(|&b| alaw_decode(b)).collect(),
+                    Format::Pcm24k => bytes
+                        .chunks_exact(2)
+                        .map(|p| i16::from_le_bytes([p[0], p[1]]))
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn handshake_requires_a_bearer_token() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        for headers in [
+            &[][..],
+            &[("authorization", "Bearer ")][..],
+            &[("authorization", "Basic abc")][..],
+        ] {
+            match dial(&server, headers).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                    assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
+                }
+                other => panic!("{headers:?}: expected 401, got {:?}", other.map(|_| ())),
+            }
+        }
+        let client = dial_ok(&server).await;
+        assert_eq!(server.log().active_sessions(), 1);
+        assert_eq!(server.log().sessions().len(), 1);
+        drop(client);
+        server.shutdown();
+        assert!(
+            tokio::time::timeout(STEP, async {
+                while server.log().active_sessions() > 0 {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .is_ok(),
+            "session ends after the client leaves"
+        );
+        assert!(server.log().sessions()[0].closed);
+    }
+
+    #[tokio::test]
+    async fn beta_header_gets_the_error_and_close_4000() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        let mut client = dial(
+            &server,
+            &[
+                ("authorization", "Bearer sk-test"),
+                ("openai-beta", "realtime=v1"),
+            ],
+        )
+        .await
+        .expect("the upgrade itself succeeds");
+        let error = next_event(&mut client).await;
+        assert_eq!(error["type"], "error");
+        assert_eq!(error["error"]["code"], "beta_api_shape_disabled");
+        let close = tokio::time::timeout(STEP, client.next())
+            .await
+            .expect("close in time");
+        match close {
+            Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4000),
+            other => panic!("expected close 4000, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn session_update_round_trip_and_rejections() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        let mut client = dial_ok(&server).await;
+        let fixture = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/openai-realtime-ga/client-events.jsonl"
+        ))
+        .lines()
+        .next()
+        .expect("session.update line");
+        client.send(Message::text(fixture)).await.expect("send");
+        let updated = next_event(&mut client).await;
+        assert_eq!(updated["type"], "session.updated");
+        let session = &updated["session"];
+        assert_eq!(session["instructions"], "You are a helpful receptionist.");
+        assert_eq!(session["audio"]["input"]["format"]["type"], "audio/pcmu");
+        assert_eq!(session["audio"]["output"]["voice"], "marin");
+        assert_eq!(
+            session["audio"]["input"]["turn_detection"]["silence_duration_ms"],
+            500
+        );
+        // Untouched defaults survive the merge.
+        assert_eq!(session["object"], "realtime.session");
+        assert_eq!(session["audio"]["output"]["speed"], 1);
+
+        send(
+            &mut client,
+            json!({"type": "session.update", "session": {"instructions": "x"}}),
+        )
+        .await;
+        let missing = next_event(&mut client).await;
+        assert_eq!(missing["type"], "error");
+        assert_eq!(missing["error"]["code"], "missing_required_parameter");
+
+        send(&mut client, json!({"type": "session.update", "session": {"type": "realtime", "input_audio_format": "g711_ulaw"}})).await;
+        assert_eq!(
+            next_event(&mut client).await["error"]["code"],
+            "unknown_parameter"
+        );
+
+        client.send(Message::text("not json")).await.expect("send");
+        assert_eq!(
+            next_event(&mut client).await["error"]["code"],
+            "invalid_event"
+        );
+        send(
+            &mut client,
+            json!({"type": "nonsense.event", "event_id": "evt_1"}),
+        )
+        .await;
+        let unknown = next_event(&mut client).await;
+        assert_eq!(unknown["error"]["code"], "invalid_event");
+        assert_eq!(unknown["error"]["event_id"], "evt_1");
+        send(&mut client, json!({"type": "response.cancel"})).await;
+        assert_eq!(
+            next_event(&mut client).await["error"]["code"],
+            "response_cancel_not_active"
+        );
+
+        let record = &server.log().sessions()[0];
+        assert_eq!(
+            record.session["instructions"],
+            "You are a helpful receptionist."
+        );
+        assert_eq!((record.input_rate, record.output_rate), (8000, 8000));
+        assert_eq!(
+            record.errors_sent,
+            [
+                "missing_required_parameter",
+                "unknown_parameter",
+                "invalid_event",
+                "invalid_event",
+                "response_cancel_not_active"
+            ]
+        );
+        assert_eq!(record.client_event_types[0], "session.update");
+    }
+
+    /// Sends `silence, speech, silence` in 20 ms appends and checks the VAD events and the echo.
+    async fn speech_is_echoed(format_json: Value, format: Format) {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        let mut client = dial_ok(&server).await;
+        send(&mut client, session_update(format_json)).await;
+        assert_eq!(next_event(&mut client).await["type"], "session.updated");
+
+        let rate = format.rate();
+        let mut input: Vec<i16> = vec![0; (400 * rate / 1000) as usize];
+        input.extend(tone(600, rate, 8000.0));
+        input.extend(vec![0; (700 * rate / 1000) as usize]);
+        let window = (rate / 50) as usize;
+        for frame in input.chunks(window) {
+            let audio = format.encode(frame);
+            send(
+                &mut client,
+                json!({"type": "input_audio_buffer.append", "audio": audio}),
+            )
+            .await;
+        }
+
+        let events = events_until(&mut client, "response.done").await;
+        let kinds = types(&events);
+        let position = |kind: &str| kinds.iter().position(|k| *k == kind).expect(kind);
+        assert!(
+            position("input_audio_buffer.speech_started")
+                < position("input_audio_buffer.speech_stopped")
+        );
+        assert!(
+            position("input_audio_buffer.speech_stopped")
+                < position("input_audio_buffer.committed")
+        );
+        assert!(
+            position("conversation.item.input_audio_transcription.completed")
+                < position("response.created")
+        );
+        assert!(
+            position("response.output_audio_transcript.done")
+                < position("response.output_audio.done")
+        );
+        let started = &events[position("input_audio_buffer.speech_started")];
+        // Onset at 400 ms, minus the default 300 ms prefix padding.
+        assert_eq!(started["audio_start_ms"], 100);
+        assert_eq!(
+            events[position("input_audio_buffer.speech_stopped")]["audio_end_ms"],
+            1000
+        );
+        let done = events.last().expect("response.done");
+        assert_eq!(done["response"]["status"], "completed");
+
+        let echoed = decode_deltas(&events, format);
+        let start = (100 * rate / 1000) as usize;
+        let end = (1000 * rate / 1000) as usize;
+        let sent: Vec<i16> = match format {
+            // μ-law is lossy: compare with what the server could have decoded.
+            Format::Pcmu | Format::Pcma => input[start..end]
+                .iter()
+                .map(|&s| format.quantise(s))
+                .collect(),
+            Format::Pcm24k => input[start..end].to_vec(),
+        };
+        assert_eq!(echoed.len(), sent.len());
+        assert!(echoed == sent, "echo differs from the utterance");
+        let deltas = kinds
+            .iter()
+            .filter(|k| **k == "response.output_audio.delta")
+            .count();
+        assert_eq!(deltas, 9, "900 ms in 100 ms deltas");
+
+        let record = &server.log().sessions()[0];
+        assert_eq!(record.input_audio_8k.len(), input.len());
+        assert_eq!(record.input_rate, rate);
+        assert!(record.output_audio == echoed, "the log holds what was sent");
+    }
+
+    #[tokio::test]
+    async fn speech_then_silence_is_echoed_in_pcmu() {
+        speech_is_echoed(json!({"type": "audio/pcmu"}), Format::Pcmu).await;
+    }
+
+    #[tokio::test]
+    async fn speech_then_silence_is_echoed_in_pcm24k() {
+        speech_is_echoed(json!({"type": "audio/pcm", "rate": 24000}), Format::Pcm24k).await;
+    }
+
+    #[tokio::test]
+    async fn greeting_truncate_and_delete() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        let mut client = dial_ok(&server).await;
+        send(&mut client, session_update(json!({"type": "audio/pcmu"}))).await;
+        assert_eq!(next_event(&mut client).await["type"], "session.updated");
+
+        send(&mut client, json!({"type": "response.create"})).await;
+        let events = events_until(&mut client, "response.done").await;
+        let chime = decode_deltas(&events, Format::Pcmu);
+        assert_eq!(chime.len(), 1500 * 8, "greeting_ms of audio");
+        assert!(
+            rms_dbfs(&chime) > -30.0,
+            "the greeting is audible, not silence"
+        );
+        let added = events
+            .iter()
+            .find(|e| e["type"] == "response.output_item.added")
+            .expect("output item");
+        let item_id = added["item"]["id"].as_str().expect("item id").to_owned();
+
+        send(&mut client, json!({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 1501})).await;
+        let rejected = next_event(&mut client).await;
+        assert_eq!(rejected["type"], "error");
+        assert_eq!(rejected["error"]["type"], "invalid_request_error");
+        send(&mut client, json!({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 640})).await;
+        let truncated = next_event(&mut client).await;
+        assert_eq!(truncated["type"], "conversation.item.truncated");
+        assert_eq!(truncated["audio_end_ms"], 640);
+        // The item is now 640 ms long: past that is rejected again.
+        send(&mut client, json!({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 700})).await;
+        assert_eq!(next_event(&mut client).await["type"], "error");
+
+        send(
+            &mut client,
+            json!({"type": "conversation.item.delete", "item_id": item_id}),
+        )
+        .await;
+        assert_eq!(
+            next_event(&mut client).await["type"],
+            "conversation.item.deleted"
+        );
+        send(
+            &mut client,
+            json!({"type": "conversation.item.delete", "item_id": item_id}),
+        )
+        .await;
+        assert_eq!(
+            next_event(&mut client).await["error"]["code"],
+            "item_delete_invalid_item_id"
+        );
+
+        send(&mut client, json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "DTMF 5"}]}})).await;
+        let created = next_event(&mut client).await;
+        assert_eq!(created["type"], "conversation.item.created");
+        assert!(created["item"]["id"].is_string());
+
+        let record = &server.log().sessions()[0];
+        assert_eq!(
+            record.truncates,
+            [
+                (item_id.clone(), 1501),
+                (item_id.clone(), 640),
+                (item_id.clone(), 700)
+            ]
+        );
+        assert_eq!(record.deletes, [item_id.clone(), item_id]);
+        assert_eq!(record.user_texts, ["DTMF 5"]);
+        assert!(record.output_audio == chime, "the log holds what was sent");
+    }
+
+    #[tokio::test]
+    async fn speech_during_a_response_cancels_it() {
+        let server = MockRealtimeServer::start(MockConfig {
+            greeting_ms: 20_000,
+            delta_ms: 20,
+            ..fast_config()
+        })
+        .await
+        .expect("start");
+        let mut client = dial_ok(&server).await;
+        send(&mut client, session_update(json!({"type": "audio/pcmu"}))).await;
+        assert_eq!(next_event(&mut client).await["type"], "session.updated");
+
+        let loud = Format::Pcmu.encode(&tone(100, 8000, 12000.0));
+        client
+            .feed(Message::text(
+                json!({"type": "response.create"}).to_string(),
+            ))
+            .await
+            .expect("feed");
+        client
+            .feed(Message::text(
+                json!({"type": "input_audio_buffer.append", "audio": loud}).to_string(),
+            ))
+            .await
+            .expect("feed");
+        client.flush().await.expect("flush");
+
+        let events = events_until(&mut client, "response.done").await;
+        let kinds = types(&events);
+        let started = kinds
+            .iter()
+            .position(|k| *k == "input_audio_buffer.speech_started")
+            .expect("speech_started");
+        assert!(
+            started < kinds.len() - 1,
+            "speech_started before response.done"
+        );
+        let done = events.last().expect("done");
+        assert_eq!(done["response"]["status"], "cancelled");
+        assert_eq!(
+            done["response"]["status_details"]["reason"],
+            "turn_detected"
+        );
+        let deltas = kinds
+            .iter()
+            .filter(|k| **k == "response.output_audio.delta")
+            .count();
+        assert!(
+            deltas < 1000,
+            "the response stopped early ({deltas} deltas)"
+        );
+    }
+
+    #[test]
+    fn sans_io_session_waits_for_the_reply_delay() {
+        let record = Arc::new(Mutex::new(MockSessionRecord::default()));
+        let mut session = MockSession::new(
+            "sess_test".to_owned(),
+            MockConfig {
+                reply_delay: Duration::from_millis(200),
+                ..MockConfig::default()
+            },
+            record,
+        );
+        session.handle_text(
+            &session_update(json!({"type": "audio/pcmu"})).to_string(),
+            Duration::ZERO,
+        );
+        let mut input = tone(300, 8000, 8000.0);
+        input.extend(vec![0; 4000]);
+        let append =
+            json!({"type": "input_audio_buffer.append", "audio": Format::Pcmu.encode(&input)});
+        session.handle_text(&append.to_string(), Duration::from_millis(1000));
+        let mut kinds = Vec::new();
+        while let Some(frame) = session.poll_transmit(Duration::from_millis(1000)) {
+            let event: Value = serde_json::from_str(&frame).expect("json");
+            kinds.push(event["type"].as_str().unwrap_or_default().to_owned());
+        }
+        assert!(kinds.contains(&"input_audio_buffer.speech_stopped".to_owned()));
+        assert!(!kinds.contains(&"response.created".to_owned()), "{kinds:?}");
+        assert_eq!(session.poll_timeout(), Some(Duration::from_millis(1200)));
+        let first = session
+            .poll_transmit(Duration::from_millis(1200))
+            .expect("reply due");
+        assert!(first.contains("\"response.created\""));
+    }
+
+    #[test]
+    fn rate_conversion_and_merge() {
+        assert_eq!(convert_rate(&[1, 2], 8000, 24000), [1, 1, 1, 2, 2, 2]);
+        assert_eq!(convert_rate(&[1, 1, 1, 2, 2, 2], 24000, 8000), [1, 2]);
+        let mut target = json!({"a": {"b": 1, "c": 2}, "d": 3});
+        merge(&mut target, &json!({"a": {"b": 5}, "e": null}));
+        assert_eq!(target, json!({"a": {"b": 5, "c": 2}, "d": 3, "e": null}));
     }
 }
