@@ -160,4 +160,69 @@ mod tests {
             assert!(!shown.contains("sk-very-secret"), "{shown}");
         });
     }
+
+    #[test]
+    fn openai_protocol_greets_through_the_mock() {
+        use crate::upstream::{OpenAiRealtime, RealtimeProtocol, SessionSettings, UpstreamEvent};
+        use futures_util::{SinkExt as _, StreamExt as _};
+        use tokio_tungstenite::tungstenite::Message;
+
+        run(async {
+            let server = MockRealtimeServer::start(MockConfig::default())
+                .await
+                .expect("mock");
+            let key = Secret::new("sk-test");
+            let mut socket = connect(&server.url(), Some(&key)).await.expect("connect");
+            let mut protocol = OpenAiRealtime::new(SessionSettings {
+                greeting: Some("Hello from the mock".to_owned()),
+                ..SessionSettings::default()
+            });
+            let mut out = Vec::new();
+            protocol.on_open(&mut out);
+            let (mut ready, mut audio_bytes, mut status) = (false, 0usize, String::new());
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    for message in out.drain(..) {
+                        socket.send(Message::text(message)).await.expect("send");
+                    }
+                    let Some(Ok(Message::Text(text))) = socket.next().await else {
+                        panic!("socket ended early");
+                    };
+                    match protocol
+                        .on_message(text.as_str(), &mut out)
+                        .expect("parses")
+                    {
+                        UpstreamEvent::SessionReady => ready = true,
+                        UpstreamEvent::AudioDelta { audio_b64, .. } => {
+                            use base64::Engine as _;
+                            audio_bytes += base64::engine::general_purpose::STANDARD
+                                .decode(audio_b64.as_bytes())
+                                .expect("base64")
+                                .len()
+                        }
+                        UpstreamEvent::ResponseDone { status: done, .. } => {
+                            status = done.into_owned();
+                            break;
+                        }
+                        UpstreamEvent::Error { message, .. } => panic!("mock error: {message}"),
+                        _ => {}
+                    }
+                }
+            })
+            .await
+            .expect("greeting in time");
+            assert!(ready);
+            assert_eq!(status, "completed");
+            assert_eq!(audio_bytes, 1500 * 8, "1.5 s of μ-law greeting");
+            let record = &server.log().sessions()[0];
+            assert_eq!(
+                record.client_event_types,
+                ["session.update", "response.create"]
+            );
+            assert_eq!(
+                record.session["audio"]["output"]["format"]["type"],
+                "audio/pcmu"
+            );
+        });
+    }
 }
