@@ -1,0 +1,228 @@
+//! Opening the upstream WebSocket: TLS, auth header, timeout.
+//!
+//! Owns the one place voxrelay dials a realtime provider. Invariants: the only extra header is
+//! `Authorization: Bearer <key>` (never `OpenAI-Beta`), marked sensitive and never logged; TLS
+//! is rustls with the ring provider and the webpki root set, built explicitly so no
+//! process-wide crypto provider has to be installed; Nagle is off (20 ms audio frames must not
+//! wait for ACKs); the whole dial, TCP + TLS + HTTP upgrade, is bounded by a timeout.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream, tungstenite};
+
+use super::UpstreamError;
+use crate::Secret;
+
+pub type UpstreamSocket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Long enough for a TLS handshake across an ocean, short enough that a caller is not left in
+/// silence wondering whether anyone is there.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Dials `url` (`wss://…` or, for the mock, `ws://…`) with `Authorization: Bearer <key>` when a
+/// key is given.
+pub async fn connect(url: &str, api_key: Option<&Secret>) -> Result<UpstreamSocket, UpstreamError> {
+    connect_with_timeout(url, api_key, CONNECT_TIMEOUT).await
+}
+
+pub(crate) async fn connect_with_timeout(
+    url: &str,
+    api_key: Option<&Secret>,
+    timeout: Duration,
+) -> Result<UpstreamSocket, UpstreamError> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|error| UpstreamError::InvalidUrl(error.to_string()))?;
+    if let Some(key) = api_key {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+            .map_err(|_| UpstreamError::InvalidApiKey)?;
+        value.set_sensitive(true);
+        request.headers_mut().insert(AUTHORIZATION, value);
+    }
+    let connector = Connector::Rustls(tls_config()?);
+    let dial = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        None,
+        true, // TCP_NODELAY
+        Some(connector),
+    );
+    match tokio::time::timeout(timeout, dial).await {
+        Err(_elapsed) => Err(UpstreamError::ConnectTimeout(timeout)),
+        Ok(Err(tungstenite::Error::Http(response))) => {
+            Err(UpstreamError::HandshakeRejected(response.status().as_u16()))
+        }
+        Ok(Err(error)) => Err(UpstreamError::Connect(error.to_string())),
+        Ok(Ok((socket, _response))) => Ok(socket),
+    }
+}
+
+/// Parsing the root set costs milliseconds, so it is done once per process.
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, UpstreamError> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    if let Some(config) = CONFIG.get() {
+        return Ok(config.clone());
+    }
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|error| UpstreamError::Tls(error.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(CONFIG.get_or_init(|| Arc::new(config)).clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::mock::{MockConfig, MockRealtimeServer};
+
+    fn run<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(future)
+    }
+
+    #[test]
+    fn tls_config_builds_without_a_process_default_provider() {
+        let config = tls_config().expect("config");
+        assert!(Arc::ptr_eq(&config, &tls_config().expect("cached")));
+    }
+
+    #[test]
+    fn connects_to_the_mock_with_a_key_and_is_refused_without() {
+        run(async {
+            let server = MockRealtimeServer::start(MockConfig::default())
+                .await
+                .expect("mock");
+            let key = Secret::new("sk-test");
+            let socket = connect(&server.url(), Some(&key)).await;
+            assert!(socket.is_ok(), "{:?}", socket.err());
+            match connect(&server.url(), None).await {
+                Err(UpstreamError::HandshakeRejected(401)) => {}
+                other => panic!("expected 401, got {:?}", other.map(|_| ())),
+            }
+            server.shutdown();
+        });
+    }
+
+    #[test]
+    fn a_silent_server_hits_the_timeout() {
+        run(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let url = format!("ws://{}/v1/realtime", listener.local_addr().expect("addr"));
+            // Accept the TCP connection but never answer the upgrade.
+            let hold = tokio::spawn(async move { listener.accept().await.map(|(s, _)| s) });
+            let result = connect_with_timeout(&url, None, Duration::from_millis(100)).await;
+            assert!(matches!(result, Err(UpstreamError::ConnectTimeout(_))));
+            hold.abort();
+        });
+    }
+
+    #[test]
+    fn bad_urls_and_keys_are_errors() {
+        run(async {
+            assert!(matches!(
+                connect("not a url", None).await,
+                Err(UpstreamError::InvalidUrl(_))
+            ));
+            let key = Secret::new("line\nbreak");
+            assert!(matches!(
+                connect("ws://127.0.0.1:9/v1/realtime", Some(&key)).await,
+                Err(UpstreamError::InvalidApiKey)
+            ));
+        });
+    }
+
+    #[test]
+    fn errors_never_show_the_key() {
+        run(async {
+            // A port nobody listens on: connection refused.
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            drop(listener);
+            let key = Secret::new("sk-very-secret");
+            let error = connect(&format!("ws://{addr}/v1/realtime"), Some(&key))
+                .await
+                .expect_err("refused");
+            let shown = format!("{error} {error:?}");
+            assert!(!shown.contains("sk-very-secret"), "{shown}");
+        });
+    }
+
+    #[test]
+    fn openai_protocol_greets_through_the_mock() {
+        use crate::upstream::{OpenAiRealtime, RealtimeProtocol, SessionSettings, UpstreamEvent};
+        use futures_util::{SinkExt as _, StreamExt as _};
+        use tokio_tungstenite::tungstenite::Message;
+
+        run(async {
+            let server = MockRealtimeServer::start(MockConfig::default())
+                .await
+                .expect("mock");
+            let key = Secret::new("sk-test");
+            let mut socket = connect(&server.url(), Some(&key)).await.expect("connect");
+            let mut protocol = OpenAiRealtime::new(SessionSettings {
+                greeting: Some("Hello from the mock".to_owned()),
+                ..SessionSettings::default()
+            });
+            let mut out = Vec::new();
+            protocol.on_open(&mut out);
+            let (mut ready, mut audio_bytes, mut status) = (false, 0usize, String::new());
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    for message in out.drain(..) {
+                        socket.send(Message::text(message)).await.expect("send");
+                    }
+                    let Some(Ok(Message::Text(text))) = socket.next().await else {
+                        panic!("socket ended early");
+                    };
+                    match protocol
+                        .on_message(text.as_str(), &mut out)
+                        .expect("parses")
+                    {
+                        UpstreamEvent::SessionReady => ready = true,
+                        UpstreamEvent::AudioDelta { audio_b64, .. } => {
+                            use base64::Engine as _;
+                            audio_bytes += base64::engine::general_purpose::STANDARD
+                                .decode(audio_b64.as_bytes())
+                                .expect("base64")
+                                .len()
+                        }
+                        UpstreamEvent::ResponseDone { status: done, .. } => {
+                            status = done.into_owned();
+                            break;
+                        }
+                        UpstreamEvent::Error { message, .. } => panic!("mock error: {message}"),
+                        _ => {}
+                    }
+                }
+            })
+            .await
+            .expect("greeting in time");
+            assert!(ready);
+            assert_eq!(status, "completed");
+            assert_eq!(audio_bytes, 1500 * 8, "1.5 s of μ-law greeting");
+            let record = &server.log().sessions()[0];
+            assert_eq!(
+                record.client_event_types,
+                ["session.update", "response.create"]
+            );
+            assert_eq!(
+                record.session["audio"]["output"]["format"]["type"],
+                "audio/pcmu"
+            );
+        });
+    }
+}

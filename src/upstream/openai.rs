@@ -1,0 +1,777 @@
+//! The OpenAI Realtime API (GA shape) as a sans-IO [`RealtimeProtocol`].
+//!
+//! Owns the client messages voxrelay sends (`session.update`, `input_audio_buffer.append`,
+//! truncate/delete/cancel, user text, function output, `response.create`) and the borrowed
+//! parsing of the server events the call engine needs. Invariants: only the GA shape is ever
+//! produced (no `OpenAI-Beta`, no `input_audio_format`, no `response.audio.delta`); the
+//! greeting's `response.create` is sent exactly once, and only after the first
+//! `session.updated`; unknown server event types are [`UpstreamEvent::Other`], never errors;
+//! malformed input is an [`UpstreamError`], never a panic.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+use super::{RealtimeProtocol, SessionSettings, UpstreamError, UpstreamEvent, push_json_str};
+use crate::AudioMode;
+
+/// OpenAI Realtime (GA) for one call.
+#[derive(Debug)]
+pub struct OpenAiRealtime {
+    settings: SessionSettings,
+    greeting_sent: bool,
+}
+
+impl OpenAiRealtime {
+    pub fn new(settings: SessionSettings) -> Self {
+        Self {
+            settings,
+            greeting_sent: false,
+        }
+    }
+
+    pub fn settings(&self) -> &SessionSettings {
+        &self.settings
+    }
+
+    /// The `session.update` that configures the call.
+    pub fn session_update(&self) -> String {
+        let settings = &self.settings;
+        let vad = &settings.vad;
+        let format = AudioFormat::for_mode(settings.audio_mode);
+        let message = ClientEvent::SessionUpdate {
+            session: SessionConfig {
+                kind: "realtime",
+                model: settings.model.as_deref(),
+                output_modalities: ["audio"],
+                instructions: &settings.instructions,
+                audio: AudioConfig {
+                    input: AudioInput {
+                        format,
+                        turn_detection: TurnDetection {
+                            kind: "server_vad",
+                            threshold: vad.threshold,
+                            prefix_padding_ms: vad.prefix_padding_ms,
+                            silence_duration_ms: vad.silence_duration_ms,
+                            create_response: vad.create_response,
+                            interrupt_response: vad.interrupt_response,
+                        },
+                        transcription: settings
+                            .transcription_model
+                            .as_deref()
+                            .map(|model| Transcription { model }),
+                    },
+                    output: AudioOutput {
+                        format,
+                        voice: &settings.voice,
+                    },
+                },
+            },
+        };
+        to_json(&message)
+    }
+
+    /// The `response.create` that makes the model speak the greeting. Response instructions
+    /// replace the session's for this response only, so the persona is repeated before the
+    /// greeting request.
+    fn greeting_response(&self, greeting: &str) -> String {
+        let mut instructions =
+            String::with_capacity(self.settings.instructions.len() + greeting.len() + 96);
+        if !self.settings.instructions.is_empty() {
+            instructions.push_str(&self.settings.instructions);
+            instructions.push_str("\n\n");
+        }
+        instructions
+            .push_str("The call has just connected. Greet the caller now by saying exactly this: ");
+        instructions.push_str(greeting);
+        to_json(&ClientEvent::ResponseCreate {
+            response: Some(ResponseParams {
+                instructions: &instructions,
+            }),
+        })
+    }
+}
+
+impl RealtimeProtocol for OpenAiRealtime {
+    fn provider(&self) -> &'static str {
+        "openai"
+    }
+
+    fn on_open(&mut self, out: &mut Vec<String>) {
+        out.push(self.session_update());
+    }
+
+    fn on_message<'a>(
+        &mut self,
+        text: &'a str,
+        out: &mut Vec<String>,
+    ) -> Result<UpstreamEvent<'a>, UpstreamError> {
+        let envelope: Envelope<'a> = serde_json::from_str(text)?;
+        let event = match envelope.kind.as_ref() {
+            "session.updated" => {
+                if !self.greeting_sent {
+                    self.greeting_sent = true;
+                    if let Some(greeting) = self.settings.greeting.as_deref() {
+                        out.push(self.greeting_response(greeting));
+                    }
+                }
+                UpstreamEvent::SessionReady
+            }
+            "response.output_audio.delta" => {
+                let delta: AudioDelta<'a> = serde_json::from_str(text)?;
+                UpstreamEvent::AudioDelta {
+                    response_id: delta.response_id,
+                    item_id: delta.item_id,
+                    audio_b64: delta.delta,
+                }
+            }
+            "input_audio_buffer.speech_started" => {
+                let started: SpeechStarted<'a> = serde_json::from_str(text)?;
+                UpstreamEvent::SpeechStarted {
+                    item_id: started.item_id,
+                    audio_start_ms: started.audio_start_ms,
+                }
+            }
+            "input_audio_buffer.speech_stopped" => {
+                let stopped: SpeechStopped = serde_json::from_str(text)?;
+                UpstreamEvent::SpeechStopped {
+                    audio_end_ms: stopped.audio_end_ms,
+                }
+            }
+            "response.created" => {
+                let created: ResponseEvent<'a> = serde_json::from_str(text)?;
+                UpstreamEvent::ResponseCreated {
+                    response_id: created.response.id,
+                }
+            }
+            "response.done" => {
+                let done: ResponseEvent<'a> = serde_json::from_str(text)?;
+                UpstreamEvent::ResponseDone {
+                    response_id: done.response.id,
+                    status: done.response.status,
+                }
+            }
+            "conversation.item.input_audio_transcription.completed" => {
+                let transcript: Transcript<'a> = serde_json::from_str(text)?;
+                UpstreamEvent::InputTranscript {
+                    item_id: transcript.item_id,
+                    text: transcript.transcript,
+                }
+            }
+            "response.output_audio_transcript.done" => {
+                let transcript: Transcript<'a> = serde_json::from_str(text)?;
+                UpstreamEvent::OutputTranscript {
+                    item_id: transcript.item_id,
+                    text: transcript.transcript,
+                }
+            }
+            "response.function_call_arguments.done" => {
+                let call: FunctionCallDone<'a> = serde_json::from_str(text)?;
+                UpstreamEvent::FunctionCall {
+                    call_id: call.call_id,
+                    name: call.name,
+                    arguments: call.arguments,
+                }
+            }
+            "error" => {
+                let error: ErrorEvent<'a> = serde_json::from_str(text)?;
+                UpstreamEvent::Error {
+                    error_type: error.error.kind,
+                    code: error.error.code,
+                    message: error.error.message,
+                }
+            }
+            _ => UpstreamEvent::Other,
+        };
+        Ok(event)
+    }
+
+    fn write_audio_append(&self, audio_b64: &str, buf: &mut String) {
+        buf.clear();
+        buf.push_str(r#"{"type":"input_audio_buffer.append","audio":"#);
+        // Base64 never needs escaping; push_json_str only pays for a scan.
+        push_json_str(buf, audio_b64);
+        buf.push('}');
+    }
+
+    fn truncate(&self, item_id: &str, audio_end_ms: u32) -> String {
+        to_json(&ClientEvent::ConversationItemTruncate {
+            item_id,
+            content_index: 0,
+            audio_end_ms,
+        })
+    }
+
+    fn delete_item(&self, item_id: &str) -> String {
+        to_json(&ClientEvent::ConversationItemDelete { item_id })
+    }
+
+    fn cancel_response(&self) -> String {
+        to_json(&ClientEvent::ResponseCancel {})
+    }
+
+    fn user_text(&self, text: &str) -> String {
+        to_json(&ClientEvent::ConversationItemCreate {
+            item: Item::Message {
+                role: "user",
+                content: [InputText {
+                    kind: "input_text",
+                    text,
+                }],
+            },
+        })
+    }
+
+    fn create_response(&self) -> String {
+        to_json(&ClientEvent::ResponseCreate { response: None })
+    }
+
+    fn function_output(&self, call_id: &str, output: &str) -> String {
+        to_json(&ClientEvent::ConversationItemCreate {
+            item: Item::FunctionCallOutput { call_id, output },
+        })
+    }
+}
+
+/// Serializing these borrowed structs cannot fail (string keys, finite floats from settings
+/// aside); a non-finite threshold degrades to `null` rather than panicking.
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+// ---- client events (GA) ----
+
+#[derive(Serialize)]
+#[serde(tag = "type")]
+enum ClientEvent<'a> {
+    #[serde(rename = "session.update")]
+    SessionUpdate { session: SessionConfig<'a> },
+    #[serde(rename = "conversation.item.truncate")]
+    ConversationItemTruncate {
+        item_id: &'a str,
+        content_index: u32,
+        audio_end_ms: u32,
+    },
+    #[serde(rename = "conversation.item.delete")]
+    ConversationItemDelete { item_id: &'a str },
+    #[serde(rename = "conversation.item.create")]
+    ConversationItemCreate { item: Item<'a> },
+    #[serde(rename = "response.create")]
+    ResponseCreate {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        response: Option<ResponseParams<'a>>,
+    },
+    #[serde(rename = "response.cancel")]
+    ResponseCancel {},
+}
+
+#[derive(Serialize)]
+struct SessionConfig<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
+    output_modalities: [&'static str; 1],
+    instructions: &'a str,
+    audio: AudioConfig<'a>,
+}
+
+#[derive(Serialize)]
+struct AudioConfig<'a> {
+    input: AudioInput<'a>,
+    output: AudioOutput<'a>,
+}
+
+#[derive(Serialize)]
+struct AudioInput<'a> {
+    format: AudioFormat,
+    turn_detection: TurnDetection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transcription: Option<Transcription<'a>>,
+}
+
+#[derive(Serialize)]
+struct AudioOutput<'a> {
+    format: AudioFormat,
+    voice: &'a str,
+}
+
+#[derive(Clone, Copy, Serialize)]
+struct AudioFormat {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate: Option<u32>,
+}
+
+impl AudioFormat {
+    fn for_mode(mode: AudioMode) -> Self {
+        match mode {
+            AudioMode::Pcmu => Self {
+                kind: "audio/pcmu",
+                rate: None,
+            },
+            AudioMode::Pcm16 => Self {
+                kind: "audio/pcm",
+                rate: Some(24_000),
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TurnDetection {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    threshold: f32,
+    prefix_padding_ms: u32,
+    silence_duration_ms: u32,
+    create_response: bool,
+    interrupt_response: bool,
+}
+
+#[derive(Serialize)]
+struct Transcription<'a> {
+    model: &'a str,
+}
+
+#[derive(Serialize)]
+struct ResponseParams<'a> {
+    instructions: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Item<'a> {
+    Message {
+        role: &'static str,
+        content: [InputText<'a>; 1],
+    },
+    FunctionCallOutput {
+        call_id: &'a str,
+        output: &'a str,
+    },
+}
+
+#[derive(Serialize)]
+struct InputText<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+// ---- server events (GA), parsed borrowed ----
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct AudioDelta<'a> {
+    #[serde(borrow)]
+    response_id: Cow<'a, str>,
+    #[serde(borrow)]
+    item_id: Cow<'a, str>,
+    #[serde(borrow)]
+    delta: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct SpeechStarted<'a> {
+    #[serde(borrow)]
+    item_id: Cow<'a, str>,
+    audio_start_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct SpeechStopped {
+    audio_end_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct ResponseEvent<'a> {
+    #[serde(borrow)]
+    response: ResponseObject<'a>,
+}
+
+#[derive(Deserialize)]
+struct ResponseObject<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    status: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct Transcript<'a> {
+    #[serde(borrow)]
+    item_id: Cow<'a, str>,
+    #[serde(borrow)]
+    transcript: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct FunctionCallDone<'a> {
+    #[serde(borrow)]
+    call_id: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow)]
+    arguments: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct ErrorEvent<'a> {
+    #[serde(borrow)]
+    error: ErrorBody<'a>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    code: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    message: Cow<'a, str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    const CLIENT_FIXTURE: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/openai-realtime-ga/client-events.jsonl"
+    ));
+    const SERVER_FIXTURE: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/openai-realtime-ga/server-events.jsonl"
+    ));
+
+    fn fixture_line(fixture: &str, index: usize) -> Value {
+        let line = fixture.lines().nth(index).expect("fixture line");
+        serde_json::from_str(line).expect("fixture JSON")
+    }
+
+    fn receptionist() -> SessionSettings {
+        SessionSettings {
+            instructions: "You are a helpful receptionist.".to_owned(),
+            model: Some("gpt-realtime".to_owned()),
+            ..SessionSettings::default()
+        }
+    }
+
+    fn parse(text: &str) -> Value {
+        serde_json::from_str(text).expect("our output is JSON")
+    }
+
+    #[test]
+    fn every_server_fixture_line_parses_to_its_event() {
+        let mut protocol = OpenAiRealtime::new(SessionSettings::default());
+        let mut out = Vec::new();
+        let events: Vec<UpstreamEvent<'_>> = SERVER_FIXTURE
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| protocol.on_message(line, &mut out).expect("fixture parses"))
+            .collect();
+        assert_eq!(
+            events,
+            vec![
+                UpstreamEvent::Other, // session.created
+                UpstreamEvent::SpeechStarted {
+                    item_id: "msg_003".into(),
+                    audio_start_ms: 1000
+                },
+                UpstreamEvent::SpeechStopped { audio_end_ms: 2000 },
+                UpstreamEvent::Other, // committed
+                UpstreamEvent::AudioDelta {
+                    response_id: "resp_001".into(),
+                    item_id: "msg_008".into(),
+                    audio_b64: "Base64EncodedAudioDelta".into()
+                },
+                UpstreamEvent::Other, // truncated
+                UpstreamEvent::Error {
+                    error_type: "invalid_request_error".into(),
+                    code: Some("invalid_event".into()),
+                    message: "The 'type' field is missing.".into()
+                },
+                UpstreamEvent::Other, // rate_limits.updated
+                UpstreamEvent::Error {
+                    error_type: "invalid_request_error".into(),
+                    code: Some("beta_api_shape_disabled".into()),
+                    message: "The Realtime Beta API is no longer supported. Please use /v1/realtime for the GA API.".into()
+                },
+            ]
+        );
+        assert!(out.is_empty(), "no follow-ups without session.updated");
+    }
+
+    #[test]
+    fn audio_delta_borrows_from_the_message() {
+        let mut protocol = OpenAiRealtime::new(SessionSettings::default());
+        let line = SERVER_FIXTURE
+            .lines()
+            .find(|line| line.contains("response.output_audio.delta"))
+            .expect("delta line");
+        let event = protocol.on_message(line, &mut Vec::new()).expect("parses");
+        match event {
+            UpstreamEvent::AudioDelta { audio_b64, .. } => {
+                assert!(matches!(audio_b64, Cow::Borrowed(_)))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ga_events_missing_from_the_fixture_parse() {
+        let mut protocol = OpenAiRealtime::new(SessionSettings::default());
+        let mut out = Vec::new();
+        let cases = [
+            (
+                r#"{"type":"response.created","event_id":"e1","response":{"object":"realtime.response","id":"resp_1","status":"in_progress","output":[]}}"#,
+                UpstreamEvent::ResponseCreated {
+                    response_id: "resp_1".into(),
+                },
+            ),
+            (
+                r#"{"type":"response.done","event_id":"e2","response":{"id":"resp_1","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"},"usage":null}}"#,
+                UpstreamEvent::ResponseDone {
+                    response_id: "resp_1".into(),
+                    status: "cancelled".into(),
+                },
+            ),
+            (
+                r#"{"type":"conversation.item.input_audio_transcription.completed","event_id":"e3","item_id":"item_u","content_index":0,"transcript":"I need a \"plumber\"."}"#,
+                UpstreamEvent::InputTranscript {
+                    item_id: "item_u".into(),
+                    text: "I need a \"plumber\".".into(),
+                },
+            ),
+            (
+                r#"{"type":"response.output_audio_transcript.done","event_id":"e4","response_id":"resp_1","item_id":"item_a","output_index":0,"content_index":0,"transcript":"Hello!"}"#,
+                UpstreamEvent::OutputTranscript {
+                    item_id: "item_a".into(),
+                    text: "Hello!".into(),
+                },
+            ),
+            (
+                r#"{"type":"response.function_call_arguments.done","event_id":"e5","response_id":"resp_1","item_id":"item_f","output_index":0,"call_id":"call_1","name":"lookup","arguments":"{\"id\":7}"}"#,
+                UpstreamEvent::FunctionCall {
+                    call_id: "call_1".into(),
+                    name: "lookup".into(),
+                    arguments: "{\"id\":7}".into(),
+                },
+            ),
+            (
+                r#"{"type":"error","event_id":"e6","error":{"type":"server_error","code":null,"message":"boom","param":null}}"#,
+                UpstreamEvent::Error {
+                    error_type: "server_error".into(),
+                    code: None,
+                    message: "boom".into(),
+                },
+            ),
+            (
+                r#"{"type":"response.output_audio_transcript.delta","delta":"Hel"}"#,
+                UpstreamEvent::Other,
+            ),
+            (
+                r#"{"type":"some.future.event","x":[1,2]}"#,
+                UpstreamEvent::Other,
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(protocol.on_message(text, &mut out).expect(text), expected);
+        }
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn session_update_matches_the_fixture_for_pcmu() {
+        let protocol = OpenAiRealtime::new(receptionist());
+        let ours = parse(&protocol.session_update());
+        let fixture = fixture_line(CLIENT_FIXTURE, 0);
+        assert_eq!(ours, fixture);
+        assert!(ours.get("OpenAI-Beta").is_none());
+        assert!(ours["session"].get("input_audio_format").is_none());
+    }
+
+    #[test]
+    fn session_update_matches_the_fixture_for_pcm16() {
+        let protocol = OpenAiRealtime::new(SessionSettings {
+            audio_mode: AudioMode::Pcm16,
+            ..receptionist()
+        });
+        let ours = parse(&protocol.session_update());
+        let fixture = fixture_line(CLIENT_FIXTURE, 1);
+        assert_eq!(ours["type"], "session.update");
+        assert_eq!(ours["session"]["type"], fixture["session"]["type"]);
+        for direction in ["input", "output"] {
+            assert_eq!(
+                ours["session"]["audio"][direction]["format"],
+                fixture["session"]["audio"][direction]["format"],
+                "{direction} format"
+            );
+        }
+    }
+
+    #[test]
+    fn session_update_carries_custom_settings_and_omits_what_is_off() {
+        let mut settings = receptionist();
+        settings.voice = "cedar".to_owned();
+        settings.transcription_model = None;
+        settings.model = None;
+        settings.vad.threshold = 0.7;
+        settings.vad.silence_duration_ms = 650;
+        settings.vad.interrupt_response = false;
+        settings.instructions = "Say \"hi\"\nthen\\stop".to_owned();
+        let ours = parse(&OpenAiRealtime::new(settings).session_update());
+        let session = &ours["session"];
+        assert_eq!(session["instructions"], "Say \"hi\"\nthen\\stop");
+        assert_eq!(session["audio"]["output"]["voice"], "cedar");
+        assert!(session.get("model").is_none());
+        assert!(session["audio"]["input"].get("transcription").is_none());
+        let vad = &session["audio"]["input"]["turn_detection"];
+        assert_eq!(vad["threshold"].as_f64(), Some(0.7));
+        assert_eq!(vad["silence_duration_ms"], 650);
+        assert_eq!(vad["interrupt_response"], false);
+    }
+
+    #[test]
+    fn on_open_sends_only_the_session_update() {
+        let mut protocol = OpenAiRealtime::new(SessionSettings {
+            greeting: Some("Hello".to_owned()),
+            ..receptionist()
+        });
+        let mut out = Vec::new();
+        protocol.on_open(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(parse(&out[0])["type"], "session.update");
+    }
+
+    #[test]
+    fn greeting_is_sent_once_and_only_after_session_updated() {
+        let mut protocol = OpenAiRealtime::new(SessionSettings {
+            greeting: Some("Thanks for calling \"Acme\"!".to_owned()),
+            ..receptionist()
+        });
+        let mut out = Vec::new();
+        let created = SERVER_FIXTURE.lines().next().expect("session.created");
+        protocol.on_message(created, &mut out).expect("parses");
+        assert!(
+            out.is_empty(),
+            "session.created must not trigger the greeting"
+        );
+
+        let updated = r#"{"type":"session.updated","event_id":"e","session":{"type":"realtime"}}"#;
+        assert_eq!(
+            protocol.on_message(updated, &mut out).expect("parses"),
+            UpstreamEvent::SessionReady
+        );
+        assert_eq!(out.len(), 1);
+        let greeting = parse(&out[0]);
+        assert_eq!(greeting["type"], "response.create");
+        let instructions = greeting["response"]["instructions"]
+            .as_str()
+            .expect("instructions");
+        assert!(instructions.contains("Thanks for calling \"Acme\"!"));
+        assert!(instructions.starts_with("You are a helpful receptionist."));
+
+        protocol.on_message(updated, &mut out).expect("parses");
+        assert_eq!(
+            out.len(),
+            1,
+            "a second session.updated must not greet again"
+        );
+    }
+
+    #[test]
+    fn no_greeting_configured_means_no_response_create() {
+        let mut protocol = OpenAiRealtime::new(receptionist());
+        let mut out = Vec::new();
+        protocol
+            .on_message(r#"{"type":"session.updated","session":{}}"#, &mut out)
+            .expect("parses");
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn audio_append_is_exact_and_reuses_the_buffer() {
+        let protocol = OpenAiRealtime::new(SessionSettings::default());
+        let mut buf = String::from("stale content that must go");
+        protocol.write_audio_append("//8A/w==", &mut buf);
+        assert_eq!(
+            buf,
+            r#"{"type":"input_audio_buffer.append","audio":"//8A/w=="}"#
+        );
+        let capacity = buf.capacity();
+        protocol.write_audio_append("AAAA", &mut buf);
+        assert_eq!(
+            buf,
+            r#"{"type":"input_audio_buffer.append","audio":"AAAA"}"#
+        );
+        assert_eq!(buf.capacity(), capacity);
+        // Even a hostile "base64" stays a single valid JSON message.
+        protocol.write_audio_append("a\"b", &mut buf);
+        assert_eq!(parse(&buf)["audio"], "a\"b");
+    }
+
+    #[test]
+    fn control_messages_have_the_ga_shape() {
+        let protocol = OpenAiRealtime::new(SessionSettings::default());
+        assert_eq!(
+            parse(&protocol.truncate("item_\"x\"", 410)),
+            json!({"type":"conversation.item.truncate","item_id":"item_\"x\"","content_index":0,"audio_end_ms":410})
+        );
+        assert_eq!(
+            parse(&protocol.delete_item("item_002")),
+            json!({"type":"conversation.item.delete","item_id":"item_002"})
+        );
+        assert_eq!(
+            parse(&protocol.cancel_response()),
+            json!({"type":"response.cancel"})
+        );
+        assert_eq!(
+            parse(&protocol.create_response()),
+            json!({"type":"response.create"})
+        );
+        let mut user = fixture_line(CLIENT_FIXTURE, 3);
+        user["item"]["content"][0]["text"] = json!("DTMF: 5");
+        assert_eq!(parse(&protocol.user_text("DTMF: 5")), user);
+        assert_eq!(
+            parse(&protocol.function_output("call_123", "{\"open\": true}")),
+            fixture_line(CLIENT_FIXTURE, 7)
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_never_a_panic() {
+        let mut protocol = OpenAiRealtime::new(SessionSettings::default());
+        let mut out = Vec::new();
+        for garbage in [
+            "",
+            "not json",
+            "{",
+            "[]",
+            "null",
+            "42",
+            r#"{"no_type":1}"#,
+            r#"{"type":7}"#,
+            r#"{"type":"response.output_audio.delta"}"#,
+            r#"{"type":"response.output_audio.delta","response_id":1,"item_id":"a","delta":"b"}"#,
+            r#"{"type":"input_audio_buffer.speech_started","item_id":"a","audio_start_ms":-5}"#,
+            r#"{"type":"response.done","response":null}"#,
+            r#"{"type":"error","error":"nope"}"#,
+            "{\"type\":\"error\",\"error\":{\"type\":\"x\",\"message\":\"\u{0}",
+        ] {
+            assert!(
+                protocol.on_message(garbage, &mut out).is_err(),
+                "{garbage:?} should be rejected"
+            );
+        }
+        assert!(out.is_empty());
+    }
+}
