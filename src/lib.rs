@@ -5,7 +5,10 @@
 //! [`http`] owns the sockets and drives them, one task set per call.
 
 pub mod audio_mode;
+pub mod bench;
 pub mod codec;
+pub mod config;
+pub mod http;
 pub mod secret;
 pub mod session;
 pub mod twilio;

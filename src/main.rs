@@ -1,1 +1,261 @@
-fn main() {}
+//! The `voxrelay` binary: `serve`, `call` and `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use url::Url;
+
+use voxrelay::bench::caller::{CallerConfig, place_call};
+use voxrelay::bench::demo::{DemoOptions, run_demo};
+use voxrelay::bench::{SPEECH_FIXTURE, http_client};
+use voxrelay::config::{BridgeConfig, RawConfig};
+use voxrelay::http::{Bridge, shutdown_signal};
+use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer};
+use voxrelay::{AudioMode, Secret};
+
+#[derive(Parser)]
+#[command(
+    name = "voxrelay",
+    version,
+    about = "Realtime media bridge: Twilio Media Streams ⇄ realtime voice models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge.
+    Serve(ServeArgs),
+    /// Place one simulated, signed Twilio call against a running bridge.
+    Call(CallArgs),
+    /// Run a bridge, a mock model and a few simulated calls in one process.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "VOXRELAY_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Public https origin Twilio reaches (builds the wss:// stream URL; signatures are checked against it).
+    #[arg(long, env = "VOXRELAY_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Twilio auth token (required): verifies X-Twilio-Signature.
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    twilio_auth_token: Option<String>,
+    /// OpenAI API key; without one the bridge runs against its built-in mock model.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    openai_api_key: Option<String>,
+    /// Realtime endpoint, including ?model=.
+    #[arg(long, env = "VOXRELAY_OPENAI_URL")]
+    openai_url: Option<String>,
+    /// pcmu (μ-law passthrough) or pcm16 (PCM16 24 kHz to the model).
+    #[arg(long, env = "VOXRELAY_AUDIO_MODE")]
+    audio_mode: Option<AudioMode>,
+    #[arg(long, env = "VOXRELAY_VOICE")]
+    voice: Option<String>,
+    #[arg(long, env = "VOXRELAY_INSTRUCTIONS")]
+    instructions: Option<String>,
+    /// What the agent says first; set it empty for no greeting.
+    #[arg(long, env = "VOXRELAY_GREETING")]
+    greeting: Option<String>,
+    /// How far ahead of real time assistant audio is sent to Twilio, in ms.
+    #[arg(long, env = "VOXRELAY_PLAYBACK_LEAD_MS")]
+    playback_lead_ms: Option<u64>,
+    /// On SIGTERM, how long live calls may run on before they are closed.
+    #[arg(long, env = "VOXRELAY_DRAIN_SECONDS")]
+    drain_seconds: Option<u64>,
+}
+
+#[derive(Args)]
+struct CallArgs {
+    /// The bridge's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    to: Url,
+    /// The public origin the bridge checks signatures against, if it differs from --to.
+    #[arg(long, env = "VOXRELAY_PUBLIC_URL")]
+    public_url: Option<Url>,
+    /// The bridge's Twilio auth token (to sign like Twilio).
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    twilio_auth_token: String,
+    /// Caller audio: raw μ-law 8 kHz mono. Defaults to the built-in speech fixture.
+    #[arg(long)]
+    audio: Option<PathBuf>,
+    /// The dialled number (Twilio's `To`).
+    #[arg(long, default_value = "+15005550006")]
+    number: String,
+    /// The caller's number (Twilio's `From`).
+    #[arg(long, default_value = "+15551230000")]
+    from: String,
+    /// Seconds to keep listening after the caller's audio ends.
+    #[arg(long, default_value_t = 5.0)]
+    linger_seconds: f64,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Number of simulated calls.
+    #[arg(long, default_value_t = 3)]
+    calls: usize,
+    /// pcmu or pcm16.
+    #[arg(long, default_value = "pcmu")]
+    audio_mode: AudioMode,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Call(args) => call(args).await,
+        Command::Demo(args) => demo(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let raw = RawConfig {
+        listen: Some(args.listen),
+        public_url: args.public_url,
+        twilio_auth_token: args.twilio_auth_token,
+        openai_api_key: args.openai_api_key,
+        openai_url: args.openai_url,
+        audio_mode: args.audio_mode,
+        voice: args.voice,
+        instructions: args.instructions,
+        greeting: args.greeting,
+        playback_lead_ms: args.playback_lead_ms,
+        drain_seconds: args.drain_seconds,
+    };
+    let mut config = BridgeConfig::from_raw(raw)?;
+    let mut mock = None;
+    if config.upstream.api_key.is_none() {
+        let server = MockRealtimeServer::start(MockConfig::default())
+            .await
+            .context("starting the built-in mock model")?;
+        tracing::warn!(mock = %server.url(), "OPENAI_API_KEY is not set: calls go to the built-in mock realtime model");
+        config.upstream.url = server.url();
+        config.upstream.api_key = Some(Secret::new("voxrelay-mock"));
+        mock = Some(server);
+    }
+    if config.public_url.is_none() {
+        tracing::warn!(
+            "VOXRELAY_PUBLIC_URL is not set: URLs are rebuilt from Host and X-Forwarded-Proto"
+        );
+    }
+    let bridge = Bridge::start(&config)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    tracing::info!(listen = %bridge.local_addr(), mode = %config.agent.audio_mode, "voxrelay bridge ready");
+    shutdown_signal().await;
+    let outcome = bridge.drain_and_stop(config.drain).await;
+    tracing::info!(?outcome, "stopped");
+    if let Some(mock) = mock {
+        mock.shutdown();
+    }
+    Ok(())
+}
+
+async fn call(args: CallArgs) -> anyhow::Result<()> {
+    let audio = match &args.audio {
+        Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        None => SPEECH_FIXTURE.to_vec(),
+    };
+    if audio.is_empty() {
+        bail!("the caller audio is empty");
+    }
+    let mut caller = CallerConfig::new(args.to.clone(), Secret::new(args.twilio_auth_token), audio);
+    caller.public_url = args.public_url;
+    caller.to = args.number;
+    caller.from = args.from;
+    caller.linger = Duration::from_secs_f64(args.linger_seconds.max(0.0));
+    let report = place_call(&caller).await?;
+    println!("call {} (stream {})", report.call_sid, report.stream_sid);
+    println!("  stream url      {}", report.stream_url);
+    println!(
+        "  caller audio    {:.2} s in {} frames",
+        report.frames_sent as f64 * 0.02,
+        report.frames_sent
+    );
+    println!(
+        "  agent audio     {:.2} s received in {} media messages, {:.2} s played",
+        report.audio_received_seconds(),
+        report.media_received,
+        report.audio_played_ms as f64 / 1e3
+    );
+    println!(
+        "  events          {} marks ({} echoed), {} clears at {:?}",
+        report.marks_received, report.marks_echoed, report.clears_received, report.clears_at
+    );
+    if let Some(first) = report.first_audio_after_start {
+        println!(
+            "  first audio     {:.0} ms after start",
+            first.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "  ended by        {}",
+        if report.closed_by_bridge {
+            "bridge"
+        } else {
+            "caller"
+        }
+    );
+    // The bridge measures its own added latency per direction; show what it says.
+    let metrics_url = args.to.join("/metrics")?;
+    match http_client::send("GET", &metrics_url, &[], Vec::new()).await {
+        Ok(response) if response.status == 200 => {
+            for family in [
+                "voxrelay_uplink_added_seconds",
+                "voxrelay_downlink_added_seconds",
+            ] {
+                if let Some(summary) = summarize_histogram(&response.body, family) {
+                    println!("  {family}: {summary}");
+                }
+            }
+        }
+        _ => println!("  (bridge metrics unavailable at {metrics_url})"),
+    }
+    Ok(())
+}
+
+/// Mean and count of one Prometheus histogram in exposition text.
+fn summarize_histogram(text: &str, family: &str) -> Option<String> {
+    let value = |suffix: &str| -> Option<f64> {
+        let prefix = format!("{family}_{suffix} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let (sum, count) = (value("sum")?, value("count")?);
+    (count > 0.0).then(|| {
+        format!(
+            "mean {:.0} µs over {count} messages (all calls on this bridge)",
+            sum / count * 1e6
+        )
+    })
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let options = DemoOptions {
+        calls: args.calls.clamp(1, 200),
+        audio_mode: args.audio_mode,
+    };
+    let report = run_demo(&options).await?;
+    println!("{}", report.text);
+    let failed = report.calls.iter().filter(|c| c.is_err()).count();
+    if failed > 0 {
+        bail!("{failed} of {} demo calls failed", report.calls.len());
+    }
+    Ok(())
+}

@@ -1,3 +1,9 @@
-//! Per-call sessions: playback accounting and barge-in, the call engine, the registry.
+//! Per-call sessions: the call engine and its async driver, playback accounting and
+//! barge-in, the registry of live calls, outbound queues and metrics.
 
+pub mod call;
+pub mod engine;
+pub mod metrics;
 pub mod playback;
+pub mod queue;
+pub mod registry;

@@ -1,0 +1,13 @@
+//! Simulated calls: a scripted Twilio peer, the demo, and (later) the latency harness.
+//!
+//! [`caller`] plays Twilio's side of a call against any bridge — the signed voice webhook,
+//! the signed Media Streams handshake, paced 20 ms frames, and mark echoes timed like
+//! Twilio's playback buffer — and reports what came back. [`demo`] runs a bridge, the mock
+//! model and a few such calls in one process.
+
+pub mod caller;
+pub mod demo;
+pub mod http_client;
+
+/// A few seconds of synthetic speech, G.711 μ-law 8 kHz (see `fixtures/make-speech.sh`).
+pub const SPEECH_FIXTURE: &[u8] = include_bytes!("../../fixtures/speech-8k-mulaw.raw");

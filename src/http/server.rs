@@ -1,0 +1,163 @@
+//! Starting, draining and stopping a bridge.
+//!
+//! Shutdown order, so that no call is cut short that could have finished: (1) mark the
+//! bridge draining — `/readyz` answers 503 so the load balancer stops sending work, and new
+//! webhooks and streams are refused; (2) wait for live calls to end, up to the drain budget
+//! (`VOXRELAY_DRAIN_SECONDS`, below the platform's kill timeout); (3) cancel what is left,
+//! which closes both sockets of each call cleanly; (4) stop the HTTP server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::routes::{AppState, router};
+use crate::config::BridgeConfig;
+use crate::session::call::CallServices;
+use crate::session::metrics::Metrics;
+use crate::session::playback::PlaybackConfig;
+use crate::session::registry::CallRegistry;
+use crate::twilio::signature::SignatureValidator;
+
+/// How long cancelled calls get to close their sockets after the drain budget runs out.
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
+
+/// A running bridge.
+pub struct Bridge {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop_http: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// Calls still live when the drain began.
+    pub calls_at_start: usize,
+    /// Calls that had to be cancelled because the drain budget ran out.
+    pub calls_cancelled: usize,
+}
+
+impl Bridge {
+    /// Binds `config.listen` and serves until [`Bridge::drain_and_stop`].
+    pub async fn start(config: &BridgeConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let metrics = Arc::new(Metrics::default());
+        let services = Arc::new(CallServices {
+            metrics: Arc::clone(&metrics),
+            registry: CallRegistry::new(Arc::clone(&metrics)),
+            upstream: config.upstream.clone(),
+            agent: config.agent.clone(),
+            playback: PlaybackConfig {
+                lead: config.playback_lead,
+                ..PlaybackConfig::default()
+            },
+        });
+        let state = Arc::new(AppState {
+            validator: SignatureValidator::new(config.twilio_auth_token.clone()),
+            public_url: config.public_url.clone(),
+            metrics,
+            services,
+            draining: AtomicBool::new(false),
+            calls_cancel: CancellationToken::new(),
+            calls: TaskTracker::new(),
+        });
+        let stop_http = CancellationToken::new();
+        let app = router(Arc::clone(&state));
+        let stop = stop_http.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        });
+        Ok(Self {
+            addr,
+            state,
+            stop_http,
+            server,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.state.metrics
+    }
+
+    pub fn registry(&self) -> &Arc<CallRegistry> {
+        &self.state.services.registry
+    }
+
+    /// Live call tasks, including sockets that have not sent `start` yet.
+    pub fn live_call_tasks(&self) -> usize {
+        self.state.calls.len()
+    }
+
+    /// Drains (see the module docs) and stops.
+    pub async fn drain_and_stop(self, drain: Duration) -> DrainOutcome {
+        self.state.draining.store(true, Relaxed);
+        self.state.calls.close();
+        let calls_at_start = self.state.calls.len();
+        if calls_at_start > 0 {
+            tracing::info!(calls = calls_at_start, budget = ?drain, "draining: waiting for live calls");
+        }
+        let mut calls_cancelled = 0;
+        if tokio::time::timeout(drain, self.state.calls.wait())
+            .await
+            .is_err()
+        {
+            calls_cancelled = self.state.calls.len();
+            tracing::warn!(
+                calls = calls_cancelled,
+                "drain budget spent: closing the remaining calls"
+            );
+            self.state.calls_cancel.cancel();
+            let _ = tokio::time::timeout(CANCEL_GRACE, self.state.calls.wait()).await;
+        }
+        self.stop_http.cancel();
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "http server failed"),
+            Err(error) => tracing::error!(%error, "http server task failed"),
+        }
+        DrainOutcome {
+            calls_at_start,
+            calls_cancelled,
+        }
+    }
+}
+
+/// Resolves on SIGTERM (what Fly and Docker send) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT: draining"),
+        () = terminate => tracing::info!("SIGTERM: draining"),
+    }
+}

@@ -1,0 +1,489 @@
+//! One call's tasks: the thin async layer around [`CallEngine`].
+//!
+//! Per call there is one core task (this module's [`run_call`]) that owns the engine and
+//! its registry entry, plus four helpers that own a socket half each: the Twilio reader and
+//! writer, the upstream reader and writer. Readers feed one bounded inbox (capacity
+//! [`INBOX_CAPACITY`]; a full inbox makes a reader wait, which is safe because the core never
+//! waits on anything but the inbox and its timers). Writers drain [`OutQueue`]s that drop old
+//! audio when a peer stalls. The call ends on Twilio `stop`, either socket closing, the
+//! start timeout, or cancellation (shutdown); every path closes both sockets politely and
+//! the [`Registration`] guard removes the call from the registry, even on panic.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketError};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::engine::{CallEngine, EngineError, OutKind, Outgoing, TwilioStep};
+use super::metrics::{Direction, Metrics, TwilioErrorKind};
+use super::playback::PlaybackConfig;
+use super::queue::OutQueue;
+use super::registry::{CallEntry, CallRegistry, Registration};
+use crate::config::{AgentDefaults, MAX_TWILIO_MESSAGE_BYTES, START_TIMEOUT, UpstreamTarget};
+use crate::upstream::{OpenAiRealtime, SessionSettings, UpstreamSocket, VadSettings, connect};
+
+/// Messages from the call's readers waiting for the core task.
+pub const INBOX_CAPACITY: usize = 64;
+/// Audio messages queued for Twilio beyond what the pacer's lead allows: 1 s of chunks.
+const TWILIO_AUDIO_QUEUE: usize = 50;
+/// Caller audio queued for the model: 1 s of 20 ms frames.
+const UPSTREAM_AUDIO_QUEUE: usize = 50;
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the writers get to flush and close after the call ends.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// What every call needs from the bridge.
+pub struct CallServices {
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<CallRegistry>,
+    pub upstream: UpstreamTarget,
+    pub agent: AgentDefaults,
+    pub playback: PlaybackConfig,
+}
+
+/// Why a call ended, for the log line and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    TwilioStop,
+    TwilioClosed,
+    TwilioError,
+    StartTimeout,
+    UpstreamClosed,
+    UpstreamFailed,
+    DuplicateStream,
+    Shutdown,
+}
+
+enum CallInput {
+    Twilio(String),
+    /// A ping's payload, to be echoed in a pong.
+    TwilioPing(String),
+    TwilioClosed,
+    TwilioFailed(WebSocketError),
+    UpstreamOpen(Duration, tokio::task::JoinHandle<()>),
+    UpstreamFailed(String),
+    Upstream(String),
+    UpstreamClosed(Option<String>),
+}
+
+/// Runs one Media Streams WebSocket to completion.
+pub async fn run_call<S>(
+    mut ws: WebSocket<S>,
+    services: Arc<CallServices>,
+    cancel: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    ws.set_max_message_size(MAX_TWILIO_MESSAGE_BYTES);
+    ws.set_auto_pong(false);
+    ws.set_auto_close(false);
+    let span = tracing::info_span!(
+        "call",
+        stream_sid = tracing::field::Empty,
+        call_sid = tracing::field::Empty
+    );
+    let reason = drive(ws, services, cancel, span.clone())
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| tracing::info!(?reason, "call ended"));
+}
+
+async fn drive<S>(
+    ws: WebSocket<S>,
+    services: Arc<CallServices>,
+    cancel: CancellationToken,
+    span: tracing::Span,
+) -> EndReason
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let metrics = Arc::clone(&services.metrics);
+    let (read_half, write_half) = ws.split(tokio::io::split);
+    let (inbox_tx, mut inbox) = mpsc::channel::<CallInput>(INBOX_CAPACITY);
+    let tasks = CancellationToken::new();
+
+    let twilio_out = Arc::new(OutQueue::new(
+        TWILIO_AUDIO_QUEUE,
+        Direction::Downlink,
+        Arc::clone(&metrics),
+    ));
+    let upstream_out = Arc::new(OutQueue::new(
+        UPSTREAM_AUDIO_QUEUE,
+        Direction::Uplink,
+        Arc::clone(&metrics),
+    ));
+
+    tokio::spawn(
+        twilio_reader(
+            FragmentCollectorRead::new(read_half),
+            inbox_tx.clone(),
+            tasks.clone(),
+        )
+        .instrument(span.clone()),
+    );
+    let twilio_writer = tokio::spawn(
+        twilio_writer(write_half, Arc::clone(&twilio_out), Arc::clone(&metrics))
+            .instrument(span.clone()),
+    );
+    let mut upstream_writer = None;
+
+    let agent = &services.agent;
+    let settings = SessionSettings {
+        instructions: agent.instructions.clone(),
+        voice: agent.voice.clone(),
+        audio_mode: agent.audio_mode,
+        greeting: agent.greeting.clone(),
+        ..SessionSettings::default()
+    };
+    let interrupts = VadSettings::default().interrupt_response;
+    let mut engine = CallEngine::new(
+        Box::new(OpenAiRealtime::new(settings)),
+        agent.audio_mode,
+        services.playback.clone(),
+        interrupts,
+        Arc::clone(&metrics),
+    );
+
+    let start_deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    let mut registration: Option<Registration> = None;
+    let reason = loop {
+        let pacer = engine.poll_timeout().map(tokio::time::Instant::from_std);
+        let input = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break EndReason::Shutdown,
+            input = inbox.recv() => input,
+            () = sleep_until_opt(pacer) => {
+                engine.on_tick(Instant::now());
+                flush(&mut engine, &twilio_out, &upstream_out);
+                continue;
+            }
+            () = tokio::time::sleep_until(start_deadline), if registration.is_none() => {
+                metrics.twilio_error(TwilioErrorKind::StartTimeout);
+                tracing::warn!("no `start` within {START_TIMEOUT:?}: closing");
+                break EndReason::StartTimeout;
+            }
+        };
+        let Some(input) = input else {
+            break EndReason::TwilioClosed;
+        };
+        let now = Instant::now();
+        match input {
+            CallInput::Twilio(text) => match engine.on_twilio_text(now, &text) {
+                Ok(TwilioStep::Continue) => {}
+                Ok(TwilioStep::Started(info)) => {
+                    span.record("stream_sid", info.stream_sid.as_str());
+                    span.record("call_sid", info.call_sid.as_str());
+                    let entry = CallEntry {
+                        call_sid: info.call_sid.clone(),
+                        started: now,
+                        cancel: cancel.clone(),
+                    };
+                    match services.registry.register(&info.stream_sid, entry) {
+                        Ok(guard) => registration = Some(guard),
+                        Err(duplicate) => {
+                            tracing::warn!("{duplicate}: refusing the second socket");
+                            break EndReason::DuplicateStream;
+                        }
+                    }
+                    tracing::info!(
+                        from = info.custom_parameters.iter().find(|(k, _)| k == "From").map(|(_, v)| redact_number(v)),
+                        to = info.custom_parameters.iter().find(|(k, _)| k == "To").map(|(_, v)| redact_number(v)),
+                        mode = %agent.audio_mode,
+                        "stream started"
+                    );
+                    tokio::spawn(
+                        open_upstream(
+                            services.upstream.clone(),
+                            inbox_tx.clone(),
+                            tasks.clone(),
+                            Arc::clone(&upstream_out),
+                            Arc::clone(&metrics),
+                        )
+                        .instrument(span.clone()),
+                    );
+                }
+                Ok(TwilioStep::Stopped) => {
+                    flush(&mut engine, &twilio_out, &upstream_out);
+                    break EndReason::TwilioStop;
+                }
+                Err(EngineError::Twilio(error)) => {
+                    tracing::warn!(%error, "bad twilio message ignored")
+                }
+                Err(error) => tracing::warn!(%error, "twilio message ignored"),
+            },
+            CallInput::TwilioPing(payload) => {
+                twilio_out.push(Outgoing {
+                    text: payload,
+                    kind: OutKind::Pong,
+                    caused_at: None,
+                });
+            }
+            CallInput::TwilioClosed => break EndReason::TwilioClosed,
+            CallInput::TwilioFailed(error) => {
+                if matches!(error, WebSocketError::FrameTooLarge) {
+                    metrics.twilio_error(TwilioErrorKind::Oversized);
+                    tracing::warn!("twilio message over {MAX_TWILIO_MESSAGE_BYTES} bytes: closing");
+                } else {
+                    tracing::info!(%error, "twilio socket failed");
+                }
+                break EndReason::TwilioError;
+            }
+            CallInput::UpstreamOpen(took, writer) => {
+                upstream_writer = Some(writer);
+                metrics.upstream_connect.observe(took);
+                tracing::debug!(?took, "upstream open");
+                engine.on_upstream_open(now);
+            }
+            CallInput::UpstreamFailed(error) => {
+                metrics.upstream_connect_failures.fetch_add(1, Relaxed);
+                tracing::error!(%error, "could not reach the model: ending the call");
+                break EndReason::UpstreamFailed;
+            }
+            CallInput::Upstream(text) => {
+                if let Err(error) = engine.on_upstream_text(now, &text) {
+                    tracing::warn!(%error, "upstream message ignored");
+                }
+            }
+            CallInput::UpstreamClosed(why) => {
+                metrics.upstream_disconnects.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    why = why.as_deref().unwrap_or("-"),
+                    "model socket closed: ending the call"
+                );
+                break EndReason::UpstreamClosed;
+            }
+        }
+        flush(&mut engine, &twilio_out, &upstream_out);
+    };
+
+    let stats = engine.stats();
+    tracing::info!(
+        frames_in = stats.frames_in,
+        frames_out = stats.frames_out,
+        barge_ins = stats.barge_ins,
+        upstream_errors = stats.upstream_errors,
+        "call summary"
+    );
+    // Readers stop now; writers send what is queued, then a close frame.
+    tasks.cancel();
+    twilio_out.close();
+    upstream_out.close();
+    let _ = tokio::time::timeout(CLOSE_GRACE, twilio_writer).await;
+    if let Some(writer) = upstream_writer {
+        let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
+    }
+    drop(registration);
+    reason
+}
+
+/// Moves the engine's output into the writers' queues.
+fn flush(engine: &mut CallEngine, twilio_out: &OutQueue, upstream_out: &OutQueue) {
+    for out in engine.take_to_twilio() {
+        if out.kind == OutKind::Clear {
+            // Audio not yet written is stale: Twilio would only clear it again.
+            twilio_out.drop_audio();
+        }
+        twilio_out.push(out);
+    }
+    for out in engine.take_to_upstream() {
+        upstream_out.push(out);
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Phone numbers in logs keep their last two digits only.
+pub fn redact_number(number: &str) -> String {
+    let digits = number.chars().filter(char::is_ascii_digit).count();
+    if digits <= 2 {
+        return "**".to_owned();
+    }
+    let tail: String = number
+        .chars()
+        .rev()
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("***{tail}")
+}
+
+async fn twilio_reader<R>(
+    mut reader: FragmentCollectorRead<R>,
+    inbox: mpsc::Sender<CallInput>,
+    stop: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+{
+    // Auto-pong and auto-close are off, so the reader never has to write.
+    let mut never_writes = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
+    loop {
+        let frame = tokio::select! {
+            () = stop.cancelled() => return,
+            frame = reader.read_frame(&mut never_writes) => frame,
+        };
+        let input = match frame {
+            Ok(frame) => match frame.opcode {
+                OpCode::Text => {
+                    if frame.payload.len() > MAX_TWILIO_MESSAGE_BYTES {
+                        // A fragmented message can exceed the per-frame limit.
+                        CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
+                    } else {
+                        match String::from_utf8(frame.payload.to_vec()) {
+                            Ok(text) => CallInput::Twilio(text),
+                            Err(_) => CallInput::TwilioFailed(WebSocketError::InvalidUTF8),
+                        }
+                    }
+                }
+                OpCode::Close => CallInput::TwilioClosed,
+                OpCode::Ping => {
+                    CallInput::TwilioPing(String::from_utf8_lossy(&frame.payload).into_owned())
+                }
+                // Twilio never sends binary frames; a stray one is not audio we understand.
+                OpCode::Binary | OpCode::Pong | OpCode::Continuation => continue,
+            },
+            Err(error) => CallInput::TwilioFailed(error),
+        };
+        let terminal = matches!(input, CallInput::TwilioClosed | CallInput::TwilioFailed(_));
+        if inbox.send(input).await.is_err() || terminal {
+            return;
+        }
+    }
+}
+
+async fn twilio_writer<W>(
+    mut writer: fastwebsockets::WebSocketWrite<W>,
+    queue: Arc<OutQueue>,
+    metrics: Arc<Metrics>,
+) where
+    W: AsyncWrite + Unpin,
+{
+    let mut batch = Vec::with_capacity(16);
+    while queue.pop_all(&mut batch).await {
+        for out in batch.drain(..) {
+            let payload = Payload::Owned(out.text.into_bytes());
+            let frame = match out.kind {
+                OutKind::Pong => Frame::pong(payload),
+                _ => Frame::text(payload),
+            };
+            if writer.write_frame(frame).await.is_err() {
+                return;
+            }
+            if let Some(caused_at) = out.caused_at {
+                match out.kind {
+                    OutKind::Audio => metrics.downlink_added.observe(caused_at.elapsed()),
+                    OutKind::Clear => metrics.barge_in_reaction.observe(caused_at.elapsed()),
+                    OutKind::Mark | OutKind::Control | OutKind::Pong => {}
+                }
+            }
+        }
+    }
+    let _ = writer.write_frame(Frame::close(1000, b"")).await;
+}
+
+/// Opens the model's socket, then starts its reader and writer and tells the core.
+async fn open_upstream(
+    target: UpstreamTarget,
+    inbox: mpsc::Sender<CallInput>,
+    stop: CancellationToken,
+    queue: Arc<OutQueue>,
+    metrics: Arc<Metrics>,
+) {
+    let began = Instant::now();
+    let socket = tokio::select! {
+        () = stop.cancelled() => return,
+        socket = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connect(&target.url, target.api_key.as_ref())) => socket,
+    };
+    let socket: UpstreamSocket = match socket {
+        Ok(Ok(socket)) => socket,
+        Ok(Err(error)) => {
+            let _ = inbox
+                .send(CallInput::UpstreamFailed(error.to_string()))
+                .await;
+            return;
+        }
+        Err(_) => {
+            let _ = inbox
+                .send(CallInput::UpstreamFailed("connect timed out".into()))
+                .await;
+            return;
+        }
+    };
+    let took = began.elapsed();
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(upstream_writer(sink, queue, metrics).in_current_span());
+    tokio::spawn(upstream_reader(stream, inbox.clone(), stop).in_current_span());
+    let _ = inbox.send(CallInput::UpstreamOpen(took, writer)).await;
+}
+
+async fn upstream_reader(
+    mut stream: futures_util::stream::SplitStream<UpstreamSocket>,
+    inbox: mpsc::Sender<CallInput>,
+    stop: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            () = stop.cancelled() => return,
+            message = stream.next() => message,
+        };
+        let input = match message {
+            Some(Ok(Message::Text(text))) => CallInput::Upstream(text.as_str().to_owned()),
+            Some(Ok(Message::Close(frame))) => CallInput::UpstreamClosed(
+                frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
+            ),
+            Some(Ok(_)) => continue,
+            Some(Err(error)) => CallInput::UpstreamClosed(Some(error.to_string())),
+            None => CallInput::UpstreamClosed(None),
+        };
+        let terminal = matches!(input, CallInput::UpstreamClosed(_));
+        if inbox.send(input).await.is_err() || terminal {
+            return;
+        }
+    }
+}
+
+async fn upstream_writer(
+    mut sink: futures_util::stream::SplitSink<UpstreamSocket, Message>,
+    queue: Arc<OutQueue>,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch = Vec::with_capacity(16);
+    let mut audio_read_at = Vec::with_capacity(16);
+    while queue.pop_all(&mut batch).await {
+        for out in batch.drain(..) {
+            if out.kind == OutKind::Audio {
+                audio_read_at.extend(out.caused_at);
+            }
+            if sink.feed(Message::text(out.text)).await.is_err() {
+                return;
+            }
+        }
+        // One flush per batch: the messages queued together leave together.
+        if sink.flush().await.is_err() {
+            return;
+        }
+        for read_at in audio_read_at.drain(..) {
+            metrics.uplink_added.observe(read_at.elapsed());
+        }
+    }
+    let close = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "call ended".into(),
+    };
+    let _ = sink.send(Message::Close(Some(close))).await;
+}

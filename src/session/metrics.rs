@@ -1,0 +1,435 @@
+//! Process-wide counters, gauges and latency histograms, rendered as Prometheus text.
+//!
+//! Everything here is a relaxed atomic: the media path of every call updates these, and a
+//! lock here would be the one lock shared by all calls. Histograms have fixed buckets chosen
+//! for a media relay (tens of microseconds to a second). `render` produces the Prometheus
+//! text exposition format (version 0.0.4) served on `GET /metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in microseconds.
+const BUCKETS_US: [u64; 16] = [
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 5_000_000,
+];
+
+/// A lock-free histogram of durations with fixed buckets.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, value: Duration) {
+        let us = value.as_micros().min(u64::MAX as u128) as u64;
+        if let Some(index) = BUCKETS_US.iter().position(|&bound| us <= bound) {
+            self.buckets[index].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns
+            .fetch_add(value.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    pub fn mean(&self) -> Option<Duration> {
+        let count = self.count();
+        (count > 0).then(|| Duration::from_nanos(self.sum_ns.load(Relaxed) / count))
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (0..=1): coarse, for reports.
+    pub fn quantile_upper_bound(&self, q: f64) -> Option<Duration> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = ((count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (bucket, &bound) in self.buckets.iter().zip(&BUCKETS_US) {
+            seen += bucket.load(Relaxed);
+            if seen >= rank {
+                return Some(Duration::from_micros(bound));
+            }
+        }
+        Some(Duration::MAX)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bucket, &bound) in self.buckets.iter().zip(&BUCKETS_US) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                bound as f64 / 1e6
+            );
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Kinds of bad input from Twilio, each counted separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TwilioErrorKind {
+    Malformed,
+    OutOfOrder,
+    UnknownEvent,
+    StreamSidMismatch,
+    SequenceGap,
+    Oversized,
+    StartTimeout,
+    BadBase64,
+    BadMediaFormat,
+}
+
+impl TwilioErrorKind {
+    const ALL: [TwilioErrorKind; 9] = [
+        TwilioErrorKind::Malformed,
+        TwilioErrorKind::OutOfOrder,
+        TwilioErrorKind::UnknownEvent,
+        TwilioErrorKind::StreamSidMismatch,
+        TwilioErrorKind::SequenceGap,
+        TwilioErrorKind::Oversized,
+        TwilioErrorKind::StartTimeout,
+        TwilioErrorKind::BadBase64,
+        TwilioErrorKind::BadMediaFormat,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TwilioErrorKind::Malformed => "malformed",
+            TwilioErrorKind::OutOfOrder => "out_of_order",
+            TwilioErrorKind::UnknownEvent => "unknown_event",
+            TwilioErrorKind::StreamSidMismatch => "stream_sid_mismatch",
+            TwilioErrorKind::SequenceGap => "sequence_gap",
+            TwilioErrorKind::Oversized => "oversized",
+            TwilioErrorKind::StartTimeout => "start_timeout",
+            TwilioErrorKind::BadBase64 => "bad_base64",
+            TwilioErrorKind::BadMediaFormat => "bad_media_format",
+        }
+    }
+}
+
+/// Routes whose Twilio signature is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignedRoute {
+    Voice,
+    Status,
+    Media,
+}
+
+impl SignedRoute {
+    const ALL: [SignedRoute; 3] = [SignedRoute::Voice, SignedRoute::Status, SignedRoute::Media];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignedRoute::Voice => "voice",
+            SignedRoute::Status => "status",
+            SignedRoute::Media => "media",
+        }
+    }
+}
+
+/// Which way audio was flowing when it was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Caller → model.
+    Uplink,
+    /// Model → caller.
+    Downlink,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub calls_active: AtomicI64,
+    pub calls_started: AtomicU64,
+    pub calls_ended: AtomicU64,
+    pub calls_rejected_draining: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub audio_bytes_in: AtomicU64,
+    pub audio_bytes_out: AtomicU64,
+    pub marks_sent: AtomicU64,
+    pub marks_stale: AtomicU64,
+    pub barge_ins: AtomicU64,
+    pub late_deltas_dropped: AtomicU64,
+    pub dtmf_digits: AtomicU64,
+    pub upstream_errors: AtomicU64,
+    pub upstream_connect_failures: AtomicU64,
+    pub upstream_disconnects: AtomicU64,
+    twilio_errors: [AtomicU64; TwilioErrorKind::ALL.len()],
+    signature_failures: [AtomicU64; SignedRoute::ALL.len()],
+    audio_dropped_uplink: AtomicU64,
+    audio_dropped_downlink: AtomicU64,
+    /// Twilio frame read → its audio written to the model's socket.
+    pub uplink_added: Histogram,
+    /// Model delta read → its first audio written to Twilio, when the pacer could send at once.
+    pub downlink_added: Histogram,
+    pub upstream_connect: Histogram,
+    /// Barge-in: `speech_started` read → `clear` written.
+    pub barge_in_reaction: Histogram,
+}
+
+impl Metrics {
+    pub fn twilio_error(&self, kind: TwilioErrorKind) {
+        self.twilio_errors[kind as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn twilio_errors(&self, kind: TwilioErrorKind) -> u64 {
+        self.twilio_errors[kind as usize].load(Relaxed)
+    }
+
+    pub fn signature_failure(&self, route: SignedRoute) {
+        self.signature_failures[route as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn signature_failures(&self, route: SignedRoute) -> u64 {
+        self.signature_failures[route as usize].load(Relaxed)
+    }
+
+    pub fn audio_dropped(&self, direction: Direction, frames: u64) {
+        match direction {
+            Direction::Uplink => &self.audio_dropped_uplink,
+            Direction::Downlink => &self.audio_dropped_downlink,
+        }
+        .fetch_add(frames, Relaxed);
+    }
+
+    pub fn audio_dropped_count(&self, direction: Direction) -> u64 {
+        match direction {
+            Direction::Uplink => &self.audio_dropped_uplink,
+            Direction::Downlink => &self.audio_dropped_downlink,
+        }
+        .load(Relaxed)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let gauge = |out: &mut String, name: &str, help: &str, value: i64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        let counter = |out: &mut String, name: &str, help: &str, value: &AtomicU64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Relaxed)
+            );
+        };
+        gauge(
+            &mut out,
+            "voxrelay_calls_active",
+            "Calls currently bridged.",
+            self.calls_active.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "voxrelay_calls_started_total",
+            "Media streams that reached `start`.",
+            &self.calls_started,
+        );
+        counter(
+            &mut out,
+            "voxrelay_calls_ended_total",
+            "Calls that ended, however they ended.",
+            &self.calls_ended,
+        );
+        counter(
+            &mut out,
+            "voxrelay_calls_rejected_draining_total",
+            "Calls refused because the bridge is draining.",
+            &self.calls_rejected_draining,
+        );
+        counter(
+            &mut out,
+            "voxrelay_frames_in_total",
+            "Media frames received from Twilio.",
+            &self.frames_in,
+        );
+        counter(
+            &mut out,
+            "voxrelay_frames_out_total",
+            "Media messages sent to Twilio.",
+            &self.frames_out,
+        );
+        counter(
+            &mut out,
+            "voxrelay_audio_bytes_in_total",
+            "Caller audio bytes received (mu-law).",
+            &self.audio_bytes_in,
+        );
+        counter(
+            &mut out,
+            "voxrelay_audio_bytes_out_total",
+            "Assistant audio bytes sent to Twilio (mu-law).",
+            &self.audio_bytes_out,
+        );
+        counter(
+            &mut out,
+            "voxrelay_marks_sent_total",
+            "Marks sent to Twilio.",
+            &self.marks_sent,
+        );
+        counter(
+            &mut out,
+            "voxrelay_marks_stale_total",
+            "Mark echoes ignored because a clear superseded them.",
+            &self.marks_stale,
+        );
+        counter(
+            &mut out,
+            "voxrelay_barge_ins_total",
+            "Caller interruptions of assistant audio.",
+            &self.barge_ins,
+        );
+        counter(
+            &mut out,
+            "voxrelay_late_deltas_dropped_total",
+            "Model audio deltas of interrupted responses dropped.",
+            &self.late_deltas_dropped,
+        );
+        counter(
+            &mut out,
+            "voxrelay_dtmf_digits_total",
+            "DTMF digits forwarded to the model.",
+            &self.dtmf_digits,
+        );
+        counter(
+            &mut out,
+            "voxrelay_upstream_errors_total",
+            "`error` events received from the model API.",
+            &self.upstream_errors,
+        );
+        counter(
+            &mut out,
+            "voxrelay_upstream_connect_failures_total",
+            "Model API connections that failed.",
+            &self.upstream_connect_failures,
+        );
+        counter(
+            &mut out,
+            "voxrelay_upstream_disconnects_total",
+            "Model API sockets that dropped mid-call.",
+            &self.upstream_disconnects,
+        );
+
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_twilio_errors_total Bad input from Twilio media streams, by kind.\n# TYPE voxrelay_twilio_errors_total counter"
+        );
+        for kind in TwilioErrorKind::ALL {
+            let _ = writeln!(
+                out,
+                "voxrelay_twilio_errors_total{{kind=\"{}\"}} {}",
+                kind.as_str(),
+                self.twilio_errors(kind)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_signature_failures_total Requests refused for a bad X-Twilio-Signature, by route.\n# TYPE voxrelay_signature_failures_total counter"
+        );
+        for route in SignedRoute::ALL {
+            let _ = writeln!(
+                out,
+                "voxrelay_signature_failures_total{{route=\"{}\"}} {}",
+                route.as_str(),
+                self.signature_failures(route)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_audio_dropped_total Audio messages dropped by a full queue (oldest first), by direction.\n# TYPE voxrelay_audio_dropped_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "voxrelay_audio_dropped_total{{direction=\"uplink\"}} {}",
+            self.audio_dropped_count(Direction::Uplink)
+        );
+        let _ = writeln!(
+            out,
+            "voxrelay_audio_dropped_total{{direction=\"downlink\"}} {}",
+            self.audio_dropped_count(Direction::Downlink)
+        );
+
+        self.uplink_added.render(
+            &mut out,
+            "voxrelay_uplink_added_seconds",
+            "Bridge-added latency, Twilio frame read to model socket write.",
+        );
+        self.downlink_added.render(
+            &mut out,
+            "voxrelay_downlink_added_seconds",
+            "Bridge-added latency, model delta read to Twilio socket write (unpaced audio).",
+        );
+        self.upstream_connect.render(
+            &mut out,
+            "voxrelay_upstream_connect_seconds",
+            "Time to open the model API socket.",
+        );
+        self.barge_in_reaction.render(
+            &mut out,
+            "voxrelay_barge_in_reaction_seconds",
+            "speech_started read to Twilio clear written.",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_quantiles_coarse() {
+        let histogram = Histogram::default();
+        for us in [10, 30, 30, 200, 900, 3_000_000] {
+            histogram.observe(Duration::from_micros(us));
+        }
+        let mut text = String::new();
+        histogram.render(&mut text, "x", "help");
+        assert!(text.contains("x_bucket{le=\"0.000025\"} 1\n"));
+        assert!(text.contains("x_bucket{le=\"0.00005\"} 3\n"));
+        assert!(text.contains("x_bucket{le=\"0.001\"} 5\n"));
+        assert!(text.contains("x_bucket{le=\"+Inf\"} 6\n"));
+        assert!(text.contains("x_count 6\n"));
+        assert_eq!(
+            histogram.quantile_upper_bound(0.5),
+            Some(Duration::from_micros(50))
+        );
+        assert_eq!(
+            histogram.quantile_upper_bound(1.0),
+            Some(Duration::from_micros(5_000_000))
+        );
+    }
+
+    #[test]
+    fn render_names_every_family_once() {
+        let metrics = Metrics::default();
+        metrics.twilio_error(TwilioErrorKind::Oversized);
+        metrics.signature_failure(SignedRoute::Media);
+        let text = metrics.render();
+        assert!(text.contains("voxrelay_twilio_errors_total{kind=\"oversized\"} 1"));
+        assert!(text.contains("voxrelay_signature_failures_total{route=\"media\"} 1"));
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let name = line.split_whitespace().nth(2).unwrap();
+            assert_eq!(
+                text.matches(&format!("# TYPE {name} ")).count(),
+                1,
+                "{name}"
+            );
+        }
+    }
+}

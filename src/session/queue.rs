@@ -1,0 +1,188 @@
+//! The bounded outbound queue between a call's engine and one of its socket writers.
+//!
+//! Policy when full: audio is dropped oldest first (counted), because on a live call late
+//! audio is worth less than current audio; control messages (`mark`, `clear`, session
+//! commands) are never dropped. The engine side never waits, so a stalled socket can only
+//! cost its own call some audio, never block the reader or another call. The lock is this
+//! queue's own: one call, one direction, shared by exactly two tasks.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::Notify;
+
+use super::engine::{OutKind, Outgoing};
+use super::metrics::{Direction, Metrics};
+
+pub struct OutQueue {
+    state: Mutex<State>,
+    ready: Notify,
+    audio_capacity: usize,
+    direction: Direction,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct State {
+    items: VecDeque<Outgoing>,
+    audio: usize,
+    closed: bool,
+}
+
+impl OutQueue {
+    /// `audio_capacity` bounds queued audio messages; control messages are not counted.
+    pub fn new(audio_capacity: usize, direction: Direction, metrics: Arc<Metrics>) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            ready: Notify::new(),
+            audio_capacity: audio_capacity.max(1),
+            direction,
+            metrics,
+        }
+    }
+
+    /// Queues a message without waiting. Returns how many old audio messages were dropped.
+    pub fn push(&self, out: Outgoing) -> usize {
+        let mut dropped = 0;
+        {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if state.closed {
+                return 0;
+            }
+            if out.kind == OutKind::Audio {
+                while state.audio >= self.audio_capacity {
+                    let Some(oldest) = state.items.iter().position(|o| o.kind == OutKind::Audio)
+                    else {
+                        break;
+                    };
+                    state.items.remove(oldest);
+                    state.audio -= 1;
+                    dropped += 1;
+                }
+                state.audio += 1;
+            }
+            state.items.push_back(out);
+        }
+        if dropped > 0 {
+            self.metrics.audio_dropped(self.direction, dropped as u64);
+        }
+        self.ready.notify_one();
+        dropped
+    }
+
+    /// Removes queued audio (a barge-in made it stale), keeping control messages.
+    pub fn drop_audio(&self) -> usize {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = state.items.len();
+        state.items.retain(|o| o.kind != OutKind::Audio);
+        state.audio = 0;
+        before - state.items.len()
+    }
+
+    /// Moves every queued message into `batch` (in order), waiting while there is none.
+    /// Returns false once the queue is closed and empty.
+    pub async fn pop_all(&self, batch: &mut Vec<Outgoing>) -> bool {
+        loop {
+            let notified = self.ready.notified();
+            {
+                let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                if !state.items.is_empty() {
+                    batch.extend(state.items.drain(..));
+                    state.audio = 0;
+                    return true;
+                }
+                if state.closed {
+                    return false;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// No more messages will be accepted; the writer drains what is queued and stops.
+    pub fn close(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed = true;
+        self.ready.notify_one();
+    }
+
+    pub fn len(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .items
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(text: &str, kind: OutKind) -> Outgoing {
+        Outgoing {
+            text: text.to_owned(),
+            kind,
+            caused_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn full_queue_drops_oldest_audio_and_keeps_every_control_message() {
+        let metrics = Arc::new(Metrics::default());
+        let queue = OutQueue::new(2, Direction::Downlink, Arc::clone(&metrics));
+        queue.push(out("a1", OutKind::Audio));
+        queue.push(out("m1", OutKind::Mark));
+        queue.push(out("a2", OutKind::Audio));
+        assert_eq!(queue.push(out("a3", OutKind::Audio)), 1);
+        queue.push(out("c", OutKind::Clear));
+        let mut batch = Vec::new();
+        assert!(queue.pop_all(&mut batch).await);
+        let texts: Vec<_> = batch.iter().map(|o| o.text.as_str()).collect();
+        assert_eq!(texts, ["m1", "a2", "a3", "c"]);
+        assert_eq!(metrics.audio_dropped_count(Direction::Downlink), 1);
+    }
+
+    #[tokio::test]
+    async fn close_lets_the_writer_drain_then_stop() {
+        let queue = Arc::new(OutQueue::new(
+            4,
+            Direction::Uplink,
+            Arc::new(Metrics::default()),
+        ));
+        let writer = {
+            let queue = Arc::clone(&queue);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut batch = Vec::new();
+                while queue.pop_all(&mut batch).await {
+                    seen.extend(batch.drain(..).map(|o| o.text));
+                }
+                seen
+            })
+        };
+        queue.push(out("x", OutKind::Control));
+        queue.close();
+        queue.push(out("after close", OutKind::Control));
+        let seen = tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen, ["x"]);
+    }
+
+    #[test]
+    fn drop_audio_keeps_marks() {
+        let queue = OutQueue::new(8, Direction::Downlink, Arc::new(Metrics::default()));
+        queue.push(out("a", OutKind::Audio));
+        queue.push(out("m", OutKind::Mark));
+        assert_eq!(queue.drop_audio(), 1);
+        assert_eq!(queue.len(), 1);
+    }
+}

@@ -1,0 +1,164 @@
+//! Shared pieces of the end-to-end tests: a bridge plus the mock model on 127.0.0.1, tone
+//! generation and detection, and a raw scripted Twilio socket for misbehaving callers.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use url::Url;
+use voxrelay::codec::g711;
+use voxrelay::config::{AgentDefaults, BridgeConfig, UpstreamTarget};
+use voxrelay::http::Bridge;
+use voxrelay::twilio::signature::compute_signature;
+use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer};
+use voxrelay::{AudioMode, Secret};
+
+pub const TOKEN: &str = "e2e-test-auth-token";
+
+pub struct Stack {
+    pub mock: MockRealtimeServer,
+    pub bridge: Bridge,
+    pub url: Url,
+    pub token: Secret,
+}
+
+pub async fn start_stack(mode: AudioMode, greeting: Option<&str>) -> Stack {
+    let mock = MockRealtimeServer::start(MockConfig::default()).await.expect("mock model");
+    let upstream = UpstreamTarget {
+        url: mock.url(),
+        api_key: Some(Secret::new("test-key")),
+    };
+    start_stack_with(mock, upstream, mode, greeting).await
+}
+
+pub async fn start_stack_with(
+    mock: MockRealtimeServer,
+    upstream: UpstreamTarget,
+    mode: AudioMode,
+    greeting: Option<&str>,
+) -> Stack {
+    let config = BridgeConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        public_url: None,
+        twilio_auth_token: Secret::new(TOKEN),
+        upstream,
+        agent: AgentDefaults {
+            audio_mode: mode,
+            greeting: greeting.map(str::to_owned),
+            ..AgentDefaults::default()
+        },
+        playback_lead: Duration::from_millis(120),
+        drain: Duration::from_secs(5),
+    };
+    let bridge = Bridge::start(&config).await.expect("bridge");
+    let url = Url::parse(&format!("http://{}", bridge.local_addr())).unwrap();
+    Stack {
+        mock,
+        bridge,
+        url,
+        token: Secret::new(TOKEN),
+    }
+}
+
+/// `ms` of a sine tone at `hz`, amplitude ~0.3 FS, as μ-law 8 kHz.
+pub fn tone_mulaw(hz: f64, ms: u32) -> Vec<u8> {
+    (0..ms as usize * 8)
+        .map(|n| {
+            let sample = 10_000.0 * (2.0 * std::f64::consts::PI * hz * n as f64 / 8000.0).sin();
+            g711::mulaw_encode(sample as i16)
+        })
+        .collect()
+}
+
+pub fn silence_mulaw(ms: u32) -> Vec<u8> {
+    vec![0xFF; ms as usize * 8]
+}
+
+/// Goertzel power of `samples` at `hz` for sample rate `rate`, normalised by length.
+pub fn tone_power(samples: &[i16], rate: f64, hz: f64) -> f64 {
+    let coefficient = 2.0 * (2.0 * std::f64::consts::PI * hz / rate).cos();
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    for &x in samples {
+        let s0 = x as f64 + coefficient * s1 - s2;
+        s2 = s1;
+        s1 = s0;
+    }
+    (s1 * s1 + s2 * s2 - coefficient * s1 * s2) / (samples.len().max(1) as f64).powi(2)
+}
+
+/// Which of `candidates` is strongest in `samples`.
+pub fn dominant(samples: &[i16], rate: f64, candidates: &[f64]) -> f64 {
+    candidates
+        .iter()
+        .copied()
+        .max_by(|a, b| tone_power(samples, rate, *a).total_cmp(&tone_power(samples, rate, *b)))
+        .unwrap()
+}
+
+pub fn decode_mulaw(bytes: &[u8]) -> Vec<i16> {
+    bytes.iter().map(|&b| g711::mulaw_decode(b)).collect()
+}
+
+pub type RawSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a signed Media Streams socket without sending anything.
+pub async fn open_media_socket(stack: &Stack) -> RawSocket {
+    let ws_url = format!("ws://{}/twilio/media", stack.bridge.local_addr());
+    let mut request = ws_url.as_str().into_client_request().unwrap();
+    let signature = compute_signature(TOKEN, &ws_url, &[]);
+    request
+        .headers_mut()
+        .insert("x-twilio-signature", signature.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("media socket");
+    ws
+}
+
+/// Opens a signed socket and sends `connected` and `start` for `stream_sid`.
+pub async fn start_raw_stream(stack: &Stack, stream_sid: &str) -> RawSocket {
+    let mut ws = open_media_socket(stack).await;
+    ws.send(Message::text(json!({"event":"connected","protocol":"Call","version":"1.0.0"}).to_string()))
+        .await
+        .unwrap();
+    ws.send(Message::text(
+        json!({
+            "event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
+            "start": {
+                "accountSid": "AC0", "streamSid": stream_sid, "callSid": format!("CA{stream_sid}"),
+                "tracks": ["inbound"], "customParameters": {},
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+            }
+        })
+        .to_string(),
+    ))
+    .await
+    .unwrap();
+    ws
+}
+
+pub fn media_message(stream_sid: &str, sequence: u64, payload_b64: &str) -> Message {
+    Message::text(
+        json!({
+            "event": "media", "sequenceNumber": sequence.to_string(), "streamSid": stream_sid,
+            "media": {"track": "inbound", "chunk": sequence.to_string(), "timestamp": (sequence * 20).to_string(), "payload": payload_b64}
+        })
+        .to_string(),
+    )
+}
+
+/// Polls `condition` every 20 ms for up to `limit`.
+pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    condition()
+}
