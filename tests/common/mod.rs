@@ -28,7 +28,9 @@ pub struct Stack {
 }
 
 pub async fn start_stack(mode: AudioMode, greeting: Option<&str>) -> Stack {
-    let mock = MockRealtimeServer::start(MockConfig::default()).await.expect("mock model");
+    let mock = MockRealtimeServer::start(MockConfig::default())
+        .await
+        .expect("mock model");
     let upstream = UpstreamTarget {
         url: mock.url(),
         api_key: Some(Secret::new("test-key")),
@@ -115,16 +117,20 @@ pub async fn open_media_socket(stack: &Stack) -> RawSocket {
     request
         .headers_mut()
         .insert("x-twilio-signature", signature.parse().unwrap());
-    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("media socket");
+    let (ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("media socket");
     ws
 }
 
 /// Opens a signed socket and sends `connected` and `start` for `stream_sid`.
 pub async fn start_raw_stream(stack: &Stack, stream_sid: &str) -> RawSocket {
     let mut ws = open_media_socket(stack).await;
-    ws.send(Message::text(json!({"event":"connected","protocol":"Call","version":"1.0.0"}).to_string()))
-        .await
-        .unwrap();
+    ws.send(Message::text(
+        json!({"event":"connected","protocol":"Call","version":"1.0.0"}).to_string(),
+    ))
+    .await
+    .unwrap();
     ws.send(Message::text(
         json!({
             "event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
