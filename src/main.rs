@@ -36,6 +36,14 @@ enum Command {
     Call(CallArgs),
     /// Run a bridge, a mock model and a few simulated calls in one process.
     Demo(DemoArgs),
+    /// Exit 0 when a bridge answers its health check (for container HEALTHCHECKs).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Args)]
+struct HealthcheckArgs {
+    #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+    url: Url,
 }
 
 #[derive(Args)]
@@ -120,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Call(args) => call(args).await,
         Command::Demo(args) => demo(args).await,
+        Command::Healthcheck(args) => healthcheck(args).await,
     }
 }
 
@@ -256,6 +265,19 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let failed = report.calls.iter().filter(|c| c.is_err()).count();
     if failed > 0 {
         bail!("{failed} of {} demo calls failed", report.calls.len());
+    }
+    Ok(())
+}
+
+async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
+    let response = tokio::time::timeout(
+        Duration::from_secs(2),
+        http_client::send("GET", &args.url, &[], Vec::new()),
+    )
+    .await
+    .context("health check timed out")??;
+    if response.status != 200 {
+        bail!("{} answered {}", args.url, response.status);
     }
     Ok(())
 }
