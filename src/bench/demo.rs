@@ -191,7 +191,7 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "bridge-added latency (write completed − read; bucket upper bounds):\n  uplink   Twilio frame → model: n={:<6} mean {:>8}  p50 ≤ {:>8}  p99 ≤ {:>8}\n  downlink model delta → Twilio: n={:<6} mean {:>8}  p50 ≤ {:>8}  p99 ≤ {:>8}\n  barge-in speech_started → clear: n={:<4} mean {:>8}",
+        "bridge-added latency (write completed − read; bucket upper bounds):\n  uplink   Twilio frame → model: n={:<6} mean {:>8}  p50 ≤ {:>8}  p99 ≤ {:>8}\n  downlink model delta → Twilio: n={:<6} mean {:>8}  p50 ≤ {:>8}  p99 ≤ {:>8}\n  barge-in speech_started → clear: n={:<4} mean {:>8}\n  pacer wake-up lateness:          n={:<6} mean {:>8}  p99 ≤ {:>8}",
         metrics.uplink_added.count(),
         us(metrics.uplink_added.mean()),
         us(metrics.uplink_added.quantile_upper_bound(0.5)),
@@ -202,6 +202,9 @@ fn render(
         us(metrics.downlink_added.quantile_upper_bound(0.99)),
         metrics.barge_in_reaction.count(),
         us(metrics.barge_in_reaction.mean()),
+        metrics.pacer_lateness.count(),
+        us(metrics.pacer_lateness.mean()),
+        us(metrics.pacer_lateness.quantile_upper_bound(0.99)),
     );
     out
 }

@@ -162,7 +162,12 @@ where
             () = cancel.cancelled() => break EndReason::Shutdown,
             input = inbox.recv() => input,
             () = sleep_until_opt(pacer) => {
-                engine.on_tick(Instant::now());
+                let now = tokio::time::Instant::now();
+                if let Some(deadline) = pacer {
+                    // How late the pacer wakes is what the playback lead must absorb.
+                    metrics.pacer_lateness.observe(now.saturating_duration_since(deadline));
+                }
+                engine.on_tick(now.into_std());
                 flush(&mut engine, &twilio_out, &upstream_out);
                 continue;
             }

@@ -178,6 +178,8 @@ pub struct Metrics {
     pub upstream_connect: Histogram,
     /// Barge-in: `speech_started` read → `clear` written.
     pub barge_in_reaction: Histogram,
+    /// How late the outbound pacer woke up after its deadline.
+    pub pacer_lateness: Histogram,
 }
 
 impl Metrics {
@@ -378,6 +380,11 @@ impl Metrics {
             &mut out,
             "voxrelay_upstream_connect_seconds",
             "Time to open the model API socket.",
+        );
+        self.pacer_lateness.render(
+            &mut out,
+            "voxrelay_pacer_lateness_seconds",
+            "How late the outbound audio pacer woke after its deadline.",
         );
         self.barge_in_reaction.render(
             &mut out,

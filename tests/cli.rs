@@ -1,0 +1,145 @@
+//! The `voxrelay` binary itself: start-up validation, `serve` with the built-in mock model,
+//! `call` against it, and SIGTERM draining.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_voxrelay");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn clean_command(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("VOXRELAY_PUBLIC_URL")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    command
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_twilio_auth_token() {
+    let output = clean_command(&["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("TWILIO_AUTH_TOKEN"), "{stderr}");
+}
+
+#[test]
+fn serve_without_a_key_uses_the_mock_then_answers_a_call_and_drains_on_sigterm() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = clean_command(&["serve"])
+        .env("VOXRELAY_LISTEN", &listen)
+        .env("TWILIO_AUTH_TOKEN", "cli-test-token")
+        .env("VOXRELAY_DRAIN_SECONDS", "2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // tracing writes to stdout; read lines until the bridge says it is ready.
+    let stdout = server.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && !seen.iter().any(|l: &String| l.contains("bridge ready")) {
+        if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(line);
+        }
+    }
+    let mock_lines = seen
+        .iter()
+        .filter(|l| l.contains("OPENAI_API_KEY is not set"))
+        .count();
+    assert_eq!(
+        mock_lines, 1,
+        "expected one line about the mock model: {seen:#?}"
+    );
+    assert!(seen.iter().any(|l| l.contains("bridge ready")), "{seen:#?}");
+
+    let call = clean_command(&[
+        "call",
+        "--to",
+        &format!("http://{listen}"),
+        "--linger-seconds",
+        "1",
+    ])
+    .env("TWILIO_AUTH_TOKEN", "cli-test-token")
+    .output()
+    .unwrap();
+    let printed = String::from_utf8_lossy(&call.stdout);
+    assert!(
+        call.status.success(),
+        "call failed: {printed}\n{}",
+        String::from_utf8_lossy(&call.stderr)
+    );
+    assert!(printed.contains("agent audio"), "{printed}");
+    assert!(
+        printed.contains("voxrelay_uplink_added_seconds"),
+        "{printed}"
+    );
+
+    // A wrong token is refused by the bridge.
+    let refused = clean_command(&[
+        "call",
+        "--to",
+        &format!("http://{listen}"),
+        "--linger-seconds",
+        "0",
+    ])
+    .env("TWILIO_AUTH_TOKEN", "not-the-token")
+    .output()
+    .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("403"));
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let began = Instant::now();
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "serve exited with {status}");
+    let mut rest = Vec::new();
+    while let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(500)) {
+        rest.push(line);
+    }
+    assert!(rest.iter().any(|l| l.contains("SIGTERM")), "{rest:#?}");
+    let all = seen
+        .iter()
+        .chain(&rest)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        !all.contains("cli-test-token"),
+        "the auth token reached the log"
+    );
+}
