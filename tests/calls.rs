@@ -203,8 +203,18 @@ async fn two_hundred_calls_leave_nothing_behind() {
             for sequence in 2..8 {
                 ws.send(media_message(&stream_sid, sequence, &payload)).await.unwrap();
             }
-            // Wait until the model session exists, so its teardown is exercised too.
-            tokio::time::sleep(Duration::from_millis(60)).await;
+            // The greeting's first audio proves the model session exists, so its teardown
+            // is exercised too.
+            let greeted = tokio::time::timeout(Duration::from_secs(10), async {
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.to_text().is_ok_and(|t| t.contains("\"media\"")) {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            assert_eq!(greeted, Ok(true), "call {index} never heard the greeting");
             match index % 3 {
                 0 => {
                     let stop = serde_json::json!({"event":"stop","sequenceNumber":"8","streamSid":stream_sid,"stop":{"accountSid":"AC0","callSid":"CA0"}});
