@@ -14,5 +14,8 @@ pub mod session;
 pub mod twilio;
 pub mod upstream;
 
+#[cfg(test)]
+mod testkit;
+
 pub use audio_mode::AudioMode;
 pub use secret::Secret;

@@ -1431,21 +1431,7 @@ mod tests {
     // ---- 8. randomised ----
 
     /// Numerical Recipes' LCG; the high bits are the random ones.
-    struct Lcg(u64);
-
-    impl Lcg {
-        fn next(&mut self) -> u32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (self.0 >> 33) as u32
-        }
-
-        fn below(&mut self, n: u32) -> u32 {
-            self.next() % n
-        }
-    }
+    use crate::testkit::Lcg;
 
     /// What the test saw leave the engine, checked as it goes.
     #[derive(Default)]
@@ -1479,7 +1465,7 @@ mod tests {
         let mut now_ms: u64 = 0;
 
         for step in 0..1_500 {
-            now_ms += u64::from(rng.below(6));
+            now_ms += rng.below(6);
             if step == 20 {
                 h.engine.on_upstream_open(h.at(now_ms));
             }
@@ -1518,7 +1504,7 @@ mod tests {
                 6..=8 if !responses.is_empty() => {
                     // Mostly the newest response, sometimes an older (maybe interrupted) one.
                     let back = if rng.below(4) == 0 {
-                        rng.below(responses.len() as u32) as usize
+                        rng.below(responses.len() as u64) as usize
                     } else {
                         0
                     };
@@ -1533,7 +1519,7 @@ mod tests {
                     *produced_bytes.entry(item).or_default() += len as u32;
                 }
                 9 if !responses.is_empty() => {
-                    let index = rng.below(responses.len() as u32) as usize;
+                    let index = rng.below(responses.len() as u64) as usize;
                     h.upstream(now_ms, &response_done(&responses[index]))
                         .expect("done");
                 }
@@ -1541,7 +1527,7 @@ mod tests {
                     h.upstream(now_ms, speech_started()).expect("speech");
                 }
                 11 | 12 => {
-                    now_ms += u64::from(rng.below(60));
+                    now_ms += rng.below(60);
                     match h.engine.poll_timeout() {
                         Some(due) if rng.below(2) == 0 && due >= h.at(now_ms) => {
                             h.engine.on_tick(due);

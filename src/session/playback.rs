@@ -1285,20 +1285,7 @@ mod tests {
         assert_eq!(pb.poll_timeout(), Some(now + ms(20)));
     }
 
-    /// Deterministic LCG (Knuth's MMIX constants).
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::testkit::Lcg;
 
     #[test]
     fn randomised_interleavings_keep_the_invariants() {

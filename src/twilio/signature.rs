@@ -28,13 +28,18 @@ const BODY_SHA256_PARAM: &str = "bodySHA256";
 /// Pairs are sorted by key, then by value, and a `(key, value)` pair repeated in `params`
 /// counts once, as in Twilio's helper libraries.
 pub fn compute_signature(auth_token: &str, url: &str, params: &[(String, String)]) -> String {
+    signature_over(auth_token, url, &sorted_unique(params))
+}
+
+/// Parameters in signing order: by key, then value, each distinct pair once.
+fn sorted_unique(params: &[(String, String)]) -> Vec<(&str, &str)> {
     let mut sorted: Vec<(&str, &str)> = params
         .iter()
         .map(|(key, value)| (key.as_str(), value.as_str()))
         .collect();
     sorted.sort_unstable();
     sorted.dedup();
-    signature_over(auth_token, url, &sorted)
+    sorted
 }
 
 fn signature_over(auth_token: &str, url: &str, sorted_params: &[(&str, &str)]) -> String {
@@ -231,13 +236,7 @@ impl SignatureValidator {
     /// A form-encoded POST (`application/x-www-form-urlencoded`): `params` are the decoded
     /// form fields, `url` the full URL Twilio requested, query included.
     pub fn validate_form(&self, url: &str, params: &[(String, String)], signature: &str) -> bool {
-        let mut sorted: Vec<(&str, &str)> = params
-            .iter()
-            .map(|(key, value)| (key.as_str(), value.as_str()))
-            .collect();
-        sorted.sort_unstable();
-        sorted.dedup();
-        self.matches_any(&candidate_urls(url), &sorted, signature)
+        self.matches_any(&candidate_urls(url), &sorted_unique(params), signature)
     }
 
     /// A JSON POST: the URL must carry `bodySHA256` equal to the body's hash, and the signature

@@ -788,18 +788,7 @@ mod tests {
         );
     }
 
-    /// A small deterministic generator so the garbling is reproducible without a crate.
-    struct Lcg(u64);
-
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-    }
+    use crate::testkit::Lcg;
 
     #[test]
     fn truncated_and_garbled_lines_never_panic() {

@@ -315,6 +315,27 @@ fn error_response(status: StatusCode, body: &str) -> ErrorResponse {
     response
 }
 
+/// Builders shared by this module's and `session`'s tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use serde_json::{Value, json};
+
+    pub(crate) fn session_update(format: Value) -> Value {
+        json!({"type": "session.update", "session": {"type": "realtime",
+            "audio": {"input": {"format": format}, "output": {"format": format}}}})
+    }
+
+    pub(crate) fn tone(ms: u32, rate: u32, amplitude: f32) -> Vec<i16> {
+        let count = (ms * rate / 1000) as usize;
+        (0..count)
+            .map(|n| {
+                let t = n as f32 / rate as f32;
+                (amplitude * (2.0 * std::f32::consts::PI * 440.0 * t).sin()) as i16
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::session::{Format, rms_dbfs};
@@ -399,20 +420,7 @@ mod tests {
             .expect("send");
     }
 
-    fn session_update(format: Value) -> Value {
-        json!({"type": "session.update", "session": {"type": "realtime",
-            "audio": {"input": {"format": format}, "output": {"format": format}}}})
-    }
-
-    fn tone(ms: u32, rate: u32, amplitude: f32) -> Vec<i16> {
-        let count = (ms * rate / 1000) as usize;
-        (0..count)
-            .map(|n| {
-                let t = n as f32 / rate as f32;
-                (amplitude * (2.0 * std::f32::consts::PI * 440.0 * t).sin()) as i16
-            })
-            .collect()
-    }
+    use super::test_support::{session_update, tone};
 
     fn types(events: &[Value]) -> Vec<&str> {
         events.iter().filter_map(|e| e["type"].as_str()).collect()

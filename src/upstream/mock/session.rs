@@ -828,20 +828,7 @@ fn merge(target: &mut Value, update: &Value) {
 mod tests {
     use super::*;
 
-    fn session_update(format: Value) -> Value {
-        json!({"type": "session.update", "session": {"type": "realtime",
-            "audio": {"input": {"format": format}, "output": {"format": format}}}})
-    }
-
-    fn tone(ms: u32, rate: u32, amplitude: f32) -> Vec<i16> {
-        let count = (ms * rate / 1000) as usize;
-        (0..count)
-            .map(|n| {
-                let t = n as f32 / rate as f32;
-                (amplitude * (2.0 * std::f32::consts::PI * 440.0 * t).sin()) as i16
-            })
-            .collect()
-    }
+    use super::super::test_support::{session_update, tone};
 
     #[test]
     fn sans_io_session_waits_for_the_reply_delay() {
