@@ -400,7 +400,8 @@ struct ResponseEvent<'a> {
 struct ResponseObject<'a> {
     #[serde(borrow)]
     id: Cow<'a, str>,
-    #[serde(borrow)]
+    /// Only informative (the bridge acts on `id`), so a response without one still counts.
+    #[serde(borrow, default)]
     status: Cow<'a, str>,
 }
 

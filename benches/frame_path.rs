@@ -1,0 +1,129 @@
+//! The bridge's per-frame CPU work without sockets: one Twilio `media` message in →
+//! the model's `input_audio_buffer.append` out (uplink), and one 20 ms model audio delta in →
+//! Twilio `media` + `mark` out (downlink), through the real call engine, in both audio modes.
+//!
+//! Set against the end-to-end added latency the demo reports, this separates the bridge's
+//! own computation from task wake-ups and socket system calls.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use voxrelay::AudioMode;
+use voxrelay::session::engine::CallEngine;
+use voxrelay::session::metrics::Metrics;
+use voxrelay::session::playback::PlaybackConfig;
+use voxrelay::upstream::{OpenAiRealtime, SessionSettings};
+
+const STREAM_SID: &str = "MZ00000000000000000000000000000001";
+
+fn started_engine(mode: AudioMode, now: Instant) -> CallEngine {
+    let settings = SessionSettings {
+        audio_mode: mode,
+        greeting: None,
+        ..SessionSettings::default()
+    };
+    let mut engine = CallEngine::new(
+        Box::new(OpenAiRealtime::new(settings)),
+        mode,
+        PlaybackConfig::default(),
+        true,
+        Arc::new(Metrics::default()),
+    );
+    let start = format!(
+        r#"{{"event":"start","sequenceNumber":"1","streamSid":"{STREAM_SID}","start":{{"accountSid":"AC1","streamSid":"{STREAM_SID}","callSid":"CA1","tracks":["inbound"],"customParameters":{{}},"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}}}}"#
+    );
+    engine
+        .on_twilio_text(
+            now,
+            r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#,
+        )
+        .unwrap();
+    engine.on_twilio_text(now, &start).unwrap();
+    engine.on_upstream_open(now);
+    engine.take_to_upstream().for_each(drop);
+    engine
+}
+
+fn uplink(c: &mut Criterion) {
+    let mut group = c.benchmark_group("uplink_frame");
+    group.throughput(Throughput::Elements(1));
+    let payload = BASE64.encode(
+        (0..160u32)
+            .map(|i| (i * 37 % 256) as u8)
+            .collect::<Vec<_>>(),
+    );
+    for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
+        let now = Instant::now();
+        let mut engine = started_engine(mode, now);
+        let mut sequence = 2u64;
+        let mut text = String::new();
+        group.bench_function(mode.as_str(), |b| {
+            b.iter(|| {
+                // A fresh sequence number each frame, as Twilio sends them.
+                text.clear();
+                text.push_str(r#"{"event":"media","sequenceNumber":""#);
+                text.push_str(itoa(sequence).as_str());
+                text.push_str(
+                    r#"","media":{"track":"inbound","chunk":"1","timestamp":"20","payload":""#,
+                );
+                text.push_str(&payload);
+                text.push_str(r#""},"streamSid":""#);
+                text.push_str(STREAM_SID);
+                text.push_str(r#""}"#);
+                sequence += 1;
+                engine.on_twilio_text(now, black_box(&text)).unwrap();
+                for out in engine.take_to_upstream() {
+                    black_box(out);
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+fn itoa(value: u64) -> String {
+    value.to_string()
+}
+
+fn downlink(c: &mut Criterion) {
+    let mut group = c.benchmark_group("downlink_20ms_delta");
+    group.throughput(Throughput::Elements(1));
+    for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
+        let start = Instant::now();
+        let mut engine = started_engine(mode, start);
+        engine
+            .on_upstream_text(
+                start,
+                r#"{"type":"response.created","response":{"id":"resp_1"}}"#,
+            )
+            .unwrap();
+        let audio: Vec<u8> = match mode {
+            AudioMode::Pcmu => vec![0xD5; 160],
+            AudioMode::Pcm16 => (0..480i16).flat_map(|n| (n * 40).to_le_bytes()).collect(),
+        };
+        let delta = format!(
+            r#"{{"type":"response.output_audio.delta","event_id":"e","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"{}"}}"#,
+            BASE64.encode(&audio)
+        );
+        let mut tick = 0u32;
+        group.bench_function(mode.as_str(), |b| {
+            b.iter(|| {
+                // Real time advances 20 ms per delta, so the pacer sends one chunk each time.
+                tick += 1;
+                let now = start + Duration::from_millis(20) * tick;
+                engine.on_upstream_text(now, black_box(&delta)).unwrap();
+                for out in engine.take_to_twilio() {
+                    black_box(out);
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, uplink, downlink);
+criterion_main!(benches);
