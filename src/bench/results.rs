@@ -1,0 +1,162 @@
+//! What a benchmark run measured, in the shape `--json FILE` writes and the HTML report reads.
+//!
+//! Top-level keys are an interface others script against: `calls`, `seconds`, `audio_mode`,
+//! `uplink_us`, `downlink_us`, `barge_in_us`, `setup_us` (each `{p50, p90, p99, max, count}`,
+//! in microseconds), `late_frames`, `lost_frames`, `errors`, `bridge_cpu_ms_per_call_second`,
+//! `bridge_rss_kib_per_call`, `load_cpu_utilisation`. Add keys; never rename these.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+/// The run's shared clock: every timestamp in the harness, the simulated callers and the
+/// echo model is microseconds since this instant, so latencies are plain subtractions.
+#[derive(Clone, Copy, Debug)]
+pub struct Epoch(pub Instant);
+
+impl Epoch {
+    pub fn now() -> Self {
+        Self(Instant::now())
+    }
+
+    /// Microseconds from the epoch to now.
+    pub fn us(&self) -> u64 {
+        self.0.elapsed().as_micros() as u64
+    }
+}
+
+/// Percentiles of one latency distribution, in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub count: u64,
+}
+
+impl Percentiles {
+    /// Exact percentiles (nearest rank) of `values`, which this sorts.
+    pub fn of(values: &mut [f64]) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        values.sort_by(f64::total_cmp);
+        let rank = |q: f64| {
+            let index = ((values.len() as f64) * q).ceil() as usize;
+            values[index.clamp(1, values.len()) - 1]
+        };
+        Self {
+            p50: rank(0.50),
+            p90: rank(0.90),
+            p99: rank(0.99),
+            max: values[values.len() - 1],
+            count: values.len() as u64,
+        }
+    }
+}
+
+/// The machine a run happened on.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub date_utc: String,
+}
+
+/// One step of a `--ramp` run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RampStep {
+    pub calls: usize,
+    pub uplink_us: Percentiles,
+    pub downlink_us: Percentiles,
+    pub late_frames: u64,
+    pub errors: u64,
+    /// Whether this step stayed within the latency budget with no late frames.
+    pub held: bool,
+}
+
+/// Latency samples kept for plots (a bounded, evenly spaced subset of all measurements).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Samples {
+    pub uplink_us: Vec<f64>,
+    pub downlink_us: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BenchResult {
+    pub calls: usize,
+    pub seconds: f64,
+    pub audio_mode: String,
+    /// `child` (a `voxrelay serve` process started by the harness), `in-process`, or the URL
+    /// given with `--target`.
+    pub target: String,
+    /// The built-in do-nothing relay was measured instead of the bridge.
+    pub baseline: bool,
+    pub uplink_us: Percentiles,
+    pub downlink_us: Percentiles,
+    pub barge_in_us: Percentiles,
+    pub setup_us: Percentiles,
+    /// Frames (either direction) whose added latency exceeded `late_threshold_ms`.
+    pub late_frames: u64,
+    pub late_threshold_ms: f64,
+    /// Caller frames the model never received, and model frames the caller never received.
+    pub lost_frames: u64,
+    pub errors: u64,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    pub bridge_cpu_ms_per_call_second: Option<f64>,
+    pub bridge_rss_kib_per_call: Option<f64>,
+    /// The load process's CPU time over wall time (1.0 = one core busy).
+    pub load_cpu_utilisation: f64,
+    pub machine: Machine,
+    pub samples: Samples,
+    pub ramp: Vec<RampStep>,
+    /// The largest call count of a `--ramp` run that held the budget.
+    pub max_calls_held: Option<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut values: Vec<f64> = (1..=100).map(f64::from).collect();
+        values.reverse();
+        let p = Percentiles::of(&mut values);
+        assert_eq!(
+            (p.p50, p.p90, p.p99, p.max, p.count),
+            (50.0, 90.0, 99.0, 100.0, 100)
+        );
+        assert_eq!(Percentiles::of(&mut []), Percentiles::default());
+    }
+
+    #[test]
+    fn json_has_the_scripted_top_level_keys() {
+        let value = serde_json::to_value(BenchResult::default()).unwrap();
+        for key in [
+            "calls",
+            "seconds",
+            "audio_mode",
+            "uplink_us",
+            "downlink_us",
+            "barge_in_us",
+            "setup_us",
+            "late_frames",
+            "lost_frames",
+            "errors",
+            "bridge_cpu_ms_per_call_second",
+            "bridge_rss_kib_per_call",
+            "load_cpu_utilisation",
+        ] {
+            assert!(value.get(key).is_some(), "missing {key}");
+        }
+        for key in ["p50", "p90", "p99", "max", "count"] {
+            assert!(
+                value["uplink_us"].get(key).is_some(),
+                "missing uplink_us.{key}"
+            );
+        }
+    }
+}
