@@ -37,6 +37,8 @@ pub const INBOX_CAPACITY: usize = 64;
 const TWILIO_AUDIO_QUEUE: usize = 50;
 /// Caller audio queued for the model: 1 s of 20 ms frames.
 const UPSTREAM_AUDIO_QUEUE: usize = 50;
+/// Enough for a batch of paced media + mark pairs (each pair is about 400 bytes).
+const TWILIO_WRITE_BUFFER: usize = 8 * 1024;
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the writers get to flush and close after the call ends.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -107,7 +109,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = Arc::clone(&services.metrics);
-    let (read_half, write_half) = ws.split(tokio::io::split);
+    // The write half is buffered and flushed once per batch, so a `media` and the `mark`
+    // behind it leave in one system call instead of two.
+    let (read_half, write_half) = ws.split(|stream| {
+        let (read, write) = tokio::io::split(stream);
+        (
+            read,
+            tokio::io::BufWriter::with_capacity(TWILIO_WRITE_BUFFER, write),
+        )
+    });
     let (inbox_tx, mut inbox) = mpsc::channel::<CallInput>(INBOX_CAPACITY);
     let tasks = CancellationToken::new();
 
@@ -379,6 +389,7 @@ async fn twilio_writer<W>(
     W: AsyncWrite + Unpin,
 {
     let mut batch = Vec::with_capacity(16);
+    let mut written = Vec::with_capacity(16);
     while queue.pop_all(&mut batch).await {
         for out in batch.drain(..) {
             let payload = Payload::Owned(out.text.into_bytes());
@@ -390,15 +401,23 @@ async fn twilio_writer<W>(
                 return;
             }
             if let Some(caused_at) = out.caused_at {
-                match out.kind {
-                    OutKind::Audio => metrics.downlink_added.observe(caused_at.elapsed()),
-                    OutKind::Clear => metrics.barge_in_reaction.observe(caused_at.elapsed()),
-                    OutKind::Mark | OutKind::Control | OutKind::Pong => {}
-                }
+                written.push((out.kind, caused_at));
+            }
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+        // Latency ends when the bytes reach the socket, i.e. after the flush.
+        for (kind, caused_at) in written.drain(..) {
+            match kind {
+                OutKind::Audio => metrics.downlink_added.observe(caused_at.elapsed()),
+                OutKind::Clear => metrics.barge_in_reaction.observe(caused_at.elapsed()),
+                OutKind::Mark | OutKind::Control | OutKind::Pong => {}
             }
         }
     }
     let _ = writer.write_frame(Frame::close(1000, b"")).await;
+    let _ = writer.flush().await;
 }
 
 /// Opens the model's socket, then starts its reader and writer and tells the core.
