@@ -8,6 +8,7 @@
 pub mod caller;
 pub mod demo;
 pub mod http_client;
+pub mod report;
 pub mod results;
 
 /// A few seconds of synthetic speech, G.711 μ-law 8 kHz (see `fixtures/make-speech.sh`).
