@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use url::Url;
 
+use voxrelay::bench::baseline::BaselineRelay;
 use voxrelay::bench::caller::{CallerConfig, place_call};
 use voxrelay::bench::demo::{DemoOptions, run_demo};
 use voxrelay::bench::{SPEECH_FIXTURE, http_client};
@@ -38,6 +39,19 @@ enum Command {
     Demo(DemoArgs),
     /// Exit 0 when a bridge answers its health check (for container HEALTHCHECKs).
     Healthcheck(HealthcheckArgs),
+    /// The benchmark's do-nothing relay (the machine's floor); unauthenticated, never expose it.
+    #[command(hide = true)]
+    BaselineRelay(BaselineRelayArgs),
+}
+
+#[derive(Args)]
+struct BaselineRelayArgs {
+    /// Address to listen on (port 0 picks one; the bound address is the first line on stdout).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The realtime endpoint to relay to (e.g. the benchmark's mock).
+    #[arg(long)]
+    upstream_url: String,
 }
 
 #[derive(Args)]
@@ -129,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Call(args) => call(args).await,
         Command::Demo(args) => demo(args).await,
         Command::Healthcheck(args) => healthcheck(args).await,
+        Command::BaselineRelay(args) => baseline_relay(args).await,
     }
 }
 
@@ -280,4 +295,41 @@ async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
         bail!("{} answered {}", args.url, response.status);
     }
     Ok(())
+}
+
+/// Runs the baseline relay until SIGTERM/SIGINT on a current-thread runtime of its own thread,
+/// as the floor it measures is "one core, no cross-thread hops"; `main`'s runtime only waits.
+async fn baseline_relay(args: BaselineRelayArgs) -> anyhow::Result<()> {
+    let relay_thread = std::thread::Builder::new()
+        .name("baseline-relay".to_owned())
+        .spawn(move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building the baseline relay's runtime")?;
+            runtime.block_on(async {
+                let relay = BaselineRelay::start(args.listen, args.upstream_url)
+                    .await
+                    .with_context(|| format!("listening on {}", args.listen))?;
+                // The first line on stdout (log lines follow it there), so a harness that
+                // passed port 0 learns the port.
+                println!("{}", relay.local_addr());
+                tracing::info!(listen = %relay.local_addr(), "baseline relay ready");
+                shutdown_signal().await;
+                relay.shutdown();
+                // Dropping the runtime would cut live calls without close frames.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while relay.live_calls() > 0 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+                .await;
+                Ok(())
+            })
+        })
+        .context("starting the baseline relay thread")?;
+    match tokio::task::spawn_blocking(move || relay_thread.join()).await? {
+        Ok(outcome) => outcome,
+        Err(_panic) => bail!("the baseline relay thread panicked"),
+    }
 }

@@ -5,6 +5,7 @@
 //! Twilio's playback buffer — and reports what came back. [`demo`] runs a bridge, the mock
 //! model and a few such calls in one process.
 
+pub mod baseline;
 pub mod caller;
 pub mod demo;
 pub mod http_client;
