@@ -7,6 +7,7 @@
 
 pub mod caller;
 pub mod demo;
+pub mod echo_model;
 pub mod http_client;
 pub mod results;
 
