@@ -8,6 +8,7 @@
 pub mod baseline;
 pub mod caller;
 pub mod demo;
+pub mod echo_model;
 pub mod http_client;
 pub mod report;
 pub mod results;
