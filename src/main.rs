@@ -12,6 +12,7 @@ use url::Url;
 use voxrelay::bench::baseline::BaselineRelay;
 use voxrelay::bench::caller::{CallerConfig, place_call};
 use voxrelay::bench::demo::{DemoOptions, run_demo};
+use voxrelay::bench::harness::{self, BenchOptions, BridgeUnderTest};
 use voxrelay::bench::{SPEECH_FIXTURE, http_client};
 use voxrelay::config::{BridgeConfig, RawConfig};
 use voxrelay::http::{Bridge, shutdown_signal};
@@ -42,6 +43,8 @@ enum Command {
     /// The benchmark's do-nothing relay (the machine's floor); unauthenticated, never expose it.
     #[command(hide = true)]
     BaselineRelay(BaselineRelayArgs),
+    /// Latency benchmark: simulated callers and an echo model against a bridge.
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -52,6 +55,72 @@ struct BaselineRelayArgs {
     /// The realtime endpoint to relay to (e.g. the benchmark's mock).
     #[arg(long)]
     upstream_url: String,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Concurrent calls (with --ramp: the first step).
+    #[arg(long, default_value_t = 20)]
+    calls: usize,
+    /// How long each call streams, in seconds (with --ramp: each step).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// pcmu or pcm16.
+    #[arg(long, default_value = "pcmu")]
+    audio_mode: AudioMode,
+    /// Benchmark a running bridge at this base URL instead of starting one; it must use the
+    /// harness's echo model as VOXRELAY_OPENAI_URL (printed at start; see --model-listen).
+    #[arg(long)]
+    target: Option<Url>,
+    /// With --target: the public origin the bridge checks signatures against (default: --target).
+    #[arg(long)]
+    public_url: Option<Url>,
+    /// With --target: the bridge's Twilio auth token.
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    twilio_auth_token: Option<String>,
+    /// Run the bridge inside the harness process instead of as a child process.
+    #[arg(long, conflicts_with = "target")]
+    in_process: bool,
+    /// Also measure the built-in do-nothing relay (the machine's floor) and report it beside the bridge.
+    #[arg(long)]
+    baseline: bool,
+    /// Raise the call count until p99 added latency passes --budget-ms or frames go late.
+    #[arg(long)]
+    ramp: bool,
+    #[arg(long, default_value_t = 50)]
+    ramp_step: usize,
+    #[arg(long, default_value_t = 2000)]
+    ramp_max: usize,
+    /// Latency budget for --ramp, in ms (p99 of each direction).
+    #[arg(long, default_value_t = 2.0)]
+    budget_ms: f64,
+    /// Pin the bridge to CPU 0 and the load to CPU 1.
+    #[arg(long)]
+    pin: bool,
+    /// Spread call starts over this many seconds.
+    #[arg(long, default_value_t = 1.0)]
+    ramp_up_seconds: f64,
+    /// Send each frame up to this many ms after its slot (network-like jitter).
+    #[arg(long, default_value_t = 0.0)]
+    jitter_ms: f64,
+    /// The echo model's think time, in ms.
+    #[arg(long, default_value_t = 200.0)]
+    model_delay_ms: f64,
+    /// Seconds between the echo model's barge-ins (0: never).
+    #[arg(long, default_value_t = 4.0)]
+    barge_in_every_s: f64,
+    /// A frame later than this (ms) counts as late.
+    #[arg(long, default_value_t = 40.0)]
+    late_ms: f64,
+    /// Where the echo model listens.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    model_listen: SocketAddr,
+    /// Write every figure as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -144,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo(args).await,
         Command::Healthcheck(args) => healthcheck(args).await,
         Command::BaselineRelay(args) => baseline_relay(args).await,
+        Command::Bench(args) => bench(args).await,
     }
 }
 
@@ -332,4 +402,70 @@ async fn baseline_relay(args: BaselineRelayArgs) -> anyhow::Result<()> {
         Ok(outcome) => outcome,
         Err(_panic) => bail!("the baseline relay thread panicked"),
     }
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let bridge =
+        match (&args.target, args.in_process) {
+            (Some(url), _) => BridgeUnderTest::Target {
+                url: url.clone(),
+                public_url: args.public_url.clone().unwrap_or_else(|| url.clone()),
+                auth_token: Secret::new(args.twilio_auth_token.clone().context(
+                    "--target needs the bridge's TWILIO_AUTH_TOKEN to sign like Twilio",
+                )?),
+            },
+            (None, true) => BridgeUnderTest::InProcess,
+            (None, false) => BridgeUnderTest::Child,
+        };
+    if args.baseline && args.target.is_some() {
+        bail!("--baseline starts its own relay; it cannot be combined with --target");
+    }
+    let options = BenchOptions {
+        calls: args.calls.max(1),
+        seconds: args.seconds.max(1.0),
+        audio_mode: args.audio_mode,
+        bridge,
+        baseline: false,
+        ramp_up: Duration::from_secs_f64(args.ramp_up_seconds.max(0.0)),
+        jitter: Duration::from_secs_f64(args.jitter_ms.max(0.0) / 1e3),
+        model_delay: Duration::from_secs_f64(args.model_delay_ms.max(0.0) / 1e3),
+        barge_in_every: (args.barge_in_every_s > 0.0)
+            .then(|| Duration::from_secs_f64(args.barge_in_every_s)),
+        late_threshold: Duration::from_secs_f64(args.late_ms.max(0.0) / 1e3),
+        pin: args.pin,
+        model_listen: args.model_listen,
+        progress: !args.quiet,
+    };
+    let budget = Duration::from_secs_f64(args.budget_ms.max(0.0) / 1e3);
+    let (ramp, ramp_step, ramp_max) = (args.ramp, args.ramp_step.max(1), args.ramp_max);
+    let run_one = |options: BenchOptions| async move {
+        if ramp {
+            harness::run_ramp(&options, ramp_step, ramp_max, budget).await
+        } else {
+            harness::run(&options).await
+        }
+    };
+    let mut result = run_one(options.clone()).await?;
+    if args.baseline {
+        let floor = run_one(BenchOptions {
+            baseline: true,
+            ..options
+        })
+        .await?;
+        result.floor = Some(Box::new(floor));
+    }
+    println!("{}", harness::summary(&result));
+    if let Some(floor) = &result.floor {
+        println!("{}", harness::summary(floor));
+        println!("{}", harness::comparison(&result, floor));
+    }
+    if let Some(path) = &args.json {
+        harness::write_json(path, &result)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if result.errors > 0 {
+        bail!("{} errors during the run", result.errors);
+    }
+    Ok(())
 }

@@ -113,7 +113,7 @@ impl CallReport {
 
 /// Twilio's outbound playback buffer, as far as marks and clears are concerned.
 #[derive(Default)]
-struct PlaybackBuffer {
+pub(crate) struct PlaybackBuffer {
     /// When everything received so far will have played.
     play_end: Option<Instant>,
     /// Marks not yet echoed, with the time their audio finishes.
@@ -124,20 +124,20 @@ struct PlaybackBuffer {
 }
 
 impl PlaybackBuffer {
-    fn push_audio(&mut self, now: Instant, bytes: usize) {
+    pub(crate) fn push_audio(&mut self, now: Instant, bytes: usize) {
         let start = self.play_end.map_or(now, |end| end.max(now));
         let end = start + Duration::from_micros(bytes as u64 * 125);
         self.segments.push_back((start, end));
         self.play_end = Some(end);
     }
 
-    fn push_mark(&mut self, now: Instant, name: String) {
+    pub(crate) fn push_mark(&mut self, now: Instant, name: String) {
         let due = self.play_end.map_or(now, |end| end.max(now));
         self.marks.push_back((due, name));
     }
 
     /// Marks whose audio has played by `now`.
-    fn due_marks(&mut self, now: Instant) -> Vec<String> {
+    pub(crate) fn due_marks(&mut self, now: Instant) -> Vec<String> {
         self.account(now);
         let mut due = Vec::new();
         while self.marks.front().is_some_and(|(at, _)| *at <= now) {
@@ -149,7 +149,7 @@ impl PlaybackBuffer {
     }
 
     /// `clear`: drop unplayed audio and echo every outstanding mark now.
-    fn clear(&mut self, now: Instant) -> Vec<String> {
+    pub(crate) fn clear(&mut self, now: Instant) -> Vec<String> {
         self.account(now);
         if let Some((start, _)) = self.segments.front().copied() {
             if start < now {
@@ -172,7 +172,7 @@ impl PlaybackBuffer {
         }
     }
 
-    fn next_due(&self) -> Option<Instant> {
+    pub(crate) fn next_due(&self) -> Option<Instant> {
         self.marks.front().map(|(at, _)| *at)
     }
 }

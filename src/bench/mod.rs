@@ -9,7 +9,9 @@ pub mod baseline;
 pub mod caller;
 pub mod demo;
 pub mod echo_model;
+pub mod harness;
 pub mod http_client;
+pub mod load;
 pub mod report;
 pub mod results;
 

@@ -748,6 +748,7 @@ mod tests {
             },
             ramp,
             max_calls_held: Some(40),
+            floor: None,
         }
     }
 

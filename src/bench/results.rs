@@ -114,6 +114,8 @@ pub struct BenchResult {
     pub ramp: Vec<RampStep>,
     /// The largest call count of a `--ramp` run that held the budget.
     pub max_calls_held: Option<usize>,
+    /// With `--baseline`: the same run against the do-nothing relay, the machine's floor.
+    pub floor: Option<Box<BenchResult>>,
 }
 
 #[cfg(test)]

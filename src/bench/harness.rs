@@ -1,0 +1,922 @@
+//! `voxrelay bench`: the end-to-end latency harness.
+//!
+//! One load process runs the echo model (the model side) and N simulated Twilio callers on a
+//! shared clock, against a bridge it starts as a child process (the default: its CPU and
+//! memory are then read from `/proc`), inside its own process (`--in-process`), or anywhere
+//! (`--target URL`). Afterwards every measurement is joined by byte offset: caller frame k
+//! reached the model when the model's cumulative input passed k+1 frames; model frame k
+//! reached the caller when the caller's cumulative audio in the same response generation did.
+//! Nothing is guessed from averages.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use url::Url;
+
+use super::echo_model::{EchoFormat, EchoModel, EchoModelConfig, EchoSessionRecord};
+use super::load::{LoadCallConfig, LoadCallRecord, run_load_call};
+use super::results::{BenchResult, Epoch, Machine, Percentiles, RampStep, Samples};
+use super::{SPEECH_FIXTURE, http_client};
+use crate::config::{AgentDefaults, BridgeConfig, UpstreamTarget};
+use crate::http::Bridge;
+use crate::{AudioMode, Secret};
+
+/// μ-law bytes per 20 ms frame at 8 kHz.
+const CALLER_FRAME_BYTES: u64 = 160;
+/// Samples of plots kept per direction.
+const MAX_SAMPLES: usize = 20_000;
+
+#[derive(Clone, Debug)]
+pub enum BridgeUnderTest {
+    /// `voxrelay serve` (or the baseline relay) as a child process of the harness.
+    Child,
+    /// The bridge inside the harness's own process.
+    InProcess,
+    /// A bridge already running elsewhere: its base URL, the public URL it signs against,
+    /// and its Twilio auth token. It must be configured to use the harness's echo model.
+    Target {
+        url: Url,
+        public_url: Url,
+        auth_token: Secret,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub calls: usize,
+    pub seconds: f64,
+    pub audio_mode: AudioMode,
+    pub bridge: BridgeUnderTest,
+    /// Measure the built-in do-nothing relay instead of the bridge.
+    pub baseline: bool,
+    /// Spread call starts over this long.
+    pub ramp_up: Duration,
+    pub jitter: Duration,
+    pub model_delay: Duration,
+    pub barge_in_every: Option<Duration>,
+    /// A frame later than this counts as late.
+    pub late_threshold: Duration,
+    /// Pin the bridge to CPU 0 and the load to CPU 1 (child mode, Linux).
+    pub pin: bool,
+    /// Where the echo model listens (`--target` needs an address the bridge can reach).
+    pub model_listen: SocketAddr,
+    /// Print a progress line every second.
+    pub progress: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            calls: 20,
+            seconds: 10.0,
+            audio_mode: AudioMode::Pcmu,
+            bridge: BridgeUnderTest::Child,
+            baseline: false,
+            ramp_up: Duration::from_secs(1),
+            jitter: Duration::ZERO,
+            model_delay: Duration::from_millis(200),
+            barge_in_every: Some(Duration::from_secs(4)),
+            late_threshold: Duration::from_millis(40),
+            pin: false,
+            model_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            progress: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("echo model: {0}")]
+    Model(std::io::Error),
+    #[error("bridge: {0}")]
+    Bridge(String),
+    #[error("{0}")]
+    Options(String),
+}
+
+/// A bridge the harness started, and how to stop it and read its resource use.
+enum RunningBridge {
+    Child {
+        child: tokio::process::Child,
+        pid: u32,
+    },
+    InProcess(Bridge),
+    Remote,
+}
+
+struct Endpoint {
+    connect_url: String,
+    signed_url: String,
+    auth_token: Secret,
+}
+
+/// Runs one fixed-size benchmark: `calls` callers for `seconds`.
+pub async fn run(options: &BenchOptions) -> Result<BenchResult, BenchError> {
+    if options.pin {
+        pin_current_process(1)?;
+    }
+    let epoch = Epoch::now();
+    let model = EchoModel::start(
+        EchoModelConfig {
+            model_delay: options.model_delay,
+            barge_in_first_after: options
+                .barge_in_every
+                .map_or(Duration::from_secs(3600), |every| {
+                    every.min(Duration::from_secs(3))
+                }),
+            barge_in_every: options.barge_in_every,
+            listen: options.model_listen,
+        },
+        epoch,
+    )
+    .await
+    .map_err(BenchError::Model)?;
+    let (bridge, endpoint) = start_bridge(options, &model.url()).await?;
+    let result = measure(options, epoch, &model, &bridge, &endpoint, options.calls).await;
+    stop_bridge(bridge).await;
+    model.shutdown();
+    Ok(result)
+}
+
+/// Raises the call count step by step until p99 added latency passes `budget` or frames go
+/// late; the result's `ramp` has every step and `max_calls_held` the largest that held.
+pub async fn run_ramp(
+    options: &BenchOptions,
+    step: usize,
+    max_calls: usize,
+    budget: Duration,
+) -> Result<BenchResult, BenchError> {
+    if options.pin {
+        pin_current_process(1)?;
+    }
+    let epoch = Epoch::now();
+    let model = EchoModel::start(
+        EchoModelConfig {
+            model_delay: options.model_delay,
+            barge_in_first_after: Duration::from_secs(3),
+            barge_in_every: options.barge_in_every,
+            listen: options.model_listen,
+        },
+        epoch,
+    )
+    .await
+    .map_err(BenchError::Model)?;
+    let (bridge, endpoint) = start_bridge(options, &model.url()).await?;
+    let mut steps = Vec::new();
+    let mut last = BenchResult::default();
+    let mut calls = options.calls.max(1);
+    let mut held_max = None;
+    loop {
+        let result = measure(options, epoch, &model, &bridge, &endpoint, calls).await;
+        let budget_us = budget.as_secs_f64() * 1e6;
+        let held = result.errors == 0
+            && result.late_frames == 0
+            && result.uplink_us.p99 <= budget_us
+            && result.downlink_us.p99 <= budget_us;
+        if options.progress {
+            eprintln!(
+                "ramp: {calls} calls: uplink p99 {:.0} µs, downlink p99 {:.0} µs, late {}, errors {} → {}",
+                result.uplink_us.p99,
+                result.downlink_us.p99,
+                result.late_frames,
+                result.errors,
+                if held { "held" } else { "over budget" }
+            );
+        }
+        steps.push(RampStep {
+            calls,
+            uplink_us: result.uplink_us.clone(),
+            downlink_us: result.downlink_us.clone(),
+            late_frames: result.late_frames,
+            errors: result.errors,
+            held,
+        });
+        if held {
+            held_max = Some(calls);
+            last = result;
+        } else if last.calls == 0 {
+            last = result;
+        }
+        if !held || calls >= max_calls {
+            break;
+        }
+        calls = (calls + step).min(max_calls);
+    }
+    stop_bridge(bridge).await;
+    model.shutdown();
+    last.ramp = steps;
+    last.max_calls_held = held_max;
+    Ok(last)
+}
+
+async fn start_bridge(
+    options: &BenchOptions,
+    model_url: &str,
+) -> Result<(RunningBridge, Endpoint), BenchError> {
+    let token = Secret::new(format!("{:032x}", rand::random::<u128>()));
+    match &options.bridge {
+        BridgeUnderTest::Target {
+            url,
+            public_url,
+            auth_token,
+        } => {
+            let ws_scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+            let connect_url = format!("{ws_scheme}://{}/twilio/media", authority(url));
+            let signed_scheme = if public_url.scheme() == "https" {
+                "wss"
+            } else {
+                "ws"
+            };
+            let signed_url = format!("{signed_scheme}://{}/twilio/media", authority(public_url));
+            eprintln!("bench: target {url}; its VOXRELAY_OPENAI_URL must be {model_url}");
+            Ok((
+                RunningBridge::Remote,
+                Endpoint {
+                    connect_url,
+                    signed_url,
+                    auth_token: auth_token.clone(),
+                },
+            ))
+        }
+        BridgeUnderTest::InProcess => {
+            if options.baseline {
+                return Err(BenchError::Options(
+                    "--baseline runs the relay as a child process; drop --in-process".into(),
+                ));
+            }
+            let config = BridgeConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                public_url: None,
+                twilio_auth_token: token.clone(),
+                upstream: UpstreamTarget {
+                    url: model_url.to_owned(),
+                    api_key: Some(Secret::new("bench")),
+                },
+                agent: AgentDefaults {
+                    audio_mode: options.audio_mode,
+                    greeting: None,
+                    ..AgentDefaults::default()
+                },
+                playback_lead: Duration::from_millis(120),
+                drain: Duration::from_secs(2),
+            };
+            let bridge = Bridge::start(&config)
+                .await
+                .map_err(|e| BenchError::Bridge(e.to_string()))?;
+            let url = format!("ws://{}/twilio/media", bridge.local_addr());
+            Ok((
+                RunningBridge::InProcess(bridge),
+                Endpoint {
+                    connect_url: url.clone(),
+                    signed_url: url,
+                    auth_token: token,
+                },
+            ))
+        }
+        BridgeUnderTest::Child => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| BenchError::Bridge(e.to_string()))?
+                .port();
+            let listen = format!("127.0.0.1:{port}");
+            let exe = std::env::current_exe().map_err(|e| BenchError::Bridge(e.to_string()))?;
+            let mut command = tokio::process::Command::new(exe);
+            if options.baseline {
+                command.args([
+                    "baseline-relay",
+                    "--listen",
+                    &listen,
+                    "--upstream-url",
+                    model_url,
+                ]);
+            } else {
+                command
+                    .arg("serve")
+                    .env("VOXRELAY_LISTEN", &listen)
+                    .env("TWILIO_AUTH_TOKEN", token.expose())
+                    .env("OPENAI_API_KEY", "bench")
+                    .env("VOXRELAY_OPENAI_URL", model_url)
+                    .env("VOXRELAY_AUDIO_MODE", options.audio_mode.as_str())
+                    .env("VOXRELAY_GREETING", "")
+                    .env("VOXRELAY_DRAIN_SECONDS", "2")
+                    .env_remove("VOXRELAY_PUBLIC_URL");
+            }
+            command
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true);
+            if options.pin {
+                pin_command(&mut command, 0);
+            }
+            let child = command
+                .spawn()
+                .map_err(|e| BenchError::Bridge(e.to_string()))?;
+            let pid = child.id().unwrap_or_default();
+            let ready = Url::parse(&format!("http://{listen}/readyz"))
+                .map_err(|e| BenchError::Bridge(e.to_string()))?;
+            let health = if options.baseline { None } else { Some(ready) };
+            wait_until_listening(port, health).await?;
+            let url = format!("ws://{listen}/twilio/media");
+            Ok((
+                RunningBridge::Child { child, pid },
+                Endpoint {
+                    connect_url: url.clone(),
+                    signed_url: url,
+                    auth_token: token,
+                },
+            ))
+        }
+    }
+}
+
+fn authority(url: &Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        _ => String::new(),
+    }
+}
+
+async fn wait_until_listening(port: u16, ready: Option<Url>) -> Result<(), BenchError> {
+    for _ in 0..200 {
+        let up = match &ready {
+            Some(url) => http_client::send("GET", url, &[], Vec::new())
+                .await
+                .is_ok_and(|r| r.status == 200),
+            None => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok(),
+        };
+        if up {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(BenchError::Bridge(format!(
+        "nothing listening on port {port} after 10 s"
+    )))
+}
+
+async fn stop_bridge(bridge: RunningBridge) {
+    match bridge {
+        RunningBridge::Child { mut child, pid } => {
+            // SIGTERM lets the bridge drain (briefly: VOXRELAY_DRAIN_SECONDS=2).
+            // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+        RunningBridge::InProcess(bridge) => {
+            bridge.drain_and_stop(Duration::from_secs(2)).await;
+        }
+        RunningBridge::Remote => {}
+    }
+}
+
+/// CPU time (user + system) of a process, from `/proc/<pid>/stat`.
+fn process_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is parenthesised and may contain spaces.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros((utime + stime) * 1_000_000 / ticks))
+}
+
+/// Resident memory of a process in KiB, from `/proc/<pid>/status`.
+fn process_rss_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set`; `cpu` is far below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
+fn pin_current_process(cpu: usize) -> Result<(), BenchError> {
+    let set = cpu_set(cpu);
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread. Threads
+    // created later inherit the mask; the runtime's existing threads are re-pinned below.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(BenchError::Options(format!(
+            "cannot pin the load to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // Pin every thread of this process (the tokio workers already exist).
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            if let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<libc::pid_t>().ok())
+            {
+                // SAFETY: as above, for one of our own threads.
+                unsafe {
+                    libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
+fn pin_command(command: &mut tokio::process::Command, cpu: usize) {
+    let set = cpu_set(cpu);
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // sched_setaffinity, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// One measured batch of `calls` calls against a running bridge.
+async fn measure(
+    options: &BenchOptions,
+    epoch: Epoch,
+    model: &EchoModel,
+    bridge: &RunningBridge,
+    endpoint: &Endpoint,
+    calls: usize,
+) -> BenchResult {
+    let bridge_pid = match bridge {
+        RunningBridge::Child { pid, .. } => Some(pid.to_string()),
+        _ => None,
+    };
+    let rss_before = bridge_pid.as_deref().and_then(process_rss_kib);
+    let cpu_before = bridge_pid.as_deref().and_then(process_cpu);
+    let load_before = process_cpu("self");
+    let wall = std::time::Instant::now();
+    let sessions_before = model.records().len();
+    let duration = Duration::from_secs_f64(options.seconds.max(0.1));
+    let audio: Arc<[u8]> = Arc::from(SPEECH_FIXTURE);
+    let up = Arc::new(AtomicU64::new(0));
+    let started_at = epoch.us();
+
+    let mut handles = Vec::with_capacity(calls);
+    for index in 0..calls {
+        let config = LoadCallConfig {
+            connect_url: endpoint.connect_url.clone(),
+            signed_url: endpoint.signed_url.clone(),
+            auth_token: endpoint.auth_token.clone(),
+            index: index as u32,
+            duration,
+            jitter: options.jitter,
+            epoch,
+        };
+        let delay = options.ramp_up.mul_f64(index as f64 / calls.max(1) as f64);
+        let audio = Arc::clone(&audio);
+        let up = Arc::clone(&up);
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            up.fetch_add(1, Relaxed);
+            let record = run_load_call(config, &audio).await;
+            up.fetch_sub(1, Relaxed);
+            record
+        }));
+    }
+
+    // Resource use is read in the steady middle of the run, when every call is up.
+    let steady = options.ramp_up + duration / 2;
+    let mut rss_steady = None;
+    let mut cpu_window = None;
+    let progress = {
+        let up = Arc::clone(&up);
+        let show = options.progress;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if show {
+                    eprint!(
+                        "\rbench: {:>5} calls up, {:>5.1} s    ",
+                        up.load(Relaxed),
+                        (epoch.us() - started_at) as f64 / 1e6
+                    );
+                }
+            }
+        })
+    };
+    let window_start = options.ramp_up + Duration::from_millis(500);
+    tokio::time::sleep(window_start).await;
+    let cpu_at_window = bridge_pid.as_deref().and_then(process_cpu);
+    let window_wall = std::time::Instant::now();
+    tokio::time::sleep(steady.saturating_sub(window_start)).await;
+    rss_steady = rss_steady.or(bridge_pid.as_deref().and_then(process_rss_kib));
+    let window_len = duration
+        .saturating_sub(Duration::from_millis(1_000))
+        .max(Duration::from_millis(100));
+    tokio::time::sleep(window_len.saturating_sub(window_wall.elapsed())).await;
+    if let (Some(a), Some(b)) = (cpu_at_window, bridge_pid.as_deref().and_then(process_cpu)) {
+        cpu_window = Some((b.saturating_sub(a), window_wall.elapsed()));
+    }
+
+    let mut records = Vec::with_capacity(calls);
+    for handle in handles {
+        match handle.await {
+            Ok(record) => records.push(record),
+            Err(error) => records.push(LoadCallRecord {
+                error: Some(error.to_string()),
+                ..LoadCallRecord::default()
+            }),
+        }
+    }
+    progress.abort();
+    if options.progress {
+        eprintln!();
+    }
+    // Let the last echoes and the model's view of closing sockets settle.
+    tokio::time::sleep(options.model_delay + Duration::from_millis(300)).await;
+    let load_cpu = match (load_before, process_cpu("self")) {
+        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / wall.elapsed().as_secs_f64(),
+        _ => 0.0,
+    };
+    let sessions: Vec<EchoSessionRecord> =
+        model.records().into_iter().skip(sessions_before).collect();
+    let mut result = join(options, &records, &sessions);
+    result.calls = calls;
+    result.seconds = duration.as_secs_f64();
+    result.audio_mode = options.audio_mode.as_str().to_owned();
+    result.baseline = options.baseline;
+    result.target = match (&options.bridge, options.baseline) {
+        (BridgeUnderTest::Target { url, .. }, _) => url.to_string(),
+        (BridgeUnderTest::InProcess, _) => "in-process".to_owned(),
+        (BridgeUnderTest::Child, false) => "child".to_owned(),
+        (BridgeUnderTest::Child, true) => "child (baseline relay)".to_owned(),
+    };
+    result.load_cpu_utilisation = load_cpu;
+    if let Some((cpu, wall)) = cpu_window {
+        let call_seconds = calls as f64 * wall.as_secs_f64();
+        result.bridge_cpu_ms_per_call_second =
+            Some(cpu.as_secs_f64() * 1e3 / call_seconds.max(1e-9));
+    }
+    if let (Some(before), Some(steady)) = (rss_before, rss_steady) {
+        result.bridge_rss_kib_per_call =
+            Some(steady.saturating_sub(before) as f64 / calls.max(1) as f64);
+    }
+    let _ = cpu_before;
+    result.machine = machine();
+    result
+}
+
+/// Joins callers' and the model's records by call number and byte offset.
+fn join(
+    options: &BenchOptions,
+    records: &[LoadCallRecord],
+    sessions: &[EchoSessionRecord],
+) -> BenchResult {
+    let late_us = options.late_threshold.as_secs_f64() * 1e6;
+    let mut uplink = Vec::new();
+    let mut downlink = Vec::new();
+    let mut barge_in = Vec::new();
+    let mut setup = Vec::new();
+    let (mut late, mut lost, mut errors, mut sent, mut received) = (0u64, 0u64, 0u64, 0u64, 0u64);
+
+    for record in records {
+        sent += record.frames_sent_us.len() as u64;
+        if record.error.is_some() {
+            errors += 1;
+        }
+        let digits = LoadCallRecord::id_digits(record.index);
+        let Some(session) = sessions.iter().find(|s| s.digits.starts_with(&digits)) else {
+            // The model never learned who this caller was: nothing of it can be joined.
+            errors += 1;
+            lost += record.frames_sent_us.len() as u64;
+            continue;
+        };
+        errors += session.errors_sent;
+        let model_frame_bytes = match session.format {
+            EchoFormat::Pcmu => 160,
+            EchoFormat::Pcm24k => 960,
+        };
+        if let (Some(open), Some(update)) = (record.ws_open_us, session.session_update_at_us) {
+            setup.push(update.saturating_sub(open) as f64);
+        }
+        // Uplink: caller frame k is complete at the model once its cumulative input covers k+1 frames.
+        let configured = session.session_update_at_us.unwrap_or(u64::MAX);
+        let mut next_frame = 0usize;
+        for &(cumulative, at) in &session.appends {
+            let complete = (cumulative / model_frame_bytes) as usize;
+            while next_frame < complete && next_frame < record.frames_sent_us.len() {
+                let sent_at = record.frames_sent_us[next_frame];
+                // Frames sent before the session existed waited for set-up, which is measured apart.
+                if sent_at >= configured {
+                    let latency = at.saturating_sub(sent_at) as f64;
+                    if latency > late_us {
+                        late += 1;
+                    }
+                    uplink.push(latency);
+                }
+                next_frame += 1;
+            }
+        }
+        received += next_frame as u64;
+        lost += record.frames_sent_us.len().saturating_sub(next_frame) as u64;
+
+        // Barge-in: the s-th speech_started against the s-th clear.
+        for (s, &started) in session.speech_started_at_us.iter().enumerate() {
+            if let Some(&cleared) = record.clears_us.get(s) {
+                barge_in.push(cleared.saturating_sub(started) as f64);
+            }
+        }
+
+        // Downlink: audio responses in order are the caller's generations in order.
+        let responses: Vec<_> = session
+            .responses
+            .iter()
+            .filter(|r| !r.deltas.is_empty())
+            .collect();
+        for (generation, response) in responses.iter().enumerate() {
+            let arrivals: Vec<(u64, u64)> = record
+                .media
+                .iter()
+                .filter(|(g, _, _)| *g as usize == generation)
+                .map(|&(_, cumulative, at)| (cumulative, at))
+                .collect();
+            let mut arrival = arrivals.iter().peekable();
+            let mut frame = 0u64;
+            for &(cumulative, sent_at) in &response.deltas {
+                let complete = cumulative / model_frame_bytes;
+                while frame < complete {
+                    let needed = (frame + 1) * CALLER_FRAME_BYTES;
+                    while arrival.peek().is_some_and(|(c, _)| *c < needed) {
+                        arrival.next();
+                    }
+                    let Some(&&(_, at)) = arrival.peek() else {
+                        break;
+                    };
+                    let latency = at.saturating_sub(sent_at) as f64;
+                    if latency > late_us {
+                        late += 1;
+                    }
+                    downlink.push(latency);
+                    frame += 1;
+                }
+            }
+        }
+    }
+
+    BenchResult {
+        uplink_us: Percentiles::of(&mut uplink.clone()),
+        downlink_us: Percentiles::of(&mut downlink.clone()),
+        barge_in_us: Percentiles::of(&mut barge_in),
+        setup_us: Percentiles::of(&mut setup),
+        late_frames: late,
+        late_threshold_ms: options.late_threshold.as_secs_f64() * 1e3,
+        lost_frames: lost,
+        errors,
+        frames_sent: sent,
+        frames_received: received,
+        samples: Samples {
+            uplink_us: thin(uplink),
+            downlink_us: thin(downlink),
+        },
+        ..BenchResult::default()
+    }
+}
+
+/// An evenly spaced subset, for plots.
+fn thin(values: Vec<f64>) -> Vec<f64> {
+    if values.len() <= MAX_SAMPLES {
+        return values;
+    }
+    let step = values.len() as f64 / MAX_SAMPLES as f64;
+    (0..MAX_SAMPLES)
+        .map(|i| values[(i as f64 * step) as usize])
+        .collect()
+}
+
+pub fn machine() -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+        date_utc: utc_date(),
+    }
+}
+
+fn utc_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // Civil-from-days (Howard Hinnant's algorithm), to avoid a date crate for one line.
+    let days = (secs / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The end-of-run summary table.
+pub fn summary(result: &BenchResult) -> String {
+    let mut out = String::new();
+    let row = |out: &mut String, name: &str, p: &Percentiles| {
+        let _ = writeln!(
+            out,
+            "  {name:<10} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9}",
+            p.p50, p.p90, p.p99, p.max, p.count
+        );
+    };
+    let _ = writeln!(
+        out,
+        "\nvoxrelay bench: {} calls × {:.0} s, audio {}, bridge {}{}",
+        result.calls,
+        result.seconds,
+        result.audio_mode,
+        result.target,
+        if result.baseline { " (baseline)" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "  {:<10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "µs", "p50", "p90", "p99", "max", "count"
+    );
+    row(&mut out, "uplink", &result.uplink_us);
+    row(&mut out, "downlink", &result.downlink_us);
+    row(&mut out, "barge-in", &result.barge_in_us);
+    row(&mut out, "setup", &result.setup_us);
+    let _ = writeln!(
+        out,
+        "  frames sent {} received {}, late (> {:.0} ms) {}, lost {}, errors {}",
+        result.frames_sent,
+        result.frames_received,
+        result.late_threshold_ms,
+        result.late_frames,
+        result.lost_frames,
+        result.errors
+    );
+    let fmt = |v: Option<f64>, unit: &str| {
+        v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2} {unit}"))
+    };
+    let _ = writeln!(
+        out,
+        "  bridge CPU {} per call-second, RSS {} per call; load process CPU {:.0}% of a core",
+        fmt(result.bridge_cpu_ms_per_call_second, "ms"),
+        fmt(result.bridge_rss_kib_per_call, "KiB"),
+        result.load_cpu_utilisation * 100.0
+    );
+    if let Some(max) = result.max_calls_held {
+        let _ = writeln!(
+            out,
+            "  ramp: largest call count that held the budget: {max}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  machine: {} CPUs, {}, {}",
+        result.machine.cpus, result.machine.cpu_model, result.machine.date_utc
+    );
+    out
+}
+
+/// The bridge against the floor, as ratios (noise cancels out within one run).
+pub fn comparison(bridge: &BenchResult, floor: &BenchResult) -> String {
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}×", a / b)
+        } else {
+            "n/a".to_owned()
+        }
+    };
+    format!(
+        "bridge ÷ floor: uplink p50 {} p99 {}, downlink p50 {} p99 {}, CPU per call-second {}",
+        ratio(bridge.uplink_us.p50, floor.uplink_us.p50),
+        ratio(bridge.uplink_us.p99, floor.uplink_us.p99),
+        ratio(bridge.downlink_us.p50, floor.downlink_us.p50),
+        ratio(bridge.downlink_us.p99, floor.downlink_us.p99),
+        match (
+            bridge.bridge_cpu_ms_per_call_second,
+            floor.bridge_cpu_ms_per_call_second
+        ) {
+            (Some(a), Some(b)) => ratio(a, b),
+            _ => "n/a".to_owned(),
+        }
+    )
+}
+
+/// Writes the JSON result.
+pub fn write_json(path: &PathBuf, result: &BenchResult) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(result).map_err(std::io::Error::other)?;
+    std::fs::write(path, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::echo_model::EchoResponse;
+
+    fn options() -> BenchOptions {
+        BenchOptions {
+            late_threshold: Duration::from_millis(40),
+            ..BenchOptions::default()
+        }
+    }
+
+    #[test]
+    fn joins_uplink_downlink_and_barge_in_by_offset() {
+        let record = LoadCallRecord {
+            index: 3,
+            ws_open_us: Some(1_000),
+            frames_sent_us: vec![10_000, 30_000, 50_000],
+            media: vec![(0, 160, 300_500), (0, 320, 320_700), (1, 160, 900_300)],
+            clears_us: vec![800_050],
+            ..LoadCallRecord::default()
+        };
+        let session = EchoSessionRecord {
+            digits: LoadCallRecord::id_digits(3),
+            connected_at_us: 1_500,
+            session_update_at_us: Some(5_000),
+            format: EchoFormat::Pcmu,
+            appends: vec![(160, 10_100), (320, 30_200), (480, 50_050)],
+            responses: vec![
+                EchoResponse {
+                    response_id: "r1".into(),
+                    item_id: "i1".into(),
+                    started_at_us: 300_000,
+                    deltas: vec![(160, 300_000), (320, 320_000)],
+                },
+                EchoResponse {
+                    response_id: "r2".into(),
+                    item_id: "i2".into(),
+                    started_at_us: 900_000,
+                    deltas: vec![(160, 900_000)],
+                },
+            ],
+            speech_started_at_us: vec![800_000],
+            truncates: vec![],
+            errors_sent: 0,
+            closed_at_us: None,
+        };
+        let result = join(&options(), &[record], &[session]);
+        assert_eq!(result.uplink_us.count, 3);
+        assert_eq!(result.uplink_us.max, 200.0);
+        assert_eq!(result.downlink_us.count, 3);
+        assert_eq!(result.downlink_us.max, 700.0);
+        assert_eq!(result.barge_in_us.max, 50.0);
+        assert_eq!(result.setup_us.max, 4_000.0);
+        assert_eq!(
+            (result.lost_frames, result.errors, result.late_frames),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn an_unidentified_caller_is_an_error_and_its_frames_are_lost() {
+        let record = LoadCallRecord {
+            index: 9,
+            frames_sent_us: vec![1, 2],
+            ..LoadCallRecord::default()
+        };
+        let result = join(&options(), &[record], &[]);
+        assert_eq!((result.errors, result.lost_frames), (1, 2));
+    }
+
+    #[test]
+    fn dates_are_civil() {
+        assert_eq!(utc_date().len(), 10);
+    }
+}
