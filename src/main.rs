@@ -118,6 +118,9 @@ struct BenchArgs {
     /// Write every figure as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write an HTML report (latency CDF and latency-vs-calls plots) into this directory.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// No progress line.
     #[arg(long)]
     quiet: bool,
@@ -463,6 +466,14 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         harness::write_json(path, &result)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
+    }
+    if let Some(dir) = &args.report {
+        let mut runs = vec![result.clone()];
+        runs.extend(result.floor.as_deref().cloned());
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let page = voxrelay::bench::report::write_report_with_command(dir, &runs, &command)
+            .with_context(|| format!("writing the report into {}", dir.display()))?;
+        println!("wrote {}", page.display());
     }
     if result.errors > 0 {
         bail!("{} errors during the run", result.errors);
