@@ -46,7 +46,7 @@ pub(crate) async fn connect_with_timeout(
     let connector = Connector::Rustls(tls_config()?);
     let dial = tokio_tungstenite::connect_async_tls_with_config(
         request,
-        None,
+        Some(socket_config()),
         true, // TCP_NODELAY
         Some(connector),
     );
@@ -58,6 +58,15 @@ pub(crate) async fn connect_with_timeout(
         Ok(Err(error)) => Err(UpstreamError::Connect(error.to_string())),
         Ok(Ok((socket, _response))) => Ok(socket),
     }
+}
+
+/// tungstenite reads into a 128 KiB buffer by default and zero-fills it on every read: per
+/// call that is 128 KiB of resident memory and a large `memset` per model message. Realtime
+/// messages are a few KiB, so 4 KiB reads serve them (a larger message just takes more reads).
+pub const UPSTREAM_READ_BUFFER: usize = 4 * 1024;
+
+fn socket_config() -> tungstenite::protocol::WebSocketConfig {
+    tungstenite::protocol::WebSocketConfig::default().read_buffer_size(UPSTREAM_READ_BUFFER)
 }
 
 /// Parsing the root set costs milliseconds, so it is done once per process.
