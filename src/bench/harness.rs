@@ -727,7 +727,9 @@ pub fn machine() -> Machine {
         })
         .unwrap_or_else(|| "unknown".to_owned());
     Machine {
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        // Online CPUs, not this process's affinity mask (which --pin narrows to one).
+        // SAFETY: sysconf has no preconditions.
+        cpus: unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize,
         cpu_model,
         date_utc: utc_date(),
     }

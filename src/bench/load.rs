@@ -133,9 +133,13 @@ async fn drive(
             .parse()
             .map_err(|_| "signature header".to_owned())?,
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    // Small reads keep hundreds of callers cheap (see `upstream::connect::UPSTREAM_READ_BUFFER`).
+    let socket_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(crate::upstream::connect::UPSTREAM_READ_BUFFER);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(request, Some(socket_config), true)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
     record.ws_open_us = Some(epoch.us());
 
     let stream_sid = format!("MZbench{:026}", config.index);
