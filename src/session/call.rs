@@ -1,20 +1,23 @@
 //! One call's tasks: the thin async layer around [`CallEngine`].
 //!
-//! Per call there is one core task (this module's [`run_call`]) that owns the engine and
-//! its registry entry, plus four helpers that own a socket half each: the Twilio reader and
-//! writer, the upstream reader and writer. Readers feed one bounded inbox (capacity
-//! [`INBOX_CAPACITY`]; a full inbox makes a reader wait, which is safe because the core never
-//! waits on anything but the inbox and its timers). Writers drain [`OutQueue`]s that drop old
-//! audio when a peer stalls. The call ends on Twilio `stop`, either socket closing, the
-//! start timeout, or cancellation (shutdown); every path closes both sockets politely and
-//! the [`Registration`] guard removes the call from the registry, even on panic.
+//! Per call there is one core task (this module's [`run_call`]) that owns the engine, its
+//! registry entry and both sockets' read halves, plus one writer task per socket. The core
+//! reads Twilio and the model directly (each read half wrapped as a stream whose pending read
+//! survives the `select!`, so no frame is ever half-read and dropped), so a frame reaches the
+//! engine without a task hand-off. Writers drain [`OutQueue`]s that drop old audio when a peer
+//! stalls: the core never waits on a write, so a stalled peer cannot stop it reading. The
+//! upstream socket is opened by a short-lived task and handed over through a bounded inbox
+//! (capacity [`INBOX_CAPACITY`]). The call ends on Twilio `stop`, either socket closing, the
+//! start timeout, or cancellation (shutdown); every path closes both sockets politely and the
+//! [`Registration`] guard removes the call from the registry, even on panic.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketError};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -31,7 +34,9 @@ use super::registry::{CallEntry, CallRegistry, Registration};
 use crate::config::{AgentDefaults, MAX_TWILIO_MESSAGE_BYTES, START_TIMEOUT, UpstreamTarget};
 use crate::upstream::{OpenAiRealtime, SessionSettings, UpstreamSocket, VadSettings, connect};
 
-/// Messages from the call's readers waiting for the core task.
+type UpstreamStream = futures_util::stream::SplitStream<UpstreamSocket>;
+
+/// Messages from the upstream connect task waiting for the core task.
 pub const INBOX_CAPACITY: usize = 64;
 /// Audio messages queued for Twilio beyond what the pacer's lead allows: 1 s of chunks.
 const TWILIO_AUDIO_QUEUE: usize = 50;
@@ -71,7 +76,7 @@ enum CallInput {
     TwilioPing(String),
     TwilioClosed,
     TwilioFailed(WebSocketError),
-    UpstreamOpen(Duration, tokio::task::JoinHandle<()>),
+    UpstreamOpen(Duration, tokio::task::JoinHandle<()>, Box<UpstreamStream>),
     UpstreamFailed(String),
     Upstream(String),
     UpstreamClosed(Option<String>),
@@ -119,7 +124,7 @@ where
         )
     });
     let (inbox_tx, mut inbox) = mpsc::channel::<CallInput>(INBOX_CAPACITY);
-    let tasks = CancellationToken::new();
+    let connecting = CancellationToken::new();
 
     let twilio_out = Arc::new(OutQueue::new(
         TWILIO_AUDIO_QUEUE,
@@ -132,14 +137,9 @@ where
         Arc::clone(&metrics),
     ));
 
-    tokio::spawn(
-        twilio_reader(
-            FragmentCollectorRead::new(read_half),
-            inbox_tx.clone(),
-            tasks.clone(),
-        )
-        .instrument(span.clone()),
-    );
+    let twilio_in = twilio_messages(FragmentCollectorRead::new(read_half));
+    tokio::pin!(twilio_in);
+    let mut upstream_in: Option<Pin<Box<dyn Stream<Item = CallInput> + Send>>> = None;
     let twilio_writer = tokio::spawn(
         twilio_writer(write_half, Arc::clone(&twilio_out), Arc::clone(&metrics))
             .instrument(span.clone()),
@@ -170,6 +170,8 @@ where
         let input = tokio::select! {
             biased;
             () = cancel.cancelled() => break EndReason::Shutdown,
+            input = twilio_in.next() => Some(input.unwrap_or(CallInput::TwilioClosed)),
+            input = next_upstream(&mut upstream_in) => Some(input),
             input = inbox.recv() => input,
             () = sleep_until_opt(pacer) => {
                 let now = tokio::time::Instant::now();
@@ -219,7 +221,7 @@ where
                         open_upstream(
                             services.upstream.clone(),
                             inbox_tx.clone(),
-                            tasks.clone(),
+                            connecting.clone(),
                             Arc::clone(&upstream_out),
                             Arc::clone(&metrics),
                         )
@@ -252,8 +254,9 @@ where
                 }
                 break EndReason::TwilioError;
             }
-            CallInput::UpstreamOpen(took, writer) => {
+            CallInput::UpstreamOpen(took, writer, stream) => {
                 upstream_writer = Some(writer);
+                upstream_in = Some(Box::pin(upstream_messages(*stream)));
                 metrics.upstream_connect.observe(took);
                 tracing::debug!(?took, "upstream open");
                 engine.on_upstream_open(now);
@@ -288,8 +291,8 @@ where
         upstream_errors = stats.upstream_errors,
         "call summary"
     );
-    // Readers stop now; writers send what is queued, then a close frame.
-    tasks.cancel();
+    // A connect still under way is abandoned; writers send what is queued, then a close frame.
+    connecting.cancel();
     twilio_out.close();
     upstream_out.close();
     let _ = tokio::time::timeout(CLOSE_GRACE, twilio_writer).await;
@@ -338,47 +341,44 @@ pub fn redact_number(number: &str) -> String {
     format!("***{tail}")
 }
 
-async fn twilio_reader<R>(
-    mut reader: FragmentCollectorRead<R>,
-    inbox: mpsc::Sender<CallInput>,
-    stop: CancellationToken,
-) where
+/// The Twilio read half as a stream of call inputs. A `next()` dropped by `select!` leaves the
+/// read in progress inside the stream, so it is cancel-safe although `read_frame` is not. The
+/// stream ends after the socket closes or fails.
+fn twilio_messages<R>(reader: FragmentCollectorRead<R>) -> impl Stream<Item = CallInput>
+where
     R: AsyncRead + Unpin,
 {
-    // Auto-pong and auto-close are off, so the reader never has to write.
-    let mut never_writes = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
-    loop {
-        let frame = tokio::select! {
-            () = stop.cancelled() => return,
-            frame = reader.read_frame(&mut never_writes) => frame,
-        };
-        let input = match frame {
-            Ok(frame) => match frame.opcode {
-                OpCode::Text => {
-                    if frame.payload.len() > MAX_TWILIO_MESSAGE_BYTES {
-                        // A fragmented message can exceed the per-frame limit.
-                        CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
-                    } else {
-                        match String::from_utf8(frame.payload.to_vec()) {
-                            Ok(text) => CallInput::Twilio(text),
-                            Err(_) => CallInput::TwilioFailed(WebSocketError::InvalidUTF8),
+    futures_util::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        // Auto-pong and auto-close are off, so the reader never has to write.
+        let mut never_writes = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
+        loop {
+            let input = match reader.read_frame(&mut never_writes).await {
+                Ok(frame) => match frame.opcode {
+                    OpCode::Text => {
+                        if frame.payload.len() > MAX_TWILIO_MESSAGE_BYTES {
+                            // A fragmented message can exceed the per-frame limit.
+                            CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
+                        } else {
+                            match String::from_utf8(frame.payload.to_vec()) {
+                                Ok(text) => CallInput::Twilio(text),
+                                Err(_) => CallInput::TwilioFailed(WebSocketError::InvalidUTF8),
+                            }
                         }
                     }
-                }
-                OpCode::Close => CallInput::TwilioClosed,
-                OpCode::Ping => {
-                    CallInput::TwilioPing(String::from_utf8_lossy(&frame.payload).into_owned())
-                }
-                // Twilio never sends binary frames; a stray one is not audio we understand.
-                OpCode::Binary | OpCode::Pong | OpCode::Continuation => continue,
-            },
-            Err(error) => CallInput::TwilioFailed(error),
-        };
-        let terminal = matches!(input, CallInput::TwilioClosed | CallInput::TwilioFailed(_));
-        if inbox.send(input).await.is_err() || terminal {
-            return;
+                    OpCode::Close => CallInput::TwilioClosed,
+                    OpCode::Ping => {
+                        CallInput::TwilioPing(String::from_utf8_lossy(&frame.payload).into_owned())
+                    }
+                    // Twilio never sends binary frames; a stray one is not audio we understand.
+                    OpCode::Binary | OpCode::Pong | OpCode::Continuation => continue,
+                },
+                Err(error) => CallInput::TwilioFailed(error),
+            };
+            let terminal = matches!(input, CallInput::TwilioClosed | CallInput::TwilioFailed(_));
+            return Some((input, (!terminal).then_some(reader)));
         }
-    }
+    })
 }
 
 async fn twilio_writer<W>(
@@ -451,33 +451,41 @@ async fn open_upstream(
     let took = began.elapsed();
     let (sink, stream) = socket.split();
     let writer = tokio::spawn(upstream_writer(sink, queue, metrics).in_current_span());
-    tokio::spawn(upstream_reader(stream, inbox.clone(), stop).in_current_span());
-    let _ = inbox.send(CallInput::UpstreamOpen(took, writer)).await;
+    let _ = inbox
+        .send(CallInput::UpstreamOpen(took, writer, Box::new(stream)))
+        .await;
 }
 
-async fn upstream_reader(
-    mut stream: futures_util::stream::SplitStream<UpstreamSocket>,
-    inbox: mpsc::Sender<CallInput>,
-    stop: CancellationToken,
-) {
-    loop {
-        let message = tokio::select! {
-            () = stop.cancelled() => return,
-            message = stream.next() => message,
-        };
-        let input = match message {
-            Some(Ok(Message::Text(text))) => CallInput::Upstream(text.as_str().to_owned()),
-            Some(Ok(Message::Close(frame))) => CallInput::UpstreamClosed(
-                frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
-            ),
-            Some(Ok(_)) => continue,
-            Some(Err(error)) => CallInput::UpstreamClosed(Some(error.to_string())),
-            None => CallInput::UpstreamClosed(None),
-        };
-        let terminal = matches!(input, CallInput::UpstreamClosed(_));
-        if inbox.send(input).await.is_err() || terminal {
-            return;
+/// The model's read half as a stream of call inputs; it ends after the socket closes.
+fn upstream_messages(stream: UpstreamStream) -> impl Stream<Item = CallInput> {
+    futures_util::stream::unfold(Some(stream), |stream| async move {
+        let mut stream = stream?;
+        loop {
+            let input = match stream.next().await {
+                Some(Ok(Message::Text(text))) => CallInput::Upstream(text.as_str().to_owned()),
+                Some(Ok(Message::Close(frame))) => CallInput::UpstreamClosed(
+                    frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
+                ),
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => CallInput::UpstreamClosed(Some(error.to_string())),
+                None => CallInput::UpstreamClosed(None),
+            };
+            let terminal = matches!(input, CallInput::UpstreamClosed(_));
+            return Some((input, (!terminal).then_some(stream)));
         }
+    })
+}
+
+/// The next input from the model, or never while its socket is not open (or has ended).
+async fn next_upstream(
+    upstream: &mut Option<Pin<Box<dyn Stream<Item = CallInput> + Send>>>,
+) -> CallInput {
+    match upstream {
+        Some(stream) => match stream.next().await {
+            Some(input) => input,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 
