@@ -115,31 +115,67 @@ struct Endpoint {
     auth_token: Secret,
 }
 
-/// Runs one fixed-size benchmark: `calls` callers for `seconds`.
-pub async fn run(options: &BenchOptions) -> Result<BenchResult, BenchError> {
-    if options.pin {
-        pin_current_process(1)?;
-    }
-    let epoch = Epoch::now();
-    let model = EchoModel::start(
-        EchoModelConfig {
-            model_delay: options.model_delay,
-            barge_in_first_after: options
-                .barge_in_every
-                .map_or(Duration::from_secs(3600), |every| {
+/// The echo model and the bridge under test, started for one run.
+struct Rig {
+    epoch: Epoch,
+    model: EchoModel,
+    bridge: RunningBridge,
+    endpoint: Endpoint,
+}
+
+impl Rig {
+    async fn start(options: &BenchOptions) -> Result<Self, BenchError> {
+        if options.pin {
+            pin_current_process(1)?;
+        }
+        let epoch = Epoch::now();
+        let every = options.barge_in_every;
+        let model = EchoModel::start(
+            EchoModelConfig {
+                model_delay: options.model_delay,
+                // The first barge-in comes once echo audio is flowing, at most 3 s in.
+                barge_in_first_after: every.map_or(Duration::from_secs(3), |every| {
                     every.min(Duration::from_secs(3))
                 }),
-            barge_in_every: options.barge_in_every,
-            listen: options.model_listen,
-        },
-        epoch,
-    )
-    .await
-    .map_err(BenchError::Model)?;
-    let (bridge, endpoint) = start_bridge(options, &model.url()).await?;
-    let result = measure(options, epoch, &model, &bridge, &endpoint, options.calls).await;
-    stop_bridge(bridge).await;
-    model.shutdown();
+                barge_in_every: every,
+                listen: options.model_listen,
+            },
+            epoch,
+        )
+        .await
+        .map_err(BenchError::Model)?;
+        let (bridge, endpoint) = start_bridge(options, &model.url()).await?;
+        Ok(Self {
+            epoch,
+            model,
+            bridge,
+            endpoint,
+        })
+    }
+
+    async fn measure(&self, options: &BenchOptions, calls: usize) -> BenchResult {
+        measure(
+            options,
+            self.epoch,
+            &self.model,
+            &self.bridge,
+            &self.endpoint,
+            calls,
+        )
+        .await
+    }
+
+    async fn stop(self) {
+        stop_bridge(self.bridge).await;
+        self.model.shutdown();
+    }
+}
+
+/// Runs one fixed-size benchmark: `calls` callers for `seconds`.
+pub async fn run(options: &BenchOptions) -> Result<BenchResult, BenchError> {
+    let rig = Rig::start(options).await?;
+    let result = rig.measure(options, options.calls).await;
+    rig.stop().await;
     Ok(result)
 }
 
@@ -151,28 +187,13 @@ pub async fn run_ramp(
     max_calls: usize,
     budget: Duration,
 ) -> Result<BenchResult, BenchError> {
-    if options.pin {
-        pin_current_process(1)?;
-    }
-    let epoch = Epoch::now();
-    let model = EchoModel::start(
-        EchoModelConfig {
-            model_delay: options.model_delay,
-            barge_in_first_after: Duration::from_secs(3),
-            barge_in_every: options.barge_in_every,
-            listen: options.model_listen,
-        },
-        epoch,
-    )
-    .await
-    .map_err(BenchError::Model)?;
-    let (bridge, endpoint) = start_bridge(options, &model.url()).await?;
+    let rig = Rig::start(options).await?;
     let mut steps = Vec::new();
     let mut last = BenchResult::default();
     let mut calls = options.calls.max(1);
     let mut held_max = None;
     loop {
-        let result = measure(options, epoch, &model, &bridge, &endpoint, calls).await;
+        let result = rig.measure(options, calls).await;
         let budget_us = budget.as_secs_f64() * 1e6;
         let held = result.errors == 0
             && result.late_frames == 0
@@ -207,8 +228,7 @@ pub async fn run_ramp(
         }
         calls = (calls + step).min(max_calls);
     }
-    stop_bridge(bridge).await;
-    model.shutdown();
+    rig.stop().await;
     last.ramp = steps;
     last.max_calls_held = held_max;
     Ok(last)
@@ -473,7 +493,6 @@ async fn measure(
         _ => None,
     };
     let rss_before = bridge_pid.as_deref().and_then(process_rss_kib);
-    let cpu_before = bridge_pid.as_deref().and_then(process_cpu);
     let load_before = process_cpu("self");
     let wall = std::time::Instant::now();
     let sessions_before = model.records().len();
@@ -505,10 +524,9 @@ async fn measure(
         }));
     }
 
-    // Resource use is read in the steady middle of the run, when every call is up.
+    // Resource use is read while every call is up: from half a second after the last call
+    // started to half a second before the first one ends.
     let steady = options.ramp_up + duration / 2;
-    let mut rss_steady = None;
-    let mut cpu_window = None;
     let progress = {
         let up = Arc::clone(&up);
         let show = options.progress;
@@ -532,14 +550,15 @@ async fn measure(
     let cpu_at_window = bridge_pid.as_deref().and_then(process_cpu);
     let window_wall = std::time::Instant::now();
     tokio::time::sleep(steady.saturating_sub(window_start)).await;
-    rss_steady = rss_steady.or(bridge_pid.as_deref().and_then(process_rss_kib));
+    let rss_steady = bridge_pid.as_deref().and_then(process_rss_kib);
     let window_len = duration
-        .saturating_sub(Duration::from_millis(1_000))
+        .saturating_sub(options.ramp_up + Duration::from_millis(1_000))
         .max(Duration::from_millis(100));
     tokio::time::sleep(window_len.saturating_sub(window_wall.elapsed())).await;
-    if let (Some(a), Some(b)) = (cpu_at_window, bridge_pid.as_deref().and_then(process_cpu)) {
-        cpu_window = Some((b.saturating_sub(a), window_wall.elapsed()));
-    }
+    let cpu_window = match (cpu_at_window, bridge_pid.as_deref().and_then(process_cpu)) {
+        (Some(a), Some(b)) => Some((b.saturating_sub(a), window_wall.elapsed())),
+        _ => None,
+    };
 
     let mut records = Vec::with_capacity(calls);
     for handle in handles {
@@ -584,7 +603,6 @@ async fn measure(
         result.bridge_rss_kib_per_call =
             Some(steady.saturating_sub(before) as f64 / calls.max(1) as f64);
     }
-    let _ = cpu_before;
     result.machine = machine();
     result
 }
