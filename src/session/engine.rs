@@ -292,9 +292,14 @@ impl CallEngine {
         self.metrics.frames_in.fetch_add(1, Relaxed);
         self.metrics.audio_bytes_in.fetch_add(bytes, Relaxed);
 
-        let mut text = String::with_capacity(payload_b64.len() * 3 + 64);
+        // The append is the audio's base64 plus about 50 bytes of JSON.
+        const APPEND_OVERHEAD: usize = 64;
+        let mut text = String::new();
         match &mut self.resamplers {
-            None => self.upstream.write_audio_append(payload_b64, &mut text),
+            None => {
+                text.reserve_exact(payload_b64.len() + APPEND_OVERHEAD);
+                self.upstream.write_audio_append(payload_b64, &mut text);
+            }
             Some(resamplers) => {
                 let Scratch {
                     bytes,
@@ -315,6 +320,7 @@ impl CallEngine {
                 pcm::samples_to_pcm16le(pcm_out, bytes);
                 b64.clear();
                 BASE64.encode_string(&bytes[..], b64);
+                text.reserve_exact(b64.len() + APPEND_OVERHEAD);
                 self.upstream.write_audio_append(b64, &mut text);
             }
         }
