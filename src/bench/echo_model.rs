@@ -484,7 +484,7 @@ fn decoded_len(audio: &str) -> Option<u64> {
     {
         return None;
     }
-    if padding > 0 && bytes.len() % 4 != 0 {
+    if padding > 0 && !bytes.len().is_multiple_of(4) {
         return None;
     }
     // Unpadded input is accepted too: a trailing group of 2 or 3 characters holds 1 or 2 bytes.

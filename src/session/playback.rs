@@ -65,7 +65,7 @@ impl Default for PlaybackConfig {
 impl PlaybackConfig {
     /// Checks what [`Playback::new`] would otherwise silently round.
     pub fn validate(&self) -> Result<(), PlaybackError> {
-        if self.chunk_ms == 0 || self.chunk_ms % FRAME_MS != 0 {
+        if self.chunk_ms == 0 || !self.chunk_ms.is_multiple_of(FRAME_MS) {
             return Err(PlaybackError::InvalidChunkMs(self.chunk_ms));
         }
         Ok(())
