@@ -8,6 +8,7 @@ pub mod audio_mode;
 pub mod bench;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod secret;
 pub mod session;
