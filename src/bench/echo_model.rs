@@ -24,12 +24,12 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::results::Epoch;
+use crate::upstream::mock::check_realtime_handshake;
 use crate::upstream::push_json_str;
 
 /// tungstenite zero-fills its read buffer on every read and keeps it per connection: 4 KiB
@@ -239,12 +239,6 @@ impl Drop for ActiveGuard {
     }
 }
 
-fn error_response(status: StatusCode, body: &str) -> ErrorResponse {
-    let mut response = ErrorResponse::new(Some(body.to_owned()));
-    *response.status_mut() = status;
-    response
-}
-
 fn epoch_instant(epoch: Epoch, us: u64) -> tokio::time::Instant {
     tokio::time::Instant::from_std(epoch.0 + Duration::from_micros(us))
 }
@@ -262,23 +256,7 @@ async fn serve_connection(
     // The callback's signature is tungstenite's; its error is the HTTP response itself.
     #[allow(clippy::result_large_err)]
     let check_handshake = |request: &Request, response: Response| {
-        if request.uri().path() != "/v1/realtime" {
-            return Err(error_response(StatusCode::NOT_FOUND, "unknown path"));
-        }
-        let authorized = request
-            .headers()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .is_some_and(|key| !key.trim().is_empty());
-        if authorized {
-            Ok(response)
-        } else {
-            Err(error_response(
-                StatusCode::UNAUTHORIZED,
-                "missing bearer token",
-            ))
-        }
+        check_realtime_handshake(request).map(|()| response)
     };
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
@@ -1390,7 +1368,11 @@ mod tests {
         for auth in [None, Some("Bearer "), Some("Basic abc")] {
             match dial(&model.url(), auth).await {
                 Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                    assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{auth:?}")
+                    assert_eq!(
+                        response.status(),
+                        tokio_tungstenite::tungstenite::http::StatusCode::UNAUTHORIZED,
+                        "{auth:?}"
+                    )
                 }
                 other => panic!("{auth:?}: expected 401, got {:?}", other.map(|_| ())),
             }

@@ -203,21 +203,7 @@ async fn serve_connection(
     // The callback's signature is tungstenite's; its error is the HTTP response itself.
     #[allow(clippy::result_large_err)]
     let check_handshake = |request: &Request, response: Response| {
-        if request.uri().path() != "/v1/realtime" {
-            return Err(error_response(StatusCode::NOT_FOUND, "unknown path"));
-        }
-        let authorized = request
-            .headers()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .is_some_and(|key| !key.trim().is_empty());
-        if !authorized {
-            return Err(error_response(
-                StatusCode::UNAUTHORIZED,
-                "missing bearer token",
-            ));
-        }
+        check_realtime_handshake(request)?;
         beta_header = request.headers().contains_key("openai-beta");
         Ok(response)
     };
@@ -306,6 +292,30 @@ fn handle_incoming(
         }
         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => true,
         Some(Ok(Message::Close(_))) | Some(Err(_)) | None => false,
+    }
+}
+
+/// What the real endpoint checks at the handshake: the path, and a non-empty bearer key.
+/// Shared by every test peer that plays the model (this mock and the benchmark's echo model).
+// tungstenite's callback error is the HTTP response itself.
+#[allow(clippy::result_large_err)]
+pub(crate) fn check_realtime_handshake(request: &Request) -> Result<(), ErrorResponse> {
+    if request.uri().path() != "/v1/realtime" {
+        return Err(error_response(StatusCode::NOT_FOUND, "unknown path"));
+    }
+    let authorized = request
+        .headers()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .is_some_and(|key| !key.trim().is_empty());
+    if authorized {
+        Ok(())
+    } else {
+        Err(error_response(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token",
+        ))
     }
 }
 
