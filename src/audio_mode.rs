@@ -4,7 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// How caller audio reaches the model and model audio reaches the caller.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AudioMode {
     /// G.711 μ-law 8 kHz end to end: Twilio's payload is passed to the model untouched.
     #[default]

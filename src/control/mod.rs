@@ -5,4 +5,5 @@
 //! Invariants: everything here is sans-IO (time and randomness are parameters, sockets live in
 //! the async layer), and a control-plane secret only ever sits inside a [`crate::Secret`].
 
+pub mod api;
 pub mod signing;

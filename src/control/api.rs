@@ -1,0 +1,223 @@
+//! The `/v1` wire types, shared by the bridge's client and the reference control plane.
+//!
+//! One definition per JSON document in `docs/control-plane-api.md`, so both sides of the API
+//! serialise from the same types and cannot drift apart. Field names are an interface other
+//! control planes implement: add fields, never rename them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::AudioMode;
+
+pub const CONTEXT_PATH: &str = "/v1/context";
+pub const CALLS_PATH: &str = "/v1/calls";
+
+/// `POST /v1/calls/{call_sid}/report`, with the call SID percent-encoded as a path segment.
+pub fn report_path(call_sid: &str) -> String {
+    format!("{CALLS_PATH}/{}/report", encode_segment(call_sid))
+}
+
+/// `POST /v1/tools/{name}`, with the tool name percent-encoded as a path segment.
+pub fn tool_path(name: &str) -> String {
+    format!("/v1/tools/{}", encode_segment(name))
+}
+
+/// `GET /v1/context?to=…&from=…&call_sid=…` (form-encoded query, in that order).
+pub fn context_path_and_query(to: &str, from: &str, call_sid: &str) -> String {
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("to", to)
+        .append_pair("from", from)
+        .append_pair("call_sid", call_sid)
+        .finish();
+    format!("{CONTEXT_PATH}?{query}")
+}
+
+/// Everything outside RFC 3986's unreserved set is escaped, so a segment can never add a `/`,
+/// `?` or `#` to the path.
+fn encode_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// `GET /v1/context`: who answers a dialled number, and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TenantContext {
+    pub tenant_id: String,
+    pub agent_name: String,
+    pub voice: String,
+    /// Spoken as soon as the stream starts; `null` (or absent) for no greeting.
+    #[serde(default)]
+    pub greeting: Option<String>,
+    pub instructions: String,
+    pub audio_mode: AudioMode,
+    /// BCP 47 tag, e.g. `en-US`.
+    pub language: String,
+    /// OpenAI Realtime function definitions (`{"type":"function","name",…,"parameters"}`).
+    #[serde(default)]
+    pub tools: Vec<serde_json::Value>,
+    /// Where the agent's memory for this caller lives; always starts with `<tenant_id>/`.
+    pub memory_namespace: String,
+    /// The bridge ends the call after this long; 0 means no limit.
+    pub max_call_seconds: u32,
+}
+
+/// `POST /v1/tools/{name}` request body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolRequest {
+    pub call_sid: String,
+    pub tenant_id: String,
+    /// The model's arguments, parsed from its JSON string.
+    pub arguments: serde_json::Value,
+}
+
+/// `POST /v1/tools/{name}` response body. A string output goes to the model verbatim; any
+/// other JSON value is sent as its serialisation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolResponse {
+    pub output: serde_json::Value,
+}
+
+impl ToolResponse {
+    /// The text the model receives as the `function_call_output`.
+    pub fn output_text(&self) -> String {
+        match &self.output {
+            serde_json::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Who spoke a transcript line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Speaker {
+    Caller,
+    Assistant,
+}
+
+impl Speaker {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Speaker::Caller => "caller",
+            Speaker::Assistant => "assistant",
+        }
+    }
+}
+
+/// One transcript line: caller lines come from input transcription, assistant lines from the
+/// model's output transcripts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TranscriptEntry {
+    pub speaker: Speaker,
+    /// Milliseconds since the stream started.
+    pub offset_ms: u64,
+    pub text: String,
+}
+
+/// Latency figures for one call and direction, in microseconds; all zero when `count` is 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// Latency the bridge measured inside itself for one call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CallLatency {
+    /// Twilio frame read → its audio written to the model.
+    pub uplink_us: LatencySummary,
+    /// Model delta read → its audio written to Twilio (unpaced chunks only).
+    pub downlink_us: LatencySummary,
+    /// `speech_started` read → Twilio `clear` written.
+    pub barge_in_us: LatencySummary,
+}
+
+/// `POST /v1/calls/{call_sid}/report` body, and one entry of `GET /v1/calls`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CallReport {
+    pub call_sid: String,
+    pub stream_sid: String,
+    /// `null` when the fallback agent answered (unknown number, control plane down or slow).
+    pub tenant_id: Option<String>,
+    pub agent_name: String,
+    pub from: String,
+    pub to: String,
+    /// Unix milliseconds of the stream's `start` and of the call's end.
+    pub started_at_ms: u64,
+    pub ended_at_ms: u64,
+    /// `twilio_stop`, `twilio_closed`, `twilio_error`, `upstream_closed`, `upstream_failed`,
+    /// `max_duration`, `shutdown`, …
+    pub end_reason: String,
+    /// Where the context came from: `fresh`, `cached`, `stale`, `fallback` or `unknown_number`.
+    pub context_source: String,
+    /// Seconds of caller audio received and of model audio sent to the caller (8 kHz μ-law).
+    pub audio_seconds_in: f64,
+    pub audio_seconds_out: f64,
+    pub barge_ins: u64,
+    pub dtmf_digits: u64,
+    pub tool_calls: u64,
+    pub latency: CallLatency,
+    pub transcript: Vec<TranscriptEntry>,
+}
+
+/// `GET /v1/calls?tenant_id=…` response.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CallHistory {
+    pub calls: Vec<CallReport>,
+}
+
+/// Body of every non-2xx answer: a stable code, never details of a secret or a signature.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_escape_everything_that_could_change_the_route() {
+        assert_eq!(report_path("CA123"), "/v1/calls/CA123/report");
+        assert_eq!(report_path("../x?y"), "/v1/calls/..%2Fx%3Fy/report");
+        assert_eq!(tool_path("take_message"), "/v1/tools/take_message");
+        assert_eq!(tool_path("a b/c"), "/v1/tools/a%20b%2Fc");
+        assert_eq!(
+            context_path_and_query("+15551234567", "+1 555&x", "CA1"),
+            "/v1/context?to=%2B15551234567&from=%2B1+555%26x&call_sid=CA1"
+        );
+    }
+
+    #[test]
+    fn context_round_trips_and_greeting_may_be_absent() {
+        let json = r#"{"tenant_id":"t1","agent_name":"Ada","voice":"marin","instructions":"Be brief.",
+            "audio_mode":"pcm16","language":"en-US","memory_namespace":"t1/+1555","max_call_seconds":600}"#;
+        let context: TenantContext = serde_json::from_str(json).unwrap();
+        assert_eq!(context.audio_mode, AudioMode::Pcm16);
+        assert_eq!(context.greeting, None);
+        assert!(context.tools.is_empty());
+        let again: TenantContext =
+            serde_json::from_str(&serde_json::to_string(&context).unwrap()).unwrap();
+        assert_eq!(again, context);
+    }
+
+    #[test]
+    fn tool_output_text_keeps_strings_verbatim() {
+        let text = ToolResponse {
+            output: serde_json::json!("open 9-5"),
+        };
+        assert_eq!(text.output_text(), "open 9-5");
+        let object = ToolResponse {
+            output: serde_json::json!({"open": true}),
+        };
+        assert_eq!(object.output_text(), r#"{"open":true}"#);
+    }
+}
