@@ -45,6 +45,30 @@ fn encode_segment(segment: &str) -> String {
     out
 }
 
+/// The memory namespace of one caller of one tenant: `<tenant_id>/<caller>`, where the caller
+/// is the `From` number with anything outside `[A-Za-z0-9+._-]` replaced by `_` (Twilio Client
+/// callers look like `client:alice`), or `anonymous` when there is none. Built the same way on
+/// both sides so a context the bridge serves from its cache to another caller of the same
+/// number still names that caller's memory, and nothing in `from` can escape the tenant prefix.
+pub fn memory_namespace(tenant_id: &str, from: &str) -> String {
+    let mut out = String::with_capacity(tenant_id.len() + 1 + from.len().max(9));
+    out.push_str(tenant_id);
+    out.push('/');
+    let from = from.trim();
+    if from.is_empty() {
+        out.push_str("anonymous");
+    } else {
+        out.extend(from.chars().map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        }));
+    }
+    out
+}
+
 /// `GET /v1/context`: who answers a dialled number, and how.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TenantContext {
@@ -193,6 +217,22 @@ mod tests {
         assert_eq!(
             context_path_and_query("+15551234567", "+1 555&x", "CA1"),
             "/v1/context?to=%2B15551234567&from=%2B1+555%26x&call_sid=CA1"
+        );
+    }
+
+    #[test]
+    fn memory_namespace_stays_inside_its_tenant() {
+        assert_eq!(
+            memory_namespace("tenant_42", "+15551234567"),
+            "tenant_42/+15551234567"
+        );
+        assert_eq!(memory_namespace("t1", ""), "t1/anonymous");
+        assert_eq!(memory_namespace("t1", "client:alice"), "t1/client_alice");
+        assert_eq!(memory_namespace("t1", "../t2/x"), "t1/.._t2_x");
+        assert!(
+            !memory_namespace("t1", "a/b")
+                .trim_start_matches("t1/")
+                .contains('/')
         );
     }
 
