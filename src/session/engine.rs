@@ -83,6 +83,8 @@ pub enum EngineError {
     BadBase64,
     #[error("model audio delta is not valid base64")]
     BadModelAudio,
+    #[error("the model session is already open: its settings can no longer change")]
+    SessionAlreadyOpen,
 }
 
 /// Per-call figures for the log line at call end and for reports.
@@ -96,19 +98,28 @@ pub struct CallStats {
     pub dtmf_digits: u64,
     pub upstream_errors: u64,
     pub uplink_dropped: u64,
+    pub tool_calls: u64,
     pub transcript: Vec<TranscriptLine>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TranscriptLine {
     pub speaker: Speaker,
+    /// Milliseconds since the stream's `start`.
+    pub offset_ms: u64,
     pub text: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Speaker {
-    Caller,
-    Assistant,
+pub use crate::control::api::Speaker;
+
+/// A function the model called; the I/O layer runs it and answers with
+/// [`CallEngine::on_tool_output`]. The engine itself never waits on a tool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolCall {
+    pub call_id: String,
+    pub name: String,
+    /// The model's arguments: a JSON text, not yet validated.
+    pub arguments: String,
 }
 
 /// Reused buffers for the per-frame codec work.
@@ -126,6 +137,28 @@ struct Scratch {
 struct Resamplers {
     uplink: StreamResampler,
     downlink: StreamResampler,
+}
+
+impl Resamplers {
+    fn for_mode(mode: AudioMode) -> Option<Self> {
+        match mode {
+            AudioMode::Pcmu => None,
+            // 8 ⇄ 24 kHz is a supported pair by construction; failure here is a bug.
+            AudioMode::Pcm16 => Some(Self {
+                uplink: StreamResampler::new(8_000, 24_000).expect("8 kHz to 24 kHz is supported"),
+                downlink: StreamResampler::new(24_000, 8_000)
+                    .expect("24 kHz to 8 kHz is supported"),
+            }),
+        }
+    }
+}
+
+/// Model audio bytes per millisecond: 8 for μ-law 8 kHz, 48 for PCM16 24 kHz.
+fn model_bytes_per_ms(mode: AudioMode) -> u64 {
+    match mode {
+        AudioMode::Pcmu => 8,
+        AudioMode::Pcm16 => 48,
+    }
 }
 
 pub struct CallEngine {
@@ -147,6 +180,14 @@ pub struct CallEngine {
     held_upstream: VecDeque<Outgoing>,
     held_audio: usize,
     active_response: Option<String>,
+    /// A `response.create` is owed once the active response ends (after tool output: the
+    /// server refuses a second response while one is active).
+    response_owed: bool,
+    /// Whether the I/O layer runs tools; without it every call is answered with an error.
+    tools_enabled: bool,
+    tool_calls: Vec<ToolCall>,
+    /// When the stream started, for transcript offsets.
+    started_at: Option<Instant>,
     to_twilio: Vec<Outgoing>,
     to_upstream: Vec<Outgoing>,
     scratch: Scratch,
@@ -161,15 +202,7 @@ impl CallEngine {
         server_interrupts_response: bool,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let resamplers = match mode {
-            AudioMode::Pcmu => None,
-            // 8 ⇄ 24 kHz is a supported pair by construction; failure here is a bug.
-            AudioMode::Pcm16 => Some(Resamplers {
-                uplink: StreamResampler::new(8_000, 24_000).expect("8 kHz to 24 kHz is supported"),
-                downlink: StreamResampler::new(24_000, 8_000)
-                    .expect("24 kHz to 8 kHz is supported"),
-            }),
-        };
+        let resamplers = Resamplers::for_mode(mode);
         let mut playback = Playback::new(playback);
         playback.set_server_interrupts_response(server_interrupts_response);
         Self {
@@ -179,15 +212,16 @@ impl CallEngine {
             resamplers,
             last_audio: None,
             produced: VecDeque::new(),
-            model_bytes_per_ms: match mode {
-                AudioMode::Pcmu => 8,
-                AudioMode::Pcm16 => 48,
-            },
+            model_bytes_per_ms: model_bytes_per_ms(mode),
             metrics,
             upstream_open: false,
             held_upstream: VecDeque::new(),
             held_audio: 0,
             active_response: None,
+            response_owed: false,
+            tools_enabled: false,
+            tool_calls: Vec::new(),
+            started_at: None,
             to_twilio: Vec::new(),
             to_upstream: Vec::new(),
             scratch: Scratch::default(),
@@ -209,6 +243,54 @@ impl CallEngine {
 
     pub fn upstream_is_open(&self) -> bool {
         self.upstream_open
+    }
+
+    /// Sets the call's model session once its tenant is known (after `start`): the protocol
+    /// (already holding the tenant's settings), the audio mode, whether the server interrupts
+    /// responses itself, and whether tools are run. Only before the upstream opens; caller
+    /// audio held so far in another mode's format is dropped.
+    pub fn configure_session(
+        &mut self,
+        upstream: Box<dyn RealtimeProtocol>,
+        mode: AudioMode,
+        server_interrupts_response: bool,
+        tools_enabled: bool,
+    ) -> Result<(), EngineError> {
+        if self.upstream_open {
+            return Err(EngineError::SessionAlreadyOpen);
+        }
+        let mode_changed = self.model_bytes_per_ms != model_bytes_per_ms(mode);
+        if mode_changed {
+            self.resamplers = Resamplers::for_mode(mode);
+            self.model_bytes_per_ms = model_bytes_per_ms(mode);
+            self.held_upstream.retain(|out| out.kind != OutKind::Audio);
+            self.held_audio = 0;
+        }
+        self.upstream = upstream;
+        self.playback
+            .set_server_interrupts_response(server_interrupts_response);
+        self.tools_enabled = tools_enabled;
+        Ok(())
+    }
+
+    /// Functions the model called since the last take, for the I/O layer to run.
+    pub fn take_tool_calls(&mut self) -> std::vec::Drain<'_, ToolCall> {
+        self.tool_calls.drain(..)
+    }
+
+    /// A tool's result (or error text) for the model, which is then asked to respond — at
+    /// once, or when the response that made the call has ended.
+    pub fn on_tool_output(&mut self, call_id: &str, output: &str) {
+        self.push_upstream_control(self.upstream.function_output(call_id, output));
+        self.request_response();
+    }
+
+    fn request_response(&mut self) {
+        if self.active_response.is_none() {
+            self.push_upstream_control(self.upstream.create_response());
+        } else {
+            self.response_owed = true;
+        }
     }
 
     /// Messages for Twilio, in order.
@@ -245,7 +327,10 @@ impl CallEngine {
         };
         match event {
             StreamEvent::Connected => Ok(TwilioStep::Continue),
-            StreamEvent::Started(info) => Ok(TwilioStep::Started(info)),
+            StreamEvent::Started(info) => {
+                self.started_at = Some(now);
+                Ok(TwilioStep::Started(info))
+            }
             StreamEvent::Media { payload_b64, .. } => {
                 self.on_caller_audio(now, &payload_b64)?;
                 Ok(TwilioStep::Continue)
@@ -364,6 +449,21 @@ impl CallEngine {
         self.to_upstream.extend(self.held_upstream.drain(..));
     }
 
+    /// The upstream socket was opened and configured before the stream started (pre-warm):
+    /// `pending` are the protocol's messages that were held back until the call was claimed
+    /// (the greeting's `response.create`); held caller audio follows them.
+    pub fn on_upstream_prewarmed(&mut self, _now: Instant, pending: Vec<String>) {
+        self.to_upstream
+            .extend(pending.into_iter().map(|text| Outgoing {
+                text,
+                kind: OutKind::Control,
+                caused_at: None,
+            }));
+        self.upstream_open = true;
+        self.held_audio = 0;
+        self.to_upstream.extend(self.held_upstream.drain(..));
+    }
+
     /// One text message from the model, read at `now`.
     pub fn on_upstream_text(&mut self, now: Instant, text: &str) -> Result<(), EngineError> {
         let mut follow_ups = std::mem::take(&mut self.scratch.follow_ups);
@@ -402,21 +502,37 @@ impl CallEngine {
                 self.playback.on_response_done(&response_id);
                 if self.active_response.as_deref() == Some(&*response_id) {
                     self.active_response = None;
+                    if std::mem::take(&mut self.response_owed) {
+                        self.push_upstream_control(self.upstream.create_response());
+                    }
                 }
                 self.pump_playback(now, Some(now));
             }
             UpstreamEvent::InputTranscript { text, .. } => {
-                self.push_transcript(Speaker::Caller, text);
+                self.push_transcript(now, Speaker::Caller, text);
             }
             UpstreamEvent::OutputTranscript { text, .. } => {
-                self.push_transcript(Speaker::Assistant, text);
+                self.push_transcript(now, Speaker::Assistant, text);
             }
-            UpstreamEvent::FunctionCall { name, call_id, .. } => {
-                // Tools arrive with the control plane; until then the model is told plainly.
-                tracing::warn!(%name, "model called a tool, but no tools are configured");
-                let output = r#"{"error":"no tools are available on this line"}"#;
-                self.push_upstream_control(self.upstream.function_output(&call_id, output));
-                self.push_upstream_control(self.upstream.create_response());
+            UpstreamEvent::FunctionCall {
+                name,
+                call_id,
+                arguments,
+            } => {
+                self.stats.tool_calls += 1;
+                if self.tools_enabled {
+                    tracing::info!(%name, %call_id, "model called a tool");
+                    self.tool_calls.push(ToolCall {
+                        call_id: call_id.into_owned(),
+                        name: name.into_owned(),
+                        arguments: arguments.into_owned(),
+                    });
+                } else {
+                    // No control plane runs tools here: the model is told plainly.
+                    tracing::warn!(%name, "model called a tool, but no tools are configured");
+                    let output = r#"{"error":"no tools are available on this line"}"#;
+                    self.on_tool_output(&call_id, output);
+                }
             }
             UpstreamEvent::Error {
                 error_type,
@@ -437,12 +553,16 @@ impl CallEngine {
         Ok(())
     }
 
-    fn push_transcript(&mut self, speaker: Speaker, text: Cow<'_, str>) {
+    fn push_transcript(&mut self, now: Instant, speaker: Speaker, text: Cow<'_, str>) {
         let text = text.trim();
         if !text.is_empty() {
             tracing::debug!(?speaker, text, "transcript");
+            let offset_ms = self.started_at.map_or(0, |started| {
+                now.saturating_duration_since(started).as_millis() as u64
+            });
             self.stats.transcript.push(TranscriptLine {
                 speaker,
+                offset_ms,
                 text: text.to_owned(),
             });
         }
@@ -1316,6 +1436,195 @@ mod tests {
         assert_eq!(up[1].kind_str(), "response.create");
         assert_eq!(h.engine.stats().dtmf_digits, 3);
         assert!(h.twilio_out().is_empty());
+    }
+
+    fn function_call(call_id: &str, name: &str, arguments: &str) -> String {
+        json!({
+            "type": "response.function_call_arguments.done",
+            "response_id": "r1", "item_id": "item_f", "output_index": 0,
+            "call_id": call_id, "name": name, "arguments": arguments,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn tool_calls_go_to_the_io_layer_and_the_response_waits_for_the_active_one() {
+        let mut h = Harness::streaming(AudioMode::Pcmu);
+        h.engine
+            .configure_session(
+                Box::new(OpenAiRealtime::new(SessionSettings::default())),
+                AudioMode::Pcmu,
+                true,
+                true,
+            )
+            .expect_err("the session is open: settings are fixed");
+        let mut h = Harness::started_only(AudioMode::Pcmu);
+        h.engine
+            .configure_session(
+                Box::new(OpenAiRealtime::new(SessionSettings::default())),
+                AudioMode::Pcmu,
+                true,
+                true,
+            )
+            .expect("before open");
+        h.engine.on_upstream_open(h.at(0));
+        h.upstream_out();
+
+        h.upstream(10, &response_created("r1")).expect("created");
+        h.upstream(
+            20,
+            &function_call("call_1", "take_message", r#"{"message":"hi"}"#),
+        )
+        .expect("function call");
+        let calls: Vec<ToolCall> = h.engine.take_tool_calls().collect();
+        assert_eq!(
+            calls,
+            vec![ToolCall {
+                call_id: "call_1".into(),
+                name: "take_message".into(),
+                arguments: r#"{"message":"hi"}"#.into()
+            }]
+        );
+        assert!(
+            h.upstream_out().is_empty(),
+            "nothing is said before the tool answers"
+        );
+
+        // The tool answers while r1 is still active: output now, response.create after r1.
+        h.engine.on_tool_output("call_1", r#"{"saved":true}"#);
+        let up = h.upstream_out();
+        assert_eq!(up.len(), 1, "{up:?}");
+        assert_eq!(up[0].kind_str(), "conversation.item.create");
+        assert_eq!(
+            up[0].json["item"],
+            json!({"type": "function_call_output", "call_id": "call_1", "output": "{\"saved\":true}"})
+        );
+        h.upstream(30, &response_done("r1")).expect("done");
+        let up = h.upstream_out();
+        assert_eq!(up.len(), 1, "{up:?}");
+        assert_eq!(up[0].json, json!({"type": "response.create"}));
+        h.upstream(40, &response_created("r2")).expect("created");
+        h.upstream(50, &response_done("r2")).expect("done");
+        assert!(
+            h.upstream_out().is_empty(),
+            "the owed response is asked for once"
+        );
+
+        // A tool answer with no response active asks for one at once.
+        h.upstream(60, &function_call("call_2", "lookup_business_hours", "{}"))
+            .expect("function call");
+        assert_eq!(h.engine.take_tool_calls().count(), 1);
+        h.engine.on_tool_output("call_2", "closed");
+        let kinds: Vec<String> = h
+            .upstream_out()
+            .iter()
+            .map(|s| s.kind_str().to_owned())
+            .collect();
+        assert_eq!(kinds, ["conversation.item.create", "response.create"]);
+        assert_eq!(h.engine.stats().tool_calls, 2);
+    }
+
+    #[test]
+    fn without_tools_the_model_is_told_and_answered_after_its_response_ends() {
+        let mut h = Harness::streaming(AudioMode::Pcmu);
+        h.upstream(10, &response_created("r1")).expect("created");
+        h.upstream(20, &function_call("call_1", "anything", "{}"))
+            .expect("function call");
+        assert_eq!(h.engine.take_tool_calls().count(), 0);
+        let up = h.upstream_out();
+        assert_eq!(up.len(), 1, "{up:?}");
+        assert_eq!(up[0].json["item"]["type"], "function_call_output");
+        assert!(
+            up[0].json["item"]["output"]
+                .as_str()
+                .unwrap()
+                .contains("error")
+        );
+        h.upstream(30, &response_done("r1")).expect("done");
+        assert_eq!(h.upstream_out()[0].kind_str(), "response.create");
+    }
+
+    #[test]
+    fn configure_session_switches_the_audio_mode_before_open() {
+        let mut h = Harness::started_only(AudioMode::Pcmu);
+        let settings = SessionSettings {
+            audio_mode: AudioMode::Pcm16,
+            ..SessionSettings::default()
+        };
+        h.engine
+            .configure_session(
+                Box::new(OpenAiRealtime::new(settings)),
+                AudioMode::Pcm16,
+                true,
+                false,
+            )
+            .expect("before open");
+        h.engine.on_upstream_open(h.at(0));
+        let up = h.upstream_out();
+        assert_eq!(
+            up[0].json["session"]["audio"]["input"]["format"]["rate"],
+            24000
+        );
+        // A 20 ms μ-law frame becomes 24 kHz PCM16 (resampled: not the μ-law bytes).
+        h.twilio(20, &media_msg(&b64(&[0x55; 160]))).expect("media");
+        h.twilio(40, &media_msg(&b64(&[0x55; 160]))).expect("media");
+        let up = h.upstream_out();
+        assert!(!up.is_empty());
+        let audio = BASE64
+            .decode(up[0].json["audio"].as_str().expect("audio"))
+            .expect("base64");
+        assert_eq!(audio.len() % 2, 0);
+        assert_ne!(audio.len(), 160);
+    }
+
+    #[test]
+    fn a_prewarmed_session_sends_its_pending_greeting_then_held_audio() {
+        let mut h = Harness::started_only(AudioMode::Pcmu);
+        let payload = b64(&[0x55; 160]);
+        h.twilio(0, &media_msg(&payload)).expect("media");
+        assert!(
+            h.upstream_out().is_empty(),
+            "held until the session is open"
+        );
+        let greeting = json!({"type": "response.create"}).to_string();
+        h.engine.on_upstream_prewarmed(h.at(5), vec![greeting]);
+        let up = h.upstream_out();
+        let kinds: Vec<&str> = up.iter().map(Sent::kind_str).collect();
+        assert_eq!(kinds, ["response.create", "input_audio_buffer.append"]);
+        assert!(h.engine.upstream_is_open());
+    }
+
+    #[test]
+    fn transcript_lines_carry_their_offset_from_the_start() {
+        let mut h = Harness::streaming(AudioMode::Pcmu);
+        let caller = json!({
+            "type": "conversation.item.input_audio_transcription.completed",
+            "item_id": "item_1", "content_index": 0, "transcript": "Are you open today? ",
+        });
+        let assistant = json!({
+            "type": "response.output_audio_transcript.done",
+            "response_id": "r1", "item_id": "item_2", "output_index": 0, "content_index": 0,
+            "transcript": "Yes, until five.",
+        });
+        h.upstream(1_250, &caller.to_string()).expect("caller line");
+        h.upstream(2_500, &assistant.to_string())
+            .expect("assistant line");
+        let lines = &h.engine.stats().transcript;
+        assert_eq!(
+            lines,
+            &vec![
+                TranscriptLine {
+                    speaker: Speaker::Caller,
+                    offset_ms: 1_250,
+                    text: "Are you open today?".into()
+                },
+                TranscriptLine {
+                    speaker: Speaker::Assistant,
+                    offset_ms: 2_500,
+                    text: "Yes, until five.".into()
+                },
+            ]
+        );
     }
 
     // ---- 7. bad input ----

@@ -31,6 +31,10 @@ pub struct SessionSettings {
     pub vad: VadSettings,
     /// Sent as `session.model` when set; the model is normally chosen by the connect URL.
     pub model: Option<String>,
+    /// Function definitions the model may call (OpenAI's `{"type":"function",…}` shape).
+    pub tools: Vec<serde_json::Value>,
+    /// The caller's language as an ISO-639-1 code (`en`), a hint for input transcription.
+    pub language: Option<String>,
 }
 
 impl Default for SessionSettings {
@@ -43,6 +47,8 @@ impl Default for SessionSettings {
             transcription_model: Some("gpt-4o-mini-transcribe".to_owned()),
             vad: VadSettings::default(),
             model: None,
+            tools: Vec::new(),
+            language: None,
         }
     }
 }

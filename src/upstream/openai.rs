@@ -45,6 +45,8 @@ impl OpenAiRealtime {
                 model: settings.model.as_deref(),
                 output_modalities: ["audio"],
                 instructions: &settings.instructions,
+                tool_choice: (!settings.tools.is_empty()).then_some("auto"),
+                tools: &settings.tools,
                 audio: AudioConfig {
                     input: AudioInput {
                         format,
@@ -56,10 +58,12 @@ impl OpenAiRealtime {
                             create_response: vad.create_response,
                             interrupt_response: vad.interrupt_response,
                         },
-                        transcription: settings
-                            .transcription_model
-                            .as_deref()
-                            .map(|model| Transcription { model }),
+                        transcription: settings.transcription_model.as_deref().map(|model| {
+                            Transcription {
+                                model,
+                                language: settings.language.as_deref(),
+                            }
+                        }),
                     },
                     output: AudioOutput {
                         format,
@@ -273,6 +277,11 @@ struct SessionConfig<'a> {
     model: Option<&'a str>,
     output_modalities: [&'static str; 1],
     instructions: &'a str,
+    /// Only sent when the tenant has tools, so a tool-less session.update stays minimal.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tools: &'a [serde_json::Value],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<&'static str>,
     audio: AudioConfig<'a>,
 }
 
@@ -333,6 +342,8 @@ struct TurnDetection {
 #[derive(Serialize)]
 struct Transcription<'a> {
     model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    language: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -639,6 +650,25 @@ mod tests {
         assert_eq!(vad["threshold"].as_f64(), Some(0.7));
         assert_eq!(vad["silence_duration_ms"], 650);
         assert_eq!(vad["interrupt_response"], false);
+        assert!(session.get("tools").is_none() && session.get("tool_choice").is_none());
+    }
+
+    #[test]
+    fn session_update_carries_tools_and_the_transcription_language() {
+        let tool = serde_json::json!({
+            "type": "function",
+            "name": "take_message",
+            "description": "Leave a message",
+            "parameters": {"type": "object", "properties": {"message": {"type": "string"}}}
+        });
+        let mut settings = receptionist();
+        settings.tools = vec![tool.clone()];
+        settings.language = Some("de".to_owned());
+        let ours = parse(&OpenAiRealtime::new(settings).session_update());
+        let session = &ours["session"];
+        assert_eq!(session["tools"], serde_json::json!([tool]));
+        assert_eq!(session["tool_choice"], "auto");
+        assert_eq!(session["audio"]["input"]["transcription"]["language"], "de");
     }
 
     #[test]
