@@ -43,6 +43,16 @@ pub struct MockConfig {
     pub greeting_ms: u32,
     /// Audio carried by each `response.output_audio.delta`.
     pub delta_ms: u32,
+    /// Functions the mock calls instead of echoing, one per caller utterance in order, each
+    /// only if the session's `tools` offer it (otherwise that utterance is echoed as usual).
+    pub tool_script: Vec<MockToolCall>,
+}
+
+/// A function call the mock makes in place of an echo.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MockToolCall {
+    pub name: String,
+    pub arguments: Value,
 }
 
 impl Default for MockConfig {
@@ -53,6 +63,7 @@ impl Default for MockConfig {
             silence_ms: 500,
             greeting_ms: 1500,
             delta_ms: 100,
+            tool_script: Vec::new(),
         }
     }
 }
@@ -74,6 +85,12 @@ pub struct MockSessionRecord {
     pub truncates: Vec<(String, u32)>,
     pub deletes: Vec<String>,
     pub user_texts: Vec<String>,
+    /// `(name, arguments)` of every function call the mock made.
+    pub function_calls: Vec<(String, Value)>,
+    /// `(call_id, output)` of every `function_call_output` item received.
+    pub function_outputs: Vec<(String, String)>,
+    /// The transcript of every response the mock completed or cancelled, in order.
+    pub response_transcripts: Vec<String>,
     /// The `code` of every error event sent.
     pub errors_sent: Vec<String>,
     pub closed: bool,

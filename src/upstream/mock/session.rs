@@ -14,7 +14,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value, json};
 
-use super::{MockConfig, MockSessionRecord, lock};
+use super::{MockConfig, MockSessionRecord, MockToolCall, lock};
 use crate::codec::g711::{alaw_decode, alaw_encode, mulaw_decode, mulaw_encode};
 
 /// Audio formats the GA API accepts.
@@ -119,11 +119,12 @@ struct ActiveResponse {
     transcript: String,
 }
 
-/// An echo waiting for the model's think time.
+/// An echo (or a scripted function call) waiting for the model's think time.
 struct PendingReply {
     due: Duration,
     audio: Vec<i16>,
     transcript: String,
+    tool: Option<MockToolCall>,
 }
 
 #[derive(Default)]
@@ -155,6 +156,10 @@ pub struct MockSession {
     carry: Option<u8>,
     pending: Option<PendingReply>,
     active: Option<ActiveResponse>,
+    /// The next entry of `config.tool_script`.
+    next_tool: usize,
+    /// The output of the latest `function_call_output` item, which the next response speaks.
+    last_tool_output: Option<String>,
 }
 
 impl MockSession {
@@ -202,6 +207,8 @@ impl MockSession {
             carry: None,
             pending: None,
             active: None,
+            next_tool: 0,
+            last_tool_output: None,
         }
     }
 
@@ -233,7 +240,10 @@ impl MockSession {
         }
         if self.active.is_none() && self.pending.as_ref().is_some_and(|p| p.due <= now) {
             if let Some(reply) = self.pending.take() {
-                self.start_response(reply.audio, reply.transcript);
+                match reply.tool {
+                    Some(tool) => self.call_function(tool),
+                    None => self.start_response(reply.audio, reply.transcript),
+                }
             }
             return self.outbox.pop_front();
         }
@@ -296,7 +306,8 @@ impl MockSession {
                 } else {
                     self.pending = None;
                     let audio = chime(self.config.greeting_ms, self.output_format().rate());
-                    self.start_response(audio, "(greeting chime)".to_owned());
+                    let transcript = self.response_transcript(&event);
+                    self.start_response(audio, transcript);
                 }
             }
             "response.cancel" => {
@@ -536,12 +547,97 @@ impl MockSession {
         }));
         if self.turn_detection_flag("create_response") {
             let output = convert_rate(&audio, rate as u32, self.output_format().rate());
+            let tool = self.next_scripted_tool();
             self.pending = Some(PendingReply {
                 due: now + self.config.reply_delay,
                 audio: output,
                 transcript,
+                tool,
             });
         }
+    }
+
+    /// The next scripted function call, if the session offers that function.
+    fn next_scripted_tool(&mut self) -> Option<MockToolCall> {
+        let tool = self.config.tool_script.get(self.next_tool)?.clone();
+        self.next_tool += 1;
+        let offered = self
+            .session
+            .get("tools")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|offered| offered.get("name").and_then(Value::as_str) == Some(&tool.name));
+        offered.then_some(tool)
+    }
+
+    /// What a `response.create` makes the mock "say": the greeting the bridge asked for
+    /// (its instructions end with the text to say), the latest tool output, or a chime.
+    fn response_transcript(&mut self, event: &Map<String, Value>) -> String {
+        const GREETING_MARK: &str = "by saying exactly this: ";
+        let instructions = event
+            .get("response")
+            .and_then(|response| response.get("instructions"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if let Some((_, greeting)) = instructions.rsplit_once(GREETING_MARK) {
+            return greeting.to_owned();
+        }
+        match self.last_tool_output.take() {
+            Some(output) => format!("(tool said: {output})"),
+            None => "(greeting chime)".to_owned(),
+        }
+    }
+
+    /// A response whose only output is a function call, emitted at once, as the GA server
+    /// orders it: the call's arguments are complete before `response.done`.
+    fn call_function(&mut self, tool: MockToolCall) {
+        let id = self.new_id("resp");
+        let item_id = self.new_id("item");
+        let call_id = self.new_id("call");
+        let arguments = tool.arguments.to_string();
+        lock(&self.record)
+            .function_calls
+            .push((tool.name.clone(), tool.arguments.clone()));
+        let previous = self.last_item.replace(item_id.clone());
+        self.items.insert(item_id.clone(), (false, 0));
+        self.emit(json!({
+            "type": "response.created",
+            "response": {"object": "realtime.response", "id": id, "status": "in_progress",
+                         "output": [], "output_modalities": ["audio"], "usage": null},
+        }));
+        let mut item = json!({"id": item_id, "object": "realtime.item", "type": "function_call",
+                              "status": "in_progress", "call_id": call_id, "name": tool.name,
+                              "arguments": ""});
+        self.emit(
+            json!({"type": "response.output_item.added", "response_id": id,
+                         "output_index": 0, "item": item}),
+        );
+        self.emit(
+            json!({"type": "conversation.item.added", "previous_item_id": previous,
+                         "item": item}),
+        );
+        self.emit(
+            json!({"type": "response.function_call_arguments.delta", "response_id": id,
+                         "item_id": item_id, "output_index": 0, "call_id": call_id,
+                         "delta": arguments}),
+        );
+        self.emit(
+            json!({"type": "response.function_call_arguments.done", "response_id": id,
+                         "item_id": item_id, "output_index": 0, "call_id": call_id,
+                         "name": tool.name, "arguments": arguments}),
+        );
+        item["status"] = json!("completed");
+        item["arguments"] = json!(arguments);
+        self.emit(
+            json!({"type": "response.output_item.done", "response_id": id,
+                         "output_index": 0, "item": item}),
+        );
+        self.emit(json!({
+            "type": "response.done",
+            "response": {"object": "realtime.response", "id": id, "status": "completed",
+                         "status_details": null, "output": [item], "usage": null},
+        }));
     }
 
     fn start_response(&mut self, audio: Vec<i16>, transcript: String) {
@@ -623,6 +719,9 @@ impl MockSession {
     }
 
     fn finish(&mut self, response: &ActiveResponse, status: &str, reason: Option<&str>) {
+        lock(&self.record)
+            .response_transcripts
+            .push(response.transcript.clone());
         let item_status = if status == "completed" {
             "completed"
         } else {
@@ -669,7 +768,15 @@ impl MockSession {
                     lock(&self.record).user_texts.extend(texts);
                 }
             }
-            Some("function_call_output" | "function_call") => {}
+            Some("function_call_output") => {
+                let call_id = item.get("call_id").and_then(Value::as_str).unwrap_or("");
+                let output = item.get("output").and_then(Value::as_str).unwrap_or("");
+                lock(&self.record)
+                    .function_outputs
+                    .push((call_id.to_owned(), output.to_owned()));
+                self.last_tool_output = Some(output.to_owned());
+            }
+            Some("function_call") => {}
             _ => {
                 self.error(
                     "invalid_request_error",
@@ -862,6 +969,83 @@ mod tests {
             .poll_transmit(Duration::from_millis(1200))
             .expect("reply due");
         assert!(first.contains("\"response.created\""));
+    }
+
+    fn drain(session: &mut MockSession, now: Duration) -> Vec<Value> {
+        std::iter::from_fn(|| session.poll_transmit(now))
+            .map(|frame| serde_json::from_str(&frame).expect("json"))
+            .collect()
+    }
+
+    #[test]
+    fn scripted_tool_call_replaces_the_echo_and_its_output_is_spoken() {
+        let record = Arc::new(Mutex::new(MockSessionRecord::default()));
+        let mut session = MockSession::new(
+            "sess_test".to_owned(),
+            MockConfig {
+                reply_delay: Duration::ZERO,
+                tool_script: vec![MockToolCall {
+                    name: "lookup_business_hours".into(),
+                    arguments: json!({"day": "monday"}),
+                }],
+                ..MockConfig::default()
+            },
+            Arc::clone(&record),
+        );
+        let mut update = session_update(json!({"type": "audio/pcmu"}));
+        update["session"]["tools"] =
+            json!([{"type": "function", "name": "lookup_business_hours", "parameters": {}}]);
+        session.handle_text(&update.to_string(), Duration::ZERO);
+        let mut input = tone(300, 8000, 8000.0);
+        input.extend(vec![0; 4000]);
+        let append =
+            json!({"type": "input_audio_buffer.append", "audio": Format::Pcmu.encode(&input)});
+        session.handle_text(&append.to_string(), Duration::from_millis(1000));
+        let events = drain(&mut session, Duration::from_millis(1000));
+        let done = events
+            .iter()
+            .find(|e| e["type"] == "response.function_call_arguments.done")
+            .expect("a function call instead of an echo");
+        assert_eq!(done["name"], "lookup_business_hours");
+        assert_eq!(done["arguments"], r#"{"day":"monday"}"#);
+        assert!(
+            !events
+                .iter()
+                .any(|e| e["type"] == "response.output_audio.delta")
+        );
+        let call_id = done["call_id"].as_str().unwrap().to_owned();
+
+        let output = json!({"type": "conversation.item.create",
+            "item": {"type": "function_call_output", "call_id": call_id, "output": "open 9-5"}});
+        session.handle_text(&output.to_string(), Duration::from_millis(1100));
+        session.handle_text(r#"{"type":"response.create"}"#, Duration::from_millis(1100));
+        let events = drain(&mut session, Duration::from_millis(1100));
+        let transcript = events
+            .iter()
+            .find(|e| e["type"] == "response.output_audio_transcript.done")
+            .expect("the answer is spoken");
+        assert_eq!(transcript["transcript"], "(tool said: open 9-5)");
+        let record = lock(&record);
+        assert_eq!(record.function_outputs, [(call_id, "open 9-5".to_owned())]);
+        assert_eq!(record.function_calls.len(), 1);
+    }
+
+    #[test]
+    fn greeting_transcript_is_the_text_the_bridge_asked_for() {
+        let record = Arc::new(Mutex::new(MockSessionRecord::default()));
+        let mut session = MockSession::new(
+            "sess_test".to_owned(),
+            MockConfig {
+                greeting_ms: 40,
+                ..MockConfig::default()
+            },
+            Arc::clone(&record),
+        );
+        let create = json!({"type": "response.create", "response": {"instructions":
+            "Be kind.\n\nThe call has just connected. Greet the caller now by saying exactly this: Welcome to Luna!"}});
+        session.handle_text(&create.to_string(), Duration::ZERO);
+        drain(&mut session, Duration::ZERO);
+        assert_eq!(lock(&record).response_transcripts, ["Welcome to Luna!"]);
     }
 
     #[test]
