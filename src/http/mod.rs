@@ -6,6 +6,7 @@
 //! call is a task tracked here rather than by axum (whose upgrades are detached), so a drain
 //! can wait for live calls.
 
+pub mod fly;
 mod routes;
 mod server;
 

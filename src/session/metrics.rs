@@ -155,6 +155,17 @@ pub struct Metrics {
     pub calls_started: AtomicU64,
     pub calls_ended: AtomicU64,
     pub calls_rejected_draining: AtomicU64,
+    /// Streams refused because their binding token was wrong, or missing when required.
+    pub streams_refused_token: AtomicU64,
+    /// Upgrades answered with `fly-replay` towards the machine that pre-warmed them.
+    pub fly_replays: AtomicU64,
+    /// Calls ended by their tenant's `max_call_seconds`.
+    pub calls_max_duration: AtomicU64,
+    pub prewarm_started: AtomicU64,
+    pub prewarm_claimed: AtomicU64,
+    /// Pre-warmed sessions closed because no stream claimed them in time.
+    pub prewarm_unclaimed: AtomicU64,
+    pub prewarm_failed: AtomicU64,
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub audio_bytes_in: AtomicU64,
@@ -253,6 +264,48 @@ impl Metrics {
             "voxrelay_calls_rejected_draining_total",
             "Calls refused because the bridge is draining.",
             &self.calls_rejected_draining,
+        );
+        counter(
+            &mut out,
+            "voxrelay_streams_refused_token_total",
+            "Media streams refused for a wrong (or, when required, missing) stream token.",
+            &self.streams_refused_token,
+        );
+        counter(
+            &mut out,
+            "voxrelay_fly_replays_total",
+            "Stream upgrades replayed to the machine that pre-warmed them.",
+            &self.fly_replays,
+        );
+        counter(
+            &mut out,
+            "voxrelay_calls_max_duration_total",
+            "Calls ended by their tenant's max_call_seconds.",
+            &self.calls_max_duration,
+        );
+        counter(
+            &mut out,
+            "voxrelay_prewarm_started_total",
+            "Upstream sessions opened by the voice webhook ahead of the stream.",
+            &self.prewarm_started,
+        );
+        counter(
+            &mut out,
+            "voxrelay_prewarm_claimed_total",
+            "Pre-warmed upstream sessions taken over by their stream.",
+            &self.prewarm_claimed,
+        );
+        counter(
+            &mut out,
+            "voxrelay_prewarm_unclaimed_total",
+            "Pre-warmed upstream sessions closed because no stream claimed them in time.",
+            &self.prewarm_unclaimed,
+        );
+        counter(
+            &mut out,
+            "voxrelay_prewarm_failed_total",
+            "Pre-warms that could not open or configure the upstream session.",
+            &self.prewarm_failed,
         );
         counter(
             &mut out,

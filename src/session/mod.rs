@@ -1,9 +1,12 @@
 //! Per-call sessions: the call engine and its async driver, playback accounting and
 //! barge-in, the registry of live calls, outbound queues and metrics.
 
+pub mod agent;
+pub mod binding;
 pub mod call;
 pub mod engine;
 pub mod metrics;
 pub mod playback;
+pub mod prewarm;
 pub mod queue;
 pub mod registry;

@@ -1,0 +1,163 @@
+//! Who answers a call: the agent a call is configured with, from a tenant's context or from
+//! the bridge's environment defaults (the fallback).
+//!
+//! Invariants: a tenant's memory namespace always starts with `<tenant_id>/` (a context that
+//! breaks the rule is corrected here, whatever its source); the fallback agent never carries a
+//! tenant, tools or a namespace, so a call answered by it can never reach a tenant's data.
+
+use std::time::Duration;
+
+use crate::AudioMode;
+use crate::config::AgentDefaults;
+use crate::control::api::{TenantContext, memory_namespace};
+use crate::upstream::SessionSettings;
+
+/// The agent one call gets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallAgent {
+    /// `None` for the fallback agent.
+    pub tenant_id: Option<String>,
+    pub agent_name: String,
+    pub voice: String,
+    pub instructions: String,
+    pub greeting: Option<String>,
+    pub audio_mode: AudioMode,
+    /// BCP 47, e.g. `en-US`, when known.
+    pub language: Option<String>,
+    pub tools: Vec<serde_json::Value>,
+    pub memory_namespace: Option<String>,
+    /// `None`: no limit.
+    pub max_call: Option<Duration>,
+    /// Where the agent came from: `static` (no control plane), or the directory's source
+    /// (`fresh`, `cached`, `stale`, `fallback`, `unknown_number`).
+    pub source: &'static str,
+}
+
+impl CallAgent {
+    /// The environment's agent: used without a control plane, and as the fallback.
+    pub fn from_defaults(defaults: &AgentDefaults, source: &'static str) -> Self {
+        Self {
+            tenant_id: None,
+            agent_name: "default".to_owned(),
+            voice: defaults.voice.clone(),
+            instructions: defaults.instructions.clone(),
+            greeting: defaults.greeting.clone(),
+            audio_mode: defaults.audio_mode,
+            language: None,
+            tools: Vec::new(),
+            memory_namespace: None,
+            max_call: None,
+            source,
+        }
+    }
+
+    /// A tenant's agent for one caller (`from`).
+    pub fn from_context(context: &TenantContext, from: &str, source: &'static str) -> Self {
+        let prefix = format!("{}/", context.tenant_id);
+        let namespace = if context.memory_namespace.starts_with(&prefix)
+            && context.memory_namespace.len() > prefix.len()
+        {
+            context.memory_namespace.clone()
+        } else {
+            tracing::warn!(
+                tenant = %context.tenant_id,
+                "context's memory namespace is outside its tenant: using the tenant's own rule"
+            );
+            memory_namespace(&context.tenant_id, from)
+        };
+        Self {
+            tenant_id: Some(context.tenant_id.clone()),
+            agent_name: context.agent_name.clone(),
+            voice: context.voice.clone(),
+            instructions: context.instructions.clone(),
+            greeting: context.greeting.clone().filter(|g| !g.trim().is_empty()),
+            audio_mode: context.audio_mode,
+            language: Some(context.language.clone()).filter(|l| !l.trim().is_empty()),
+            tools: context.tools.clone(),
+            memory_namespace: Some(namespace),
+            max_call: (context.max_call_seconds > 0)
+                .then(|| Duration::from_secs(u64::from(context.max_call_seconds))),
+            source,
+        }
+    }
+
+    /// The model session this agent runs.
+    pub fn session_settings(&self) -> SessionSettings {
+        SessionSettings {
+            instructions: self.instructions.clone(),
+            voice: self.voice.clone(),
+            audio_mode: self.audio_mode,
+            greeting: self.greeting.clone(),
+            tools: self.tools.clone(),
+            // Transcription takes ISO-639-1: the primary subtag of `en-US`.
+            language: self.language.as_deref().and_then(|tag| {
+                let primary = tag.split(['-', '_']).next().unwrap_or("");
+                (primary.len() == 2 && primary.chars().all(|c| c.is_ascii_alphabetic()))
+                    .then(|| primary.to_ascii_lowercase())
+            }),
+            ..SessionSettings::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> TenantContext {
+        TenantContext {
+            tenant_id: "bistro_luna".into(),
+            agent_name: "Luna".into(),
+            voice: "cedar".into(),
+            greeting: Some("Buongiorno!".into()),
+            instructions: "Take bookings.".into(),
+            audio_mode: AudioMode::Pcm16,
+            language: "it-IT".into(),
+            tools: vec![serde_json::json!({"type": "function", "name": "take_message"})],
+            memory_namespace: "bistro_luna/+15550001111".into(),
+            max_call_seconds: 300,
+        }
+    }
+
+    #[test]
+    fn a_tenant_agent_carries_its_context_into_the_session() {
+        let agent = CallAgent::from_context(&context(), "+15550001111", "fresh");
+        assert_eq!(agent.tenant_id.as_deref(), Some("bistro_luna"));
+        assert_eq!(agent.max_call, Some(Duration::from_secs(300)));
+        let settings = agent.session_settings();
+        assert_eq!(settings.voice, "cedar");
+        assert_eq!(settings.audio_mode, AudioMode::Pcm16);
+        assert_eq!(settings.greeting.as_deref(), Some("Buongiorno!"));
+        assert_eq!(settings.language.as_deref(), Some("it"));
+        assert_eq!(settings.tools.len(), 1);
+    }
+
+    #[test]
+    fn a_namespace_outside_the_tenant_is_replaced() {
+        for bad in [
+            "acme_dental/+1555",
+            "bistro_luna",
+            "bistro_luna/",
+            "",
+            "bistro_lunax/1",
+        ] {
+            let mut context = context();
+            context.memory_namespace = bad.into();
+            let agent = CallAgent::from_context(&context, "+15550002222", "fresh");
+            assert_eq!(
+                agent.memory_namespace.as_deref(),
+                Some("bistro_luna/+15550002222"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_fallback_has_no_tenant_no_tools_and_no_limit() {
+        let agent = CallAgent::from_defaults(&AgentDefaults::default(), "fallback");
+        assert_eq!(agent.tenant_id, None);
+        assert!(agent.tools.is_empty() && agent.memory_namespace.is_none());
+        assert_eq!(agent.max_call, None);
+        assert_eq!(agent.session_settings().language, None);
+    }
+}
