@@ -5,10 +5,12 @@
 //! globals. Secrets are held as [`Secret`] so a `{:?}` of the configuration never prints them.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use url::Url;
 
+use crate::control::signing::SigningKey;
 use crate::{AudioMode, Secret};
 
 /// The default OpenAI Realtime endpoint (GA protocol).
@@ -22,6 +24,16 @@ pub const DEFAULT_GREETING: &str = "Hello! Thanks for calling. How can I help yo
 pub const MAX_TWILIO_MESSAGE_BYTES: usize = 64 * 1024;
 /// A Media Streams socket that sends no `start` within this closes.
 pub const START_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Defaults for the control plane (see `docs/control-plane-api.md`).
+pub const DEFAULT_LOOKUP_BUDGET: Duration = Duration::from_millis(300);
+pub const DEFAULT_CONTEXT_TTL: Duration = Duration::from_secs(60);
+pub const DEFAULT_CONTEXT_STALE: Duration = Duration::from_secs(600);
+pub const DEFAULT_REPORT_RETRY: Duration = Duration::from_secs(60);
+pub const DEFAULT_REPORT_SPOOL_DIR: &str = "voxrelay-spool";
+/// A pre-warmed session nobody claims is closed this long after it is ready. Twilio opens
+/// the stream within a second or two of receiving TwiML; this leaves room for slow networks.
+pub const DEFAULT_PREWARM_UNCLAIMED: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -38,6 +50,15 @@ pub enum ConfigError {
     BadUpstreamUrl(String),
     #[error("VOXRELAY_PLAYBACK_LEAD_MS must be between 20 and 1000, got {0}")]
     BadLead(u64),
+    #[error("VOXRELAY_CONTROL_PLANE_URL {0:?} is not an http(s) URL")]
+    BadControlPlaneUrl(String),
+    #[error(
+        "VOXRELAY_CONTROL_PLANE_URL is set, so VOXRELAY_CONTROL_PLANE_KEY_ID and \
+         VOXRELAY_CONTROL_PLANE_SECRET must be too (every request to it is signed)"
+    )]
+    MissingControlPlaneKey,
+    #[error("VOXRELAY_CONTEXT_BUDGET_MS must be between 10 and 5000, got {0}")]
+    BadLookupBudget(u64),
 }
 
 /// Everything `voxrelay serve` needs.
@@ -52,6 +73,30 @@ pub struct BridgeConfig {
     pub agent: AgentDefaults,
     pub playback_lead: Duration,
     pub drain: Duration,
+    /// Without one every call gets [`BridgeConfig::agent`].
+    pub control_plane: Option<ControlPlaneTarget>,
+    /// Open and configure the upstream session on the voice webhook.
+    pub prewarm: bool,
+    pub prewarm_unclaimed_after: Duration,
+    /// Refuse streams whose TwiML did not come from our webhook (no binding token).
+    pub require_stream_token: bool,
+    /// `FLY_MACHINE_ID` on Fly.io: put in stream URLs so upgrades replay to this machine.
+    pub fly_machine_id: Option<String>,
+}
+
+/// The control plane the bridge asks for tenant contexts, tools and call reports.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneTarget {
+    pub url: Url,
+    pub key: SigningKey,
+    /// How long a call's set-up may wait for its context before the fallback agent answers.
+    pub lookup_budget: Duration,
+    pub context_ttl: Duration,
+    /// How long past its TTL a context may still be served while it is refreshed.
+    pub context_stale: Duration,
+    pub report_spool_dir: PathBuf,
+    /// How long a report is retried before it is spooled to disk.
+    pub report_retry: Duration,
 }
 
 /// Where the model is.
@@ -96,10 +141,23 @@ pub struct RawConfig {
     pub greeting: Option<String>,
     pub playback_lead_ms: Option<u64>,
     pub drain_seconds: Option<u64>,
+    pub control_plane_url: Option<String>,
+    pub control_plane_key_id: Option<String>,
+    pub control_plane_secret: Option<String>,
+    pub context_budget_ms: Option<u64>,
+    pub context_ttl_seconds: Option<u64>,
+    pub context_stale_seconds: Option<u64>,
+    pub report_spool_dir: Option<PathBuf>,
+    pub report_retry_seconds: Option<u64>,
+    pub prewarm: Option<bool>,
+    pub prewarm_unclaimed_ms: Option<u64>,
+    pub require_stream_token: Option<bool>,
+    pub fly_machine_id: Option<String>,
 }
 
 impl BridgeConfig {
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let control_plane = control_plane_from_raw(&raw)?;
         let token = raw
             .twilio_auth_token
             .filter(|t| !t.trim().is_empty())
@@ -152,8 +210,87 @@ impl BridgeConfig {
             },
             playback_lead: Duration::from_millis(lead_ms),
             drain: Duration::from_secs(raw.drain_seconds.unwrap_or(30)),
+            control_plane,
+            prewarm: raw.prewarm.unwrap_or(true),
+            prewarm_unclaimed_after: raw
+                .prewarm_unclaimed_ms
+                .map_or(DEFAULT_PREWARM_UNCLAIMED, Duration::from_millis),
+            require_stream_token: raw.require_stream_token.unwrap_or(false),
+            fly_machine_id: raw.fly_machine_id.filter(|id| !id.trim().is_empty()),
         })
     }
+}
+
+impl BridgeConfig {
+    /// A bridge on a loopback port with every optional feature at its default and no control
+    /// plane: for the demo, the bench harness and tests, which then adjust what they need.
+    pub fn local(twilio_auth_token: Secret, upstream: UpstreamTarget) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_url: None,
+            twilio_auth_token,
+            upstream,
+            agent: AgentDefaults::default(),
+            playback_lead: Duration::from_millis(120),
+            drain: Duration::from_secs(5),
+            control_plane: None,
+            prewarm: true,
+            prewarm_unclaimed_after: DEFAULT_PREWARM_UNCLAIMED,
+            require_stream_token: false,
+            fly_machine_id: None,
+        }
+    }
+}
+
+fn control_plane_from_raw(raw: &RawConfig) -> Result<Option<ControlPlaneTarget>, ConfigError> {
+    let Some(url) = raw
+        .control_plane_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    else {
+        return Ok(None);
+    };
+    let parsed = Url::parse(url).map_err(|_| ConfigError::BadControlPlaneUrl(url.to_owned()))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(ConfigError::BadControlPlaneUrl(url.to_owned()));
+    }
+    let key_id = raw
+        .control_plane_key_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    let secret = raw
+        .control_plane_secret
+        .as_deref()
+        .filter(|s| !s.is_empty());
+    let (Some(key_id), Some(secret)) = (key_id, secret) else {
+        return Err(ConfigError::MissingControlPlaneKey);
+    };
+    let budget_ms = raw
+        .context_budget_ms
+        .unwrap_or(DEFAULT_LOOKUP_BUDGET.as_millis() as u64);
+    if !(10..=5000).contains(&budget_ms) {
+        return Err(ConfigError::BadLookupBudget(budget_ms));
+    }
+    Ok(Some(ControlPlaneTarget {
+        url: parsed,
+        key: SigningKey::new(key_id, Secret::new(secret)),
+        lookup_budget: Duration::from_millis(budget_ms),
+        context_ttl: raw
+            .context_ttl_seconds
+            .map_or(DEFAULT_CONTEXT_TTL, Duration::from_secs),
+        context_stale: raw
+            .context_stale_seconds
+            .map_or(DEFAULT_CONTEXT_STALE, Duration::from_secs),
+        report_spool_dir: raw
+            .report_spool_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_REPORT_SPOOL_DIR)),
+        report_retry: raw
+            .report_retry_seconds
+            .map_or(DEFAULT_REPORT_RETRY, Duration::from_secs),
+    }))
 }
 
 fn parse_public_url(value: &str) -> Result<Url, ConfigError> {
@@ -232,9 +369,59 @@ mod tests {
         let raw = RawConfig {
             twilio_auth_token: Some("tw-secret-123".into()),
             openai_api_key: Some("sk-secret-456".into()),
+            control_plane_url: Some("http://cp.internal:9090".into()),
+            control_plane_key_id: Some("k1".into()),
+            control_plane_secret: Some("cp-secret-789".into()),
             ..RawConfig::default()
         };
         let printed = format!("{:?}", BridgeConfig::from_raw(raw).unwrap());
         assert!(!printed.contains("tw-secret-123") && !printed.contains("sk-secret-456"));
+        assert!(!printed.contains("cp-secret-789"));
+    }
+
+    #[test]
+    fn control_plane_is_off_without_a_url_and_needs_its_key_with_one() {
+        let config = BridgeConfig::from_raw(raw_with_token()).unwrap();
+        assert!(config.control_plane.is_none());
+        assert!(config.prewarm && !config.require_stream_token);
+        assert_eq!(config.fly_machine_id, None);
+        let no_key = RawConfig {
+            control_plane_url: Some("http://cp.internal".into()),
+            ..raw_with_token()
+        };
+        assert!(matches!(
+            BridgeConfig::from_raw(no_key),
+            Err(ConfigError::MissingControlPlaneKey)
+        ));
+        let bad_url = RawConfig {
+            control_plane_url: Some("cp.internal".into()),
+            ..raw_with_token()
+        };
+        assert!(matches!(
+            BridgeConfig::from_raw(bad_url),
+            Err(ConfigError::BadControlPlaneUrl(_))
+        ));
+        let full = RawConfig {
+            control_plane_url: Some("https://cp.internal/base".into()),
+            control_plane_key_id: Some("k1".into()),
+            control_plane_secret: Some("s".into()),
+            context_budget_ms: Some(150),
+            ..raw_with_token()
+        };
+        let target = BridgeConfig::from_raw(full).unwrap().control_plane.unwrap();
+        assert_eq!(target.lookup_budget, Duration::from_millis(150));
+        assert_eq!(target.context_ttl, DEFAULT_CONTEXT_TTL);
+        assert_eq!(target.key.id, "k1");
+        let slow = RawConfig {
+            control_plane_url: Some("https://cp.internal".into()),
+            control_plane_key_id: Some("k1".into()),
+            control_plane_secret: Some("s".into()),
+            context_budget_ms: Some(60_000),
+            ..raw_with_token()
+        };
+        assert!(matches!(
+            BridgeConfig::from_raw(slow),
+            Err(ConfigError::BadLookupBudget(60_000))
+        ));
     }
 }

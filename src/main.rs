@@ -165,6 +165,51 @@ struct ServeArgs {
     /// On SIGTERM, how long live calls may run on before they are closed.
     #[arg(long, env = "VOXRELAY_DRAIN_SECONDS")]
     drain_seconds: Option<u64>,
+    /// Control plane base URL (http or https); without it every call gets the agent above.
+    #[arg(long, env = "VOXRELAY_CONTROL_PLANE_URL")]
+    control_plane_url: Option<String>,
+    /// Id of the key that signs control-plane requests.
+    #[arg(long, env = "VOXRELAY_CONTROL_PLANE_KEY_ID")]
+    control_plane_key_id: Option<String>,
+    /// Secret of that key.
+    #[arg(long, env = "VOXRELAY_CONTROL_PLANE_SECRET", hide_env_values = true)]
+    control_plane_secret: Option<String>,
+    /// How long a call may wait for its tenant's context before the fallback agent answers, in ms.
+    #[arg(long, env = "VOXRELAY_CONTEXT_BUDGET_MS")]
+    context_budget_ms: Option<u64>,
+    /// How long a fetched context is fresh, in seconds.
+    #[arg(long, env = "VOXRELAY_CONTEXT_TTL_SECONDS")]
+    context_ttl_seconds: Option<u64>,
+    /// How long past its TTL a context is still served while it is refreshed, in seconds.
+    #[arg(long, env = "VOXRELAY_CONTEXT_STALE_SECONDS")]
+    context_stale_seconds: Option<u64>,
+    /// Where undeliverable call reports wait for the control plane (resent at start).
+    #[arg(long, env = "VOXRELAY_REPORT_SPOOL_DIR")]
+    report_spool_dir: Option<PathBuf>,
+    /// How long a call report is retried before it is spooled, in seconds.
+    #[arg(long, env = "VOXRELAY_REPORT_RETRY_SECONDS")]
+    report_retry_seconds: Option<u64>,
+    /// Open and configure the model session on the voice webhook (1) or on stream start (0).
+    #[arg(long, env = "VOXRELAY_PREWARM", value_parser = parse_flag)]
+    prewarm: Option<bool>,
+    /// Close a pre-warmed session no stream claimed after this many ms.
+    #[arg(long, env = "VOXRELAY_PREWARM_UNCLAIMED_MS")]
+    prewarm_unclaimed_ms: Option<u64>,
+    /// Refuse media streams whose TwiML did not come from this bridge's webhook (1).
+    #[arg(long, env = "VOXRELAY_REQUIRE_STREAM_TOKEN", value_parser = parse_flag)]
+    require_stream_token: Option<bool>,
+    /// Set by Fly.io: stream URLs carry it so an upgrade is replayed to the pre-warming machine.
+    #[arg(long, env = "FLY_MACHINE_ID")]
+    fly_machine_id: Option<String>,
+}
+
+/// `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`.
+fn parse_flag(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        other => Err(format!("expected 1 or 0, got {other:?}")),
+    }
 }
 
 #[derive(Args)]
@@ -233,6 +278,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         greeting: args.greeting,
         playback_lead_ms: args.playback_lead_ms,
         drain_seconds: args.drain_seconds,
+        control_plane_url: args.control_plane_url,
+        control_plane_key_id: args.control_plane_key_id,
+        control_plane_secret: args.control_plane_secret,
+        context_budget_ms: args.context_budget_ms,
+        context_ttl_seconds: args.context_ttl_seconds,
+        context_stale_seconds: args.context_stale_seconds,
+        report_spool_dir: args.report_spool_dir,
+        report_retry_seconds: args.report_retry_seconds,
+        prewarm: args.prewarm,
+        prewarm_unclaimed_ms: args.prewarm_unclaimed_ms,
+        require_stream_token: args.require_stream_token,
+        fly_machine_id: args.fly_machine_id,
     };
     let mut config = BridgeConfig::from_raw(raw)?;
     let mut mock = None;

@@ -6,7 +6,6 @@
 //! by echoing the utterance), and listens to the answer before hanging up.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use url::Url;
@@ -61,19 +60,17 @@ pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         .map_err(DemoError::Mock)?;
     let token = Secret::new(format!("{:032x}", rand::random::<u128>()));
     let config = BridgeConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        public_url: None,
-        twilio_auth_token: token.clone(),
-        upstream: UpstreamTarget {
-            url: mock.url(),
-            api_key: Some(Secret::new("voxrelay-demo")),
-        },
         agent: AgentDefaults {
             audio_mode: options.audio_mode,
             ..AgentDefaults::default()
         },
-        playback_lead: Duration::from_millis(120),
-        drain: Duration::from_secs(5),
+        ..BridgeConfig::local(
+            token.clone(),
+            UpstreamTarget {
+                url: mock.url(),
+                api_key: Some(Secret::new("voxrelay-demo")),
+            },
+        )
     };
     let bridge = Bridge::start(&config).await.map_err(DemoError::Bridge)?;
     let bridge_url =

@@ -270,20 +270,19 @@ async fn start_bridge(
                 ));
             }
             let config = BridgeConfig {
-                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                public_url: None,
-                twilio_auth_token: token.clone(),
-                upstream: UpstreamTarget {
-                    url: model_url.to_owned(),
-                    api_key: Some(Secret::new("bench")),
-                },
                 agent: AgentDefaults {
                     audio_mode: options.audio_mode,
                     greeting: None,
                     ..AgentDefaults::default()
                 },
-                playback_lead: Duration::from_millis(120),
                 drain: Duration::from_secs(2),
+                ..BridgeConfig::local(
+                    token.clone(),
+                    UpstreamTarget {
+                        url: model_url.to_owned(),
+                        api_key: Some(Secret::new("bench")),
+                    },
+                )
             };
             let bridge = Bridge::start(&config)
                 .await

@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::SinkExt;
@@ -45,17 +44,12 @@ pub async fn start_stack_with(
     greeting: Option<&str>,
 ) -> Stack {
     let config = BridgeConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        public_url: None,
-        twilio_auth_token: Secret::new(TOKEN),
-        upstream,
         agent: AgentDefaults {
             audio_mode: mode,
             greeting: greeting.map(str::to_owned),
             ..AgentDefaults::default()
         },
-        playback_lead: Duration::from_millis(120),
-        drain: Duration::from_secs(5),
+        ..BridgeConfig::local(Secret::new(TOKEN), upstream)
     };
     let bridge = Bridge::start(&config).await.expect("bridge");
     let url = Url::parse(&format!("http://{}", bridge.local_addr())).unwrap();
