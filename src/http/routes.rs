@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use url::Url;
 
-use crate::session::call::{CallServices, redact_number, run_call};
+use super::fly::{self, ReplayDecision};
+use crate::session::binding::STREAM_TOKEN_PARAMETER;
+use crate::session::call::{CallServices, prepare_call, redact_number, run_call};
 use crate::session::metrics::{Metrics, SignedRoute};
 use crate::twilio::signature::SignatureValidator;
 use crate::twilio::twiml;
@@ -33,6 +35,8 @@ pub struct AppState {
     /// Parent of every call's cancellation token.
     pub calls_cancel: CancellationToken,
     pub calls: TaskTracker,
+    /// `FLY_MACHINE_ID` when running on Fly.io.
+    pub fly_machine_id: Option<String>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -40,6 +44,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/twilio/voice", post(voice_webhook))
         .route("/twilio/status", post(status_callback))
         .route("/twilio/media", get(media_stream))
+        .route("/twilio/media/m/{machine}", get(media_stream))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -182,13 +187,38 @@ async fn voice_webhook(
         param(&params, "To"),
     );
     tracing::info!(call_sid, from = %redact_number(from), to = %redact_number(to), "incoming call");
-    let media_uri: Uri = "/twilio/media".parse().expect("static path");
-    let status_uri: Uri = "/twilio/status".parse().expect("static path");
+    if !call_sid.is_empty() {
+        // The tenant lookup and the model session start now, overlapping Twilio's stream
+        // set-up; the stream's `start` claims them by CallSid.
+        let work = prepare_call(
+            Arc::clone(&state.services),
+            to.to_owned(),
+            from.to_owned(),
+            call_sid.to_owned(),
+        );
+        state.services.pending.prepare(call_sid, work);
+    }
+    // On Fly the path names this machine, so the upgrade can be replayed here (queries are
+    // dropped from stream URLs; paths are not).
+    let media_path = match &state.fly_machine_id {
+        Some(machine) => format!("{}{machine}", fly::MACHINE_PATH_PREFIX),
+        None => "/twilio/media".to_owned(),
+    };
+    let media_uri: Uri = media_path
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("/twilio/media"));
+    let status_uri = Uri::from_static("/twilio/status");
     let stream_url = external_url(state.public_url.as_ref(), &headers, &media_uri, true);
     let status_url = external_url(state.public_url.as_ref(), &headers, &status_uri, false);
+    let token = state.services.tokens.issue(call_sid);
     let body = twiml::connect_stream(
         &stream_url,
-        &[("To", to), ("From", from), ("CallSid", call_sid)],
+        &[
+            ("To", to),
+            ("From", from),
+            ("CallSid", call_sid),
+            (STREAM_TOKEN_PARAMETER, &token),
+        ],
         Some(&status_url),
     );
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
@@ -238,6 +268,21 @@ async fn media_stream(State(state): State<Arc<AppState>>, mut request: Request) 
     if state.draining.load(Relaxed) {
         state.metrics.calls_rejected_draining.fetch_add(1, Relaxed);
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    let wanted_machine = request
+        .uri()
+        .path()
+        .strip_prefix(fly::MACHINE_PATH_PREFIX)
+        .map(str::to_owned);
+    let replayed = request.headers().contains_key(fly::REPLAY_SOURCE_HEADER);
+    if let ReplayDecision::Replay(value) = fly::replay_decision(
+        state.fly_machine_id.as_deref(),
+        wanted_machine.as_deref(),
+        replayed,
+    ) {
+        state.metrics.fly_replays.fetch_add(1, Relaxed);
+        tracing::info!(to = %value, "stream landed on another machine: asking Fly to replay it");
+        return (StatusCode::CONFLICT, [(fly::REPLAY_HEADER, value)]).into_response();
     }
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
         Ok(pair) => pair,

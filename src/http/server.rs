@@ -19,14 +19,20 @@ use tokio_util::task::TaskTracker;
 
 use super::routes::{AppState, router};
 use crate::config::BridgeConfig;
+use crate::session::binding::StreamTokens;
 use crate::session::call::CallServices;
 use crate::session::metrics::Metrics;
 use crate::session::playback::PlaybackConfig;
+use crate::session::prewarm::PendingCalls;
 use crate::session::registry::CallRegistry;
 use crate::twilio::signature::SignatureValidator;
 
 /// How long cancelled calls get to close their sockets after the drain budget runs out.
 const CANCEL_GRACE: Duration = Duration::from_secs(3);
+
+/// Calls the webhook may have prepared and not yet seen a stream for; beyond it new calls
+/// simply start cold.
+const MAX_PENDING_CALLS: usize = 10_000;
 
 /// A running bridge.
 pub struct Bridge {
@@ -60,6 +66,14 @@ impl Bridge {
                 lead: config.playback_lead,
                 ..PlaybackConfig::default()
             },
+            pending: Arc::new(PendingCalls::new(
+                Arc::clone(&metrics),
+                config.prewarm_unclaimed_after,
+                MAX_PENDING_CALLS,
+            )),
+            tokens: StreamTokens::from_auth_token(&config.twilio_auth_token),
+            require_stream_token: config.require_stream_token,
+            prewarm: config.prewarm,
         });
         let state = Arc::new(AppState {
             validator: SignatureValidator::new(config.twilio_auth_token.clone()),
@@ -69,6 +83,7 @@ impl Bridge {
             draining: AtomicBool::new(false),
             calls_cancel: CancellationToken::new(),
             calls: TaskTracker::new(),
+            fly_machine_id: config.fly_machine_id.clone(),
         });
         let stop_http = CancellationToken::new();
         let app = router(Arc::clone(&state));
@@ -134,6 +149,8 @@ impl Bridge {
             self.state.calls_cancel.cancel();
             let _ = tokio::time::timeout(CANCEL_GRACE, self.state.calls.wait()).await;
         }
+        // Pre-warmed sessions nobody claimed are closed politely, not dropped.
+        self.state.services.pending.shutdown(CANCEL_GRACE).await;
         self.stop_http.cancel();
         match self.server.await {
             Ok(Ok(())) => {}

@@ -26,9 +26,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::agent::CallAgent;
+use super::binding::{Binding, STREAM_TOKEN_PARAMETER, StreamTokens};
 use super::engine::{CallEngine, EngineError, OutKind, Outgoing, TwilioStep};
-use super::metrics::{Direction, Metrics, TwilioErrorKind};
+use super::metrics::{CallLatencyRecorder, Direction, Metrics, TwilioErrorKind};
 use super::playback::PlaybackConfig;
+use super::prewarm::{PendingCalls, Prepared, prewarm};
 use super::queue::OutQueue;
 use super::registry::{CallEntry, CallRegistry, Registration};
 use crate::config::{AgentDefaults, MAX_TWILIO_MESSAGE_BYTES, START_TIMEOUT, UpstreamTarget};
@@ -47,14 +50,113 @@ const TWILIO_WRITE_BUFFER: usize = 8 * 1024;
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the writers get to flush and close after the call ends.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Connect plus configure for a pre-warm; beyond it the stream connects cold instead.
+const PREWARM_WITHIN: Duration = Duration::from_secs(8);
+/// How long a `start` waits for its webhook's preparation still under way (a pre-warm still
+/// connecting is further along than a cold connect would be); then it starts cold.
+const CLAIM_WAIT: Duration = Duration::from_secs(3);
 
 /// What every call needs from the bridge.
 pub struct CallServices {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<CallRegistry>,
     pub upstream: UpstreamTarget,
+    /// The environment's agent: every call's without a control plane, the fallback with one.
     pub agent: AgentDefaults,
     pub playback: PlaybackConfig,
+    pub pending: Arc<PendingCalls>,
+    pub tokens: StreamTokens,
+    pub require_stream_token: bool,
+    pub prewarm: bool,
+}
+
+impl CallServices {
+    /// The agent for a call to `to`, and how long finding it took.
+    pub async fn resolve_agent(
+        &self,
+        _to: &str,
+        _from: &str,
+        _call_sid: &str,
+    ) -> (CallAgent, Duration) {
+        (
+            CallAgent::from_defaults(&self.agent, "static"),
+            Duration::ZERO,
+        )
+    }
+}
+
+/// The voice webhook's head start on a call: the tenant lookup, then (when enabled) the
+/// upstream session opened and configured for that tenant's agent.
+pub async fn prepare_call(
+    services: Arc<CallServices>,
+    to: String,
+    from: String,
+    call_sid: String,
+) -> Prepared {
+    let (agent, lookup_took) = services.resolve_agent(&to, &from, &call_sid).await;
+    let session = if services.prewarm {
+        services.metrics.prewarm_started.fetch_add(1, Relaxed);
+        match prewarm(&services.upstream, agent.session_settings(), PREWARM_WITHIN).await {
+            Ok(session) => {
+                services.metrics.upstream_connect.observe(session.took);
+                Some(session)
+            }
+            Err(error) => {
+                services.metrics.prewarm_failed.fetch_add(1, Relaxed);
+                tracing::warn!(call_sid, %error, "pre-warm failed: the stream will connect cold");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Prepared {
+        agent,
+        lookup_took,
+        session,
+    }
+}
+
+/// What a `start` gets: its webhook's preparation when the stream is bound to it, else a
+/// fresh resolution from the `To` parameter (streams from other TwiML), else the default.
+async fn claim_or_resolve(
+    services: &CallServices,
+    binding: Binding,
+    call_sid: &str,
+    to: Option<&str>,
+    from: &str,
+) -> Prepared {
+    if binding == Binding::Bound {
+        if let Some(preparation) = services.pending.claim(call_sid) {
+            match tokio::time::timeout(CLAIM_WAIT, preparation).await {
+                Ok(Ok(prepared)) => return prepared,
+                Ok(Err(_)) => tracing::warn!("the call's preparation was lost: starting cold"),
+                Err(_) => tracing::warn!("the call's preparation is late: starting cold"),
+            }
+        }
+    }
+    match to.filter(|to| !to.is_empty()) {
+        Some(to) => {
+            let (agent, lookup_took) = services.resolve_agent(to, from, call_sid).await;
+            Prepared {
+                agent,
+                lookup_took,
+                session: None,
+            }
+        }
+        None => Prepared {
+            agent: CallAgent::from_defaults(&services.agent, "static"),
+            lookup_took: Duration::ZERO,
+            session: None,
+        },
+    }
+}
+
+fn parameter<'a>(parameters: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    parameters
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
 }
 
 /// Why a call ended, for the log line and the metrics.
@@ -67,7 +169,29 @@ pub enum EndReason {
     UpstreamClosed,
     UpstreamFailed,
     DuplicateStream,
+    /// The stream's binding token did not match its call (or was required and missing).
+    StreamTokenRefused,
+    /// The tenant's `max_call_seconds` passed.
+    MaxDuration,
     Shutdown,
+}
+
+impl EndReason {
+    /// The `end_reason` of a call report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::TwilioStop => "twilio_stop",
+            EndReason::TwilioClosed => "twilio_closed",
+            EndReason::TwilioError => "twilio_error",
+            EndReason::StartTimeout => "start_timeout",
+            EndReason::UpstreamClosed => "upstream_closed",
+            EndReason::UpstreamFailed => "upstream_failed",
+            EndReason::DuplicateStream => "duplicate_stream",
+            EndReason::StreamTokenRefused => "stream_token_refused",
+            EndReason::MaxDuration => "max_duration",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
 }
 
 enum CallInput {
@@ -140,31 +264,30 @@ where
     let twilio_in = twilio_messages(FragmentCollectorRead::new(read_half));
     tokio::pin!(twilio_in);
     let mut upstream_in: Option<Pin<Box<dyn Stream<Item = CallInput> + Send>>> = None;
+    let latency = Arc::new(CallLatencyRecorder::default());
     let twilio_writer = tokio::spawn(
-        twilio_writer(write_half, Arc::clone(&twilio_out), Arc::clone(&metrics))
-            .instrument(span.clone()),
+        twilio_writer(
+            write_half,
+            Arc::clone(&twilio_out),
+            Arc::clone(&metrics),
+            Arc::clone(&latency),
+        )
+        .instrument(span.clone()),
     );
-    let mut upstream_writer = None;
+    let mut upstream_writer_task = None;
 
-    let agent = &services.agent;
-    let settings = SessionSettings {
-        instructions: agent.instructions.clone(),
-        voice: agent.voice.clone(),
-        audio_mode: agent.audio_mode,
-        greeting: agent.greeting.clone(),
-        ..SessionSettings::default()
-    };
-    let interrupts = VadSettings::default().interrupt_response;
+    // The session is configured for the call's agent once `start` says who was dialled.
     let mut engine = CallEngine::new(
-        Box::new(OpenAiRealtime::new(settings)),
-        agent.audio_mode,
+        Box::new(OpenAiRealtime::new(SessionSettings::default())),
+        services.agent.audio_mode,
         services.playback.clone(),
-        interrupts,
+        VadSettings::default().interrupt_response,
         Arc::clone(&metrics),
     );
 
     let start_deadline = tokio::time::Instant::now() + START_TIMEOUT;
     let mut registration: Option<Registration> = None;
+    let mut max_call_deadline: Option<tokio::time::Instant> = None;
     let reason = loop {
         let pacer = engine.poll_timeout().map(tokio::time::Instant::from_std);
         let input = tokio::select! {
@@ -187,6 +310,11 @@ where
                 metrics.twilio_error(TwilioErrorKind::StartTimeout);
                 tracing::warn!("no `start` within {START_TIMEOUT:?}: closing");
                 break EndReason::StartTimeout;
+            }
+            () = sleep_until_opt(max_call_deadline) => {
+                metrics.calls_max_duration.fetch_add(1, Relaxed);
+                tracing::info!("the tenant's maximum call length passed: ending the call");
+                break EndReason::MaxDuration;
             }
         };
         let Some(input) = input else {
@@ -211,22 +339,85 @@ where
                             break EndReason::DuplicateStream;
                         }
                     }
+                    let parameters = &info.custom_parameters;
+                    let binding = services.tokens.check(
+                        &info.call_sid,
+                        parameter(parameters, STREAM_TOKEN_PARAMETER),
+                    );
+                    if binding == Binding::Mismatch
+                        || (binding == Binding::Unbound && services.require_stream_token)
+                    {
+                        metrics.streams_refused_token.fetch_add(1, Relaxed);
+                        tracing::warn!(?binding, "stream token refused: closing the stream");
+                        break EndReason::StreamTokenRefused;
+                    }
+                    let to = parameter(parameters, "To");
+                    let from = parameter(parameters, "From").unwrap_or("");
+                    let prepared = tokio::select! {
+                        () = cancel.cancelled() => break EndReason::Shutdown,
+                        prepared = claim_or_resolve(&services, binding, &info.call_sid, to, from) => prepared,
+                    };
+                    let now = Instant::now();
+                    let agent = prepared.agent;
+                    let interrupts = VadSettings::default().interrupt_response;
+                    let prewarmed = prepared.session.is_some();
                     tracing::info!(
-                        from = info.custom_parameters.iter().find(|(k, _)| k == "From").map(|(_, v)| redact_number(v)),
-                        to = info.custom_parameters.iter().find(|(k, _)| k == "To").map(|(_, v)| redact_number(v)),
+                        from = %redact_number(from),
+                        to = %to.map(redact_number).unwrap_or_default(),
+                        tenant = agent.tenant_id.as_deref().unwrap_or("-"),
+                        agent = %agent.agent_name,
+                        source = agent.source,
+                        lookup_us = prepared.lookup_took.as_micros() as u64,
+                        prewarmed,
                         mode = %agent.audio_mode,
                         "stream started"
                     );
-                    tokio::spawn(
-                        open_upstream(
-                            services.upstream.clone(),
-                            inbox_tx.clone(),
-                            connecting.clone(),
-                            Arc::clone(&upstream_out),
-                            Arc::clone(&metrics),
-                        )
-                        .instrument(span.clone()),
-                    );
+                    let tools_enabled = false;
+                    match prepared.session {
+                        Some(session) => {
+                            metrics.prewarm_claimed.fetch_add(1, Relaxed);
+                            let _ = engine.configure_session(
+                                Box::new(session.protocol),
+                                agent.audio_mode,
+                                interrupts,
+                                tools_enabled,
+                            );
+                            let (sink, stream) = session.socket.split();
+                            upstream_writer_task = Some(tokio::spawn(
+                                upstream_writer(
+                                    sink,
+                                    Arc::clone(&upstream_out),
+                                    Arc::clone(&metrics),
+                                    Arc::clone(&latency),
+                                )
+                                .instrument(span.clone()),
+                            ));
+                            upstream_in = Some(Box::pin(upstream_messages(stream)));
+                            engine.on_upstream_prewarmed(now, session.held);
+                        }
+                        None => {
+                            let _ = engine.configure_session(
+                                Box::new(OpenAiRealtime::new(agent.session_settings())),
+                                agent.audio_mode,
+                                interrupts,
+                                tools_enabled,
+                            );
+                            tokio::spawn(
+                                open_upstream(
+                                    services.upstream.clone(),
+                                    inbox_tx.clone(),
+                                    connecting.clone(),
+                                    Arc::clone(&upstream_out),
+                                    Arc::clone(&metrics),
+                                    Arc::clone(&latency),
+                                )
+                                .instrument(span.clone()),
+                            );
+                        }
+                    }
+                    max_call_deadline = agent
+                        .max_call
+                        .map(|limit| tokio::time::Instant::now() + limit);
                 }
                 Ok(TwilioStep::Stopped) => {
                     flush(&mut engine, &twilio_out, &upstream_out);
@@ -255,7 +446,7 @@ where
                 break EndReason::TwilioError;
             }
             CallInput::UpstreamOpen(took, writer, stream) => {
-                upstream_writer = Some(writer);
+                upstream_writer_task = Some(writer);
                 upstream_in = Some(Box::pin(upstream_messages(*stream)));
                 metrics.upstream_connect.observe(took);
                 tracing::debug!(?took, "upstream open");
@@ -296,7 +487,7 @@ where
     twilio_out.close();
     upstream_out.close();
     let _ = tokio::time::timeout(CLOSE_GRACE, twilio_writer).await;
-    if let Some(writer) = upstream_writer {
+    if let Some(writer) = upstream_writer_task {
         let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
     }
     drop(registration);
@@ -385,6 +576,7 @@ async fn twilio_writer<W>(
     mut writer: fastwebsockets::WebSocketWrite<W>,
     queue: Arc<OutQueue>,
     metrics: Arc<Metrics>,
+    latency: Arc<CallLatencyRecorder>,
 ) where
     W: AsyncWrite + Unpin,
 {
@@ -409,9 +601,16 @@ async fn twilio_writer<W>(
         }
         // Latency ends when the bytes reach the socket, i.e. after the flush.
         for (kind, caused_at) in written.drain(..) {
+            let took = caused_at.elapsed();
             match kind {
-                OutKind::Audio => metrics.downlink_added.observe(caused_at.elapsed()),
-                OutKind::Clear => metrics.barge_in_reaction.observe(caused_at.elapsed()),
+                OutKind::Audio => {
+                    metrics.downlink_added.observe(took);
+                    latency.downlink(took);
+                }
+                OutKind::Clear => {
+                    metrics.barge_in_reaction.observe(took);
+                    latency.barge_in(took);
+                }
                 OutKind::Mark | OutKind::Control | OutKind::Pong => {}
             }
         }
@@ -427,6 +626,7 @@ async fn open_upstream(
     stop: CancellationToken,
     queue: Arc<OutQueue>,
     metrics: Arc<Metrics>,
+    latency: Arc<CallLatencyRecorder>,
 ) {
     let began = Instant::now();
     let socket = tokio::select! {
@@ -450,7 +650,7 @@ async fn open_upstream(
     };
     let took = began.elapsed();
     let (sink, stream) = socket.split();
-    let writer = tokio::spawn(upstream_writer(sink, queue, metrics).in_current_span());
+    let writer = tokio::spawn(upstream_writer(sink, queue, metrics, latency).in_current_span());
     let _ = inbox
         .send(CallInput::UpstreamOpen(took, writer, Box::new(stream)))
         .await;
@@ -493,6 +693,7 @@ async fn upstream_writer(
     mut sink: futures_util::stream::SplitSink<UpstreamSocket, Message>,
     queue: Arc<OutQueue>,
     metrics: Arc<Metrics>,
+    latency: Arc<CallLatencyRecorder>,
 ) {
     let mut batch = Vec::with_capacity(16);
     let mut audio_read_at = Vec::with_capacity(16);
@@ -510,7 +711,9 @@ async fn upstream_writer(
             return;
         }
         for read_at in audio_read_at.drain(..) {
-            metrics.uplink_added.observe(read_at.elapsed());
+            let took = read_at.elapsed();
+            metrics.uplink_added.observe(took);
+            latency.uplink(took);
         }
     }
     let close = CloseFrame {

@@ -78,6 +78,52 @@ impl Histogram {
     }
 }
 
+/// One call's own latency figures, recorded beside the process-wide histograms for the call's
+/// report. Lock-free like them: the call's writer tasks record, the core task reads at the end.
+#[derive(Default)]
+pub struct CallLatencyRecorder {
+    pub uplink: Histogram,
+    pub downlink: Histogram,
+    pub barge_in: Histogram,
+    max_us: [AtomicU64; 3],
+}
+
+impl CallLatencyRecorder {
+    pub fn uplink(&self, value: Duration) {
+        self.uplink.observe(value);
+        self.max_us[0].fetch_max(value.as_micros() as u64, Relaxed);
+    }
+
+    pub fn downlink(&self, value: Duration) {
+        self.downlink.observe(value);
+        self.max_us[1].fetch_max(value.as_micros() as u64, Relaxed);
+    }
+
+    pub fn barge_in(&self, value: Duration) {
+        self.barge_in.observe(value);
+        self.max_us[2].fetch_max(value.as_micros() as u64, Relaxed);
+    }
+
+    /// `(count, p50, p99, max)` in microseconds per direction; quantiles are bucket upper
+    /// bounds (coarse, but honest about it), clamped to the maximum actually seen.
+    pub fn summary(&self) -> [(u64, u64, u64, u64); 3] {
+        let one = |histogram: &Histogram, max: &AtomicU64| {
+            let max = max.load(Relaxed);
+            let quantile = |q| {
+                histogram
+                    .quantile_upper_bound(q)
+                    .map_or(0, |d| (d.as_micros() as u64).min(max))
+            };
+            (histogram.count(), quantile(0.5), quantile(0.99), max)
+        };
+        [
+            one(&self.uplink, &self.max_us[0]),
+            one(&self.downlink, &self.max_us[1]),
+            one(&self.barge_in, &self.max_us[2]),
+        ]
+    }
+}
+
 /// Kinds of bad input from Twilio, each counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TwilioErrorKind {
@@ -451,6 +497,17 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_latency_summary_is_bounded_by_the_largest_sample() {
+        let call = CallLatencyRecorder::default();
+        for us in [30, 40, 45, 60, 900] {
+            call.uplink(Duration::from_micros(us));
+        }
+        let [uplink, downlink, _] = call.summary();
+        assert_eq!(uplink, (5, 50, 900, 900));
+        assert_eq!(downlink, (0, 0, 0, 0));
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_quantiles_coarse() {

@@ -43,7 +43,18 @@ pub async fn start_stack_with(
     mode: AudioMode,
     greeting: Option<&str>,
 ) -> Stack {
-    let config = BridgeConfig {
+    start_stack_configured(mock, upstream, mode, greeting, |_| {}).await
+}
+
+/// Like [`start_stack_with`], with a last word on the bridge's configuration.
+pub async fn start_stack_configured(
+    mock: MockRealtimeServer,
+    upstream: UpstreamTarget,
+    mode: AudioMode,
+    greeting: Option<&str>,
+    adjust: impl FnOnce(&mut BridgeConfig),
+) -> Stack {
+    let mut config = BridgeConfig {
         agent: AgentDefaults {
             audio_mode: mode,
             greeting: greeting.map(str::to_owned),
@@ -51,6 +62,7 @@ pub async fn start_stack_with(
         },
         ..BridgeConfig::local(Secret::new(TOKEN), upstream)
     };
+    adjust(&mut config);
     let bridge = Bridge::start(&config).await.expect("bridge");
     let url = Url::parse(&format!("http://{}", bridge.local_addr())).unwrap();
     Stack {
@@ -119,6 +131,17 @@ pub async fn open_media_socket(stack: &Stack) -> RawSocket {
 
 /// Opens a signed socket and sends `connected` and `start` for `stream_sid`.
 pub async fn start_raw_stream(stack: &Stack, stream_sid: &str) -> RawSocket {
+    start_raw_stream_as(stack, stream_sid, &format!("CA{stream_sid}"), json!({})).await
+}
+
+/// Opens a signed socket and sends `connected` and a `start` naming `call_sid`, carrying
+/// `custom_parameters` (a JSON object) as the TwiML's `<Parameter>`s.
+pub async fn start_raw_stream_as(
+    stack: &Stack,
+    stream_sid: &str,
+    call_sid: &str,
+    custom_parameters: serde_json::Value,
+) -> RawSocket {
     let mut ws = open_media_socket(stack).await;
     ws.send(Message::text(
         json!({"event":"connected","protocol":"Call","version":"1.0.0"}).to_string(),
@@ -129,8 +152,8 @@ pub async fn start_raw_stream(stack: &Stack, stream_sid: &str) -> RawSocket {
         json!({
             "event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
             "start": {
-                "accountSid": "AC0", "streamSid": stream_sid, "callSid": format!("CA{stream_sid}"),
-                "tracks": ["inbound"], "customParameters": {},
+                "accountSid": "AC0", "streamSid": stream_sid, "callSid": call_sid,
+                "tracks": ["inbound"], "customParameters": custom_parameters,
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
             }
         })
@@ -149,6 +172,37 @@ pub fn media_message(stream_sid: &str, sequence: u64, payload_b64: &str) -> Mess
         })
         .to_string(),
     )
+}
+
+/// POSTs a signed voice webhook and returns the TwiML's stream URL and `<Parameter>`s.
+pub async fn voice_webhook(
+    stack: &Stack,
+    call_sid: &str,
+    to: &str,
+    from: &str,
+) -> (String, Vec<(String, String)>) {
+    let url = stack.url.join("/twilio/voice").unwrap();
+    let params: Vec<(String, String)> = [("CallSid", call_sid), ("To", to), ("From", from)]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let signature = compute_signature(TOKEN, url.as_str(), &params);
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params.iter())
+        .finish();
+    let response = voxrelay::bench::http_client::send(
+        "POST",
+        &url,
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("x-twilio-signature", &signature),
+        ],
+        body.into_bytes(),
+    )
+    .await
+    .expect("webhook");
+    assert_eq!(response.status, 200, "{}", response.body);
+    voxrelay::bench::caller::parse_connect_stream(&response.body).expect("a <Stream> in the TwiML")
 }
 
 /// Polls `condition` every 20 ms for up to `limit`.
