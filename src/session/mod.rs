@@ -10,3 +10,4 @@ pub mod playback;
 pub mod prewarm;
 pub mod queue;
 pub mod registry;
+pub mod report;
