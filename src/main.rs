@@ -124,6 +124,16 @@ struct BenchArgs {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// Instead of the load run: time from `start` to the first greeting audio, with the model
+    /// session pre-warmed on the webhook and cold (uses --calls, default 20 here, and --json).
+    #[arg(long, conflicts_with_all = ["target", "ramp", "baseline"])]
+    first_audio: bool,
+    /// With --first-audio: the model's handshake delay (the real API's TLS + handshake).
+    #[arg(long, default_value_t = 300.0)]
+    model_connect_ms: f64,
+    /// With --first-audio: Twilio's time from the webhook's answer to the stream's handshake.
+    #[arg(long, default_value_t = 200.0)]
+    twilio_gap_ms: f64,
 }
 
 #[derive(Args)]
@@ -465,6 +475,9 @@ async fn baseline_relay(args: BaselineRelayArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.first_audio {
+        return bench_first_audio(&args).await;
+    }
     let bridge =
         match (&args.target, args.in_process) {
             (Some(url), _) => BridgeUnderTest::Target {
@@ -534,6 +547,46 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if result.errors > 0 {
         bail!("{} errors during the run", result.errors);
+    }
+    Ok(())
+}
+
+async fn bench_first_audio(args: &BenchArgs) -> anyhow::Result<()> {
+    use voxrelay::bench::first_audio::{FirstAudioOptions, run};
+    let options = FirstAudioOptions {
+        calls: args.calls.max(1),
+        model_connect: Duration::from_secs_f64(args.model_connect_ms.max(0.0) / 1e3),
+        twilio_gap: Duration::from_secs_f64(args.twilio_gap_ms.max(0.0) / 1e3),
+        audio_mode: args.audio_mode,
+    };
+    let result = run(&options).await?;
+    let ms = |us: f64| us / 1e3;
+    println!(
+        "start → first assistant audio, {} calls each, model handshake {:.0} ms, Twilio gap {:.0} ms",
+        result.calls, result.model_connect_ms, result.twilio_gap_ms
+    );
+    println!(
+        "{:<10} {:>9} {:>9} {:>9} {:>9}",
+        "", "p50 ms", "p90 ms", "p99 ms", "max ms"
+    );
+    for (name, p) in [("pre-warm", &result.prewarm_us), ("cold", &result.cold_us)] {
+        println!(
+            "{name:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            ms(p.p50),
+            ms(p.p90),
+            ms(p.p99),
+            ms(p.max)
+        );
+    }
+    if result.no_audio > 0 {
+        println!("calls that heard no greeting: {}", result.no_audio);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if result.no_audio > 0 {
+        bail!("{} calls heard no greeting", result.no_audio);
     }
     Ok(())
 }

@@ -45,6 +45,9 @@ pub struct CallerConfig {
     pub linger: Duration,
     /// DTMF digits to press, with their offset from the stream's start.
     pub dtmf: Vec<(Duration, char)>,
+    /// Between the webhook's answer and the stream's handshake: Twilio fetching and running
+    /// the TwiML and opening a TLS WebSocket to the bridge takes time a loopback test lacks.
+    pub twilio_gap: Duration,
 }
 
 impl CallerConfig {
@@ -61,6 +64,7 @@ impl CallerConfig {
             audio,
             linger: Duration::from_secs(3),
             dtmf: Vec::new(),
+            twilio_gap: Duration::ZERO,
         }
     }
 }
@@ -223,6 +227,9 @@ pub async fn place_call(config: &CallerConfig) -> Result<CallReport, CallerError
         .ok_or_else(|| CallerError::NoStream(response.body.clone()))?;
 
     // 2. The Media Streams handshake: signed over the TwiML's wss:// URL, sent to the bridge.
+    if !config.twilio_gap.is_zero() {
+        tokio::time::sleep(config.twilio_gap).await;
+    }
     let stream = Url::parse(&stream_url)?;
     let mut connect_to = config.bridge.clone();
     let _ = connect_to.set_scheme(if config.bridge.scheme() == "https" {

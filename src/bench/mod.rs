@@ -9,6 +9,7 @@ pub mod baseline;
 pub mod caller;
 pub mod demo;
 pub mod echo_model;
+pub mod first_audio;
 pub mod harness;
 pub mod http_client;
 pub mod load;

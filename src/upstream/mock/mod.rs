@@ -46,6 +46,9 @@ pub struct MockConfig {
     /// Functions the mock calls instead of echoing, one per caller utterance in order, each
     /// only if the session's `tools` offer it (otherwise that utterance is echoed as usual).
     pub tool_script: Vec<MockToolCall>,
+    /// Held before answering each WebSocket handshake: stands in for the real service's TLS
+    /// and handshake round trips, so pre-warm can be measured on loopback.
+    pub connect_delay: Duration,
 }
 
 /// A function call the mock makes in place of an echo.
@@ -64,6 +67,7 @@ impl Default for MockConfig {
             greeting_ms: 1500,
             delta_ms: 100,
             tool_script: Vec::new(),
+            connect_delay: Duration::ZERO,
         }
     }
 }
@@ -216,6 +220,12 @@ async fn serve_connection(
 ) {
     // Best effort: without it the mock is only slower.
     let _ = stream.set_nodelay(true);
+    if !config.connect_delay.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(config.connect_delay) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
     let mut beta_header = false;
     // The callback's signature is tungstenite's; its error is the HTTP response itself.
     #[allow(clippy::result_large_err)]
