@@ -2,8 +2,12 @@
 //! the bridge fetches a tenant's context, reports calls and runs tools, and the reference control
 //! plane verifies it (see `docs/control-plane-api.md`).
 //!
-//! Invariants: everything here is sans-IO (time and randomness are parameters, sockets live in
-//! the async layer), and a control-plane secret only ever sits inside a [`crate::Secret`].
+//! Two layers. [`api`] (the wire types) and [`signing`] (the request signature scheme) are
+//! sans-IO: time and randomness are parameters, nothing touches a socket, and both sides of the
+//! API share them. [`client`] is the async layer on top: one pooled, signed HTTP client.
+//!
+//! Invariant: a control-plane secret only ever sits inside a [`crate::Secret`].
 
 pub mod api;
+pub mod client;
 pub mod signing;

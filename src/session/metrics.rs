@@ -149,6 +149,37 @@ pub enum Direction {
     Downlink,
 }
 
+/// Control-plane endpoints, for counting failed requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlEndpoint {
+    /// `GET /v1/context` (a 404 is an answer, not a failure).
+    Context,
+    /// `POST /v1/calls/{call_sid}/report`.
+    Report,
+    /// `POST /v1/tools/{name}`.
+    Tool,
+    /// `GET /v1/calls`.
+    Calls,
+}
+
+impl ControlEndpoint {
+    const ALL: [ControlEndpoint; 4] = [
+        ControlEndpoint::Context,
+        ControlEndpoint::Report,
+        ControlEndpoint::Tool,
+        ControlEndpoint::Calls,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlEndpoint::Context => "context",
+            ControlEndpoint::Report => "report",
+            ControlEndpoint::Tool => "tool",
+            ControlEndpoint::Calls => "calls",
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub calls_active: AtomicI64,
@@ -180,6 +211,7 @@ pub struct Metrics {
     pub barge_in_reaction: Histogram,
     /// How late the outbound pacer woke up after its deadline.
     pub pacer_lateness: Histogram,
+    control_request_failures: [AtomicU64; ControlEndpoint::ALL.len()],
 }
 
 impl Metrics {
@@ -213,6 +245,14 @@ impl Metrics {
             Direction::Downlink => &self.audio_dropped_downlink,
         }
         .load(Relaxed)
+    }
+
+    pub fn control_request_failure(&self, endpoint: ControlEndpoint) {
+        self.control_request_failures[endpoint as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn control_request_failures(&self, endpoint: ControlEndpoint) -> u64 {
+        self.control_request_failures[endpoint as usize].load(Relaxed)
     }
 
     pub fn render(&self) -> String {
@@ -391,7 +431,24 @@ impl Metrics {
             "voxrelay_barge_in_reaction_seconds",
             "speech_started read to Twilio clear written.",
         );
+        self.render_control(&mut out);
         out
+    }
+
+    /// The control-plane families, after all the others.
+    fn render_control(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_control_request_failures_total Control-plane requests that failed (transport, timeout, non-2xx, undecodable), by endpoint.\n# TYPE voxrelay_control_request_failures_total counter"
+        );
+        for endpoint in ControlEndpoint::ALL {
+            let _ = writeln!(
+                out,
+                "voxrelay_control_request_failures_total{{endpoint=\"{}\"}} {}",
+                endpoint.as_str(),
+                self.control_request_failures(endpoint)
+            );
+        }
     }
 }
 
@@ -438,5 +495,14 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn control_plane_families_render_per_label() {
+        let metrics = Metrics::default();
+        metrics.control_request_failure(ControlEndpoint::Tool);
+        let text = metrics.render();
+        assert!(text.contains("voxrelay_control_request_failures_total{endpoint=\"tool\"} 1\n"));
+        assert!(text.contains("voxrelay_control_request_failures_total{endpoint=\"context\"} 0\n"));
     }
 }
