@@ -20,6 +20,7 @@ use url::Url;
 use voxrelay::Secret;
 use voxrelay::control::api::{CallReport, ToolRequest};
 use voxrelay::control::client::{ControlError, ControlPlaneClient, ControlPlaneSettings};
+use voxrelay::control::directory::{ContextSource, DirectorySettings, Resolution, TenantDirectory};
 use voxrelay::control::signing::{SignedHeaders, SigningKey, Verifier};
 use voxrelay::session::metrics::{ControlEndpoint, Metrics};
 
@@ -118,8 +119,25 @@ impl FakeControlPlane {
         self.state.seen.lock().unwrap().clone()
     }
 
+    fn requests(&self) -> usize {
+        self.state.seen.lock().unwrap().len()
+    }
+
     fn rejected(&self) -> usize {
         self.state.rejected.load(Relaxed)
+    }
+
+    /// Waits (briefly) until the fake has accepted `n` requests.
+    async fn wait_for_requests(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.requests() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} requests",
+                self.requests()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -437,4 +455,277 @@ async fn an_unreachable_control_plane_is_a_transport_error() {
     let error = client.report(&report("CA1")).await.unwrap_err();
     assert!(matches!(error, ControlError::Transport(_)), "{error:?}");
     assert_eq!(metrics.control_request_failures(ControlEndpoint::Report), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TenantDirectory
+
+const TO: &str = "+15552223333";
+const ALICE: &str = "+15550001111";
+const BOB: &str = "+15550002222";
+
+fn directory_for(
+    url: Url,
+    budget: Duration,
+    ttl: Duration,
+    stale_while_revalidate: Duration,
+) -> (TenantDirectory, Arc<Metrics>) {
+    let (client, metrics) = client_for(url, SHORT);
+    let settings = DirectorySettings {
+        budget,
+        ttl,
+        stale_while_revalidate,
+        ..DirectorySettings::default()
+    };
+    (
+        TenantDirectory::new(client, settings, metrics.clone()),
+        metrics,
+    )
+}
+
+/// Answers every lookup with agent `Ada <n>` (n counts lookups from 1) after `delay`.
+fn numbered_contexts(delay: Duration) -> impl FnMut(&Seen) -> Reply + Send + 'static {
+    let mut n = 0;
+    move |seen: &Seen| {
+        n += 1;
+        let from = url::form_urlencoded::parse(seen.path.split_once('?').unwrap().1.as_bytes())
+            .find(|(k, _)| k == "from")
+            .map(|(_, v)| v.into_owned())
+            .unwrap();
+        Reply::json(
+            200,
+            context_json("t1", &format!("Ada {n}"), &format!("t1/{from}")),
+        )
+        .after(delay)
+    }
+}
+
+fn agent(resolution: &Resolution) -> &str {
+    &resolution.context.as_ref().expect("a context").agent_name
+}
+
+#[tokio::test]
+async fn a_miss_is_fetched_then_served_from_the_cache() {
+    let fake = FakeControlPlane::start(numbered_contexts(Duration::ZERO)).await;
+    let (directory, metrics) = directory_for(fake.url(""), SHORT, SHORT, SHORT);
+    let first = directory.resolve(TO, ALICE, "CA1").await;
+    assert_eq!(first.source, ContextSource::Fresh);
+    assert_eq!(agent(&first), "Ada 1");
+    let second = directory.resolve(TO, ALICE, "CA2").await;
+    assert_eq!(second.source, ContextSource::Cached);
+    assert_eq!(agent(&second), "Ada 1");
+    assert_eq!(fake.requests(), 1);
+    assert_eq!(metrics.control_lookups(ContextSource::Fresh), 1);
+    assert_eq!(metrics.control_lookups(ContextSource::Cached), 1);
+    assert_eq!(metrics.control_lookup.count(), 2);
+    assert!(
+        metrics
+            .render()
+            .contains("voxrelay_control_lookups_total{source=\"cached\"} 1")
+    );
+}
+
+#[tokio::test]
+async fn a_cached_context_names_each_callers_own_memory() {
+    let fake = FakeControlPlane::start(move |_: &Seen| {
+        // A namespace the control plane chose for Alice, inside the tenant.
+        Reply::json(200, context_json("t1", "Ada", "t1/alice-custom"))
+    })
+    .await;
+    let (directory, _) = directory_for(fake.url(""), SHORT, SHORT, SHORT);
+    let alice = directory.resolve(TO, ALICE, "CA1").await;
+    assert_eq!(alice.context.unwrap().memory_namespace, "t1/alice-custom");
+    let bob = directory.resolve(TO, BOB, "CA2").await;
+    assert_eq!(bob.source, ContextSource::Cached);
+    assert_eq!(bob.context.unwrap().memory_namespace, "t1/+15550002222");
+    let client = directory.resolve(TO, "client:eve", "CA3").await;
+    assert_eq!(client.context.unwrap().memory_namespace, "t1/client_eve");
+    let anonymous = directory.resolve(TO, "", "CA4").await;
+    assert_eq!(anonymous.context.unwrap().memory_namespace, "t1/anonymous");
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_namespace_outside_its_tenant_is_corrected() {
+    let fake = FakeControlPlane::start(|_: &Seen| {
+        Reply::json(200, context_json("t1", "Ada", "t2/+15550001111"))
+    })
+    .await;
+    let (directory, _) = directory_for(fake.url(""), SHORT, SHORT, SHORT);
+    let resolved = directory.resolve(TO, ALICE, "CA1").await;
+    assert_eq!(resolved.source, ContextSource::Fresh);
+    assert_eq!(
+        resolved.context.unwrap().memory_namespace,
+        "t1/+15550001111"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_number_is_cached_and_a_failing_control_plane_falls_back() {
+    let fake = FakeControlPlane::start(|seen: &Seen| {
+        if seen.path.contains("to=%2B1404") {
+            Reply::json(404, r#"{"error":"unknown_number"}"#)
+        } else {
+            Reply::json(500, r#"{"error":"database_down"}"#)
+        }
+    })
+    .await;
+    let (directory, metrics) = directory_for(fake.url(""), SHORT, SHORT, SHORT);
+    for call_sid in ["CA1", "CA2"] {
+        let unknown = directory.resolve("+1404", ALICE, call_sid).await;
+        assert_eq!(unknown.source, ContextSource::UnknownNumber);
+        assert_eq!(unknown.context, None);
+    }
+    assert_eq!(fake.requests(), 1, "the 404 is cached");
+    for call_sid in ["CA3", "CA4"] {
+        let down = directory.resolve("+1500", ALICE, call_sid).await;
+        assert_eq!(down.source, ContextSource::Fallback);
+        assert_eq!(down.context, None);
+    }
+    assert_eq!(fake.requests(), 3, "a failure is not cached");
+    assert_eq!(metrics.control_lookups(ContextSource::UnknownNumber), 2);
+    assert_eq!(metrics.control_lookups(ContextSource::Fallback), 2);
+    assert_eq!(
+        metrics.control_request_failures(ControlEndpoint::Context),
+        2
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_control_plane_falls_back_at_once() {
+    let (directory, _) = directory_for(
+        closed_port_url().await,
+        Duration::from_millis(300),
+        SHORT,
+        SHORT,
+    );
+    let resolved = directory.resolve(TO, ALICE, "CA1").await;
+    assert_eq!(resolved.source, ContextSource::Fallback);
+    assert!(
+        resolved.took < Duration::from_millis(300),
+        "{:?}",
+        resolved.took
+    );
+}
+
+#[tokio::test]
+async fn a_slow_control_plane_costs_the_budget_and_still_fills_the_cache() {
+    let fake = FakeControlPlane::start(numbered_contexts(Duration::from_millis(300))).await;
+    let budget = Duration::from_millis(60);
+    let (directory, _) = directory_for(fake.url(""), budget, SHORT, SHORT);
+    let started = Instant::now();
+    let first = directory.resolve(TO, ALICE, "CA1").await;
+    let elapsed = started.elapsed();
+    assert_eq!(first.source, ContextSource::Fallback);
+    assert_eq!(first.context, None);
+    assert!(elapsed >= budget, "{elapsed:?}");
+    assert!(elapsed < budget + Duration::from_millis(150), "{elapsed:?}");
+
+    // The fetch went on after the budget: once it lands, the next call is served from cache.
+    tokio::time::sleep(Duration::from_millis(320)).await;
+    let second = directory.resolve(TO, BOB, "CA2").await;
+    assert_eq!(second.source, ContextSource::Cached);
+    assert_eq!(agent(&second), "Ada 1");
+    assert_eq!(second.context.unwrap().memory_namespace, "t1/+15550002222");
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_misses_for_one_number_share_one_request() {
+    let fake = FakeControlPlane::start(numbered_contexts(Duration::from_millis(100))).await;
+    let (directory, _) = directory_for(fake.url(""), SHORT, SHORT, SHORT);
+    let lookups = (0..16).map(|n| {
+        let directory = directory.clone();
+        tokio::spawn(async move {
+            let from = format!("+1555000{n:04}");
+            let resolved = directory.resolve(TO, &from, &format!("CA{n}")).await;
+            (from, resolved)
+        })
+    });
+    let results = futures_util::future::join_all(lookups).await;
+    for result in results {
+        let (from, resolved) = result.unwrap();
+        assert_eq!(resolved.source, ContextSource::Fresh);
+        assert_eq!(agent(&resolved), "Ada 1");
+        assert_eq!(
+            resolved.context.unwrap().memory_namespace,
+            format!("t1/{from}")
+        );
+    }
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_served_at_once_and_refreshed_once_in_the_background() {
+    let fake = FakeControlPlane::start(numbered_contexts(Duration::from_millis(250))).await;
+    let ttl = Duration::from_millis(50);
+    let (directory, metrics) = directory_for(fake.url(""), SHORT, ttl, SHORT);
+    assert_eq!(
+        directory.resolve(TO, ALICE, "CA1").await.source,
+        ContextSource::Fresh
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(10)).await;
+
+    // Past the TTL: five calls are answered from the stale entry without waiting for the
+    // (slow) control plane, and only one refresh goes out.
+    for n in 2..7 {
+        let stale = directory.resolve(TO, ALICE, &format!("CA{n}")).await;
+        assert_eq!(stale.source, ContextSource::Stale);
+        assert_eq!(agent(&stale), "Ada 1");
+        assert!(stale.took < Duration::from_millis(150), "{:?}", stale.took);
+    }
+    fake.wait_for_requests(2).await;
+    // Once the refresh lands, the new answer is served as fresh from cache.
+    let deadline = Instant::now() + SHORT;
+    let refreshed = loop {
+        let resolved = directory.resolve(TO, ALICE, "CA7").await;
+        if resolved.source == ContextSource::Cached {
+            break resolved;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(agent(&refreshed), "Ada 2");
+    assert_eq!(fake.requests(), 2);
+    assert!(metrics.control_lookups(ContextSource::Stale) >= 5);
+}
+
+#[tokio::test]
+async fn past_the_stale_window_an_entry_is_fetched_again() {
+    let fake = FakeControlPlane::start(numbered_contexts(Duration::ZERO)).await;
+    let ttl = Duration::from_millis(30);
+    let (directory, _) = directory_for(fake.url(""), SHORT, ttl, Duration::from_millis(30));
+    assert_eq!(agent(&directory.resolve(TO, ALICE, "CA1").await), "Ada 1");
+    tokio::time::sleep(Duration::from_millis(70)).await;
+    let again = directory.resolve(TO, ALICE, "CA2").await;
+    assert_eq!(again.source, ContextSource::Fresh);
+    assert_eq!(agent(&again), "Ada 2");
+}
+
+#[tokio::test]
+async fn a_stale_entry_outlives_a_control_plane_outage() {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let switch = flag.clone();
+    let fake = FakeControlPlane::start(move |_: &Seen| {
+        if switch.load(Relaxed) {
+            Reply::json(200, context_json("t1", "Ada", "t1/x"))
+        } else {
+            Reply::json(503, r#"{"error":"down"}"#)
+        }
+    })
+    .await;
+    let ttl = Duration::from_millis(30);
+    let (directory, _) = directory_for(fake.url(""), SHORT, ttl, SHORT);
+    assert_eq!(
+        directory.resolve(TO, ALICE, "CA1").await.source,
+        ContextSource::Fresh
+    );
+    flag.store(false, Relaxed);
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    for n in 2..5 {
+        let resolved = directory.resolve(TO, ALICE, &format!("CA{n}")).await;
+        assert_eq!(resolved.source, ContextSource::Stale);
+        assert_eq!(agent(&resolved), "Ada");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

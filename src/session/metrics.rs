@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::control::directory::ContextSource;
+
 /// Upper bounds of the latency buckets, in microseconds.
 const BUCKETS_US: [u64; 16] = [
     25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
@@ -211,6 +213,9 @@ pub struct Metrics {
     pub barge_in_reaction: Histogram,
     /// How late the outbound pacer woke up after its deadline.
     pub pacer_lateness: Histogram,
+    /// `TenantDirectory::resolve`: from the call asking to the context (or the fallback) in hand.
+    pub control_lookup: Histogram,
+    control_lookups: [AtomicU64; ContextSource::ALL.len()],
     control_request_failures: [AtomicU64; ControlEndpoint::ALL.len()],
 }
 
@@ -245,6 +250,14 @@ impl Metrics {
             Direction::Downlink => &self.audio_dropped_downlink,
         }
         .load(Relaxed)
+    }
+
+    pub fn control_lookup_source(&self, source: ContextSource) {
+        self.control_lookups[source as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn control_lookups(&self, source: ContextSource) -> u64 {
+        self.control_lookups[source as usize].load(Relaxed)
     }
 
     pub fn control_request_failure(&self, endpoint: ControlEndpoint) {
@@ -437,6 +450,23 @@ impl Metrics {
 
     /// The control-plane families, after all the others.
     fn render_control(&self, out: &mut String) {
+        self.control_lookup.render(
+            out,
+            "voxrelay_control_lookup_seconds",
+            "Time to resolve a dialled number's tenant context, fallback included.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_control_lookups_total Context lookups, by where the context came from.\n# TYPE voxrelay_control_lookups_total counter"
+        );
+        for source in ContextSource::ALL {
+            let _ = writeln!(
+                out,
+                "voxrelay_control_lookups_total{{source=\"{}\"}} {}",
+                source.as_str(),
+                self.control_lookups(source)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP voxrelay_control_request_failures_total Control-plane requests that failed (transport, timeout, non-2xx, undecodable), by endpoint.\n# TYPE voxrelay_control_request_failures_total counter"
@@ -501,7 +531,12 @@ mod tests {
     fn control_plane_families_render_per_label() {
         let metrics = Metrics::default();
         metrics.control_request_failure(ControlEndpoint::Tool);
+        metrics.control_lookup_source(ContextSource::Stale);
+        metrics.control_lookup.observe(Duration::from_millis(3));
         let text = metrics.render();
+        assert!(text.contains("voxrelay_control_lookups_total{source=\"stale\"} 1\n"));
+        assert!(text.contains("voxrelay_control_lookups_total{source=\"fallback\"} 0\n"));
+        assert!(text.contains("voxrelay_control_lookup_seconds_count 1\n"));
         assert!(text.contains("voxrelay_control_request_failures_total{endpoint=\"tool\"} 1\n"));
         assert!(text.contains("voxrelay_control_request_failures_total{endpoint=\"context\"} 0\n"));
     }
