@@ -21,6 +21,7 @@ use voxrelay::Secret;
 use voxrelay::control::api::{CallReport, ToolRequest};
 use voxrelay::control::client::{ControlError, ControlPlaneClient, ControlPlaneSettings};
 use voxrelay::control::directory::{ContextSource, DirectorySettings, Resolution, TenantDirectory};
+use voxrelay::control::reports::{ReportSender, ReportSettings, SpoolPass};
 use voxrelay::control::signing::{SignedHeaders, SigningKey, Verifier};
 use voxrelay::session::metrics::{ControlEndpoint, Metrics};
 
@@ -728,4 +729,305 @@ async fn a_stale_entry_outlives_a_control_plane_outage() {
         assert_eq!(agent(&resolved), "Ada");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ReportSender
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "voxrelay-{label}-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    /// Names of the files directly in `sub` ("" for the directory itself), sorted.
+    fn files(&self, sub: &str) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.0.join(sub)) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .map(|entry| entry.unwrap())
+            .filter(|entry| entry.file_type().unwrap().is_file())
+            .map(|entry| entry.file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn report_settings(spool: &std::path::Path, retry_window: Duration) -> ReportSettings {
+    ReportSettings {
+        retry_window,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(40),
+        resend_interval: Duration::from_millis(50),
+        ..ReportSettings::new(spool)
+    }
+}
+
+fn sender_for(url: Url, settings: ReportSettings) -> (ReportSender, Arc<Metrics>) {
+    let (client, metrics) = client_for(url, Duration::from_millis(500));
+    (
+        ReportSender::new(client, settings, metrics.clone()),
+        metrics,
+    )
+}
+
+/// Answers 503 while `down` is set, 204 otherwise.
+fn switchable(down: Arc<std::sync::atomic::AtomicBool>) -> impl FnMut(&Seen) -> Reply + Send {
+    move |_: &Seen| {
+        if down.load(Relaxed) {
+            Reply::json(503, r#"{"error":"unavailable"}"#)
+        } else {
+            Reply::json(204, "")
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_report_is_retried_through_transient_failures() {
+    let mut n = 0;
+    let fake = FakeControlPlane::start(move |_: &Seen| {
+        n += 1;
+        if n <= 2 {
+            Reply::json(503, r#"{"error":"unavailable"}"#)
+        } else {
+            Reply::json(204, "")
+        }
+    })
+    .await;
+    let spool = TempDir::new("retry");
+    let (sender, metrics) = sender_for(fake.url(""), report_settings(&spool.0, SHORT));
+    sender.submit(report("CA1"));
+    sender.shutdown(SHORT).await;
+
+    assert_eq!(fake.requests(), 3);
+    assert_eq!(
+        fake.rejected(),
+        0,
+        "every retry is signed afresh, none replayed"
+    );
+    let seen = fake.seen();
+    assert!(seen.iter().all(|s| s.path == "/v1/calls/CA1/report"));
+    assert_eq!(
+        serde_json::from_slice::<CallReport>(&seen[2].body).unwrap(),
+        report("CA1")
+    );
+    assert_eq!(metrics.control_reports_delivered.load(Relaxed), 1);
+    assert_eq!(metrics.control_report_retries.load(Relaxed), 2);
+    assert_eq!(metrics.control_reports_spooled.load(Relaxed), 0);
+    assert!(spool.files("").is_empty());
+}
+
+#[tokio::test]
+async fn a_report_outliving_its_retry_window_is_spooled_and_resent_on_the_next_start() {
+    let spool = TempDir::new("spool");
+    let down = closed_port_url().await;
+    let (sender, metrics) = sender_for(down, report_settings(&spool.0, Duration::from_millis(100)));
+    let started = Instant::now();
+    sender.submit(report("CA1"));
+    sender.submit(report("CA2"));
+    sender.shutdown(SHORT).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(metrics.control_reports_spooled.load(Relaxed), 2);
+    assert!(metrics.control_report_retries.load(Relaxed) >= 2);
+    let files = spool.files("");
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| f.ends_with(".json") && !f.starts_with('.'))
+    );
+    let mut spooled: Vec<CallReport> = files
+        .iter()
+        .map(|f| serde_json::from_slice(&std::fs::read(spool.0.join(f)).unwrap()).unwrap())
+        .collect();
+    spooled.sort_by(|a, b| a.call_sid.cmp(&b.call_sid));
+    assert_eq!(spooled, [report("CA1"), report("CA2")]);
+
+    // The next start, with the control plane back: the spool is delivered and emptied.
+    let fake = FakeControlPlane::start(|_: &Seen| Reply::json(204, "")).await;
+    let (sender, metrics) = sender_for(fake.url(""), report_settings(&spool.0, SHORT));
+    let pass = sender.resend_spool().await;
+    assert_eq!(
+        pass,
+        SpoolPass {
+            resent: 2,
+            ..SpoolPass::default()
+        }
+    );
+    assert!(spool.files("").is_empty());
+    let mut paths: Vec<String> = fake.seen().into_iter().map(|s| s.path).collect();
+    paths.sort();
+    assert_eq!(paths, ["/v1/calls/CA1/report", "/v1/calls/CA2/report"]);
+    assert_eq!(metrics.control_reports_resent.load(Relaxed), 2);
+    assert_eq!(sender.resend_spool().await, SpoolPass::default());
+}
+
+#[tokio::test]
+async fn a_resend_pass_stops_at_the_first_transient_failure() {
+    let spool = TempDir::new("still-down");
+    let (sender, _) = sender_for(
+        closed_port_url().await,
+        report_settings(&spool.0, Duration::ZERO),
+    );
+    for n in 0..3 {
+        sender.submit(report(&format!("CA{n}")));
+    }
+    sender.shutdown(SHORT).await;
+    assert_eq!(spool.files("").len(), 3);
+
+    let fake = FakeControlPlane::start(|_: &Seen| Reply::json(503, "")).await;
+    let (sender, _) = sender_for(fake.url(""), report_settings(&spool.0, SHORT));
+    let pass = sender.resend_spool().await;
+    assert_eq!(
+        pass,
+        SpoolPass {
+            remaining: 3,
+            ..SpoolPass::default()
+        }
+    );
+    assert_eq!(fake.requests(), 1);
+    assert_eq!(spool.files("").len(), 3);
+}
+
+#[tokio::test]
+async fn the_resend_loop_empties_the_spool_once_the_control_plane_is_back() {
+    let spool = TempDir::new("loop");
+    let (sender, _) = sender_for(
+        closed_port_url().await,
+        report_settings(&spool.0, Duration::ZERO),
+    );
+    sender.submit(report("CA1"));
+    sender.shutdown(SHORT).await;
+    assert_eq!(spool.files("").len(), 1);
+
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let fake = FakeControlPlane::start(switchable(down.clone())).await;
+    let (sender, metrics) = sender_for(fake.url(""), report_settings(&spool.0, SHORT));
+    sender.spawn_resend_loop();
+    fake.wait_for_requests(2).await;
+    assert_eq!(
+        spool.files("").len(),
+        1,
+        "kept while the control plane answers 503"
+    );
+    down.store(false, Relaxed);
+    let deadline = Instant::now() + SHORT;
+    while !spool.files("").is_empty() {
+        assert!(Instant::now() < deadline, "spool not emptied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metrics.control_reports_resent.load(Relaxed), 1);
+    sender.shutdown(SHORT).await;
+}
+
+#[tokio::test]
+async fn permanently_refused_reports_are_kept_in_rejected() {
+    let spool = TempDir::new("rejected");
+    // Live delivery: a 400 is not retried.
+    let fake =
+        FakeControlPlane::start(|_: &Seen| Reply::json(400, r#"{"error":"invalid_report"}"#)).await;
+    let (sender, metrics) = sender_for(fake.url(""), report_settings(&spool.0, SHORT));
+    sender.submit(report("CA1"));
+    sender.shutdown(SHORT).await;
+    assert_eq!(fake.requests(), 1);
+    assert_eq!(metrics.control_report_retries.load(Relaxed), 0);
+    assert_eq!(spool.files(REJECTED_DIR_NAME).len(), 1);
+
+    // From the spool: a refused report and a file that is not a report both move to
+    // rejected/, and neither is retried by the next pass.
+    std::fs::write(
+        spool.0.join("0000000000001-CA2-00000000.json"),
+        serde_json::to_vec(&report("CA2")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        spool.0.join("0000000000002-junk-00000000.json"),
+        b"not json",
+    )
+    .unwrap();
+    std::fs::write(spool.0.join(".0000000000003-CA3-00000000.json.tmp"), b"{").unwrap();
+    let (sender, metrics) = sender_for(fake.url(""), report_settings(&spool.0, SHORT));
+    let pass = sender.resend_spool().await;
+    assert_eq!(
+        pass,
+        SpoolPass {
+            rejected: 2,
+            ..SpoolPass::default()
+        }
+    );
+    assert_eq!(fake.requests(), 2, "the junk file was never sent");
+    assert_eq!(spool.files(""), [".0000000000003-CA3-00000000.json.tmp"]);
+    assert_eq!(spool.files(REJECTED_DIR_NAME).len(), 3);
+    assert_eq!(metrics.control_reports_rejected.load(Relaxed), 2);
+    assert_eq!(sender.resend_spool().await, SpoolPass::default());
+    assert_eq!(fake.requests(), 2);
+}
+
+const REJECTED_DIR_NAME: &str = voxrelay::control::reports::REJECTED_DIR;
+
+#[tokio::test]
+async fn shutdown_spools_deliveries_still_pending_after_the_grace() {
+    let spool = TempDir::new("shutdown");
+    let fake = FakeControlPlane::start(|_: &Seen| Reply::json(503, "")).await;
+    let (sender, metrics) = sender_for(
+        fake.url(""),
+        report_settings(&spool.0, Duration::from_secs(60)),
+    );
+    for n in 0..3 {
+        sender.submit(report(&format!("CA{n}")));
+    }
+    fake.wait_for_requests(3).await;
+    let started = Instant::now();
+    sender.shutdown(Duration::from_millis(100)).await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(100), "{took:?}");
+    assert!(took < Duration::from_millis(600), "{took:?}");
+    assert_eq!(spool.files("").len(), 3);
+    assert_eq!(metrics.control_reports_spooled.load(Relaxed), 3);
+
+    // After shutdown, a late report goes straight to the spool too.
+    sender.submit(report("CA9"));
+    let deadline = Instant::now() + SHORT;
+    while spool.files("").len() < 4 {
+        assert!(Instant::now() < deadline, "late report not spooled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_unwritable_spool_is_logged_and_counted_not_a_panic() {
+    let spool = TempDir::new("unwritable");
+    let blocker = spool.0.join("a-file");
+    std::fs::write(&blocker, b"").unwrap();
+    // A directory cannot be created below a regular file, even as root.
+    let (sender, metrics) = sender_for(
+        closed_port_url().await,
+        report_settings(&blocker.join("spool"), Duration::ZERO),
+    );
+    assert_eq!(metrics.control_report_spool_errors.load(Relaxed), 1);
+    sender.submit(report("CA1"));
+    sender.shutdown(SHORT).await;
+    assert_eq!(metrics.control_report_spool_errors.load(Relaxed), 2);
+    assert_eq!(metrics.control_reports_spooled.load(Relaxed), 0);
+    assert_eq!(sender.resend_spool().await.errors, 1);
 }

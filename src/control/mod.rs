@@ -5,12 +5,13 @@
 //! Two layers. [`api`] (the wire types) and [`signing`] (the request signature scheme) are
 //! sans-IO: time and randomness are parameters, nothing touches a socket, and both sides of the
 //! API share them. The async layer on top is the bridge's alone: [`client`] (one pooled, signed
-//! HTTP client) and [`directory`] (dialled number to tenant context, within a time budget, with
-//! a cache and a fallback).
+//! HTTP client), [`directory`] (dialled number to tenant context, within a time budget, with
+//! a cache and a fallback) and [`reports`] (call reports with retry, a disk spool and resend).
 //!
 //! Invariant: a control-plane secret only ever sits inside a [`crate::Secret`].
 
 pub mod api;
 pub mod client;
 pub mod directory;
+pub mod reports;
 pub mod signing;

@@ -217,6 +217,18 @@ pub struct Metrics {
     pub control_lookup: Histogram,
     control_lookups: [AtomicU64; ContextSource::ALL.len()],
     control_request_failures: [AtomicU64; ControlEndpoint::ALL.len()],
+    /// Call reports accepted by the control plane on delivery (first try or a retry).
+    pub control_reports_delivered: AtomicU64,
+    /// Report delivery attempts repeated after a transient failure.
+    pub control_report_retries: AtomicU64,
+    /// Reports written to the spool directory (retry window passed, or shutdown).
+    pub control_reports_spooled: AtomicU64,
+    /// Spooled reports accepted by the control plane and deleted from the spool.
+    pub control_reports_resent: AtomicU64,
+    /// Reports the control plane refused for good (kept in `rejected/`).
+    pub control_reports_rejected: AtomicU64,
+    /// Spool directory failures: could not create, write, list, read, move or delete.
+    pub control_report_spool_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -479,6 +491,45 @@ impl Metrics {
                 self.control_request_failures(endpoint)
             );
         }
+        let counters = [
+            (
+                "voxrelay_control_reports_delivered_total",
+                "Call reports accepted by the control plane without going through the spool.",
+                &self.control_reports_delivered,
+            ),
+            (
+                "voxrelay_control_report_retries_total",
+                "Call report deliveries retried after a transient failure.",
+                &self.control_report_retries,
+            ),
+            (
+                "voxrelay_control_reports_spooled_total",
+                "Call reports written to the spool directory.",
+                &self.control_reports_spooled,
+            ),
+            (
+                "voxrelay_control_reports_resent_total",
+                "Spooled call reports delivered and removed from the spool.",
+                &self.control_reports_resent,
+            ),
+            (
+                "voxrelay_control_reports_rejected_total",
+                "Call reports the control plane refused for good (kept in rejected/).",
+                &self.control_reports_rejected,
+            ),
+            (
+                "voxrelay_control_report_spool_errors_total",
+                "Call report spool directory operations that failed.",
+                &self.control_report_spool_errors,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Relaxed)
+            );
+        }
     }
 }
 
@@ -537,6 +588,12 @@ mod tests {
         assert!(text.contains("voxrelay_control_lookups_total{source=\"stale\"} 1\n"));
         assert!(text.contains("voxrelay_control_lookups_total{source=\"fallback\"} 0\n"));
         assert!(text.contains("voxrelay_control_lookup_seconds_count 1\n"));
+        metrics.control_reports_spooled.fetch_add(2, Relaxed);
+        assert!(
+            metrics
+                .render()
+                .contains("# TYPE voxrelay_control_reports_spooled_total counter\nvoxrelay_control_reports_spooled_total 2\n")
+        );
         assert!(text.contains("voxrelay_control_request_failures_total{endpoint=\"tool\"} 1\n"));
         assert!(text.contains("voxrelay_control_request_failures_total{endpoint=\"context\"} 0\n"));
     }
