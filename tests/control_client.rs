@@ -23,6 +23,7 @@ use voxrelay::control::client::{ControlError, ControlPlaneClient, ControlPlaneSe
 use voxrelay::control::directory::{ContextSource, DirectorySettings, Resolution, TenantDirectory};
 use voxrelay::control::reports::{ReportSender, ReportSettings, SpoolPass};
 use voxrelay::control::signing::{SignedHeaders, SigningKey, Verifier};
+use voxrelay::control::tools::run_tool;
 use voxrelay::session::metrics::{ControlEndpoint, Metrics};
 
 const KEY_ID: &str = "bridge-1";
@@ -1030,4 +1031,115 @@ async fn an_unwritable_spool_is_logged_and_counted_not_a_panic() {
     assert_eq!(metrics.control_report_spool_errors.load(Relaxed), 2);
     assert_eq!(metrics.control_reports_spooled.load(Relaxed), 0);
     assert_eq!(sender.resend_spool().await.errors, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tools
+
+fn tool_fake_script(seen: &Seen) -> Reply {
+    match seen.path.as_str() {
+        "/v1/tools/lookup_hours" => Reply::json(200, r#"{"output":"open 9-5"}"#),
+        "/v1/tools/take_message" => Reply::json(200, r#"{"output":{"saved":true,"id":7}}"#),
+        "/v1/tools/slow" => {
+            Reply::json(200, r#"{"output":"too late"}"#).after(Duration::from_millis(300))
+        }
+        "/v1/tools/broken" => Reply::json(500, r#"{"error":"tool_crashed"}"#),
+        _ => Reply::json(404, r#"{"error":"unknown_tool"}"#),
+    }
+}
+
+fn tool_error(output: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(output).expect(output);
+    assert_eq!(value["error"], "tool_failed", "{output}");
+    value["detail"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_tool_answers_with_the_control_planes_output() {
+    let fake = FakeControlPlane::start(tool_fake_script).await;
+    let (client, metrics) = client_for(fake.url(""), SHORT);
+    let hours = run_tool(
+        &client,
+        "lookup_hours",
+        "CA1",
+        "t1",
+        r#"{"day":"mon"}"#,
+        SHORT,
+    )
+    .await;
+    assert_eq!(hours, "open 9-5");
+    let message = run_tool(&client, "take_message", "CA1", "t1", "", SHORT).await;
+    assert_eq!(message, r#"{"id":7,"saved":true}"#);
+    let seen = fake.seen();
+    let first: ToolRequest = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(
+        first,
+        ToolRequest {
+            call_sid: "CA1".into(),
+            tenant_id: "t1".into(),
+            arguments: serde_json::json!({"day": "mon"}),
+        }
+    );
+    let second: ToolRequest = serde_json::from_slice(&seen[1].body).unwrap();
+    assert_eq!(second.arguments, serde_json::json!({}));
+    assert_eq!(metrics.control_tool_calls.load(Relaxed), 2);
+    assert_eq!(metrics.control_tool_failures.load(Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_failing_tool_becomes_an_error_output_and_the_call_goes_on() {
+    let fake = FakeControlPlane::start(tool_fake_script).await;
+    let (client, metrics) = client_for(fake.url(""), SHORT);
+
+    let started = Instant::now();
+    let slow = run_tool(
+        &client,
+        "slow",
+        "CA1",
+        "t1",
+        "{}",
+        Duration::from_millis(80),
+    )
+    .await;
+    assert_eq!(tool_error(&slow), "the tool did not answer within 80 ms");
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let broken = run_tool(&client, "broken", "CA1", "t1", "{}", SHORT).await;
+    assert_eq!(
+        tool_error(&broken),
+        "the tool service refused the call (HTTP 500, tool_crashed)"
+    );
+    let unknown = run_tool(&client, "nope", "CA1", "t1", "{}", SHORT).await;
+    assert_eq!(
+        tool_error(&unknown),
+        "the tool service refused the call (HTTP 404, unknown_tool)"
+    );
+    let requests_before = fake.requests();
+    let bad_json = run_tool(&client, "lookup_hours", "CA1", "t1", "{day:", SHORT).await;
+    assert_eq!(tool_error(&bad_json), "the arguments are not valid JSON");
+    assert_eq!(
+        fake.requests(),
+        requests_before,
+        "bad arguments are never sent"
+    );
+
+    let (down, _) = client_for(closed_port_url().await, SHORT);
+    let unreachable = run_tool(&down, "lookup_hours", "CA1", "t1", "{}", SHORT).await;
+    assert_eq!(
+        tool_error(&unreachable),
+        "the tool service could not be reached"
+    );
+
+    for output in [&slow, &broken, &unknown, &bad_json, &unreachable] {
+        assert!(
+            !output.contains(SECRET) && !output.contains("127.0.0.1"),
+            "{output}"
+        );
+    }
+    assert_eq!(metrics.control_tool_calls.load(Relaxed), 4);
+    assert_eq!(metrics.control_tool_failures.load(Relaxed), 4);
 }

@@ -318,6 +318,10 @@ impl ControlPlaneClient {
         self.inner.request_timeout
     }
 
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
     fn counted<T>(
         &self,
         endpoint: ControlEndpoint,

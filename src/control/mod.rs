@@ -6,7 +6,9 @@
 //! sans-IO: time and randomness are parameters, nothing touches a socket, and both sides of the
 //! API share them. The async layer on top is the bridge's alone: [`client`] (one pooled, signed
 //! HTTP client), [`directory`] (dialled number to tenant context, within a time budget, with
-//! a cache and a fallback) and [`reports`] (call reports with retry, a disk spool and resend).
+//! a cache and a fallback), [`reports`] (call reports with retry, a disk spool and resend) and
+//! [`tools`] (a model's function call run on the control plane; a failure is an output, never
+//! the end of the call).
 //!
 //! Invariant: a control-plane secret only ever sits inside a [`crate::Secret`].
 
@@ -15,3 +17,4 @@ pub mod client;
 pub mod directory;
 pub mod reports;
 pub mod signing;
+pub mod tools;

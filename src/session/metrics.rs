@@ -229,6 +229,10 @@ pub struct Metrics {
     pub control_reports_rejected: AtomicU64,
     /// Spool directory failures: could not create, write, list, read, move or delete.
     pub control_report_spool_errors: AtomicU64,
+    /// Tool calls relayed to the control plane.
+    pub control_tool_calls: AtomicU64,
+    /// Tool calls answered with an error output (bad arguments, timeout, control-plane failure).
+    pub control_tool_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -521,6 +525,16 @@ impl Metrics {
                 "voxrelay_control_report_spool_errors_total",
                 "Call report spool directory operations that failed.",
                 &self.control_report_spool_errors,
+            ),
+            (
+                "voxrelay_control_tool_calls_total",
+                "Tool calls the model made, run on the control plane.",
+                &self.control_tool_calls,
+            ),
+            (
+                "voxrelay_control_tool_failures_total",
+                "Tool calls answered with an error output (the call went on).",
+                &self.control_tool_failures,
             ),
         ];
         for (name, help, value) in counters {
