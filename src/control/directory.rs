@@ -181,7 +181,7 @@ struct Answer {
     context: Option<Arc<TenantContext>>,
     fetched_at: Instant,
     /// The caller the context was fetched for; its namespace is this caller's.
-    from: String,
+    from: Arc<str>,
 }
 
 #[derive(Clone)]
@@ -292,7 +292,7 @@ impl TenantDirectory {
     /// The cache decision, under the number's shard lock and nothing else: serve, or join (or
     /// start) the number's fetch.
     fn check(&self, to: &str, from: &str, call_sid: &str, now: Instant) -> Step {
-        // Fast path: a fresh hit takes only a read lock and allocates nothing.
+        // Fast path: a fresh hit takes only the shard's read lock.
         if let Some((Freshness::Fresh, answer)) = self.cached(to, now) {
             return Step::Serve(source_of(ContextSource::Cached, &answer), answer);
         }
@@ -349,7 +349,9 @@ impl TenantDirectory {
             let _slot = FetchSlot {
                 inner: inner.clone(),
                 to: to.clone(),
+                channel: sender.subscribe(),
             };
+            let from: Arc<str> = from.into();
             let outcome = match inner.client.context(&to, &from, &call_sid).await {
                 Ok(context) => match context.map(|c| within_tenant(c, &from, &call_sid)) {
                     None => Fetch::Done(Answer {
@@ -404,16 +406,23 @@ impl DirectoryInner {
 }
 
 /// Drop guard of a fetch task: frees the number's single-flight slot, even if the task is
-/// cancelled (runtime shutdown) or panics.
+/// cancelled (runtime shutdown) or panics; only if the slot still holds this task's fetch.
 struct FetchSlot {
     inner: Arc<DirectoryInner>,
     to: String,
+    channel: watch::Receiver<Fetch>,
 }
 
 impl Drop for FetchSlot {
     fn drop(&mut self) {
         if let Some(mut entry) = self.inner.entries.get_mut(&self.to) {
-            entry.fetching = None;
+            let ours = entry
+                .fetching
+                .as_ref()
+                .is_some_and(|fetch| fetch.same_channel(&self.channel));
+            if ours {
+                entry.fetching = None;
+            }
         }
     }
 }
@@ -431,7 +440,7 @@ fn source_of(source: ContextSource, answer: &Answer) -> ContextSource {
 /// for, otherwise a copy naming this caller's memory.
 fn for_caller(answer: &Answer, from: &str) -> Option<Arc<TenantContext>> {
     let context = answer.context.as_ref()?;
-    if answer.from == from {
+    if *answer.from == *from {
         return Some(context.clone());
     }
     let mut context = TenantContext::clone(context);
@@ -610,7 +619,7 @@ mod tests {
         let answer = Answer {
             context: Some(Arc::new(context("t1", "t1/custom-for-alice"))),
             fetched_at: Instant::now(),
-            from: "+1555000111".into(),
+            from: Arc::from("+1555000111"),
         };
         let same = for_caller(&answer, "+1555000111").unwrap();
         assert!(Arc::ptr_eq(&same, answer.context.as_ref().unwrap()));
