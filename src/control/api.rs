@@ -31,6 +31,14 @@ pub fn context_path_and_query(to: &str, from: &str, call_sid: &str) -> String {
     format!("{CONTEXT_PATH}?{query}")
 }
 
+/// `GET /v1/calls?tenant_id=…` (form-encoded query).
+pub fn calls_path_and_query(tenant_id: &str) -> String {
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("tenant_id", tenant_id)
+        .finish();
+    format!("{CALLS_PATH}?{query}")
+}
+
 /// Everything outside RFC 3986's unreserved set is escaped, so a segment can never add a `/`,
 /// `?` or `#` to the path.
 fn encode_segment(segment: &str) -> String {
@@ -217,6 +225,10 @@ mod tests {
         assert_eq!(
             context_path_and_query("+15551234567", "+1 555&x", "CA1"),
             "/v1/context?to=%2B15551234567&from=%2B1+555%26x&call_sid=CA1"
+        );
+        assert_eq!(
+            calls_path_and_query("tenant 42&x"),
+            "/v1/calls?tenant_id=tenant+42%26x"
         );
     }
 

@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::control::directory::ContextSource;
+
 /// Upper bounds of the latency buckets, in microseconds.
 const BUCKETS_US: [u64; 16] = [
     25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
@@ -195,6 +197,37 @@ pub enum Direction {
     Downlink,
 }
 
+/// Control-plane endpoints, for counting failed requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlEndpoint {
+    /// `GET /v1/context` (a 404 is an answer, not a failure).
+    Context,
+    /// `POST /v1/calls/{call_sid}/report`.
+    Report,
+    /// `POST /v1/tools/{name}`.
+    Tool,
+    /// `GET /v1/calls`.
+    Calls,
+}
+
+impl ControlEndpoint {
+    const ALL: [ControlEndpoint; 4] = [
+        ControlEndpoint::Context,
+        ControlEndpoint::Report,
+        ControlEndpoint::Tool,
+        ControlEndpoint::Calls,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlEndpoint::Context => "context",
+            ControlEndpoint::Report => "report",
+            ControlEndpoint::Tool => "tool",
+            ControlEndpoint::Calls => "calls",
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub calls_active: AtomicI64,
@@ -237,6 +270,26 @@ pub struct Metrics {
     pub barge_in_reaction: Histogram,
     /// How late the outbound pacer woke up after its deadline.
     pub pacer_lateness: Histogram,
+    /// `TenantDirectory::resolve`: from the call asking to the context (or the fallback) in hand.
+    pub control_lookup: Histogram,
+    control_lookups: [AtomicU64; ContextSource::ALL.len()],
+    control_request_failures: [AtomicU64; ControlEndpoint::ALL.len()],
+    /// Call reports accepted by the control plane on delivery (first try or a retry).
+    pub control_reports_delivered: AtomicU64,
+    /// Report delivery attempts repeated after a transient failure.
+    pub control_report_retries: AtomicU64,
+    /// Reports written to the spool directory (retry window passed, or shutdown).
+    pub control_reports_spooled: AtomicU64,
+    /// Spooled reports accepted by the control plane and deleted from the spool.
+    pub control_reports_resent: AtomicU64,
+    /// Reports the control plane refused for good (kept in `rejected/`).
+    pub control_reports_rejected: AtomicU64,
+    /// Spool directory failures: could not create, write, list, read, move or delete.
+    pub control_report_spool_errors: AtomicU64,
+    /// Tool calls relayed to the control plane.
+    pub control_tool_calls: AtomicU64,
+    /// Tool calls answered with an error output (bad arguments, timeout, control-plane failure).
+    pub control_tool_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -270,6 +323,22 @@ impl Metrics {
             Direction::Downlink => &self.audio_dropped_downlink,
         }
         .load(Relaxed)
+    }
+
+    pub fn control_lookup_source(&self, source: ContextSource) {
+        self.control_lookups[source as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn control_lookups(&self, source: ContextSource) -> u64 {
+        self.control_lookups[source as usize].load(Relaxed)
+    }
+
+    pub fn control_request_failure(&self, endpoint: ControlEndpoint) {
+        self.control_request_failures[endpoint as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn control_request_failures(&self, endpoint: ControlEndpoint) -> u64 {
+        self.control_request_failures[endpoint as usize].load(Relaxed)
     }
 
     pub fn render(&self) -> String {
@@ -490,7 +559,90 @@ impl Metrics {
             "voxrelay_barge_in_reaction_seconds",
             "speech_started read to Twilio clear written.",
         );
+        self.render_control(&mut out);
         out
+    }
+
+    /// The control-plane families, after all the others.
+    fn render_control(&self, out: &mut String) {
+        self.control_lookup.render(
+            out,
+            "voxrelay_control_lookup_seconds",
+            "Time to resolve a dialled number's tenant context, fallback included.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_control_lookups_total Context lookups, by where the context came from.\n# TYPE voxrelay_control_lookups_total counter"
+        );
+        for source in ContextSource::ALL {
+            let _ = writeln!(
+                out,
+                "voxrelay_control_lookups_total{{source=\"{}\"}} {}",
+                source.as_str(),
+                self.control_lookups(source)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_control_request_failures_total Control-plane requests that failed (transport, timeout, non-2xx, undecodable), by endpoint.\n# TYPE voxrelay_control_request_failures_total counter"
+        );
+        for endpoint in ControlEndpoint::ALL {
+            let _ = writeln!(
+                out,
+                "voxrelay_control_request_failures_total{{endpoint=\"{}\"}} {}",
+                endpoint.as_str(),
+                self.control_request_failures(endpoint)
+            );
+        }
+        let counters = [
+            (
+                "voxrelay_control_reports_delivered_total",
+                "Call reports accepted by the control plane without going through the spool.",
+                &self.control_reports_delivered,
+            ),
+            (
+                "voxrelay_control_report_retries_total",
+                "Call report deliveries retried after a transient failure.",
+                &self.control_report_retries,
+            ),
+            (
+                "voxrelay_control_reports_spooled_total",
+                "Call reports written to the spool directory.",
+                &self.control_reports_spooled,
+            ),
+            (
+                "voxrelay_control_reports_resent_total",
+                "Spooled call reports delivered and removed from the spool.",
+                &self.control_reports_resent,
+            ),
+            (
+                "voxrelay_control_reports_rejected_total",
+                "Call reports the control plane refused for good (kept in rejected/).",
+                &self.control_reports_rejected,
+            ),
+            (
+                "voxrelay_control_report_spool_errors_total",
+                "Call report spool directory operations that failed.",
+                &self.control_report_spool_errors,
+            ),
+            (
+                "voxrelay_control_tool_calls_total",
+                "Tool calls the model made, run on the control plane.",
+                &self.control_tool_calls,
+            ),
+            (
+                "voxrelay_control_tool_failures_total",
+                "Tool calls answered with an error output (the call went on).",
+                &self.control_tool_failures,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Relaxed)
+            );
+        }
     }
 }
 
@@ -548,5 +700,25 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn control_plane_families_render_per_label() {
+        let metrics = Metrics::default();
+        metrics.control_request_failure(ControlEndpoint::Tool);
+        metrics.control_lookup_source(ContextSource::Stale);
+        metrics.control_lookup.observe(Duration::from_millis(3));
+        let text = metrics.render();
+        assert!(text.contains("voxrelay_control_lookups_total{source=\"stale\"} 1\n"));
+        assert!(text.contains("voxrelay_control_lookups_total{source=\"fallback\"} 0\n"));
+        assert!(text.contains("voxrelay_control_lookup_seconds_count 1\n"));
+        metrics.control_reports_spooled.fetch_add(2, Relaxed);
+        assert!(
+            metrics
+                .render()
+                .contains("# TYPE voxrelay_control_reports_spooled_total counter\nvoxrelay_control_reports_spooled_total 2\n")
+        );
+        assert!(text.contains("voxrelay_control_request_failures_total{endpoint=\"tool\"} 1\n"));
+        assert!(text.contains("voxrelay_control_request_failures_total{endpoint=\"context\"} 0\n"));
     }
 }
