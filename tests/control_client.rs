@@ -23,7 +23,7 @@ use voxrelay::control::client::{ControlError, ControlPlaneClient, ControlPlaneSe
 use voxrelay::control::directory::{ContextSource, DirectorySettings, Resolution, TenantDirectory};
 use voxrelay::control::reports::{ReportSender, ReportSettings, SpoolPass};
 use voxrelay::control::signing::{SignedHeaders, SigningKey, Verifier};
-use voxrelay::control::tools::run_tool;
+use voxrelay::control::tool_calls::run_tool;
 use voxrelay::session::metrics::{ControlEndpoint, Metrics};
 
 const KEY_ID: &str = "bridge-1";

@@ -7,7 +7,7 @@
 //! API share them. The async layer on top is the bridge's alone: [`client`] (one pooled, signed
 //! HTTP client), [`directory`] (dialled number to tenant context, within a time budget, with
 //! a cache and a fallback), [`reports`] (call reports with retry, a disk spool and resend) and
-//! [`tools`] (a model's function call run on the control plane; a failure is an output, never
+//! [`tool_calls`] (a model's function call run on the control plane; a failure is an output, never
 //! the end of the call).
 //!
 //! Invariant: a control-plane secret only ever sits inside a [`crate::Secret`].
@@ -17,4 +17,4 @@ pub mod client;
 pub mod directory;
 pub mod reports;
 pub mod signing;
-pub mod tools;
+pub mod tool_calls;
