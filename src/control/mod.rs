@@ -6,4 +6,6 @@
 //! the async layer), and a control-plane secret only ever sits inside a [`crate::Secret`].
 
 pub mod api;
+pub mod seed;
 pub mod signing;
+pub mod tools;
