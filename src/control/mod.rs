@@ -1,11 +1,13 @@
-//! The bridge's side of the control plane: the signed internal HTTP API (`/v1`) through which
-//! the bridge fetches a tenant's context, reports calls and runs tools, and the reference control
-//! plane verifies it (see `docs/control-plane-api.md`).
+//! The control plane: the signed internal HTTP API (`/v1`) through which the bridge fetches a
+//! tenant's context, reports calls and runs tools, and the reference control plane that answers
+//! it (`voxrelay control-plane`; see `docs/control-plane-api.md`).
 //!
-//! Invariants: everything here is sans-IO (time and randomness are parameters, sockets live in
-//! the async layer), and a control-plane secret only ever sits inside a [`crate::Secret`].
+//! Invariants: [`api`], [`signing`], [`seed`] and [`tools`] are sans-IO (time and randomness
+//! are parameters); the reference control plane's I/O lives in [`store`] (SQLite, blocking); a
+//! control-plane secret only ever sits inside a [`crate::Secret`].
 
 pub mod api;
 pub mod seed;
 pub mod signing;
+pub mod store;
 pub mod tools;
