@@ -1,10 +1,12 @@
 //! The reference control plane over real sockets on 127.0.0.1: the signed `/v1` API (context,
 //! reports, call history, tools), every 401 reason, key rotation, stop and restart on the same
-//! address and database.
+//! address and database, and the `voxrelay control-plane` command itself.
 
 use std::future::Future;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -764,4 +766,143 @@ async fn start_refuses_a_bad_seed_and_an_empty_key_list() {
         ));
     })
     .await;
+}
+
+// ---- the `voxrelay control-plane` command ----
+
+const BIN: &str = env!("CARGO_BIN_EXE_voxrelay");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn control_plane_command(db: &std::path::Path, listen: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["control-plane", "--listen", listen, "--db"])
+        .arg(db)
+        .arg("--seed")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/tenants.toml"
+        ))
+        .env_remove("VOXRELAY_CONTROL_PLANE_KEYS")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    command
+}
+
+/// Kills the child however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_command_needs_well_formed_keys_and_never_prints_them() {
+    let dir = TempDir::new("cli-keys");
+    let db = dir.0.join("cp.sqlite3");
+    let missing = control_plane_command(&db, "127.0.0.1:0")
+        .output()
+        .expect("run");
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("VOXRELAY_CONTROL_PLANE_KEYS is not set"),
+        "{stderr}"
+    );
+
+    let malformed = control_plane_command(&db, "127.0.0.1:0")
+        .env("VOXRELAY_CONTROL_PLANE_KEYS", "k1:hunter2-secret,k2")
+        .output()
+        .expect("run");
+    assert!(!malformed.status.success());
+    let stderr = String::from_utf8_lossy(&malformed.stderr);
+    assert!(
+        stderr.contains("VOXRELAY_CONTROL_PLANE_KEYS is malformed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("entry 2"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&malformed.stdout);
+    assert!(
+        !format!("{stdout}{stderr}").contains("hunter2"),
+        "{stdout}{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_command_serves_signed_requests_from_its_seeded_database() {
+    let dir = TempDir::new("cli-run");
+    let db = dir.0.join("cp.sqlite3");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = KillOnDrop(
+        control_plane_command(&db, &addr.to_string())
+            .env("VOXRELAY_CONTROL_PLANE_KEYS", KEYS)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    let stdout = child.0.stdout.take().expect("stdout");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+
+    // Poll until it answers a signed request (or 20 s pass).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let context = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the control plane never answered"
+        );
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("the control plane exited early: {status}");
+        }
+        if TcpStream::connect(addr).await.is_ok() {
+            break bounded(context(addr, "+15550100001", "+15551230000", "CA-cli")).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(context.status, 200, "{}", context.body);
+    assert_eq!(context.body["tenant_id"], "acme_dental");
+    let unsigned = bounded(send_raw(
+        addr,
+        "GET",
+        "/v1/calls?tenant_id=acme_dental",
+        &[],
+        Vec::new(),
+    ))
+    .await;
+    assert_eq!(unsigned.status, 401);
+
+    // Killing it closes its stdout, which ends the reader thread and the channel.
+    drop(child);
+    let mut logs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match lines_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => logs.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let logs = logs.join("\n");
+    assert!(logs.contains("control plane ready"), "{logs}");
+    assert!(logs.contains("cp-2025-09"), "key ids are logged: {logs}");
+    assert!(
+        !logs.contains("old secret") && !logs.contains("new secret"),
+        "{logs}"
+    );
+    assert!(db.exists(), "the database file was created");
 }
