@@ -55,7 +55,7 @@ const MAX_CONNECTIONS: usize = 256;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// On stop, how long a request already in flight may take to finish before its connection is
 /// dropped anyway.
-const STOP_GRACE: Duration = Duration::from_secs(2);
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
 /// After a failed accept (e.g. out of file descriptors), wait before the next one instead of
 /// spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
