@@ -1,4 +1,4 @@
-//! The `voxrelay` binary: `serve`, `call` and `demo`.
+//! The `voxrelay` binary: `serve`, `call`, `demo`, `control-plane` and the benchmark tools.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +15,9 @@ use voxrelay::bench::demo::{DemoOptions, run_demo};
 use voxrelay::bench::harness::{self, BenchOptions, BridgeUnderTest};
 use voxrelay::bench::{SPEECH_FIXTURE, http_client};
 use voxrelay::config::{BridgeConfig, RawConfig};
+use voxrelay::control::server::{ControlPlane, ControlPlaneConfig};
+use voxrelay::control::signing::Verifier;
+use voxrelay::control::store::DbLocation;
 use voxrelay::http::{Bridge, shutdown_signal};
 use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer};
 use voxrelay::{AudioMode, Secret};
@@ -45,6 +48,22 @@ enum Command {
     BaselineRelay(BaselineRelayArgs),
     /// Latency benchmark: simulated callers and an echo model against a bridge.
     Bench(BenchArgs),
+    /// Run the reference control plane: tenants, call history and tools in SQLite, behind the
+    /// signed /v1 API. Keys come from VOXRELAY_CONTROL_PLANE_KEYS (`key_id:secret[,…]`).
+    ControlPlane(ControlPlaneArgs),
+}
+
+#[derive(Args)]
+struct ControlPlaneArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// SQLite database file, created if missing.
+    #[arg(long)]
+    db: PathBuf,
+    /// Seed file (TOML, see fixtures/tenants.toml), upserted on every start.
+    #[arg(long)]
+    seed: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -272,7 +291,52 @@ async fn main() -> anyhow::Result<()> {
         Command::Healthcheck(args) => healthcheck(args).await,
         Command::BaselineRelay(args) => baseline_relay(args).await,
         Command::Bench(args) => bench(args).await,
+        Command::ControlPlane(args) => control_plane(args).await,
     }
+}
+
+/// The environment variable holding the control plane's signing keys.
+const CONTROL_PLANE_KEYS_ENV: &str = "VOXRELAY_CONTROL_PLANE_KEYS";
+
+async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    // Keys only from the environment: a command-line flag would show them in `ps`.
+    let keys = match std::env::var(CONTROL_PLANE_KEYS_ENV) {
+        Ok(keys) => keys,
+        Err(std::env::VarError::NotPresent) => {
+            bail!("{CONTROL_PLANE_KEYS_ENV} is not set: expected `key_id:secret[,key_id:secret]`")
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            bail!("{CONTROL_PLANE_KEYS_ENV} is not valid UTF-8")
+        }
+    };
+    // The error names entries by position only, never their content.
+    let verifier = Verifier::from_key_list(&keys)
+        .with_context(|| format!("{CONTROL_PLANE_KEYS_ENV} is malformed"))?;
+    let key_ids = verifier.key_ids().join(",");
+    let seed = match &args.seed {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the seed file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let running = ControlPlane::start(ControlPlaneConfig {
+        listen: args.listen,
+        db: DbLocation::File(args.db.clone()),
+        seed,
+        verifier,
+    })
+    .await
+    .context("starting the control plane")?;
+    tracing::info!(
+        listen = %running.local_addr(),
+        db = %args.db.display(),
+        key_ids,
+        "control plane ready"
+    );
+    shutdown_signal().await;
+    running.stop().await;
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -200,6 +200,15 @@ pub struct CallReport {
     pub transcript: Vec<TranscriptEntry>,
 }
 
+/// `POST /v1/calls/{call_sid}/report` success body: what was stored. A retried report answers
+/// the same, as reports are upserts by call SID.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportAck {
+    pub call_sid: String,
+    /// Transcript lines now stored for the call (the report's, replacing any earlier ones).
+    pub transcript_lines: usize,
+}
+
 /// `GET /v1/calls?tenant_id=…` response.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CallHistory {
