@@ -30,6 +30,7 @@ pub const DEFAULT_LOOKUP_BUDGET: Duration = Duration::from_millis(300);
 pub const DEFAULT_CONTEXT_TTL: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONTEXT_STALE: Duration = Duration::from_secs(600);
 pub const DEFAULT_REPORT_RETRY: Duration = Duration::from_secs(60);
+pub const DEFAULT_REPORT_RESEND: Duration = Duration::from_secs(30);
 pub const DEFAULT_REPORT_SPOOL_DIR: &str = "voxrelay-spool";
 /// A pre-warmed session nobody claims is closed this long after it is ready. Twilio opens
 /// the stream within a second or two of receiving TwiML; this leaves room for slow networks.
@@ -97,6 +98,8 @@ pub struct ControlPlaneTarget {
     pub report_spool_dir: PathBuf,
     /// How long a report is retried before it is spooled to disk.
     pub report_retry: Duration,
+    /// How often spooled reports are offered to the control plane again (and once at start).
+    pub report_resend: Duration,
 }
 
 /// Where the model is.
@@ -149,6 +152,7 @@ pub struct RawConfig {
     pub context_stale_seconds: Option<u64>,
     pub report_spool_dir: Option<PathBuf>,
     pub report_retry_seconds: Option<u64>,
+    pub report_resend_seconds: Option<u64>,
     pub prewarm: Option<bool>,
     pub prewarm_unclaimed_ms: Option<u64>,
     pub require_stream_token: Option<bool>,
@@ -290,6 +294,10 @@ fn control_plane_from_raw(raw: &RawConfig) -> Result<Option<ControlPlaneTarget>,
         report_retry: raw
             .report_retry_seconds
             .map_or(DEFAULT_REPORT_RETRY, Duration::from_secs),
+        report_resend: raw
+            .report_resend_seconds
+            .filter(|&seconds| seconds > 0)
+            .map_or(DEFAULT_REPORT_RESEND, Duration::from_secs),
     }))
 }
 

@@ -218,6 +218,9 @@ struct ServeArgs {
     /// How long a call report is retried before it is spooled, in seconds.
     #[arg(long, env = "VOXRELAY_REPORT_RETRY_SECONDS")]
     report_retry_seconds: Option<u64>,
+    /// How often spooled reports are sent again, in seconds (also once at start).
+    #[arg(long, env = "VOXRELAY_REPORT_RESEND_SECONDS")]
+    report_resend_seconds: Option<u64>,
     /// Open and configure the model session on the voice webhook (1) or on stream start (0).
     #[arg(long, env = "VOXRELAY_PREWARM", value_parser = parse_flag)]
     prewarm: Option<bool>,
@@ -360,6 +363,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         context_stale_seconds: args.context_stale_seconds,
         report_spool_dir: args.report_spool_dir,
         report_retry_seconds: args.report_retry_seconds,
+        report_resend_seconds: args.report_resend_seconds,
         prewarm: args.prewarm,
         prewarm_unclaimed_ms: args.prewarm_unclaimed_ms,
         require_stream_token: args.require_stream_token,

@@ -172,6 +172,7 @@ fn report(call_sid: &str, tenant: &str, to: &str, started_at_ms: u64) -> CallRep
         ended_at_ms: started_at_ms + 42_000,
         end_reason: "twilio_stop".into(),
         context_source: "fresh".into(),
+        memory_namespace: None,
         audio_seconds_in: 42.0,
         audio_seconds_out: 17.25,
         barge_ins: 1,

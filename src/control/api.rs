@@ -188,8 +188,13 @@ pub struct CallReport {
     /// `twilio_stop`, `twilio_closed`, `twilio_error`, `upstream_closed`, `upstream_failed`,
     /// `max_duration`, `shutdown`, …
     pub end_reason: String,
-    /// Where the context came from: `fresh`, `cached`, `stale`, `fallback` or `unknown_number`.
+    /// Where the context came from: `fresh`, `cached`, `stale`, `fallback` or `unknown_number`
+    /// (`static` from a bridge without a control plane).
     pub context_source: String,
+    /// The caller's memory namespace the call ran with (`<tenant_id>/<caller>`); `null` for
+    /// the fallback agent.
+    #[serde(default)]
+    pub memory_namespace: Option<String>,
     /// Seconds of caller audio received and of model audio sent to the caller (8 kHz μ-law).
     pub audio_seconds_in: f64,
     pub audio_seconds_out: f64,

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS calls (
     ended_at_ms       INTEGER,
     end_reason        TEXT,
     context_source    TEXT,
+    memory_namespace  TEXT,
     audio_seconds_in  REAL,
     audio_seconds_out REAL,
     barge_ins         INTEGER,
@@ -416,11 +417,19 @@ impl Store {
             (Some(bound), _) => Some(bound.clone()),
             (None, reported) => reported.clone(),
         };
+        // A memory namespace is always its tenant's: one naming another tenant is refused.
+        if let (Some(namespace), Some(tenant)) = (&report.memory_namespace, &tenant_id) {
+            if !crate::control::directory::namespace_within_tenant(tenant, namespace) {
+                return Ok(Err(Refusal::TenantMismatch));
+            }
+        }
         tx.execute(
             "INSERT INTO calls (call_sid, tenant_id, from_number, to_number, reported_at_ms,
                  stream_sid, agent_name, started_at_ms, ended_at_ms, end_reason, context_source,
-                 audio_seconds_in, audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                 audio_seconds_in, audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
+                 memory_namespace)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                 ?18)
              ON CONFLICT (call_sid) DO UPDATE SET
                  tenant_id = excluded.tenant_id, from_number = excluded.from_number,
                  to_number = excluded.to_number, reported_at_ms = excluded.reported_at_ms,
@@ -430,7 +439,7 @@ impl Store {
                  audio_seconds_in = excluded.audio_seconds_in,
                  audio_seconds_out = excluded.audio_seconds_out, barge_ins = excluded.barge_ins,
                  dtmf_digits = excluded.dtmf_digits, tool_calls = excluded.tool_calls,
-                 latency = excluded.latency",
+                 latency = excluded.latency, memory_namespace = excluded.memory_namespace",
             params![
                 report.call_sid,
                 tenant_id,
@@ -449,6 +458,7 @@ impl Store {
                 ints.dtmf_digits,
                 ints.tool_calls,
                 latency,
+                report.memory_namespace,
             ],
         )?;
         // A retried report replaces the transcript instead of appending a second copy.
@@ -493,7 +503,8 @@ impl Store {
             let mut select = tx.prepare(
                 "SELECT call_sid, stream_sid, tenant_id, agent_name, from_number, to_number,
                      started_at_ms, ended_at_ms, end_reason, context_source, audio_seconds_in,
-                     audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency
+                     audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
+                     memory_namespace
                  FROM calls
                  WHERE tenant_id = ?1 AND reported_at_ms IS NOT NULL
                  ORDER BY started_at_ms DESC, call_sid DESC
@@ -520,6 +531,7 @@ impl Store {
                     ended_at_ms: unsigned(row.get(7)?),
                     end_reason: row.get::<_, Option<String>>(8)?.unwrap_or_default(),
                     context_source: row.get::<_, Option<String>>(9)?.unwrap_or_default(),
+                    memory_namespace: row.get(16)?,
                     audio_seconds_in: row.get::<_, Option<f64>>(10)?.unwrap_or_default(),
                     audio_seconds_out: row.get::<_, Option<f64>>(11)?.unwrap_or_default(),
                     barge_ins: unsigned(row.get(12)?),
@@ -811,6 +823,7 @@ mod tests {
             ended_at_ms: started_at_ms + 30_000,
             end_reason: "twilio_stop".into(),
             context_source: "fresh".into(),
+            memory_namespace: None,
             audio_seconds_in: 30.0,
             audio_seconds_out: 12.5,
             barge_ins: 2,

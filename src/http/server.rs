@@ -18,9 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::routes::{AppState, router};
-use crate::config::BridgeConfig;
+use crate::config::{BridgeConfig, ControlPlaneTarget};
+use crate::control::client::{ControlPlaneClient, ControlPlaneSettings};
+use crate::control::directory::{DirectorySettings, TenantDirectory};
+use crate::control::reports::{ReportSender, ReportSettings};
 use crate::session::binding::StreamTokens;
-use crate::session::call::CallServices;
+use crate::session::call::{CallServices, ControlServices};
 use crate::session::metrics::Metrics;
 use crate::session::playback::PlaybackConfig;
 use crate::session::prewarm::PendingCalls;
@@ -33,6 +36,45 @@ const CANCEL_GRACE: Duration = Duration::from_secs(3);
 /// Calls the webhook may have prepared and not yet seen a stream for; beyond it new calls
 /// simply start cold.
 const MAX_PENDING_CALLS: usize = 10_000;
+
+/// How long undelivered call reports may keep trying at shutdown before they are spooled.
+const REPORT_GRACE: Duration = Duration::from_secs(2);
+
+/// The control plane's client, directory and report sender for `target`; spooled reports
+/// from an earlier run start going out at once.
+fn control_services(
+    target: &ControlPlaneTarget,
+    metrics: &Arc<Metrics>,
+) -> std::io::Result<ControlServices> {
+    let settings = ControlPlaneSettings::new(target.url.clone(), target.key.clone());
+    let client = ControlPlaneClient::new(settings, Arc::clone(metrics))
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+    let directory = TenantDirectory::new(
+        client.clone(),
+        DirectorySettings {
+            budget: target.lookup_budget,
+            ttl: target.context_ttl,
+            stale_while_revalidate: target.context_stale,
+            ..DirectorySettings::default()
+        },
+        Arc::clone(metrics),
+    );
+    let reports = ReportSender::new(
+        client.clone(),
+        ReportSettings {
+            retry_window: target.report_retry,
+            resend_interval: target.report_resend,
+            ..ReportSettings::new(target.report_spool_dir.clone())
+        },
+        Arc::clone(metrics),
+    );
+    reports.spawn_resend_loop();
+    Ok(ControlServices {
+        client,
+        directory,
+        reports,
+    })
+}
 
 /// A running bridge.
 pub struct Bridge {
@@ -57,6 +99,10 @@ impl Bridge {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::default());
+        let control = match &config.control_plane {
+            Some(target) => Some(control_services(target, &metrics)?),
+            None => None,
+        };
         let services = Arc::new(CallServices {
             metrics: Arc::clone(&metrics),
             registry: CallRegistry::new(Arc::clone(&metrics)),
@@ -74,6 +120,7 @@ impl Bridge {
             tokens: StreamTokens::from_auth_token(&config.twilio_auth_token),
             require_stream_token: config.require_stream_token,
             prewarm: config.prewarm,
+            control,
         });
         let state = Arc::new(AppState {
             validator: SignatureValidator::new(config.twilio_auth_token.clone()),
@@ -151,6 +198,10 @@ impl Bridge {
         }
         // Pre-warmed sessions nobody claimed are closed politely, not dropped.
         self.state.services.pending.shutdown(CANCEL_GRACE).await;
+        // Reports of the calls just ended get a last chance; what is left goes to the spool.
+        if let Some(control) = &self.state.services.control {
+            control.reports.shutdown(REPORT_GRACE).await;
+        }
         self.stop_http.cancel();
         match self.server.await {
             Ok(Ok(())) => {}

@@ -34,7 +34,12 @@ use super::playback::PlaybackConfig;
 use super::prewarm::{PendingCalls, Prepared, prewarm};
 use super::queue::OutQueue;
 use super::registry::{CallEntry, CallRegistry, Registration};
+use super::report::{CallIdentity, call_report};
 use crate::config::{AgentDefaults, MAX_TWILIO_MESSAGE_BYTES, START_TIMEOUT, UpstreamTarget};
+use crate::control::client::ControlPlaneClient;
+use crate::control::directory::TenantDirectory;
+use crate::control::reports::ReportSender;
+use crate::control::tool_calls::{DEFAULT_TOOL_TIMEOUT, run_tool};
 use crate::upstream::{OpenAiRealtime, SessionSettings, UpstreamSocket, VadSettings, connect};
 
 type UpstreamStream = futures_util::stream::SplitStream<UpstreamSocket>;
@@ -68,20 +73,40 @@ pub struct CallServices {
     pub tokens: StreamTokens,
     pub require_stream_token: bool,
     pub prewarm: bool,
+    /// Tenant contexts, tools and reports; `None` without a control plane.
+    pub control: Option<ControlServices>,
+}
+
+/// The control plane as the calls use it.
+pub struct ControlServices {
+    pub client: ControlPlaneClient,
+    pub directory: TenantDirectory,
+    pub reports: ReportSender,
 }
 
 impl CallServices {
-    /// The agent for a call to `to`, and how long finding it took.
+    /// The agent for a call to `to`, and how long finding it took: the tenant's, or the
+    /// environment's when there is no control plane, the number is unknown, or the lookup
+    /// missed its budget.
     pub async fn resolve_agent(
         &self,
-        _to: &str,
-        _from: &str,
-        _call_sid: &str,
+        to: &str,
+        from: &str,
+        call_sid: &str,
     ) -> (CallAgent, Duration) {
-        (
-            CallAgent::from_defaults(&self.agent, "static"),
-            Duration::ZERO,
-        )
+        let Some(control) = &self.control else {
+            return (
+                CallAgent::from_defaults(&self.agent, "static"),
+                Duration::ZERO,
+            );
+        };
+        let resolution = control.directory.resolve(to, from, call_sid).await;
+        let source = resolution.source.as_str();
+        let agent = match &resolution.context {
+            Some(context) => CallAgent::from_context(context, from, source),
+            None => CallAgent::from_defaults(&self.agent, source),
+        };
+        (agent, resolution.took)
     }
 }
 
@@ -204,6 +229,11 @@ enum CallInput {
     UpstreamFailed(String),
     Upstream(String),
     UpstreamClosed(Option<String>),
+    /// A tool's answer (or error text) for the model.
+    ToolOutput {
+        call_id: String,
+        output: String,
+    },
 }
 
 /// Runs one Media Streams WebSocket to completion.
@@ -288,6 +318,8 @@ where
     let start_deadline = tokio::time::Instant::now() + START_TIMEOUT;
     let mut registration: Option<Registration> = None;
     let mut max_call_deadline: Option<tokio::time::Instant> = None;
+    // Who the call is, for its report: set at `start`.
+    let mut call: Option<(CallRecord, CallAgent)> = None;
     let reason = loop {
         let pacer = engine.poll_timeout().map(tokio::time::Instant::from_std);
         let input = tokio::select! {
@@ -372,7 +404,9 @@ where
                         mode = %agent.audio_mode,
                         "stream started"
                     );
-                    let tools_enabled = false;
+                    let tools_enabled = services.control.is_some()
+                        && agent.tenant_id.is_some()
+                        && !agent.tools.is_empty();
                     match prepared.session {
                         Some(session) => {
                             metrics.prewarm_claimed.fetch_add(1, Relaxed);
@@ -418,6 +452,14 @@ where
                     max_call_deadline = agent
                         .max_call
                         .map(|limit| tokio::time::Instant::now() + limit);
+                    let record = CallRecord {
+                        call_sid: info.call_sid.clone(),
+                        stream_sid: info.stream_sid.clone(),
+                        from: from.to_owned(),
+                        to: to.unwrap_or("").to_owned(),
+                        started_at: std::time::SystemTime::now(),
+                    };
+                    call = Some((record, agent));
                 }
                 Ok(TwilioStep::Stopped) => {
                     flush(&mut engine, &twilio_out, &upstream_out);
@@ -462,6 +504,9 @@ where
                     tracing::warn!(%error, "upstream message ignored");
                 }
             }
+            CallInput::ToolOutput { call_id, output } => {
+                engine.on_tool_output(&call_id, &output);
+            }
             CallInput::UpstreamClosed(why) => {
                 metrics.upstream_disconnects.fetch_add(1, Relaxed);
                 tracing::warn!(
@@ -472,6 +517,13 @@ where
             }
         }
         flush(&mut engine, &twilio_out, &upstream_out);
+        run_tool_calls(
+            &mut engine,
+            &services,
+            call.as_ref(),
+            &inbox_tx,
+            &connecting,
+        );
     };
 
     let stats = engine.stats();
@@ -491,7 +543,80 @@ where
         let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
     }
     drop(registration);
+    if let (Some(control), Some((record, agent))) = (&services.control, &call) {
+        let identity = CallIdentity {
+            call_sid: &record.call_sid,
+            stream_sid: &record.stream_sid,
+            from: &record.from,
+            to: &record.to,
+        };
+        control.reports.submit(call_report(
+            &identity,
+            agent,
+            record.started_at,
+            std::time::SystemTime::now(),
+            reason.as_str(),
+            engine.stats(),
+            latency.summary(),
+        ));
+    }
     reason
+}
+
+/// Who a call is, as its `start` said.
+struct CallRecord {
+    call_sid: String,
+    stream_sid: String,
+    from: String,
+    to: String,
+    started_at: std::time::SystemTime,
+}
+
+/// Runs the model's function calls on the control plane, each in its own task; the answer
+/// comes back through the inbox. The call never waits on a tool: the model is told when it
+/// fails, and `stop` abandons tools still running.
+fn run_tool_calls(
+    engine: &mut CallEngine,
+    services: &Arc<CallServices>,
+    call: Option<&(CallRecord, CallAgent)>,
+    inbox: &mpsc::Sender<CallInput>,
+    call_ended: &CancellationToken,
+) {
+    for tool_call in engine.take_tool_calls() {
+        // Tools are enabled only for a tenant's agent with a control plane.
+        let (Some(control), Some((record, agent))) = (&services.control, call) else {
+            continue;
+        };
+        let Some(tenant_id) = agent.tenant_id.clone() else {
+            continue;
+        };
+        let client = control.client.clone();
+        let call_sid = record.call_sid.clone();
+        let inbox = inbox.clone();
+        let call_ended = call_ended.clone();
+        tokio::spawn(
+            async move {
+                let output = tokio::select! {
+                    () = call_ended.cancelled() => return,
+                    output = run_tool(
+                        &client,
+                        &tool_call.name,
+                        &call_sid,
+                        &tenant_id,
+                        &tool_call.arguments,
+                        DEFAULT_TOOL_TIMEOUT,
+                    ) => output,
+                };
+                let _ = inbox
+                    .send(CallInput::ToolOutput {
+                        call_id: tool_call.call_id,
+                        output,
+                    })
+                    .await;
+            }
+            .in_current_span(),
+        );
+    }
 }
 
 /// Moves the engine's output into the writers' queues.

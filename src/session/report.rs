@@ -53,6 +53,7 @@ pub fn call_report(
         ended_at_ms: unix_ms(ended_at).max(unix_ms(started_at)),
         end_reason: end_reason.to_owned(),
         context_source: agent.source.to_owned(),
+        memory_namespace: agent.memory_namespace.clone(),
         audio_seconds_in: stats.audio_bytes_in as f64 / MULAW_BYTES_PER_SECOND,
         audio_seconds_out: stats.audio_bytes_out as f64 / MULAW_BYTES_PER_SECOND,
         barge_ins: stats.barge_ins,
