@@ -1,0 +1,429 @@
+//! Multi-tenant calls end to end on 127.0.0.1: the reference control plane (SQLite, seeded
+//! from `fixtures/tenants.toml`), the bridge configured against it, the mock model and
+//! scripted Twilio callers. Each tenant's calls get that tenant's agent; a control plane that
+//! is down or silent costs at most the lookup budget and the fallback answers; reports
+//! survive the outage through the spool; a tool call goes model → bridge → control plane →
+//! model.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use voxrelay::bench::caller::{CallReport as CallerReport, CallerConfig, place_call};
+use voxrelay::config::{
+    ControlPlaneTarget, DEFAULT_GREETING, DEFAULT_INSTRUCTIONS, UpstreamTarget,
+};
+use voxrelay::control::server::{ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml};
+use voxrelay::control::signing::{SigningKey, Verifier};
+use voxrelay::control::store::DbLocation;
+use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer, MockSessionRecord, MockToolCall};
+use voxrelay::{AudioMode, Secret};
+
+const KEY_ID: &str = "bridge-test";
+const KEY_SECRET: &str = "tenancy-test-secret";
+const ACME: &str = "+15550100001";
+const LUNA: &str = "+15550100002";
+const BUDGET: Duration = Duration::from_millis(300);
+
+/// A fresh directory under the system's temp dir, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "voxrelay-tenancy-{name}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn start_control_plane(listen: SocketAddr, db: &Path) -> RunningControlPlane {
+    ControlPlane::start(ControlPlaneConfig {
+        listen,
+        db: DbLocation::File(db.to_path_buf()),
+        seed: Some(seed_toml().to_owned()),
+        verifier: Verifier::from_key_list(&format!("{KEY_ID}:{KEY_SECRET}")).unwrap(),
+    })
+    .await
+    .expect("control plane")
+}
+
+fn control_target(url: url::Url, spool: &Path) -> ControlPlaneTarget {
+    ControlPlaneTarget {
+        url,
+        key: SigningKey::new(KEY_ID, Secret::new(KEY_SECRET)),
+        lookup_budget: BUDGET,
+        context_ttl: Duration::from_secs(60),
+        context_stale: Duration::from_secs(600),
+        report_spool_dir: spool.to_path_buf(),
+        report_retry: Duration::from_millis(500),
+        report_resend: Duration::from_secs(3600),
+    }
+}
+
+async fn bridge_against(mock_config: MockConfig, target: ControlPlaneTarget) -> Stack {
+    let mock = MockRealtimeServer::start(mock_config)
+        .await
+        .expect("mock model");
+    let upstream = UpstreamTarget {
+        url: mock.url(),
+        api_key: Some(Secret::new("test-key")),
+    };
+    start_stack_configured(
+        mock,
+        upstream,
+        AudioMode::Pcmu,
+        Some(DEFAULT_GREETING),
+        |config| config.control_plane = Some(target),
+    )
+    .await
+}
+
+async fn call(stack: &Stack, to: &str, from: &str, audio: Vec<u8>) -> CallerReport {
+    let caller = CallerConfig {
+        to: to.to_owned(),
+        from: from.to_owned(),
+        linger: Duration::from_millis(1200),
+        ..CallerConfig::new(stack.url.clone(), stack.token.clone(), audio)
+    };
+    place_call(&caller).await.expect("call")
+}
+
+fn session_for_voice(sessions: &[MockSessionRecord], voice: &str) -> MockSessionRecord {
+    sessions
+        .iter()
+        .find(|s| s.session["audio"]["output"]["voice"] == voice)
+        .unwrap_or_else(|| panic!("no session with voice {voice}"))
+        .clone()
+}
+
+fn tool_names(session: &MockSessionRecord) -> Vec<String> {
+    session.session["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|tool| tool["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A spoken phrase the mock's VAD hears as one utterance, then silence that ends it.
+fn utterance() -> Vec<u8> {
+    let mut audio = tone_mulaw(440.0, 600);
+    audio.extend(silence_mulaw(700));
+    audio
+}
+
+#[tokio::test]
+async fn two_tenants_called_at_once_each_get_their_own_agent() {
+    let dir = Scratch::new("two");
+    let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &dir.0.join("cp.db")).await;
+    let stack = bridge_against(
+        MockConfig::default(),
+        control_target(cp.url(), &dir.0.join("spool")),
+    )
+    .await;
+
+    let (acme, luna) = tokio::join!(
+        call(&stack, ACME, "+15557770001", utterance()),
+        call(&stack, LUNA, "+15557770002", utterance())
+    );
+    assert!(acme.first_audio_after_start.is_some() && luna.first_audio_after_start.is_some());
+
+    let sessions = stack.mock.log().sessions();
+    assert_eq!(sessions.len(), 2, "one pre-warmed session per call");
+    let acme_session = session_for_voice(&sessions, "marin");
+    let luna_session = session_for_voice(&sessions, "cedar");
+    assert!(
+        acme_session.session["instructions"]
+            .as_str()
+            .unwrap()
+            .contains("Acme Dental")
+    );
+    assert!(
+        luna_session.session["instructions"]
+            .as_str()
+            .unwrap()
+            .contains("Bistro Luna")
+    );
+    assert_eq!(
+        tool_names(&acme_session),
+        ["lookup_business_hours", "take_message"]
+    );
+    assert_eq!(tool_names(&luna_session), ["lookup_business_hours"]);
+    assert_eq!(
+        acme_session.session["audio"]["input"]["format"]["type"],
+        "audio/pcmu"
+    );
+    assert_eq!(
+        luna_session.session["audio"]["input"]["format"],
+        json!({"type": "audio/pcm", "rate": 24000})
+    );
+    assert!(acme_session.response_transcripts[0].starts_with("Thank you for calling Acme Dental"));
+    assert!(luna_session.response_transcripts[0].starts_with("Bistro Luna"));
+
+    // Each call is reported to its own tenant, with its caller's namespace inside it.
+    let store = cp.store().clone();
+    let history = |tenant: &'static str| {
+        let store = store.clone();
+        move || store.call_history(tenant, 10).unwrap().unwrap().calls
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || history("acme_dental")().len()
+            == 1)
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || history("bistro_luna")().len()
+            == 1)
+        .await
+    );
+    for (tenant, from, agent) in [
+        ("acme_dental", "+15557770001", "Ava"),
+        ("bistro_luna", "+15557770002", "Luca"),
+    ] {
+        let report = &history(tenant)()[0];
+        assert_eq!(report.tenant_id.as_deref(), Some(tenant));
+        assert_eq!(report.agent_name, agent);
+        assert_eq!(report.context_source, "fresh");
+        assert_eq!(
+            report.memory_namespace.as_deref(),
+            Some(format!("{tenant}/{from}").as_str())
+        );
+        let speakers: Vec<&str> = report
+            .transcript
+            .iter()
+            .map(|l| l.speaker.as_str())
+            .collect();
+        // The caller talks over the greeting (a barge-in), so the lines are the caller's
+        // utterance and the model's answer to it, in that order.
+        assert!(
+            speakers.contains(&"caller") && speakers.contains(&"assistant"),
+            "{speakers:?}"
+        );
+        assert!(
+            report
+                .transcript
+                .windows(2)
+                .all(|w| w[0].offset_ms <= w[1].offset_ms)
+        );
+        assert!(report.audio_seconds_in > 1.0);
+    }
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn a_tool_call_round_trips_through_the_control_plane() {
+    let dir = Scratch::new("tool");
+    let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &dir.0.join("cp.db")).await;
+    let mock_config = MockConfig {
+        reply_delay: Duration::from_millis(20),
+        tool_script: vec![MockToolCall {
+            name: "take_message".into(),
+            arguments: json!({
+                "caller_name": "Grace Hopper",
+                "callback_number": "+15557770003",
+                "message": "Please call me back about my cleaning."
+            }),
+        }],
+        ..MockConfig::default()
+    };
+    let stack = bridge_against(mock_config, control_target(cp.url(), &dir.0.join("spool"))).await;
+    call(&stack, ACME, "+15557770003", utterance()).await;
+
+    let session = &stack.mock.log().sessions()[0];
+    assert_eq!(session.function_calls.len(), 1, "the mock called the tool");
+    let (_, output) = session
+        .function_outputs
+        .first()
+        .expect("the bridge answered the call");
+    let output: Value = serde_json::from_str(output).expect("JSON output");
+    assert_eq!(output["saved"], true, "{output}");
+    assert!(
+        session
+            .response_transcripts
+            .iter()
+            .any(|t| t.starts_with("(tool said:")),
+        "the model was asked to respond after the output: {:?}",
+        session.response_transcripts
+    );
+    let messages = cp.store().messages("acme_dental").unwrap();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].caller_name, "Grace Hopper");
+    assert!(cp.store().messages("bistro_luna").unwrap().is_empty());
+    assert_eq!(
+        stack.bridge.metrics().control_tool_failures.load(Relaxed),
+        0
+    );
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn control_plane_outage_falls_back_in_budget_and_spooled_reports_arrive_after() {
+    let dir = Scratch::new("outage");
+    let db = dir.0.join("cp.db");
+    let spool = dir.0.join("spool");
+    let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &db).await;
+    let cp_addr = cp.local_addr();
+    let target = control_target(cp.url(), &spool);
+    let stack = bridge_against(MockConfig::default(), target.clone()).await;
+
+    // While the control plane is up, Acme's number is looked up (and cached).
+    call(&stack, ACME, "+15557770004", utterance()).await;
+    let store = cp.store().clone();
+    assert!(
+        eventually(Duration::from_secs(5), || store
+            .call_history("acme_dental", 10)
+            .unwrap()
+            .unwrap()
+            .calls
+            .len()
+            == 1)
+        .await
+    );
+    cp.stop().await;
+
+    // Down: Acme is served from the cache; Luna's number was never seen, so the fallback
+    // (the environment's agent) answers, without waiting past the budget.
+    let acme = call(&stack, ACME, "+15557770005", utterance()).await;
+    let luna = call(&stack, LUNA, "+15557770006", utterance()).await;
+    assert!(acme.first_audio_after_start.is_some());
+    let first_audio = luna.first_audio_after_start.expect("the fallback answered");
+    assert!(
+        first_audio < BUDGET + Duration::from_secs(1),
+        "{first_audio:?}"
+    );
+    let sessions = stack.mock.log().sessions();
+    let fallback = sessions.last().unwrap();
+    assert_eq!(fallback.session["instructions"], DEFAULT_INSTRUCTIONS);
+    assert!(
+        tool_names(fallback).is_empty(),
+        "the fallback never gets a tenant's tools"
+    );
+    let cached = &sessions[sessions.len() - 2];
+    assert!(
+        cached.session["instructions"]
+            .as_str()
+            .unwrap()
+            .contains("Acme Dental")
+    );
+
+    // Both reports give up after the retry window and wait in the spool.
+    let metrics = stack.bridge.metrics().clone();
+    assert!(
+        eventually(Duration::from_secs(10), || metrics
+            .control_reports_spooled
+            .load(Relaxed)
+            == 2)
+        .await
+    );
+    let spooled = std::fs::read_dir(&spool)
+        .unwrap()
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|e| e == "json")
+        })
+        .count();
+    assert_eq!(spooled, 2);
+    stack.bridge.drain_and_stop(Duration::from_secs(2)).await;
+
+    // The control plane comes back on its address with its database; the next bridge start
+    // resends the spool.
+    let cp = start_control_plane(cp_addr, &db).await;
+    let again = bridge_against(MockConfig::default(), target).await;
+    let store = cp.store().clone();
+    assert!(
+        eventually(Duration::from_secs(10), || store
+            .call_history("acme_dental", 10)
+            .unwrap()
+            .unwrap()
+            .calls
+            .len()
+            == 2)
+        .await,
+        "the cached call's report arrived"
+    );
+    let metrics = again.bridge.metrics().clone();
+    assert!(
+        eventually(Duration::from_secs(10), || metrics
+            .control_reports_resent
+            .load(Relaxed)
+            == 2)
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || std::fs::read_dir(&spool)
+            .unwrap()
+            .filter(|entry| entry
+                .as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|e| e == "json"))
+            .count()
+            == 0)
+        .await
+    );
+    let history = store
+        .call_history("acme_dental", 10)
+        .unwrap()
+        .unwrap()
+        .calls;
+    assert_eq!(history[0].context_source, "cached");
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn a_control_plane_that_never_answers_costs_at_most_the_budget() {
+    // Accepts connections and never answers: the worst kind of outage.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let dir = Scratch::new("silent");
+    let url = url::Url::parse(&format!("http://{silent_addr}/")).unwrap();
+    let stack = bridge_against(
+        MockConfig::default(),
+        control_target(url, &dir.0.join("spool")),
+    )
+    .await;
+    let report = call(&stack, LUNA, "+15557770007", utterance()).await;
+    let first_audio = report
+        .first_audio_after_start
+        .expect("the fallback answered");
+    assert!(
+        first_audio < BUDGET + Duration::from_secs(1),
+        "{first_audio:?}"
+    );
+    let sessions = stack.mock.log().sessions();
+    assert_eq!(sessions[0].session["instructions"], DEFAULT_INSTRUCTIONS);
+    assert!(
+        stack
+            .bridge
+            .metrics()
+            .control_lookups(voxrelay::control::directory::ContextSource::Fallback)
+            >= 1
+    );
+    held.abort();
+}
