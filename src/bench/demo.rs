@@ -1,22 +1,40 @@
-//! `voxrelay demo`: a bridge on embedded defaults, the mock model, and a few simulated
-//! calls through them, all in one process on 127.0.0.1, with a short report.
+//! `voxrelay demo`: a bridge on embedded defaults, the reference control plane (seeded with
+//! `fixtures/tenants.toml`, SQLite in memory), the mock model, and a few simulated calls
+//! through them, all in one process on 127.0.0.1, with a short report.
 //!
-//! Each caller stays quiet for a moment (the agent's greeting starts), then speaks over the
-//! greeting (a barge-in: Twilio `clear`, model-side truncate), pauses (the mock model answers
-//! by echoing the utterance), and listens to the answer before hanging up.
+//! Calls go to the seeded numbers in turn (Acme Dental, Bistro Luna, …) and, from the third
+//! on, one to a number no tenant owns, which the fallback agent answers. Each caller stays
+//! quiet for a moment (the tenant's greeting starts), then speaks over the greeting (a
+//! barge-in: Twilio `clear`, model-side truncate), pauses (the mock model calls the tenant's
+//! `lookup_business_hours` tool, then answers), and listens before hanging up. The report
+//! shows each call's tenant, agent, voice and greeting as the model received them, and the
+//! call history the control plane stored from the bridge's reports.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use url::Url;
 
 use super::SPEECH_FIXTURE;
 use super::caller::{CallReport, CallerConfig, place_call};
-use crate::config::{AgentDefaults, BridgeConfig, UpstreamTarget};
+use crate::config::{
+    AgentDefaults, BridgeConfig, ControlPlaneTarget, DEFAULT_CONTEXT_STALE, DEFAULT_CONTEXT_TTL,
+    DEFAULT_LOOKUP_BUDGET, DEFAULT_REPORT_RESEND, DEFAULT_REPORT_RETRY, UpstreamTarget,
+};
+use crate::control::api::CallReport as ControlReport;
+use crate::control::server::{ControlPlane, ControlPlaneConfig, ControlPlaneError, seed_toml};
+use crate::control::signing::{SigningKey, Verifier};
+use crate::control::store::DbLocation;
 use crate::http::Bridge;
 use crate::session::metrics::Metrics;
-use crate::upstream::mock::{MockConfig, MockRealtimeServer, MockSessionRecord};
+use crate::upstream::mock::{MockConfig, MockRealtimeServer, MockSessionRecord, MockToolCall};
 use crate::{AudioMode, Secret};
+
+/// The seeded numbers the demo dials, in order, and one nobody owns.
+const DEMO_NUMBERS: [&str; 3] = ["+15550100001", "+15550100002", "+15550100003"];
+const UNKNOWN_NUMBER: &str = "+15550100099";
+const DEMO_TENANTS: [&str; 2] = ["acme_dental", "bistro_luna"];
 
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -39,12 +57,27 @@ pub enum DemoError {
     Mock(std::io::Error),
     #[error("could not start the bridge: {0}")]
     Bridge(std::io::Error),
+    #[error("could not start the control plane: {0}")]
+    ControlPlane(#[from] ControlPlaneError),
 }
 
 pub struct DemoReport {
     pub calls: Vec<Result<CallReport, String>>,
+    /// The number each call dialled.
+    pub numbers: Vec<String>,
     pub mock_sessions: Vec<MockSessionRecord>,
+    /// What the control plane stored from the bridge's reports, per seeded tenant.
+    pub history: Vec<(String, Vec<ControlReport>)>,
     pub text: String,
+}
+
+/// The number call `index` dials: the seeded ones in turn, every third one unknown.
+fn demo_number(index: usize) -> &'static str {
+    if index % 3 == 2 {
+        UNKNOWN_NUMBER
+    } else {
+        DEMO_NUMBERS[(index - index / 3) % DEMO_NUMBERS.len()]
+    }
 }
 
 /// The caller's side of a demo call: silence, speech over the greeting, then listening.
@@ -55,15 +88,44 @@ pub fn demo_caller_audio() -> Vec<u8> {
 }
 
 pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
-    let mock = MockRealtimeServer::start(MockConfig::default())
-        .await
-        .map_err(DemoError::Mock)?;
+    let mock = MockRealtimeServer::start(MockConfig {
+        // The first thing each caller says makes the model look up the opening hours.
+        tool_script: vec![MockToolCall {
+            name: "lookup_business_hours".to_owned(),
+            arguments: serde_json::json!({"day": "saturday"}),
+        }],
+        ..MockConfig::default()
+    })
+    .await
+    .map_err(DemoError::Mock)?;
+    let key = SigningKey::new(
+        "demo",
+        Secret::new(format!("{:032x}", rand::random::<u128>())),
+    );
+    let control_plane = ControlPlane::start(ControlPlaneConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        db: DbLocation::InMemory,
+        seed: Some(seed_toml().to_owned()),
+        verifier: Verifier::new(vec![key.clone()]),
+    })
+    .await?;
+    let spool = std::env::temp_dir().join(format!("voxrelay-demo-spool-{}", std::process::id()));
     let token = Secret::new(format!("{:032x}", rand::random::<u128>()));
     let config = BridgeConfig {
         agent: AgentDefaults {
             audio_mode: options.audio_mode,
             ..AgentDefaults::default()
         },
+        control_plane: Some(ControlPlaneTarget {
+            url: control_plane.url(),
+            key,
+            lookup_budget: DEFAULT_LOOKUP_BUDGET,
+            context_ttl: DEFAULT_CONTEXT_TTL,
+            context_stale: DEFAULT_CONTEXT_STALE,
+            report_spool_dir: spool.clone(),
+            report_retry: DEFAULT_REPORT_RETRY,
+            report_resend: DEFAULT_REPORT_RESEND,
+        }),
         ..BridgeConfig::local(
             token.clone(),
             UpstreamTarget {
@@ -75,14 +137,18 @@ pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     let bridge = Bridge::start(&config).await.map_err(DemoError::Bridge)?;
     let bridge_url =
         Url::parse(&format!("http://{}", bridge.local_addr())).expect("socket address URL");
-    tracing::info!(bridge = %bridge_url, model = %mock.url(), calls = options.calls, mode = %options.audio_mode, "demo: placing simulated calls");
+    tracing::info!(bridge = %bridge_url, model = %mock.url(), control_plane = %control_plane.url(), calls = options.calls, "demo: placing simulated calls");
 
     let audio = demo_caller_audio();
     let mut calls = Vec::with_capacity(options.calls);
-    for index in 0..options.calls {
+    let numbers: Vec<String> = (0..options.calls)
+        .map(|index| demo_number(index).to_owned())
+        .collect();
+    for (index, number) in numbers.iter().enumerate() {
         let mut caller = CallerConfig::new(bridge_url.clone(), token.clone(), audio.clone());
         caller.linger = Duration::from_millis(5_500);
-        caller.from = format!("+1555010{:04}", index);
+        caller.to = number.clone();
+        caller.from = format!("+1555020{:04}", index);
         // A digit mid-call shows DTMF reaching the model.
         caller.dtmf = vec![(Duration::from_millis(9_000), '1')];
         calls.push(tokio::spawn(async move {
@@ -96,10 +162,24 @@ pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         reports.push(call.await.unwrap_or_else(|e| Err(e.to_string())));
     }
     let metrics = std::sync::Arc::clone(bridge.metrics());
+    // The drain waits for the calls' reports (or spools them).
     let drained = bridge.drain_and_stop(Duration::from_secs(5)).await;
     let sessions = mock.log().sessions();
     mock.shutdown();
-    let mut text = render(&reports, &sessions, &metrics, options);
+    let mut history = Vec::new();
+    for tenant in DEMO_TENANTS {
+        let calls = control_plane
+            .store()
+            .call_history(tenant, 50)
+            .ok()
+            .and_then(Result::ok)
+            .map(|history| history.calls)
+            .unwrap_or_default();
+        history.push((tenant.to_owned(), calls));
+    }
+    control_plane.stop().await;
+    let _ = std::fs::remove_dir_all(&spool);
+    let mut text = render(&reports, &numbers, &sessions, &history, &metrics);
     let _ = writeln!(
         text,
         "drain: {} calls live at shutdown, {} cancelled",
@@ -107,7 +187,9 @@ pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     );
     Ok(DemoReport {
         calls: reports,
+        numbers,
         mock_sessions: sessions,
+        history,
         text,
     })
 }
@@ -129,17 +211,57 @@ fn us(duration: Option<Duration>) -> String {
 
 fn render(
     reports: &[Result<CallReport, String>],
+    numbers: &[String],
     sessions: &[MockSessionRecord],
+    history: &[(String, Vec<ControlReport>)],
     metrics: &Metrics,
-    options: &DemoOptions,
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nvoxrelay demo: {} simulated calls, audio mode {}\n",
+        "\nvoxrelay demo: {} simulated calls through the bridge, the reference control plane and the mock model\n",
         reports.len(),
-        options.audio_mode
     );
+    let reported: Vec<&ControlReport> = history.iter().flat_map(|(_, calls)| calls).collect();
+    let _ = writeln!(
+        out,
+        "{:<4} {:<13} {:<12} {:<6} {:<6} {:<6} greeting",
+        "call", "dialled", "tenant", "agent", "voice", "mode"
+    );
+    for (index, (report, number)) in reports.iter().zip(numbers).enumerate() {
+        let call_sid = report.as_ref().map(|r| r.call_sid.as_str()).unwrap_or("");
+        let stored = reported.iter().find(|r| r.call_sid == call_sid);
+        let session = sessions.get(index);
+        let voice = session
+            .and_then(|s| s.session["audio"]["output"]["voice"].as_str())
+            .unwrap_or("-");
+        let mode = session
+            .and_then(|s| s.session["audio"]["output"]["format"]["type"].as_str())
+            .map_or("-", |format| {
+                if format == "audio/pcmu" {
+                    "pcmu"
+                } else {
+                    "pcm16"
+                }
+            });
+        let greeting = session
+            .and_then(|s| s.response_transcripts.first())
+            .map_or("-", String::as_str);
+        let _ = writeln!(
+            out,
+            "{:<4} {:<13} {:<12} {:<6} {:<6} {:<6} {}",
+            index + 1,
+            number,
+            stored
+                .and_then(|r| r.tenant_id.as_deref())
+                .unwrap_or("(fallback)"),
+            stored.map_or("default", |r| r.agent_name.as_str()),
+            voice,
+            mode,
+            greeting
+        );
+    }
+    let _ = writeln!(out);
     let _ = writeln!(
         out,
         "{:<4} {:>8} {:>10} {:>10} {:>12} {:>8} {:>7} {:>9}",
@@ -171,6 +293,41 @@ fn render(
             }
         }
     }
+    let tools: usize = sessions.iter().map(|s| s.function_outputs.len()).sum();
+    let _ = writeln!(
+        out,
+        "\ncontrol plane's call history (from the bridge's signed reports):"
+    );
+    for (tenant, calls) in history {
+        for call in calls {
+            let _ = writeln!(
+                out,
+                "  {tenant:<12} {} {:<8} {:>5.1}s in {:>5.1}s out, {} barge-ins, {} tool calls, end: {}, context: {}, memory: {}",
+                call.to,
+                call.agent_name,
+                call.audio_seconds_in,
+                call.audio_seconds_out,
+                call.barge_ins,
+                call.tool_calls,
+                call.end_reason,
+                call.context_source,
+                call.memory_namespace.as_deref().unwrap_or("-"),
+            );
+            for line in &call.transcript {
+                let _ = writeln!(
+                    out,
+                    "      {:>6.1}s {:<9} {}",
+                    line.offset_ms as f64 / 1e3,
+                    line.speaker.as_str(),
+                    line.text
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "(calls answered by the fallback agent are reported without a tenant)\ntool outputs the model received: {tools}"
+    );
     let truncates: usize = sessions.iter().map(|s| s.truncates.len()).sum();
     let deletes: usize = sessions.iter().map(|s| s.deletes.len()).sum();
     let texts: usize = sessions.iter().map(|s| s.user_texts.len()).sum();
@@ -204,4 +361,57 @@ fn render(
         us(metrics.pacer_lateness.quantile_upper_bound(0.99)),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_dials_each_seeded_number_and_every_third_call_an_unknown_one() {
+        let dialled: Vec<&str> = (0..6).map(demo_number).collect();
+        assert_eq!(
+            dialled,
+            [
+                "+15550100001",
+                "+15550100002",
+                UNKNOWN_NUMBER,
+                "+15550100003",
+                "+15550100001",
+                UNKNOWN_NUMBER
+            ]
+        );
+    }
+
+    /// The README's main job, end to end: every seeded tenant's call gets its agent and is
+    /// reported to it; the unknown number gets the fallback and no tenant.
+    #[tokio::test]
+    async fn the_demo_answers_each_tenant_with_its_own_agent_and_reports_it() {
+        let report = run_demo(&DemoOptions {
+            calls: 3,
+            audio_mode: AudioMode::Pcmu,
+        })
+        .await
+        .expect("demo");
+        assert!(report.calls.iter().all(Result::is_ok), "{}", report.text);
+        let reported = |tenant: &str| -> Vec<String> {
+            report
+                .history
+                .iter()
+                .filter(|(t, _)| t == tenant)
+                .flat_map(|(_, calls)| calls.iter().map(|c| c.to.clone()))
+                .collect()
+        };
+        assert_eq!(reported("acme_dental"), ["+15550100001"]);
+        assert_eq!(reported("bistro_luna"), ["+15550100002"]);
+        let greetings: Vec<&str> = report
+            .mock_sessions
+            .iter()
+            .map(|s| s.response_transcripts[0].as_str())
+            .collect();
+        assert!(greetings[0].contains("Acme Dental"), "{greetings:?}");
+        assert!(greetings[1].contains("Bistro Luna"), "{greetings:?}");
+        assert_eq!(greetings[2], crate::config::DEFAULT_GREETING);
+        assert!(report.text.contains("(fallback)"), "{}", report.text);
+    }
 }

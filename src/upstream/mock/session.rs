@@ -585,7 +585,7 @@ impl MockSession {
         }
         match self.last_tool_output.take() {
             Some(output) => format!("(tool said: {output})"),
-            None => "(greeting chime)".to_owned(),
+            None => "(chime)".to_owned(),
         }
     }
 
