@@ -634,16 +634,31 @@ async fn bench_first_audio(args: &BenchArgs) -> anyhow::Result<()> {
         result.calls, result.model_connect_ms, result.twilio_gap_ms
     );
     println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>9}",
+        "{:<26} {:>9} {:>9} {:>9} {:>9}",
         "", "p50 ms", "p90 ms", "p99 ms", "max ms"
     );
-    for (name, p) in [("pre-warm", &result.prewarm_us), ("cold", &result.cold_us)] {
+    for (name, p) in [
+        ("pre-warm", &result.prewarm_us),
+        ("cold", &result.cold_us),
+        ("pre-warm + control plane", &result.prewarm_control_plane_us),
+        ("cold + control plane", &result.cold_control_plane_us),
+    ] {
         println!(
-            "{name:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            "{name:<26} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
             ms(p.p50),
             ms(p.p90),
             ms(p.p99),
             ms(p.max)
+        );
+    }
+    println!("tenant lookup itself (TenantDirectory::resolve, control plane on loopback):");
+    for (name, p) in [
+        ("cache miss (signed request)", &result.lookup_miss_us),
+        ("cache hit", &result.lookup_hit_us),
+    ] {
+        println!(
+            "{name:<28} p50 {:>7.0} µs  p90 {:>7.0} µs  p99 {:>7.0} µs  max {:>7.0} µs  (n={})",
+            p.p50, p.p90, p.p99, p.max, p.count
         );
     }
     if result.no_audio > 0 {
