@@ -15,7 +15,10 @@ RUN cargo build --release --locked --bin voxrelay
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/voxrelay /usr/local/bin/voxrelay
 USER nonroot:nonroot
+# The report spool must be writable by `nonroot`; mount a volume there to keep it across
+# container replacements.
 ENV VOXRELAY_LISTEN=0.0.0.0:8080 \
+    VOXRELAY_REPORT_SPOOL_DIR=/home/nonroot/spool \
     RUST_LOG=info
 EXPOSE 8080
 # The image has no curl: the binary checks itself.
