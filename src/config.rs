@@ -102,6 +102,22 @@ pub struct ControlPlaneTarget {
     pub report_resend: Duration,
 }
 
+impl ControlPlaneTarget {
+    /// `url` signed with `key`, every other setting at its default.
+    pub fn new(url: Url, key: SigningKey, report_spool_dir: PathBuf) -> Self {
+        Self {
+            url,
+            key,
+            lookup_budget: DEFAULT_LOOKUP_BUDGET,
+            context_ttl: DEFAULT_CONTEXT_TTL,
+            context_stale: DEFAULT_CONTEXT_STALE,
+            report_spool_dir,
+            report_retry: DEFAULT_REPORT_RETRY,
+            report_resend: DEFAULT_REPORT_RESEND,
+        }
+    }
+}
+
 /// Where the model is.
 #[derive(Clone, Debug)]
 pub struct UpstreamTarget {

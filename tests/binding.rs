@@ -9,47 +9,22 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::*;
-use futures_util::StreamExt;
 use serde_json::json;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use voxrelay::AudioMode;
 use voxrelay::bench::caller::{CallerConfig, place_call};
-use voxrelay::config::UpstreamTarget;
 use voxrelay::session::binding::STREAM_TOKEN_PARAMETER;
 use voxrelay::twilio::signature::compute_signature;
-use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer};
-use voxrelay::{AudioMode, Secret};
+use voxrelay::upstream::mock::MockConfig;
 
 async fn stack_with(adjust: impl FnOnce(&mut voxrelay::config::BridgeConfig)) -> Stack {
-    let mock = MockRealtimeServer::start(MockConfig::default())
-        .await
-        .expect("mock model");
-    let upstream = UpstreamTarget {
-        url: mock.url(),
-        api_key: Some(Secret::new("test-key")),
-    };
-    start_stack_configured(
-        mock,
-        upstream,
+    start_stack_adjusted(
+        MockConfig::default(),
         AudioMode::Pcmu,
         Some("Hello from the test"),
         adjust,
     )
     .await
-}
-
-/// Reads until the bridge closes the socket; true if it did within `within`.
-async fn closed_by_bridge(ws: &mut RawSocket, within: Duration) -> bool {
-    tokio::time::timeout(within, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return true,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await
-    .unwrap_or(false)
 }
 
 fn as_object(parameters: &[(String, String)]) -> serde_json::Value {

@@ -51,20 +51,6 @@ async fn post_signed(
         .unwrap()
 }
 
-/// Waits for the bridge to close `ws` (a Close frame or the connection ending).
-async fn closed_by_bridge(ws: &mut RawSocket, within: Duration) -> bool {
-    tokio::time::timeout(within, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return true,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await
-    .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_and_the_media_socket_require_twilios_signature() {
     let stack = start_stack(AudioMode::Pcmu, None).await;

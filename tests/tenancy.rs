@@ -15,13 +15,11 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 use voxrelay::bench::caller::{CallReport as CallerReport, CallerConfig, place_call};
-use voxrelay::config::{
-    ControlPlaneTarget, DEFAULT_GREETING, DEFAULT_INSTRUCTIONS, UpstreamTarget,
-};
+use voxrelay::config::{ControlPlaneTarget, DEFAULT_GREETING, DEFAULT_INSTRUCTIONS};
 use voxrelay::control::server::{ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml};
 use voxrelay::control::signing::{SigningKey, Verifier};
 use voxrelay::control::store::DbLocation;
-use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer, MockSessionRecord, MockToolCall};
+use voxrelay::upstream::mock::{MockConfig, MockSessionRecord, MockToolCall};
 use voxrelay::{AudioMode, Secret};
 
 const KEY_ID: &str = "bridge-test";
@@ -76,16 +74,8 @@ fn control_target(url: url::Url, spool: &Path) -> ControlPlaneTarget {
 }
 
 async fn bridge_against(mock_config: MockConfig, target: ControlPlaneTarget) -> Stack {
-    let mock = MockRealtimeServer::start(mock_config)
-        .await
-        .expect("mock model");
-    let upstream = UpstreamTarget {
-        url: mock.url(),
-        api_key: Some(Secret::new("test-key")),
-    };
-    start_stack_configured(
-        mock,
-        upstream,
+    start_stack_adjusted(
+        mock_config,
         AudioMode::Pcmu,
         Some(DEFAULT_GREETING),
         |config| config.control_plane = Some(target),

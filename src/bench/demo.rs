@@ -11,21 +11,15 @@
 //! call history the control plane stored from the bridge's reports.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use url::Url;
 
 use super::SPEECH_FIXTURE;
 use super::caller::{CallReport, CallerConfig, place_call};
-use crate::config::{
-    AgentDefaults, BridgeConfig, ControlPlaneTarget, DEFAULT_CONTEXT_STALE, DEFAULT_CONTEXT_TTL,
-    DEFAULT_LOOKUP_BUDGET, DEFAULT_REPORT_RESEND, DEFAULT_REPORT_RETRY, UpstreamTarget,
-};
+use crate::config::{AgentDefaults, BridgeConfig, ControlPlaneTarget, UpstreamTarget};
 use crate::control::api::CallReport as ControlReport;
-use crate::control::server::{ControlPlane, ControlPlaneConfig, ControlPlaneError, seed_toml};
-use crate::control::signing::{SigningKey, Verifier};
-use crate::control::store::DbLocation;
+use crate::control::server::{ControlPlaneError, start_embedded};
 use crate::http::Bridge;
 use crate::session::metrics::Metrics;
 use crate::upstream::mock::{MockConfig, MockRealtimeServer, MockSessionRecord, MockToolCall};
@@ -98,17 +92,7 @@ pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     })
     .await
     .map_err(DemoError::Mock)?;
-    let key = SigningKey::new(
-        "demo",
-        Secret::new(format!("{:032x}", rand::random::<u128>())),
-    );
-    let control_plane = ControlPlane::start(ControlPlaneConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        db: DbLocation::InMemory,
-        seed: Some(seed_toml().to_owned()),
-        verifier: Verifier::new(vec![key.clone()]),
-    })
-    .await?;
+    let (control_plane, key) = start_embedded().await?;
     let spool = std::env::temp_dir().join(format!("voxrelay-demo-spool-{}", std::process::id()));
     let token = Secret::new(format!("{:032x}", rand::random::<u128>()));
     let config = BridgeConfig {
@@ -116,16 +100,11 @@ pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
             audio_mode: options.audio_mode,
             ..AgentDefaults::default()
         },
-        control_plane: Some(ControlPlaneTarget {
-            url: control_plane.url(),
+        control_plane: Some(ControlPlaneTarget::new(
+            control_plane.url(),
             key,
-            lookup_budget: DEFAULT_LOOKUP_BUDGET,
-            context_ttl: DEFAULT_CONTEXT_TTL,
-            context_stale: DEFAULT_CONTEXT_STALE,
-            report_spool_dir: spool.clone(),
-            report_retry: DEFAULT_REPORT_RETRY,
-            report_resend: DEFAULT_REPORT_RESEND,
-        }),
+            spool.clone(),
+        )),
         ..BridgeConfig::local(
             token.clone(),
             UpstreamTarget {

@@ -18,22 +18,16 @@ use std::time::Duration;
 use serde::Serialize;
 use url::Url;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::caller::{CallerConfig, place_call};
 use super::harness::BenchError;
 use super::results::Percentiles;
-use crate::config::{
-    AgentDefaults, BridgeConfig, ControlPlaneTarget, DEFAULT_CONTEXT_STALE, DEFAULT_CONTEXT_TTL,
-    DEFAULT_LOOKUP_BUDGET, DEFAULT_REPORT_RESEND, DEFAULT_REPORT_RETRY, UpstreamTarget,
-};
+use crate::config::{AgentDefaults, BridgeConfig, ControlPlaneTarget, UpstreamTarget};
 use crate::control::client::{ControlPlaneClient, ControlPlaneSettings};
 use crate::control::directory::{DirectorySettings, TenantDirectory};
-use crate::control::server::{ControlPlane, ControlPlaneConfig, seed_toml};
-use crate::control::signing::{SigningKey, Verifier};
-use crate::control::store::DbLocation;
+use crate::control::server::start_embedded;
 use crate::http::Bridge;
 use crate::session::metrics::Metrics;
 use crate::upstream::mock::{MockConfig, MockRealtimeServer};
@@ -91,29 +85,11 @@ pub async fn run(options: &FirstAudioOptions) -> Result<FirstAudioResult, BenchE
     })
     .await
     .map_err(BenchError::Model)?;
-    let key = SigningKey::new(
-        "bench",
-        Secret::new(format!("{:032x}", rand::random::<u128>())),
-    );
-    let control_plane = ControlPlane::start(ControlPlaneConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        db: DbLocation::InMemory,
-        seed: Some(seed_toml().to_owned()),
-        verifier: Verifier::new(vec![key.clone()]),
-    })
-    .await
-    .map_err(|e| BenchError::Bridge(format!("control plane: {e}")))?;
+    let (control_plane, key) = start_embedded()
+        .await
+        .map_err(|e| BenchError::Bridge(format!("control plane: {e}")))?;
     let spool = std::env::temp_dir().join(format!("voxrelay-bench-spool-{}", std::process::id()));
-    let target = ControlPlaneTarget {
-        url: control_plane.url(),
-        key: key.clone(),
-        lookup_budget: DEFAULT_LOOKUP_BUDGET,
-        context_ttl: DEFAULT_CONTEXT_TTL,
-        context_stale: DEFAULT_CONTEXT_STALE,
-        report_spool_dir: spool.clone(),
-        report_retry: DEFAULT_REPORT_RETRY,
-        report_resend: DEFAULT_REPORT_RESEND,
-    };
+    let target = ControlPlaneTarget::new(control_plane.url(), key, spool.clone());
     let mut no_audio = 0;
     let mut measure = async |prewarm: bool,
                              control: Option<&ControlPlaneTarget>|

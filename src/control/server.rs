@@ -38,7 +38,7 @@ use url::Url;
 
 use super::api::{self, CallReport, ErrorBody, ReportAck, ToolRequest, ToolResponse};
 use super::seed::{Seed, SeedError};
-use super::signing::{SignedHeaders, Verifier};
+use super::signing::{SignedHeaders, SigningKey, Verifier};
 use super::store::{DbLocation, Refusal, SeedOutcome, Store, StoreError};
 use crate::session::call::redact_number;
 
@@ -61,6 +61,23 @@ pub const STOP_GRACE: Duration = Duration::from_secs(2);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The seed the repository ships (`fixtures/tenants.toml`), for demos and tests.
+/// A control plane for one process (the demo, the benchmark): loopback, SQLite in memory,
+/// the shipped seed, and a fresh random key, returned so the bridge can sign with it.
+pub async fn start_embedded() -> Result<(RunningControlPlane, SigningKey), ControlPlaneError> {
+    let key = SigningKey::new(
+        "embedded",
+        crate::Secret::new(format!("{:032x}", rand::random::<u128>())),
+    );
+    let running = ControlPlane::start(ControlPlaneConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        db: DbLocation::InMemory,
+        seed: Some(seed_toml().to_owned()),
+        verifier: Verifier::new(vec![key.clone()]),
+    })
+    .await?;
+    Ok((running, key))
+}
+
 pub fn seed_toml() -> &'static str {
     include_str!("../../fixtures/tenants.toml")
 }

@@ -27,14 +27,7 @@ pub struct Stack {
 }
 
 pub async fn start_stack(mode: AudioMode, greeting: Option<&str>) -> Stack {
-    let mock = MockRealtimeServer::start(MockConfig::default())
-        .await
-        .expect("mock model");
-    let upstream = UpstreamTarget {
-        url: mock.url(),
-        api_key: Some(Secret::new("test-key")),
-    };
-    start_stack_with(mock, upstream, mode, greeting).await
+    start_stack_adjusted(MockConfig::default(), mode, greeting, |_| {}).await
 }
 
 pub async fn start_stack_with(
@@ -44,6 +37,23 @@ pub async fn start_stack_with(
     greeting: Option<&str>,
 ) -> Stack {
     start_stack_configured(mock, upstream, mode, greeting, |_| {}).await
+}
+
+/// A bridge and a mock model configured by `mock_config`, with a last word on the bridge.
+pub async fn start_stack_adjusted(
+    mock_config: MockConfig,
+    mode: AudioMode,
+    greeting: Option<&str>,
+    adjust: impl FnOnce(&mut BridgeConfig),
+) -> Stack {
+    let mock = MockRealtimeServer::start(mock_config)
+        .await
+        .expect("mock model");
+    let upstream = UpstreamTarget {
+        url: mock.url(),
+        api_key: Some(Secret::new("test-key")),
+    };
+    start_stack_configured(mock, upstream, mode, greeting, adjust).await
 }
 
 /// Like [`start_stack_with`], with a last word on the bridge's configuration.
@@ -203,6 +213,21 @@ pub async fn voice_webhook(
     .expect("webhook");
     assert_eq!(response.status, 200, "{}", response.body);
     voxrelay::bench::caller::parse_connect_stream(&response.body).expect("a <Stream> in the TwiML")
+}
+
+/// Waits for the bridge to close `ws` (a Close frame or the connection ending).
+pub async fn closed_by_bridge(ws: &mut RawSocket, within: Duration) -> bool {
+    use futures_util::StreamExt;
+    tokio::time::timeout(within, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Polls `condition` every 20 ms for up to `limit`.
