@@ -352,6 +352,8 @@ async fn context_404_is_none_and_errors_carry_status_and_code() {
     let fake = FakeControlPlane::start(|seen: &Seen| {
         if seen.path.contains("to=%2B1404") {
             Reply::json(404, r#"{"error":"unknown_number"}"#)
+        } else if seen.path.contains("to=%2B1405") {
+            Reply::json(404, r#"{"error":"not_found"}"#)
         } else if seen.path.contains("to=%2B1500") {
             Reply::json(500, r#"{"error":"database_down"}"#)
         } else {
@@ -372,10 +374,16 @@ async fn context_404_is_none_and_errors_carry_status_and_code() {
         client.context("+1200", "+1", "CA3").await,
         Err(ControlError::Decode(_))
     ));
-    // The 404 is an answer; the 500 and the undecodable body are failures.
+    // A 404 for another reason (a wrong URL prefix) is a failure, not an unknown number.
+    assert!(matches!(
+        client.context("+1405", "+1", "CA1").await,
+        Err(ControlError::Status { status: 404, .. })
+    ));
+    // The unknown number is an answer; the 500, the undecodable body and the other 404 are
+    // failures.
     assert_eq!(
         metrics.control_request_failures(ControlEndpoint::Context),
-        2
+        3
     );
 }
 
@@ -438,7 +446,8 @@ async fn slow_answers_time_out_and_huge_bodies_are_cut() {
 
 #[tokio::test]
 async fn sequential_requests_reuse_one_kept_alive_connection() {
-    let fake = FakeControlPlane::start(|_: &Seen| Reply::json(404, r#"{"error":"x"}"#)).await;
+    let fake =
+        FakeControlPlane::start(|_: &Seen| Reply::json(404, r#"{"error":"unknown_number"}"#)).await;
     let (client, _) = client_for(fake.url(""), SHORT);
     for n in 0..4 {
         assert_eq!(

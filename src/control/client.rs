@@ -57,6 +57,9 @@ pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// timeouts (60–90 s), so the client rarely reuses a connection the server is closing.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The 404 code that means "no tenant owns this number".
+const UNKNOWN_NUMBER: &str = "unknown_number";
+
 /// Longest `error` code kept from a non-2xx body.
 const MAX_ERROR_CODE_LEN: usize = 64;
 
@@ -239,7 +242,9 @@ impl ControlPlaneClient {
     }
 
     /// `GET /v1/context`: the context for a dialled number, `Ok(None)` when the control plane
-    /// answers 404 (a number no tenant owns).
+    /// answers 404 `{"error":"unknown_number"}` (a number no tenant owns). Any other 404 (a
+    /// wrong URL prefix, a proxy's page) is an error, so a misconfiguration is never cached as
+    /// "every number is unknown".
     pub async fn context(
         &self,
         to: &str,
@@ -248,7 +253,12 @@ impl ControlPlaneClient {
     ) -> Result<Option<TenantContext>, ControlError> {
         let path = api::context_path_and_query(to, from, call_sid);
         let result = match self.exchange(Method::GET, &path, Bytes::new()).await {
-            Ok(answer) if answer.status == StatusCode::NOT_FOUND => Ok(None),
+            Ok(answer)
+                if answer.status == StatusCode::NOT_FOUND
+                    && error_code(&answer.body).as_deref() == Some(UNKNOWN_NUMBER) =>
+            {
+                Ok(None)
+            }
             Ok(answer) => decode_success(answer).map(Some),
             Err(error) => Err(error),
         };
