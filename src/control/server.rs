@@ -157,8 +157,11 @@ impl ControlPlane {
                 addr: config.listen,
                 source,
             })?;
+        let mut verifier = config.verifier;
+        // Nonces live in memory: a request captured before this start must not replay now.
+        verifier.refuse_before(unix_now().as_secs());
         let state = Arc::new(AppState {
-            verifier: Mutex::new(config.verifier),
+            verifier: Mutex::new(verifier),
             store: store.clone(),
         });
         let shutdown = CancellationToken::new();

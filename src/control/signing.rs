@@ -371,6 +371,16 @@ impl Verifier {
         }
     }
 
+    /// Refuses every request timestamped before `unix_secs` (as [`Rejection::Stale`]). A
+    /// verifier that starts empty (a restarted process) calls this with its start time: the
+    /// nonces it accepted before the restart are gone, so the requests that carried them must
+    /// not pass the clock check again.
+    pub fn refuse_before(&mut self, unix_secs: u64) {
+        if let Some(below) = unix_secs.checked_sub(1) {
+            self.floor = Some(self.floor.map_or(below, |floor| floor.max(below)));
+        }
+    }
+
     fn forget(&mut self, timestamp: u64, nonce: [u8; 16]) {
         self.by_timestamp.remove(&(timestamp, nonce));
         self.nonces.remove(&nonce);
@@ -508,6 +518,23 @@ fn hex_into(out: &mut [u8], bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restarted_verifier_refuses_what_it_may_have_seen_before() {
+        let key = SigningKey::new("k1", Secret::new("s"));
+        let mut verifier = Verifier::new(vec![key.clone()]);
+        verifier.refuse_before(1_000_000);
+        let before = sign(&key, 999_999, [1; 16], "GET", "/v1/context?to=1", b"");
+        let after = sign(&key, 1_000_000, [2; 16], "GET", "/v1/context?to=1", b"");
+        assert_eq!(
+            verifier.verify(1_000_000, &before, "GET", "/v1/context?to=1", b""),
+            Err(Rejection::Stale)
+        );
+        assert_eq!(
+            verifier.verify(1_000_000, &after, "GET", "/v1/context?to=1", b""),
+            Ok(())
+        );
+    }
 
     const VECTORS: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
