@@ -10,19 +10,26 @@
 //! (capacity [`INBOX_CAPACITY`]). The call ends on Twilio `stop`, either socket closing, the
 //! start timeout, or cancellation (shutdown); every path closes both sockets politely and the
 //! [`Registration`] guard removes the call from the registry, even on panic.
+//!
+//! Per-frame buffers are reused, not allocated: a Twilio message reaches the engine in
+//! fastwebsockets' own read buffer (`TwilioText`), a model message in tungstenite's
+//! ([`Utf8Bytes`]), and the upstream writer hands each spent message `String` back to the
+//! engine through its queue's bounded free list ([`OutQueue::reclaim`]), so in `pcmu` mode an
+//! uplink frame costs no heap allocation (`cargo bench --bench alloc`).
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketError};
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -44,6 +51,11 @@ const TWILIO_AUDIO_QUEUE: usize = 50;
 const UPSTREAM_AUDIO_QUEUE: usize = 50;
 /// Enough for a batch of paced media + mark pairs (each pair is about 400 bytes).
 const TWILIO_WRITE_BUFFER: usize = 8 * 1024;
+/// Where the upstream writer copies each message for tungstenite (which frames it into its own
+/// buffer and drops it). The writer's copy is the only reference left by the next message, so
+/// the arena's space is reclaimed in place rather than reallocated. A 20 ms append is about 280
+/// bytes in `pcmu`, 1.3 KB in `pcm16`; a larger message goes by value instead.
+const UPSTREAM_WRITE_ARENA: usize = 4 * 1024;
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the writers get to flush and close after the call ends.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -71,15 +83,40 @@ pub enum EndReason {
 }
 
 enum CallInput {
-    Twilio(String),
+    Twilio(TwilioText),
     /// A ping's payload, to be echoed in a pong.
     TwilioPing(String),
     TwilioClosed,
     TwilioFailed(WebSocketError),
     UpstreamOpen(Duration, tokio::task::JoinHandle<()>, Box<UpstreamStream>),
     UpstreamFailed(String),
-    Upstream(String),
+    /// Borrows tungstenite's read buffer (no copy).
+    Upstream(Utf8Bytes),
     UpstreamClosed(Option<String>),
+}
+
+/// The text of one Twilio message, in fastwebsockets' read buffer: no copy, and once it is
+/// dropped the reader reuses the space for the next frames (its buffer is shared, so it can
+/// reclaim the space only when no payload taken from it is alive).
+struct TwilioText(BytesMut);
+
+impl TwilioText {
+    /// `None` unless `payload` is UTF-8.
+    fn new(payload: BytesMut) -> Option<Self> {
+        std::str::from_utf8(&payload)
+            .is_ok()
+            .then_some(Self(payload))
+    }
+}
+
+impl std::ops::Deref for TwilioText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // SAFETY: the bytes were checked to be UTF-8 in `new`, the only constructor, and the
+        // private field is never changed after.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
 }
 
 /// Runs one Media Streams WebSocket to completion.
@@ -315,6 +352,8 @@ fn flush(engine: &mut CallEngine, twilio_out: &OutQueue, upstream_out: &OutQueue
     for out in engine.take_to_upstream() {
         upstream_out.push(out);
     }
+    // Buffers the upstream writer has finished with carry the next appends.
+    upstream_out.reclaim(|text| engine.recycle_upstream(text));
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
@@ -360,9 +399,14 @@ where
                             // A fragmented message can exceed the per-frame limit.
                             CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
                         } else {
-                            match String::from_utf8(frame.payload.to_vec()) {
-                                Ok(text) => CallInput::Twilio(text),
-                                Err(_) => CallInput::TwilioFailed(WebSocketError::InvalidUTF8),
+                            let payload = match frame.payload {
+                                Payload::Bytes(bytes) => bytes,
+                                // Defragmented messages arrive owned; not the media path.
+                                other => BytesMut::from(&other[..]),
+                            };
+                            match TwilioText::new(payload) {
+                                Some(text) => CallInput::Twilio(text),
+                                None => CallInput::TwilioFailed(WebSocketError::InvalidUTF8),
                             }
                         }
                     }
@@ -390,7 +434,9 @@ async fn twilio_writer<W>(
 {
     let mut batch = Vec::with_capacity(16);
     let mut written = Vec::with_capacity(16);
-    while queue.pop_all(&mut batch).await {
+    // The engine builds downlink messages afresh, so nothing goes back (see `upstream_writer`).
+    let mut spent = Vec::new();
+    while queue.pop_all(&mut batch, &mut spent).await {
         for out in batch.drain(..) {
             let payload = Payload::Owned(out.text.into_bytes());
             let frame = match out.kind {
@@ -462,7 +508,7 @@ fn upstream_messages(stream: UpstreamStream) -> impl Stream<Item = CallInput> {
         let mut stream = stream?;
         loop {
             let input = match stream.next().await {
-                Some(Ok(Message::Text(text))) => CallInput::Upstream(text.as_str().to_owned()),
+                Some(Ok(Message::Text(text))) => CallInput::Upstream(text),
                 Some(Ok(Message::Close(frame))) => CallInput::UpstreamClosed(
                     frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
                 ),
@@ -496,12 +542,25 @@ async fn upstream_writer(
 ) {
     let mut batch = Vec::with_capacity(16);
     let mut audio_read_at = Vec::with_capacity(16);
-    while queue.pop_all(&mut batch).await {
+    let mut spent = Vec::with_capacity(16);
+    let mut arena = BytesMut::with_capacity(UPSTREAM_WRITE_ARENA);
+    while queue.pop_all(&mut batch, &mut spent).await {
         for out in batch.drain(..) {
             if out.kind == OutKind::Audio {
                 audio_read_at.extend(out.caused_at);
             }
-            if sink.feed(Message::text(out.text)).await.is_err() {
+            let text = if out.text.len() <= UPSTREAM_WRITE_ARENA {
+                // tungstenite takes the text by value and drops it once framed; a copy in the
+                // arena goes instead, so the String can go back to the core for reuse.
+                arena.extend_from_slice(out.text.as_bytes());
+                // SAFETY: the bytes are a copy of a `str`.
+                let text = unsafe { Utf8Bytes::from_bytes_unchecked(arena.split().freeze()) };
+                spent.push(out.text);
+                text
+            } else {
+                Utf8Bytes::from(out.text)
+            };
+            if sink.feed(Message::Text(text)).await.is_err() {
                 return;
             }
         }
