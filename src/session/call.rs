@@ -43,19 +43,24 @@ use crate::upstream::{OpenAiRealtime, SessionSettings, UpstreamSocket, VadSettin
 
 type UpstreamStream = futures_util::stream::SplitStream<UpstreamSocket>;
 
-/// Messages from the upstream connect task waiting for the core task.
+/// Messages from the upstream connect task waiting for the core task (one per call in
+/// practice). They travel boxed: tokio allocates a channel's slots 32 at a time, so a block of
+/// pointers (256 bytes) rather than of `CallInput`s (1.3 KB) per call.
 pub const INBOX_CAPACITY: usize = 64;
 /// Audio messages queued for Twilio beyond what the pacer's lead allows: 1 s of chunks.
 const TWILIO_AUDIO_QUEUE: usize = 50;
 /// Caller audio queued for the model: 1 s of 20 ms frames.
 const UPSTREAM_AUDIO_QUEUE: usize = 50;
-/// Enough for a batch of paced media + mark pairs (each pair is about 400 bytes).
-const TWILIO_WRITE_BUFFER: usize = 8 * 1024;
-/// Where the upstream writer copies each message for tungstenite (which frames it into its own
-/// buffer and drops it). The writer's copy is the only reference left by the next message, so
-/// the arena's space is reclaimed in place rather than reallocated. A 20 ms append is about 280
-/// bytes in `pcmu`, 1.3 KB in `pcm16`; a larger message goes by value instead.
-const UPSTREAM_WRITE_ARENA: usize = 4 * 1024;
+/// A batch of paced media + mark pairs leaves in one write: each pair is about 400 bytes and a
+/// batch is one pair every 20 ms, up to six (the 120 ms playback lead) when a response starts;
+/// a larger batch costs one more write, not a wait. Per call, so kept small.
+const TWILIO_WRITE_BUFFER: usize = 2 * 1024;
+/// The largest audio message the upstream writer copies into its arena for tungstenite (which
+/// frames it into its own buffer and drops it), keeping the `String` for reuse. The arena
+/// grows to the largest such message and no further: its previous copy has been dropped by the
+/// time the next is written, so the space is reclaimed in place. A 20 ms append is about 280
+/// bytes in `pcmu`, 1.3 KB in `pcm16`; control messages and anything larger go by value.
+const UPSTREAM_WRITE_ARENA: usize = 2 * 1024;
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the writers get to flush and close after the call ends.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -160,7 +165,7 @@ where
             tokio::io::BufWriter::with_capacity(TWILIO_WRITE_BUFFER, write),
         )
     });
-    let (inbox_tx, mut inbox) = mpsc::channel::<CallInput>(INBOX_CAPACITY);
+    let (inbox_tx, mut inbox) = mpsc::channel::<Box<CallInput>>(INBOX_CAPACITY);
     let connecting = CancellationToken::new();
 
     let twilio_out = Arc::new(OutQueue::new(
@@ -209,7 +214,7 @@ where
             () = cancel.cancelled() => break EndReason::Shutdown,
             input = twilio_in.next() => Some(input.unwrap_or(CallInput::TwilioClosed)),
             input = next_upstream(&mut upstream_in) => Some(input),
-            input = inbox.recv() => input,
+            input = inbox.recv() => input.map(|input| *input),
             () = sleep_until_opt(pacer) => {
                 let now = tokio::time::Instant::now();
                 if let Some(deadline) = pacer {
@@ -469,7 +474,7 @@ async fn twilio_writer<W>(
 /// Opens the model's socket, then starts its reader and writer and tells the core.
 async fn open_upstream(
     target: UpstreamTarget,
-    inbox: mpsc::Sender<CallInput>,
+    inbox: mpsc::Sender<Box<CallInput>>,
     stop: CancellationToken,
     queue: Arc<OutQueue>,
     metrics: Arc<Metrics>,
@@ -483,13 +488,15 @@ async fn open_upstream(
         Ok(Ok(socket)) => socket,
         Ok(Err(error)) => {
             let _ = inbox
-                .send(CallInput::UpstreamFailed(error.to_string()))
+                .send(Box::new(CallInput::UpstreamFailed(error.to_string())))
                 .await;
             return;
         }
         Err(_) => {
             let _ = inbox
-                .send(CallInput::UpstreamFailed("connect timed out".into()))
+                .send(Box::new(CallInput::UpstreamFailed(
+                    "connect timed out".into(),
+                )))
                 .await;
             return;
         }
@@ -498,7 +505,11 @@ async fn open_upstream(
     let (sink, stream) = socket.split();
     let writer = tokio::spawn(upstream_writer(sink, queue, metrics).in_current_span());
     let _ = inbox
-        .send(CallInput::UpstreamOpen(took, writer, Box::new(stream)))
+        .send(Box::new(CallInput::UpstreamOpen(
+            took,
+            writer,
+            Box::new(stream),
+        )))
         .await;
 }
 
@@ -540,16 +551,17 @@ async fn upstream_writer(
     queue: Arc<OutQueue>,
     metrics: Arc<Metrics>,
 ) {
-    let mut batch = Vec::with_capacity(16);
-    let mut audio_read_at = Vec::with_capacity(16);
-    let mut spent = Vec::with_capacity(16);
-    let mut arena = BytesMut::with_capacity(UPSTREAM_WRITE_ARENA);
+    // Batches are one append; these grow if a burst (audio held while connecting) needs more.
+    let mut batch = Vec::with_capacity(2);
+    let mut audio_read_at = Vec::with_capacity(2);
+    let mut spent = Vec::with_capacity(2);
+    let mut arena = BytesMut::new();
     while queue.pop_all(&mut batch, &mut spent).await {
         for out in batch.drain(..) {
             if out.kind == OutKind::Audio {
                 audio_read_at.extend(out.caused_at);
             }
-            let text = if out.text.len() <= UPSTREAM_WRITE_ARENA {
+            let text = if out.kind == OutKind::Audio && out.text.len() <= UPSTREAM_WRITE_ARENA {
                 // tungstenite takes the text by value and drops it once framed; a copy in the
                 // arena goes instead, so the String can go back to the core for reuse.
                 arena.extend_from_slice(out.text.as_bytes());
