@@ -363,12 +363,21 @@ impl CallRig {
     }
 }
 
+/// Frames measured per call scenario: `ALLOC_CALL_FRAMES` or `default`. Under callgrind, two
+/// runs with different counts give the call task's instructions per frame without its set-up.
+fn call_frames(default: u64) -> u64 {
+    std::env::var("ALLOC_CALL_FRAMES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
 /// One frame at a time, each sent once the model has the one before; the model never answers.
 async fn call_uplink(mode: AudioMode) {
     let mut rig = CallRig::start(mode, Duration::from_secs(3_600)).await;
     let payload = speech_payload();
     let mut text = String::with_capacity(512);
-    let frames = FRAMES / 4;
+    let frames = call_frames(FRAMES / 4);
     let mut measured = Count::now();
     for n in 0..WARM_UP + frames {
         if n == WARM_UP {
@@ -392,8 +401,7 @@ async fn call_both_ways(mode: AudioMode) {
     let mut rig = CallRig::start(mode, Duration::from_millis(20)).await;
     let payload = speech_payload();
     let mut text = String::with_capacity(512);
-    let seconds = 4;
-    let frames = seconds * 50;
+    let frames = call_frames(200);
     let warm_up = 50;
     let mut measured = Count::now();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -437,15 +445,22 @@ async fn call_both_ways(mode: AudioMode) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; any other argument is a filter on the path name.
+    // `cargo bench` passes `--bench`; other arguments filter by scenario name, e.g.
+    // `cargo bench --bench alloc -- call-uplink-pcmu` (names: engine-uplink, engine-downlink,
+    // call-uplink, call-both, each with -pcmu or -pcm16).
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f));
+    let wanted = |name: &str, mode: AudioMode| {
+        let name = format!("{name}-{}", mode.as_str());
+        filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()))
+    };
     for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
-        if wanted("engine") {
+        if wanted("engine-uplink", mode) {
             engine_uplink(mode);
+        }
+        if wanted("engine-downlink", mode) {
             engine_downlink(mode);
         }
     }
@@ -454,8 +469,10 @@ fn main() {
         .build()
         .expect("runtime");
     for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
-        if wanted("call") {
+        if wanted("call-uplink", mode) {
             runtime.block_on(call_uplink(mode));
+        }
+        if wanted("call-both", mode) {
             runtime.block_on(call_both_ways(mode));
         }
     }
