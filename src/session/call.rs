@@ -20,10 +20,13 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketError};
+use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -385,6 +388,58 @@ pub fn redact_number(number: &str) -> String {
     format!("***{tail}")
 }
 
+/// A stream polled only when it may have something: right after it yielded an item, or once
+/// its own waker has fired. The core's `select!` polls every branch on every wake-up, so
+/// without this a message on one socket also polls the other socket's stream: a read attempt
+/// that finds nothing, and on the model's socket tungstenite zero-fills its free read buffer
+/// (~4 KB) before each attempt. Per call, so its state is not shared with other calls.
+struct PollOnWake<S> {
+    inner: S,
+    gate: Arc<WakeGate>,
+    /// The last poll yielded an item: more may be buffered, so poll the stream again.
+    ready: bool,
+}
+
+#[derive(Default)]
+struct WakeGate {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for WakeGate {
+    fn wake_by_ref(gate: &Arc<Self>) {
+        gate.woken.store(true, Ordering::Release);
+        gate.task.wake();
+    }
+}
+
+impl<S> PollOnWake<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            gate: Arc::default(),
+            ready: true,
+        }
+    }
+}
+
+impl<S: Stream + Unpin> Stream for PollOnWake<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = &mut *self;
+        // Registered before the check, so a wake-up between the two is not lost.
+        this.gate.task.register(cx.waker());
+        if !std::mem::take(&mut this.ready) && !this.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = waker_ref(&this.gate);
+        let item = this.inner.poll_next_unpin(&mut Context::from_waker(&waker));
+        this.ready = item.is_ready();
+        item
+    }
+}
+
 /// The Twilio read half as a stream of call inputs. A `next()` dropped by `select!` leaves the
 /// read in progress inside the stream, so it is cancel-safe although `read_frame` is not. The
 /// stream ends after the socket closes or fails.
@@ -392,42 +447,46 @@ fn twilio_messages<R>(reader: FragmentCollectorRead<R>) -> impl Stream<Item = Ca
 where
     R: AsyncRead + Unpin,
 {
-    futures_util::stream::unfold(Some(reader), |reader| async move {
-        let mut reader = reader?;
-        // Auto-pong and auto-close are off, so the reader never has to write.
-        let mut never_writes = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
-        loop {
-            let input = match reader.read_frame(&mut never_writes).await {
-                Ok(frame) => match frame.opcode {
-                    OpCode::Text => {
-                        if frame.payload.len() > MAX_TWILIO_MESSAGE_BYTES {
-                            // A fragmented message can exceed the per-frame limit.
-                            CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
-                        } else {
-                            let payload = match frame.payload {
-                                Payload::Bytes(bytes) => bytes,
-                                // Defragmented messages arrive owned; not the media path.
-                                other => BytesMut::from(&other[..]),
-                            };
-                            match TwilioText::new(payload) {
-                                Some(text) => CallInput::Twilio(text),
-                                None => CallInput::TwilioFailed(WebSocketError::InvalidUTF8),
+    PollOnWake::new(Box::pin(futures_util::stream::unfold(
+        Some(reader),
+        |reader| async move {
+            let mut reader = reader?;
+            // Auto-pong and auto-close are off, so the reader never has to write.
+            let mut never_writes = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
+            loop {
+                let input = match reader.read_frame(&mut never_writes).await {
+                    Ok(frame) => match frame.opcode {
+                        OpCode::Text => {
+                            if frame.payload.len() > MAX_TWILIO_MESSAGE_BYTES {
+                                // A fragmented message can exceed the per-frame limit.
+                                CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
+                            } else {
+                                let payload = match frame.payload {
+                                    Payload::Bytes(bytes) => bytes,
+                                    // Defragmented messages arrive owned; not the media path.
+                                    other => BytesMut::from(&other[..]),
+                                };
+                                match TwilioText::new(payload) {
+                                    Some(text) => CallInput::Twilio(text),
+                                    None => CallInput::TwilioFailed(WebSocketError::InvalidUTF8),
+                                }
                             }
                         }
-                    }
-                    OpCode::Close => CallInput::TwilioClosed,
-                    OpCode::Ping => {
-                        CallInput::TwilioPing(String::from_utf8_lossy(&frame.payload).into_owned())
-                    }
-                    // Twilio never sends binary frames; a stray one is not audio we understand.
-                    OpCode::Binary | OpCode::Pong | OpCode::Continuation => continue,
-                },
-                Err(error) => CallInput::TwilioFailed(error),
-            };
-            let terminal = matches!(input, CallInput::TwilioClosed | CallInput::TwilioFailed(_));
-            return Some((input, (!terminal).then_some(reader)));
-        }
-    })
+                        OpCode::Close => CallInput::TwilioClosed,
+                        OpCode::Ping => CallInput::TwilioPing(
+                            String::from_utf8_lossy(&frame.payload).into_owned(),
+                        ),
+                        // Twilio never sends binary frames; a stray one is not audio we understand.
+                        OpCode::Binary | OpCode::Pong | OpCode::Continuation => continue,
+                    },
+                    Err(error) => CallInput::TwilioFailed(error),
+                };
+                let terminal =
+                    matches!(input, CallInput::TwilioClosed | CallInput::TwilioFailed(_));
+                return Some((input, (!terminal).then_some(reader)));
+            }
+        },
+    )))
 }
 
 async fn twilio_writer<W>(
@@ -515,22 +574,25 @@ async fn open_upstream(
 
 /// The model's read half as a stream of call inputs; it ends after the socket closes.
 fn upstream_messages(stream: UpstreamStream) -> impl Stream<Item = CallInput> {
-    futures_util::stream::unfold(Some(stream), |stream| async move {
-        let mut stream = stream?;
-        loop {
-            let input = match stream.next().await {
-                Some(Ok(Message::Text(text))) => CallInput::Upstream(text),
-                Some(Ok(Message::Close(frame))) => CallInput::UpstreamClosed(
-                    frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
-                ),
-                Some(Ok(_)) => continue,
-                Some(Err(error)) => CallInput::UpstreamClosed(Some(error.to_string())),
-                None => CallInput::UpstreamClosed(None),
-            };
-            let terminal = matches!(input, CallInput::UpstreamClosed(_));
-            return Some((input, (!terminal).then_some(stream)));
-        }
-    })
+    PollOnWake::new(Box::pin(futures_util::stream::unfold(
+        Some(stream),
+        |stream| async move {
+            let mut stream = stream?;
+            loop {
+                let input = match stream.next().await {
+                    Some(Ok(Message::Text(text))) => CallInput::Upstream(text),
+                    Some(Ok(Message::Close(frame))) => CallInput::UpstreamClosed(
+                        frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
+                    ),
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => CallInput::UpstreamClosed(Some(error.to_string())),
+                    None => CallInput::UpstreamClosed(None),
+                };
+                let terminal = matches!(input, CallInput::UpstreamClosed(_));
+                return Some((input, (!terminal).then_some(stream)));
+            }
+        },
+    )))
 }
 
 /// The next input from the model, or never while its socket is not open (or has ended).
@@ -589,4 +651,55 @@ async fn upstream_writer(
         reason: "call ended".into(),
     };
     let _ = sink.send(Message::Close(Some(close))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl ArcWake for CountingWaker {
+        fn wake_by_ref(waker: &Arc<Self>) {
+            waker.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn poll_on_wake_polls_the_stream_only_when_it_may_have_something() {
+        let (tx, mut rx) = mpsc::channel::<u32>(4);
+        let polls = Arc::new(AtomicUsize::new(0));
+        let inner = {
+            let polls = Arc::clone(&polls);
+            futures_util::stream::poll_fn(move |cx| {
+                polls.fetch_add(1, Ordering::SeqCst);
+                rx.poll_recv(cx)
+            })
+        };
+        let mut gated = PollOnWake::new(inner);
+        let task = Arc::new(CountingWaker::default());
+        let waker = futures_util::task::waker(Arc::clone(&task));
+        let mut cx = Context::from_waker(&waker);
+        let polls_now = || polls.load(Ordering::SeqCst);
+
+        assert!(gated.poll_next_unpin(&mut cx).is_pending());
+        assert!(gated.poll_next_unpin(&mut cx).is_pending());
+        assert_eq!(polls_now(), 1, "not polled again until woken");
+
+        tx.try_send(7).unwrap();
+        tx.try_send(8).unwrap();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task is woken");
+        assert_eq!(gated.poll_next_unpin(&mut cx), Poll::Ready(Some(7)));
+        // After an item the stream is polled again without a wake-up: more may be buffered.
+        assert_eq!(gated.poll_next_unpin(&mut cx), Poll::Ready(Some(8)));
+        assert!(gated.poll_next_unpin(&mut cx).is_pending());
+        assert!(gated.poll_next_unpin(&mut cx).is_pending());
+        assert_eq!(polls_now(), 4);
+
+        drop(tx);
+        assert_eq!(gated.poll_next_unpin(&mut cx), Poll::Ready(None));
+    }
 }
