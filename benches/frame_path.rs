@@ -61,6 +61,7 @@ fn uplink(c: &mut Criterion) {
         let mut engine = started_engine(mode, now);
         let mut sequence = 2u64;
         let mut text = String::new();
+        let mut spent = Vec::with_capacity(4);
         group.bench_function(mode.as_str(), |b| {
             b.iter(|| {
                 // A fresh sequence number each frame, as Twilio sends them.
@@ -76,8 +77,10 @@ fn uplink(c: &mut Criterion) {
                 text.push_str(r#""}"#);
                 sequence += 1;
                 engine.on_twilio_text(now, black_box(&text)).unwrap();
-                for out in engine.take_to_upstream() {
-                    black_box(out);
+                // As the upstream writer does: send, then hand the buffer back.
+                spent.extend(engine.take_to_upstream().map(|out| black_box(out).text));
+                for text in spent.drain(..) {
+                    engine.recycle_upstream(text);
                 }
             })
         });

@@ -140,7 +140,7 @@ struct BenchArgs {
     /// Write an HTML report (latency CDF and latency-vs-calls plots) into this directory.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// No progress line.
+    /// No progress line (calls up and latency percentiles so far, once a second).
     #[arg(long)]
     quiet: bool,
     /// Instead of the load run: time from `start` to the first greeting audio, with the model

@@ -133,6 +133,29 @@ struct Shared {
     active: AtomicUsize,
 }
 
+/// The session records as they are written: what [`EchoModel::live_records`] returns.
+#[derive(Clone, Debug)]
+pub struct LiveRecords(Arc<Shared>);
+
+impl LiveRecords {
+    /// How many sessions have connected so far.
+    pub fn len(&self) -> usize {
+        lock(&self.0.sessions).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The records of the sessions from the `first`-th on: handles, not copies, each still
+    /// written by its session while it runs.
+    pub fn since(&self, first: usize) -> Vec<Arc<Mutex<EchoSessionRecord>>> {
+        lock(&self.0.sessions)
+            .get(first..)
+            .map_or_else(Vec::new, <[_]>::to_vec)
+    }
+}
+
 /// A test peer: a panic elsewhere must not make the records unreadable.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -187,6 +210,12 @@ impl EchoModel {
             .iter()
             .map(|record| lock(record).clone())
             .collect()
+    }
+
+    /// A handle on the session records that outlives this borrow (for a task that reads them
+    /// while the run goes on).
+    pub fn live_records(&self) -> LiveRecords {
+        LiveRecords(Arc::clone(&self.shared))
     }
 
     /// Stops accepting and closes every open session.

@@ -12,16 +12,16 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use url::Url;
 
-use super::echo_model::{EchoFormat, EchoModel, EchoModelConfig, EchoSessionRecord};
-use super::load::{LoadCallConfig, LoadCallRecord, run_load_call};
+use super::echo_model::{EchoFormat, EchoModel, EchoModelConfig, EchoSessionRecord, LiveRecords};
+use super::load::{ID_DIGITS, LoadCallConfig, LoadCallRecord, run_load_call};
 use super::results::{BenchResult, Epoch, Machine, Percentiles, RampStep, Samples};
-use super::{SPEECH_FIXTURE, http_client};
+use super::{SPEECH_FIXTURE, http_client, lock};
 use crate::config::{AgentDefaults, BridgeConfig, UpstreamTarget};
 use crate::http::Bridge;
 use crate::{AudioMode, Secret};
@@ -500,8 +500,11 @@ async fn measure(
     let up = Arc::new(AtomicU64::new(0));
     let started_at = epoch.us();
 
+    let records: Vec<Arc<Mutex<LoadCallRecord>>> = (0..calls)
+        .map(|_| Arc::new(Mutex::new(LoadCallRecord::default())))
+        .collect();
     let mut handles = Vec::with_capacity(calls);
-    for index in 0..calls {
+    for (index, record) in records.iter().enumerate() {
         let config = LoadCallConfig {
             connect_url: endpoint.connect_url.clone(),
             signed_url: endpoint.signed_url.clone(),
@@ -514,36 +517,39 @@ async fn measure(
         let delay = options.ramp_up.mul_f64(index as f64 / calls.max(1) as f64);
         let audio = Arc::clone(&audio);
         let up = Arc::clone(&up);
+        let record = Arc::clone(record);
         handles.push(tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             up.fetch_add(1, Relaxed);
-            let record = run_load_call(config, &audio).await;
+            run_load_call(config, &audio, &record).await;
             up.fetch_sub(1, Relaxed);
-            record
         }));
     }
 
     // Resource use is read while every call is up: from half a second after the last call
     // started to half a second before the first one ends.
     let steady = options.ramp_up + duration / 2;
-    let progress = {
+    let progress = options.progress.then(|| {
+        let mut live = LiveView::new(records.clone(), model.live_records(), sessions_before);
         let up = Arc::clone(&up);
-        let show = options.progress;
+        let late_us = options.late_threshold.as_secs_f64() * 1e6;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if show {
-                    eprint!(
-                        "\rbench: {:>5} calls up, {:>5.1} s    ",
-                        up.load(Relaxed),
-                        (epoch.us() - started_at) as f64 / 1e6
-                    );
-                }
+                live.advance();
+                eprint!(
+                    "\rbench: {:>5} calls up, {:>5.1} s; µs p50/p99 so far: uplink {}, downlink {}; late {}    ",
+                    up.load(Relaxed),
+                    (epoch.us() - started_at) as f64 / 1e6,
+                    live.uplink.summary(),
+                    live.downlink.summary(),
+                    live.late(late_us),
+                );
             }
         })
-    };
+    });
     let window_start = options.ramp_up + Duration::from_millis(500);
     tokio::time::sleep(window_start).await;
     let cpu_at_window = bridge_pid.as_deref().and_then(process_cpu);
@@ -559,18 +565,13 @@ async fn measure(
         _ => None,
     };
 
-    let mut records = Vec::with_capacity(calls);
-    for handle in handles {
-        match handle.await {
-            Ok(record) => records.push(record),
-            Err(error) => records.push(LoadCallRecord {
-                error: Some(error.to_string()),
-                ..LoadCallRecord::default()
-            }),
+    for (handle, record) in handles.into_iter().zip(&records) {
+        if let Err(error) = handle.await {
+            lock(record).error = Some(error.to_string());
         }
     }
-    progress.abort();
-    if options.progress {
+    if let Some(progress) = progress {
+        progress.abort();
         eprintln!();
     }
     // Let the last echoes and the model's view of closing sockets settle.
@@ -581,6 +582,7 @@ async fn measure(
     };
     let sessions: Vec<EchoSessionRecord> =
         model.records().into_iter().skip(sessions_before).collect();
+    let records: Vec<LoadCallRecord> = records.iter().map(|r| lock(r).clone()).collect();
     let mut result = join(options, &records, &sessions);
     result.calls = calls;
     result.seconds = duration.as_secs_f64();
@@ -617,7 +619,7 @@ fn join(
     let mut downlink = Vec::new();
     let mut barge_in = Vec::new();
     let mut setup = Vec::new();
-    let (mut late, mut lost, mut errors, mut sent, mut received) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut lost, mut errors, mut sent, mut received) = (0u64, 0u64, 0u64, 0u64);
 
     for record in records {
         sent += record.frames_sent_us.len() as u64;
@@ -632,33 +634,19 @@ fn join(
             continue;
         };
         errors += session.errors_sent;
-        let model_frame_bytes = match session.format {
-            EchoFormat::Pcmu => 160,
-            EchoFormat::Pcm24k => 960,
-        };
         if let (Some(open), Some(update)) = (record.ws_open_us, session.session_update_at_us) {
             setup.push(update.saturating_sub(open) as f64);
         }
-        // Uplink: caller frame k is complete at the model once its cumulative input covers k+1 frames.
-        let configured = session.session_update_at_us.unwrap_or(u64::MAX);
-        let mut next_frame = 0usize;
-        for &(cumulative, at) in &session.appends {
-            let complete = (cumulative / model_frame_bytes) as usize;
-            while next_frame < complete && next_frame < record.frames_sent_us.len() {
-                let sent_at = record.frames_sent_us[next_frame];
-                // Frames sent before the session existed waited for set-up, which is measured apart.
-                if sent_at >= configured {
-                    let latency = at.saturating_sub(sent_at) as f64;
-                    if latency > late_us {
-                        late += 1;
-                    }
-                    uplink.push(latency);
-                }
-                next_frame += 1;
-            }
-        }
-        received += next_frame as u64;
-        lost += record.frames_sent_us.len().saturating_sub(next_frame) as u64;
+        let mut call = CallJoin::default();
+        call.advance(
+            record,
+            session,
+            true,
+            |latency| uplink.push(latency),
+            |latency| downlink.push(latency),
+        );
+        received += call.frame as u64;
+        lost += record.frames_sent_us.len().saturating_sub(call.frame) as u64;
 
         // Barge-in: the s-th speech_started against the s-th clear.
         for (s, &started) in session.speech_started_at_us.iter().enumerate() {
@@ -666,43 +654,13 @@ fn join(
                 barge_in.push(cleared.saturating_sub(started) as f64);
             }
         }
-
-        // Downlink: audio responses in order are the caller's generations in order.
-        let responses: Vec<_> = session
-            .responses
-            .iter()
-            .filter(|r| !r.deltas.is_empty())
-            .collect();
-        for (generation, response) in responses.iter().enumerate() {
-            let arrivals: Vec<(u64, u64)> = record
-                .media
-                .iter()
-                .filter(|(g, _, _)| *g as usize == generation)
-                .map(|&(_, cumulative, at)| (cumulative, at))
-                .collect();
-            let mut arrival = arrivals.iter().peekable();
-            let mut frame = 0u64;
-            for &(cumulative, sent_at) in &response.deltas {
-                let complete = cumulative / model_frame_bytes;
-                while frame < complete {
-                    let needed = (frame + 1) * CALLER_FRAME_BYTES;
-                    while arrival.peek().is_some_and(|(c, _)| *c < needed) {
-                        arrival.next();
-                    }
-                    let Some(&&(_, at)) = arrival.peek() else {
-                        break;
-                    };
-                    let latency = at.saturating_sub(sent_at) as f64;
-                    if latency > late_us {
-                        late += 1;
-                    }
-                    downlink.push(latency);
-                    frame += 1;
-                }
-            }
-        }
     }
 
+    let late = uplink
+        .iter()
+        .chain(&downlink)
+        .filter(|&&latency| latency > late_us)
+        .count() as u64;
     BenchResult {
         uplink_us: Percentiles::of(&mut uplink.clone()),
         downlink_us: Percentiles::of(&mut downlink.clone()),
@@ -719,6 +677,266 @@ fn join(
             downlink_us: thin(downlink),
         },
         ..BenchResult::default()
+    }
+}
+
+/// One call's byte-offset join, resumable: advancing it again after its records grew
+/// continues where it stopped. The final result advances a fresh one once over the complete
+/// records (`done`); the live progress line advances one per call every second on the records
+/// as they are written, so both use the same join and the live one costs only the frames that
+/// arrived since the last tick.
+#[derive(Clone, Debug, Default)]
+struct CallJoin {
+    /// Uplink: the next model append to look at, and the next caller frame to time (at the
+    /// end: how many of the caller's frames reached the model).
+    append: usize,
+    frame: usize,
+    /// Downlink: the response (among those with audio; the n-th is the caller's generation n,
+    /// the audio between its (n-1)-th and n-th `clear`), its next delta and model frame, and
+    /// the next caller `media` arrival to compare.
+    response: usize,
+    delta: usize,
+    model_frame: u64,
+    arrival: usize,
+}
+
+impl CallJoin {
+    /// Joins what the records hold beyond the last call. With `done` false, whatever may still
+    /// change (the caller's record lagging the model's, a response still receiving audio, a
+    /// generation the caller has not left) is left for the next call; with `done` true the
+    /// records are final and frames that never arrived are skipped.
+    fn advance(
+        &mut self,
+        record: &LoadCallRecord,
+        session: &EchoSessionRecord,
+        done: bool,
+        mut uplink: impl FnMut(f64),
+        mut downlink: impl FnMut(f64),
+    ) {
+        let model_frame_bytes: u64 = match session.format {
+            EchoFormat::Pcmu => 160,
+            EchoFormat::Pcm24k => 960,
+        };
+
+        // Uplink: caller frame k is complete at the model once its cumulative input covers
+        // k+1 frames. Frames sent before the session existed waited for set-up, which is
+        // measured apart.
+        let configured = session.session_update_at_us.unwrap_or(u64::MAX);
+        let sent = &record.frames_sent_us;
+        while let Some(&(cumulative, at)) = session.appends.get(self.append) {
+            let complete = (cumulative / model_frame_bytes) as usize;
+            while self.frame < complete && self.frame < sent.len() {
+                let sent_at = sent[self.frame];
+                if sent_at >= configured {
+                    uplink(at.saturating_sub(sent_at) as f64);
+                }
+                self.frame += 1;
+            }
+            if self.frame < complete {
+                // The caller's record is behind the model's (only while live).
+                break;
+            }
+            self.append += 1;
+        }
+
+        // Downlink: model frame k of the n-th audio response reached the caller with the first
+        // `media` of generation n whose cumulative audio covers k+1 caller frames.
+        let caller_generation = record.clears_us.len();
+        loop {
+            let Some(response) = session
+                .responses
+                .iter()
+                .filter(|r| !r.deltas.is_empty())
+                .nth(self.response)
+            else {
+                return;
+            };
+            let generation = self.response as u32;
+            // Only the newest response still receives audio.
+            let more_deltas = !done
+                && session
+                    .responses
+                    .last()
+                    .is_some_and(|last| std::ptr::eq(last, response));
+            let mut next_response = false;
+            'deltas: while let Some(&(cumulative, sent_at)) = response.deltas.get(self.delta) {
+                let complete = cumulative / model_frame_bytes;
+                while self.model_frame < complete {
+                    let needed = (self.model_frame + 1) * CALLER_FRAME_BYTES;
+                    while record
+                        .media
+                        .get(self.arrival)
+                        .is_some_and(|&(g, c, _)| g < generation || (g == generation && c < needed))
+                    {
+                        self.arrival += 1;
+                    }
+                    match record.media.get(self.arrival) {
+                        Some(&(g, _, at)) if g == generation => {
+                            downlink(at.saturating_sub(sent_at) as f64);
+                            self.model_frame += 1;
+                        }
+                        // The rest of this response never reached the caller (a barge-in
+                        // cleared it), or the run is over.
+                        Some(_) => {
+                            next_response = true;
+                            break 'deltas;
+                        }
+                        None if done || caller_generation > self.response => {
+                            next_response = true;
+                            break 'deltas;
+                        }
+                        // Still on its way.
+                        None => return,
+                    }
+                }
+                self.delta += 1;
+            }
+            if !next_response && more_deltas && caller_generation <= self.response {
+                return;
+            }
+            self.response += 1;
+            self.delta = 0;
+            self.model_frame = 0;
+        }
+    }
+}
+
+/// Latencies in microseconds, bucketed 2% apart: enough for a progress line, in constant
+/// memory whatever the run's length.
+#[derive(Clone, Debug)]
+struct LiveHistogram {
+    buckets: Vec<u64>,
+    count: u64,
+}
+
+impl LiveHistogram {
+    /// Bucket i holds values up to `GROWTH^i` µs; 1,000 buckets reach past 10^8 µs.
+    const GROWTH: f64 = 1.02;
+    const BUCKETS: usize = 1_000;
+
+    fn new() -> Self {
+        Self {
+            buckets: vec![0; Self::BUCKETS],
+            count: 0,
+        }
+    }
+
+    fn record(&mut self, us: f64) {
+        let index = if us <= 1.0 {
+            0
+        } else {
+            (us.ln() / Self::GROWTH.ln()).ceil() as usize
+        };
+        self.buckets[index.min(Self::BUCKETS - 1)] += 1;
+        self.count += 1;
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (within 2% of the exact value).
+    fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((self.count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        let index = self
+            .buckets
+            .iter()
+            .position(|&n| {
+                seen += n;
+                seen >= rank
+            })
+            .unwrap_or(Self::BUCKETS - 1);
+        Some(Self::GROWTH.powi(index as i32))
+    }
+
+    /// Values above `threshold` µs (to the bucket: within 2%).
+    fn above(&self, threshold: f64) -> u64 {
+        let first = (threshold.max(1.0).ln() / Self::GROWTH.ln()).ceil() as usize + 1;
+        self.buckets.iter().skip(first).sum()
+    }
+
+    /// `p50/p99`, or `-` before the first sample.
+    fn summary(&self) -> String {
+        match (self.quantile(0.50), self.quantile(0.99)) {
+            (Some(p50), Some(p99)) => format!("{p50:.0}/{p99:.0}"),
+            _ => "-".to_owned(),
+        }
+    }
+}
+
+/// The running join behind the live progress line: the callers' and the model's records as
+/// they are written, each call's [`CallJoin`], and histograms of everything joined so far.
+struct LiveView {
+    calls: Vec<Arc<Mutex<LoadCallRecord>>>,
+    joins: Vec<CallJoin>,
+    /// Each caller's session, once the model has learned the caller's digits.
+    sessions: Vec<Option<Arc<Mutex<EchoSessionRecord>>>>,
+    model: LiveRecords,
+    /// The first session of this run, and the first whose digits are not yet known.
+    first_session: usize,
+    unidentified: Vec<Arc<Mutex<EchoSessionRecord>>>,
+    seen_sessions: usize,
+    uplink: LiveHistogram,
+    downlink: LiveHistogram,
+}
+
+impl LiveView {
+    fn new(
+        calls: Vec<Arc<Mutex<LoadCallRecord>>>,
+        model: LiveRecords,
+        first_session: usize,
+    ) -> Self {
+        Self {
+            joins: vec![CallJoin::default(); calls.len()],
+            sessions: vec![None; calls.len()],
+            calls,
+            model,
+            first_session,
+            unidentified: Vec::new(),
+            seen_sessions: 0,
+            uplink: LiveHistogram::new(),
+            downlink: LiveHistogram::new(),
+        }
+    }
+
+    /// Joins whatever arrived since the last call.
+    fn advance(&mut self) {
+        let new = self.model.since(self.first_session + self.seen_sessions);
+        self.seen_sessions += new.len();
+        self.unidentified.extend(new);
+        self.unidentified.retain(|session| {
+            let digits = lock(session).digits.clone();
+            let Some(index) = digits
+                .get(..ID_DIGITS)
+                .and_then(|d| d.parse::<usize>().ok())
+            else {
+                return true;
+            };
+            if let Some(slot) = self.sessions.get_mut(index) {
+                *slot = Some(Arc::clone(session));
+            }
+            false
+        });
+        for ((call, join), session) in self.calls.iter().zip(&mut self.joins).zip(&self.sessions) {
+            let Some(session) = session else { continue };
+            // Model first, then caller: every append the model holds names frames the
+            // caller's record already has.
+            let session = lock(session);
+            let record = lock(call);
+            let (uplink, downlink) = (&mut self.uplink, &mut self.downlink);
+            join.advance(
+                &record,
+                &session,
+                false,
+                |us| uplink.record(us),
+                |us| downlink.record(us),
+            );
+        }
+    }
+
+    /// Frames joined so far later than `threshold` µs, either way.
+    fn late(&self, threshold: f64) -> u64 {
+        self.uplink.above(threshold) + self.downlink.above(threshold)
     }
 }
 
@@ -921,6 +1139,142 @@ mod tests {
             (result.lost_frames, result.errors, result.late_frames),
             (0, 0, 0)
         );
+    }
+
+    /// A call with two audio responses, the first cut short by a barge-in after 6 of its 10
+    /// frames reached the caller, and downlink media that carry two frames at once.
+    fn scripted_call() -> (LoadCallRecord, EchoSessionRecord) {
+        let mut record = LoadCallRecord {
+            index: 0,
+            ws_open_us: Some(1_000),
+            ..LoadCallRecord::default()
+        };
+        let mut session = EchoSessionRecord {
+            digits: LoadCallRecord::id_digits(0),
+            connected_at_us: 1_500,
+            session_update_at_us: Some(5_000),
+            format: EchoFormat::Pcmu,
+            appends: Vec::new(),
+            responses: Vec::new(),
+            speech_started_at_us: vec![429_000],
+            truncates: vec![],
+            errors_sent: 0,
+            closed_at_us: None,
+        };
+        for k in 0..50u64 {
+            let at = 2_000 + 20_000 * k;
+            record.frames_sent_us.push(at);
+            session.appends.push((160 * (k + 1), at + 150 + k * 7));
+        }
+        let mut first = EchoResponse {
+            response_id: "r1".into(),
+            item_id: "i1".into(),
+            started_at_us: 300_000,
+            deltas: Vec::new(),
+        };
+        for k in 0..10u64 {
+            first.deltas.push((160 * (k + 1), 300_000 + 20_000 * k));
+        }
+        // The caller hears the first 6 frames, two per message, then the clear.
+        for k in 0..3u64 {
+            record.media.push((0, 320 * (k + 1), 320_600 + 40_000 * k));
+        }
+        record.clears_us.push(430_000);
+        let mut second = EchoResponse {
+            response_id: "r2".into(),
+            item_id: "i2".into(),
+            started_at_us: 600_000,
+            deltas: Vec::new(),
+        };
+        for k in 0..8u64 {
+            second.deltas.push((160 * (k + 1), 600_000 + 20_000 * k));
+            record
+                .media
+                .push((1, 160 * (k + 1), 600_400 + 20_000 * k + 30 * k));
+        }
+        session.responses = vec![first, second];
+        (record, session)
+    }
+
+    /// What each record held at `t` µs.
+    fn as_of(
+        record: &LoadCallRecord,
+        session: &EchoSessionRecord,
+        t: u64,
+    ) -> (LoadCallRecord, EchoSessionRecord) {
+        let mut record = record.clone();
+        record.frames_sent_us.retain(|&at| at <= t);
+        record.media.retain(|&(_, _, at)| at <= t);
+        record.clears_us.retain(|&at| at <= t);
+        let mut session = session.clone();
+        session.appends.retain(|&(_, at)| at <= t);
+        session.responses.retain(|r| r.started_at_us <= t);
+        for response in &mut session.responses {
+            response.deltas.retain(|&(_, at)| at <= t);
+        }
+        (record, session)
+    }
+
+    #[test]
+    fn the_live_join_finds_what_the_final_join_finds() {
+        let (record, session) = scripted_call();
+        let result = join(
+            &options(),
+            std::slice::from_ref(&record),
+            std::slice::from_ref(&session),
+        );
+        // The first frame was sent before the session was configured: set-up, not uplink.
+        assert_eq!(result.uplink_us.count, 49);
+        assert_eq!(result.downlink_us.count, 6 + 8);
+
+        for step in [1_000, 7_000, 20_000, 45_000] {
+            let mut live = CallJoin::default();
+            let (mut uplink, mut downlink) = (Vec::new(), Vec::new());
+            let mut t = 0;
+            while t <= 1_100_000 {
+                let (record, session) = as_of(&record, &session, t);
+                live.advance(
+                    &record,
+                    &session,
+                    false,
+                    |us| uplink.push(us),
+                    |us| downlink.push(us),
+                );
+                t += step;
+            }
+            live.advance(
+                &record,
+                &session,
+                true,
+                |us| uplink.push(us),
+                |us| downlink.push(us),
+            );
+            assert_eq!(
+                Percentiles::of(&mut uplink),
+                result.uplink_us,
+                "step {step}"
+            );
+            assert_eq!(
+                Percentiles::of(&mut downlink),
+                result.downlink_us,
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_live_histogram_is_within_two_percent() {
+        let mut histogram = LiveHistogram::new();
+        assert_eq!(histogram.summary(), "-");
+        for us in 1..=10_000 {
+            histogram.record(f64::from(us));
+        }
+        let p50 = histogram.quantile(0.5).unwrap();
+        let p99 = histogram.quantile(0.99).unwrap();
+        assert!((5_000.0..=5_100.0).contains(&p50), "{p50}");
+        assert!((9_900.0..=10_100.0).contains(&p99), "{p99}");
+        let above = histogram.above(5_000.0);
+        assert!((4_900..=5_000).contains(&above), "{above}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! offset. Incoming messages are parsed borrowed and audio is never decoded: only its length
 //! matters here.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -17,6 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use super::caller::{FRAME_BYTES, PlaybackBuffer};
+use super::lock;
 use super::results::Epoch;
 use crate::Secret;
 use crate::twilio::signature::compute_signature;
@@ -104,21 +106,20 @@ impl Jitter {
     }
 }
 
-pub async fn run_load_call(config: LoadCallConfig, audio: &[u8]) -> LoadCallRecord {
-    let mut record = LoadCallRecord {
-        index: config.index,
-        ..LoadCallRecord::default()
-    };
-    if let Err(error) = drive(&config, audio, &mut record).await {
-        record.error = Some(error);
+/// Runs one call, writing what it sees into `record` as it goes, so the harness can read the
+/// records while the calls run (its live progress line does, once a second). The lock is this
+/// call's own and is held only to push one entry.
+pub async fn run_load_call(config: LoadCallConfig, audio: &[u8], record: &Mutex<LoadCallRecord>) {
+    lock(record).index = config.index;
+    if let Err(error) = drive(&config, audio, record).await {
+        lock(record).error = Some(error);
     }
-    record
 }
 
 async fn drive(
     config: &LoadCallConfig,
     audio: &[u8],
-    record: &mut LoadCallRecord,
+    record: &Mutex<LoadCallRecord>,
 ) -> Result<(), String> {
     let epoch = config.epoch;
     let mut request = config
@@ -140,7 +141,7 @@ async fn drive(
         tokio_tungstenite::connect_async_with_config(request, Some(socket_config), true)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-    record.ws_open_us = Some(epoch.us());
+    lock(record).ws_open_us = Some(epoch.us());
 
     let stream_sid = format!("MZbench{:026}", config.index);
     let call_sid = format!("CAbench{:026}", config.index);
@@ -170,7 +171,7 @@ async fn drive(
 
     let started = Instant::now();
     let frames_total = (config.duration.as_millis() / FRAME.as_millis()) as usize;
-    record.frames_sent_us.reserve(frames_total);
+    lock(record).frames_sent_us.reserve(frames_total);
     let mut jitter = Jitter(0x9E37_79B9_7F4A_7C15 ^ (u64::from(config.index) + 1));
     let jitter_for = |jitter: &mut Jitter| config.jitter.mul_f64(jitter.next_fraction());
     let mut next_frame = 0usize;
@@ -202,15 +203,15 @@ async fn drive(
                             ("media", Some(media), _) => {
                                 let bytes = base64_decoded_len(media.payload);
                                 received_in_generation += bytes;
-                                record.media.push((generation, received_in_generation, now_us));
+                                lock(record).media.push((generation, received_in_generation, now_us));
                                 playback.push_audio(Instant::now(), bytes as usize);
                             }
                             ("mark", _, Some(mark)) => {
-                                record.marks_received += 1;
+                                lock(record).marks_received += 1;
                                 playback.push_mark(Instant::now(), mark.name.into_owned());
                             }
                             ("clear", _, _) => {
-                                record.clears_us.push(now_us);
+                                lock(record).clears_us.push(now_us);
                                 generation += 1;
                                 received_in_generation = 0;
                                 marks_due = playback.clear(Instant::now());
@@ -219,7 +220,7 @@ async fn drive(
                         }
                     }
                     Some(Ok(Message::Close(_))) | None => {
-                        record.closed_by_bridge = true;
+                        lock(record).closed_by_bridge = true;
                         return Ok(());
                     }
                     Some(Ok(_)) => {}
@@ -234,7 +235,7 @@ async fn drive(
                     let frame = audio.get(offset..offset + FRAME_BYTES).unwrap_or(&silence);
                     sequence += 1;
                     write_media(&mut text, &stream_sid, sequence, next_frame, frame);
-                    record.frames_sent_us.push(epoch.us());
+                    lock(record).frames_sent_us.push(epoch.us());
                     ws.feed(Message::text(text.clone())).await.map_err(|e| e.to_string())?;
                     next_frame += 1;
                     next_due = started + FRAME * next_frame as u32 + jitter_for(&mut jitter);
@@ -254,7 +255,7 @@ async fn drive(
             ws.feed(Message::text(text.clone()))
                 .await
                 .map_err(|e| e.to_string())?;
-            record.marks_echoed += 1;
+            lock(record).marks_echoed += 1;
         }
         ws.flush().await.map_err(|e| e.to_string())?;
     }

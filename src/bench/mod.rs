@@ -18,3 +18,11 @@ pub mod results;
 
 /// A few seconds of synthetic speech, G.711 μ-law 8 kHz (see `fixtures/make-speech.sh`).
 pub const SPEECH_FIXTURE: &[u8] = include_bytes!("../../fixtures/speech-8k-mulaw.raw");
+
+/// Locks a record shared between a simulated peer and the harness: a panic in one peer must
+/// not make the run's records unreadable.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

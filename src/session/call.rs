@@ -10,19 +10,29 @@
 //! (capacity [`INBOX_CAPACITY`]). The call ends on Twilio `stop`, either socket closing, the
 //! start timeout, or cancellation (shutdown); every path closes both sockets politely and the
 //! [`Registration`] guard removes the call from the registry, even on panic.
+//!
+//! Per-frame buffers are reused, not allocated: a Twilio message reaches the engine in
+//! fastwebsockets' own read buffer (`TwilioText`), a model message in tungstenite's
+//! ([`Utf8Bytes`]), and the upstream writer hands each spent message `String` back to the
+//! engine through its queue's bounded free list ([`OutQueue::reclaim`]), so in `pcmu` mode an
+//! uplink frame costs no heap allocation (`cargo bench --bench alloc`).
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketError};
+use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -44,14 +54,24 @@ use crate::upstream::{OpenAiRealtime, SessionSettings, UpstreamSocket, VadSettin
 
 type UpstreamStream = futures_util::stream::SplitStream<UpstreamSocket>;
 
-/// Messages from the upstream connect task waiting for the core task.
+/// Messages from the upstream connect task waiting for the core task (one per call in
+/// practice). They travel boxed: tokio allocates a channel's slots 32 at a time, so a block of
+/// pointers (256 bytes) rather than of `CallInput`s (1.3 KB) per call.
 pub const INBOX_CAPACITY: usize = 64;
 /// Audio messages queued for Twilio beyond what the pacer's lead allows: 1 s of chunks.
 const TWILIO_AUDIO_QUEUE: usize = 50;
 /// Caller audio queued for the model: 1 s of 20 ms frames.
 const UPSTREAM_AUDIO_QUEUE: usize = 50;
-/// Enough for a batch of paced media + mark pairs (each pair is about 400 bytes).
-const TWILIO_WRITE_BUFFER: usize = 8 * 1024;
+/// A batch of paced media + mark pairs leaves in one write: each pair is about 400 bytes and a
+/// batch is one pair every 20 ms, up to six (the 120 ms playback lead) when a response starts;
+/// a larger batch costs one more write, not a wait. Per call, so kept small.
+const TWILIO_WRITE_BUFFER: usize = 2 * 1024;
+/// The largest audio message the upstream writer copies into its arena for tungstenite (which
+/// frames it into its own buffer and drops it), keeping the `String` for reuse. The arena
+/// grows to the largest such message and no further: its previous copy has been dropped by the
+/// time the next is written, so the space is reclaimed in place. A 20 ms append is about 280
+/// bytes in `pcmu`, 1.3 KB in `pcm16`; control messages and anything larger go by value.
+const UPSTREAM_WRITE_ARENA: usize = 2 * 1024;
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the writers get to flush and close after the call ends.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -220,20 +240,45 @@ impl EndReason {
 }
 
 enum CallInput {
-    Twilio(String),
+    Twilio(TwilioText),
     /// A ping's payload, to be echoed in a pong.
     TwilioPing(String),
     TwilioClosed,
     TwilioFailed(WebSocketError),
     UpstreamOpen(Duration, tokio::task::JoinHandle<()>, Box<UpstreamStream>),
     UpstreamFailed(String),
-    Upstream(String),
+    /// Borrows tungstenite's read buffer (no copy).
+    Upstream(Utf8Bytes),
     UpstreamClosed(Option<String>),
     /// A tool's answer (or error text) for the model.
     ToolOutput {
         call_id: String,
         output: String,
     },
+}
+
+/// The text of one Twilio message, in fastwebsockets' read buffer: no copy, and once it is
+/// dropped the reader reuses the space for the next frames (its buffer is shared, so it can
+/// reclaim the space only when no payload taken from it is alive).
+struct TwilioText(BytesMut);
+
+impl TwilioText {
+    /// `None` unless `payload` is UTF-8.
+    fn new(payload: BytesMut) -> Option<Self> {
+        std::str::from_utf8(&payload)
+            .is_ok()
+            .then_some(Self(payload))
+    }
+}
+
+impl std::ops::Deref for TwilioText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // SAFETY: the bytes were checked to be UTF-8 in `new`, the only constructor, and the
+        // private field is never changed after.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
 }
 
 /// Runs one Media Streams WebSocket to completion.
@@ -277,7 +322,7 @@ where
             tokio::io::BufWriter::with_capacity(TWILIO_WRITE_BUFFER, write),
         )
     });
-    let (inbox_tx, mut inbox) = mpsc::channel::<CallInput>(INBOX_CAPACITY);
+    let (inbox_tx, mut inbox) = mpsc::channel::<Box<CallInput>>(INBOX_CAPACITY);
     let connecting = CancellationToken::new();
 
     let twilio_out = Arc::new(OutQueue::new(
@@ -327,7 +372,7 @@ where
             () = cancel.cancelled() => break EndReason::Shutdown,
             input = twilio_in.next() => Some(input.unwrap_or(CallInput::TwilioClosed)),
             input = next_upstream(&mut upstream_in) => Some(input),
-            input = inbox.recv() => input,
+            input = inbox.recv() => input.map(|input| *input),
             () = sleep_until_opt(pacer) => {
                 let now = tokio::time::Instant::now();
                 if let Some(deadline) = pacer {
@@ -579,7 +624,7 @@ fn run_tool_calls(
     engine: &mut CallEngine,
     services: &Arc<CallServices>,
     call: Option<&(CallRecord, CallAgent)>,
-    inbox: &mpsc::Sender<CallInput>,
+    inbox: &mpsc::Sender<Box<CallInput>>,
     call_ended: &CancellationToken,
 ) {
     for tool_call in engine.take_tool_calls() {
@@ -608,10 +653,10 @@ fn run_tool_calls(
                     ) => output,
                 };
                 let _ = inbox
-                    .send(CallInput::ToolOutput {
+                    .send(Box::new(CallInput::ToolOutput {
                         call_id: tool_call.call_id,
                         output,
-                    })
+                    }))
                     .await;
             }
             .in_current_span(),
@@ -631,6 +676,8 @@ fn flush(engine: &mut CallEngine, twilio_out: &OutQueue, upstream_out: &OutQueue
     for out in engine.take_to_upstream() {
         upstream_out.push(out);
     }
+    // Buffers the upstream writer has finished with carry the next appends.
+    upstream_out.reclaim(|text| engine.recycle_upstream(text));
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
@@ -657,6 +704,58 @@ pub fn redact_number(number: &str) -> String {
     format!("***{tail}")
 }
 
+/// A stream polled only when it may have something: right after it yielded an item, or once
+/// its own waker has fired. The core's `select!` polls every branch on every wake-up, so
+/// without this a message on one socket also polls the other socket's stream: a read attempt
+/// that finds nothing, and on the model's socket tungstenite zero-fills its free read buffer
+/// (~4 KB) before each attempt. Per call, so its state is not shared with other calls.
+struct PollOnWake<S> {
+    inner: S,
+    gate: Arc<WakeGate>,
+    /// The last poll yielded an item: more may be buffered, so poll the stream again.
+    ready: bool,
+}
+
+#[derive(Default)]
+struct WakeGate {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for WakeGate {
+    fn wake_by_ref(gate: &Arc<Self>) {
+        gate.woken.store(true, Ordering::Release);
+        gate.task.wake();
+    }
+}
+
+impl<S> PollOnWake<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            gate: Arc::default(),
+            ready: true,
+        }
+    }
+}
+
+impl<S: Stream + Unpin> Stream for PollOnWake<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = &mut *self;
+        // Registered before the check, so a wake-up between the two is not lost.
+        this.gate.task.register(cx.waker());
+        if !std::mem::take(&mut this.ready) && !this.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = waker_ref(&this.gate);
+        let item = this.inner.poll_next_unpin(&mut Context::from_waker(&waker));
+        this.ready = item.is_ready();
+        item
+    }
+}
+
 /// The Twilio read half as a stream of call inputs. A `next()` dropped by `select!` leaves the
 /// read in progress inside the stream, so it is cancel-safe although `read_frame` is not. The
 /// stream ends after the socket closes or fails.
@@ -664,37 +763,46 @@ fn twilio_messages<R>(reader: FragmentCollectorRead<R>) -> impl Stream<Item = Ca
 where
     R: AsyncRead + Unpin,
 {
-    futures_util::stream::unfold(Some(reader), |reader| async move {
-        let mut reader = reader?;
-        // Auto-pong and auto-close are off, so the reader never has to write.
-        let mut never_writes = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
-        loop {
-            let input = match reader.read_frame(&mut never_writes).await {
-                Ok(frame) => match frame.opcode {
-                    OpCode::Text => {
-                        if frame.payload.len() > MAX_TWILIO_MESSAGE_BYTES {
-                            // A fragmented message can exceed the per-frame limit.
-                            CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
-                        } else {
-                            match String::from_utf8(frame.payload.to_vec()) {
-                                Ok(text) => CallInput::Twilio(text),
-                                Err(_) => CallInput::TwilioFailed(WebSocketError::InvalidUTF8),
+    PollOnWake::new(Box::pin(futures_util::stream::unfold(
+        Some(reader),
+        |reader| async move {
+            let mut reader = reader?;
+            // Auto-pong and auto-close are off, so the reader never has to write.
+            let mut never_writes = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
+            loop {
+                let input = match reader.read_frame(&mut never_writes).await {
+                    Ok(frame) => match frame.opcode {
+                        OpCode::Text => {
+                            if frame.payload.len() > MAX_TWILIO_MESSAGE_BYTES {
+                                // A fragmented message can exceed the per-frame limit.
+                                CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
+                            } else {
+                                let payload = match frame.payload {
+                                    Payload::Bytes(bytes) => bytes,
+                                    // Defragmented messages arrive owned; not the media path.
+                                    other => BytesMut::from(&other[..]),
+                                };
+                                match TwilioText::new(payload) {
+                                    Some(text) => CallInput::Twilio(text),
+                                    None => CallInput::TwilioFailed(WebSocketError::InvalidUTF8),
+                                }
                             }
                         }
-                    }
-                    OpCode::Close => CallInput::TwilioClosed,
-                    OpCode::Ping => {
-                        CallInput::TwilioPing(String::from_utf8_lossy(&frame.payload).into_owned())
-                    }
-                    // Twilio never sends binary frames; a stray one is not audio we understand.
-                    OpCode::Binary | OpCode::Pong | OpCode::Continuation => continue,
-                },
-                Err(error) => CallInput::TwilioFailed(error),
-            };
-            let terminal = matches!(input, CallInput::TwilioClosed | CallInput::TwilioFailed(_));
-            return Some((input, (!terminal).then_some(reader)));
-        }
-    })
+                        OpCode::Close => CallInput::TwilioClosed,
+                        OpCode::Ping => CallInput::TwilioPing(
+                            String::from_utf8_lossy(&frame.payload).into_owned(),
+                        ),
+                        // Twilio never sends binary frames; a stray one is not audio we understand.
+                        OpCode::Binary | OpCode::Pong | OpCode::Continuation => continue,
+                    },
+                    Err(error) => CallInput::TwilioFailed(error),
+                };
+                let terminal =
+                    matches!(input, CallInput::TwilioClosed | CallInput::TwilioFailed(_));
+                return Some((input, (!terminal).then_some(reader)));
+            }
+        },
+    )))
 }
 
 async fn twilio_writer<W>(
@@ -707,7 +815,9 @@ async fn twilio_writer<W>(
 {
     let mut batch = Vec::with_capacity(16);
     let mut written = Vec::with_capacity(16);
-    while queue.pop_all(&mut batch).await {
+    // The engine builds downlink messages afresh, so nothing goes back (see `upstream_writer`).
+    let mut spent = Vec::new();
+    while queue.pop_all(&mut batch, &mut spent).await {
         for out in batch.drain(..) {
             let payload = Payload::Owned(out.text.into_bytes());
             let frame = match out.kind {
@@ -747,7 +857,7 @@ async fn twilio_writer<W>(
 /// Opens the model's socket, then starts its reader and writer and tells the core.
 async fn open_upstream(
     target: UpstreamTarget,
-    inbox: mpsc::Sender<CallInput>,
+    inbox: mpsc::Sender<Box<CallInput>>,
     stop: CancellationToken,
     queue: Arc<OutQueue>,
     metrics: Arc<Metrics>,
@@ -762,13 +872,15 @@ async fn open_upstream(
         Ok(Ok(socket)) => socket,
         Ok(Err(error)) => {
             let _ = inbox
-                .send(CallInput::UpstreamFailed(error.to_string()))
+                .send(Box::new(CallInput::UpstreamFailed(error.to_string())))
                 .await;
             return;
         }
         Err(_) => {
             let _ = inbox
-                .send(CallInput::UpstreamFailed("connect timed out".into()))
+                .send(Box::new(CallInput::UpstreamFailed(
+                    "connect timed out".into(),
+                )))
                 .await;
             return;
         }
@@ -777,28 +889,35 @@ async fn open_upstream(
     let (sink, stream) = socket.split();
     let writer = tokio::spawn(upstream_writer(sink, queue, metrics, latency).in_current_span());
     let _ = inbox
-        .send(CallInput::UpstreamOpen(took, writer, Box::new(stream)))
+        .send(Box::new(CallInput::UpstreamOpen(
+            took,
+            writer,
+            Box::new(stream),
+        )))
         .await;
 }
 
 /// The model's read half as a stream of call inputs; it ends after the socket closes.
 fn upstream_messages(stream: UpstreamStream) -> impl Stream<Item = CallInput> {
-    futures_util::stream::unfold(Some(stream), |stream| async move {
-        let mut stream = stream?;
-        loop {
-            let input = match stream.next().await {
-                Some(Ok(Message::Text(text))) => CallInput::Upstream(text.as_str().to_owned()),
-                Some(Ok(Message::Close(frame))) => CallInput::UpstreamClosed(
-                    frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
-                ),
-                Some(Ok(_)) => continue,
-                Some(Err(error)) => CallInput::UpstreamClosed(Some(error.to_string())),
-                None => CallInput::UpstreamClosed(None),
-            };
-            let terminal = matches!(input, CallInput::UpstreamClosed(_));
-            return Some((input, (!terminal).then_some(stream)));
-        }
-    })
+    PollOnWake::new(Box::pin(futures_util::stream::unfold(
+        Some(stream),
+        |stream| async move {
+            let mut stream = stream?;
+            loop {
+                let input = match stream.next().await {
+                    Some(Ok(Message::Text(text))) => CallInput::Upstream(text),
+                    Some(Ok(Message::Close(frame))) => CallInput::UpstreamClosed(
+                        frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
+                    ),
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => CallInput::UpstreamClosed(Some(error.to_string())),
+                    None => CallInput::UpstreamClosed(None),
+                };
+                let terminal = matches!(input, CallInput::UpstreamClosed(_));
+                return Some((input, (!terminal).then_some(stream)));
+            }
+        },
+    )))
 }
 
 /// The next input from the model, or never while its socket is not open (or has ended).
@@ -820,14 +939,28 @@ async fn upstream_writer(
     metrics: Arc<Metrics>,
     latency: Arc<CallLatencyRecorder>,
 ) {
-    let mut batch = Vec::with_capacity(16);
-    let mut audio_read_at = Vec::with_capacity(16);
-    while queue.pop_all(&mut batch).await {
+    // Batches are one append; these grow if a burst (audio held while connecting) needs more.
+    let mut batch = Vec::with_capacity(2);
+    let mut audio_read_at = Vec::with_capacity(2);
+    let mut spent = Vec::with_capacity(2);
+    let mut arena = BytesMut::new();
+    while queue.pop_all(&mut batch, &mut spent).await {
         for out in batch.drain(..) {
             if out.kind == OutKind::Audio {
                 audio_read_at.extend(out.caused_at);
             }
-            if sink.feed(Message::text(out.text)).await.is_err() {
+            let text = if out.kind == OutKind::Audio && out.text.len() <= UPSTREAM_WRITE_ARENA {
+                // tungstenite takes the text by value and drops it once framed; a copy in the
+                // arena goes instead, so the String can go back to the core for reuse.
+                arena.extend_from_slice(out.text.as_bytes());
+                // SAFETY: the bytes are a copy of a `str`.
+                let text = unsafe { Utf8Bytes::from_bytes_unchecked(arena.split().freeze()) };
+                spent.push(out.text);
+                text
+            } else {
+                Utf8Bytes::from(out.text)
+            };
+            if sink.feed(Message::Text(text)).await.is_err() {
                 return;
             }
         }
@@ -846,4 +979,55 @@ async fn upstream_writer(
         reason: "call ended".into(),
     };
     let _ = sink.send(Message::Close(Some(close))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl ArcWake for CountingWaker {
+        fn wake_by_ref(waker: &Arc<Self>) {
+            waker.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn poll_on_wake_polls_the_stream_only_when_it_may_have_something() {
+        let (tx, mut rx) = mpsc::channel::<u32>(4);
+        let polls = Arc::new(AtomicUsize::new(0));
+        let inner = {
+            let polls = Arc::clone(&polls);
+            futures_util::stream::poll_fn(move |cx| {
+                polls.fetch_add(1, Ordering::SeqCst);
+                rx.poll_recv(cx)
+            })
+        };
+        let mut gated = PollOnWake::new(inner);
+        let task = Arc::new(CountingWaker::default());
+        let waker = futures_util::task::waker(Arc::clone(&task));
+        let mut cx = Context::from_waker(&waker);
+        let polls_now = || polls.load(Ordering::SeqCst);
+
+        assert!(gated.poll_next_unpin(&mut cx).is_pending());
+        assert!(gated.poll_next_unpin(&mut cx).is_pending());
+        assert_eq!(polls_now(), 1, "not polled again until woken");
+
+        tx.try_send(7).unwrap();
+        tx.try_send(8).unwrap();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task is woken");
+        assert_eq!(gated.poll_next_unpin(&mut cx), Poll::Ready(Some(7)));
+        // After an item the stream is polled again without a wake-up: more may be buffered.
+        assert_eq!(gated.poll_next_unpin(&mut cx), Poll::Ready(Some(8)));
+        assert!(gated.poll_next_unpin(&mut cx).is_pending());
+        assert!(gated.poll_next_unpin(&mut cx).is_pending());
+        assert_eq!(polls_now(), 4);
+
+        drop(tx);
+        assert_eq!(gated.poll_next_unpin(&mut cx), Poll::Ready(None));
+    }
 }

@@ -131,7 +131,15 @@ struct Scratch {
     mulaw: Vec<u8>,
     b64: String,
     follow_ups: Vec<String>,
+    /// Spent uplink message buffers handed back by the I/O layer, for the next appends.
+    spare_appends: Vec<String>,
 }
+
+/// Spent buffers the engine keeps for appends: steady state needs two (one being written, one
+/// on its way back), the rest absorbs a burst; beyond this they are freed.
+const SPARE_APPENDS: usize = 4;
+/// A returned buffer larger than this (a big control message's) is freed, not kept.
+const SPARE_APPEND_MAX_BYTES: usize = 2 * 1024;
 
 /// PCM16 mode's per-direction resampler state (absent in μ-law passthrough mode).
 struct Resamplers {
@@ -303,6 +311,16 @@ impl CallEngine {
         self.to_upstream.drain(..)
     }
 
+    /// Hands back the text of a message the upstream writer has sent, to carry a later caller
+    /// append: with every buffer returned, the uplink allocates nothing per frame.
+    pub fn recycle_upstream(&mut self, mut text: String) {
+        let spares = &mut self.scratch.spare_appends;
+        if spares.len() < SPARE_APPENDS && text.capacity() <= SPARE_APPEND_MAX_BYTES {
+            text.clear();
+            spares.push(text);
+        }
+    }
+
     /// When [`CallEngine::on_tick`] should run next (the pacer's next send time).
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.playback.poll_timeout()
@@ -379,7 +397,7 @@ impl CallEngine {
 
         // The append is the audio's base64 plus about 50 bytes of JSON.
         const APPEND_OVERHEAD: usize = 64;
-        let mut text = String::new();
+        let mut text = self.scratch.spare_appends.pop().unwrap_or_default();
         match &mut self.resamplers {
             None => {
                 text.reserve_exact(payload_b64.len() + APPEND_OVERHEAD);
@@ -392,7 +410,7 @@ impl CallEngine {
                     pcm_out,
                     mulaw: _,
                     b64,
-                    follow_ups: _,
+                    ..
                 } = &mut self.scratch;
                 pcm_in.clear();
                 pcm_in.extend(bytes.iter().map(|&code| g711::mulaw_decode(code)));

@@ -5,6 +5,11 @@
 //! commands) are never dropped. The engine side never waits, so a stalled socket can only
 //! cost its own call some audio, never block the reader or another call. The lock is this
 //! queue's own: one call, one direction, shared by exactly two tasks.
+//!
+//! The queue also carries spent message buffers back from the writer to the core (a bounded
+//! free list, [`SPARE_TEXTS`] buffers of at most [`SPARE_TEXT_MAX_BYTES`]; more are freed), so
+//! a call reuses the same few `String`s frame after frame. Both directions of that hand-off
+//! ride on locks the queue takes anyway.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,11 +27,18 @@ pub struct OutQueue {
     metrics: Arc<Metrics>,
 }
 
+/// Spent buffers held for the core; a writer's batch rarely holds more.
+pub const SPARE_TEXTS: usize = 4;
+/// A spent buffer larger than this (a big control message's) is freed rather than kept.
+pub const SPARE_TEXT_MAX_BYTES: usize = 2 * 1024;
+
 #[derive(Default)]
 struct State {
     items: VecDeque<Outgoing>,
     audio: usize,
     closed: bool,
+    /// Buffers the writer has finished with, cleared, waiting for the core.
+    spare: Vec<String>,
 }
 
 impl OutQueue {
@@ -79,13 +91,20 @@ impl OutQueue {
         before - state.items.len()
     }
 
-    /// Moves every queued message into `batch` (in order), waiting while there is none.
+    /// Moves every queued message into `batch` (in order), waiting while there is none, and
+    /// first takes the writer's `spent` buffers back for the core (see [`OutQueue::reclaim`]).
     /// Returns false once the queue is closed and empty.
-    pub async fn pop_all(&self, batch: &mut Vec<Outgoing>) -> bool {
+    pub async fn pop_all(&self, batch: &mut Vec<Outgoing>, spent: &mut Vec<String>) -> bool {
         loop {
             let notified = self.ready.notified();
             {
                 let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                for mut text in spent.drain(..) {
+                    if state.spare.len() < SPARE_TEXTS && text.capacity() <= SPARE_TEXT_MAX_BYTES {
+                        text.clear();
+                        state.spare.push(text);
+                    }
+                }
                 if !state.items.is_empty() {
                     batch.extend(state.items.drain(..));
                     state.audio = 0;
@@ -96,6 +115,15 @@ impl OutQueue {
                 }
             }
             notified.await;
+        }
+    }
+
+    /// Hands each spent buffer the writer has returned to `reuse` (the core's side of the
+    /// free list; the buffers are empty, their capacity kept).
+    pub fn reclaim(&self, mut reuse: impl FnMut(String)) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        for text in state.spare.drain(..) {
+            reuse(text);
         }
     }
 
@@ -143,7 +171,7 @@ mod tests {
         assert_eq!(queue.push(out("a3", OutKind::Audio)), 1);
         queue.push(out("c", OutKind::Clear));
         let mut batch = Vec::new();
-        assert!(queue.pop_all(&mut batch).await);
+        assert!(queue.pop_all(&mut batch, &mut Vec::new()).await);
         let texts: Vec<_> = batch.iter().map(|o| o.text.as_str()).collect();
         assert_eq!(texts, ["m1", "a2", "a3", "c"]);
         assert_eq!(metrics.audio_dropped_count(Direction::Downlink), 1);
@@ -161,7 +189,7 @@ mod tests {
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 let mut batch = Vec::new();
-                while queue.pop_all(&mut batch).await {
+                while queue.pop_all(&mut batch, &mut Vec::new()).await {
                     seen.extend(batch.drain(..).map(|o| o.text));
                 }
                 seen
@@ -175,6 +203,29 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(seen, ["x"]);
+    }
+
+    #[tokio::test]
+    async fn spent_buffers_come_back_bounded_and_cleared() {
+        let queue = OutQueue::new(8, Direction::Uplink, Arc::new(Metrics::default()));
+        queue.push(out("a", OutKind::Audio));
+        let mut batch = Vec::new();
+        // An oversized buffer first, then more than the list holds.
+        let mut spent: Vec<String> =
+            std::iter::once(String::with_capacity(SPARE_TEXT_MAX_BYTES + 1))
+                .chain((0..SPARE_TEXTS + 2).map(|i| format!("spent {i}")))
+                .collect();
+        assert!(queue.pop_all(&mut batch, &mut spent).await);
+        assert!(spent.is_empty());
+        let mut reclaimed = Vec::new();
+        queue.reclaim(|text| reclaimed.push(text));
+        assert_eq!(reclaimed.len(), SPARE_TEXTS);
+        assert!(
+            reclaimed
+                .iter()
+                .all(|t| t.is_empty() && (1..=SPARE_TEXT_MAX_BYTES).contains(&t.capacity()))
+        );
+        queue.reclaim(|_| panic!("each buffer comes back once"));
     }
 
     #[test]

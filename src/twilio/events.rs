@@ -17,26 +17,124 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// One message received from Twilio on the Media Streams WebSocket.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "event", rename_all = "lowercase")]
+///
+/// Deserialize it with `serde_json` (its [`Deserialize`] impl reads serde_json's raw values,
+/// see `Envelope`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InboundMessage<'a> {
-    #[serde(borrow)]
     Connected(Connected<'a>),
-    #[serde(borrow)]
     Start(Start<'a>),
-    #[serde(borrow)]
     Media(Media<'a>),
-    #[serde(borrow)]
     Stop(Stop<'a>),
-    #[serde(borrow)]
     Mark(MarkEcho<'a>),
-    #[serde(borrow)]
     Dtmf(Dtmf<'a>),
     /// An event this crate does not know; Twilio may add events without notice.
-    #[serde(other)]
     Unknown,
+}
+
+/// Every inbound message's fields in one pass, without buffering: the event name, and each
+/// other top-level field as its raw JSON text (borrowed, not parsed) until the event says
+/// which to read. Each event then reads only its own fields, exactly as an internally tagged
+/// serde enum would, but serde's tagged enums first copy the whole message into an owned
+/// `Content` tree (several allocations per `media` frame); this costs none.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow, default)]
+    sequence_number: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream_sid: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    protocol: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    version: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    start: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    media: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stop: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    mark: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    dtmf: Option<&'a RawValue>,
+}
+
+impl<'a> Envelope<'a> {
+    fn into_message(self) -> Result<InboundMessage<'a>, serde_json::Error> {
+        /// A field the event requires.
+        fn required<'a, T: Deserialize<'a>>(
+            raw: Option<&'a RawValue>,
+            name: &'static str,
+        ) -> Result<T, serde_json::Error> {
+            let raw = raw.ok_or_else(|| de::Error::missing_field(name))?;
+            serde_json::from_str(raw.get())
+        }
+        /// A field the event may omit (or send as `null`).
+        fn optional<'a, T: Deserialize<'a>>(
+            raw: Option<&'a RawValue>,
+        ) -> Result<Option<T>, serde_json::Error> {
+            raw.map(|raw| serde_json::from_str::<Option<T>>(raw.get()))
+                .transpose()
+                .map(Option::flatten)
+        }
+        let text = |raw, name| required::<CowStr<'a>>(raw, name).map(|CowStr(text)| text);
+        let optional_text =
+            |raw| optional::<CowStr<'a>>(raw).map(|text| text.map(|CowStr(text)| text));
+        Ok(match self.event.as_ref() {
+            "connected" => InboundMessage::Connected(Connected {
+                protocol: optional_text(self.protocol)?,
+                version: optional_text(self.version)?,
+            }),
+            "start" => InboundMessage::Start(Start {
+                sequence_number: optional_text(self.sequence_number)?,
+                stream_sid: text(self.stream_sid, "streamSid")?,
+                start: required(self.start, "start")?,
+            }),
+            "media" => InboundMessage::Media(Media {
+                sequence_number: optional_text(self.sequence_number)?,
+                stream_sid: text(self.stream_sid, "streamSid")?,
+                media: required(self.media, "media")?,
+            }),
+            "stop" => InboundMessage::Stop(Stop {
+                sequence_number: optional_text(self.sequence_number)?,
+                stream_sid: text(self.stream_sid, "streamSid")?,
+                stop: optional(self.stop)?,
+            }),
+            "mark" => InboundMessage::Mark(MarkEcho {
+                sequence_number: optional_text(self.sequence_number)?,
+                stream_sid: text(self.stream_sid, "streamSid")?,
+                mark: required(self.mark, "mark")?,
+            }),
+            "dtmf" => InboundMessage::Dtmf(Dtmf {
+                sequence_number: optional_text(self.sequence_number)?,
+                stream_sid: text(self.stream_sid, "streamSid")?,
+                dtmf: required(self.dtmf, "dtmf")?,
+            }),
+            _ => InboundMessage::Unknown,
+        })
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for InboundMessage<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Envelope::deserialize(deserializer)?
+            .into_message()
+            .map_err(de::Error::custom)
+    }
+}
+
+/// For `Option<Cow<str>>` fields: serde's `borrow` attribute reaches a `Cow<str>` field but not
+/// one inside an `Option`, which it would copy into an owned `String`.
+fn borrowed_option<'de: 'a, 'a, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Cow<'a, str>>, D::Error> {
+    Ok(Option::<CowStr<'a>>::deserialize(deserializer)?.map(|CowStr(text)| text))
 }
 
 impl InboundMessage<'_> {
@@ -81,9 +179,9 @@ impl InboundMessage<'_> {
 /// `{"event":"connected","protocol":"Call","version":"1.0.0"}`: the first message of a stream.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Connected<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub protocol: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub version: Option<Cow<'a, str>>,
 }
 
@@ -91,7 +189,7 @@ pub struct Connected<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Start<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub sequence_number: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub stream_sid: Cow<'a, str>,
@@ -106,7 +204,7 @@ pub struct StartMetadata<'a> {
     pub account_sid: Cow<'a, str>,
     /// Twilio repeats the top-level `streamSid` here; optional so a message without it is
     /// still usable.
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub stream_sid: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub call_sid: Cow<'a, str>,
@@ -176,7 +274,7 @@ impl<'de: 'a, 'a> Visitor<'de> for CustomParametersVisitor<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Media<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub sequence_number: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub stream_sid: Cow<'a, str>,
@@ -187,7 +285,7 @@ pub struct Media<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct MediaPayload<'a> {
     /// `inbound` or `outbound`; absent on some streams.
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub track: Option<Cow<'a, str>>,
     /// Chunk counter as a decimal string.
     #[serde(borrow)]
@@ -203,7 +301,7 @@ pub struct MediaPayload<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Stop<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub sequence_number: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub stream_sid: Cow<'a, str>,
@@ -214,9 +312,9 @@ pub struct Stop<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StopMetadata<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub account_sid: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub call_sid: Option<Cow<'a, str>>,
 }
 
@@ -225,7 +323,7 @@ pub struct StopMetadata<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MarkEcho<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub sequence_number: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub stream_sid: Cow<'a, str>,
@@ -243,7 +341,7 @@ pub struct MarkName<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Dtmf<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub sequence_number: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub stream_sid: Cow<'a, str>,
@@ -254,7 +352,7 @@ pub struct Dtmf<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct DtmfDigit<'a> {
     /// `inbound_track` in practice.
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     pub track: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub digit: Cow<'a, str>,
@@ -465,6 +563,9 @@ mod tests {
         assert_eq!(media.media.timestamp, "5");
         assert_eq!(media.media.track.as_deref(), Some("inbound"));
         assert!(matches!(media.media.payload, Cow::Borrowed(_)));
+        // Optional strings borrow too (serde alone would copy them).
+        assert!(matches!(media.media.track, Some(Cow::Borrowed(_))));
+        assert!(matches!(media.sequence_number, Some(Cow::Borrowed(_))));
         assert_eq!(
             BASE64
                 .decode(media.media.payload.as_bytes())
@@ -490,6 +591,31 @@ mod tests {
             serde_json::from_str(r#"{"event":"transcription","streamSid":"MZ1","x":{"y":1}}"#)
                 .expect("parses");
         assert_eq!(message, InboundMessage::Unknown);
+    }
+
+    #[test]
+    fn each_event_reads_only_its_own_fields() {
+        // A field of another event's shape, or of no known shape, does not spoil a message.
+        let media = r#"{"event":"media","streamSid":"MZ1","mark":7,"start":"x","media":{"chunk":"1","timestamp":"5","payload":"AA=="}}"#;
+        assert!(matches!(
+            serde_json::from_str::<InboundMessage>(media),
+            Ok(InboundMessage::Media(_))
+        ));
+        let novel =
+            r#"{"event":"transcription","sequenceNumber":3,"media":[],"streamSid":{"a":1}}"#;
+        assert_eq!(
+            serde_json::from_str::<InboundMessage>(novel).expect("parses"),
+            InboundMessage::Unknown
+        );
+        // Escaped strings still parse, as owned copies.
+        let escaped = r#"{"event":"stop","streamSid":"MZ\u0031","sequenceNumber":"\u0039"}"#;
+        let InboundMessage::Stop(stop) = serde_json::from_str(escaped).expect("parses") else {
+            panic!("not a stop");
+        };
+        assert_eq!(
+            (stop.stream_sid.as_ref(), stop.sequence_number.as_deref()),
+            ("MZ1", Some("9"))
+        );
     }
 
     #[test]

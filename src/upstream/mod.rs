@@ -178,6 +178,14 @@ pub trait RealtimeProtocol: Send {
 /// without allocating beyond `buf`'s growth.
 pub(crate) fn push_json_str(buf: &mut String, value: &str) {
     buf.push('"');
+    // Most text here (every audio append's base64) needs no escape at all: one check 16 bytes
+    // at a time instead of a branch per byte (this scan was 10% of an uplink frame's
+    // instructions through the call task).
+    if !needs_json_escape(value.as_bytes()) {
+        buf.push_str(value);
+        buf.push('"');
+        return;
+    }
     let mut run_start = 0;
     for (index, byte) in value.bytes().enumerate() {
         let escape: Option<&str> = match byte {
@@ -207,6 +215,19 @@ pub(crate) fn push_json_str(buf: &mut String, value: &str) {
     buf.push('"');
 }
 
+/// Whether any byte must be escaped in a JSON string: `"`, `\` or a control character.
+fn needs_json_escape(bytes: &[u8]) -> bool {
+    let escape = |byte: u8| byte < 0x20 || byte == b'"' || byte == b'\\';
+    let chunks = bytes.chunks_exact(16);
+    let tail = chunks.remainder();
+    // No early exit inside a chunk, so each chunk compiles to a few vector compares.
+    chunks.into_iter().any(|chunk| {
+        chunk
+            .iter()
+            .fold(false, |found, &byte| found | escape(byte))
+    }) || tail.iter().any(|&byte| escape(byte))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +246,25 @@ mod tests {
             assert_eq!(parsed, value);
             assert_eq!(buf[1..], serde_json::to_string(value).expect("serialize"));
         }
+    }
+
+    #[test]
+    fn the_escape_check_finds_every_escape_at_every_position() {
+        for len in 0..40 {
+            let plain = "A".repeat(len);
+            assert!(!needs_json_escape(plain.as_bytes()), "{len}");
+            for at in 0..len {
+                for escaped in ["\"", "\\", "\n", "\u{1}", "\u{1f}"] {
+                    let mut text = plain.clone();
+                    text.replace_range(at..=at, escaped);
+                    assert!(needs_json_escape(text.as_bytes()), "{text:?}");
+                    let mut buf = String::new();
+                    push_json_str(&mut buf, &text);
+                    assert_eq!(buf, serde_json::to_string(&text).unwrap());
+                }
+            }
+        }
+        assert!(!needs_json_escape("é 🎉 \u{7f} /+=".as_bytes()));
     }
 
     #[test]
