@@ -211,6 +211,9 @@ async fn two_tenants_called_at_once_each_get_their_own_agent() {
                 .all(|w| w[0].offset_ms <= w[1].offset_ms)
         );
         assert!(report.audio_seconds_in > 1.0);
+        // The bridge's own per-call latency: one uplink figure per caller frame it relayed.
+        assert!(report.latency.uplink_us.count > 50, "{:?}", report.latency);
+        assert!(report.latency.uplink_us.p50 <= report.latency.uplink_us.max);
     }
     cp.stop().await;
 }
