@@ -360,22 +360,38 @@ where
         Arc::clone(&metrics),
     );
 
-    let start_deadline = tokio::time::Instant::now() + START_TIMEOUT;
     let mut registration: Option<Registration> = None;
-    let mut max_call_deadline: Option<tokio::time::Instant> = None;
     // Who the call is, for its report: set at `start`.
     let mut call: Option<(CallRecord, CallAgent)> = None;
+    // The loop's timers live across its passes and are reset only when their deadline moves:
+    // a future built anew on every pass would register with the timer wheel (or, for the
+    // cancellation, with the token's waiter list) once per message.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    let pacer_sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(pacer_sleep);
+    let mut pacer_armed: Option<tokio::time::Instant> = None;
+    // Before `start`: the start timeout; after it, the tenant's maximum call length, if any.
+    let call_deadline = tokio::time::sleep(START_TIMEOUT);
+    tokio::pin!(call_deadline);
+    let mut deadline = Some(CallDeadline::Start);
     let reason = loop {
         let pacer = engine.poll_timeout().map(tokio::time::Instant::from_std);
+        if pacer != pacer_armed {
+            if let Some(at) = pacer {
+                pacer_sleep.as_mut().reset(at);
+            }
+            pacer_armed = pacer;
+        }
         let input = tokio::select! {
             biased;
-            () = cancel.cancelled() => break EndReason::Shutdown,
+            () = &mut cancelled => break EndReason::Shutdown,
             input = twilio_in.next() => Some(input.unwrap_or(CallInput::TwilioClosed)),
             input = next_upstream(&mut upstream_in) => Some(input),
             input = inbox.recv() => input.map(|input| *input),
-            () = sleep_until_opt(pacer) => {
+            () = &mut pacer_sleep, if pacer_armed.is_some() => {
                 let now = tokio::time::Instant::now();
-                if let Some(deadline) = pacer {
+                if let Some(deadline) = pacer_armed.take() {
                     // How late the pacer wakes is what the playback lead must absorb.
                     metrics.pacer_lateness.observe(now.saturating_duration_since(deadline));
                 }
@@ -383,16 +399,18 @@ where
                 flush(&mut engine, &twilio_out, &upstream_out);
                 continue;
             }
-            () = tokio::time::sleep_until(start_deadline), if registration.is_none() => {
-                metrics.twilio_error(TwilioErrorKind::StartTimeout);
-                tracing::warn!("no `start` within {START_TIMEOUT:?}: closing");
-                break EndReason::StartTimeout;
-            }
-            () = sleep_until_opt(max_call_deadline) => {
-                metrics.calls_max_duration.fetch_add(1, Relaxed);
-                tracing::info!("the tenant's maximum call length passed: ending the call");
-                break EndReason::MaxDuration;
-            }
+            () = &mut call_deadline, if deadline.is_some() => match deadline {
+                Some(CallDeadline::Start) | None => {
+                    metrics.twilio_error(TwilioErrorKind::StartTimeout);
+                    tracing::warn!("no `start` within {START_TIMEOUT:?}: closing");
+                    break EndReason::StartTimeout;
+                }
+                Some(CallDeadline::MaxLength) => {
+                    metrics.calls_max_duration.fetch_add(1, Relaxed);
+                    tracing::info!("the tenant's maximum call length passed: ending the call");
+                    break EndReason::MaxDuration;
+                }
+            },
         };
         let Some(input) = input else {
             break EndReason::TwilioClosed;
@@ -431,7 +449,7 @@ where
                     let to = parameter(parameters, "To");
                     let from = parameter(parameters, "From").unwrap_or("");
                     let prepared = tokio::select! {
-                        () = cancel.cancelled() => break EndReason::Shutdown,
+                        () = &mut cancelled => break EndReason::Shutdown,
                         prepared = claim_or_resolve(&services, binding, &info.call_sid, to, from) => prepared,
                     };
                     let now = Instant::now();
@@ -494,9 +512,12 @@ where
                             );
                         }
                     }
-                    max_call_deadline = agent
-                        .max_call
-                        .map(|limit| tokio::time::Instant::now() + limit);
+                    deadline = agent.max_call.map(|limit| {
+                        call_deadline
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + limit);
+                        CallDeadline::MaxLength
+                    });
                     let record = CallRecord {
                         call_sid: info.call_sid.clone(),
                         stream_sid: info.stream_sid.clone(),
@@ -608,6 +629,15 @@ where
     reason
 }
 
+/// What the call loop's one long timer is waiting for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CallDeadline {
+    /// Twilio's `start` (the socket is closed without one).
+    Start,
+    /// The tenant's `max_call_seconds`.
+    MaxLength,
+}
+
 /// Who a call is, as its `start` said.
 struct CallRecord {
     call_sid: String,
@@ -678,13 +708,6 @@ fn flush(engine: &mut CallEngine, twilio_out: &OutQueue, upstream_out: &OutQueue
     }
     // Buffers the upstream writer has finished with carry the next appends.
     upstream_out.reclaim(|text| engine.recycle_upstream(text));
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Phone numbers in logs keep their last two digits only.
