@@ -50,10 +50,18 @@ impl Drop for Scratch {
 }
 
 async fn start_control_plane(listen: SocketAddr, db: &Path) -> RunningControlPlane {
+    start_control_plane_seeded(listen, db, seed_toml()).await
+}
+
+async fn start_control_plane_seeded(
+    listen: SocketAddr,
+    db: &Path,
+    seed: &str,
+) -> RunningControlPlane {
     ControlPlane::start(ControlPlaneConfig {
         listen,
         db: DbLocation::File(db.to_path_buf()),
-        seed: Some(seed_toml().to_owned()),
+        seed: Some(seed.to_owned()),
         verifier: Verifier::from_key_list(&format!("{KEY_ID}:{KEY_SECRET}")).unwrap(),
     })
     .await
@@ -419,4 +427,40 @@ async fn a_control_plane_that_never_answers_costs_at_most_the_budget() {
             >= 1
     );
     held.abort();
+}
+
+#[tokio::test]
+async fn a_tenants_maximum_call_length_ends_the_call() {
+    let dir = Scratch::new("maxlen");
+    let seed = seed_toml().replace("max_call_seconds = 600", "max_call_seconds = 1");
+    assert_ne!(seed, seed_toml(), "the seed names Acme's limit");
+    let cp =
+        start_control_plane_seeded("127.0.0.1:0".parse().unwrap(), &dir.0.join("cp.db"), &seed)
+            .await;
+    let stack = bridge_against(
+        MockConfig::default(),
+        control_target(cp.url(), &dir.0.join("spool")),
+    )
+    .await;
+    // Three seconds of caller audio: the bridge hangs up after one.
+    let report = call(&stack, ACME, "+15557770008", silence_mulaw(3_000)).await;
+    assert!(report.closed_by_bridge, "{report:?}");
+    assert!(
+        report.duration < Duration::from_millis(2_500),
+        "{:?}",
+        report.duration
+    );
+    assert_eq!(stack.bridge.metrics().calls_max_duration.load(Relaxed), 1);
+    let store = cp.store().clone();
+    assert!(
+        eventually(Duration::from_secs(5), || store
+            .call_history("acme_dental", 10)
+            .unwrap()
+            .unwrap()
+            .calls
+            .first()
+            .is_some_and(|c| c.end_reason == "max_duration"))
+        .await
+    );
+    cp.stop().await;
 }
