@@ -239,8 +239,11 @@ fn engine_downlink(mode: AudioMode) {
         tick += 1;
         let now = start + Duration::from_millis(20) * tick;
         engine.on_upstream_text(now, &delta).unwrap();
-        spent.extend(engine.take_to_twilio());
-        spent.clear();
+        // The Twilio writer's side of the contract: write, then hand the buffers back.
+        spent.extend(engine.take_to_twilio().map(|out| out.text));
+        for text in spent.drain(..) {
+            engine.recycle_twilio(text);
+        }
     };
     for _ in 0..WARM_UP {
         frame(&mut engine);

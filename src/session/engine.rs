@@ -133,6 +133,9 @@ struct Scratch {
     follow_ups: Vec<String>,
     /// Spent uplink message buffers handed back by the I/O layer, for the next appends.
     spare_appends: Vec<String>,
+    /// Spent Twilio message buffers handed back by the I/O layer, for the next `media` and
+    /// `mark` messages.
+    spare_twilio: Vec<String>,
 }
 
 /// Spent buffers the engine keeps for appends: steady state needs two (one being written, one
@@ -140,6 +143,19 @@ struct Scratch {
 const SPARE_APPENDS: usize = 4;
 /// A returned buffer larger than this (a big control message's) is freed, not kept.
 const SPARE_APPEND_MAX_BYTES: usize = 2 * 1024;
+/// Spent buffers the engine keeps for Twilio messages: a 20 ms chunk takes two (`media` and
+/// `mark`), two more absorb a batch still on its way back; beyond this they are freed.
+const SPARE_TWILIO: usize = 4;
+/// A returned Twilio buffer larger than this is freed, not kept (a 20 ms `media` is ~310 B).
+const SPARE_TWILIO_MAX_BYTES: usize = 2 * 1024;
+
+/// Keeps `text`, cleared, in a bounded free list, or frees it.
+fn keep_spare(spares: &mut Vec<String>, mut text: String, count: usize, max_bytes: usize) {
+    if spares.len() < count && text.capacity() <= max_bytes {
+        text.clear();
+        spares.push(text);
+    }
+}
 
 /// PCM16 mode's per-direction resampler state (absent in μ-law passthrough mode).
 struct Resamplers {
@@ -313,12 +329,24 @@ impl CallEngine {
 
     /// Hands back the text of a message the upstream writer has sent, to carry a later caller
     /// append: with every buffer returned, the uplink allocates nothing per frame.
-    pub fn recycle_upstream(&mut self, mut text: String) {
-        let spares = &mut self.scratch.spare_appends;
-        if spares.len() < SPARE_APPENDS && text.capacity() <= SPARE_APPEND_MAX_BYTES {
-            text.clear();
-            spares.push(text);
-        }
+    pub fn recycle_upstream(&mut self, text: String) {
+        keep_spare(
+            &mut self.scratch.spare_appends,
+            text,
+            SPARE_APPENDS,
+            SPARE_APPEND_MAX_BYTES,
+        );
+    }
+
+    /// Hands back the text of a message the Twilio writer has sent, to carry a later `media`
+    /// or `mark`: with every buffer returned, the downlink allocates nothing per chunk.
+    pub fn recycle_twilio(&mut self, text: String) {
+        keep_spare(
+            &mut self.scratch.spare_twilio,
+            text,
+            SPARE_TWILIO,
+            SPARE_TWILIO_MAX_BYTES,
+        );
     }
 
     /// When [`CallEngine::on_tick`] should run next (the pacer's next send time).
@@ -734,11 +762,21 @@ impl CallEngine {
         let Some(stream_sid) = self.stream.stream_sid() else {
             return;
         };
+        // The JSON around the stream SID and the payload or mark name, with room to spare.
+        const MEDIA_OVERHEAD: usize = 64;
+        const MARK_OVERHEAD: usize = 64;
+        let spares = &mut self.scratch.spare_twilio;
         while let Some(transmit) = self.playback.poll_transmit(now) {
-            let mut media = String::with_capacity(transmit.payload.len() * 4 / 3 + 96);
-            write_media_json_from_mulaw(&mut media, stream_sid, transmit.payload);
-            let mut mark = String::with_capacity(transmit.mark.len() + 80);
+            // Spent buffers keep their capacity; a fresh one is sized to fit at once. They come
+            // back in the order written (`media`, `mark`), so the mark's small one is on top.
+            let mut mark = spares.pop().unwrap_or_default();
+            mark.reserve(transmit.mark.len() + stream_sid.len() + MARK_OVERHEAD);
             write_mark_json(&mut mark, stream_sid, transmit.mark);
+            let mut media = spares.pop().unwrap_or_default();
+            media.reserve(
+                transmit.payload.len().div_ceil(3) * 4 + stream_sid.len() + MEDIA_OVERHEAD,
+            );
+            write_media_json_from_mulaw(&mut media, stream_sid, transmit.payload);
             let bytes = transmit.payload.len() as u64;
             self.stats.frames_out += 1;
             self.stats.audio_bytes_out += bytes;

@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// μ-law 8 kHz: one byte per sample, 8 samples per millisecond.
@@ -100,8 +101,9 @@ pub struct Truncate {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MarkOutcome {
-    /// A mark of the current generation: `item_id` has played at least `ms`.
-    Confirmed { item_id: String, ms: u32 },
+    /// A mark of the current generation: `item_id` has played at least `ms`. The id is shared
+    /// with playback's own record (a mark echo every 20 ms costs no copy of it).
+    Confirmed { item_id: Arc<str>, ms: u32 },
     /// A mark of an older generation (typically Twilio's answer to a `clear`): ignored.
     Stale,
     /// Not a name we could have sent, or an item no longer tracked: ignored.
@@ -125,7 +127,7 @@ pub struct PlaybackCounters {
 struct Item {
     /// Per-call index used in mark names instead of the (long) item id.
     seq: u32,
-    item_id: String,
+    item_id: Arc<str>,
     response_id: String,
     sent_ms: u32,
     /// Estimated time Twilio starts playing this item's first chunk.
@@ -277,7 +279,7 @@ impl Playback {
     pub fn heard_ms(&self, now: Instant) -> Option<(String, u32)> {
         let index = self.playing_index(now)?;
         let item = &self.items[index];
-        Some((item.item_id.clone(), item.heard_ms(now)))
+        Some((item.item_id.to_string(), item.heard_ms(now)))
     }
 
     // --- handle_* ---
@@ -318,7 +320,7 @@ impl Playback {
             return false;
         }
 
-        let item_seq = match self.items.iter().find(|item| item.item_id == item_id) {
+        let item_seq = match self.items.iter().find(|item| *item.item_id == *item_id) {
             Some(item) => item.seq,
             None => self.start_item(response_id, item_id),
         };
@@ -381,7 +383,7 @@ impl Playback {
             item.confirmed_at = Some(now);
         }
         MarkOutcome::Confirmed {
-            item_id: item.item_id.clone(),
+            item_id: Arc::clone(&item.item_id),
             ms: mark.ms,
         }
     }
@@ -417,7 +419,7 @@ impl Playback {
             let fully_played = heard == item.sent_ms && !has_queued && response_done;
             if !fully_played {
                 truncate = Some(Truncate {
-                    item_id: item.item_id.clone(),
+                    item_id: item.item_id.to_string(),
                     audio_end_ms: heard,
                 });
             }
@@ -426,7 +428,7 @@ impl Playback {
         let unheard_from = playing.map_or(0, |index| index + 1);
         let delete: Vec<String> = self.items[unheard_from..]
             .iter()
-            .map(|item| item.item_id.clone())
+            .map(|item| item.item_id.to_string())
             .collect();
 
         let mut affected: Vec<&str> = Vec::new();
@@ -595,7 +597,7 @@ impl Playback {
         self.next_item_seq = self.next_item_seq.wrapping_add(1);
         self.items.push(Item {
             seq,
-            item_id: item_id.to_owned(),
+            item_id: Arc::from(item_id),
             response_id: response_id.to_owned(),
             sent_ms: 0,
             play_start: None,
@@ -733,7 +735,7 @@ mod tests {
                 assert_eq!(
                     outcome,
                     MarkOutcome::Confirmed {
-                        item_id: echo.item_id.clone(),
+                        item_id: echo.item_id.as_str().into(),
                         ms: echo.item_ms
                     }
                 );
