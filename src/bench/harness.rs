@@ -619,10 +619,12 @@ fn join(
     let mut downlink = Vec::new();
     let mut barge_in = Vec::new();
     let mut setup = Vec::new();
+    let mut jitter = Vec::new();
     let (mut lost, mut errors, mut sent, mut received) = (0u64, 0u64, 0u64, 0u64);
 
     for record in records {
         sent += record.frames_sent_us.len() as u64;
+        outbound_jitter(&record.media, &mut jitter);
         if record.error.is_some() {
             errors += 1;
         }
@@ -666,6 +668,7 @@ fn join(
         downlink_us: Percentiles::of(&mut downlink.clone()),
         barge_in_us: Percentiles::of(&mut barge_in),
         setup_us: Percentiles::of(&mut setup),
+        outbound_jitter_us: Percentiles::of(&mut jitter),
         late_frames: late,
         late_threshold_ms: options.late_threshold.as_secs_f64() * 1e3,
         lost_frames: lost,
@@ -677,6 +680,27 @@ fn join(
             downlink_us: thin(downlink),
         },
         ..BenchResult::default()
+    }
+}
+
+/// A pause longer than this between two `media` messages is a gap between responses.
+const JITTER_GAP_US: u64 = 100_000;
+
+/// Pushes RFC 3550's |D| for each `media` of one call after the first of its stretch: its
+/// arrival spacing minus the audio the previous message carried (μ-law: 125 µs per byte).
+/// `media` is (generation, cumulative bytes in the generation, arrival µs) per message.
+fn outbound_jitter(media: &[(u32, u64, u64)], out: &mut Vec<f64>) {
+    // The first message of a generation carries `bytes` audio from 0.
+    let mut previous_bytes = 0u64;
+    for pair in media.windows(2) {
+        let ((g0, b0, t0), (g1, b1, t1)) = (pair[0], pair[1]);
+        let carried = b0.saturating_sub(previous_bytes);
+        previous_bytes = if g1 == g0 { b0 } else { 0 };
+        let spacing = t1.saturating_sub(t0);
+        if g1 != g0 || spacing >= JITTER_GAP_US || b1 <= b0 {
+            continue;
+        }
+        out.push((spacing as f64 - carried as f64 * 125.0).abs());
     }
 }
 
@@ -1016,6 +1040,7 @@ pub fn summary(result: &BenchResult) -> String {
     row(&mut out, "downlink", &result.downlink_us);
     row(&mut out, "barge-in", &result.barge_in_us);
     row(&mut out, "setup", &result.setup_us);
+    row(&mut out, "out jitter", &result.outbound_jitter_us);
     let _ = writeln!(
         out,
         "  frames sent {} received {}, late (> {:.0} ms) {}, lost {}, errors {}",
@@ -1135,10 +1160,29 @@ mod tests {
         assert_eq!(result.downlink_us.max, 700.0);
         assert_eq!(result.barge_in_us.max, 50.0);
         assert_eq!(result.setup_us.max, 4_000.0);
+        // 160 bytes (20 ms) then the next message 20.2 ms later; the third is after a clear.
+        assert_eq!(result.outbound_jitter_us.count, 1);
+        assert_eq!(result.outbound_jitter_us.max, 200.0);
         assert_eq!(
             (result.lost_frames, result.errors, result.late_frames),
             (0, 0, 0)
         );
+    }
+
+    #[test]
+    fn outbound_jitter_compares_arrival_spacing_with_the_audio_carried() {
+        let mut jitter = Vec::new();
+        // Two frames in one message (40 ms), then one frame 41 ms later, then 19 ms later,
+        // then a pause (a new response), then a clear (generation 1).
+        let media = [
+            (0, 320, 1_000_000),
+            (0, 480, 1_041_000),
+            (0, 640, 1_060_000),
+            (0, 800, 1_500_000),
+            (1, 160, 1_520_000),
+        ];
+        outbound_jitter(&media, &mut jitter);
+        assert_eq!(jitter, [1_000.0, 1_000.0]);
     }
 
     /// A call with two audio responses, the first cut short by a barge-in after 6 of its 10

@@ -714,6 +714,7 @@ mod tests {
             baseline,
             uplink_us: percentiles(&uplink),
             downlink_us: percentiles(&downlink),
+            outbound_jitter_us: Percentiles::default(),
             barge_in_us: Percentiles {
                 p50: 41_000.0,
                 p90: 52_000.0,

@@ -97,6 +97,12 @@ pub struct BenchResult {
     pub downlink_us: Percentiles,
     pub barge_in_us: Percentiles,
     pub setup_us: Percentiles,
+    /// Outbound (bridge → caller) frame jitter, RFC 3550's |D| per `media` message: how far
+    /// its arrival spacing from the previous one strays from the audio the previous one
+    /// carried, for messages of one generation (no `clear` between) arriving < 100 ms apart
+    /// (a longer gap is a pause between responses, not jitter).
+    #[serde(default)]
+    pub outbound_jitter_us: Percentiles,
     /// Frames (either direction) whose added latency exceeded `late_threshold_ms`.
     pub late_frames: u64,
     pub late_threshold_ms: f64,
