@@ -68,6 +68,11 @@ async fn start_control_plane_seeded(
     .expect("control plane")
 }
 
+/// The calls the control plane stored for `tenant`, newest first.
+fn reported(cp: &RunningControlPlane, tenant: &str) -> Vec<voxrelay::control::api::CallReport> {
+    cp.store().call_history(tenant, 10).unwrap().unwrap().calls
+}
+
 fn control_target(url: url::Url, spool: &Path) -> ControlPlaneTarget {
     ControlPlaneTarget {
         url,
@@ -174,18 +179,15 @@ async fn two_tenants_called_at_once_each_get_their_own_agent() {
     assert!(luna_session.response_transcripts[0].starts_with("Bistro Luna"));
 
     // Each call is reported to its own tenant, with its caller's namespace inside it.
-    let store = cp.store().clone();
-    let history = |tenant: &'static str| {
-        let store = store.clone();
-        move || store.call_history(tenant, 10).unwrap().unwrap().calls
-    };
     assert!(
-        eventually(Duration::from_secs(5), || history("acme_dental")().len()
+        eventually(Duration::from_secs(5), || reported(&cp, "acme_dental")
+            .len()
             == 1)
         .await
     );
     assert!(
-        eventually(Duration::from_secs(5), || history("bistro_luna")().len()
+        eventually(Duration::from_secs(5), || reported(&cp, "bistro_luna")
+            .len()
             == 1)
         .await
     );
@@ -193,7 +195,7 @@ async fn two_tenants_called_at_once_each_get_their_own_agent() {
         ("acme_dental", "+15557770001", "Ava"),
         ("bistro_luna", "+15557770002", "Luca"),
     ] {
-        let report = &history(tenant)()[0];
+        let report = &reported(&cp, tenant)[0];
         assert_eq!(report.tenant_id.as_deref(), Some(tenant));
         assert_eq!(report.agent_name, agent);
         assert_eq!(report.context_source, "fresh");
@@ -284,13 +286,8 @@ async fn control_plane_outage_falls_back_in_budget_and_spooled_reports_arrive_af
 
     // While the control plane is up, Acme's number is looked up (and cached).
     call(&stack, ACME, "+15557770004", utterance()).await;
-    let store = cp.store().clone();
     assert!(
-        eventually(Duration::from_secs(5), || store
-            .call_history("acme_dental", 10)
-            .unwrap()
-            .unwrap()
-            .calls
+        eventually(Duration::from_secs(5), || reported(&cp, "acme_dental")
             .len()
             == 1)
         .await
@@ -349,13 +346,8 @@ async fn control_plane_outage_falls_back_in_budget_and_spooled_reports_arrive_af
     // resends the spool.
     let cp = start_control_plane(cp_addr, &db).await;
     let again = bridge_against(MockConfig::default(), target).await;
-    let store = cp.store().clone();
     assert!(
-        eventually(Duration::from_secs(10), || store
-            .call_history("acme_dental", 10)
-            .unwrap()
-            .unwrap()
-            .calls
+        eventually(Duration::from_secs(10), || reported(&cp, "acme_dental")
             .len()
             == 2)
         .await,
@@ -382,11 +374,7 @@ async fn control_plane_outage_falls_back_in_budget_and_spooled_reports_arrive_af
             == 0)
         .await
     );
-    let history = store
-        .call_history("acme_dental", 10)
-        .unwrap()
-        .unwrap()
-        .calls;
+    let history = reported(&cp, "acme_dental");
     assert_eq!(history[0].context_source, "cached");
     cp.stop().await;
 }
@@ -451,13 +439,8 @@ async fn a_tenants_maximum_call_length_ends_the_call() {
         report.duration
     );
     assert_eq!(stack.bridge.metrics().calls_max_duration.load(Relaxed), 1);
-    let store = cp.store().clone();
     assert!(
-        eventually(Duration::from_secs(5), || store
-            .call_history("acme_dental", 10)
-            .unwrap()
-            .unwrap()
-            .calls
+        eventually(Duration::from_secs(5), || reported(&cp, "acme_dental")
             .first()
             .is_some_and(|c| c.end_reason == "max_duration"))
         .await
