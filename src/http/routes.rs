@@ -16,7 +16,7 @@ use url::Url;
 
 use super::fly::{self, ReplayDecision};
 use crate::session::binding::STREAM_TOKEN_PARAMETER;
-use crate::session::call::{CallServices, prepare_call, redact_number, run_call};
+use crate::session::call::{CallServices, parameter, prepare_call, redact_number, run_call};
 use crate::session::metrics::{Metrics, SignedRoute};
 use crate::twilio::signature::SignatureValidator;
 use crate::twilio::twiml;
@@ -159,10 +159,7 @@ fn refuse_signature(state: &AppState, route: SignedRoute, missing: bool) -> Stat
 }
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> &'a str {
-    params
-        .iter()
-        .find(|(key, _)| key == name)
-        .map_or("", |(_, value)| value.as_str())
+    parameter(params, name).unwrap_or("")
 }
 
 /// Twilio's voice webhook: answer with TwiML that connects the call to our media stream.

@@ -197,7 +197,8 @@ async fn claim_or_resolve(
     }
 }
 
-fn parameter<'a>(parameters: &'a [(String, String)], name: &str) -> Option<&'a str> {
+/// The value of a form field or TwiML `<Parameter>` named `name`, if present.
+pub(crate) fn parameter<'a>(parameters: &'a [(String, String)], name: &str) -> Option<&'a str> {
     parameters
         .iter()
         .find(|(key, _)| key == name)

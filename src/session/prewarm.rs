@@ -171,7 +171,7 @@ impl PendingCalls {
             );
             return false;
         }
-        let receiver = match self.calls.entry(call_sid.to_owned()) {
+        let sender = match self.calls.entry(call_sid.to_owned()) {
             Entry::Occupied(_) => return false,
             Entry::Vacant(vacant) => {
                 let (sender, receiver) = oneshot::channel();
@@ -179,7 +179,6 @@ impl PendingCalls {
                 sender
             }
         };
-        let sender = receiver;
         let this = Arc::clone(self);
         let call_sid = call_sid.to_owned();
         self.tasks.spawn(async move {
