@@ -10,6 +10,7 @@ pub mod codec;
 pub mod config;
 pub mod control;
 pub mod http;
+pub mod logtext;
 pub mod secret;
 pub mod session;
 pub mod twilio;

@@ -1,12 +1,13 @@
 //! Twilio: Media Streams messages, the stream state machine, request signatures, TwiML.
 //!
 //! Everything here is sans-IO. [`events`] owns the wire shapes of Media Streams messages and the
-//! allocation-free writers for the outbound ones; [`stream`] owns the order and identity of one
-//! stream; [`signature`] decides whether an HTTP request or WebSocket handshake really comes
+//! allocation-free writers for the outbound ones; [`ids`] checks the shape of Twilio's SIDs;
+//! [`stream`] owns the order and identity of one stream; [`signature`] decides whether an HTTP request or WebSocket handshake really comes
 //! from Twilio (the token never leaves a [`crate::Secret`], comparisons are constant-time);
 //! [`twiml`] renders the `<Connect><Stream>` answer that starts a stream.
 
 pub mod events;
+pub mod ids;
 pub mod signature;
 pub mod stream;
 pub mod twiml;
