@@ -110,6 +110,10 @@ struct BenchArgs {
     ramp_step: usize,
     #[arg(long, default_value_t = 2000)]
     ramp_max: usize,
+    /// Soak: repeat batches of --calls calls of --seconds each until this many minutes have
+    /// passed, sampling the bridge's RSS and open file descriptors in and after every batch.
+    #[arg(long, conflicts_with_all = ["ramp", "baseline"])]
+    soak_minutes: Option<f64>,
     /// Latency budget for --ramp, in ms (p99 of each direction).
     #[arg(long, default_value_t = 2.0)]
     budget_ms: f64,
@@ -579,8 +583,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     let budget = Duration::from_secs_f64(args.budget_ms.max(0.0) / 1e3);
     let (ramp, ramp_step, ramp_max) = (args.ramp, args.ramp_step.max(1), args.ramp_max);
+    let soak = args.soak_minutes;
     let run_one = |options: BenchOptions| async move {
-        if ramp {
+        if let Some(minutes) = soak {
+            harness::run_soak(&options, minutes).await
+        } else if ramp {
             harness::run_ramp(&options, ramp_step, ramp_max, budget).await
         } else {
             harness::run(&options).await

@@ -212,6 +212,12 @@ impl EchoModel {
             .collect()
     }
 
+    /// Forgets the records of every session so far, so a long run (`bench --soak-minutes`)
+    /// keeps only the current batch's in memory. Call between batches, with no session open.
+    pub fn forget_records(&self) {
+        lock(&self.shared.sessions).clear();
+    }
+
     /// A handle on the session records that outlives this borrow (for a task that reads them
     /// while the run goes on).
     pub fn live_records(&self) -> LiveRecords {

@@ -20,7 +20,7 @@ use url::Url;
 
 use super::echo_model::{EchoFormat, EchoModel, EchoModelConfig, EchoSessionRecord, LiveRecords};
 use super::load::{ID_DIGITS, LoadCallConfig, LoadCallRecord, run_load_call};
-use super::results::{BenchResult, Epoch, Machine, Percentiles, RampStep, Samples};
+use super::results::{BenchResult, Epoch, Machine, Percentiles, RampStep, Samples, SoakSample};
 use super::{SPEECH_FIXTURE, http_client, lock};
 use crate::config::{AgentDefaults, BridgeConfig, UpstreamTarget};
 use crate::http::Bridge;
@@ -234,6 +234,70 @@ pub async fn run_ramp(
     Ok(last)
 }
 
+/// Runs batches of `options.calls` calls for `options.seconds` each, back to back, until
+/// `minutes` have passed, and samples the bridge's resident memory and open file descriptors
+/// in every batch: halfway through (every call up) and after it (every call ended). A leak
+/// shows as a rising column; the idle descriptor count should come back to the same number
+/// after every batch. The result is the last batch's, with `errors` summed over all of them.
+pub async fn run_soak(options: &BenchOptions, minutes: f64) -> Result<BenchResult, BenchError> {
+    let rig = Rig::start(options).await?;
+    let pid = match &rig.bridge {
+        RunningBridge::Child { pid, .. } => Some(pid.to_string()),
+        _ => None,
+    };
+    let began = std::time::Instant::now();
+    let until = Duration::from_secs_f64(minutes.max(0.0) * 60.0);
+    let mut samples = Vec::new();
+    let mut errors = 0;
+    let mut last;
+    loop {
+        last = rig.measure(options, options.calls).await;
+        rig.model.forget_records();
+        // The calls have ended; give their sockets the call's own close grace to go.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let sample = SoakSample {
+            minute: began.elapsed().as_secs_f64() / 60.0,
+            calls: options.calls,
+            rss_kib_busy: last.bridge_rss_kib_steady,
+            fds_busy: last.bridge_fds_steady,
+            rss_kib_idle: pid.as_deref().and_then(process_rss_kib),
+            fds_idle: pid.as_deref().and_then(process_fds),
+            uplink_p99_us: last.uplink_us.p99,
+            downlink_p99_us: last.downlink_us.p99,
+            errors: last.errors,
+        };
+        if options.progress {
+            eprintln!("soak: {}", soak_line(&sample));
+        }
+        errors += last.errors;
+        samples.push(sample);
+        if began.elapsed() >= until {
+            break;
+        }
+    }
+    rig.stop().await;
+    last.errors = errors;
+    last.soak = samples;
+    Ok(last)
+}
+
+/// One soak sample as a line of the progress log and the summary table.
+fn soak_line(sample: &SoakSample) -> String {
+    let kib = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+    format!(
+        "{:>6.1} min  {:>5} calls  RSS busy {:>8} KiB idle {:>8} KiB  fds busy {:>5} idle {:>5}  p99 µs up {:>7.0} down {:>7.0}  errors {}",
+        sample.minute,
+        sample.calls,
+        kib(sample.rss_kib_busy),
+        kib(sample.rss_kib_idle),
+        kib(sample.fds_busy),
+        kib(sample.fds_idle),
+        sample.uplink_p99_us,
+        sample.downlink_p99_us,
+        sample.errors,
+    )
+}
+
 async fn start_bridge(
     options: &BenchOptions,
     model_url: &str,
@@ -418,6 +482,11 @@ fn process_cpu(pid: &str) -> Option<Duration> {
     Some(Duration::from_micros((utime + stime) * 1_000_000 / ticks))
 }
 
+/// Open file descriptors of a process, from `/proc/<pid>/fd`.
+fn process_fds(pid: &str) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
 /// Resident memory of a process in KiB, from `/proc/<pid>/status`.
 fn process_rss_kib(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -556,6 +625,7 @@ async fn measure(
     let window_wall = std::time::Instant::now();
     tokio::time::sleep(steady.saturating_sub(window_start)).await;
     let rss_steady = bridge_pid.as_deref().and_then(process_rss_kib);
+    let fds_steady = bridge_pid.as_deref().and_then(process_fds);
     let window_len = duration
         .saturating_sub(options.ramp_up + Duration::from_millis(1_000))
         .max(Duration::from_millis(100));
@@ -600,6 +670,8 @@ async fn measure(
         result.bridge_cpu_ms_per_call_second =
             Some(cpu.as_secs_f64() * 1e3 / call_seconds.max(1e-9));
     }
+    result.bridge_rss_kib_steady = rss_steady;
+    result.bridge_fds_steady = fds_steady;
     if let (Some(before), Some(steady)) = (rss_before, rss_steady) {
         result.bridge_rss_kib_per_call =
             Some(steady.saturating_sub(before) as f64 / calls.max(1) as f64);
@@ -1066,6 +1138,12 @@ pub fn summary(result: &BenchResult) -> String {
             out,
             "  ramp: largest call count that held the budget: {max}"
         );
+    }
+    if !result.soak.is_empty() {
+        let _ = writeln!(out, "  soak, one line per batch:");
+        for sample in &result.soak {
+            let _ = writeln!(out, "    {}", soak_line(sample));
+        }
     }
     let _ = writeln!(
         out,

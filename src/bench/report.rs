@@ -737,6 +737,9 @@ mod tests {
             frames_received: 59_997,
             bridge_cpu_ms_per_call_second: Some(1.23),
             bridge_rss_kib_per_call: Some(456.7),
+            bridge_rss_kib_steady: None,
+            bridge_fds_steady: None,
+            soak: Vec::new(),
             load_cpu_utilisation: 0.42,
             machine: Machine {
                 cpus: 2,

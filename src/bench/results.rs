@@ -76,6 +76,22 @@ pub struct RampStep {
     pub held: bool,
 }
 
+/// One batch of a `--soak-minutes` run: the bridge's footprint while the batch's calls were
+/// up (sampled halfway through), and again once they had all ended.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SoakSample {
+    /// Minutes since the soak began, at the end of the batch.
+    pub minute: f64,
+    pub calls: usize,
+    pub rss_kib_busy: Option<u64>,
+    pub fds_busy: Option<u64>,
+    pub rss_kib_idle: Option<u64>,
+    pub fds_idle: Option<u64>,
+    pub uplink_p99_us: f64,
+    pub downlink_p99_us: f64,
+    pub errors: u64,
+}
+
 /// Latency samples kept for plots (a bounded, evenly spaced subset of all measurements).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Samples {
@@ -113,6 +129,11 @@ pub struct BenchResult {
     pub frames_received: u64,
     pub bridge_cpu_ms_per_call_second: Option<f64>,
     pub bridge_rss_kib_per_call: Option<f64>,
+    /// The bridge's resident memory and open file descriptors while every call was up.
+    #[serde(default)]
+    pub bridge_rss_kib_steady: Option<u64>,
+    #[serde(default)]
+    pub bridge_fds_steady: Option<u64>,
     /// The load process's CPU time over wall time (1.0 = one core busy).
     pub load_cpu_utilisation: f64,
     pub machine: Machine,
@@ -120,6 +141,9 @@ pub struct BenchResult {
     pub ramp: Vec<RampStep>,
     /// The largest call count of a `--ramp` run that held the budget.
     pub max_calls_held: Option<usize>,
+    /// With `--soak-minutes`: one sample per batch, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub soak: Vec<SoakSample>,
     /// With `--baseline`: the same run against the do-nothing relay, the machine's floor.
     pub floor: Option<Box<BenchResult>>,
 }
