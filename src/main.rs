@@ -388,7 +388,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         require_stream_token: args.require_stream_token,
         fly_machine_id: args.fly_machine_id,
     };
-    let mut config = BridgeConfig::from_raw(raw)?;
+    let mut config = match BridgeConfig::from_raw(raw) {
+        Ok(config) => config,
+        Err(error) => {
+            // One line whatever RUST_BACKTRACE says: the operator needs the reason, not a trace.
+            eprintln!("Error: {error}");
+            std::process::exit(2);
+        }
+    };
     let mut mock = None;
     if config.mock_model {
         let server = MockRealtimeServer::start(MockConfig::default())
