@@ -495,7 +495,10 @@ mod tests {
         let config = BridgeConfig::from_raw(raw_with_token()).unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.upstream.url, DEFAULT_OPENAI_URL);
-        assert_eq!(config.upstream.api_key.as_ref().unwrap().expose(), "sk-test");
+        assert_eq!(
+            config.upstream.api_key.as_ref().unwrap().expose(),
+            "sk-test"
+        );
         assert!(!config.mock_model);
         assert_eq!(
             config.public_url,
@@ -739,7 +742,10 @@ mod tests {
             "http://169.254.169.254",
         ] {
             assert!(
-                matches!(with_url(refused), Err(ConfigError::PlaintextControlPlane(_))),
+                matches!(
+                    with_url(refused),
+                    Err(ConfigError::PlaintextControlPlane(_))
+                ),
                 "{refused}"
             );
         }

@@ -80,7 +80,8 @@ async fn a_stream_carrying_another_calls_token_is_refused() {
         stack_with(|config| config.prewarm_unclaimed_after = Duration::from_millis(300)).await;
     let (_, parameters) = voice_webhook(&stack, &call_sid(1), "+15550100001", "+15550009999").await;
     // Same parameters (the victim's token), but the stream belongs to another call.
-    let mut ws = start_raw_stream_as(&stack, "MZ_thief", &call_sid(2), as_object(&parameters)).await;
+    let mut ws =
+        start_raw_stream_as(&stack, "MZ_thief", &call_sid(2), as_object(&parameters)).await;
     assert!(closed_by_bridge(&mut ws, Duration::from_secs(5)).await);
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.streams_refused_token.load(Relaxed), 1);

@@ -63,7 +63,10 @@ const BASE: [(&str, &str); 3] = [
 ];
 
 /// [`BASE`] with `name` removed and `extra` added.
-fn base_with(without: Option<&str>, extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+fn base_with(
+    without: Option<&str>,
+    extra: &[(&'static str, &'static str)],
+) -> Vec<(&'static str, &'static str)> {
     BASE.iter()
         .filter(|(name, _)| Some(*name) != without)
         .chain(extra)
@@ -74,7 +77,10 @@ fn base_with(without: Option<&str>, extra: &[(&'static str, &'static str)]) -> V
 #[test]
 fn serve_refuses_to_start_without_a_public_url() {
     let reason = serve_refusal(&base_with(Some("VOXRELAY_PUBLIC_URL"), &[]));
-    assert!(reason.contains("VOXRELAY_PUBLIC_URL is not set"), "{reason}");
+    assert!(
+        reason.contains("VOXRELAY_PUBLIC_URL is not set"),
+        "{reason}"
+    );
 }
 
 #[test]

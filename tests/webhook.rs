@@ -109,7 +109,9 @@ async fn one_captured_signature_resplit_four_ways_yields_one_call() {
     assert_eq!(metrics.webhooks_refused(WebhookRefusal::BadCallSid), 3);
     assert_eq!(metrics.prewarm_started.load(Relaxed), 1);
     assert!(
-        eventually(Duration::from_secs(5), || stack.mock.log().sessions().len() == 1).await
+        eventually(Duration::from_secs(5), || stack.mock.log().sessions().len()
+            == 1)
+        .await
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(stack.mock.log().sessions().len(), 1, "one paid session");
@@ -162,7 +164,12 @@ async fn a_replayed_webhook_gets_the_same_twiml_and_never_a_second_prewarm() {
         .await
     );
     assert!(
-        eventually(Duration::from_secs(5), || stack.mock.log().active_sessions() == 0).await
+        eventually(Duration::from_secs(5), || stack
+            .mock
+            .log()
+            .active_sessions()
+            == 0)
+        .await
     );
     // A replay after the unclaimed timeout is still remembered: answered, nothing opened.
     let replay = post_voice(&stack, &form, None).await;
@@ -188,7 +195,13 @@ async fn prewarms_beyond_the_cap_start_cold_and_still_answer() {
         assert_eq!(response.status, 200);
     }
     let metrics = stack.bridge.metrics();
-    assert!(eventually(Duration::from_secs(5), || metrics.prewarms_active.load(Relaxed) == 2).await);
+    assert!(
+        eventually(Duration::from_secs(5), || metrics
+            .prewarms_active
+            .load(Relaxed)
+            == 2)
+        .await
+    );
     // Two sessions wait for streams that never come (unclaimed after 15 s): a third call is
     // answered and greeted, from a session it opens itself when its stream starts.
     let caller = CallerConfig {
@@ -230,10 +243,8 @@ async fn start_stream_from(stack: &Stack, account_sid: &str, n: u128) -> RawSock
     let answer = post_voice(stack, &twilio_form(OUR_ACCOUNT, &call_sid(n)), None).await;
     assert_eq!(answer.status, 200);
     let (_, parameters) = parse_connect_stream(&answer.body).expect("TwiML");
-    let custom: serde_json::Map<String, serde_json::Value> = parameters
-        .into_iter()
-        .map(|(k, v)| (k, json!(v)))
-        .collect();
+    let custom: serde_json::Map<String, serde_json::Value> =
+        parameters.into_iter().map(|(k, v)| (k, json!(v))).collect();
     let mut ws = open_media_socket(stack).await;
     let stream_sid = format!("MZ{n:032x}");
     ws.send(Message::text(
@@ -271,11 +282,17 @@ async fn streams_from_another_account_are_closed() {
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.streams_refused_account.load(Relaxed), 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(stack.mock.log().sessions().len(), 0, "no model session for it");
+    assert_eq!(
+        stack.mock.log().sessions().len(),
+        0,
+        "no model session for it"
+    );
 
     let mut ours = start_stream_from(&stack, OUR_ACCOUNT, 2).await;
     assert!(
-        eventually(Duration::from_secs(5), || stack.mock.log().sessions().len() == 1).await,
+        eventually(Duration::from_secs(5), || stack.mock.log().sessions().len()
+            == 1)
+        .await,
         "a stream from our account reaches the model"
     );
     assert!(!closed_by_bridge(&mut ours, Duration::from_millis(300)).await);

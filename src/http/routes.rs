@@ -16,9 +16,9 @@ use tokio_util::task::TaskTracker;
 use url::Url;
 
 use super::fly::{self, ReplayDecision};
+use crate::logtext::Untrusted;
 use crate::session::binding::STREAM_TOKEN_PARAMETER;
 use crate::session::call::{CallServices, parameter, prepare_call, redact_number, run_call};
-use crate::logtext::Untrusted;
 use crate::session::metrics::{Metrics, SignedRoute, WebhookRefusal};
 use crate::session::prewarm::Admission;
 use crate::twilio::ids::{is_account_sid, is_call_sid};

@@ -243,7 +243,11 @@ impl AnsweredCalls {
 
     /// `CallSid`s remembered now (expired ones go at the next [`AnsweredCalls::record`]).
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).seen.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -694,7 +698,11 @@ mod tests {
         assert_eq!(answered.record(&sid(0xabcdef), start), Answered::First);
         assert_eq!(answered.record(&upper, start), Answered::Repeat);
         assert_eq!(answered.record(&sid(1), start + retention), Answered::First);
-        assert_eq!(answered.len(), 1, "both old entries aged out, the new one stays");
+        assert_eq!(
+            answered.len(),
+            1,
+            "both old entries aged out, the new one stays"
+        );
     }
 
     #[test]
@@ -721,7 +729,10 @@ mod tests {
         }
         assert_eq!(answered.len(), 3);
         // Once the old ones age out there is room again.
-        assert_eq!(answered.record(&sid(10), start + retention), Answered::First);
+        assert_eq!(
+            answered.record(&sid(10), start + retention),
+            Answered::First
+        );
         assert_eq!(answered.len(), 1);
     }
 
@@ -739,9 +750,14 @@ mod tests {
             Admission::Preparing { .. }
         ));
         assert_eq!(
-            pending.prepare(&sid(2), now, true, |_: bool| -> std::future::Ready<Prepared> {
-                panic!("nothing is prepared when the memory is full")
-            }),
+            pending.prepare(
+                &sid(2),
+                now,
+                true,
+                |_: bool| -> std::future::Ready<Prepared> {
+                    panic!("nothing is prepared when the memory is full")
+                }
+            ),
             Admission::NotPrepared
         );
         assert_eq!(metrics.answered_calls_full.load(Relaxed), 1);
