@@ -38,7 +38,7 @@ use voxrelay::session::call::{CallServices, run_call};
 use voxrelay::session::engine::CallEngine;
 use voxrelay::session::metrics::Metrics;
 use voxrelay::session::playback::PlaybackConfig;
-use voxrelay::session::prewarm::PendingCalls;
+use voxrelay::session::prewarm::{PendingCalls, PendingLimits};
 use voxrelay::session::registry::CallRegistry;
 use voxrelay::upstream::{OpenAiRealtime, SessionSettings};
 use voxrelay::{Secret, bench::echo_model::EchoSessionRecord};
@@ -283,10 +283,14 @@ impl CallRig {
         let services = Arc::new(CallServices {
             metrics: Arc::clone(&metrics),
             registry: CallRegistry::new(Arc::clone(&metrics)),
-            pending: Arc::new(PendingCalls::new(metrics, Duration::from_secs(15), 16)),
+            pending: Arc::new(PendingCalls::new(
+                metrics,
+                PendingLimits::new(Duration::from_secs(15), 16),
+            )),
             tokens: StreamTokens::from_auth_token(&Secret::new("bench")),
             require_stream_token: false,
             prewarm: false,
+            twilio_account_sid: None,
             control: None,
             upstream: UpstreamTarget {
                 url: model.url(),

@@ -4,13 +4,14 @@
 //! `voxrelay serve --help`), is validated here, and is passed down as plain values: no
 //! globals. Secrets are held as [`Secret`] so a `{:?}` of the configuration never prints them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use url::Url;
+use url::{Host, Url};
 
 use crate::control::signing::SigningKey;
+use crate::twilio::ids::is_account_sid;
 use crate::{AudioMode, Secret};
 
 /// The default OpenAI Realtime endpoint (GA protocol).
@@ -35,6 +36,17 @@ pub const DEFAULT_REPORT_SPOOL_DIR: &str = "voxrelay-spool";
 /// A pre-warmed session nobody claims is closed this long after it is ready. Twilio opens
 /// the stream within a second or two of receiving TwiML; this leaves room for slow networks.
 pub const DEFAULT_PREWARM_UNCLAIMED: Duration = Duration::from_secs(15);
+/// Pre-warmed model sessions open at once (connecting, or ready and waiting for their stream):
+/// a tenth of the 200 calls one bridge core held in the benchmark. A session is waited on for
+/// about a second (Twilio fetching the TwiML and opening the stream), so at 200 calls of two
+/// minutes about two are in flight; 20 absorbs a tenfold burst. Each one is a paid model
+/// session the webhook opens before any stream proves the call is real, so this also bounds
+/// what replayed webhooks can spend at once. Beyond it calls start cold (about one model
+/// handshake slower to greet), counted in `voxrelay_prewarm_capped_total`.
+pub const DEFAULT_MAX_PREWARMS: usize = 20;
+/// The most `VOXRELAY_MAX_PREWARMS` may be: far above any real need, and small enough that
+/// the semaphore holding them cannot overflow.
+pub const MAX_PREWARMS_LIMIT: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -44,15 +56,37 @@ pub enum ConfigError {
     )]
     MissingAuthToken,
     #[error(
+        "VOXRELAY_PUBLIC_URL is not set: the bridge refuses to start without it, because Twilio's \
+         signatures are checked against that origin and never against a request's Host header \
+         (e.g. VOXRELAY_PUBLIC_URL=https://voice.example.com)"
+    )]
+    MissingPublicUrl,
+    #[error(
         "VOXRELAY_PUBLIC_URL {0:?} is not an absolute http(s) origin such as https://voice.example.com"
     )]
     BadPublicUrl(String),
+    #[error(
+        "OPENAI_API_KEY is not set: the bridge refuses to start without it (pass --mock-model or \
+         VOXRELAY_MOCK_MODEL=1 to answer calls with the built-in mock model instead)"
+    )]
+    MissingOpenAiKey,
     #[error("VOXRELAY_OPENAI_URL {0:?} is not a ws:// or wss:// URL")]
     BadUpstreamUrl(String),
+    #[error(
+        "VOXRELAY_OPENAI_URL {0:?} is plain ws:// to a host that is not loopback: the API key \
+         would cross the network in clear (use wss://)"
+    )]
+    PlaintextUpstream(String),
     #[error("VOXRELAY_PLAYBACK_LEAD_MS must be between 20 and 1000, got {0}")]
     BadLead(u64),
     #[error("VOXRELAY_CONTROL_PLANE_URL {0:?} is not an http(s) URL")]
     BadControlPlaneUrl(String),
+    #[error(
+        "VOXRELAY_CONTROL_PLANE_URL {0:?} is plain http:// to a public address: call reports and \
+         tenant contexts would cross the network in clear (use https://, or a loopback, private \
+         or *.internal address)"
+    )]
+    PlaintextControlPlane(String),
     #[error(
         "VOXRELAY_CONTROL_PLANE_URL is set, so VOXRELAY_CONTROL_PLANE_KEY_ID and \
          VOXRELAY_CONTROL_PLANE_SECRET must be too (every request to it is signed)"
@@ -60,17 +94,54 @@ pub enum ConfigError {
     MissingControlPlaneKey,
     #[error("VOXRELAY_CONTEXT_BUDGET_MS must be between 10 and 5000, got {0}")]
     BadLookupBudget(u64),
+    #[error("VOXRELAY_TWILIO_ACCOUNT_SID {0:?} is not an account SID (AC and 32 hex digits)")]
+    BadAccountSid(String),
+    #[error("VOXRELAY_MAX_PREWARMS must be at most {MAX_PREWARMS_LIMIT}, got {0}")]
+    BadMaxPrewarms(usize),
+}
+
+/// The origin Twilio reaches the bridge at: every signature is checked against URLs on it and
+/// every URL in the TwiML is built on it. Never taken from a request's `Host` or
+/// `X-Forwarded-*` headers, which whoever sends the request chooses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublicUrl {
+    /// A configured origin (`VOXRELAY_PUBLIC_URL`): the only kind `serve` accepts.
+    Origin(Url),
+    /// `http://` and the address the bridge bound, known once it has bound (port 0 picks
+    /// one): for bridges only peers on the same host call — the demo, the benchmark, tests.
+    Listener,
+}
+
+impl PublicUrl {
+    /// The origin, given the address the bridge bound.
+    pub fn resolve(&self, bound: SocketAddr) -> Url {
+        match self {
+            PublicUrl::Origin(url) => url.clone(),
+            PublicUrl::Listener => {
+                // A wildcard bind is reached on loopback by the local peers this is for.
+                let ip = match bound.ip() {
+                    IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+                    IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1]),
+                    ip => ip,
+                };
+                let origin = format!("http://{}", SocketAddr::new(ip, bound.port()));
+                Url::parse(&origin).expect("a socket address makes a valid origin")
+            }
+        }
+    }
 }
 
 /// Everything `voxrelay serve` needs.
 #[derive(Clone, Debug)]
 pub struct BridgeConfig {
     pub listen: SocketAddr,
-    /// The public origin Twilio reaches (`https://host`), without a trailing slash. When
-    /// absent, URLs are rebuilt from each request's `Host` and `X-Forwarded-Proto`.
-    pub public_url: Option<Url>,
+    pub public_url: PublicUrl,
     pub twilio_auth_token: Secret,
+    /// When set, webhooks and streams from any other Twilio account are refused.
+    pub twilio_account_sid: Option<String>,
     pub upstream: UpstreamTarget,
+    /// Calls go to the built-in mock model (asked for explicitly; `upstream` is then unused).
+    pub mock_model: bool,
     pub agent: AgentDefaults,
     pub playback_lead: Duration,
     pub drain: Duration,
@@ -79,6 +150,8 @@ pub struct BridgeConfig {
     /// Open and configure the upstream session on the voice webhook.
     pub prewarm: bool,
     pub prewarm_unclaimed_after: Duration,
+    /// Pre-warmed sessions open at once; beyond it calls start cold.
+    pub max_prewarms: usize,
     /// Refuse streams whose TwiML did not come from our webhook (no binding token).
     pub require_stream_token: bool,
     /// `FLY_MACHINE_ID` on Fly.io: put in stream URLs so upgrades replay to this machine.
@@ -152,7 +225,9 @@ pub struct RawConfig {
     pub listen: Option<SocketAddr>,
     pub public_url: Option<String>,
     pub twilio_auth_token: Option<String>,
+    pub twilio_account_sid: Option<String>,
     pub openai_api_key: Option<String>,
+    pub mock_model: Option<bool>,
     pub openai_url: Option<String>,
     pub audio_mode: Option<AudioMode>,
     pub voice: Option<String>,
@@ -171,6 +246,7 @@ pub struct RawConfig {
     pub report_resend_seconds: Option<u64>,
     pub prewarm: Option<bool>,
     pub prewarm_unclaimed_ms: Option<u64>,
+    pub max_prewarms: Option<usize>,
     pub require_stream_token: Option<bool>,
     pub fly_machine_id: Option<String>,
 }
@@ -185,15 +261,42 @@ impl BridgeConfig {
         let public_url = raw
             .public_url
             .filter(|u| !u.trim().is_empty())
-            .map(|u| parse_public_url(&u))
-            .transpose()?;
+            .ok_or(ConfigError::MissingPublicUrl)
+            .and_then(|u| parse_public_url(&u))?;
+        let twilio_account_sid = raw
+            .twilio_account_sid
+            .map(|sid| sid.trim().to_owned())
+            .filter(|sid| !sid.is_empty());
+        if let Some(sid) = &twilio_account_sid {
+            if !is_account_sid(sid) {
+                return Err(ConfigError::BadAccountSid(sid.clone()));
+            }
+        }
+        let mock_model = raw.mock_model.unwrap_or(false);
         let upstream_url = raw
             .openai_url
             .filter(|u| !u.trim().is_empty())
             .unwrap_or_else(|| DEFAULT_OPENAI_URL.to_owned());
-        match Url::parse(&upstream_url) {
-            Ok(u) if matches!(u.scheme(), "ws" | "wss") => {}
+        let parsed_upstream = match Url::parse(&upstream_url) {
+            Ok(u) if matches!(u.scheme(), "ws" | "wss") => u,
             _ => return Err(ConfigError::BadUpstreamUrl(upstream_url)),
+        };
+        // The mock model needs no key, and the key is never sent to it.
+        let api_key = if mock_model {
+            None
+        } else {
+            let key = raw
+                .openai_api_key
+                .filter(|k| !k.trim().is_empty())
+                .ok_or(ConfigError::MissingOpenAiKey)?;
+            if parsed_upstream.scheme() == "ws" && !is_loopback_host(&parsed_upstream) {
+                return Err(ConfigError::PlaintextUpstream(upstream_url));
+            }
+            Some(Secret::new(key))
+        };
+        let max_prewarms = raw.max_prewarms.unwrap_or(DEFAULT_MAX_PREWARMS);
+        if max_prewarms > MAX_PREWARMS_LIMIT {
+            return Err(ConfigError::BadMaxPrewarms(max_prewarms));
         }
         let lead_ms = raw.playback_lead_ms.unwrap_or(120);
         if !(20..=1000).contains(&lead_ms) {
@@ -202,15 +305,14 @@ impl BridgeConfig {
         let defaults = AgentDefaults::default();
         Ok(Self {
             listen: raw.listen.unwrap_or_else(|| ([0, 0, 0, 0], 8080).into()),
-            public_url,
+            public_url: PublicUrl::Origin(public_url),
             twilio_auth_token: Secret::new(token),
+            twilio_account_sid,
             upstream: UpstreamTarget {
                 url: upstream_url,
-                api_key: raw
-                    .openai_api_key
-                    .filter(|k| !k.trim().is_empty())
-                    .map(Secret::new),
+                api_key,
             },
+            mock_model,
             agent: AgentDefaults {
                 voice: raw
                     .voice
@@ -235,6 +337,7 @@ impl BridgeConfig {
             prewarm_unclaimed_after: raw
                 .prewarm_unclaimed_ms
                 .map_or(DEFAULT_PREWARM_UNCLAIMED, Duration::from_millis),
+            max_prewarms,
             require_stream_token: raw.require_stream_token.unwrap_or(false),
             fly_machine_id: raw.fly_machine_id.filter(|id| !id.trim().is_empty()),
         })
@@ -243,19 +346,23 @@ impl BridgeConfig {
 
 impl BridgeConfig {
     /// A bridge on a loopback port with every optional feature at its default and no control
-    /// plane: for the demo, the bench harness and tests, which then adjust what they need.
+    /// plane: for the demo, the bench harness and tests, which then adjust what they need. Its
+    /// public URL is the address it binds ([`PublicUrl::Listener`]).
     pub fn local(twilio_auth_token: Secret, upstream: UpstreamTarget) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            public_url: None,
+            public_url: PublicUrl::Listener,
             twilio_auth_token,
+            twilio_account_sid: None,
             upstream,
+            mock_model: false,
             agent: AgentDefaults::default(),
             playback_lead: Duration::from_millis(120),
             drain: Duration::from_secs(5),
             control_plane: None,
             prewarm: true,
             prewarm_unclaimed_after: DEFAULT_PREWARM_UNCLAIMED,
+            max_prewarms: DEFAULT_MAX_PREWARMS,
             require_stream_token: false,
             fly_machine_id: None,
         }
@@ -274,6 +381,9 @@ fn control_plane_from_raw(raw: &RawConfig) -> Result<Option<ControlPlaneTarget>,
     let parsed = Url::parse(url).map_err(|_| ConfigError::BadControlPlaneUrl(url.to_owned()))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
         return Err(ConfigError::BadControlPlaneUrl(url.to_owned()));
+    }
+    if parsed.scheme() == "http" && !is_private_host(&parsed) {
+        return Err(ConfigError::PlaintextControlPlane(url.to_owned()));
     }
     let key_id = raw
         .control_plane_key_id
@@ -317,6 +427,31 @@ fn control_plane_from_raw(raw: &RawConfig) -> Result<Option<ControlPlaneTarget>,
     }))
 }
 
+/// `localhost` or a loopback address: traffic that never leaves the machine.
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(Host::Domain(name)) => name.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+/// Loopback, or an address only a private network routes: 10/8, 172.16/12, 192.168/16,
+/// IPv6 unique-local fc00::/7 (Fly.io's 6PN is fdaa::/16), or a `*.internal` name (Fly.io's
+/// private DNS). Plain http to these stays inside the operator's network.
+fn is_private_host(url: &Url) -> bool {
+    match url.host() {
+        Some(Host::Ipv4(ip)) => ip.is_loopback() || ip.is_private(),
+        Some(Host::Ipv6(ip)) => ip.is_loopback() || (ip.segments()[0] & 0xfe00) == 0xfc00,
+        Some(Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".internal")
+        }
+        None => false,
+    }
+}
+
 fn parse_public_url(value: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(value.trim()).map_err(|_| ConfigError::BadPublicUrl(value.to_owned()))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -329,9 +464,12 @@ fn parse_public_url(value: &str) -> Result<Url, ConfigError> {
 mod tests {
     use super::*;
 
+    /// The least `serve` starts with: an auth token, a public URL and an API key.
     fn raw_with_token() -> RawConfig {
         RawConfig {
             twilio_auth_token: Some("token".into()),
+            public_url: Some("https://voice.example.com".into()),
+            openai_api_key: Some("sk-test".into()),
             ..RawConfig::default()
         }
     }
@@ -357,7 +495,17 @@ mod tests {
         let config = BridgeConfig::from_raw(raw_with_token()).unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.upstream.url, DEFAULT_OPENAI_URL);
-        assert!(config.upstream.api_key.is_none());
+        assert_eq!(
+            config.upstream.api_key.as_ref().unwrap().expose(),
+            "sk-test"
+        );
+        assert!(!config.mock_model);
+        assert_eq!(
+            config.public_url,
+            PublicUrl::Origin(Url::parse("https://voice.example.com").unwrap())
+        );
+        assert_eq!(config.twilio_account_sid, None);
+        assert_eq!(config.max_prewarms, DEFAULT_MAX_PREWARMS);
         assert_eq!(config.agent.audio_mode, AudioMode::Pcmu);
         assert_eq!(config.drain, Duration::from_secs(30));
         assert_eq!(config.agent.greeting.as_deref(), Some(DEFAULT_GREETING));
@@ -392,6 +540,7 @@ mod tests {
     fn debug_output_never_contains_secrets() {
         let raw = RawConfig {
             twilio_auth_token: Some("tw-secret-123".into()),
+            public_url: Some("https://voice.example.com".into()),
             openai_api_key: Some("sk-secret-456".into()),
             control_plane_url: Some("http://cp.internal:9090".into()),
             control_plane_key_id: Some("k1".into()),
@@ -447,5 +596,209 @@ mod tests {
             BridgeConfig::from_raw(slow),
             Err(ConfigError::BadLookupBudget(60_000))
         ));
+    }
+
+    #[test]
+    fn refuses_to_start_without_a_public_url() {
+        for missing in [None, Some("  ".to_owned())] {
+            let raw = RawConfig {
+                public_url: missing,
+                ..raw_with_token()
+            };
+            assert!(matches!(
+                BridgeConfig::from_raw(raw),
+                Err(ConfigError::MissingPublicUrl)
+            ));
+        }
+        let message = ConfigError::MissingPublicUrl.to_string();
+        assert!(message.contains("VOXRELAY_PUBLIC_URL") && !message.contains('\n'));
+    }
+
+    #[test]
+    fn the_listener_public_url_is_the_bound_address_on_loopback() {
+        let bound: SocketAddr = "127.0.0.1:40123".parse().unwrap();
+        assert_eq!(
+            PublicUrl::Listener.resolve(bound).as_str(),
+            "http://127.0.0.1:40123/"
+        );
+        let wildcard: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(
+            PublicUrl::Listener.resolve(wildcard).as_str(),
+            "http://127.0.0.1:8080/"
+        );
+        let origin = Url::parse("https://voice.example.com").unwrap();
+        assert_eq!(PublicUrl::Origin(origin.clone()).resolve(bound), origin);
+    }
+
+    #[test]
+    fn the_mock_model_must_be_asked_for() {
+        let no_key = RawConfig {
+            openai_api_key: None,
+            ..raw_with_token()
+        };
+        assert!(matches!(
+            BridgeConfig::from_raw(no_key.clone()),
+            Err(ConfigError::MissingOpenAiKey)
+        ));
+        let blank_key = RawConfig {
+            openai_api_key: Some(" ".into()),
+            ..raw_with_token()
+        };
+        assert!(matches!(
+            BridgeConfig::from_raw(blank_key),
+            Err(ConfigError::MissingOpenAiKey)
+        ));
+        let mock = BridgeConfig::from_raw(RawConfig {
+            mock_model: Some(true),
+            ..no_key
+        })
+        .unwrap();
+        assert!(mock.mock_model && mock.upstream.api_key.is_none());
+        // A key given alongside the mock is never sent anywhere.
+        let mock_with_key = BridgeConfig::from_raw(RawConfig {
+            mock_model: Some(true),
+            ..raw_with_token()
+        })
+        .unwrap();
+        assert!(mock_with_key.upstream.api_key.is_none());
+    }
+
+    #[test]
+    fn the_api_key_never_travels_in_clear_beyond_loopback() {
+        let with_url = |url: &str| {
+            BridgeConfig::from_raw(RawConfig {
+                openai_url: Some(url.into()),
+                ..raw_with_token()
+            })
+        };
+        for refused in [
+            "ws://api.openai.com/v1/realtime",
+            "ws://10.0.0.5:9000/v1/realtime",
+            "ws://model.internal/v1/realtime",
+            "ws://localhost.example.com/v1/realtime",
+        ] {
+            assert!(
+                matches!(with_url(refused), Err(ConfigError::PlaintextUpstream(_))),
+                "{refused}"
+            );
+        }
+        for allowed in [
+            "wss://api.openai.com/v1/realtime?model=gpt-realtime",
+            "wss://10.0.0.5/v1/realtime",
+            "ws://127.0.0.1:9000/v1/realtime",
+            "ws://127.8.0.1:9000/v1/realtime",
+            "ws://[::1]:9000/v1/realtime",
+            "ws://localhost:9000/v1/realtime",
+        ] {
+            assert!(with_url(allowed).is_ok(), "{allowed}");
+        }
+        // The mock never gets the key, so any URL is fine with it.
+        assert!(
+            BridgeConfig::from_raw(RawConfig {
+                openai_url: Some("ws://10.0.0.5:9000/v1/realtime".into()),
+                mock_model: Some(true),
+                ..raw_with_token()
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_plain_http_control_plane_must_be_private() {
+        let with_url = |url: &str| {
+            BridgeConfig::from_raw(RawConfig {
+                control_plane_url: Some(url.into()),
+                control_plane_key_id: Some("k1".into()),
+                control_plane_secret: Some("s".into()),
+                ..raw_with_token()
+            })
+        };
+        for allowed in [
+            "https://cp.example.com",
+            "http://127.0.0.1:9090",
+            "http://localhost:9090",
+            "http://[::1]:9090",
+            "http://10.1.2.3",
+            "http://172.16.0.1",
+            "http://172.31.255.254",
+            "http://192.168.1.10:8080/base",
+            "http://[fdaa:0:1:a7b:1::2]:9090",
+            "http://[fc00::1]",
+            "http://cp.internal:9090",
+            "http://top1.nearest.of.cp.internal",
+            "http://CP.INTERNAL",
+        ] {
+            assert!(with_url(allowed).is_ok(), "{allowed}");
+        }
+        for refused in [
+            "http://cp.example.com",
+            "http://8.8.8.8",
+            "http://172.32.0.1",
+            "http://192.169.0.1",
+            "http://[2001:db8::1]",
+            "http://[fe80::1]",
+            "http://internal",
+            "http://cp.internal.example.com",
+            "http://169.254.169.254",
+        ] {
+            assert!(
+                matches!(
+                    with_url(refused),
+                    Err(ConfigError::PlaintextControlPlane(_))
+                ),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_account_sid_and_prewarm_cap_are_checked() {
+        let sid = "AC0123456789abcdef0123456789abcdef";
+        let config = BridgeConfig::from_raw(RawConfig {
+            twilio_account_sid: Some(format!(" {sid} ")),
+            max_prewarms: Some(5),
+            ..raw_with_token()
+        })
+        .unwrap();
+        assert_eq!(config.twilio_account_sid.as_deref(), Some(sid));
+        assert_eq!(config.max_prewarms, 5);
+        let blank = BridgeConfig::from_raw(RawConfig {
+            twilio_account_sid: Some(String::new()),
+            ..raw_with_token()
+        })
+        .unwrap();
+        assert_eq!(blank.twilio_account_sid, None);
+        for bad in ["AC123", "CA0123456789abcdef0123456789abcdef"] {
+            assert!(matches!(
+                BridgeConfig::from_raw(RawConfig {
+                    twilio_account_sid: Some(bad.into()),
+                    ..raw_with_token()
+                }),
+                Err(ConfigError::BadAccountSid(_))
+            ));
+        }
+        assert!(matches!(
+            BridgeConfig::from_raw(RawConfig {
+                max_prewarms: Some(MAX_PREWARMS_LIMIT + 1),
+                ..raw_with_token()
+            }),
+            Err(ConfigError::BadMaxPrewarms(_))
+        ));
+    }
+
+    #[test]
+    fn every_refusal_is_one_line() {
+        let errors = [
+            ConfigError::MissingAuthToken,
+            ConfigError::MissingPublicUrl,
+            ConfigError::MissingOpenAiKey,
+            ConfigError::PlaintextUpstream("ws://x".into()),
+            ConfigError::PlaintextControlPlane("http://x".into()),
+            ConfigError::BadAccountSid("x".into()),
+            ConfigError::BadMaxPrewarms(1),
+        ];
+        for error in errors {
+            assert!(!error.to_string().contains('\n'), "{error}");
+        }
     }
 }

@@ -170,15 +170,24 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "VOXRELAY_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
-    /// Public https origin Twilio reaches (builds the wss:// stream URL; signatures are checked against it).
+    /// Public https origin Twilio reaches (required): builds the wss:// stream URL, and every
+    /// signature is checked against it (never against a request's Host header).
     #[arg(long, env = "VOXRELAY_PUBLIC_URL")]
     public_url: Option<String>,
     /// Twilio auth token (required): verifies X-Twilio-Signature.
     #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
     twilio_auth_token: Option<String>,
-    /// OpenAI API key; without one the bridge runs against its built-in mock model.
+    /// Twilio account SID (AC…): when set, webhooks and media streams from any other account
+    /// are refused.
+    #[arg(long, env = "VOXRELAY_TWILIO_ACCOUNT_SID")]
+    twilio_account_sid: Option<String>,
+    /// OpenAI API key (required unless --mock-model).
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     openai_api_key: Option<String>,
+    /// Answer calls with the built-in mock realtime model instead of OpenAI (1); for trying the
+    /// bridge without a key, never for production.
+    #[arg(long, env = "VOXRELAY_MOCK_MODEL", value_parser = parse_flag, num_args = 0..=1, default_missing_value = "1")]
+    mock_model: Option<bool>,
     /// Realtime endpoint, including ?model=.
     #[arg(long, env = "VOXRELAY_OPENAI_URL")]
     openai_url: Option<String>,
@@ -231,6 +240,9 @@ struct ServeArgs {
     /// Close a pre-warmed session no stream claimed after this many ms.
     #[arg(long, env = "VOXRELAY_PREWARM_UNCLAIMED_MS")]
     prewarm_unclaimed_ms: Option<u64>,
+    /// Pre-warmed model sessions open at once (default 20); beyond it calls start cold.
+    #[arg(long, env = "VOXRELAY_MAX_PREWARMS")]
+    max_prewarms: Option<usize>,
     /// Refuse media streams whose TwiML did not come from this bridge's webhook (1).
     #[arg(long, env = "VOXRELAY_REQUIRE_STREAM_TOKEN", value_parser = parse_flag)]
     require_stream_token: Option<bool>,
@@ -259,6 +271,10 @@ struct CallArgs {
     /// The bridge's Twilio auth token (to sign like Twilio).
     #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
     twilio_auth_token: String,
+    /// The AccountSid the call claims to come from (a bridge with VOXRELAY_TWILIO_ACCOUNT_SID
+    /// refuses any other).
+    #[arg(long, env = "VOXRELAY_TWILIO_ACCOUNT_SID")]
+    account_sid: Option<String>,
     /// Caller audio: raw μ-law 8 kHz mono. Defaults to the built-in speech fixture.
     #[arg(long)]
     audio: Option<PathBuf>,
@@ -351,7 +367,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen: Some(args.listen),
         public_url: args.public_url,
         twilio_auth_token: args.twilio_auth_token,
+        twilio_account_sid: args.twilio_account_sid,
         openai_api_key: args.openai_api_key,
+        mock_model: args.mock_model,
         openai_url: args.openai_url,
         audio_mode: args.audio_mode,
         voice: args.voice,
@@ -370,24 +388,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         report_resend_seconds: args.report_resend_seconds,
         prewarm: args.prewarm,
         prewarm_unclaimed_ms: args.prewarm_unclaimed_ms,
+        max_prewarms: args.max_prewarms,
         require_stream_token: args.require_stream_token,
         fly_machine_id: args.fly_machine_id,
     };
-    let mut config = BridgeConfig::from_raw(raw)?;
+    let mut config = match BridgeConfig::from_raw(raw) {
+        Ok(config) => config,
+        Err(error) => {
+            // One line whatever RUST_BACKTRACE says: the operator needs the reason, not a trace.
+            eprintln!("Error: {error}");
+            std::process::exit(2);
+        }
+    };
     let mut mock = None;
-    if config.upstream.api_key.is_none() {
+    if config.mock_model {
         let server = MockRealtimeServer::start(MockConfig::default())
             .await
             .context("starting the built-in mock model")?;
-        tracing::warn!(mock = %server.url(), "OPENAI_API_KEY is not set: calls go to the built-in mock realtime model");
+        tracing::warn!(mock = %server.url(), "--mock-model: calls go to the built-in mock realtime model, not OpenAI");
         config.upstream.url = server.url();
         config.upstream.api_key = Some(Secret::new("voxrelay-mock"));
         mock = Some(server);
-    }
-    if config.public_url.is_none() {
-        tracing::warn!(
-            "VOXRELAY_PUBLIC_URL is not set: URLs are rebuilt from Host and X-Forwarded-Proto"
-        );
     }
     let bridge = Bridge::start(&config)
         .await
@@ -412,6 +433,9 @@ async fn call(args: CallArgs) -> anyhow::Result<()> {
     }
     let mut caller = CallerConfig::new(args.to.clone(), Secret::new(args.twilio_auth_token), audio);
     caller.public_url = args.public_url;
+    if let Some(account_sid) = args.account_sid {
+        caller.account_sid = account_sid;
+    }
     caller.to = args.number;
     caller.from = args.from;
     caller.linger = Duration::from_secs_f64(args.linger_seconds.max(0.0));

@@ -78,9 +78,10 @@ async fn a_webhook_call_claims_its_prewarmed_session_and_greets_from_it() {
 async fn a_stream_carrying_another_calls_token_is_refused() {
     let stack =
         stack_with(|config| config.prewarm_unclaimed_after = Duration::from_millis(300)).await;
-    let (_, parameters) = voice_webhook(&stack, "CA_victim", "+15550100001", "+15550009999").await;
+    let (_, parameters) = voice_webhook(&stack, &call_sid(1), "+15550100001", "+15550009999").await;
     // Same parameters (the victim's token), but the stream belongs to another call.
-    let mut ws = start_raw_stream_as(&stack, "MZ_thief", "CA_thief", as_object(&parameters)).await;
+    let mut ws =
+        start_raw_stream_as(&stack, "MZ_thief", &call_sid(2), as_object(&parameters)).await;
     assert!(closed_by_bridge(&mut ws, Duration::from_secs(5)).await);
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.streams_refused_token.load(Relaxed), 1);
@@ -144,7 +145,7 @@ async fn streams_without_a_token_work_unless_the_operator_requires_one() {
 #[tokio::test]
 async fn an_upgrade_on_the_wrong_fly_machine_is_replayed_once() {
     let stack = stack_with(|config| config.fly_machine_id = Some("148e21d1c34289".into())).await;
-    let (stream_url, _) = voice_webhook(&stack, "CA_fly", "+15550100001", "+15550009999").await;
+    let (stream_url, _) = voice_webhook(&stack, &call_sid(3), "+15550100001", "+15550009999").await;
     assert!(
         stream_url.ends_with("/twilio/media/m/148e21d1c34289"),
         "the stream URL names this machine: {stream_url}"

@@ -12,6 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use voxrelay::AudioMode;
 use voxrelay::bench::caller::{CallerConfig, place_call};
+use voxrelay::upstream::mock::MockConfig;
 
 /// Quiet, then a tone over the greeting (a barge-in), then quiet while the echo plays.
 fn barge_in_script(hz: f64) -> Vec<u8> {
@@ -127,7 +128,12 @@ async fn a_pcm16_call_streams_both_ways_with_greeting_barge_in_and_echo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_calls_stay_isolated() {
     const CALLS: usize = 50;
-    let stack = start_stack(AudioMode::Pcmu, None).await;
+    // All 50 arrive at once: every one pre-warmed, as this test is about isolation, not about
+    // the pre-warm cap (calls beyond it start cold; see tests/webhook.rs).
+    let stack = start_stack_adjusted(MockConfig::default(), AudioMode::Pcmu, None, |config| {
+        config.max_prewarms = CALLS
+    })
+    .await;
     let tones: Vec<f64> = (0..CALLS).map(|i| 320.0 + 60.0 * i as f64).collect();
     let mut calls = Vec::new();
     for &hz in &tones {

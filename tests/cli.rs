@@ -1,4 +1,5 @@
-//! The `voxrelay` binary itself: start-up validation, `serve` with the built-in mock model,
+//! The `voxrelay` binary itself: start-up validation (no production setting falls back to a
+//! toy or an insecure default silently), `serve` with the built-in mock model asked for,
 //! `call` against it, and SIGTERM draining.
 
 use std::io::{BufRead, BufReader};
@@ -22,6 +23,10 @@ fn clean_command(args: &[&str]) -> Command {
         .env_remove("TWILIO_AUTH_TOKEN")
         .env_remove("OPENAI_API_KEY")
         .env_remove("VOXRELAY_PUBLIC_URL")
+        .env_remove("VOXRELAY_MOCK_MODEL")
+        .env_remove("VOXRELAY_OPENAI_URL")
+        .env_remove("VOXRELAY_CONTROL_PLANE_URL")
+        .env_remove("VOXRELAY_TWILIO_ACCOUNT_SID")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
     command
@@ -37,12 +42,89 @@ fn serve_refuses_to_start_without_a_twilio_auth_token() {
     assert!(stderr.contains("TWILIO_AUTH_TOKEN"), "{stderr}");
 }
 
+/// Runs `serve` with `env` (on top of a clean environment) and expects it to refuse to start:
+/// returns its one-line reason.
+fn serve_refusal(env: &[(&str, &str)]) -> String {
+    let mut command = clean_command(&["serve", "--listen", "127.0.0.1:0"]);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().unwrap();
+    assert!(!output.status.success(), "serve started with {env:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+const BASE: [(&str, &str); 3] = [
+    ("TWILIO_AUTH_TOKEN", "cli-test-token"),
+    ("VOXRELAY_PUBLIC_URL", "https://voice.example.com"),
+    ("OPENAI_API_KEY", "sk-cli-test-key"),
+];
+
+/// [`BASE`] with `name` removed and `extra` added.
+fn base_with(
+    without: Option<&str>,
+    extra: &[(&'static str, &'static str)],
+) -> Vec<(&'static str, &'static str)> {
+    BASE.iter()
+        .filter(|(name, _)| Some(*name) != without)
+        .chain(extra)
+        .copied()
+        .collect()
+}
+
 #[test]
-fn serve_without_a_key_uses_the_mock_then_answers_a_call_and_drains_on_sigterm() {
+fn serve_refuses_to_start_without_a_public_url() {
+    let reason = serve_refusal(&base_with(Some("VOXRELAY_PUBLIC_URL"), &[]));
+    assert!(
+        reason.contains("VOXRELAY_PUBLIC_URL is not set"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn serve_refuses_to_fall_back_to_the_mock_model_or_send_secrets_in_clear() {
+    let reason = serve_refusal(&base_with(Some("OPENAI_API_KEY"), &[]));
+    assert!(
+        reason.contains("OPENAI_API_KEY is not set") && reason.contains("--mock-model"),
+        "{reason}"
+    );
+    let reason = serve_refusal(&base_with(
+        Some("OPENAI_API_KEY"),
+        &[("VOXRELAY_MOCK_MODEL", "0")],
+    ));
+    assert!(reason.contains("OPENAI_API_KEY is not set"), "{reason}");
+    let reason = serve_refusal(&base_with(
+        None,
+        &[("VOXRELAY_OPENAI_URL", "ws://10.0.0.5:9000/v1/realtime")],
+    ));
+    assert!(reason.contains("plain ws://"), "{reason}");
+    assert!(!reason.contains("sk-cli-test-key"), "{reason}");
+    let reason = serve_refusal(&base_with(
+        None,
+        &[
+            ("VOXRELAY_CONTROL_PLANE_URL", "http://cp.example.com"),
+            ("VOXRELAY_CONTROL_PLANE_KEY_ID", "k1"),
+            ("VOXRELAY_CONTROL_PLANE_SECRET", "cp-secret"),
+        ],
+    ));
+    assert!(reason.contains("plain http://"), "{reason}");
+    assert!(!reason.contains("cp-secret"), "{reason}");
+    let reason = serve_refusal(&base_with(
+        None,
+        &[("VOXRELAY_TWILIO_ACCOUNT_SID", "AC123")],
+    ));
+    assert!(reason.contains("VOXRELAY_TWILIO_ACCOUNT_SID"), "{reason}");
+}
+
+#[test]
+fn serve_with_mock_model_answers_a_call_and_drains_on_sigterm() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut server = clean_command(&["serve"])
+    let mut server = clean_command(&["serve", "--mock-model"])
         .env("VOXRELAY_LISTEN", &listen)
+        .env("VOXRELAY_PUBLIC_URL", format!("http://{listen}"))
         .env("TWILIO_AUTH_TOKEN", "cli-test-token")
         .env("VOXRELAY_DRAIN_SECONDS", "2")
         .stdout(Stdio::piped())
@@ -66,7 +148,7 @@ fn serve_without_a_key_uses_the_mock_then_answers_a_call_and_drains_on_sigterm()
     }
     let mock_lines = seen
         .iter()
-        .filter(|l| l.contains("OPENAI_API_KEY is not set"))
+        .filter(|l| l.contains("--mock-model: calls go to the built-in mock"))
         .count();
     assert_eq!(
         mock_lines, 1,

@@ -55,7 +55,8 @@ async fn post_signed(
 async fn webhooks_and_the_media_socket_require_twilios_signature() {
     let stack = start_stack(AudioMode::Pcmu, None).await;
     let params = [
-        ("CallSid", "CA1"),
+        ("AccountSid", "AC00000000000000000000000000000000"),
+        ("CallSid", "CA00000000000000000000000000000001"),
         ("From", "+15550001111"),
         ("To", "+15550002222"),
     ];
@@ -79,7 +80,7 @@ async fn webhooks_and_the_media_socket_require_twilios_signature() {
     );
     assert!(
         ok.body
-            .contains(r#"<Parameter name="CallSid" value="CA1"/>"#),
+            .contains(r#"<Parameter name="CallSid" value="CA00000000000000000000000000000001"/>"#),
         "{}",
         ok.body
     );

@@ -23,6 +23,9 @@ use super::http_client;
 use crate::Secret;
 use crate::twilio::signature::compute_signature;
 
+/// The account simulated calls come from unless told otherwise.
+pub const SIMULATED_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
+
 /// 20 ms of μ-law at 8 kHz.
 pub const FRAME_BYTES: usize = 160;
 const FRAME: Duration = Duration::from_millis(20);
@@ -38,6 +41,8 @@ pub struct CallerConfig {
     pub from: String,
     pub call_sid: String,
     pub stream_sid: String,
+    /// The Twilio account the call comes from (webhook `AccountSid`, `start.accountSid`).
+    pub account_sid: String,
     /// The caller's audio, μ-law 8 kHz; sent as 20 ms frames (the last one padded).
     pub audio: Vec<u8>,
     /// Keep the call up this long after the audio ends, to hear the reply (sending silence,
@@ -61,6 +66,7 @@ impl CallerConfig {
             from: "+15551230000".to_owned(),
             call_sid: format!("CA{id:032x}"),
             stream_sid: format!("MZ{id:032x}"),
+            account_sid: SIMULATED_ACCOUNT_SID.to_owned(),
             audio,
             linger: Duration::from_secs(3),
             dtmf: Vec::new(),
@@ -191,10 +197,7 @@ pub async fn place_call(config: &CallerConfig) -> Result<CallReport, CallerError
 
     // 1. The voice webhook, signed like Twilio signs it.
     let params = vec![
-        (
-            "AccountSid".to_owned(),
-            "AC00000000000000000000000000000000".to_owned(),
-        ),
+        ("AccountSid".to_owned(), config.account_sid.clone()),
         ("ApiVersion".to_owned(), "2010-04-01".to_owned()),
         ("CallSid".to_owned(), config.call_sid.clone()),
         ("CallStatus".to_owned(), "ringing".to_owned()),
@@ -271,7 +274,7 @@ pub async fn place_call(config: &CallerConfig) -> Result<CallReport, CallerError
             "event": "start",
             "sequenceNumber": sequence.to_string(),
             "start": {
-                "accountSid": "AC00000000000000000000000000000000",
+                "accountSid": config.account_sid,
                 "streamSid": config.stream_sid,
                 "callSid": config.call_sid,
                 "tracks": ["inbound"],
@@ -412,7 +415,7 @@ pub async fn place_call(config: &CallerConfig) -> Result<CallReport, CallerError
         sequence += 1;
         let stop = json!({
             "event": "stop", "sequenceNumber": sequence.to_string(),
-            "stop": {"accountSid": "AC00000000000000000000000000000000", "callSid": config.call_sid},
+            "stop": {"accountSid": config.account_sid, "callSid": config.call_sid},
             "streamSid": config.stream_sid,
         });
         let _ = ws.send(Message::text(stop.to_string())).await;

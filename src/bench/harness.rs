@@ -387,7 +387,10 @@ async fn start_bridge(
                     .env("VOXRELAY_AUDIO_MODE", options.audio_mode.as_str())
                     .env("VOXRELAY_GREETING", "")
                     .env("VOXRELAY_DRAIN_SECONDS", "2")
-                    .env_remove("VOXRELAY_PUBLIC_URL");
+                    // The harness signs for the address it starts the bridge on.
+                    .env("VOXRELAY_PUBLIC_URL", format!("http://{listen}"))
+                    .env_remove("VOXRELAY_MOCK_MODEL")
+                    .env_remove("VOXRELAY_TWILIO_ACCOUNT_SID");
             }
             command
                 .env("RUST_LOG", "warn")

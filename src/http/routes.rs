@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -15,9 +16,12 @@ use tokio_util::task::TaskTracker;
 use url::Url;
 
 use super::fly::{self, ReplayDecision};
+use crate::logtext::Untrusted;
 use crate::session::binding::STREAM_TOKEN_PARAMETER;
 use crate::session::call::{CallServices, parameter, prepare_call, redact_number, run_call};
-use crate::session::metrics::{Metrics, SignedRoute};
+use crate::session::metrics::{Metrics, SignedRoute, WebhookRefusal};
+use crate::session::prewarm::Admission;
+use crate::twilio::ids::{is_account_sid, is_call_sid};
 use crate::twilio::signature::SignatureValidator;
 use crate::twilio::twiml;
 
@@ -26,8 +30,9 @@ pub const SIGNATURE_HEADER: &str = "x-twilio-signature";
 /// Shared by every request; nothing in it is locked per call.
 pub struct AppState {
     pub validator: SignatureValidator,
-    /// The public origin Twilio reaches, if configured.
-    pub public_url: Option<Url>,
+    /// The public origin Twilio reaches: signatures are checked against it and TwiML URLs
+    /// built on it, never on a request's own headers.
+    pub public_url: Url,
     pub metrics: Arc<Metrics>,
     pub services: Arc<CallServices>,
     /// Set when a drain begins: `/readyz` turns 503 and new calls are refused.
@@ -70,44 +75,22 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// The URL Twilio used, rebuilt from the configured public origin (or, without one, from
-/// `Host` and `X-Forwarded-Proto`), in its `ws`/`wss` form for WebSocket handshakes.
-pub fn external_url(
-    public_url: Option<&Url>,
-    headers: &HeaderMap,
-    uri: &Uri,
-    websocket: bool,
-) -> String {
+/// The URL Twilio used for `uri` on this bridge: the configured public origin and the
+/// request's path and query, in its `ws`/`wss` form for WebSocket handshakes. The request's
+/// `Host` and `X-Forwarded-*` headers play no part: whoever sends a request chooses them, so a
+/// signature made for another host (staging, a tunnel) under the same auth token would match.
+pub fn external_url(public_url: &Url, uri: &Uri, websocket: bool) -> String {
     let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-    let (scheme, base) = match public_url {
-        Some(url) => {
-            let base = url.as_str().trim_end_matches('/');
-            let after_scheme = base.split_once("://").map_or(base, |(_, rest)| rest);
-            (url.scheme().to_owned(), after_scheme.to_owned())
-        }
-        None => {
-            let scheme = headers
-                .get("x-forwarded-proto")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(',').next())
-                .map(|v| v.trim().to_ascii_lowercase())
-                .unwrap_or_else(|| "http".to_owned());
-            let host = headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("localhost")
-                .to_owned();
-            (scheme, host)
-        }
-    };
-    let scheme = match (websocket, scheme.as_str()) {
+    let base = public_url.as_str().trim_end_matches('/');
+    let after_scheme = base.split_once("://").map_or(base, |(_, rest)| rest);
+    let scheme = match (websocket, public_url.scheme()) {
         (true, "https" | "wss") => "wss",
         (true, _) => "ws",
         (false, "wss") => "https",
         (false, "ws") => "http",
         (false, other) => other,
     };
-    format!("{scheme}://{base}{path_and_query}")
+    format!("{scheme}://{after_scheme}{path_and_query}")
 }
 
 /// Checks a signed POST from Twilio (form-encoded, or JSON with `bodySHA256`) and returns
@@ -119,7 +102,7 @@ fn verify_post(
     uri: &Uri,
     body: &[u8],
 ) -> Result<Vec<(String, String)>, StatusCode> {
-    let url = external_url(state.public_url.as_ref(), headers, uri, false);
+    let url = external_url(&state.public_url, uri, false);
     let signature = headers
         .get(SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -162,6 +145,51 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> &'a str {
     parameter(params, name).unwrap_or("")
 }
 
+/// The value of `name` if the form carries it exactly once and `valid` accepts it.
+fn single_id<'a>(
+    params: &'a [(String, String)],
+    name: &str,
+    valid: fn(&str) -> bool,
+) -> Result<&'a str, Option<&'a str>> {
+    let mut values = params.iter().filter(|(key, _)| key == name);
+    match (values.next(), values.next()) {
+        (Some((_, value)), None) if valid(value) => Ok(value),
+        (first, _) => Err(first.map(|(_, value)| value.as_str())),
+    }
+}
+
+/// A voice webhook's `CallSid` and `AccountSid`, each present once and well-formed (a
+/// re-split of a captured signature moves text into or out of them), and the account the one
+/// configured, if one is.
+fn twilio_ids<'a>(
+    state: &AppState,
+    params: &'a [(String, String)],
+) -> Result<(&'a str, &'a str), (StatusCode, &'static str)> {
+    let refuse = |reason: WebhookRefusal, value: Option<&str>| {
+        state.metrics.webhook_refused(reason);
+        tracing::warn!(
+            reason = reason.as_str(),
+            value = %Untrusted(value.unwrap_or("")),
+            "refused a signed voice webhook"
+        );
+    };
+    let call_sid = single_id(params, "CallSid", is_call_sid).map_err(|value| {
+        refuse(WebhookRefusal::BadCallSid, value);
+        (StatusCode::BAD_REQUEST, "bad CallSid\n")
+    })?;
+    let account_sid = single_id(params, "AccountSid", is_account_sid).map_err(|value| {
+        refuse(WebhookRefusal::BadAccountSid, value);
+        (StatusCode::BAD_REQUEST, "bad AccountSid\n")
+    })?;
+    if let Some(expected) = &state.services.twilio_account_sid {
+        if account_sid != expected {
+            refuse(WebhookRefusal::AccountMismatch, Some(account_sid));
+            return Err((StatusCode::FORBIDDEN, "unexpected AccountSid\n"));
+        }
+    }
+    Ok((call_sid, account_sid))
+}
+
 /// Twilio's voice webhook: answer with TwiML that connects the call to our media stream.
 async fn voice_webhook(
     State(state): State<Arc<AppState>>,
@@ -178,22 +206,43 @@ async fn voice_webhook(
         // Twilio then tries the number's fallback URL, which can point at another region.
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
     }
-    let (call_sid, from, to) = (
-        param(&params, "CallSid"),
-        param(&params, "From"),
-        param(&params, "To"),
+    let (call_sid, account_sid) = match twilio_ids(&state, &params) {
+        Ok(ids) => ids,
+        Err(refused) => return refused.into_response(),
+    };
+    let (from, to) = (param(&params, "From"), param(&params, "To"));
+    // The tenant lookup and the model session start now, overlapping Twilio's stream set-up;
+    // the stream's `start` claims them by CallSid. Only the first webhook for a CallSid does:
+    // Twilio's retries and replays of a captured one are answered the same, at no cost.
+    let services = Arc::clone(&state.services);
+    let admission = state.services.pending.prepare(
+        call_sid,
+        Instant::now(),
+        state.services.prewarm,
+        |with_prewarm| {
+            prepare_call(
+                services,
+                to.to_owned(),
+                from.to_owned(),
+                call_sid.to_owned(),
+                with_prewarm,
+            )
+        },
     );
-    tracing::info!(call_sid, from = %redact_number(from), to = %redact_number(to), "incoming call");
-    if !call_sid.is_empty() {
-        // The tenant lookup and the model session start now, overlapping Twilio's stream
-        // set-up; the stream's `start` claims them by CallSid.
-        let work = prepare_call(
-            Arc::clone(&state.services),
-            to.to_owned(),
-            from.to_owned(),
-            call_sid.to_owned(),
-        );
-        state.services.pending.prepare(call_sid, work);
+    match admission {
+        Admission::Repeat => tracing::info!(
+            call_sid,
+            account_sid,
+            "repeated voice webhook: answered again, nothing prepared"
+        ),
+        admission => tracing::info!(
+            call_sid,
+            account_sid,
+            from = %redact_number(from),
+            to = %redact_number(to),
+            ?admission,
+            "incoming call"
+        ),
     }
     // On Fly the path names this machine, so the upgrade can be replayed here (queries are
     // dropped from stream URLs; paths are not).
@@ -205,8 +254,8 @@ async fn voice_webhook(
         .parse()
         .unwrap_or_else(|_| Uri::from_static("/twilio/media"));
     let status_uri = Uri::from_static("/twilio/status");
-    let stream_url = external_url(state.public_url.as_ref(), &headers, &media_uri, true);
-    let status_url = external_url(state.public_url.as_ref(), &headers, &status_uri, false);
+    let stream_url = external_url(&state.public_url, &media_uri, true);
+    let status_url = external_url(&state.public_url, &status_uri, false);
     let token = state.services.tokens.issue(call_sid);
     let body = twiml::connect_stream(
         &stream_url,
@@ -248,12 +297,7 @@ async fn status_callback(
 
 /// The Media Streams WebSocket: checked, then handed to its own call task.
 async fn media_stream(State(state): State<Arc<AppState>>, mut request: Request) -> Response {
-    let url = external_url(
-        state.public_url.as_ref(),
-        request.headers(),
-        request.uri(),
-        true,
-    );
+    let url = external_url(&state.public_url, request.uri(), true);
     let signature = request
         .headers()
         .get(SIGNATURE_HEADER)
@@ -304,28 +348,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn external_url_prefers_the_public_origin_and_maps_schemes() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::HOST, "10.0.0.5:8080".parse().unwrap());
+    fn external_url_is_the_public_origin_in_the_right_scheme() {
         let uri: Uri = "/twilio/media".parse().unwrap();
         let public = Url::parse("https://voice.example.com/").unwrap();
         assert_eq!(
-            external_url(Some(&public), &headers, &uri, true),
+            external_url(&public, &uri, true),
             "wss://voice.example.com/twilio/media"
         );
         let voice: Uri = "/twilio/voice?x=1".parse().unwrap();
         assert_eq!(
-            external_url(Some(&public), &headers, &voice, false),
+            external_url(&public, &voice, false),
             "https://voice.example.com/twilio/voice?x=1"
         );
+        let local = Url::parse("http://127.0.0.1:8080").unwrap();
         assert_eq!(
-            external_url(None, &headers, &uri, true),
-            "ws://10.0.0.5:8080/twilio/media"
+            external_url(&local, &uri, true),
+            "ws://127.0.0.1:8080/twilio/media"
         );
-        headers.insert("x-forwarded-proto", "https".parse().unwrap());
         assert_eq!(
-            external_url(None, &headers, &uri, true),
-            "wss://10.0.0.5:8080/twilio/media"
+            external_url(&local, &voice, false),
+            "http://127.0.0.1:8080/twilio/voice?x=1"
+        );
+    }
+
+    #[test]
+    fn an_id_counts_only_when_present_once_and_well_formed() {
+        let sid = "CA0123456789abcdef0123456789abcdef";
+        let form = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            single_id(&form(&[("CallSid", sid)]), "CallSid", is_call_sid),
+            Ok(sid)
+        );
+        assert_eq!(single_id(&form(&[]), "CallSid", is_call_sid), Err(None));
+        let resplit = format!("{sid}CallStatusringing");
+        assert_eq!(
+            single_id(&form(&[("CallSid", &resplit)]), "CallSid", is_call_sid),
+            Err(Some(resplit.as_str()))
+        );
+        assert!(
+            single_id(
+                &form(&[("CallSid", sid), ("CallSid", sid)]),
+                "CallSid",
+                is_call_sid
+            )
+            .is_err()
         );
     }
 }

@@ -26,7 +26,7 @@ use crate::session::binding::StreamTokens;
 use crate::session::call::{CallServices, ControlServices};
 use crate::session::metrics::Metrics;
 use crate::session::playback::PlaybackConfig;
-use crate::session::prewarm::PendingCalls;
+use crate::session::prewarm::{PendingCalls, PendingLimits};
 use crate::session::registry::CallRegistry;
 use crate::twilio::signature::SignatureValidator;
 
@@ -114,17 +114,21 @@ impl Bridge {
             },
             pending: Arc::new(PendingCalls::new(
                 Arc::clone(&metrics),
-                config.prewarm_unclaimed_after,
-                MAX_PENDING_CALLS,
+                PendingLimits {
+                    max_prewarms: config.max_prewarms,
+                    ..PendingLimits::new(config.prewarm_unclaimed_after, MAX_PENDING_CALLS)
+                },
             )),
             tokens: StreamTokens::from_auth_token(&config.twilio_auth_token),
             require_stream_token: config.require_stream_token,
             prewarm: config.prewarm,
+            twilio_account_sid: config.twilio_account_sid.clone(),
             control,
         });
         let state = Arc::new(AppState {
             validator: SignatureValidator::new(config.twilio_auth_token.clone()),
-            public_url: config.public_url.clone(),
+            // After binding: a `PublicUrl::Listener` needs the port just picked.
+            public_url: config.public_url.resolve(addr),
             metrics,
             services,
             draining: AtomicBool::new(false),

@@ -93,6 +93,8 @@ pub struct CallServices {
     pub tokens: StreamTokens,
     pub require_stream_token: bool,
     pub prewarm: bool,
+    /// When set, a stream whose `start.accountSid` differs is refused.
+    pub twilio_account_sid: Option<String>,
     /// Tenant contexts, tools and reports; `None` without a control plane.
     pub control: Option<ControlServices>,
 }
@@ -130,16 +132,18 @@ impl CallServices {
     }
 }
 
-/// The voice webhook's head start on a call: the tenant lookup, then (when enabled) the
-/// upstream session opened and configured for that tenant's agent.
+/// The voice webhook's head start on a call: the tenant lookup, then (when `with_prewarm`:
+/// enabled and under the cap) the upstream session opened and configured for that tenant's
+/// agent.
 pub async fn prepare_call(
     services: Arc<CallServices>,
     to: String,
     from: String,
     call_sid: String,
+    with_prewarm: bool,
 ) -> Prepared {
     let (agent, lookup_took) = services.resolve_agent(&to, &from, &call_sid).await;
-    let session = if services.prewarm {
+    let session = if with_prewarm {
         services.metrics.prewarm_started.fetch_add(1, Relaxed);
         match prewarm(&services.upstream, agent.session_settings(), PREWARM_WITHIN).await {
             Ok(session) => {
@@ -217,6 +221,8 @@ pub enum EndReason {
     DuplicateStream,
     /// The stream's binding token did not match its call (or was required and missing).
     StreamTokenRefused,
+    /// `start.accountSid` is not the configured `VOXRELAY_TWILIO_ACCOUNT_SID`.
+    AccountRefused,
     /// The tenant's `max_call_seconds` passed.
     MaxDuration,
     Shutdown,
@@ -234,6 +240,7 @@ impl EndReason {
             EndReason::UpstreamFailed => "upstream_failed",
             EndReason::DuplicateStream => "duplicate_stream",
             EndReason::StreamTokenRefused => "stream_token_refused",
+            EndReason::AccountRefused => "account_refused",
             EndReason::MaxDuration => "max_duration",
             EndReason::Shutdown => "shutdown",
         }
@@ -423,6 +430,13 @@ where
                 Ok(TwilioStep::Started(info)) => {
                     span.record("stream_sid", info.stream_sid.as_str());
                     span.record("call_sid", info.call_sid.as_str());
+                    if let Some(account) = &services.twilio_account_sid {
+                        if info.account_sid != *account {
+                            metrics.streams_refused_account.fetch_add(1, Relaxed);
+                            tracing::warn!("stream from another Twilio account: closing it");
+                            break EndReason::AccountRefused;
+                        }
+                    }
                     let entry = CallEntry {
                         call_sid: info.call_sid.clone(),
                         started: now,

@@ -188,6 +188,33 @@ impl SignedRoute {
     }
 }
 
+/// Why a voice webhook with a valid signature was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookRefusal {
+    /// `CallSid` missing, repeated, or not `CA` + 32 hex digits (400).
+    BadCallSid,
+    /// `AccountSid` missing, repeated, or not `AC` + 32 hex digits (400).
+    BadAccountSid,
+    /// `AccountSid` is not `VOXRELAY_TWILIO_ACCOUNT_SID` (403).
+    AccountMismatch,
+}
+
+impl WebhookRefusal {
+    const ALL: [WebhookRefusal; 3] = [
+        WebhookRefusal::BadCallSid,
+        WebhookRefusal::BadAccountSid,
+        WebhookRefusal::AccountMismatch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookRefusal::BadCallSid => "bad_call_sid",
+            WebhookRefusal::BadAccountSid => "bad_account_sid",
+            WebhookRefusal::AccountMismatch => "account_mismatch",
+        }
+    }
+}
+
 /// Which way audio was flowing when it was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -245,6 +272,21 @@ pub struct Metrics {
     /// Pre-warmed sessions closed because no stream claimed them in time.
     pub prewarm_unclaimed: AtomicU64,
     pub prewarm_failed: AtomicU64,
+    /// Calls that started cold because `VOXRELAY_MAX_PREWARMS` pre-warms were open.
+    pub prewarm_capped: AtomicU64,
+    /// Pre-warmed sessions open now (connecting, or waiting for their stream).
+    pub prewarms_active: AtomicI64,
+    /// Voice webhooks for a `CallSid` already answered (Twilio's retry, or a replay).
+    pub webhook_repeats: AtomicU64,
+    /// `CallSid`s remembered as answered.
+    pub answered_calls: AtomicI64,
+    /// Webhooks answered without being remembered or prepared: the memory was full.
+    pub answered_calls_full: AtomicU64,
+    /// Webhooks answered without being prepared: too many calls were pending.
+    pub pending_full: AtomicU64,
+    /// Media streams refused because `start.accountSid` is not `VOXRELAY_TWILIO_ACCOUNT_SID`.
+    pub streams_refused_account: AtomicU64,
+    webhooks_refused: [AtomicU64; WebhookRefusal::ALL.len()],
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub audio_bytes_in: AtomicU64,
@@ -307,6 +349,14 @@ impl Metrics {
 
     pub fn signature_failures(&self, route: SignedRoute) -> u64 {
         self.signature_failures[route as usize].load(Relaxed)
+    }
+
+    pub fn webhook_refused(&self, reason: WebhookRefusal) {
+        self.webhooks_refused[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn webhooks_refused(&self, reason: WebhookRefusal) -> u64 {
+        self.webhooks_refused[reason as usize].load(Relaxed)
     }
 
     pub fn audio_dropped(&self, direction: Direction, frames: u64) {
@@ -424,6 +474,48 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "voxrelay_prewarm_capped_total",
+            "Calls that started cold because VOXRELAY_MAX_PREWARMS pre-warms were open.",
+            &self.prewarm_capped,
+        );
+        gauge(
+            &mut out,
+            "voxrelay_prewarms_active",
+            "Pre-warmed upstream sessions open and not yet claimed by a stream.",
+            self.prewarms_active.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "voxrelay_webhook_repeats_total",
+            "Voice webhooks for a CallSid already answered, answered again without preparing.",
+            &self.webhook_repeats,
+        );
+        gauge(
+            &mut out,
+            "voxrelay_answered_calls",
+            "CallSids remembered as answered (replays are not prepared again).",
+            self.answered_calls.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "voxrelay_answered_calls_full_total",
+            "Voice webhooks neither remembered nor prepared because the answered-call memory was full.",
+            &self.answered_calls_full,
+        );
+        counter(
+            &mut out,
+            "voxrelay_pending_full_total",
+            "Voice webhooks not prepared because too many calls were pending.",
+            &self.pending_full,
+        );
+        counter(
+            &mut out,
+            "voxrelay_streams_refused_account_total",
+            "Media streams refused because their accountSid is not VOXRELAY_TWILIO_ACCOUNT_SID.",
+            &self.streams_refused_account,
+        );
+        counter(
+            &mut out,
             "voxrelay_frames_in_total",
             "Media frames received from Twilio.",
             &self.frames_in,
@@ -517,6 +609,18 @@ impl Metrics {
                 "voxrelay_signature_failures_total{{route=\"{}\"}} {}",
                 route.as_str(),
                 self.signature_failures(route)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_webhooks_refused_total Signed voice webhooks refused, by reason.\n# TYPE voxrelay_webhooks_refused_total counter"
+        );
+        for reason in WebhookRefusal::ALL {
+            let _ = writeln!(
+                out,
+                "voxrelay_webhooks_refused_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                self.webhooks_refused(reason)
             );
         }
         let _ = writeln!(
@@ -689,9 +793,12 @@ mod tests {
         let metrics = Metrics::default();
         metrics.twilio_error(TwilioErrorKind::Oversized);
         metrics.signature_failure(SignedRoute::Media);
+        metrics.webhook_refused(WebhookRefusal::AccountMismatch);
         let text = metrics.render();
         assert!(text.contains("voxrelay_twilio_errors_total{kind=\"oversized\"} 1"));
         assert!(text.contains("voxrelay_signature_failures_total{route=\"media\"} 1"));
+        assert!(text.contains("voxrelay_webhooks_refused_total{reason=\"account_mismatch\"} 1\n"));
+        assert!(text.contains("voxrelay_webhooks_refused_total{reason=\"bad_call_sid\"} 0\n"));
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let name = line.split_whitespace().nth(2).unwrap();
             assert_eq!(

@@ -5,20 +5,28 @@
 //! `session.updated` received, the greeting's `response.create` held back). Both run in one
 //! preparing task per `CallSid`; the stream's `start` claims the result by `CallSid` — after
 //! its binding token proved the stream belongs to that call — so the greeting can start the
-//! moment the stream does. Invariants: one preparation per `CallSid` (Twilio retries a slow
-//! webhook); at most `capacity` calls pending; a preparation nobody claims within
-//! `unclaimed_after` of finishing is dropped and its upstream session closed politely, counted
-//! as unclaimed; shutdown closes every unclaimed session.
+//! moment the stream does.
+//!
+//! A pre-warm is a paid model session opened on the strength of a webhook signature, and a
+//! captured signature can be replayed forever, so preparation is rationed. Invariants: one
+//! preparation per `CallSid` ever seen within [`ANSWERED_RETENTION`] ([`AnsweredCalls`]: a
+//! replay or Twilio's retry of a slow webhook is answered again, never prepared again); at
+//! most `max_pending` calls pending; at most `max_prewarms` pre-warmed sessions open at once
+//! (from the webhook until their stream claims them or they are closed), beyond which calls
+//! start cold; a preparation nobody claims within `unclaimed_after` of finishing is dropped
+//! and its upstream session closed politely, counted as unclaimed; shutdown closes every
+//! unclaimed session.
 
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -27,7 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use super::agent::CallAgent;
 use super::metrics::Metrics;
-use crate::config::UpstreamTarget;
+use crate::config::{DEFAULT_MAX_PREWARMS, UpstreamTarget};
 use crate::upstream::{
     OpenAiRealtime, RealtimeProtocol, SessionSettings, UpstreamError, UpstreamEvent,
     UpstreamSocket, connect,
@@ -52,6 +60,21 @@ pub struct PrewarmedSession {
     /// Connect plus configure.
     pub took: Duration,
     pub ready_at: Instant,
+    /// Its place under the pre-warm cap, given back when the session is claimed (and taken
+    /// apart) or closed.
+    pub slot: Option<PrewarmSlot>,
+}
+
+/// One of the `max_prewarms` places; dropping it frees the place.
+pub struct PrewarmSlot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for PrewarmSlot {
+    fn drop(&mut self) {
+        self.metrics.prewarms_active.fetch_sub(1, Relaxed);
+    }
 }
 
 impl PrewarmedSession {
@@ -132,63 +155,252 @@ pub async fn prewarm(
         held,
         took: began.elapsed(),
         ready_at: Instant::now(),
+        slot: None,
     })
+}
+
+/// How long an answered `CallSid` is remembered: longer than a call can last (Twilio's
+/// default call time limit is 4 hours; a bridged call also ends with its model session, which
+/// the Realtime API closes after 60 minutes). A replay of a captured webhook within it is
+/// answered without being prepared again; after it, one replay buys at most one pre-warm per
+/// machine per 6 hours.
+pub const ANSWERED_RETENTION: Duration = Duration::from_secs(6 * 3600);
+/// How many answered `CallSid`s are remembered at most (about 10 MB when full): six hours
+/// of 9 new calls a second, five times the 36,000 calls one bridge core takes in six hours
+/// when it holds 200 two-minute calls. Only a webhook with a valid signature and a
+/// well-formed `CallSid` never seen before adds one, so filling it takes real traffic (or
+/// the auth token). When it is full nothing is evicted early: new calls are answered but
+/// neither remembered nor prepared (they start cold), counted in
+/// `voxrelay_answered_calls_full_total`, until entries age out.
+pub const ANSWERED_CAPACITY: usize = 200_000;
+
+/// What [`AnsweredCalls::record`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// Never seen within the retention: now remembered.
+    First,
+    /// Seen before: a retry or a replay.
+    Repeat,
+    /// Not seen, but the memory is full: not remembered.
+    Full,
+}
+
+/// The `CallSid`s the webhook answered within a retention window, bounded. Sans-IO: time is
+/// an argument. Entries leave only by age, oldest first, so a remembered `CallSid` stays
+/// remembered for the whole window whatever else arrives: there is no eviction an attacker
+/// could drive to re-arm one.
+pub struct AnsweredCalls {
+    retention: Duration,
+    capacity: usize,
+    inner: Mutex<AnsweredInner>,
+}
+
+#[derive(Default)]
+struct AnsweredInner {
+    /// Oldest first (webhooks arrive in time order, so expiry pops from the front).
+    order: VecDeque<(Instant, u128)>,
+    seen: HashSet<u128>,
+}
+
+impl AnsweredCalls {
+    pub fn new(retention: Duration, capacity: usize) -> Self {
+        Self {
+            retention,
+            capacity,
+            inner: Mutex::new(AnsweredInner::default()),
+        }
+    }
+
+    /// Remembers `call_sid` (already checked to be `CA` + 32 hex digits) as answered at
+    /// `now`. Amortised O(1): each entry is inserted once and expired once.
+    pub fn record(&self, call_sid: &str, now: Instant) -> Answered {
+        // Hex digits of either case name the same call: a case change is not a new call.
+        let Some(key) = call_sid
+            .get(2..)
+            .and_then(|hex| u128::from_str_radix(hex, 16).ok())
+        else {
+            return Answered::Full;
+        };
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let AnsweredInner { order, seen } = &mut *inner;
+        while let Some(&(at, old)) = order.front() {
+            if now.saturating_duration_since(at) < self.retention {
+                break;
+            }
+            order.pop_front();
+            seen.remove(&old);
+        }
+        if seen.contains(&key) {
+            Answered::Repeat
+        } else if seen.len() >= self.capacity {
+            Answered::Full
+        } else {
+            seen.insert(key);
+            order.push_back((now, key));
+            Answered::First
+        }
+    }
+
+    /// `CallSid`s remembered now (expired ones go at the next [`AnsweredCalls::record`]).
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The limits [`PendingCalls`] keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingLimits {
+    /// A preparation nobody claims this long after it finished is dropped.
+    pub unclaimed_after: Duration,
+    /// Calls prepared and not yet claimed; beyond it new calls are not prepared.
+    pub max_pending: usize,
+    /// Pre-warmed sessions open at once; beyond it calls are prepared without one.
+    pub max_prewarms: usize,
+    pub answered_retention: Duration,
+    pub answered_capacity: usize,
+}
+
+impl PendingLimits {
+    /// `unclaimed_after` and `max_pending` as given, the rest at their defaults.
+    pub fn new(unclaimed_after: Duration, max_pending: usize) -> Self {
+        Self {
+            unclaimed_after,
+            max_pending,
+            max_prewarms: DEFAULT_MAX_PREWARMS,
+            answered_retention: ANSWERED_RETENTION,
+            answered_capacity: ANSWERED_CAPACITY,
+        }
+    }
+}
+
+/// What the webhook's [`PendingCalls::prepare`] did for a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// First answer: preparing, with a pre-warmed session or (off, or at the cap) without.
+    Preparing { prewarm: bool },
+    /// Answered before within the retention: nothing started again.
+    Repeat,
+    /// Not prepared: the answered-call memory or the pending calls are full. The stream
+    /// resolves its agent itself and connects cold.
+    NotPrepared,
 }
 
 /// Calls prepared by the webhook, by `CallSid`. Shared by every request; entries are touched
 /// once at the webhook and once at `start`, never on the media path.
 pub struct PendingCalls {
     calls: DashMap<String, oneshot::Receiver<Prepared>>,
+    answered: AnsweredCalls,
+    prewarm_slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-    unclaimed_after: Duration,
-    capacity: usize,
+    limits: PendingLimits,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
 
 impl PendingCalls {
-    pub fn new(metrics: Arc<Metrics>, unclaimed_after: Duration, capacity: usize) -> Self {
+    pub fn new(metrics: Arc<Metrics>, limits: PendingLimits) -> Self {
         Self {
             calls: DashMap::new(),
+            answered: AnsweredCalls::new(limits.answered_retention, limits.answered_capacity),
+            prewarm_slots: Arc::new(Semaphore::new(limits.max_prewarms)),
             metrics,
-            unclaimed_after,
-            capacity,
+            limits,
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }
     }
 
-    /// Starts preparing `call_sid` with `work`, unless it is already pending (a retried
-    /// webhook) or too many calls are. Returns whether work was started.
-    pub fn prepare<F>(self: &Arc<Self>, call_sid: &str, work: F) -> bool
+    /// Admits a webhook for `call_sid` (checked to be `CA` + 32 hex digits) answered at
+    /// `now`: the first time, starts preparing it with `work(prewarm)`, where `prewarm` says
+    /// whether a pre-warm place was free (and `want_prewarm`); a repeat, or a call that cannot
+    /// be remembered or pending, starts nothing. Each outcome is counted.
+    pub fn prepare<W, F>(
+        self: &Arc<Self>,
+        call_sid: &str,
+        now: Instant,
+        want_prewarm: bool,
+        work: W,
+    ) -> Admission
     where
+        W: FnOnce(bool) -> F,
         F: Future<Output = Prepared> + Send + 'static,
     {
-        if self.calls.len() >= self.capacity {
+        let answered = self.answered.record(call_sid, now);
+        self.metrics
+            .answered_calls
+            .store(self.answered.len() as i64, Relaxed);
+        match answered {
+            Answered::First => {}
+            Answered::Repeat => {
+                self.metrics.webhook_repeats.fetch_add(1, Relaxed);
+                return Admission::Repeat;
+            }
+            Answered::Full => {
+                self.metrics.answered_calls_full.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    capacity = self.limits.answered_capacity,
+                    "answered-call memory full: answering without preparing"
+                );
+                return Admission::NotPrepared;
+            }
+        }
+        if self.calls.len() >= self.limits.max_pending {
+            self.metrics.pending_full.fetch_add(1, Relaxed);
             tracing::warn!(
-                capacity = self.capacity,
+                capacity = self.limits.max_pending,
                 "too many calls pending: not preparing this one"
             );
-            return false;
+            return Admission::NotPrepared;
         }
         let sender = match self.calls.entry(call_sid.to_owned()) {
-            Entry::Occupied(_) => return false,
+            // Unreachable while the memory outlives a preparation; kept safe regardless.
+            Entry::Occupied(_) => {
+                self.metrics.webhook_repeats.fetch_add(1, Relaxed);
+                return Admission::Repeat;
+            }
             Entry::Vacant(vacant) => {
                 let (sender, receiver) = oneshot::channel();
                 vacant.insert(receiver);
                 sender
             }
         };
+        let slot = if want_prewarm {
+            let slot = self.take_prewarm_slot();
+            if slot.is_none() {
+                self.metrics.prewarm_capped.fetch_add(1, Relaxed);
+                tracing::info!(
+                    max_prewarms = self.limits.max_prewarms,
+                    "pre-warm cap reached: this call starts cold"
+                );
+            }
+            slot
+        } else {
+            None
+        };
+        let prewarm = slot.is_some();
+        let work = work(prewarm);
         let this = Arc::clone(self);
         let call_sid = call_sid.to_owned();
         self.tasks.spawn(async move {
-            let prepared = tokio::select! {
+            let mut prepared = tokio::select! {
                 prepared = work => prepared,
                 () = this.shutdown.cancelled() => {
                     this.calls.remove(&call_sid);
                     return;
                 }
             };
+            // The place goes with the session; without one (the pre-warm failed) it is free.
+            if let (Some(session), Some(slot)) = (prepared.session.as_mut(), slot) {
+                session.slot = Some(slot);
+            }
             if let Err(unclaimed) = sender.send(prepared) {
                 // The stream claimed the call and gave up waiting: close what we opened.
                 if let Some(session) = unclaimed.session {
@@ -197,7 +409,7 @@ impl PendingCalls {
                 return;
             }
             tokio::select! {
-                () = tokio::time::sleep(this.unclaimed_after) => {}
+                () = tokio::time::sleep(this.limits.unclaimed_after) => {}
                 () = this.shutdown.cancelled() => {}
             }
             if let Some((_, mut receiver)) = this.calls.remove(&call_sid) {
@@ -212,7 +424,16 @@ impl PendingCalls {
                 }
             }
         });
-        true
+        Admission::Preparing { prewarm }
+    }
+
+    fn take_prewarm_slot(&self) -> Option<PrewarmSlot> {
+        let permit = Arc::clone(&self.prewarm_slots).try_acquire_owned().ok()?;
+        self.metrics.prewarms_active.fetch_add(1, Relaxed);
+        Some(PrewarmSlot {
+            _permit: permit,
+            metrics: Arc::clone(&self.metrics),
+        })
     }
 
     /// Takes a call's preparation, if the webhook started one here and it has not expired.
@@ -244,6 +465,25 @@ mod tests {
 
     fn agent() -> CallAgent {
         CallAgent::from_defaults(&AgentDefaults::default(), "static")
+    }
+
+    /// A well-formed `CallSid` numbered `n`.
+    fn sid(n: u128) -> String {
+        format!("CA{n:032x}")
+    }
+
+    fn pending_with(metrics: &Arc<Metrics>, limits: PendingLimits) -> Arc<PendingCalls> {
+        Arc::new(PendingCalls::new(Arc::clone(metrics), limits))
+    }
+
+    fn ready(source: &'static str) -> impl FnOnce(bool) -> std::future::Ready<Prepared> {
+        move |_| {
+            std::future::ready(Prepared {
+                agent: CallAgent { source, ..agent() },
+                lookup_took: Duration::ZERO,
+                session: None,
+            })
+        }
     }
 
     #[tokio::test]
@@ -289,28 +529,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_claimed_call_gets_its_preparation_and_a_second_webhook_is_ignored() {
-        let pending = Arc::new(PendingCalls::new(
-            Arc::new(Metrics::default()),
-            Duration::from_secs(5),
-            10,
-        ));
-        let prepared = |source| async move {
-            Prepared {
-                agent: CallAgent { source, ..agent() },
-                lookup_took: Duration::ZERO,
-                session: None,
-            }
-        };
-        assert!(pending.prepare("CA1", prepared("fresh")));
-        assert!(
-            !pending.prepare("CA1", prepared("stale")),
+    async fn a_claimed_call_gets_its_preparation_and_a_second_webhook_is_a_repeat() {
+        let metrics = Arc::new(Metrics::default());
+        let pending = pending_with(&metrics, PendingLimits::new(Duration::from_secs(5), 10));
+        let now = Instant::now();
+        assert_eq!(
+            pending.prepare(&sid(1), now, false, ready("fresh")),
+            Admission::Preparing { prewarm: false }
+        );
+        assert_eq!(
+            pending.prepare(&sid(1), now, false, ready("stale")),
+            Admission::Repeat,
             "retried webhook"
         );
-        let receiver = pending.claim("CA1").expect("pending");
+        let receiver = pending.claim(&sid(1)).expect("pending");
         assert_eq!(receiver.await.expect("prepared").agent.source, "fresh");
-        assert!(pending.claim("CA1").is_none(), "claimed once");
-        assert!(pending.claim("CA2").is_none());
+        assert!(pending.claim(&sid(1)).is_none(), "claimed once");
+        assert!(pending.claim(&sid(2)).is_none());
+        // Claimed and gone, but still remembered: a replay prepares nothing.
+        assert_eq!(
+            pending.prepare(&sid(1), now, false, ready("replay")),
+            Admission::Repeat
+        );
+        assert!(pending.claim(&sid(1)).is_none());
+        assert_eq!(metrics.webhook_repeats.load(Relaxed), 2);
+        assert_eq!(metrics.answered_calls.load(Relaxed), 1);
     }
 
     #[tokio::test]
@@ -323,12 +566,9 @@ mod tests {
             api_key: Some(crate::Secret::new("sk-test")),
         };
         let metrics = Arc::new(Metrics::default());
-        let pending = Arc::new(PendingCalls::new(
-            Arc::clone(&metrics),
-            Duration::from_millis(50),
-            10,
-        ));
-        pending.prepare("CA1", async move {
+        let pending = pending_with(&metrics, PendingLimits::new(Duration::from_millis(50), 10));
+        let admission = pending.prepare(&sid(1), Instant::now(), true, |prewarmed| async move {
+            assert!(prewarmed);
             Prepared {
                 agent: agent(),
                 lookup_took: Duration::ZERO,
@@ -337,6 +577,8 @@ mod tests {
                     .ok(),
             }
         });
+        assert_eq!(admission, Admission::Preparing { prewarm: true });
+        assert_eq!(metrics.prewarms_active.load(Relaxed), 1);
         let log = mock.log();
         let deadline = Instant::now() + Duration::from_secs(5);
         while metrics.prewarm_unclaimed.load(Relaxed) == 0 || log.active_sessions() > 0 {
@@ -345,20 +587,180 @@ mod tests {
         }
         assert_eq!(log.sessions().len(), 1);
         assert!(pending.is_empty());
+        assert!(
+            wait_for(|| metrics.prewarms_active.load(Relaxed) == 0).await,
+            "the closed session gave its place back"
+        );
+    }
+
+    async fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
+        for _ in 0..250 {
+            if condition() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        condition()
     }
 
     #[tokio::test]
     async fn capacity_bounds_the_pending_calls() {
-        let pending = Arc::new(PendingCalls::new(
-            Arc::new(Metrics::default()),
-            Duration::from_secs(5),
-            2,
+        let metrics = Arc::new(Metrics::default());
+        let pending = pending_with(&metrics, PendingLimits::new(Duration::from_secs(5), 2));
+        let never = |_| async { std::future::pending::<Prepared>().await };
+        let now = Instant::now();
+        assert!(matches!(
+            pending.prepare(&sid(1), now, false, never),
+            Admission::Preparing { .. }
         ));
-        let never = || async { std::future::pending::<Prepared>().await };
-        assert!(pending.prepare("CA1", never()));
-        assert!(pending.prepare("CA2", never()));
-        assert!(!pending.prepare("CA3", never()));
+        assert!(matches!(
+            pending.prepare(&sid(2), now, false, never),
+            Admission::Preparing { .. }
+        ));
+        assert_eq!(
+            pending.prepare(&sid(3), now, false, never),
+            Admission::NotPrepared
+        );
+        assert_eq!(metrics.pending_full.load(Relaxed), 1);
         pending.shutdown(Duration::from_secs(1)).await;
         assert!(pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_prewarm_cap_starts_the_rest_cold_until_a_place_frees() {
+        let metrics = Arc::new(Metrics::default());
+        let limits = PendingLimits {
+            max_prewarms: 2,
+            ..PendingLimits::new(Duration::from_secs(5), 10)
+        };
+        let pending = pending_with(&metrics, limits);
+        let now = Instant::now();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        // Work that records whether it may pre-warm, then runs until `finish` fires (a
+        // pre-warm that fails: no session), so its place stays taken until then.
+        let work = |asked: &Arc<Mutex<Vec<bool>>>, finish: oneshot::Receiver<()>| {
+            let asked = Arc::clone(asked);
+            move |prewarm: bool| {
+                asked.lock().unwrap().push(prewarm);
+                async move {
+                    let _ = finish.await;
+                    Prepared {
+                        agent: agent(),
+                        lookup_took: Duration::ZERO,
+                        session: None,
+                    }
+                }
+            }
+        };
+        let mut finishers = Vec::new();
+        for n in 1..=3 {
+            let (finish, finished) = oneshot::channel();
+            finishers.push(finish);
+            pending.prepare(&sid(n), now, true, work(&asked, finished));
+        }
+        assert_eq!(*asked.lock().unwrap(), [true, true, false]);
+        assert_eq!(metrics.prewarm_capped.load(Relaxed), 1);
+        assert_eq!(metrics.prewarms_active.load(Relaxed), 2);
+        // Pre-warm off: no place is asked for, and none is counted as capped.
+        let (_keep, finished) = oneshot::channel();
+        assert_eq!(
+            pending.prepare(&sid(4), now, false, work(&asked, finished)),
+            Admission::Preparing { prewarm: false }
+        );
+        assert_eq!(metrics.prewarm_capped.load(Relaxed), 1);
+        // The first pre-warm ends without a session: its place is free for the next call.
+        let _ = finishers.remove(0).send(());
+        assert!(wait_for(|| metrics.prewarms_active.load(Relaxed) == 1).await);
+        let (_keep, finished) = oneshot::channel();
+        assert_eq!(
+            pending.prepare(&sid(5), now, true, work(&asked, finished)),
+            Admission::Preparing { prewarm: true }
+        );
+        assert_eq!(metrics.prewarms_active.load(Relaxed), 2);
+        // Shutdown drops the unfinished work, and with it the places.
+        pending.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(metrics.prewarms_active.load(Relaxed), 0);
+        assert_eq!(pending.prewarm_slots.available_permits(), 2);
+    }
+
+    #[test]
+    fn answered_calls_are_remembered_for_the_retention_then_forgotten() {
+        let retention = Duration::from_secs(3600);
+        let answered = AnsweredCalls::new(retention, 10);
+        let start = Instant::now();
+        assert_eq!(answered.record(&sid(1), start), Answered::First);
+        assert_eq!(
+            answered.record(&sid(1), start + retention - Duration::from_secs(1)),
+            Answered::Repeat
+        );
+        // The same digits in upper case are the same call.
+        let upper = format!("CA{:032X}", 0xabcdefu128);
+        assert_eq!(answered.record(&sid(0xabcdef), start), Answered::First);
+        assert_eq!(answered.record(&upper, start), Answered::Repeat);
+        assert_eq!(answered.record(&sid(1), start + retention), Answered::First);
+        assert_eq!(
+            answered.len(),
+            1,
+            "both old entries aged out, the new one stays"
+        );
+    }
+
+    #[test]
+    fn a_full_memory_refuses_new_calls_and_never_forgets_early() {
+        let retention = Duration::from_secs(3600);
+        let answered = AnsweredCalls::new(retention, 3);
+        let start = Instant::now();
+        for n in 1..=3 {
+            assert_eq!(answered.record(&sid(n), start), Answered::First);
+        }
+        // Full: a flood of new CallSids is neither remembered nor able to push an old one out.
+        for n in 10..1000 {
+            assert_eq!(
+                answered.record(&sid(n), start + Duration::from_secs(1)),
+                Answered::Full
+            );
+        }
+        for n in 1..=3 {
+            assert_eq!(
+                answered.record(&sid(n), start + Duration::from_secs(2)),
+                Answered::Repeat,
+                "{n} is still remembered"
+            );
+        }
+        assert_eq!(answered.len(), 3);
+        // Once the old ones age out there is room again.
+        assert_eq!(
+            answered.record(&sid(10), start + retention),
+            Answered::First
+        );
+        assert_eq!(answered.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_memory_prepares_nothing_and_is_counted() {
+        let metrics = Arc::new(Metrics::default());
+        let limits = PendingLimits {
+            answered_capacity: 1,
+            ..PendingLimits::new(Duration::from_secs(5), 10)
+        };
+        let pending = pending_with(&metrics, limits);
+        let now = Instant::now();
+        assert!(matches!(
+            pending.prepare(&sid(1), now, true, ready("first")),
+            Admission::Preparing { .. }
+        ));
+        assert_eq!(
+            pending.prepare(
+                &sid(2),
+                now,
+                true,
+                |_: bool| -> std::future::Ready<Prepared> {
+                    panic!("nothing is prepared when the memory is full")
+                }
+            ),
+            Admission::NotPrepared
+        );
+        assert_eq!(metrics.answered_calls_full.load(Relaxed), 1);
+        assert!(pending.claim(&sid(2)).is_none());
     }
 }

@@ -184,7 +184,16 @@ pub fn media_message(stream_sid: &str, sequence: u64, payload_b64: &str) -> Mess
     )
 }
 
-/// POSTs a signed voice webhook and returns the TwiML's stream URL and `<Parameter>`s.
+/// The account simulated webhooks and streams come from.
+pub const ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
+
+/// A well-formed `CallSid` (`CA` + 32 hex digits) numbered `n`.
+pub fn call_sid(n: u128) -> String {
+    format!("CA{n:032x}")
+}
+
+/// POSTs a signed voice webhook (from [`ACCOUNT_SID`]) and returns the TwiML's stream URL and
+/// `<Parameter>`s.
 pub async fn voice_webhook(
     stack: &Stack,
     call_sid: &str,
@@ -192,10 +201,15 @@ pub async fn voice_webhook(
     from: &str,
 ) -> (String, Vec<(String, String)>) {
     let url = stack.url.join("/twilio/voice").unwrap();
-    let params: Vec<(String, String)> = [("CallSid", call_sid), ("To", to), ("From", from)]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let params: Vec<(String, String)> = [
+        ("AccountSid", ACCOUNT_SID),
+        ("CallSid", call_sid),
+        ("To", to),
+        ("From", from),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
     let signature = compute_signature(TOKEN, url.as_str(), &params);
     let body = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(params.iter())
