@@ -41,8 +41,10 @@ fn serve_refuses_to_start_without_a_twilio_auth_token() {
 fn serve_without_a_key_uses_the_mock_then_answers_a_call_and_drains_on_sigterm() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
+    let admin = format!("127.0.0.1:{}", free_port());
     let mut server = clean_command(&["serve"])
         .env("VOXRELAY_LISTEN", &listen)
+        .env("VOXRELAY_ADMIN_LISTEN", &admin)
         .env("TWILIO_AUTH_TOKEN", "cli-test-token")
         .env("VOXRELAY_DRAIN_SECONDS", "2")
         .stdout(Stdio::piped())
@@ -78,6 +80,8 @@ fn serve_without_a_key_uses_the_mock_then_answers_a_call_and_drains_on_sigterm()
         "call",
         "--to",
         &format!("http://{listen}"),
+        "--admin-url",
+        &format!("http://{admin}"),
         "--linger-seconds",
         "1",
     ])
