@@ -52,6 +52,11 @@ pub const DEFAULT_MAX_CALLS: usize = 160;
 pub const DEFAULT_MAX_UNVERIFIED_CONNECTIONS: usize = 128;
 /// A request head (or, on a kept-alive connection, the next one) must arrive within this.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection none of whose requests has passed a signature check is closed this long after
+/// it was accepted, however busy: health checks and honest clients reconnect, while a peer
+/// sending unsigned requests just under the header timeout cannot hold an unverified slot
+/// for ever.
+pub const DEFAULT_UNVERIFIED_LIFETIME: Duration = Duration::from_secs(30);
 /// A webhook body must arrive in full within this of its head.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Twilio's webhooks are a few hundred bytes of form fields; a body over this is refused (413).
@@ -131,6 +136,8 @@ pub struct ListenerLimits {
     pub max_unverified_connections: usize,
     /// For the next request head, on a new or an idle kept-alive connection.
     pub header_read_timeout: Duration,
+    /// How long a connection may stay open without a request passing a signature check.
+    pub unverified_lifetime: Duration,
     /// For a webhook's whole body, from its head.
     pub body_timeout: Duration,
     pub max_webhook_body: usize,
@@ -152,6 +159,7 @@ impl ListenerLimits {
             max_connections: 2 * max_calls + DEFAULT_MAX_UNVERIFIED_CONNECTIONS,
             max_unverified_connections: DEFAULT_MAX_UNVERIFIED_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            unverified_lifetime: DEFAULT_UNVERIFIED_LIFETIME,
             body_timeout: DEFAULT_BODY_TIMEOUT,
             max_webhook_body: MAX_WEBHOOK_BODY_BYTES,
             call_reservation: DEFAULT_PREWARM_UNCLAIMED,
@@ -494,6 +502,7 @@ mod tests {
         assert_eq!(limits.max_unverified_connections, 128);
         assert_eq!(limits.max_connections, 2 * 160 + 128);
         assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(limits.unverified_lifetime, Duration::from_secs(30));
         assert_eq!(limits.body_timeout, Duration::from_secs(10));
         assert_eq!(limits.max_webhook_body, 64 * 1024);
         let raised = BridgeConfig::from_raw(RawConfig {

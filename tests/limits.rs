@@ -63,6 +63,26 @@ async fn read_head(tcp: &mut TcpStream) -> String {
     String::from_utf8(received).unwrap()
 }
 
+/// Reads one whole response (head, then a `Content-Length` body) from a connection that stays
+/// open; returns the head.
+async fn read_response(tcp: &mut TcpStream) -> String {
+    let head = read_head(tcp).await;
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .expect("a content-length");
+    let mut body = vec![0u8; length];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut body))
+        .await
+        .expect("a response body")
+        .unwrap();
+    head
+}
+
 /// A signed voice webhook for `call_sid`, as raw HTTP/1.1 bytes (keep-alive).
 fn signed_voice_request(stack: &Stack, call_sid: &str) -> Vec<u8> {
     let url = stack.url.join("/twilio/voice").unwrap();
@@ -305,6 +325,58 @@ async fn connections_beyond_the_unverified_cap_are_closed_at_once() {
     assert_eq!(metrics.listener.refusals(ListenerRefusal::UnverifiedCap), 2);
     assert_eq!(metrics.listener.connections_unverified.load(Relaxed), 2);
     assert_eq!(metrics.listener.connections_open.load(Relaxed), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_connection_that_never_verifies_is_closed_at_its_lifetime() {
+    let stack = stack_with(|config| config.limits.unverified_lifetime = SHORT).await;
+    let addr = stack.bridge.local_addr();
+    let mut unsigned = connect(addr).await;
+    let mut signed = connect(addr).await;
+    signed
+        .write_all(&signed_voice_request(&stack, "CAlifetime"))
+        .await
+        .unwrap();
+    assert!(read_response(&mut signed).await.starts_with("HTTP/1.1 200"));
+    // Health checks every 100 ms keep the header timeout from ever firing.
+    let began = Instant::now();
+    let mut closed_after = None;
+    while began.elapsed() < Duration::from_secs(3) {
+        if unsigned
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: bridge\r\n\r\n")
+            .await
+            .is_err()
+        {
+            closed_after = Some(began.elapsed());
+            break;
+        }
+        let mut buffer = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(500), unsigned.read(&mut buffer)).await {
+            Ok(Ok(0) | Err(_)) => {
+                closed_after = Some(began.elapsed());
+                break;
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("no answer to a health check"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let closed_after = closed_after.expect("an unverified connection outlived its lifetime");
+    assert!(closed_after >= SHORT - Duration::from_millis(50), "{closed_after:?}");
+    // The verified connection is still served.
+    signed
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: bridge\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut signed).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        stack
+            .bridge
+            .metrics()
+            .listener
+            .refusals(ListenerRefusal::UnverifiedLifetime),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

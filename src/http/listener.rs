@@ -5,7 +5,9 @@
 //! over a cap), `TCP_NODELAY` set (media messages are small and latency-bound: Nagle must not
 //! hold one back), served by hyper with a header-read timeout that also applies between
 //! requests on a kept-alive connection (hyper restarts it whenever the connection goes idle),
-//! so neither a half-sent head nor an idle connection stays open past it. Upgrades are
+//! so neither a half-sent head nor an idle connection stays open past it; a connection none
+//! of whose requests passed a signature check is closed at its unverified lifetime however
+//! busy it is (so a slot of the unverified cap cannot be held for ever). Upgrades are
 //! enabled for the Media Streams WebSocket; an upgraded socket leaves hyper, and its
 //! [`Connection`] slot travels on with the call task. On stop: no more accepts, idle
 //! connections close at once, a request in flight gets [`STOP_GRACE`], then its connection is
@@ -39,6 +41,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub struct ListenerSettings {
     pub limits: Arc<ConnectionLimits>,
     pub header_read_timeout: Duration,
+    /// A connection still unverified this long after accept is closed (`None`: never).
+    pub unverified_lifetime: Option<Duration>,
     /// Where refusals and header timeouts are counted (`None` for the admin listener).
     pub metrics: Option<Arc<Metrics>>,
     /// Route-level warnings' allowance, shared with the routes.
@@ -109,7 +113,7 @@ async fn serve_connection(
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%error, "could not set TCP_NODELAY");
     }
-    let handle = ConnectionHandle(connection);
+    let handle = ConnectionHandle(Arc::clone(&connection));
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(handle.clone());
         router.clone().oneshot(request.map(Body::new))
@@ -122,15 +126,40 @@ async fn serve_connection(
         .serve_connection(TokioIo::new(tcp), service)
         .with_upgrades();
     let mut served = std::pin::pin!(served);
-    let result = tokio::select! {
-        result = served.as_mut() => result,
-        () = stop.cancelled() => {
-            // Closes an idle keep-alive connection at once; lets a request in flight finish.
-            served.as_mut().graceful_shutdown();
-            match tokio::time::timeout(STOP_GRACE, served).await {
-                Ok(result) => result,
-                Err(_) => Ok(()),
+    let unverified_deadline = async {
+        match settings.unverified_lifetime {
+            Some(lifetime) => tokio::time::sleep(lifetime).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut unverified_deadline = std::pin::pin!(unverified_deadline);
+    let mut deadline_armed = settings.unverified_lifetime.is_some();
+    // `None`: close the connection (stop, or still unverified at its deadline).
+    let ended = loop {
+        tokio::select! {
+            result = served.as_mut() => break Some(result),
+            () = stop.cancelled() => break None,
+            () = unverified_deadline.as_mut(), if deadline_armed => {
+                deadline_armed = false;
+                if !connection.is_verified() {
+                    if let Some(metrics) = &settings.metrics {
+                        metrics.listener.refused(ListenerRefusal::UnverifiedLifetime);
+                    }
+                    break None;
+                }
             }
+        }
+    };
+    drop(connection);
+    let result = match ended {
+        Some(result) => result,
+        None => {
+            // Closes an idle connection at once; lets a request in flight finish, for up to
+            // `STOP_GRACE`, then drops it anyway.
+            served.as_mut().graceful_shutdown();
+            tokio::time::timeout(STOP_GRACE, served)
+                .await
+                .unwrap_or(Ok(()))
         }
     };
     if let Err(error) = result {

@@ -174,6 +174,7 @@ impl Bridge {
                 Some(Arc::clone(&metrics)),
             ),
             header_read_timeout: limits.header_read_timeout,
+            unverified_lifetime: Some(limits.unverified_lifetime),
             metrics: Some(Arc::clone(&metrics)),
             warnings: Arc::clone(&warnings),
             name: "public",
@@ -182,6 +183,7 @@ impl Bridge {
         let admin = ListenerSettings {
             limits: ConnectionLimits::new(ADMIN_MAX_CONNECTIONS, ADMIN_MAX_CONNECTIONS, None),
             header_read_timeout: limits.header_read_timeout,
+            unverified_lifetime: None,
             metrics: None,
             warnings,
             name: "admin",

@@ -304,6 +304,9 @@ pub enum ListenerRefusal {
     /// A connection closed because a request head did not arrive in time (including an idle
     /// kept-alive connection).
     HeaderTimeout,
+    /// A connection closed because none of its requests passed a signature check within the
+    /// unverified lifetime.
+    UnverifiedLifetime,
     /// A webhook answered 408: its body did not arrive in time.
     BodyTimeout,
     /// A webhook answered 413: its body was over the limit.
@@ -317,10 +320,11 @@ pub enum ListenerRefusal {
 }
 
 impl ListenerRefusal {
-    const ALL: [ListenerRefusal; 8] = [
+    const ALL: [ListenerRefusal; 9] = [
         ListenerRefusal::ConnectionCap,
         ListenerRefusal::UnverifiedCap,
         ListenerRefusal::HeaderTimeout,
+        ListenerRefusal::UnverifiedLifetime,
         ListenerRefusal::BodyTimeout,
         ListenerRefusal::BodyTooLarge,
         ListenerRefusal::CallsFullVoice,
@@ -333,6 +337,7 @@ impl ListenerRefusal {
             ListenerRefusal::ConnectionCap => "connection_cap",
             ListenerRefusal::UnverifiedCap => "unverified_cap",
             ListenerRefusal::HeaderTimeout => "header_timeout",
+            ListenerRefusal::UnverifiedLifetime => "unverified_lifetime",
             ListenerRefusal::BodyTimeout => "body_timeout",
             ListenerRefusal::BodyTooLarge => "body_too_large",
             ListenerRefusal::CallsFullVoice => "calls_full_voice",
