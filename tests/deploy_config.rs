@@ -14,7 +14,9 @@ fn fly() -> toml::Table {
 }
 
 fn env<'a>(fly: &'a toml::Table, name: &str) -> &'a str {
-    fly["env"][name].as_str().unwrap_or_else(|| panic!("[env] {name}"))
+    fly["env"][name]
+        .as_str()
+        .unwrap_or_else(|| panic!("[env] {name}"))
 }
 
 fn seconds(value: &str) -> u64 {
@@ -53,7 +55,10 @@ fn fly_checks_readiness_on_the_public_port_and_scrapes_the_admin_port() {
     assert_eq!(metrics["port"].as_integer(), Some(admin_port));
     assert_ne!(admin_port, public_port);
     // Nothing routes the admin port from the internet.
-    assert!(!fly.contains_key("services"), "a [[services]] block may expose another port");
+    assert!(
+        !fly.contains_key("services"),
+        "a [[services]] block may expose another port"
+    );
 }
 
 #[test]
@@ -65,9 +70,15 @@ fn the_proxy_limits_fit_max_calls() {
     let soft = concurrency["soft_limit"].as_integer().unwrap() as usize;
     let hard = concurrency["hard_limit"].as_integer().unwrap() as usize;
     // New calls spread to other machines before this one is full...
-    assert!(soft < max_calls, "soft_limit {soft} ≥ max calls {max_calls}");
+    assert!(
+        soft < max_calls,
+        "soft_limit {soft} ≥ max calls {max_calls}"
+    );
     // ...and when it is full, its webhook still gets through to say so.
-    assert!(hard > max_calls, "hard_limit {hard} ≤ max calls {max_calls}");
+    assert!(
+        hard > max_calls,
+        "hard_limit {hard} ≤ max calls {max_calls}"
+    );
     assert!(hard <= ListenerLimits::for_calls(max_calls).max_connections);
 }
 

@@ -43,9 +43,12 @@ async fn read_until_closed(tcp: &mut TcpStream, within: Duration) -> Option<(Str
         }
     })
     .await;
-    closed
-        .ok()
-        .map(|()| (String::from_utf8_lossy(&received).into_owned(), began.elapsed()))
+    closed.ok().map(|()| {
+        (
+            String::from_utf8_lossy(&received).into_owned(),
+            began.elapsed(),
+        )
+    })
 }
 
 /// Reads one response head (up to the blank line) from a connection that stays open.
@@ -164,19 +167,30 @@ async fn a_half_sent_request_head_is_closed_after_the_header_timeout() {
     let (_, took) = read_until_closed(&mut tcp, Duration::from_secs(5))
         .await
         .expect("the half-sent head was still open after 5 s");
-    assert!(took >= SHORT - Duration::from_millis(50), "closed after {took:?}");
+    assert!(
+        took >= SHORT - Duration::from_millis(50),
+        "closed after {took:?}"
+    );
     // A connection that sends nothing at all is closed the same way.
     let mut silent = connect(stack.bridge.local_addr()).await;
-    assert!(read_until_closed(&mut silent, Duration::from_secs(5)).await.is_some());
+    assert!(
+        read_until_closed(&mut silent, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
     let metrics = stack.bridge.metrics();
-    assert!(eventually(Duration::from_secs(2), || {
-        metrics.listener.refusals(ListenerRefusal::HeaderTimeout) >= 2
-    })
-    .await);
-    assert!(eventually(Duration::from_secs(2), || {
-        metrics.listener.connections_open.load(Relaxed) == 0
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            metrics.listener.refusals(ListenerRefusal::HeaderTimeout) >= 2
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            metrics.listener.connections_open.load(Relaxed) == 0
+        })
+        .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +203,10 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
     let head = read_head(&mut tcp).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     // The response is not `Connection: close`: only the idle deadline ends the connection.
-    assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
     let (rest, _) = read_until_closed(&mut tcp, Duration::from_secs(5))
         .await
         .expect("an idle kept-alive connection was still open after 5 s");
@@ -236,7 +253,13 @@ async fn a_trickled_webhook_body_is_cut_off_with_408() {
         2
     );
     // The bodies never reached the routes.
-    assert_eq!(stack.bridge.metrics().signature_failures(SignedRoute::Voice), 0);
+    assert_eq!(
+        stack
+            .bridge
+            .metrics()
+            .signature_failures(SignedRoute::Voice),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,8 +286,10 @@ async fn an_oversized_webhook_body_gets_413() {
         let mut chunked = connect(stack.bridge.local_addr()).await;
         chunked
             .write_all(
-                format!("POST {path} HTTP/1.1\r\nHost: bridge\r\nTransfer-Encoding: chunked\r\n\r\n")
-                    .as_bytes(),
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: bridge\r\nTransfer-Encoding: chunked\r\n\r\n"
+                )
+                .as_bytes(),
             )
             .await
             .unwrap();
@@ -292,12 +317,19 @@ async fn connections_beyond_the_unverified_cap_are_closed_at_once() {
     let mut first = connect(addr).await;
     let mut second = connect(addr).await;
     // Both are admitted (and idle); the third is over the cap.
-    assert!(read_until_closed(&mut first, Duration::from_millis(300)).await.is_none());
+    assert!(
+        read_until_closed(&mut first, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
     let mut third = connect(addr).await;
     let (answer, took) = read_until_closed(&mut third, Duration::from_secs(2))
         .await
         .expect("a connection over the unverified cap stayed open");
-    assert!(answer.is_empty() && took < Duration::from_secs(1), "{answer} after {took:?}");
+    assert!(
+        answer.is_empty() && took < Duration::from_secs(1),
+        "{answer} after {took:?}"
+    );
 
     // An unsigned request does not verify its connection.
     second
@@ -308,7 +340,11 @@ async fn connections_beyond_the_unverified_cap_are_closed_at_once() {
         .unwrap();
     assert!(read_head(&mut second).await.starts_with("HTTP/1.1 403"));
     let mut fourth = connect(addr).await;
-    assert!(read_until_closed(&mut fourth, Duration::from_secs(2)).await.is_some());
+    assert!(
+        read_until_closed(&mut fourth, Duration::from_secs(2))
+            .await
+            .is_some()
+    );
 
     // A signed one does: the connection frees its unverified slot and stays open.
     first
@@ -318,7 +354,9 @@ async fn connections_beyond_the_unverified_cap_are_closed_at_once() {
     assert!(read_head(&mut first).await.starts_with("HTTP/1.1 200"));
     let mut fifth = connect(addr).await;
     assert!(
-        read_until_closed(&mut fifth, Duration::from_millis(500)).await.is_none(),
+        read_until_closed(&mut fifth, Duration::from_millis(500))
+            .await
+            .is_none(),
         "a verified connection still counted as unverified"
     );
     let metrics = stack.bridge.metrics();
@@ -362,7 +400,10 @@ async fn a_busy_connection_that_never_verifies_is_closed_at_its_lifetime() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let closed_after = closed_after.expect("an unverified connection outlived its lifetime");
-    assert!(closed_after >= SHORT - Duration::from_millis(50), "{closed_after:?}");
+    assert!(
+        closed_after >= SHORT - Duration::from_millis(50),
+        "{closed_after:?}"
+    );
     // The verified connection is still served.
     signed
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: bridge\r\n\r\n")
@@ -384,9 +425,17 @@ async fn connections_beyond_the_open_connection_cap_are_closed_at_once() {
     let stack = stack_with(|config| config.limits.max_connections = 2).await;
     let addr = stack.bridge.local_addr();
     let mut held = vec![connect(addr).await, connect(addr).await];
-    assert!(read_until_closed(&mut held[0], Duration::from_millis(300)).await.is_none());
+    assert!(
+        read_until_closed(&mut held[0], Duration::from_millis(300))
+            .await
+            .is_none()
+    );
     let mut over = connect(addr).await;
-    assert!(read_until_closed(&mut over, Duration::from_secs(2)).await.is_some());
+    assert!(
+        read_until_closed(&mut over, Duration::from_secs(2))
+            .await
+            .is_some()
+    );
     assert_eq!(
         stack
             .bridge
@@ -398,12 +447,18 @@ async fn connections_beyond_the_open_connection_cap_are_closed_at_once() {
     // A slot freed is a slot for the next connection.
     drop(held.pop());
     let metrics = stack.bridge.metrics();
-    assert!(eventually(Duration::from_secs(2), || {
-        metrics.listener.connections_open.load(Relaxed) == 1
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            metrics.listener.connections_open.load(Relaxed) == 1
+        })
+        .await
+    );
     let mut next = connect(addr).await;
-    assert!(read_until_closed(&mut next, Duration::from_millis(300)).await.is_none());
+    assert!(
+        read_until_closed(&mut next, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,7 +470,11 @@ async fn at_max_calls_the_webhook_says_sorry_and_a_stream_gets_503_until_a_call_
     assert_eq!(status, 200);
     assert!(twiml.contains("<Connect><Stream"), "{twiml}");
     let mut first = start_raw_stream(&stack, "MZcap1").await;
-    assert!(eventually(Duration::from_secs(5), || stack.bridge.registry().len() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || stack.bridge.registry().len()
+            == 1)
+        .await
+    );
 
     // Full: the caller hears why and the call hangs up; nothing is prepared for it.
     let (status, twiml) = post_voice(&stack, "CA0002").await;
@@ -426,24 +485,39 @@ async fn at_max_calls_the_webhook_says_sorry_and_a_stream_gets_503_until_a_call_
     );
     assert!(twiml.contains("busy"), "{twiml}");
     assert_eq!(try_media_socket(&stack).await.err(), Some(503));
-    assert_eq!(metrics.listener.refusals(ListenerRefusal::CallsFullVoice), 1);
-    assert_eq!(metrics.listener.refusals(ListenerRefusal::CallsFullMedia), 1);
+    assert_eq!(
+        metrics.listener.refusals(ListenerRefusal::CallsFullVoice),
+        1
+    );
+    assert_eq!(
+        metrics.listener.refusals(ListenerRefusal::CallsFullMedia),
+        1
+    );
     assert_eq!(metrics.listener.call_slots_in_use.load(Relaxed), 1);
 
     // The call ends: its slot comes back.
     let stop = serde_json::json!({"event":"stop","sequenceNumber":"2","streamSid":"MZcap1","stop":{"accountSid":"AC0","callSid":"CAMZcap1"}});
     first.send(Message::text(stop.to_string())).await.unwrap();
     assert!(closed_by_bridge(&mut first, Duration::from_secs(5)).await);
-    assert!(eventually(Duration::from_secs(8), || {
-        metrics.listener.call_slots_in_use.load(Relaxed) == 0
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(8), || {
+            metrics.listener.call_slots_in_use.load(Relaxed) == 0
+        })
+        .await
+    );
     let (status, twiml) = post_voice(&stack, "CA0003").await;
     assert_eq!(status, 200);
     assert!(twiml.contains("<Connect><Stream"), "{twiml}");
     let _second = start_raw_stream(&stack, "MZcap3").await;
-    assert!(eventually(Duration::from_secs(5), || stack.bridge.registry().len() == 1).await);
-    assert_eq!(metrics.listener.refusals(ListenerRefusal::CallsFullMedia), 1);
+    assert!(
+        eventually(Duration::from_secs(5), || stack.bridge.registry().len()
+            == 1)
+        .await
+    );
+    assert_eq!(
+        metrics.listener.refusals(ListenerRefusal::CallsFullMedia),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,7 +573,11 @@ async fn streams_waiting_for_start_are_capped() {
         .send(Message::text(start.to_string()))
         .await
         .unwrap();
-    assert!(eventually(Duration::from_secs(5), || stack.bridge.registry().len() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || stack.bridge.registry().len()
+            == 1)
+        .await
+    );
     assert!(try_media_socket(&stack).await.is_ok());
 }
 
@@ -507,7 +585,9 @@ async fn streams_waiting_for_start_are_capped() {
 async fn metrics_are_served_on_the_admin_listener_only() {
     let stack = stack_with(|_| {}).await;
     let public = stack.url.join("/metrics").unwrap();
-    let response = http_client::send("GET", &public, &[], Vec::new()).await.unwrap();
+    let response = http_client::send("GET", &public, &[], Vec::new())
+        .await
+        .unwrap();
     assert_eq!(response.status, 404);
     for path in ["/healthz", "/readyz"] {
         let response = http_client::send("GET", &stack.url.join(path).unwrap(), &[], Vec::new())
@@ -532,9 +612,14 @@ async fn metrics_are_served_on_the_admin_listener_only() {
         .unwrap();
     assert_eq!(ready.status, 200);
     // The admin listener serves nothing of Twilio's.
-    let voice = http_client::send("POST", &admin.join("/twilio/voice").unwrap(), &[], Vec::new())
-        .await
-        .unwrap();
+    let voice = http_client::send(
+        "POST",
+        &admin.join("/twilio/voice").unwrap(),
+        &[],
+        Vec::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(voice.status, 404);
 }
 
@@ -572,9 +657,21 @@ async fn a_drain_closes_idle_connections_and_frees_both_ports() {
     let mut idle_admin = connect(admin).await;
     let began = Instant::now();
     stack.bridge.drain_and_stop(Duration::from_secs(1)).await;
-    assert!(began.elapsed() < Duration::from_secs(3), "{:?}", began.elapsed());
-    assert!(read_until_closed(&mut idle, Duration::from_secs(1)).await.is_some());
-    assert!(read_until_closed(&mut idle_admin, Duration::from_secs(1)).await.is_some());
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(
+        read_until_closed(&mut idle, Duration::from_secs(1))
+            .await
+            .is_some()
+    );
+    assert!(
+        read_until_closed(&mut idle_admin, Duration::from_secs(1))
+            .await
+            .is_some()
+    );
     assert!(TcpStream::connect(public).await.is_err());
     assert!(TcpStream::connect(admin).await.is_err());
 }

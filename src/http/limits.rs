@@ -66,7 +66,10 @@ impl ConnectionLimits {
         }
         if let Some(metrics) = &self.metrics {
             metrics.listener.connections_open.fetch_add(1, Relaxed);
-            metrics.listener.connections_unverified.fetch_add(1, Relaxed);
+            metrics
+                .listener
+                .connections_unverified
+                .fetch_add(1, Relaxed);
         }
         Ok(Arc::new(Connection {
             limits: Arc::clone(self),
@@ -113,7 +116,10 @@ impl Connection {
     fn release_unverified(&self) {
         self.limits.unverified.fetch_sub(1, Relaxed);
         if let Some(metrics) = &self.limits.metrics {
-            metrics.listener.connections_unverified.fetch_sub(1, Relaxed);
+            metrics
+                .listener
+                .connections_unverified
+                .fetch_sub(1, Relaxed);
         }
     }
 }
@@ -302,18 +308,8 @@ mod tests {
         assert!(a.is_verified() && !b.is_verified());
         let c = limits.admit().unwrap();
         assert_eq!(limits.admit().err(), Some(ListenerRefusal::ConnectionCap));
-        assert_eq!(
-            metrics
-                .listener
-                .refusals(ListenerRefusal::UnverifiedCap),
-            1
-        );
-        assert_eq!(
-            metrics
-                .listener
-                .refusals(ListenerRefusal::ConnectionCap),
-            1
-        );
+        assert_eq!(metrics.listener.refusals(ListenerRefusal::UnverifiedCap), 1);
+        assert_eq!(metrics.listener.refusals(ListenerRefusal::ConnectionCap), 1);
         assert_eq!(metrics.listener.connections_open.load(Relaxed), 3);
         assert_eq!(metrics.listener.connections_unverified.load(Relaxed), 2);
         drop((a, b, c));
@@ -342,7 +338,10 @@ mod tests {
         slots.reserve("CA3", now).unwrap();
         assert_eq!(slots.in_use(now), 2);
         // Its stream never comes: the slot comes back after the reservation's time to live.
-        assert_eq!(slots.reserve("CA4", now + TTL / 2), Err(CallsFull::MaxCalls));
+        assert_eq!(
+            slots.reserve("CA4", now + TTL / 2),
+            Err(CallsFull::MaxCalls)
+        );
         slots.reserve("CA4", now + TTL).unwrap();
         assert_eq!(metrics.listener.call_reservations_expired.load(Relaxed), 1);
         drop(second);

@@ -167,7 +167,10 @@ async fn serve_connection(
             if let Some(metrics) = &settings.metrics {
                 metrics.listener.refused(ListenerRefusal::HeaderTimeout);
             }
-            tracing::debug!(listener = settings.name, "request head not received in time: closed");
+            tracing::debug!(
+                listener = settings.name,
+                "request head not received in time: closed"
+            );
         } else {
             tracing::debug!(listener = settings.name, %error, "connection ended with an error");
         }

@@ -163,9 +163,7 @@ async fn bounded_webhook_body(
         }
     };
     let connection = parts.extensions.get::<ConnectionHandle>().cloned();
-    let response = next
-        .run(Request::from_parts(parts, Body::from(body)))
-        .await;
+    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
     if response.status().is_success() {
         if let Some(ConnectionHandle(connection)) = connection {
             connection.mark_verified();
@@ -440,7 +438,11 @@ async fn media_stream(State(state): State<Arc<AppState>>, mut request: Request) 
             };
             state.metrics.listener.refused(why);
             if let Some(suppressed) = state.warnings.allow(Instant::now()) {
-                tracing::warn!(reason = why.as_str(), suppressed, "media stream refused: {full}");
+                tracing::warn!(
+                    reason = why.as_str(),
+                    suppressed,
+                    "media stream refused: {full}"
+                );
             }
             return (StatusCode::SERVICE_UNAVAILABLE, "at capacity\n").into_response();
         }
