@@ -147,3 +147,23 @@ fn serve_without_a_key_uses_the_mock_then_answers_a_call_and_drains_on_sigterm()
         "the auth token reached the log"
     );
 }
+
+#[test]
+fn serve_mirrors_the_listener_limits_as_flags() {
+    let output = clean_command(&["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for (flag, env) in [
+        ("--admin-listen", "VOXRELAY_ADMIN_LISTEN"),
+        ("--max-calls", "VOXRELAY_MAX_CALLS"),
+        ("--max-connections", "VOXRELAY_MAX_CONNECTIONS"),
+        (
+            "--max-unverified-connections",
+            "VOXRELAY_MAX_UNVERIFIED_CONNECTIONS",
+        ),
+    ] {
+        assert!(help.contains(flag) && help.contains(env), "{flag}: {help}");
+    }
+    assert!(help.contains("127.0.0.1:9091"), "{help}");
+    let call = clean_command(&["call", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&call.stdout).contains("--admin-url"));
+}
