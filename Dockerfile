@@ -1,6 +1,9 @@
 # voxrelay: multi-stage build, release binary on a small non-root runtime image.
 # Build: docker build -t voxrelay .
 # Run:   docker run -p 8080:8080 --env-file .env voxrelay
+# Metrics are on the admin listener, 127.0.0.1:9091 inside the container by default. To scrape
+# them from another container, set VOXRELAY_ADMIN_LISTEN=0.0.0.0:9091 and reach port 9091 over
+# a private network only (never publish it with -p on a public interface).
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
@@ -21,9 +24,10 @@ ENV VOXRELAY_LISTEN=0.0.0.0:8080 \
     VOXRELAY_REPORT_SPOOL_DIR=/home/nonroot/spool \
     RUST_LOG=info
 EXPOSE 8080
-# The image has no curl: the binary checks itself.
+# The image has no curl: the binary checks itself, on the admin listener, which the public
+# listener's caps do not touch (a flood of connections must not get the container restarted).
 HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
-    CMD ["/usr/local/bin/voxrelay", "healthcheck", "--url", "http://127.0.0.1:8080/healthz"]
+    CMD ["/usr/local/bin/voxrelay", "healthcheck", "--url", "http://127.0.0.1:9091/healthz"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/voxrelay"]
 CMD ["serve"]

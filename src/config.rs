@@ -48,6 +48,32 @@ pub const DEFAULT_MAX_PREWARMS: usize = 20;
 /// the semaphore holding them cannot overflow.
 pub const MAX_PREWARMS_LIMIT: usize = 10_000;
 
+/// Where `/metrics` is served unless `VOXRELAY_ADMIN_LISTEN` says otherwise: loopback, so a
+/// fresh install never publishes its metrics.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
+/// Concurrent calls per bridge. `voxrelay bench` held 200 `pcmu` calls on one core of the
+/// 2-vCPU reference VM at the latency budget (p99 ≤ 2 ms each way, no late frames; 300 did
+/// not); 80% of that leaves headroom for what the bench does not do (TLS to the real model,
+/// control-plane traffic, bursts of call set-up). `pcm16` held 100: set about 80 there.
+pub const DEFAULT_MAX_CALLS: usize = 160;
+/// Connections that have not yet had a request pass Twilio's signature check. Honest ones
+/// hold a slot for milliseconds (a webhook verifies in its first request, a stream in its
+/// handshake), health checks for one request: this allows a burst of that many call
+/// set-ups at once, while a peer that only opens sockets holds at most this many, each for at
+/// most the header timeout.
+pub const DEFAULT_MAX_UNVERIFIED_CONNECTIONS: usize = 128;
+/// A request head (or, on a kept-alive connection, the next one) must arrive within this.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection none of whose requests has passed a signature check is closed this long after
+/// it was accepted, however busy: health checks and honest clients reconnect, while a peer
+/// sending unsigned requests just under the header timeout cannot hold an unverified slot
+/// for ever.
+pub const DEFAULT_UNVERIFIED_LIFETIME: Duration = Duration::from_secs(30);
+/// A webhook body must arrive in full within this of its head.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Twilio's webhooks are a few hundred bytes of form fields; a body over this is refused (413).
+pub const MAX_WEBHOOK_BODY_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
@@ -98,6 +124,8 @@ pub enum ConfigError {
     BadAccountSid(String),
     #[error("VOXRELAY_MAX_PREWARMS must be at most {MAX_PREWARMS_LIMIT}, got {0}")]
     BadMaxPrewarms(usize),
+    #[error("{0} must be at least 1")]
+    ZeroLimit(&'static str),
 }
 
 /// The origin Twilio reaches the bridge at: every signature is checked against URLs on it and
@@ -156,6 +184,66 @@ pub struct BridgeConfig {
     pub require_stream_token: bool,
     /// `FLY_MACHINE_ID` on Fly.io: put in stream URLs so upgrades replay to this machine.
     pub fly_machine_id: Option<String>,
+    /// The private listener for `/metrics` (and health): never exposed to the internet.
+    pub admin_listen: SocketAddr,
+    /// Caps and timeouts of the public listener.
+    pub limits: ListenerLimits,
+}
+
+/// What the public listener allows: every cap is on state (calls, connections not yet
+/// verified), never per address, because behind a proxy and from Twilio every call shares a
+/// few addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Concurrent calls: a webhook answered and not yet claimed by its stream, or a media
+    /// stream from its upgrade until its task ends (`VOXRELAY_MAX_CALLS`).
+    pub max_calls: usize,
+    /// Media streams that have not sent `start` yet (they close after `START_TIMEOUT`); they
+    /// also count as calls. Beyond it a stream is refused before the upgrade.
+    pub max_unstarted_streams: usize,
+    /// Open connections on the public listener, upgraded streams included
+    /// (`VOXRELAY_MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// Connections none of whose requests has passed a signature check yet
+    /// (`VOXRELAY_MAX_UNVERIFIED_CONNECTIONS`).
+    pub max_unverified_connections: usize,
+    /// For the next request head, on a new or an idle kept-alive connection.
+    pub header_read_timeout: Duration,
+    /// How long a connection may stay open without a request passing a signature check.
+    pub unverified_lifetime: Duration,
+    /// For a webhook's whole body, from its head.
+    pub body_timeout: Duration,
+    pub max_webhook_body: usize,
+    /// How long a webhook's call slot waits for its stream before it is released.
+    pub call_reservation: Duration,
+}
+
+impl ListenerLimits {
+    /// The defaults for `max_calls` concurrent calls: half of them may be waiting for `start`
+    /// at once (a real stream sends it within milliseconds of its handshake, so only a burst
+    /// of call arrivals comes near; sockets that never start hold at most half), and the
+    /// listener takes two connections per call (the stream, and its webhook or status
+    /// callback) plus the unverified ones.
+    pub fn for_calls(max_calls: usize) -> Self {
+        let max_calls = max_calls.max(1);
+        Self {
+            max_calls,
+            max_unstarted_streams: (max_calls / 2).max(4),
+            max_connections: 2 * max_calls + DEFAULT_MAX_UNVERIFIED_CONNECTIONS,
+            max_unverified_connections: DEFAULT_MAX_UNVERIFIED_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            unverified_lifetime: DEFAULT_UNVERIFIED_LIFETIME,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_webhook_body: MAX_WEBHOOK_BODY_BYTES,
+            call_reservation: DEFAULT_PREWARM_UNCLAIMED,
+        }
+    }
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self::for_calls(DEFAULT_MAX_CALLS)
+    }
 }
 
 /// The control plane the bridge asks for tenant contexts, tools and call reports.
@@ -249,11 +337,19 @@ pub struct RawConfig {
     pub max_prewarms: Option<usize>,
     pub require_stream_token: Option<bool>,
     pub fly_machine_id: Option<String>,
+    pub admin_listen: Option<SocketAddr>,
+    pub max_calls: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_unverified_connections: Option<usize>,
 }
 
 impl BridgeConfig {
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
         let control_plane = control_plane_from_raw(&raw)?;
+        let prewarm_unclaimed_after = raw
+            .prewarm_unclaimed_ms
+            .map_or(DEFAULT_PREWARM_UNCLAIMED, Duration::from_millis);
+        let limits = limits_from_raw(&raw, prewarm_unclaimed_after)?;
         let token = raw
             .twilio_auth_token
             .filter(|t| !t.trim().is_empty())
@@ -334,12 +430,12 @@ impl BridgeConfig {
             drain: Duration::from_secs(raw.drain_seconds.unwrap_or(30)),
             control_plane,
             prewarm: raw.prewarm.unwrap_or(true),
-            prewarm_unclaimed_after: raw
-                .prewarm_unclaimed_ms
-                .map_or(DEFAULT_PREWARM_UNCLAIMED, Duration::from_millis),
+            prewarm_unclaimed_after,
             max_prewarms,
             require_stream_token: raw.require_stream_token.unwrap_or(false),
             fly_machine_id: raw.fly_machine_id.filter(|id| !id.trim().is_empty()),
+            admin_listen: raw.admin_listen.unwrap_or_else(default_admin_listen),
+            limits,
         })
     }
 }
@@ -365,8 +461,41 @@ impl BridgeConfig {
             max_prewarms: DEFAULT_MAX_PREWARMS,
             require_stream_token: false,
             fly_machine_id: None,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            limits: ListenerLimits::default(),
         }
     }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN
+        .parse()
+        .expect("the default admin address parses")
+}
+
+/// The listener's limits: derived from `VOXRELAY_MAX_CALLS`, each connection cap overridable.
+fn limits_from_raw(
+    raw: &RawConfig,
+    call_reservation: Duration,
+) -> Result<ListenerLimits, ConfigError> {
+    let positive = |value: Option<usize>, name| match value {
+        Some(0) => Err(ConfigError::ZeroLimit(name)),
+        other => Ok(other),
+    };
+    let max_calls = positive(raw.max_calls, "VOXRELAY_MAX_CALLS")?.unwrap_or(DEFAULT_MAX_CALLS);
+    let mut limits = ListenerLimits::for_calls(max_calls);
+    if let Some(unverified) = positive(
+        raw.max_unverified_connections,
+        "VOXRELAY_MAX_UNVERIFIED_CONNECTIONS",
+    )? {
+        limits.max_unverified_connections = unverified;
+        limits.max_connections = 2 * max_calls + unverified;
+    }
+    if let Some(connections) = positive(raw.max_connections, "VOXRELAY_MAX_CONNECTIONS")? {
+        limits.max_connections = connections;
+    }
+    limits.call_reservation = call_reservation;
+    Ok(limits)
 }
 
 fn control_plane_from_raw(raw: &RawConfig) -> Result<Option<ControlPlaneTarget>, ConfigError> {
@@ -509,6 +638,56 @@ mod tests {
         assert_eq!(config.agent.audio_mode, AudioMode::Pcmu);
         assert_eq!(config.drain, Duration::from_secs(30));
         assert_eq!(config.agent.greeting.as_deref(), Some(DEFAULT_GREETING));
+    }
+
+    #[test]
+    fn listener_limits_default_from_max_calls_and_refuse_zero() {
+        let config = BridgeConfig::from_raw(raw_with_token()).unwrap();
+        assert_eq!(config.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        let limits = &config.limits;
+        assert_eq!(limits.max_calls, 160);
+        assert_eq!(limits.max_unstarted_streams, 80);
+        assert_eq!(limits.max_unverified_connections, 128);
+        assert_eq!(limits.max_connections, 2 * 160 + 128);
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(limits.unverified_lifetime, Duration::from_secs(30));
+        assert_eq!(limits.body_timeout, Duration::from_secs(10));
+        assert_eq!(limits.max_webhook_body, 64 * 1024);
+        let raised = BridgeConfig::from_raw(RawConfig {
+            max_calls: Some(400),
+            max_unverified_connections: Some(32),
+            admin_listen: Some("[::]:9091".parse().unwrap()),
+            ..raw_with_token()
+        })
+        .unwrap();
+        assert_eq!(raised.limits.max_connections, 2 * 400 + 32);
+        assert_eq!(raised.limits.max_unstarted_streams, 200);
+        assert_eq!(raised.admin_listen.to_string(), "[::]:9091");
+        let explicit = BridgeConfig::from_raw(RawConfig {
+            max_connections: Some(50),
+            ..raw_with_token()
+        })
+        .unwrap();
+        assert_eq!(explicit.limits.max_connections, 50);
+        for zero in [
+            RawConfig {
+                max_calls: Some(0),
+                ..raw_with_token()
+            },
+            RawConfig {
+                max_connections: Some(0),
+                ..raw_with_token()
+            },
+            RawConfig {
+                max_unverified_connections: Some(0),
+                ..raw_with_token()
+            },
+        ] {
+            assert!(matches!(
+                BridgeConfig::from_raw(zero),
+                Err(ConfigError::ZeroLimit(_))
+            ));
+        }
     }
 
     #[test]

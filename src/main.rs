@@ -249,6 +249,18 @@ struct ServeArgs {
     /// Set by Fly.io: stream URLs carry it so an upgrade is replayed to the pre-warming machine.
     #[arg(long, env = "FLY_MACHINE_ID")]
     fly_machine_id: Option<String>,
+    /// Private listener for /metrics (and /healthz, /readyz); never expose it publicly.
+    #[arg(long, env = "VOXRELAY_ADMIN_LISTEN", default_value = voxrelay::config::DEFAULT_ADMIN_LISTEN)]
+    admin_listen: SocketAddr,
+    /// Concurrent calls; beyond it the webhook answers a busy message and streams get 503.
+    #[arg(long, env = "VOXRELAY_MAX_CALLS")]
+    max_calls: Option<usize>,
+    /// Open connections on the public listener (default: 2 × max calls + the unverified cap).
+    #[arg(long, env = "VOXRELAY_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Public connections that have not yet passed a Twilio signature check (default 128).
+    #[arg(long, env = "VOXRELAY_MAX_UNVERIFIED_CONNECTIONS")]
+    max_unverified_connections: Option<usize>,
 }
 
 /// `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`.
@@ -268,6 +280,9 @@ struct CallArgs {
     /// The public origin the bridge checks signatures against, if it differs from --to.
     #[arg(long, env = "VOXRELAY_PUBLIC_URL")]
     public_url: Option<Url>,
+    /// The bridge's admin listener, where its /metrics are (its VOXRELAY_ADMIN_LISTEN).
+    #[arg(long, default_value = "http://127.0.0.1:9091")]
+    admin_url: Url,
     /// The bridge's Twilio auth token (to sign like Twilio).
     #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
     twilio_auth_token: String,
@@ -391,6 +406,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_prewarms: args.max_prewarms,
         require_stream_token: args.require_stream_token,
         fly_machine_id: args.fly_machine_id,
+        admin_listen: Some(args.admin_listen),
+        max_calls: args.max_calls,
+        max_connections: args.max_connections,
+        max_unverified_connections: args.max_unverified_connections,
     };
     let mut config = match BridgeConfig::from_raw(raw) {
         Ok(config) => config,
@@ -410,10 +429,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.upstream.api_key = Some(Secret::new("voxrelay-mock"));
         mock = Some(server);
     }
-    let bridge = Bridge::start(&config)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
-    tracing::info!(listen = %bridge.local_addr(), mode = %config.agent.audio_mode, "voxrelay bridge ready");
+    let bridge = Bridge::start(&config).await.with_context(|| {
+        format!(
+            "listening on {} (public) and {} (admin)",
+            config.listen, config.admin_listen
+        )
+    })?;
+    tracing::info!(
+        listen = %bridge.local_addr(),
+        admin = %bridge.admin_addr(),
+        max_calls = config.limits.max_calls,
+        mode = %config.agent.audio_mode,
+        "voxrelay bridge ready"
+    );
     shutdown_signal().await;
     let outcome = bridge.drain_and_stop(config.drain).await;
     tracing::info!(?outcome, "stopped");
@@ -472,9 +500,13 @@ async fn call(args: CallArgs) -> anyhow::Result<()> {
         }
     );
     // The bridge measures its own added latency per direction; show what it says.
-    let metrics_url = args.to.join("/metrics")?;
-    match http_client::send("GET", &metrics_url, &[], Vec::new()).await {
-        Ok(response) if response.status == 200 => {
+    let metrics_url = args.admin_url.join("/metrics")?;
+    let scrape = tokio::time::timeout(
+        Duration::from_secs(2),
+        http_client::send("GET", &metrics_url, &[], Vec::new()),
+    );
+    match scrape.await {
+        Ok(Ok(response)) if response.status == 200 => {
             for family in [
                 "voxrelay_uplink_added_seconds",
                 "voxrelay_downlink_added_seconds",

@@ -122,9 +122,11 @@ fn serve_refuses_to_fall_back_to_the_mock_model_or_send_secrets_in_clear() {
 fn serve_with_mock_model_answers_a_call_and_drains_on_sigterm() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
+    let admin = format!("127.0.0.1:{}", free_port());
     let mut server = clean_command(&["serve", "--mock-model"])
         .env("VOXRELAY_LISTEN", &listen)
         .env("VOXRELAY_PUBLIC_URL", format!("http://{listen}"))
+        .env("VOXRELAY_ADMIN_LISTEN", &admin)
         .env("TWILIO_AUTH_TOKEN", "cli-test-token")
         .env("VOXRELAY_DRAIN_SECONDS", "2")
         .stdout(Stdio::piped())
@@ -160,6 +162,8 @@ fn serve_with_mock_model_answers_a_call_and_drains_on_sigterm() {
         "call",
         "--to",
         &format!("http://{listen}"),
+        "--admin-url",
+        &format!("http://{admin}"),
         "--linger-seconds",
         "1",
     ])
@@ -224,4 +228,24 @@ fn serve_with_mock_model_answers_a_call_and_drains_on_sigterm() {
         !all.contains("cli-test-token"),
         "the auth token reached the log"
     );
+}
+
+#[test]
+fn serve_mirrors_the_listener_limits_as_flags() {
+    let output = clean_command(&["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for (flag, env) in [
+        ("--admin-listen", "VOXRELAY_ADMIN_LISTEN"),
+        ("--max-calls", "VOXRELAY_MAX_CALLS"),
+        ("--max-connections", "VOXRELAY_MAX_CONNECTIONS"),
+        (
+            "--max-unverified-connections",
+            "VOXRELAY_MAX_UNVERIFIED_CONNECTIONS",
+        ),
+    ] {
+        assert!(help.contains(flag) && help.contains(env), "{flag}: {help}");
+    }
+    assert!(help.contains("127.0.0.1:9091"), "{help}");
+    let call = clean_command(&["call", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&call.stdout).contains("--admin-url"));
 }

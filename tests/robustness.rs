@@ -162,7 +162,8 @@ async fn webhooks_and_the_media_socket_require_twilios_signature() {
         1,
         "a refused request reached the model"
     );
-    let text = http_client::send("GET", &stack.url.join("/metrics").unwrap(), &[], Vec::new())
+    let admin = url::Url::parse(&format!("http://{}/metrics", stack.bridge.admin_addr())).unwrap();
+    let text = http_client::send("GET", &admin, &[], Vec::new())
         .await
         .unwrap();
     assert!(

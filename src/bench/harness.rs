@@ -22,7 +22,7 @@ use super::echo_model::{EchoFormat, EchoModel, EchoModelConfig, EchoSessionRecor
 use super::load::{ID_DIGITS, LoadCallConfig, LoadCallRecord, run_load_call};
 use super::results::{BenchResult, Epoch, Machine, Percentiles, RampStep, Samples, SoakSample};
 use super::{SPEECH_FIXTURE, http_client, lock};
-use crate::config::{AgentDefaults, BridgeConfig, UpstreamTarget};
+use crate::config::{AgentDefaults, BridgeConfig, ListenerLimits, UpstreamTarget};
 use crate::http::Bridge;
 use crate::{AudioMode, Secret};
 
@@ -298,6 +298,11 @@ fn soak_line(sample: &SoakSample) -> String {
     )
 }
 
+/// The call cap of a bridge the harness starts: the benchmark measures the bridge past its
+/// production cap (that is how `VOXRELAY_MAX_CALLS`'s default is sized), so it must not bind.
+/// A `--target` bridge keeps its own: raise it there to measure beyond it.
+const BENCH_MAX_CALLS: usize = 10_000;
+
 async fn start_bridge(
     options: &BenchOptions,
     model_url: &str,
@@ -340,6 +345,7 @@ async fn start_bridge(
                     ..AgentDefaults::default()
                 },
                 drain: Duration::from_secs(2),
+                limits: ListenerLimits::for_calls(BENCH_MAX_CALLS),
                 ..BridgeConfig::local(
                     token.clone(),
                     UpstreamTarget {
@@ -389,6 +395,9 @@ async fn start_bridge(
                     .env("VOXRELAY_DRAIN_SECONDS", "2")
                     // The harness signs for the address it starts the bridge on.
                     .env("VOXRELAY_PUBLIC_URL", format!("http://{listen}"))
+                    .env("VOXRELAY_MAX_CALLS", BENCH_MAX_CALLS.to_string())
+                    // Port 0: runs side by side never fight over the admin port.
+                    .env("VOXRELAY_ADMIN_LISTEN", "127.0.0.1:0")
                     .env_remove("VOXRELAY_MOCK_MODEL")
                     .env_remove("VOXRELAY_TWILIO_ACCOUNT_SID");
             }

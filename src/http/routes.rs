@@ -1,5 +1,13 @@
-//! Routes: `POST /twilio/voice`, `GET /twilio/media`, `POST /twilio/status`, `GET /healthz`,
-//! `GET /readyz`, `GET /metrics`.
+//! Routes. Public listener: `POST /twilio/voice`, `GET /twilio/media`, `POST /twilio/status`,
+//! `GET /healthz`, `GET /readyz`. Admin listener (private): `GET /metrics`, `GET /healthz`,
+//! `GET /readyz`.
+//!
+//! The two webhooks' bodies are read by [`bounded_webhook_body`] before their handlers run:
+//! at most `max_webhook_body` bytes (413 beyond) within `body_timeout` (408 after). A
+//! connection stops counting as unverified when one of its requests passes a signature check:
+//! the media route marks it itself; for the webhooks the layer marks it when the handler
+//! answers with a success status, which each of them does only after `verify_post` accepted
+//! the signature (keep it so).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -8,24 +16,33 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use url::Url;
 
 use super::fly::{self, ReplayDecision};
+use super::limits::{CallSlots, CallsFull, ConnectionHandle};
+use super::warn_rate::WarnRate;
+use crate::config::ListenerLimits;
 use crate::logtext::Untrusted;
 use crate::session::binding::STREAM_TOKEN_PARAMETER;
 use crate::session::call::{CallServices, parameter, prepare_call, redact_number, run_call};
-use crate::session::metrics::{Metrics, SignedRoute, WebhookRefusal};
+use crate::session::metrics::{ListenerRefusal, Metrics, SignedRoute, WebhookRefusal};
 use crate::session::prewarm::Admission;
 use crate::twilio::ids::{is_account_sid, is_call_sid};
 use crate::twilio::signature::SignatureValidator;
 use crate::twilio::twiml;
 
 pub const SIGNATURE_HEADER: &str = "x-twilio-signature";
+
+/// What a caller hears when every call slot is taken.
+pub const AT_CAPACITY_MESSAGE: &str =
+    "Sorry, all of our lines are busy right now. Please call again in a few minutes.";
 
 /// Shared by every request; nothing in it is locked per call.
 pub struct AppState {
@@ -42,18 +59,42 @@ pub struct AppState {
     pub calls: TaskTracker,
     /// `FLY_MACHINE_ID` when running on Fly.io.
     pub fly_machine_id: Option<String>,
+    /// The public listener's caps and timeouts.
+    pub limits: ListenerLimits,
+    /// Calls against `VOXRELAY_MAX_CALLS`.
+    pub call_slots: Arc<CallSlots>,
+    /// Route-level warnings' per-second allowance.
+    pub warnings: Arc<WarnRate>,
 }
 
+/// The public listener's routes.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/twilio/voice", post(voice_webhook))
         .route("/twilio/status", post(status_callback))
+        // Only the two routes above: their bodies are read (bounded) before the handler.
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            bounded_webhook_body,
+        ))
         .route("/twilio/media", get(media_stream))
         .route("/twilio/media/m/{machine}", get(media_stream))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// The admin listener's routes: metrics, and health for whoever scrapes them.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -65,6 +106,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // Refreshes the call-slot gauge (expired reservations are otherwise purged lazily).
+    state.call_slots.in_use(Instant::now());
     (
         [(
             header::CONTENT_TYPE,
@@ -73,6 +116,86 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// A bare status that also closes the connection: the rest of a refused body is never read.
+fn refuse_and_close(status: StatusCode, text: &'static str) -> Response {
+    let mut response = (status, text).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Reads a webhook's whole body, bounded in size and time, before its handler runs; marks the
+/// connection verified when the handler succeeds (see the module docs).
+async fn bounded_webhook_body(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = state.limits.max_webhook_body;
+    let too_large = || {
+        state
+            .metrics
+            .listener
+            .refused(ListenerRefusal::BodyTooLarge);
+        refuse_and_close(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n")
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return too_large();
+    }
+    let read = tokio::time::timeout(
+        state.limits.body_timeout,
+        Limited::new(body, limit).collect(),
+    )
+    .await;
+    let body = match read {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(failure)) if failure.is::<LengthLimitError>() => return too_large(),
+        Ok(Err(_)) => return refuse_and_close(StatusCode::BAD_REQUEST, "bad body\n"),
+        Err(_elapsed) => {
+            state.metrics.listener.refused(ListenerRefusal::BodyTimeout);
+            return refuse_and_close(StatusCode::REQUEST_TIMEOUT, "body not received in time\n");
+        }
+    };
+    let connection = parts.extensions.get::<ConnectionHandle>().cloned();
+    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+    if response.status().is_success() {
+        if let Some(ConnectionHandle(connection)) = connection {
+            connection.mark_verified();
+        }
+    }
+    response
+}
+
+/// At `VOXRELAY_MAX_CALLS`: the TwiML that tells the caller (counted); otherwise `None`, with
+/// a slot held for the call's stream.
+fn calls_full(state: &AppState, call_sid: &str) -> Option<Response> {
+    match state.call_slots.reserve(call_sid, Instant::now()) {
+        Ok(()) => None,
+        Err(_) => {
+            state
+                .metrics
+                .listener
+                .refused(ListenerRefusal::CallsFullVoice);
+            if let Some(suppressed) = state.warnings.allow(Instant::now()) {
+                tracing::warn!(
+                    max_calls = state.limits.max_calls,
+                    suppressed,
+                    "at the call cap: answering the busy message"
+                );
+            }
+            let body = twiml::say_and_hang_up(AT_CAPACITY_MESSAGE);
+            Some(([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response())
+        }
+    }
 }
 
 /// The URL Twilio used for `uri` on this bridge: the configured public origin and the
@@ -133,11 +256,15 @@ fn verify_post(
 
 fn refuse_signature(state: &AppState, route: SignedRoute, missing: bool) -> StatusCode {
     state.metrics.signature_failure(route);
-    tracing::warn!(
-        route = route.as_str(),
-        reason = if missing { "missing" } else { "mismatch" },
-        "refused a request with a bad X-Twilio-Signature"
-    );
+    // A flood of forged requests must not become a flood of log lines.
+    if let Some(suppressed) = state.warnings.allow(Instant::now()) {
+        tracing::warn!(
+            route = route.as_str(),
+            reason = if missing { "missing" } else { "mismatch" },
+            suppressed,
+            "refused a request with a bad X-Twilio-Signature"
+        );
+    }
     StatusCode::FORBIDDEN
 }
 
@@ -210,6 +337,9 @@ async fn voice_webhook(
         Ok(ids) => ids,
         Err(refused) => return refused.into_response(),
     };
+    if let Some(busy) = calls_full(&state, call_sid) {
+        return busy;
+    }
     let (from, to) = (param(&params, "From"), param(&params, "To"));
     // The tenant lookup and the model session start now, overlapping Twilio's stream set-up;
     // the stream's `start` claims them by CallSid. Only the first webhook for a CallSid does:
@@ -285,17 +415,19 @@ async fn status_callback(
         "" => param(&params, "CallStatus"),
         event => event,
     };
+    // Every field is the sender's text: escaped and cut before it reaches the log.
     tracing::info!(
-        call_sid = param(&params, "CallSid"),
-        stream_sid = param(&params, "StreamSid"),
-        event,
-        error = param(&params, "StreamError"),
+        call_sid = %Untrusted(param(&params, "CallSid")),
+        stream_sid = %Untrusted(param(&params, "StreamSid")),
+        event = %Untrusted(event),
+        error = %Untrusted(param(&params, "StreamError")),
         "twilio status callback"
     );
     StatusCode::OK.into_response()
 }
 
-/// The Media Streams WebSocket: checked, then handed to its own call task.
+/// The Media Streams WebSocket: checked, admitted against the call caps, then handed to its
+/// own call task, which holds the call's slot and its connection's slot until it ends.
 async fn media_stream(State(state): State<Arc<AppState>>, mut request: Request) -> Response {
     let url = external_url(&state.public_url, request.uri(), true);
     let signature = request
@@ -305,6 +437,10 @@ async fn media_stream(State(state): State<Arc<AppState>>, mut request: Request) 
         .unwrap_or("");
     if !state.validator.validate_websocket(&url, signature) {
         return refuse_signature(&state, SignedRoute::Media, signature.is_empty()).into_response();
+    }
+    let connection = request.extensions().get::<ConnectionHandle>().cloned();
+    if let Some(ConnectionHandle(connection)) = &connection {
+        connection.mark_verified();
     }
     if state.draining.load(Relaxed) {
         state.metrics.calls_rejected_draining.fetch_add(1, Relaxed);
@@ -332,9 +468,33 @@ async fn media_stream(State(state): State<Arc<AppState>>, mut request: Request) 
             return (StatusCode::BAD_REQUEST, "expected a websocket upgrade\n").into_response();
         }
     };
+    // Before the upgrade, so a stream beyond the caps gets a plain 503 (and Twilio's error
+    // callback), never a socket that hangs.
+    let started = state.services.registry.len();
+    let permit = match state.call_slots.admit_stream(started, Instant::now()) {
+        Ok(permit) => permit,
+        Err(full) => {
+            let why = match full {
+                CallsFull::MaxCalls => ListenerRefusal::CallsFullMedia,
+                CallsFull::Unstarted => ListenerRefusal::UnstartedStreams,
+            };
+            state.metrics.listener.refused(why);
+            if let Some(suppressed) = state.warnings.allow(Instant::now()) {
+                tracing::warn!(
+                    reason = why.as_str(),
+                    suppressed,
+                    "media stream refused: {full}"
+                );
+            }
+            return (StatusCode::SERVICE_UNAVAILABLE, "at capacity\n").into_response();
+        }
+    };
     let services = Arc::clone(&state.services);
     let cancel = state.calls_cancel.child_token();
     state.calls.spawn(async move {
+        // Both released when this task ends, however it ends.
+        let _call_slot = permit;
+        let _connection_slot = connection;
         match upgrade.await {
             Ok(ws) => run_call(ws, services, cancel).await,
             Err(error) => tracing::info!(%error, "websocket upgrade did not complete"),

@@ -4,20 +4,25 @@
 //! bridge draining — `/readyz` answers 503 so the load balancer stops sending work, and new
 //! webhooks and streams are refused; (2) wait for live calls to end, up to the drain budget
 //! (`VOXRELAY_DRAIN_SECONDS`, below the platform's kill timeout); (3) cancel what is left,
-//! which closes both sockets of each call cleanly; (4) stop the HTTP server.
+//! which closes both sockets of each call cleanly; (4) stop both HTTP listeners (public and
+//! admin): no more accepts, idle connections closed, a request in flight gets
+//! [`listener::STOP_GRACE`]. The admin listener serves `/metrics` until the very end, so a
+//! drain can be watched. [`stop_budget`] is the longest all of it can take.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
-use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::routes::{AppState, router};
+use super::limits::{CallSlots, ConnectionLimits};
+use super::listener::{self, ListenerSettings, accept_loop};
+use super::routes::{AppState, admin_router, router};
+use super::warn_rate::{WARNINGS_PER_SECOND, WarnRate};
 use crate::config::{BridgeConfig, ControlPlaneTarget};
 use crate::control::client::{ControlPlaneClient, ControlPlaneSettings};
 use crate::control::directory::{DirectorySettings, TenantDirectory};
@@ -39,6 +44,16 @@ const MAX_PENDING_CALLS: usize = 10_000;
 
 /// How long undelivered call reports may keep trying at shutdown before they are spooled.
 const REPORT_GRACE: Duration = Duration::from_secs(2);
+
+/// Connections the admin listener keeps open at once: a scraper or two and an operator.
+const ADMIN_MAX_CONNECTIONS: usize = 16;
+
+/// The longest [`Bridge::drain_and_stop`] can take with a drain budget of `drain`: the budget,
+/// the grace for cancelled calls, the pre-warmed sessions' close, the reports' last try and
+/// the listeners' stop. The platform's kill timeout must be longer (see `fly.toml`).
+pub fn stop_budget(drain: Duration) -> Duration {
+    drain + CANCEL_GRACE + CANCEL_GRACE + REPORT_GRACE + listener::STOP_GRACE
+}
 
 /// The control plane's client, directory and report sender for `target`; spooled reports
 /// from an earlier run start going out at once.
@@ -79,9 +94,13 @@ fn control_services(
 /// A running bridge.
 pub struct Bridge {
     addr: SocketAddr,
+    admin_addr: SocketAddr,
     state: Arc<AppState>,
     stop_http: CancellationToken,
-    server: JoinHandle<std::io::Result<()>>,
+    /// The two accept loops.
+    servers: [JoinHandle<()>; 2],
+    /// Every HTTP connection's task, on both listeners.
+    connections: TaskTracker,
 }
 
 /// How a drain ended.
@@ -94,10 +113,13 @@ pub struct DrainOutcome {
 }
 
 impl Bridge {
-    /// Binds `config.listen` and serves until [`Bridge::drain_and_stop`].
+    /// Binds `config.listen` (public) and `config.admin_listen` (metrics) and serves until
+    /// [`Bridge::drain_and_stop`].
     pub async fn start(config: &BridgeConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
+        let admin_listener = TcpListener::bind(config.admin_listen).await?;
+        let admin_addr = admin_listener.local_addr()?;
         let metrics = Arc::new(Metrics::default());
         let control = match &config.control_plane {
             Some(target) => Some(control_services(target, &metrics)?),
@@ -125,41 +147,85 @@ impl Bridge {
             twilio_account_sid: config.twilio_account_sid.clone(),
             control,
         });
+        let limits = config.limits.clone();
+        let call_slots = CallSlots::new(
+            limits.max_calls,
+            limits.max_unstarted_streams,
+            limits.call_reservation,
+            Arc::clone(&metrics),
+        );
+        let warnings = Arc::new(WarnRate::new(WARNINGS_PER_SECOND, Arc::clone(&metrics)));
         let state = Arc::new(AppState {
             validator: SignatureValidator::new(config.twilio_auth_token.clone()),
             // After binding: a `PublicUrl::Listener` needs the port just picked.
             public_url: config.public_url.resolve(addr),
-            metrics,
+            metrics: Arc::clone(&metrics),
             services,
             draining: AtomicBool::new(false),
             calls_cancel: CancellationToken::new(),
             calls: TaskTracker::new(),
             fly_machine_id: config.fly_machine_id.clone(),
+            limits: limits.clone(),
+            call_slots,
+            warnings: Arc::clone(&warnings),
         });
         let stop_http = CancellationToken::new();
-        let app = router(Arc::clone(&state));
-        let stop = stop_http.clone();
-        let server = tokio::spawn(async move {
-            // Media messages are small and latency-bound: never let Nagle hold one back.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(error) = tcp.set_nodelay(true) {
-                    tracing::debug!(%error, "could not set TCP_NODELAY");
-                }
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        });
+        let connections = TaskTracker::new();
+        let public = ListenerSettings {
+            limits: ConnectionLimits::new(
+                limits.max_connections,
+                limits.max_unverified_connections,
+                Some(Arc::clone(&metrics)),
+            ),
+            header_read_timeout: limits.header_read_timeout,
+            unverified_lifetime: Some(limits.unverified_lifetime),
+            metrics: Some(Arc::clone(&metrics)),
+            warnings: Arc::clone(&warnings),
+            name: "public",
+        };
+        // Private and unsigned: nothing on it is "verified", so its cap is all there is.
+        let admin = ListenerSettings {
+            limits: ConnectionLimits::new(ADMIN_MAX_CONNECTIONS, ADMIN_MAX_CONNECTIONS, None),
+            header_read_timeout: limits.header_read_timeout,
+            unverified_lifetime: None,
+            metrics: None,
+            warnings,
+            name: "admin",
+        };
+        let servers = [
+            tokio::spawn(accept_loop(
+                listener,
+                router(Arc::clone(&state)),
+                public,
+                stop_http.clone(),
+                connections.clone(),
+            )),
+            tokio::spawn(accept_loop(
+                admin_listener,
+                admin_router(Arc::clone(&state)),
+                admin,
+                stop_http.clone(),
+                connections.clone(),
+            )),
+        ];
         Ok(Self {
             addr,
+            admin_addr,
             state,
             stop_http,
-            server,
+            servers,
+            connections,
         })
     }
 
+    /// The public listener: Twilio's webhooks and streams, health and readiness.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener: `/metrics` (and health and readiness).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     pub fn state(&self) -> &Arc<AppState> {
@@ -207,11 +273,14 @@ impl Bridge {
             control.reports.shutdown(REPORT_GRACE).await;
         }
         self.stop_http.cancel();
-        match self.server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::error!(%error, "http server failed"),
-            Err(error) => tracing::error!(%error, "http server task failed"),
+        for server in self.servers {
+            if let Err(error) = server.await {
+                tracing::error!(%error, "http accept loop failed");
+            }
         }
+        // Each connection gives up within `listener::STOP_GRACE` of the stop.
+        self.connections.close();
+        self.connections.wait().await;
         DrainOutcome {
             calls_at_start,
             calls_cancelled,

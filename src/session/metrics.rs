@@ -332,6 +332,143 @@ pub struct Metrics {
     pub control_tool_calls: AtomicU64,
     /// Tool calls answered with an error output (bad arguments, timeout, control-plane failure).
     pub control_tool_failures: AtomicU64,
+    /// The public listener's caps and timeouts.
+    pub listener: ListenerMetrics,
+}
+
+/// Why the public listener refused or cut something, each counted separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerRefusal {
+    /// A new connection closed at once: the open-connection cap was reached.
+    ConnectionCap,
+    /// A new connection closed at once: the cap on connections not yet verified was reached.
+    UnverifiedCap,
+    /// A connection closed because a request head did not arrive in time (including an idle
+    /// kept-alive connection).
+    HeaderTimeout,
+    /// A connection closed because none of its requests passed a signature check within the
+    /// unverified lifetime.
+    UnverifiedLifetime,
+    /// A webhook answered 408: its body did not arrive in time.
+    BodyTimeout,
+    /// A webhook answered 413: its body was over the limit.
+    BodyTooLarge,
+    /// The voice webhook answered the at-capacity TwiML (`VOXRELAY_MAX_CALLS`).
+    CallsFullVoice,
+    /// A media stream answered 503 before the upgrade (`VOXRELAY_MAX_CALLS`).
+    CallsFullMedia,
+    /// A media stream answered 503 before the upgrade: too many streams waiting for `start`.
+    UnstartedStreams,
+}
+
+impl ListenerRefusal {
+    const ALL: [ListenerRefusal; 9] = [
+        ListenerRefusal::ConnectionCap,
+        ListenerRefusal::UnverifiedCap,
+        ListenerRefusal::HeaderTimeout,
+        ListenerRefusal::UnverifiedLifetime,
+        ListenerRefusal::BodyTimeout,
+        ListenerRefusal::BodyTooLarge,
+        ListenerRefusal::CallsFullVoice,
+        ListenerRefusal::CallsFullMedia,
+        ListenerRefusal::UnstartedStreams,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerRefusal::ConnectionCap => "connection_cap",
+            ListenerRefusal::UnverifiedCap => "unverified_cap",
+            ListenerRefusal::HeaderTimeout => "header_timeout",
+            ListenerRefusal::UnverifiedLifetime => "unverified_lifetime",
+            ListenerRefusal::BodyTimeout => "body_timeout",
+            ListenerRefusal::BodyTooLarge => "body_too_large",
+            ListenerRefusal::CallsFullVoice => "calls_full_voice",
+            ListenerRefusal::CallsFullMedia => "calls_full_media",
+            ListenerRefusal::UnstartedStreams => "unstarted_streams",
+        }
+    }
+}
+
+/// Gauges and counters of the public listener (see `http::limits`).
+#[derive(Default)]
+pub struct ListenerMetrics {
+    /// Open connections, upgraded media streams included.
+    pub connections_open: AtomicI64,
+    /// Open connections none of whose requests has passed a signature check.
+    pub connections_unverified: AtomicI64,
+    /// Call slots taken: webhooks waiting for their stream plus live media streams.
+    pub call_slots_in_use: AtomicI64,
+    /// Webhook call slots released because no stream came for them in time.
+    pub call_reservations_expired: AtomicU64,
+    /// Route-level warning lines left out by the per-second allowance.
+    pub log_lines_suppressed: AtomicU64,
+    refusals: [AtomicU64; ListenerRefusal::ALL.len()],
+}
+
+impl ListenerMetrics {
+    pub fn refused(&self, why: ListenerRefusal) {
+        self.refusals[why as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn refusals(&self, why: ListenerRefusal) -> u64 {
+        self.refusals[why as usize].load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String) {
+        for (name, help, value) in [
+            (
+                "voxrelay_connections_open",
+                "Open connections on the public listener, upgraded media streams included.",
+                &self.connections_open,
+            ),
+            (
+                "voxrelay_connections_unverified",
+                "Open public connections none of whose requests has passed a signature check.",
+                &self.connections_unverified,
+            ),
+            (
+                "voxrelay_call_slots_in_use",
+                "Calls counted against VOXRELAY_MAX_CALLS: webhooks awaiting their stream, plus live streams.",
+                &self.call_slots_in_use,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                value.load(Relaxed)
+            );
+        }
+        for (name, help, value) in [
+            (
+                "voxrelay_call_reservations_expired_total",
+                "Webhook call slots released because their stream did not come in time.",
+                &self.call_reservations_expired,
+            ),
+            (
+                "voxrelay_log_lines_suppressed_total",
+                "Route-level warning lines left out by the per-second allowance.",
+                &self.log_lines_suppressed,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_listener_refusals_total Connections closed and requests refused by the public listener's caps and timeouts, by reason.\n# TYPE voxrelay_listener_refusals_total counter"
+        );
+        for why in ListenerRefusal::ALL {
+            let _ = writeln!(
+                out,
+                "voxrelay_listener_refusals_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                self.refusals(why)
+            );
+        }
+    }
 }
 
 impl Metrics {
@@ -664,6 +801,7 @@ impl Metrics {
             "speech_started read to Twilio clear written.",
         );
         self.render_control(&mut out);
+        self.listener.render(&mut out);
         out
     }
 

@@ -1,6 +1,7 @@
 //! TwiML that connects a call to a bidirectional Media Stream.
 //!
-//! Owns the `<Connect><Stream>` document the voice webhook answers with. Invariant: every value
+//! Owns the `<Connect><Stream>` document the voice webhook answers with, and the
+//! `<Say>`+`<Hangup/>` one it answers when the bridge is full. Invariant: every value
 //! placed in an attribute is XML-escaped (`&`, `<`, `>`, `"`, `'`), so a parameter taken from a
 //! caller or a URL cannot break out of its attribute or inject elements.
 
@@ -31,6 +32,17 @@ pub fn connect_stream(
         xml.push_str(r#""/>"#);
     }
     xml.push_str("</Stream></Connect></Response>");
+    xml
+}
+
+/// Renders `<Response><Say>text</Say><Hangup/></Response>`: what a caller hears when the
+/// bridge cannot take the call, instead of silence or an error tone.
+pub fn say_and_hang_up(text: &str) -> String {
+    let mut xml = String::with_capacity(96 + text.len());
+    xml.push_str(r#"<?xml version="1.0" encoding="UTF-8"?><Response><Say>"#);
+    // Element text needs the same escapes as an attribute (quotes are harmless but allowed).
+    push_escaped_attribute(&mut xml, text);
+    xml.push_str("</Say><Hangup/></Response>");
     xml
 }
 
@@ -73,6 +85,17 @@ mod tests {
                 r#"<Parameter name="From" value="+14158675309"/>"#,
                 r#"<Parameter name="agent" value="sales"/>"#,
                 r#"</Stream></Connect></Response>"#
+            )
+        );
+    }
+
+    #[test]
+    fn say_and_hang_up_escapes_its_text() {
+        assert_eq!(
+            say_and_hang_up("Sorry <all> lines & more"),
+            concat!(
+                r#"<?xml version="1.0" encoding="UTF-8"?><Response>"#,
+                r#"<Say>Sorry &lt;all&gt; lines &amp; more</Say><Hangup/></Response>"#
             )
         );
     }
