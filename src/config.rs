@@ -79,7 +79,9 @@ pub struct BridgeConfig {
     /// Open and configure the upstream session on the voice webhook.
     pub prewarm: bool,
     pub prewarm_unclaimed_after: Duration,
-    /// Refuse streams whose TwiML did not come from our webhook (no binding token).
+    /// Refuse streams whose TwiML did not come from our webhook (no binding token). On by
+    /// default (`VOXRELAY_REQUIRE_STREAM_TOKEN=0` turns it off; such streams then get the
+    /// fallback agent, never a tenant).
     pub require_stream_token: bool,
     /// `FLY_MACHINE_ID` on Fly.io: put in stream URLs so upgrades replay to this machine.
     pub fly_machine_id: Option<String>,
@@ -235,7 +237,8 @@ impl BridgeConfig {
             prewarm_unclaimed_after: raw
                 .prewarm_unclaimed_ms
                 .map_or(DEFAULT_PREWARM_UNCLAIMED, Duration::from_millis),
-            require_stream_token: raw.require_stream_token.unwrap_or(false),
+            // Secure by default: a stream must prove it is the call its webhook answered.
+            require_stream_token: raw.require_stream_token.unwrap_or(true),
             fly_machine_id: raw.fly_machine_id.filter(|id| !id.trim().is_empty()),
         })
     }
@@ -244,6 +247,8 @@ impl BridgeConfig {
 impl BridgeConfig {
     /// A bridge on a loopback port with every optional feature at its default and no control
     /// plane: for the demo, the bench harness and tests, which then adjust what they need.
+    /// Unlike `serve`'s default, streams without a binding token are let through (as the
+    /// fallback agent), since tests and benchmarks script raw streams.
     pub fn local(twilio_auth_token: Secret, upstream: UpstreamTarget) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -407,7 +412,16 @@ mod tests {
     fn control_plane_is_off_without_a_url_and_needs_its_key_with_one() {
         let config = BridgeConfig::from_raw(raw_with_token()).unwrap();
         assert!(config.control_plane.is_none());
-        assert!(config.prewarm && !config.require_stream_token);
+        assert!(config.prewarm && config.require_stream_token);
+        let opted_out = RawConfig {
+            require_stream_token: Some(false),
+            ..raw_with_token()
+        };
+        assert!(
+            !BridgeConfig::from_raw(opted_out)
+                .unwrap()
+                .require_stream_token
+        );
         assert_eq!(config.fly_machine_id, None);
         let no_key = RawConfig {
             control_plane_url: Some("http://cp.internal".into()),
