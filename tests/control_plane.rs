@@ -756,7 +756,7 @@ async fn an_unbound_report_never_replaces_a_calls_record_and_a_record_is_final()
 
         // A report without a `binding` (an older bridge) is taken as unbound.
         let mut legacy =
-            serde_json::to_value(&report("CA-u2", "acme_dental", "+15550100001", 1)).expect("json");
+            serde_json::to_value(report("CA-u2", "acme_dental", "+15550100001", 1)).expect("json");
         legacy.as_object_mut().expect("object").remove("binding");
         legacy["tenant_id"] = Value::Null;
         let reply = send(addr, "POST", &api::report_path("CA-u2"), Some(&legacy)).await;

@@ -442,8 +442,17 @@ struct BridgeKey;
 /// A handler argument that admits only requests signed with a [`Scope::Operator`] key.
 struct OperatorKey;
 
-/// `403 insufficient_scope` unless the request's verified key has `wanted`.
-fn require_scope(parts: &axum::http::request::Parts, wanted: Scope) -> Result<(), Response> {
+/// A request signed with a key of another scope: `403 insufficient_scope`.
+struct WrongScope;
+
+impl IntoResponse for WrongScope {
+    fn into_response(self) -> Response {
+        error(StatusCode::FORBIDDEN, "insufficient_scope")
+    }
+}
+
+/// `Err` unless the request's verified key has `wanted`.
+fn require_scope(parts: &axum::http::request::Parts, wanted: Scope) -> Result<(), WrongScope> {
     if parts.extensions.get::<Scope>() == Some(&wanted) {
         Ok(())
     } else {
@@ -452,28 +461,28 @@ fn require_scope(parts: &axum::http::request::Parts, wanted: Scope) -> Result<()
             needs = wanted.as_str(),
             "refused a control-plane request signed with a key of another scope"
         );
-        Err(error(StatusCode::FORBIDDEN, "insufficient_scope"))
+        Err(WrongScope)
     }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for BridgeKey {
-    type Rejection = Response;
+    type Rejection = WrongScope;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         _state: &S,
-    ) -> Result<Self, Response> {
+    ) -> Result<Self, WrongScope> {
         require_scope(parts, Scope::Bridge).map(|()| BridgeKey)
     }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for OperatorKey {
-    type Rejection = Response;
+    type Rejection = WrongScope;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         _state: &S,
-    ) -> Result<Self, Response> {
+    ) -> Result<Self, WrongScope> {
         require_scope(parts, Scope::Operator).map(|()| OperatorKey)
     }
 }
