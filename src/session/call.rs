@@ -8,8 +8,10 @@
 //! stalls: the core never waits on a write, so a stalled peer cannot stop it reading. The
 //! upstream socket is opened by a short-lived task and handed over through a bounded inbox
 //! (capacity [`INBOX_CAPACITY`]). The call ends on Twilio `stop`, either socket closing, the
-//! start timeout, or cancellation (shutdown); every path closes both sockets politely and the
-//! [`Registration`] guard removes the call from the registry, even on panic.
+//! start timeout, or cancellation (shutdown); every path hands the call's report over first
+//! (before waiting on any socket, so a stalled peer cannot hold it back past a shutdown), then
+//! closes both sockets politely, and the [`Registration`] guard removes the call from the
+//! registry, even on panic.
 //!
 //! Per-frame buffers are reused, not allocated: a Twilio message reaches the engine in
 //! fastwebsockets' own read buffer (`TwilioText`), a model message in tungstenite's
