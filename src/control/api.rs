@@ -239,12 +239,12 @@ impl ReportBinding {
     }
 }
 
-/// `POST /v1/calls/{call_sid}/report` success body: what was stored. A retried report answers
-/// the same, as reports are upserts by call SID.
+/// `POST /v1/calls/{call_sid}/report` success body: what was stored. The identical report sent
+/// again (a retry) answers the same; a different one for the same call is refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportAck {
     pub call_sid: String,
-    /// Transcript lines now stored for the call (the report's, replacing any earlier ones).
+    /// Transcript lines stored for the call.
     pub transcript_lines: usize,
 }
 

@@ -455,6 +455,33 @@ mod tests {
     }
 
     #[test]
+    fn any_string_is_checked_without_panicking_and_only_ours_verify() {
+        let tokens = tokens();
+        let good = tokens.issue(NOW, SID, TO);
+        let alphabet: Vec<char> = "v2.0123456789abcdefABCDEF-é\u{0}".chars().collect();
+        let mut rng = Lcg(5);
+        for _ in 0..20_000 {
+            let candidate: String = if rng.below(4) == 0 {
+                // Mutations of a genuine token: one character changed.
+                let mut chars: Vec<char> = good.chars().collect();
+                let at = rng.below(chars.len() as u64) as usize;
+                chars[at] = alphabet[rng.below(alphabet.len() as u64) as usize];
+                chars.into_iter().collect()
+            } else {
+                (0..rng.below(120))
+                    .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
+                    .collect()
+            };
+            let verdict = tokens.verify(NOW, SID, TO, Some(&candidate));
+            if candidate == good {
+                assert!(verdict.is_ok());
+            } else {
+                assert_eq!(verdict, Err(Binding::Mismatch), "{candidate:?}");
+            }
+        }
+    }
+
+    #[test]
     fn machines_sharing_the_auth_token_agree_and_others_do_not() {
         let here = tokens();
         let there = tokens();
