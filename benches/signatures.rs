@@ -94,7 +94,7 @@ fn control_plane(c: &mut Criterion) {
                 (Verifier::new(vec![key.clone()]), headers)
             },
             |(mut verifier, headers)| {
-                assert_eq!(verifier.verify(now, &headers, "GET", &path, b""), Ok(()));
+                assert!(verifier.verify(now, &headers, "GET", &path, b"").is_ok());
             },
             criterion::BatchSize::SmallInput,
         )

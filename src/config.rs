@@ -180,7 +180,9 @@ pub struct BridgeConfig {
     pub prewarm_unclaimed_after: Duration,
     /// Pre-warmed sessions open at once; beyond it calls start cold.
     pub max_prewarms: usize,
-    /// Refuse streams whose TwiML did not come from our webhook (no binding token).
+    /// Refuse streams whose TwiML did not come from our webhook (no binding token). On by
+    /// default (`VOXRELAY_REQUIRE_STREAM_TOKEN=0` turns it off; such streams then get the
+    /// fallback agent, never a tenant).
     pub require_stream_token: bool,
     /// `FLY_MACHINE_ID` on Fly.io: put in stream URLs so upgrades replay to this machine.
     pub fly_machine_id: Option<String>,
@@ -432,7 +434,8 @@ impl BridgeConfig {
             prewarm: raw.prewarm.unwrap_or(true),
             prewarm_unclaimed_after,
             max_prewarms,
-            require_stream_token: raw.require_stream_token.unwrap_or(false),
+            // Secure by default: a stream must prove it is the call its webhook answered.
+            require_stream_token: raw.require_stream_token.unwrap_or(true),
             fly_machine_id: raw.fly_machine_id.filter(|id| !id.trim().is_empty()),
             admin_listen: raw.admin_listen.unwrap_or_else(default_admin_listen),
             limits,
@@ -444,6 +447,8 @@ impl BridgeConfig {
     /// A bridge on a loopback port with every optional feature at its default and no control
     /// plane: for the demo, the bench harness and tests, which then adjust what they need. Its
     /// public URL is the address it binds ([`PublicUrl::Listener`]).
+    /// Unlike `serve`'s default, streams without a binding token are let through (as the
+    /// fallback agent), since tests and benchmarks script raw streams.
     pub fn local(twilio_auth_token: Secret, upstream: UpstreamTarget) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -735,7 +740,16 @@ mod tests {
     fn control_plane_is_off_without_a_url_and_needs_its_key_with_one() {
         let config = BridgeConfig::from_raw(raw_with_token()).unwrap();
         assert!(config.control_plane.is_none());
-        assert!(config.prewarm && !config.require_stream_token);
+        assert!(config.prewarm && config.require_stream_token);
+        let opted_out = RawConfig {
+            require_stream_token: Some(false),
+            ..raw_with_token()
+        };
+        assert!(
+            !BridgeConfig::from_raw(opted_out)
+                .unwrap()
+                .require_stream_token
+        );
         assert_eq!(config.fly_machine_id, None);
         let no_key = RawConfig {
             control_plane_url: Some("http://cp.internal".into()),

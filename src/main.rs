@@ -49,7 +49,8 @@ enum Command {
     /// Latency benchmark: simulated callers and an echo model against a bridge.
     Bench(BenchArgs),
     /// Run the reference control plane: tenants, call history and tools in SQLite, behind the
-    /// signed /v1 API. Keys come from VOXRELAY_CONTROL_PLANE_KEYS (`key_id:secret[,…]`).
+    /// signed /v1 API. Keys come from VOXRELAY_CONTROL_PLANE_KEYS (`key_id:secret[:scope][,…]`,
+    /// scope `bridge` (the default) or `operator`).
     ControlPlane(ControlPlaneArgs),
 }
 
@@ -243,7 +244,8 @@ struct ServeArgs {
     /// Pre-warmed model sessions open at once (default 20); beyond it calls start cold.
     #[arg(long, env = "VOXRELAY_MAX_PREWARMS")]
     max_prewarms: Option<usize>,
-    /// Refuse media streams whose TwiML did not come from this bridge's webhook (1).
+    /// Refuse media streams whose TwiML did not come from this bridge's webhook: 1 (the
+    /// default) or 0 (such streams are answered by the fallback agent, never a tenant's).
     #[arg(long, env = "VOXRELAY_REQUIRE_STREAM_TOKEN", value_parser = parse_flag)]
     require_stream_token: Option<bool>,
     /// Set by Fly.io: stream URLs carry it so an upgrade is replayed to the pre-warming machine.
@@ -341,7 +343,9 @@ async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
     let keys = match std::env::var(CONTROL_PLANE_KEYS_ENV) {
         Ok(keys) => keys,
         Err(std::env::VarError::NotPresent) => {
-            bail!("{CONTROL_PLANE_KEYS_ENV} is not set: expected `key_id:secret[,key_id:secret]`")
+            bail!(
+                "{CONTROL_PLANE_KEYS_ENV} is not set: expected `key_id:secret[:scope][,key_id:secret[:scope]]`"
+            )
         }
         Err(std::env::VarError::NotUnicode(_)) => {
             bail!("{CONTROL_PLANE_KEYS_ENV} is not valid UTF-8")
@@ -350,7 +354,18 @@ async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
     // The error names entries by position only, never their content.
     let verifier = Verifier::from_key_list(&keys)
         .with_context(|| format!("{CONTROL_PLANE_KEYS_ENV} is malformed"))?;
-    let key_ids = verifier.key_ids().join(",");
+    // Ids and scopes only, never secrets.
+    let key_ids = verifier
+        .key_ids()
+        .iter()
+        .map(|id| {
+            format!(
+                "{id}:{}",
+                verifier.scope_of(id).map_or("?", |scope| scope.as_str())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
     let seed = match &args.seed {
         Some(path) => Some(
             std::fs::read_to_string(path)

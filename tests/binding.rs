@@ -187,3 +187,331 @@ async fn an_upgrade_on_the_wrong_fly_machine_is_replayed_once() {
         .expect("served on the machine it names");
     assert_eq!(stack.bridge.metrics().fly_replays.load(Relaxed), 1);
 }
+
+// ---- Stream tokens bind CallSid, To and an expiry; unbound streams get no tenant ----
+
+mod unbound {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
+
+    use futures_util::SinkExt;
+    use serde_json::json;
+    use tokio_tungstenite::tungstenite::Message;
+    use voxrelay::Secret;
+    use voxrelay::bench::caller::{CallerConfig, place_call};
+    use voxrelay::config::{BridgeConfig, ControlPlaneTarget, DEFAULT_INSTRUCTIONS, RawConfig};
+    use voxrelay::control::api::{CallReport, ReportBinding};
+    use voxrelay::control::server::{
+        ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
+    };
+    use voxrelay::control::signing::{SigningKey, Verifier};
+    use voxrelay::control::store::DbLocation;
+    use voxrelay::session::binding::{STREAM_TOKEN_PARAMETER, StreamTokens, TOKEN_LIFETIME};
+
+    use super::common::*;
+    use super::stack_with;
+
+    const CP_KEY_ID: &str = "binding-test";
+    const CP_SECRET: &str = "binding-test-secret";
+    const ACME: &str = "+15550100001";
+    const LUNA: &str = "+15550100002";
+
+    fn sid(prefix: &str) -> String {
+        format!("{prefix}{:032x}", rand::random::<u128>())
+    }
+
+    /// A fresh directory under the system's temp dir, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "voxrelay-binding-{name}-{}-{:x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    async fn control_plane() -> RunningControlPlane {
+        ControlPlane::start(ControlPlaneConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            db: DbLocation::InMemory,
+            seed: Some(seed_toml().to_owned()),
+            verifier: Verifier::from_key_list(&format!("{CP_KEY_ID}:{CP_SECRET}")).unwrap(),
+        })
+        .await
+        .expect("control plane")
+    }
+
+    fn target(cp: &RunningControlPlane, spool: &Path) -> ControlPlaneTarget {
+        ControlPlaneTarget {
+            report_retry: Duration::from_millis(500),
+            report_resend: Duration::from_secs(3600),
+            ..ControlPlaneTarget::new(
+                cp.url(),
+                SigningKey::new(CP_KEY_ID, Secret::new(CP_SECRET)),
+                spool.to_path_buf(),
+            )
+        }
+    }
+
+    fn acme_calls(cp: &RunningControlPlane) -> Vec<CallReport> {
+        cp.store()
+            .call_history("acme_dental", 10)
+            .unwrap()
+            .unwrap()
+            .calls
+    }
+
+    fn stop_message(stream_sid: &str, call_sid: &str) -> Message {
+        Message::text(
+            json!({"event": "stop", "sequenceNumber": "3", "streamSid": stream_sid,
+                   "stop": {"accountSid": "AC00000000000000000000000000000000", "callSid": call_sid}})
+            .to_string(),
+        )
+    }
+
+    fn parameters_as_object(parameters: &[(String, String)]) -> serde_json::Value {
+        serde_json::Value::Object(
+            parameters
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_unbound_stream_naming_a_tenants_number_gets_the_fallback_and_leaves_the_calls_report_alone()
+     {
+        let cp = control_plane().await;
+        let scratch = Scratch::new("unbound");
+        let stack = stack_with(|config| {
+            config.require_stream_token = false;
+            config.control_plane = Some(target(&cp, &scratch.0));
+        })
+        .await;
+
+        // The real call, through the webhook: its stream is bound and gets Acme's agent.
+        let caller = CallerConfig {
+            to: ACME.into(),
+            from: "+15557770001".into(),
+            linger: Duration::from_millis(300),
+            ..CallerConfig::new(
+                stack.url.clone(),
+                stack.token.clone(),
+                tone_mulaw(440.0, 400),
+            )
+        };
+        let call_sid = caller.call_sid.clone();
+        place_call(&caller).await.expect("call");
+        assert!(eventually(Duration::from_secs(5), || acme_calls(&cp).len() == 1).await);
+        let real = acme_calls(&cp).remove(0);
+        assert_eq!(real.binding, ReportBinding::Bound);
+        assert_eq!(real.from, "+15557770001");
+
+        // A stream no webhook made (no token), claiming the same call and Acme's number.
+        let intruder = sid("MZ");
+        let mut ws = start_raw_stream_as(
+            &stack,
+            &intruder,
+            &call_sid,
+            json!({"To": ACME, "From": "+15559990000", "CallSid": call_sid}),
+        )
+        .await;
+        let fallback = |sessions: &[voxrelay::upstream::mock::MockSessionRecord]| {
+            sessions
+                .iter()
+                .find(|s| s.session["instructions"] == DEFAULT_INSTRUCTIONS)
+                .cloned()
+        };
+        assert!(
+            eventually(Duration::from_secs(5), || fallback(
+                &stack.mock.log().sessions()
+            )
+            .is_some())
+            .await,
+            "the intruder is answered by the fallback agent"
+        );
+        let session = fallback(&stack.mock.log().sessions()).unwrap();
+        assert!(
+            session.session["tools"]
+                .as_array()
+                .is_none_or(|tools| tools.is_empty()),
+            "no tenant's tools: {}",
+            session.session["tools"]
+        );
+        assert!(
+            stack
+                .mock
+                .log()
+                .sessions()
+                .iter()
+                .filter(|s| s.session["instructions"]
+                    .as_str()
+                    .is_some_and(|i| i.contains("Acme Dental")))
+                .count()
+                == 1,
+            "only the real call ran as Acme"
+        );
+        assert_eq!(stack.bridge.metrics().streams_unbound.load(Relaxed), 1);
+        ws.send(stop_message(&intruder, &call_sid)).await.unwrap();
+        assert!(closed_by_bridge(&mut ws, Duration::from_secs(5)).await);
+
+        // Its report is marked unbound and kept apart; the real call's record is untouched.
+        let unbound = || cp.store().unbound_reports(&call_sid).unwrap();
+        assert!(eventually(Duration::from_secs(5), || unbound().len() == 1).await);
+        let report = unbound().remove(0);
+        assert_eq!(report.binding, ReportBinding::Unbound);
+        assert_eq!(report.tenant_id, None);
+        assert_eq!(report.memory_namespace, None);
+        assert_eq!(report.stream_sid, intruder);
+        assert_eq!(report.context_source, "fallback");
+        assert_eq!(acme_calls(&cp), vec![real]);
+        let metrics = stack.bridge.metrics();
+        assert_eq!(metrics.control_reports_delivered.load(Relaxed), 2);
+        assert_eq!(metrics.control_reports_rejected.load(Relaxed), 0);
+        stack.bridge.drain_and_stop(Duration::from_secs(2)).await;
+        cp.stop().await;
+    }
+
+    #[tokio::test]
+    async fn by_default_a_stream_without_a_token_is_refused() {
+        // `serve`'s configuration as it comes from the environment with nothing said about
+        // stream tokens.
+        let from_env = BridgeConfig::from_raw(RawConfig {
+            twilio_auth_token: Some(TOKEN.into()),
+            public_url: Some("https://voice.example.com".into()),
+            openai_api_key: Some("sk-test".into()),
+            ..RawConfig::default()
+        })
+        .expect("config");
+        assert!(from_env.require_stream_token);
+        let stack =
+            stack_with(|config| config.require_stream_token = from_env.require_stream_token).await;
+        let mut ws = start_raw_stream_as(&stack, &sid("MZ"), &sid("CA"), json!({"To": ACME})).await;
+        assert!(closed_by_bridge(&mut ws, Duration::from_secs(5)).await);
+        assert_eq!(
+            stack.bridge.metrics().streams_refused_token.load(Relaxed),
+            1
+        );
+        assert!(
+            stack.mock.log().sessions().is_empty(),
+            "nothing reached the model"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_for_another_number_or_past_its_expiry_is_refused() {
+        let stack = stack_with(|config| config.require_stream_token = true).await;
+        let call_sid = sid("CA");
+        let (_, parameters) = voice_webhook(&stack, &call_sid, ACME, "+15550009999").await;
+        let token = parameters
+            .iter()
+            .find(|(k, _)| k == STREAM_TOKEN_PARAMETER)
+            .map(|(_, v)| v.clone())
+            .expect("a token");
+        assert!(token.starts_with("v2."), "{token}");
+
+        // The webhook's token, presented with another dialled number.
+        let mut moved = parameters_as_object(&parameters);
+        moved["To"] = json!(LUNA);
+        let mut ws = start_raw_stream_as(&stack, &sid("MZ"), &call_sid, moved).await;
+        assert!(closed_by_bridge(&mut ws, Duration::from_secs(5)).await);
+        assert_eq!(
+            stack.bridge.metrics().streams_refused_token.load(Relaxed),
+            1
+        );
+
+        // A genuine token (the deployment's key) that expired.
+        let other_call = sid("CA");
+        let long_ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - TOKEN_LIFETIME.as_secs()
+            - 60;
+        let expired =
+            StreamTokens::from_auth_token(&Secret::new(TOKEN)).issue(long_ago, &other_call, ACME);
+        let mut ws = start_raw_stream_as(
+            &stack,
+            &sid("MZ"),
+            &other_call,
+            json!({"To": ACME, STREAM_TOKEN_PARAMETER: expired}),
+        )
+        .await;
+        assert!(closed_by_bridge(&mut ws, Duration::from_secs(5)).await);
+        assert_eq!(
+            stack.bridge.metrics().streams_refused_token.load(Relaxed),
+            2
+        );
+        assert_eq!(stack.bridge.metrics().prewarm_claimed.load(Relaxed), 0);
+
+        // The webhook's own stream, as Twilio opens it, is still welcome.
+        let mut ws = start_raw_stream_as(
+            &stack,
+            &sid("MZ"),
+            &call_sid,
+            parameters_as_object(&parameters),
+        )
+        .await;
+        assert!(!closed_by_bridge(&mut ws, Duration::from_millis(500)).await);
+        assert_eq!(stack.bridge.metrics().prewarm_claimed.load(Relaxed), 1);
+        assert_eq!(
+            stack.bridge.metrics().streams_refused_token.load(Relaxed),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_stream_presenting_the_same_token_is_refused() {
+        // Refused whatever the operator allows for streams without a token.
+        let stack = stack_with(|config| config.require_stream_token = false).await;
+        let call_sid = sid("CA");
+        let (_, parameters) = voice_webhook(&stack, &call_sid, ACME, "+15550009999").await;
+        let mut first = start_raw_stream_as(
+            &stack,
+            &sid("MZ"),
+            &call_sid,
+            parameters_as_object(&parameters),
+        )
+        .await;
+        assert!(
+            eventually(Duration::from_secs(5), || stack
+                .bridge
+                .metrics()
+                .prewarm_claimed
+                .load(Relaxed)
+                == 1)
+            .await
+        );
+        // A replay of the same start (same token), on another socket and stream.
+        let mut second = start_raw_stream_as(
+            &stack,
+            &sid("MZ"),
+            &call_sid,
+            parameters_as_object(&parameters),
+        )
+        .await;
+        assert!(closed_by_bridge(&mut second, Duration::from_secs(5)).await);
+        let metrics = stack.bridge.metrics();
+        assert_eq!(metrics.streams_refused_token.load(Relaxed), 1);
+        assert_eq!(metrics.streams_unbound.load(Relaxed), 0);
+        assert_eq!(
+            stack.mock.log().sessions().len(),
+            1,
+            "no second model session"
+        );
+        // The first stream is unaffected.
+        assert!(!closed_by_bridge(&mut first, Duration::from_millis(300)).await);
+    }
+}

@@ -1030,22 +1030,201 @@ async fn shutdown_spools_deliveries_still_pending_after_the_grace() {
     }
 }
 
+/// Polls `condition` every 10 ms for up to `limit`.
+async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    condition()
+}
+
 #[tokio::test]
-async fn an_unwritable_spool_is_logged_and_counted_not_a_panic() {
-    let spool = TempDir::new("unwritable");
-    let blocker = spool.0.join("a-file");
+async fn an_unwritable_spool_holds_the_report_in_memory_and_retries_it() {
+    let scratch = TempDir::new("unwritable");
+    let blocker = scratch.0.join("a-file");
     std::fs::write(&blocker, b"").unwrap();
     // A directory cannot be created below a regular file, even as root.
+    let spool = blocker.join("spool");
+    let down = closed_port_url().await;
+    let addr: SocketAddr = format!("{}:{}", down.host_str().unwrap(), down.port().unwrap())
+        .parse()
+        .unwrap();
+    let (sender, metrics) = sender_for(down, report_settings(&spool, Duration::ZERO));
+    assert_eq!(
+        metrics.control_report_spool_errors.load(Relaxed),
+        1,
+        "found at start"
+    );
+    sender.submit(report("CA1"));
+    // Neither delivered nor written: held, and retried (each failed write counted, no panic).
+    assert!(
+        eventually(SHORT, || metrics.control_reports_held.load(Relaxed) == 1
+            && metrics.control_report_spool_errors.load(Relaxed) >= 4)
+        .await
+    );
+    assert_eq!(metrics.control_reports_lost.load(Relaxed), 0);
+
+    // The control plane comes back: the held report is delivered on its next retry.
+    let fake = FakeControlPlane::serve(TcpListener::bind(addr).await.unwrap(), |_: &Seen| {
+        Reply::json(204, "")
+    });
+    assert!(
+        eventually(SHORT, || metrics.control_reports_delivered.load(Relaxed)
+            == 1)
+        .await,
+        "the held report was delivered"
+    );
+    assert_eq!(metrics.control_reports_held.load(Relaxed), 0);
+    assert_eq!(fake.seen()[0].path, "/v1/calls/CA1/report");
+    sender.shutdown(SHORT).await;
+    drop(fake);
+
+    // Down again, and this time the directory becomes writable: the held report is spooled.
+    let (sender, metrics) = sender_for(
+        closed_port_url().await,
+        report_settings(&spool, Duration::ZERO),
+    );
+    sender.submit(report("CA2"));
+    assert!(eventually(SHORT, || metrics.control_reports_held.load(Relaxed) == 1).await);
+    std::fs::remove_file(&blocker).unwrap();
+    assert!(
+        eventually(SHORT, || metrics.control_reports_spooled.load(Relaxed) == 1).await,
+        "the held report reached the spool once it could"
+    );
+    assert_eq!(metrics.control_reports_held.load(Relaxed), 0);
+    assert_eq!(metrics.control_report_spool_files.load(Relaxed), 1);
+    sender.shutdown(SHORT).await;
+    assert_eq!(metrics.control_reports_lost.load(Relaxed), 0);
+    let spooled = std::fs::read_dir(&spool).unwrap().count();
+    assert_eq!(spooled, 1);
+}
+
+#[tokio::test]
+async fn a_report_the_spool_still_refuses_at_shutdown_is_counted_as_lost() {
+    let scratch = TempDir::new("lost");
+    let blocker = scratch.0.join("a-file");
+    std::fs::write(&blocker, b"").unwrap();
     let (sender, metrics) = sender_for(
         closed_port_url().await,
         report_settings(&blocker.join("spool"), Duration::ZERO),
     );
-    assert_eq!(metrics.control_report_spool_errors.load(Relaxed), 1);
+    sender.submit(report("CA1"));
+    assert!(eventually(SHORT, || metrics.control_reports_held.load(Relaxed) == 1).await);
+    let errors_before = metrics.control_report_spool_errors.load(Relaxed);
+    sender.shutdown(Duration::from_millis(50)).await;
+    // One last try at shutdown, then the loss is counted (and logged), never silent.
+    assert!(metrics.control_report_spool_errors.load(Relaxed) > errors_before);
+    assert_eq!(metrics.control_reports_lost.load(Relaxed), 1);
+    assert_eq!(metrics.control_reports_held.load(Relaxed), 0);
+    assert_eq!(metrics.control_reports_spooled.load(Relaxed), 0);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn spooled_reports_are_private_files_in_a_private_directory() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    // A new spool directory (and its parents) is created 0700.
+    let scratch = TempDir::new("private");
+    let fresh = scratch.0.join("deep").join("spool");
+    let (sender, _) = sender_for(
+        closed_port_url().await,
+        report_settings(&fresh, Duration::ZERO),
+    );
+    assert_eq!(mode(&fresh), 0o700);
     sender.submit(report("CA1"));
     sender.shutdown(SHORT).await;
-    assert_eq!(metrics.control_report_spool_errors.load(Relaxed), 2);
-    assert_eq!(metrics.control_reports_spooled.load(Relaxed), 0);
-    assert_eq!(sender.resend_spool().await.errors, 1);
+    let files: Vec<_> = std::fs::read_dir(&fresh)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    assert_eq!(mode(&files[0]), 0o600);
+
+    // An existing directory others can read is tightened, and so is an old report in it;
+    // `rejected/` is private too.
+    let existing = scratch.0.join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let old = existing.join("0000000000001-CA0-00000000.json");
+    std::fs::write(&old, serde_json::to_vec(&report("CA0")).unwrap()).unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let fake =
+        FakeControlPlane::start(|_: &Seen| Reply::json(400, r#"{"error":"invalid_report"}"#)).await;
+    let (sender, metrics) = sender_for(fake.url(""), report_settings(&existing, SHORT));
+    assert_eq!(mode(&existing), 0o700);
+    assert_eq!(mode(&old), 0o600);
+    assert_eq!(metrics.control_report_spool_files.load(Relaxed), 1);
+    sender.submit(report("CA2"));
+    sender.shutdown(SHORT).await;
+    let rejected = existing.join(REJECTED_DIR_NAME);
+    assert_eq!(mode(&rejected), 0o700);
+    for entry in std::fs::read_dir(&rejected).unwrap() {
+        assert_eq!(mode(&entry.unwrap().path()), 0o600);
+    }
+}
+
+#[tokio::test]
+async fn the_spool_is_measured_and_capped_and_never_emptied_to_make_room() {
+    let spool = TempDir::new("capped");
+    let one_report = serde_json::to_vec(&report("CA0")).unwrap().len() as u64;
+    let down = closed_port_url().await;
+    let addr: SocketAddr = format!("{}:{}", down.host_str().unwrap(), down.port().unwrap())
+        .parse()
+        .unwrap();
+    let settings = ReportSettings {
+        // Room for two reports; warn from the first.
+        spool_max_bytes: 2 * one_report + one_report / 2,
+        spool_warn_bytes: one_report / 2,
+        ..report_settings(&spool.0, Duration::ZERO)
+    };
+    let (sender, metrics) = sender_for(down, settings);
+    for n in 0..3 {
+        sender.submit(report(&format!("CA{n}")));
+    }
+    assert!(
+        eventually(SHORT, || metrics.control_reports_spooled.load(Relaxed) == 2
+            && metrics.control_reports_held.load(Relaxed) == 1)
+        .await
+    );
+    assert!(metrics.control_report_spool_full.load(Relaxed) >= 1);
+    assert_eq!(metrics.control_report_spool_files.load(Relaxed), 2);
+    assert_eq!(
+        metrics.control_report_spool_bytes.load(Relaxed),
+        2 * one_report
+    );
+    assert_eq!(spool.files("").len(), 2, "nothing was deleted to make room");
+    let rendered = metrics.render();
+    assert!(
+        rendered.contains("voxrelay_control_report_spool_files{dir=\"pending\"} 2\n"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("voxrelay_control_reports_held 1\n"),
+        "{rendered}"
+    );
+
+    // The control plane is back: the held report is delivered, the spool resent and emptied,
+    // and the gauges follow.
+    let fake = FakeControlPlane::serve(TcpListener::bind(addr).await.unwrap(), |_: &Seen| {
+        Reply::json(204, "")
+    });
+    assert!(
+        eventually(SHORT, || metrics.control_reports_delivered.load(Relaxed)
+            == 1)
+        .await
+    );
+    assert_eq!(sender.resend_spool().await.resent, 2);
+    assert_eq!(metrics.control_report_spool_files.load(Relaxed), 0);
+    assert_eq!(metrics.control_report_spool_bytes.load(Relaxed), 0);
+    assert_eq!(fake.requests(), 3);
+    sender.shutdown(SHORT).await;
+    assert_eq!(metrics.control_reports_lost.load(Relaxed), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

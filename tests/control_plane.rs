@@ -17,13 +17,20 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use voxrelay::Secret;
 use voxrelay::control::api::{
-    self, CallHistory, CallLatency, CallReport, Speaker, TenantContext, TranscriptEntry,
+    self, CallHistory, CallLatency, CallReport, ReportBinding, Speaker, TenantContext,
+    TranscriptEntry,
 };
 use voxrelay::control::server::{ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml};
 use voxrelay::control::signing::{SignedHeaders, SigningKey, Verifier, sign};
 use voxrelay::control::store::DbLocation;
 
-const KEYS: &str = "cp-2025-06:old secret,cp-2025-09:new secret: with a colon";
+const KEYS: &str =
+    "cp-2025-06:old secret,cp-2025-09:new secret: with a colon,ops-2025-09:ops secret:operator";
+
+/// The operator's key: call history, and nothing a bridge does.
+fn ops_key() -> SigningKey {
+    SigningKey::new("ops-2025-09", Secret::new("ops secret"))
+}
 
 fn old_key() -> SigningKey {
     SigningKey::new("cp-2025-06", Secret::new("old secret"))
@@ -133,10 +140,21 @@ fn signed_headers(
     )
 }
 
-/// Signs with the new key and sends.
+/// Signs with the new (bridge) key and sends.
 async fn send(addr: SocketAddr, method: &str, path_and_query: &str, body: Option<&Value>) -> Reply {
+    send_as(&new_key(), addr, method, path_and_query, body).await
+}
+
+/// Signs with `key` and sends.
+async fn send_as(
+    key: &SigningKey,
+    addr: SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    body: Option<&Value>,
+) -> Reply {
     let body = body.map_or_else(Vec::new, |b| serde_json::to_vec(b).expect("json"));
-    let signed = signed_headers(&new_key(), method, path_and_query, &body);
+    let signed = signed_headers(key, method, path_and_query, &body);
     send_raw(addr, method, path_and_query, &signed.pairs(), body).await
 }
 
@@ -172,6 +190,7 @@ fn report(call_sid: &str, tenant: &str, to: &str, started_at_ms: u64) -> CallRep
         ended_at_ms: started_at_ms + 42_000,
         end_reason: "twilio_stop".into(),
         context_source: "fresh".into(),
+        binding: ReportBinding::Bound,
         memory_namespace: None,
         audio_seconds_in: 42.0,
         audio_seconds_out: 17.25,
@@ -196,6 +215,8 @@ fn report(call_sid: &str, tenant: &str, to: &str, started_at_ms: u64) -> CallRep
                 text: "From eight to three.".into(),
             },
         ],
+        transcript_dropped_lines: 0,
+        transcript_cut_lines: 0,
     }
 }
 
@@ -210,7 +231,14 @@ async fn post_report(addr: SocketAddr, report: &CallReport) -> Reply {
 }
 
 async fn history(addr: SocketAddr, tenant: &str) -> CallHistory {
-    let reply = send(addr, "GET", &format!("/v1/calls?tenant_id={tenant}"), None).await;
+    let reply = send_as(
+        &ops_key(),
+        addr,
+        "GET",
+        &format!("/v1/calls?tenant_id={tenant}"),
+        None,
+    )
+    .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     serde_json::from_value(reply.body).expect("history")
 }
@@ -249,6 +277,15 @@ async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
         }
     }
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The four signature headers as request-head lines.
+fn header_lines(signed: &SignedHeaders) -> String {
+    signed
+        .pairs()
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect()
 }
 
 /// A scratch directory removed on drop.
@@ -459,10 +496,12 @@ async fn every_signature_failure_is_a_bare_401_with_its_reason() {
 
         // A body declared too large is refused before it is read (raw TCP: no body follows,
         // so the answer cannot be lost to a reset over unread bytes).
+        let signed = signed_headers(&new_key(), "POST", &tool_path, b"");
         let answer = raw_exchange(
             addr,
             &format!(
-                "POST {tool_path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n",
+                "POST {tool_path} HTTP/1.1\r\nHost: {addr}\r\n{}Content-Length: {}\r\n\r\n",
+                header_lines(&signed),
                 voxrelay::control::server::MAX_BODY_BYTES + 1
             ),
         )
@@ -494,6 +533,241 @@ async fn both_keys_of_a_rotation_are_accepted() {
         let signed = signed_headers(&crossed, "GET", &path, b"");
         let reply = send_raw(addr, "GET", &path, &signed.pairs(), Vec::new()).await;
         assert_eq!(reply.status, 401);
+        cp.stop().await;
+    })
+    .await;
+}
+
+/// Writes a request head (and `partial_body`, but never the rest of the body the head
+/// declares) and reads the answer for up to `limit`, keeping the connection open.
+async fn send_head(addr: SocketAddr, head: &str, partial_body: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    stream.write_all(partial_body).await.expect("write body");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    while !answer.ends_with(b"}") {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_request_failing_the_header_checks_is_refused_before_its_body_is_read() {
+    bounded(async {
+        let cp = start_in_memory().await;
+        let addr = cp.local_addr();
+        let path = api::report_path("CA-held");
+        let body = [b'x'; 64];
+        let genuine = signed_headers(&new_key(), "POST", &path, &body);
+        let stranger = signed_headers(
+            &SigningKey::new("cp-2024-01", Secret::new("old secret")),
+            "POST",
+            &path,
+            &body,
+        );
+        let stale = sign(&new_key(), unix_now() - 600, rand::random(), "POST", &path, &body);
+        let mut malformed = genuine.clone();
+        malformed.signature = format!("v1={}", "A".repeat(64));
+        let cases = [
+            (header_lines(&stranger), "unknown_key"),
+            (header_lines(&stale), "stale"),
+            (header_lines(&malformed), "malformed"),
+            (String::new(), "malformed"),
+        ];
+        for (signature_lines, reason) in cases {
+            // The head promises 64 bytes of body and none follow: a server that reads the body
+            // before checking the headers waits here until the test gives up.
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{signature_lines}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let started = Instant::now();
+            let answer = send_head(addr, &head, b"", Duration::from_secs(3)).await;
+            assert!(answer.starts_with("HTTP/1.1 401"), "{reason}: {answer:?}");
+            assert!(
+                answer.ends_with(&format!(r#"{{"error":"{reason}"}}"#)),
+                "{answer}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(2), "{reason}");
+        }
+        cp.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_body_held_back_after_good_headers_times_out() {
+    bounded(async {
+        let cp = start_in_memory().await;
+        let addr = cp.local_addr();
+        let path = api::report_path("CA-slow");
+        let body = [b'x'; 64];
+        let signed = signed_headers(&new_key(), "POST", &path, &body);
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            header_lines(&signed),
+            body.len()
+        );
+        let started = Instant::now();
+        let limit = voxrelay::control::server::BODY_READ_TIMEOUT + Duration::from_secs(3);
+        let answer = send_head(addr, &head, &body[..10], limit).await;
+        let took = started.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+        assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+        assert!(answer.ends_with(r#"{"error":"body_timeout"}"#), "{answer}");
+        assert!(
+            took >= voxrelay::control::server::BODY_READ_TIMEOUT - Duration::from_millis(100),
+            "{took:?}"
+        );
+        cp.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_bridge_key_cannot_read_call_history_and_an_operator_key_does_nothing_else() {
+    bounded(async {
+        let cp = start_in_memory().await;
+        let addr = cp.local_addr();
+        assert_eq!(
+            context(addr, "+15550100001", "+15551230000", "CA-s1")
+                .await
+                .status,
+            200
+        );
+        let acme = report("CA-s1", "acme_dental", "+15550100001", unix_now() * 1000);
+        assert_eq!(post_report(addr, &acme).await.status, 200);
+
+        let calls = "/v1/calls?tenant_id=acme_dental";
+        for bridge in [new_key(), old_key()] {
+            let reply = send_as(&bridge, addr, "GET", calls, None).await;
+            assert_eq!(
+                (reply.status, error_code(&reply)),
+                (403, "insufficient_scope"),
+                "{}",
+                bridge.id
+            );
+        }
+        let reply = send_as(&ops_key(), addr, "GET", calls, None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let history: CallHistory = serde_json::from_value(reply.body).expect("history");
+        assert_eq!(history.calls, vec![acme.clone()]);
+
+        // The operator's key reads; it cannot look up, report or run tools.
+        let lookup = api::context_path_and_query("+15550100001", "", "");
+        let reply = send_as(&ops_key(), addr, "GET", &lookup, None).await;
+        assert_eq!(
+            (reply.status, error_code(&reply)),
+            (403, "insufficient_scope")
+        );
+        let body = serde_json::to_value(&acme).expect("json");
+        let reply = send_as(
+            &ops_key(),
+            addr,
+            "POST",
+            &api::report_path("CA-s1"),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(
+            (reply.status, error_code(&reply)),
+            (403, "insufficient_scope")
+        );
+        let tool = json!({"call_sid": "CA-s1", "tenant_id": "acme_dental", "arguments": {}});
+        let reply = send_as(
+            &ops_key(),
+            addr,
+            "POST",
+            &api::tool_path("lookup_business_hours"),
+            Some(&tool),
+        )
+        .await;
+        assert_eq!(
+            (reply.status, error_code(&reply)),
+            (403, "insufficient_scope")
+        );
+        // Authentication still comes first: unsigned is 401, never 403.
+        let reply = send_raw(addr, "GET", calls, &[], Vec::new()).await;
+        assert_eq!((reply.status, error_code(&reply)), (401, "malformed"));
+        cp.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unbound_report_never_replaces_a_calls_record_and_a_record_is_final() {
+    bounded(async {
+        let cp = start_in_memory().await;
+        let addr = cp.local_addr();
+        // The webhook's lookup binds the call; its bound stream reports.
+        assert_eq!(
+            context(addr, "+15550100001", "+15551230000", "CA-u1")
+                .await
+                .status,
+            200
+        );
+        let real = report("CA-u1", "acme_dental", "+15550100001", unix_now() * 1000);
+        assert_eq!(post_report(addr, &real).await.status, 200);
+
+        // A stream with no token that claimed the same CallSid reports too: kept apart.
+        let mut intruder = real.clone();
+        intruder.binding = ReportBinding::Unbound;
+        intruder.tenant_id = None;
+        intruder.stream_sid = "MZ-intruder".into();
+        intruder.from = "+15559990000".into();
+        intruder.agent_name = "default".into();
+        intruder.transcript.truncate(1);
+        let reply = post_report(addr, &intruder).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(history(addr, "acme_dental").await.calls, vec![real.clone()]);
+        let store = cp.store().clone();
+        let unbound = tokio::task::spawn_blocking(move || store.unbound_reports("CA-u1"))
+            .await
+            .expect("task")
+            .expect("store");
+        assert_eq!(unbound, vec![intruder.clone()]);
+
+        // Naming the tenant does not help an unbound report.
+        let mut claiming = intruder.clone();
+        claiming.stream_sid = "MZ-intruder-2".into();
+        claiming.tenant_id = Some("acme_dental".into());
+        let reply = post_report(addr, &claiming).await;
+        assert_eq!((reply.status, error_code(&reply)), (403, "tenant_mismatch"));
+
+        // A second, different bound report cannot replace the record; the same one again is
+        // acknowledged (a retry whose answer was lost).
+        let mut second = real.clone();
+        second.stream_sid = "MZ-second".into();
+        let reply = post_report(addr, &second).await;
+        assert_eq!((reply.status, error_code(&reply)), (409, "report_conflict"));
+        let reply = post_report(addr, &real).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(
+            reply.body,
+            json!({"call_sid": "CA-u1", "transcript_lines": 3})
+        );
+        assert_eq!(history(addr, "acme_dental").await.calls, vec![real]);
+
+        // A report without a `binding` (an older bridge) is taken as unbound.
+        let mut legacy =
+            serde_json::to_value(report("CA-u2", "acme_dental", "+15550100001", 1)).expect("json");
+        legacy.as_object_mut().expect("object").remove("binding");
+        legacy["tenant_id"] = Value::Null;
+        let reply = send(addr, "POST", &api::report_path("CA-u2"), Some(&legacy)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(
+            history(addr, "acme_dental")
+                .await
+                .calls
+                .iter()
+                .all(|c| c.call_sid != "CA-u2")
+        );
         cp.stop().await;
     })
     .await;
@@ -549,9 +823,17 @@ async fn a_report_sent_twice_is_one_call_and_history_is_per_tenant() {
             .map(|c| c.call_sid)
             .collect();
         assert_eq!(sids, ["CA-r3", "CA-r1"]);
-        let one = send(addr, "GET", "/v1/calls?tenant_id=acme_dental&limit=1", None).await;
+        let one = send_as(
+            &ops_key(),
+            addr,
+            "GET",
+            "/v1/calls?tenant_id=acme_dental&limit=1",
+            None,
+        )
+        .await;
         assert_eq!(one.body["calls"].as_array().map(Vec::len), Some(1));
-        let bad_limit = send(
+        let bad_limit = send_as(
+            &ops_key(),
             addr,
             "GET",
             "/v1/calls?tenant_id=acme_dental&limit=ten",
@@ -562,21 +844,31 @@ async fn a_report_sent_twice_is_one_call_and_history_is_per_tenant() {
             (bad_limit.status, error_code(&bad_limit)),
             (400, "bad_query")
         );
-        let unknown = send(addr, "GET", "/v1/calls?tenant_id=nobody", None).await;
+        let unknown = send_as(&ops_key(), addr, "GET", "/v1/calls?tenant_id=nobody", None).await;
         assert_eq!(
             (unknown.status, error_code(&unknown)),
             (404, "unknown_tenant")
         );
-        let missing = send(addr, "GET", "/v1/calls", None).await;
+        let missing = send_as(&ops_key(), addr, "GET", "/v1/calls", None).await;
         assert_eq!(
             (missing.status, error_code(&missing)),
             (400, "missing_tenant_id")
         );
 
-        // A report cannot move a call to another tenant, nor disagree with its path.
-        let moved = report("CA-r1", "bistro_luna", "+15550100001", start_ms);
+        // A report cannot move a call to another tenant, nor replace a stored one, nor
+        // disagree with its path.
+        assert_eq!(
+            context(addr, "+15550100001", "+15551230000", "CA-r4")
+                .await
+                .status,
+            200
+        );
+        let moved = report("CA-r4", "bistro_luna", "+15550100001", start_ms);
         let reply = post_report(addr, &moved).await;
         assert_eq!((reply.status, error_code(&reply)), (403, "tenant_mismatch"));
+        let replaced = report("CA-r1", "bistro_luna", "+15550100001", start_ms);
+        let reply = post_report(addr, &replaced).await;
+        assert_eq!((reply.status, error_code(&reply)), (409, "report_conflict"));
         let body = serde_json::to_value(&acme).expect("json");
         let reply = send(addr, "POST", &api::report_path("CA-other"), Some(&body)).await;
         assert_eq!(
@@ -900,7 +1192,14 @@ async fn the_command_serves_signed_requests_from_its_seeded_database() {
     }
     let logs = logs.join("\n");
     assert!(logs.contains("control plane ready"), "{logs}");
-    assert!(logs.contains("cp-2025-09"), "key ids are logged: {logs}");
+    assert!(
+        logs.contains("cp-2025-09:bridge"),
+        "key ids are logged: {logs}"
+    );
+    assert!(
+        logs.contains("ops-2025-09:operator"),
+        "with their scopes: {logs}"
+    );
     assert!(
         !logs.contains("old secret") && !logs.contains("new secret"),
         "{logs}"

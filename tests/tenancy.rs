@@ -447,3 +447,144 @@ async fn a_tenants_maximum_call_length_ends_the_call() {
     );
     cp.stop().await;
 }
+
+/// A model that configures the session, then says `lines` transcript lines of `line_bytes`
+/// each (no audio), and reads whatever comes until the socket closes.
+async fn talkative_model(lines: usize, line_bytes: usize) -> (String, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "ws://{}/v1/realtime?model=talkative",
+        listener.local_addr().unwrap()
+    );
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                let _ = ws
+                    .send(Message::text(
+                        json!({"type": "session.created", "session": {}}).to_string(),
+                    ))
+                    .await;
+                while let Some(Ok(message)) = ws.next().await {
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    if !text.contains("\"session.update\"") {
+                        continue;
+                    }
+                    let _ = ws
+                        .send(Message::text(
+                            json!({"type": "session.updated", "session": {}}).to_string(),
+                        ))
+                        .await;
+                    for n in 0..lines {
+                        let mut transcript = format!("line {n}: ");
+                        transcript.push_str(&"a".repeat(line_bytes - transcript.len()));
+                        let event = json!({
+                            "type": "response.output_audio_transcript.done",
+                            "event_id": format!("event_{n}"), "response_id": format!("resp_{n}"),
+                            "item_id": format!("item_{n}"), "output_index": 0, "content_index": 0,
+                            "transcript": transcript,
+                        });
+                        if ws.send(Message::text(event.to_string())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn a_call_with_an_oversized_transcript_still_delivers_its_report_with_the_cut_marked() {
+    let dir = Scratch::new("long");
+    let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &dir.0.join("cp.db")).await;
+    // 80 lines of 15 kB: a 1.2 MB transcript, more than the control plane takes in one body.
+    let (lines, line_bytes) = (80, 15_000);
+    let (model_url, model) = talkative_model(lines, line_bytes).await;
+    let unused = voxrelay::upstream::mock::MockRealtimeServer::start(MockConfig::default())
+        .await
+        .expect("mock");
+    let stack = start_stack_configured(
+        unused,
+        voxrelay::config::UpstreamTarget {
+            url: model_url,
+            api_key: Some(Secret::new("test-key")),
+        },
+        AudioMode::Pcmu,
+        None,
+        |config| {
+            config.prewarm = false;
+            config.control_plane = Some(control_target(cp.url(), &dir.0.join("spool")));
+        },
+    )
+    .await;
+    let caller = CallerConfig {
+        to: ACME.to_owned(),
+        from: "+15557770010".to_owned(),
+        linger: Duration::from_millis(1500),
+        ..CallerConfig::new(stack.url.clone(), stack.token.clone(), silence_mulaw(400))
+    };
+    let call_sid = caller.call_sid.clone();
+    place_call(&caller).await.expect("call");
+
+    assert!(
+        eventually(Duration::from_secs(10), || reported(&cp, "acme_dental")
+            .iter()
+            .any(|c| c.call_sid == call_sid))
+        .await,
+        "the report was delivered (rejected: {}, spooled: {})",
+        stack
+            .bridge
+            .metrics()
+            .control_reports_rejected
+            .load(Relaxed),
+        stack.bridge.metrics().control_reports_spooled.load(Relaxed),
+    );
+    let report = reported(&cp, "acme_dental")
+        .into_iter()
+        .find(|c| c.call_sid == call_sid)
+        .unwrap();
+    let kept = report.transcript.len() as u64;
+    assert!(kept > 0 && kept < lines as u64, "{kept} lines kept");
+    assert_eq!(
+        report.transcript_dropped_lines,
+        lines as u64 - kept,
+        "the cut is marked"
+    );
+    assert_eq!(report.transcript_cut_lines, 0);
+    // The most recent lines are the ones kept, in order.
+    let last = report.transcript.last().unwrap();
+    assert!(
+        last.text.starts_with(&format!("line {}: ", lines - 1)),
+        "{}",
+        &last.text[..20]
+    );
+    let first = &report.transcript[0];
+    assert!(
+        first
+            .text
+            .starts_with(&format!("line {}: ", report.transcript_dropped_lines)),
+        "{}",
+        &first.text[..20]
+    );
+    let body = serde_json::to_vec(&report).unwrap().len();
+    assert!(
+        body <= voxrelay::session::report::MAX_REPORT_BYTES,
+        "{body}"
+    );
+    let metrics = stack.bridge.metrics();
+    assert_eq!(
+        metrics.control_report_transcripts_truncated.load(Relaxed),
+        1
+    );
+    assert_eq!(metrics.control_reports_rejected.load(Relaxed), 0);
+    model.abort();
+    cp.stop().await;
+}

@@ -191,6 +191,10 @@ pub struct CallReport {
     /// Where the context came from: `fresh`, `cached`, `stale`, `fallback` or `unknown_number`
     /// (`static` from a bridge without a control plane).
     pub context_source: String,
+    /// Whether the stream proved it is the call its webhook answered (see [`ReportBinding`]).
+    /// Absent (a bridge from before the field) reads as `unbound`.
+    #[serde(default)]
+    pub binding: ReportBinding,
     /// The caller's memory namespace the call ran with (`<tenant_id>/<caller>`); `null` for
     /// the fallback agent.
     #[serde(default)]
@@ -202,15 +206,45 @@ pub struct CallReport {
     pub dtmf_digits: u64,
     pub tool_calls: u64,
     pub latency: CallLatency,
+    /// The most recent lines of the call, at most `session::report::MAX_TRANSCRIPT_BYTES` of
+    /// them as encoded here.
     pub transcript: Vec<TranscriptEntry>,
+    /// Lines left out at the start of `transcript` to keep the report bounded (0 normally).
+    #[serde(default)]
+    pub transcript_dropped_lines: u64,
+    /// Lines of `transcript` whose text was cut short (their start kept; 0 normally).
+    #[serde(default)]
+    pub transcript_cut_lines: u64,
 }
 
-/// `POST /v1/calls/{call_sid}/report` success body: what was stored. A retried report answers
-/// the same, as reports are upserts by call SID.
+/// How a reported call's stream was tied to its call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportBinding {
+    /// The stream presented the token its call's voice webhook issued (for this `CallSid` and
+    /// `To`, unexpired) and was the first to do so: its report is the call's.
+    Bound,
+    /// No verified token (TwiML from elsewhere, with `VOXRELAY_REQUIRE_STREAM_TOKEN=0`): the
+    /// fallback agent answered, and the report is kept apart from every tenant's calls.
+    #[default]
+    Unbound,
+}
+
+impl ReportBinding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportBinding::Bound => "bound",
+            ReportBinding::Unbound => "unbound",
+        }
+    }
+}
+
+/// `POST /v1/calls/{call_sid}/report` success body: what was stored. The identical report sent
+/// again (a retry) answers the same; a different one for the same call is refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportAck {
     pub call_sid: String,
-    /// Transcript lines now stored for the call (the report's, replacing any earlier ones).
+    /// Transcript lines stored for the call.
     pub transcript_lines: usize,
 }
 

@@ -4,8 +4,12 @@
 //! Owns the listener, its connections and the routes. Invariants: no handler runs before the
 //! request's signature has been verified over its exact method, request-line target and body
 //! bytes (the check wraps the whole router, unknown paths included, so an unsigned sender learns
-//! nothing but `401` and a reason code); bodies are buffered up to [`MAX_BODY_BYTES`] and
-//! refused beyond it; every answer that is not a success is `{"error": <code>}` and nothing else;
+//! nothing but `401` and a reason code); no body byte is read before the headers' shape, the key
+//! id and the timestamp window have passed, so a sender without a key cannot make the server
+//! buffer or wait for anything; bodies are then read within [`BODY_READ_TIMEOUT`] and up to
+//! [`MAX_BODY_BYTES`] and refused beyond either; each key has a scope and every route needs
+//! one (`bridge`: context, reports, tools; `operator`: call history), answered `403` otherwise;
+//! every answer that is not a success is `{"error": <code>}` and nothing else;
 //! store calls run on the blocking pool; [`RunningControlPlane::stop`] returns only once the
 //! listener is closed and every connection, idle keep-alive ones included, is gone, so a
 //! bridge's pooled client cannot keep talking to a stopped control plane and the address can be
@@ -18,8 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
-use axum::http::{StatusCode, Uri, header};
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,7 +42,7 @@ use url::Url;
 
 use super::api::{self, CallReport, ErrorBody, ReportAck, ToolRequest, ToolResponse};
 use super::seed::{Seed, SeedError};
-use super::signing::{SignedHeaders, SigningKey, Verifier};
+use super::signing::{Rejection, Scope, SignedHeaders, SigningKey, Verifier};
 use super::store::{DbLocation, Refusal, SeedOutcome, Store, StoreError};
 use crate::session::call::redact_number;
 
@@ -53,6 +57,9 @@ pub const MAX_HISTORY_LIMIT: usize = 500;
 const MAX_CONNECTIONS: usize = 256;
 /// A client must send a request's headers within this long of starting it.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request that passed the header checks must deliver its whole body within this long
+/// (`408 body_timeout` otherwise, and the connection is closed).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// On stop, how long a request already in flight may take to finish before its connection is
 /// dropped anyway.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -331,13 +338,47 @@ async fn serve_connection(
     }
 }
 
-/// Buffers the body (bounded) and verifies the request's signature before any handler runs.
+/// Verifies the request's signature before any handler runs: the header checks first, then
+/// the body (bounded in size and time), then the MAC and the nonce. The key's [`Scope`] goes
+/// into the request's extensions for the routes' [`BridgeKey`] and [`OperatorKey`].
 async fn authenticate(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let signed = SignedHeaders::from_headers(|name| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+    });
+    // The verifier's state is always consistent between calls; a panic elsewhere while holding
+    // the lock cannot have left it half-updated in a way that matters.
+    let verifier = || {
+        state
+            .verifier
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    };
+    let signed = match signed.and_then(|signed| {
+        verifier()
+            .precheck(
+                unix_now().as_secs(),
+                &signed,
+                parts.method.as_str(),
+                &path_and_query,
+            )
+            .map(|_| signed)
+    }) {
+        Ok(signed) => signed,
+        Err(rejection) => return refuse(&parts, rejection),
+    };
     let declared_length = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -346,49 +387,107 @@ async fn authenticate(
     if declared_length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
         return error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
     }
-    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(failure) if failure.is::<LengthLimitError>() => {
+    let read = Limited::new(body, MAX_BODY_BYTES).collect();
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(failure)) if failure.is::<LengthLimitError>() => {
             return error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
         }
-        Err(_) => return error(StatusCode::BAD_REQUEST, "bad_body"),
+        Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_body"),
+        Err(_elapsed) => {
+            tracing::warn!(
+                method = %parts.method,
+                path = parts.uri.path(),
+                timeout = ?BODY_READ_TIMEOUT,
+                "control-plane request body not received in time"
+            );
+            let mut response = error(StatusCode::REQUEST_TIMEOUT, "body_timeout");
+            // The rest of the body may still be on its way: this connection cannot be reused.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
     };
-    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let verdict = SignedHeaders::from_headers(|name| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-    })
-    .and_then(|signed| {
-        state
-            .verifier
-            .lock()
-            // The verifier's state is always consistent between calls; a panic elsewhere
-            // while holding the lock cannot have left it half-updated in a way that matters.
-            .unwrap_or_else(PoisonError::into_inner)
-            .verify(
-                unix_now().as_secs(),
-                &signed,
-                parts.method.as_str(),
-                path_and_query,
-                &body,
-            )
-    });
-    if let Err(rejection) = verdict {
-        // The path only: the query carries phone numbers.
-        tracing::warn!(
-            method = %parts.method,
-            path = parts.uri.path(),
-            reason = rejection.as_str(),
-            "refused an unsigned or badly signed control-plane request"
-        );
-        return error(StatusCode::UNAUTHORIZED, rejection.as_str());
+    let verdict = verifier().verify(
+        unix_now().as_secs(),
+        &signed,
+        parts.method.as_str(),
+        &path_and_query,
+        &body,
+    );
+    match verdict {
+        Ok(scope) => {
+            parts.extensions.insert(scope);
+            next.run(Request::from_parts(parts, Body::from(body))).await
+        }
+        Err(rejection) => refuse(&parts, rejection),
     }
-    next.run(Request::from_parts(parts, Body::from(body))).await
 }
 
-async fn context(State(state): State<Arc<AppState>>, uri: Uri) -> Response {
+fn refuse(parts: &axum::http::request::Parts, rejection: Rejection) -> Response {
+    // The path only: the query carries phone numbers.
+    tracing::warn!(
+        method = %parts.method,
+        path = parts.uri.path(),
+        reason = rejection.as_str(),
+        "refused an unsigned or badly signed control-plane request"
+    );
+    error(StatusCode::UNAUTHORIZED, rejection.as_str())
+}
+
+/// A handler argument that admits only requests signed with a [`Scope::Bridge`] key.
+struct BridgeKey;
+
+/// A handler argument that admits only requests signed with a [`Scope::Operator`] key.
+struct OperatorKey;
+
+/// A request signed with a key of another scope: `403 insufficient_scope`.
+struct WrongScope;
+
+impl IntoResponse for WrongScope {
+    fn into_response(self) -> Response {
+        error(StatusCode::FORBIDDEN, "insufficient_scope")
+    }
+}
+
+/// `Err` unless the request's verified key has `wanted`.
+fn require_scope(parts: &axum::http::request::Parts, wanted: Scope) -> Result<(), WrongScope> {
+    if parts.extensions.get::<Scope>() == Some(&wanted) {
+        Ok(())
+    } else {
+        tracing::warn!(
+            path = parts.uri.path(),
+            needs = wanted.as_str(),
+            "refused a control-plane request signed with a key of another scope"
+        );
+        Err(WrongScope)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for BridgeKey {
+    type Rejection = WrongScope;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, WrongScope> {
+        require_scope(parts, Scope::Bridge).map(|()| BridgeKey)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for OperatorKey {
+    type Rejection = WrongScope;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, WrongScope> {
+        require_scope(parts, Scope::Operator).map(|()| OperatorKey)
+    }
+}
+
+async fn context(_: BridgeKey, State(state): State<Arc<AppState>>, uri: Uri) -> Response {
     let query = match Query::parse(&uri, &["to", "from", "call_sid"]) {
         Ok(query) => query,
         Err(RepeatedParameter) => return error(StatusCode::BAD_REQUEST, "bad_query"),
@@ -409,7 +508,7 @@ async fn context(State(state): State<Arc<AppState>>, uri: Uri) -> Response {
     .await
 }
 
-async fn call_history(State(state): State<Arc<AppState>>, uri: Uri) -> Response {
+async fn call_history(_: OperatorKey, State(state): State<Arc<AppState>>, uri: Uri) -> Response {
     let query = match Query::parse(&uri, &["tenant_id", "limit"]) {
         Ok(query) => query,
         Err(RepeatedParameter) => return error(StatusCode::BAD_REQUEST, "bad_query"),
@@ -434,6 +533,7 @@ async fn call_history(State(state): State<Arc<AppState>>, uri: Uri) -> Response 
 }
 
 async fn report(
+    _: BridgeKey,
     State(state): State<Arc<AppState>>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     body: Bytes,
@@ -469,6 +569,7 @@ async fn report(
 }
 
 async fn tool(
+    _: BridgeKey,
     State(state): State<Arc<AppState>>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     body: Bytes,
@@ -528,6 +629,7 @@ fn refusal_status(refusal: Refusal) -> StatusCode {
         Refusal::CallSidConflict => StatusCode::CONFLICT,
         Refusal::BadArguments => StatusCode::UNPROCESSABLE_ENTITY,
         Refusal::OutOfRange => StatusCode::BAD_REQUEST,
+        Refusal::ReportConflict => StatusCode::CONFLICT,
     }
 }
 

@@ -44,6 +44,35 @@ const MAX_KEY_ID_LEN: usize = 128;
 /// `u64::MAX` has 20 decimal digits.
 const MAX_TIMESTAMP_DIGITS: usize = 20;
 
+/// What a key may do on the control plane. Scopes do not overlap: a bridge's key cannot read
+/// call history (every tenant's transcripts), an operator's cannot act as a bridge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// `GET /v1/context`, `POST /v1/calls/{call_sid}/report`, `POST /v1/tools/{name}`: what a
+    /// bridge needs. The default of a key list entry without a scope.
+    #[default]
+    Bridge,
+    /// `GET /v1/calls`: call history with transcripts, for operators' tools.
+    Operator,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Bridge => "bridge",
+            Scope::Operator => "operator",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "bridge" => Some(Scope::Bridge),
+            "operator" => Some(Scope::Operator),
+            _ => None,
+        }
+    }
+}
+
 /// One shared signing key. Its `Debug` never shows the secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SigningKey {
@@ -132,7 +161,7 @@ impl Rejection {
 /// position, never by content, so the error cannot echo a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyListError {
-    #[error("the key list is empty: expected `key_id:secret[,key_id:secret]`")]
+    #[error("the key list is empty: expected `key_id:secret[:scope][,key_id:secret[:scope]]`")]
     Empty,
     #[error("key list entry {entry} is empty (stray comma?)")]
     EmptyEntry { entry: usize },
@@ -218,7 +247,7 @@ pub fn sign(
 /// not an attack surface. Expiry also raises the floor, so a verifier clock stepped back by more
 /// than the window refuses requests until it catches up, rather than reopening forgotten ones.
 pub struct Verifier {
-    keys: HashMap<String, Secret>,
+    keys: HashMap<String, (Secret, Scope)>,
     /// Accepted nonce to its request timestamp.
     nonces: HashMap<[u8; 16], u64>,
     /// The same entries ordered by timestamp, for expiry and eviction.
@@ -242,20 +271,25 @@ impl fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    /// A verifier for `keys`, any of which may sign (two at once during a rotation). A key with
-    /// an empty secret is dropped, since it would let anyone sign; of two keys with the same id
-    /// the later wins.
+    /// A verifier for `keys`, all of [`Scope::Bridge`], any of which may sign (two at once
+    /// during a rotation). A key with an empty secret is dropped, since it would let anyone
+    /// sign; of two keys with the same id the later wins.
     pub fn new(keys: Vec<SigningKey>) -> Self {
+        Self::with_scopes(keys.into_iter().map(|key| (key, Scope::Bridge)).collect())
+    }
+
+    /// As [`Verifier::new`], each key with its scope.
+    pub fn with_scopes(keys: Vec<(SigningKey, Scope)>) -> Self {
         Self::with_nonce_capacity(keys, DEFAULT_NONCE_CAPACITY)
     }
 
-    /// As [`Verifier::new`], remembering at most `capacity` nonces (at least one).
-    pub fn with_nonce_capacity(keys: Vec<SigningKey>, capacity: usize) -> Self {
+    /// As [`Verifier::with_scopes`], remembering at most `capacity` nonces (at least one).
+    pub fn with_nonce_capacity(keys: Vec<(SigningKey, Scope)>, capacity: usize) -> Self {
         Self {
             keys: keys
                 .into_iter()
-                .filter(|key| !key.secret.is_empty())
-                .map(|key| (key.id, key.secret))
+                .filter(|(key, _)| !key.secret.is_empty())
+                .map(|(key, scope)| (key.id, (key.secret, scope)))
                 .collect(),
             nonces: HashMap::new(),
             by_timestamp: BTreeSet::new(),
@@ -264,16 +298,30 @@ impl Verifier {
         }
     }
 
-    /// Parses "id:secret,id2:secret2" (VOXRELAY_CONTROL_PLANE_KEYS), rejecting empty ids/secrets.
-    ///
-    /// Whitespace around entries, ids and secrets is ignored. The secret is everything after the
-    /// first `:`, so it may contain `:` but not `,`.
+    /// Parses `VOXRELAY_CONTROL_PLANE_KEYS`: comma-separated `key_id:secret[:scope]` entries,
+    /// rejecting empty ids and secrets. See [`parse_key_list`].
     pub fn from_key_list(list: &str) -> Result<Self, KeyListError> {
-        parse_key_list(list).map(Self::new)
+        parse_key_list(list).map(Self::with_scopes)
     }
 
-    /// Checks one request. On `Ok` the request is authentic, fresh and not a replay, and its
-    /// nonce is remembered.
+    /// The checks that need no body, in the order [`Verifier::verify`] runs them: the headers'
+    /// shape, the key id, the clock window. A server runs this before reading a body, so a
+    /// sender without a key can make it read nothing. `Ok` is the key's scope; nothing is
+    /// recorded.
+    pub fn precheck(
+        &mut self,
+        unix_now: u64,
+        headers: &SignedHeaders,
+        method: &str,
+        path_and_query: &str,
+    ) -> Result<Scope, Rejection> {
+        self.expire(unix_now);
+        self.checked_headers(unix_now, headers, method, path_and_query)
+            .map(|checked| checked.scope)
+    }
+
+    /// Checks one request. On `Ok` (the signing key's scope) the request is authentic, fresh
+    /// and not a replay, and its nonce is remembered.
     pub fn verify(
         &mut self,
         unix_now: u64,
@@ -281,9 +329,44 @@ impl Verifier {
         method: &str,
         path_and_query: &str,
         body: &[u8],
-    ) -> Result<(), Rejection> {
+    ) -> Result<Scope, Rejection> {
         self.expire(unix_now);
+        let CheckedHeaders {
+            timestamp,
+            nonce,
+            received,
+            scope,
+        } = self.checked_headers(unix_now, headers, method, path_and_query)?;
+        let (secret, _) = self
+            .keys
+            .get(&headers.key_id)
+            .ok_or(Rejection::UnknownKey)?;
+        let expected = mac_over(
+            secret,
+            &headers.timestamp,
+            &headers.nonce,
+            method,
+            path_and_query,
+            body,
+        );
+        if !bool::from(expected.ct_eq(&received)) {
+            return Err(Rejection::BadSignature);
+        }
 
+        if self.nonces.contains_key(&nonce) {
+            return Err(Rejection::Replayed);
+        }
+        self.remember(timestamp, nonce).map(|()| scope)
+    }
+
+    /// Checks 1–3 (shape, key, clock) on headers already taken apart.
+    fn checked_headers(
+        &self,
+        unix_now: u64,
+        headers: &SignedHeaders,
+        method: &str,
+        path_and_query: &str,
+    ) -> Result<CheckedHeaders, Rejection> {
         let timestamp = parse_timestamp(&headers.timestamp).ok_or(Rejection::Malformed)?;
         let nonce = parse_hex::<16>(&headers.nonce).ok_or(Rejection::Malformed)?;
         let received = headers
@@ -301,7 +384,7 @@ impl Verifier {
             return Err(Rejection::Malformed);
         }
 
-        let secret = self
+        let (_, scope) = self
             .keys
             .get(&headers.key_id)
             .ok_or(Rejection::UnknownKey)?;
@@ -311,23 +394,17 @@ impl Verifier {
         {
             return Err(Rejection::Stale);
         }
+        Ok(CheckedHeaders {
+            timestamp,
+            nonce,
+            received,
+            scope: *scope,
+        })
+    }
 
-        let expected = mac_over(
-            secret,
-            &headers.timestamp,
-            &headers.nonce,
-            method,
-            path_and_query,
-            body,
-        );
-        if !bool::from(expected.ct_eq(&received)) {
-            return Err(Rejection::BadSignature);
-        }
-
-        if self.nonces.contains_key(&nonce) {
-            return Err(Rejection::Replayed);
-        }
-        self.remember(timestamp, nonce)
+    /// The scope of key `key_id`, if it is an active key.
+    pub fn scope_of(&self, key_id: &str) -> Option<Scope> {
+        self.keys.get(key_id).map(|(_, scope)| *scope)
     }
 
     /// How many nonces are remembered now (for metrics and tests).
@@ -388,11 +465,27 @@ impl Verifier {
     }
 }
 
-fn parse_key_list(list: &str) -> Result<Vec<SigningKey>, KeyListError> {
+/// The header fields of a request that passed checks 1–3.
+struct CheckedHeaders {
+    timestamp: u64,
+    nonce: [u8; 16],
+    received: [u8; 32],
+    scope: Scope,
+}
+
+/// Parses `VOXRELAY_CONTROL_PLANE_KEYS`: comma-separated `key_id:secret[:scope]` entries.
+///
+/// Whitespace around entries, ids, secrets and scopes is ignored. The key id is everything
+/// before the first `:`. When the text after the last `:` is a scope name (`bridge` or
+/// `operator`), it is the entry's scope and the secret is what lies between; otherwise the whole
+/// rest is the secret (so a secret may contain `:`, but not `,`) and the scope is
+/// [`Scope::Bridge`]. A secret that itself ends in `:bridge` or `:operator` must therefore be
+/// followed by an explicit scope.
+pub fn parse_key_list(list: &str) -> Result<Vec<(SigningKey, Scope)>, KeyListError> {
     if list.trim().is_empty() {
         return Err(KeyListError::Empty);
     }
-    let mut keys: Vec<SigningKey> = Vec::new();
+    let mut keys: Vec<(SigningKey, Scope)> = Vec::new();
     for (index, entry) in list.split(',').enumerate() {
         let entry_number = index + 1;
         let entry = entry.trim();
@@ -401,11 +494,18 @@ fn parse_key_list(list: &str) -> Result<Vec<SigningKey>, KeyListError> {
                 entry: entry_number,
             });
         }
-        let (id, secret) = entry
+        let (id, rest) = entry
             .split_once(':')
             .ok_or(KeyListError::MissingSeparator {
                 entry: entry_number,
             })?;
+        let (secret, scope) = match rest.rsplit_once(':') {
+            Some((secret, scope)) => match Scope::parse(scope.trim()) {
+                Some(scope) => (secret, scope),
+                None => (rest, Scope::Bridge),
+            },
+            None => (rest, Scope::Bridge),
+        };
         let (id, secret) = (id.trim(), secret.trim());
         if id.is_empty() {
             return Err(KeyListError::EmptyId {
@@ -422,12 +522,12 @@ fn parse_key_list(list: &str) -> Result<Vec<SigningKey>, KeyListError> {
                 entry: entry_number,
             });
         }
-        if keys.iter().any(|key| key.id == id) {
+        if keys.iter().any(|(key, _)| key.id == id) {
             return Err(KeyListError::DuplicateId {
                 entry: entry_number,
             });
         }
-        keys.push(SigningKey::new(id, Secret::new(secret)));
+        keys.push((SigningKey::new(id, Secret::new(secret)), scope));
     }
     Ok(keys)
 }
@@ -532,7 +632,7 @@ mod tests {
         );
         assert_eq!(
             verifier.verify(1_000_000, &after, "GET", "/v1/context?to=1", b""),
-            Ok(())
+            Ok(Scope::Bridge)
         );
     }
 
@@ -686,7 +786,7 @@ mod tests {
                     &vector.path_and_query,
                     vector.body.as_bytes()
                 ),
-                Ok(()),
+                Ok(Scope::Bridge),
                 "{}",
                 vector.canonical_string
             );
@@ -698,7 +798,10 @@ mod tests {
         let signing_key = key("k1", "secret-one");
         let mut verifier = Verifier::new(vec![signing_key.clone()]);
         let headers = sign(&signing_key, NOW, nonce(7), "GET", PATH, b"");
-        assert_eq!(verifier.verify(NOW, &headers, "GET", PATH, b""), Ok(()));
+        assert_eq!(
+            verifier.verify(NOW, &headers, "GET", PATH, b""),
+            Ok(Scope::Bridge)
+        );
         assert_eq!(
             verifier.verify(NOW + 1, &headers, "GET", PATH, b""),
             Err(Rejection::Replayed)
@@ -716,7 +819,10 @@ mod tests {
         let signing_key = key("k1", "secret-one");
         let mut verifier = Verifier::new(vec![signing_key.clone()]);
         let headers = sign(&signing_key, NOW, nonce(7), "GET", PATH, b"");
-        assert_eq!(verifier.verify(NOW, &headers, "GET", PATH, b""), Ok(()));
+        assert_eq!(
+            verifier.verify(NOW, &headers, "GET", PATH, b""),
+            Ok(Scope::Bridge)
+        );
         let late = NOW + MAX_CLOCK_SKEW_SECS + 1;
         assert_eq!(
             verifier.verify(late, &headers, "GET", PATH, b""),
@@ -730,8 +836,8 @@ mod tests {
         let signing_key = key("k1", "secret-one");
         let mut verifier = Verifier::new(vec![signing_key.clone()]);
         let cases = [
-            (NOW - 300, Ok(())),
-            (NOW + 300, Ok(())),
+            (NOW - 300, Ok(Scope::Bridge)),
+            (NOW + 300, Ok(Scope::Bridge)),
             (NOW - 301, Err(Rejection::Stale)),
             (NOW + 301, Err(Rejection::Stale)),
         ];
@@ -768,7 +874,7 @@ mod tests {
             );
             assert_eq!(
                 verifier.verify(NOW, &headers, "POST", "/v1/x", b"{}"),
-                Ok(())
+                Ok(Scope::Bridge)
             );
         }
         // A secret from one key under the other's id is a bad signature, not a pass.
@@ -840,7 +946,7 @@ mod tests {
         assert_eq!(verifier.nonce_cache_len(), 0);
         assert_eq!(
             verifier.verify(NOW, &headers, "POST", "/v1/tools/take_message", body),
-            Ok(())
+            Ok(Scope::Bridge)
         );
     }
 
@@ -857,7 +963,10 @@ mod tests {
             verifier.verify(NOW, &forged, "GET", PATH, b""),
             Err(Rejection::BadSignature)
         );
-        assert_eq!(verifier.verify(NOW, &genuine, "GET", PATH, b""), Ok(()));
+        assert_eq!(
+            verifier.verify(NOW, &genuine, "GET", PATH, b""),
+            Ok(Scope::Bridge)
+        );
     }
 
     #[test]
@@ -907,7 +1016,10 @@ mod tests {
             verifier.verify(NOW, &good, "", PATH, b""),
             Err(Rejection::Malformed)
         );
-        assert_eq!(verifier.verify(NOW, &good, "GET", PATH, b""), Ok(()));
+        assert_eq!(
+            verifier.verify(NOW, &good, "GET", PATH, b""),
+            Ok(Scope::Bridge)
+        );
     }
 
     #[test]
@@ -933,7 +1045,8 @@ mod tests {
     fn the_nonce_cache_stays_bounded_under_a_flood_with_advancing_time() {
         let signing_key = key("k1", "secret-one");
         let capacity = 20_000;
-        let mut verifier = Verifier::with_nonce_capacity(vec![signing_key.clone()], capacity);
+        let mut verifier =
+            Verifier::with_nonce_capacity(vec![(signing_key.clone(), Scope::Bridge)], capacity);
         let mut max_len = 0;
         // 100k valid requests, 100 per second: 30k would be live at once, so both expiry and
         // the capacity bound are exercised.
@@ -947,7 +1060,10 @@ mod tests {
                 "/v1/r",
                 b"",
             );
-            assert_eq!(verifier.verify(now, &headers, "POST", "/v1/r", b""), Ok(()));
+            assert_eq!(
+                verifier.verify(now, &headers, "POST", "/v1/r", b""),
+                Ok(Scope::Bridge)
+            );
             max_len = max_len.max(verifier.nonce_cache_len());
         }
         assert_eq!(max_len, capacity);
@@ -961,7 +1077,10 @@ mod tests {
         for i in 0..20_000u64 {
             let now = NOW + i / 10;
             let headers = sign(&signing_key, now, nonce(u128::from(i)), "GET", "/", b"");
-            assert_eq!(verifier.verify(now, &headers, "GET", "/", b""), Ok(()));
+            assert_eq!(
+                verifier.verify(now, &headers, "GET", "/", b""),
+                Ok(Scope::Bridge)
+            );
         }
         // 10 per second for the 301 seconds a nonce can be live.
         assert!(
@@ -975,12 +1094,19 @@ mod tests {
     #[test]
     fn an_evicted_nonce_can_never_be_replayed() {
         let signing_key = key("k1", "secret-one");
-        let mut verifier = Verifier::with_nonce_capacity(vec![signing_key.clone()], 3);
+        let mut verifier =
+            Verifier::with_nonce_capacity(vec![(signing_key.clone(), Scope::Bridge)], 3);
         let first = sign(&signing_key, NOW - 10, nonce(1), "GET", "/", b"");
-        assert_eq!(verifier.verify(NOW, &first, "GET", "/", b""), Ok(()));
+        assert_eq!(
+            verifier.verify(NOW, &first, "GET", "/", b""),
+            Ok(Scope::Bridge)
+        );
         for n in 2..=4u128 {
             let headers = sign(&signing_key, NOW, nonce(n), "GET", "/", b"");
-            assert_eq!(verifier.verify(NOW, &headers, "GET", "/", b""), Ok(()));
+            assert_eq!(
+                verifier.verify(NOW, &headers, "GET", "/", b""),
+                Ok(Scope::Bridge)
+            );
         }
         assert_eq!(verifier.nonce_cache_len(), 3);
         // `first` was evicted: its replay must still fail, as stale.
@@ -1009,7 +1135,10 @@ mod tests {
                 .expect("valid list");
         assert_eq!(verifier.key_ids(), ["cp-2025-06", "cp-2025-09"]);
         assert_eq!(
-            verifier.keys.get("cp-2025-09").map(Secret::expose),
+            verifier
+                .keys
+                .get("cp-2025-09")
+                .map(|(secret, _)| secret.expose()),
             Some("rotated secret: 7c1e!")
         );
 
@@ -1036,10 +1165,106 @@ mod tests {
     }
 
     #[test]
+    fn key_list_entries_carry_an_optional_scope() {
+        let keys = parse_key_list(
+            "a:s1, b:s2:operator ,c:s:3:bridge,d:x:admin, e : s e : operator,f:operator,g:s:operator:operator",
+        )
+        .expect("valid list");
+        let found: Vec<(&str, &str, Scope)> = keys
+            .iter()
+            .map(|(key, scope)| (key.id.as_str(), key.secret.expose(), *scope))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("a", "s1", Scope::Bridge),
+                ("b", "s2", Scope::Operator),
+                ("c", "s:3", Scope::Bridge),
+                // Not a scope name: part of the secret, which may contain `:`.
+                ("d", "x:admin", Scope::Bridge),
+                ("e", "s e", Scope::Operator),
+                // One field after the id is always the secret.
+                ("f", "operator", Scope::Bridge),
+                ("g", "s:operator", Scope::Operator),
+            ]
+        );
+        assert_eq!(
+            parse_key_list("a::operator").map(|_| ()),
+            Err(KeyListError::EmptySecret { entry: 1 })
+        );
+        assert_eq!(
+            parse_key_list("a:1,b: :bridge").map(|_| ()),
+            Err(KeyListError::EmptySecret { entry: 2 })
+        );
+        let verifier = Verifier::from_key_list("ops:s:operator,br:t").expect("valid list");
+        assert_eq!(verifier.scope_of("ops"), Some(Scope::Operator));
+        assert_eq!(verifier.scope_of("br"), Some(Scope::Bridge));
+        assert_eq!(verifier.scope_of("nobody"), None);
+        // The error never echoes an entry.
+        let error = parse_key_list("k:hunter2,k:hunter2:operator").unwrap_err();
+        assert!(!error.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn a_verified_request_carries_its_keys_scope() {
+        let operator = key("ops", "ops-secret");
+        let mut verifier = Verifier::with_scopes(vec![
+            (operator.clone(), Scope::Operator),
+            (key("br", "b"), Scope::Bridge),
+        ]);
+        let headers = sign(&operator, NOW, nonce(1), "GET", "/v1/calls", b"");
+        assert_eq!(
+            verifier.verify(NOW, &headers, "GET", "/v1/calls", b""),
+            Ok(Scope::Operator)
+        );
+    }
+
+    #[test]
+    fn the_precheck_refuses_what_needs_no_body_and_records_nothing() {
+        let signing_key = key("k1", "secret");
+        let mut verifier = Verifier::new(vec![signing_key.clone()]);
+        let good = sign(&signing_key, NOW, nonce(1), "POST", "/v1/r", b"{\"a\":1}");
+        // Passes without the body (the MAC is not checked yet), and remembers nothing.
+        assert_eq!(
+            verifier.precheck(NOW, &good, "POST", "/v1/r"),
+            Ok(Scope::Bridge)
+        );
+        assert_eq!(verifier.nonce_cache_len(), 0);
+        let stranger = sign(&key("k9", "secret"), NOW, nonce(2), "POST", "/v1/r", b"");
+        assert_eq!(
+            verifier.precheck(NOW, &stranger, "POST", "/v1/r"),
+            Err(Rejection::UnknownKey)
+        );
+        let stale = sign(&signing_key, NOW - 301, nonce(3), "POST", "/v1/r", b"");
+        assert_eq!(
+            verifier.precheck(NOW, &stale, "POST", "/v1/r"),
+            Err(Rejection::Stale)
+        );
+        let mut malformed = good.clone();
+        malformed.timestamp = format!("0{}", good.timestamp);
+        assert_eq!(
+            verifier.precheck(NOW, &malformed, "POST", "/v1/r"),
+            Err(Rejection::Malformed)
+        );
+        // The full check still decides on the body.
+        assert_eq!(
+            verifier.verify(NOW, &good, "POST", "/v1/r", b"{}"),
+            Err(Rejection::BadSignature)
+        );
+        assert_eq!(
+            verifier.verify(NOW, &good, "POST", "/v1/r", b"{\"a\":1}"),
+            Ok(Scope::Bridge)
+        );
+    }
+
+    #[test]
     fn keys_from_a_list_verify_their_own_signatures() {
         let mut verifier = Verifier::from_key_list("a:alpha,b:beta").expect("valid list");
         let headers = sign(&key("b", "beta"), NOW, nonce(1), "GET", "/", b"");
-        assert_eq!(verifier.verify(NOW, &headers, "GET", "/", b""), Ok(()));
+        assert_eq!(
+            verifier.verify(NOW, &headers, "GET", "/", b""),
+            Ok(Scope::Bridge)
+        );
     }
 
     #[test]

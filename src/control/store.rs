@@ -10,9 +10,11 @@
 //! Invariants: the schema is created idempotently on open (WAL mode, foreign keys on); seeding is
 //! an upsert that writes nothing when nothing changed; a call is bound to at most one tenant, by
 //! its first context lookup (or, for a call whose context the bridge served from its cache, its
-//! first tool call), and no later lookup, tool call or report can move it to another tenant;
-//! reports are upserts by call SID whose transcript replaces the previous one; every request that
-//! is refused changes nothing (its transaction is rolled back).
+//! first tool call), and no later lookup, tool call or report can move it to another tenant; a
+//! call's record comes only from a bound report (its stream proved it is the call) and, once
+//! stored, is final (the identical report again is acknowledged, any other refused); unbound
+//! reports are kept apart (`unbound_reports`) and belong to no tenant; every request that is
+//! refused changes nothing (its transaction is rolled back).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -22,15 +24,15 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use serde_json::{Value, json};
 
 use super::api::{
-    CallHistory, CallLatency, CallReport, Speaker, TenantContext, ToolRequest, TranscriptEntry,
-    memory_namespace,
+    CallHistory, CallLatency, CallReport, ReportBinding, Speaker, TenantContext, ToolRequest,
+    TranscriptEntry, memory_namespace,
 };
 use super::seed::{BusinessHours, Seed};
 use super::tools::{Tool, ToolArguments, business_hours_output};
 use crate::AudioMode;
 
 /// The schema this build creates and understands (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a statement waits for another process's lock on the file before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,7 +81,14 @@ CREATE TABLE IF NOT EXISTS calls (
     dtmf_digits       INTEGER,
     tool_calls        INTEGER,
     -- JSON of the report's `latency` (percentiles per direction).
-    latency           TEXT
+    latency           TEXT,
+    -- Schema 2. 'bound' once a bound stream reported (NULL: reported before schema 2, or not
+    -- yet); unbound reports never land here (see unbound_reports).
+    binding           TEXT,
+    -- SHA-256 (hex) of the stored report: an identical retry is acknowledged, any other refused.
+    report_sha256     TEXT,
+    transcript_dropped_lines INTEGER,
+    transcript_cut_lines     INTEGER
 ) STRICT;
 CREATE INDEX IF NOT EXISTS calls_by_tenant ON calls (tenant_id, started_at_ms);
 
@@ -92,6 +101,19 @@ CREATE TABLE IF NOT EXISTS transcript_lines (
     PRIMARY KEY (call_sid, seq)
 ) STRICT;
 
+-- Schema 2. Reports of streams no webhook token bound to their call (the bridge let them through
+-- with VOXRELAY_REQUIRE_STREAM_TOKEN=0): kept apart from calls, so they can neither replace a
+-- call's record nor be counted as any tenant's. One per stream, first report wins.
+CREATE TABLE IF NOT EXISTS unbound_reports (
+    call_sid       TEXT NOT NULL,
+    stream_sid     TEXT NOT NULL,
+    reported_at_ms INTEGER NOT NULL,
+    report_sha256  TEXT NOT NULL,
+    -- The report as JSON.
+    report         TEXT NOT NULL,
+    PRIMARY KEY (call_sid, stream_sid)
+) STRICT;
+
 CREATE TABLE IF NOT EXISTS messages (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     tenant_id       TEXT NOT NULL REFERENCES tenants (id),
@@ -102,6 +124,17 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at_ms   INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX IF NOT EXISTS messages_by_tenant ON messages (tenant_id, id);
+";
+
+/// Schema 1 → 2: the columns `SCHEMA` now creates in `calls` (its `CREATE … IF NOT EXISTS`
+/// leaves an existing table as it is; `unbound_reports` is new and created by it).
+const MIGRATE_1_TO_2: &str = "
+BEGIN;
+ALTER TABLE calls ADD COLUMN binding TEXT;
+ALTER TABLE calls ADD COLUMN report_sha256 TEXT;
+ALTER TABLE calls ADD COLUMN transcript_dropped_lines INTEGER;
+ALTER TABLE calls ADD COLUMN transcript_cut_lines INTEGER;
+COMMIT;
 ";
 
 /// Where the database lives.
@@ -154,6 +187,10 @@ pub enum Refusal {
     /// A report integer beyond what SQLite stores (2^63 - 1).
     #[error("bad_body")]
     OutOfRange,
+    /// The call (or, for an unbound report, that stream) already has a different report: a
+    /// stored report is never replaced.
+    #[error("report_conflict")]
+    ReportConflict,
 }
 
 impl Refusal {
@@ -167,6 +204,7 @@ impl Refusal {
             Self::CallSidConflict => "call_sid_conflict",
             Self::BadArguments => "bad_arguments",
             Self::OutOfRange => "bad_body",
+            Self::ReportConflict => "report_conflict",
         }
     }
 }
@@ -241,6 +279,9 @@ impl Store {
             return Err(StoreError::NewerSchema { found: version });
         }
         conn.execute_batch(SCHEMA)?;
+        if version == 1 {
+            conn.execute_batch(MIGRATE_1_TO_2)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -383,13 +424,20 @@ impl Store {
         }))
     }
 
-    /// `POST /v1/calls/{call_sid}/report`: upserts the call and replaces its transcript.
-    /// Returns the number of transcript lines stored.
+    /// `POST /v1/calls/{call_sid}/report`: stores the call's report. Returns the number of
+    /// transcript lines stored.
     ///
-    /// The call's tenant is the one its context lookup bound it to; a report naming another
-    /// tenant is [`Refusal::TenantMismatch`], one naming no tenant (the fallback agent answered)
-    /// keeps the binding, and one for a call never looked up binds it to the report's tenant,
-    /// which must exist.
+    /// Only a **bound** report (its stream proved, with the webhook's token, that it is the
+    /// call) is the call's record. The call's tenant is the one its context lookup bound it to;
+    /// a report naming another tenant is [`Refusal::TenantMismatch`], one naming no tenant (the
+    /// fallback agent answered) keeps the binding, and one for a call never looked up binds it
+    /// to the report's tenant, which must exist. A call's record, once reported, is final: the
+    /// identical report again (a retry) is acknowledged without a write, any other is
+    /// [`Refusal::ReportConflict`].
+    ///
+    /// An **unbound** report never touches `calls`: it goes to `unbound_reports`, one per
+    /// stream (first wins, an identical retry is acknowledged), and may not name a tenant or a
+    /// memory namespace ([`Refusal::TenantMismatch`]).
     pub fn record_report(
         &self,
         report: &CallReport,
@@ -398,12 +446,38 @@ impl Store {
         let Ok(ints) = ReportInts::of(report) else {
             return Ok(Err(Refusal::OutOfRange));
         };
+        let encoded = serde_json::to_string(report).map_err(|_| StoreError::Corrupt {
+            table: "calls",
+            column: "report",
+        })?;
+        let digest = sha256_hex(encoded.as_bytes());
+        if report.binding == ReportBinding::Unbound {
+            return self.record_unbound_report(report, &encoded, &digest, now_ms);
+        }
         let latency = serde_json::to_string(&report.latency).map_err(|_| StoreError::Corrupt {
             table: "calls",
             column: "latency",
         })?;
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stored: Option<(Option<i64>, Option<String>)> = tx
+            .query_row(
+                "SELECT reported_at_ms, report_sha256 FROM calls WHERE call_sid = ?1",
+                [&report.call_sid],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        if let Some((Some(_reported), stored_digest)) = stored {
+            if stored_digest.as_deref() != Some(digest.as_str()) {
+                return Ok(Err(Refusal::ReportConflict));
+            }
+            let lines: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM transcript_lines WHERE call_sid = ?1",
+                [&report.call_sid],
+                |row| row.get(0),
+            )?;
+            return Ok(Ok(usize::try_from(lines).unwrap_or(0)));
+        }
         if let Some(reported) = &report.tenant_id {
             if !tenant_exists(&tx, reported)? {
                 return Ok(Err(Refusal::UnknownTenant));
@@ -427,9 +501,10 @@ impl Store {
             "INSERT INTO calls (call_sid, tenant_id, from_number, to_number, reported_at_ms,
                  stream_sid, agent_name, started_at_ms, ended_at_ms, end_reason, context_source,
                  audio_seconds_in, audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
-                 memory_namespace)
+                 memory_namespace, binding, report_sha256, transcript_dropped_lines,
+                 transcript_cut_lines)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18)
+                 ?18, 'bound', ?19, ?20, ?21)
              ON CONFLICT (call_sid) DO UPDATE SET
                  tenant_id = excluded.tenant_id, from_number = excluded.from_number,
                  to_number = excluded.to_number, reported_at_ms = excluded.reported_at_ms,
@@ -439,7 +514,10 @@ impl Store {
                  audio_seconds_in = excluded.audio_seconds_in,
                  audio_seconds_out = excluded.audio_seconds_out, barge_ins = excluded.barge_ins,
                  dtmf_digits = excluded.dtmf_digits, tool_calls = excluded.tool_calls,
-                 latency = excluded.latency, memory_namespace = excluded.memory_namespace",
+                 latency = excluded.latency, memory_namespace = excluded.memory_namespace,
+                 binding = excluded.binding, report_sha256 = excluded.report_sha256,
+                 transcript_dropped_lines = excluded.transcript_dropped_lines,
+                 transcript_cut_lines = excluded.transcript_cut_lines",
             params![
                 report.call_sid,
                 tenant_id,
@@ -459,9 +537,12 @@ impl Store {
                 ints.tool_calls,
                 latency,
                 report.memory_namespace,
+                digest,
+                ints.transcript_dropped_lines,
+                ints.transcript_cut_lines,
             ],
         )?;
-        // A retried report replaces the transcript instead of appending a second copy.
+        // Lines a lookup-only row cannot have; cleared so the report's are the only ones.
         tx.execute(
             "DELETE FROM transcript_lines WHERE call_sid = ?1",
             [&report.call_sid],
@@ -486,6 +567,66 @@ impl Store {
         Ok(Ok(report.transcript.len()))
     }
 
+    /// The unbound half of [`Store::record_report`].
+    fn record_unbound_report(
+        &self,
+        report: &CallReport,
+        encoded: &str,
+        digest: &str,
+        now_ms: u64,
+    ) -> Result<Result<usize, Refusal>, StoreError> {
+        if report.tenant_id.is_some() || report.memory_namespace.is_some() {
+            return Ok(Err(Refusal::TenantMismatch));
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let inserted = tx.execute(
+            "INSERT INTO unbound_reports (call_sid, stream_sid, reported_at_ms, report_sha256, report)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (call_sid, stream_sid) DO NOTHING",
+            params![
+                report.call_sid,
+                report.stream_sid,
+                clamp_i64(now_ms),
+                digest,
+                encoded
+            ],
+        )?;
+        if inserted == 0 {
+            let stored: String = tx.query_row(
+                "SELECT report_sha256 FROM unbound_reports WHERE call_sid = ?1 AND stream_sid = ?2",
+                [&report.call_sid, &report.stream_sid],
+                |row| row.get(0),
+            )?;
+            if stored != digest {
+                return Ok(Err(Refusal::ReportConflict));
+            }
+        }
+        tx.commit()?;
+        Ok(Ok(report.transcript.len()))
+    }
+
+    /// The unbound reports stored for `call_sid`, oldest first (for operators and tests).
+    pub fn unbound_reports(&self, call_sid: &str) -> Result<Vec<CallReport>, StoreError> {
+        let conn = self.lock();
+        let mut select = conn.prepare(
+            "SELECT report FROM unbound_reports WHERE call_sid = ?1
+             ORDER BY reported_at_ms, stream_sid",
+        )?;
+        let texts: Vec<String> = select
+            .query_map([call_sid], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        texts
+            .iter()
+            .map(|text| {
+                serde_json::from_str(text).map_err(|_| StoreError::Corrupt {
+                    table: "unbound_reports",
+                    column: "report",
+                })
+            })
+            .collect()
+    }
+
     /// `GET /v1/calls`: the tenant's reported calls with transcripts, newest (by start) first.
     pub fn call_history(
         &self,
@@ -504,7 +645,7 @@ impl Store {
                 "SELECT call_sid, stream_sid, tenant_id, agent_name, from_number, to_number,
                      started_at_ms, ended_at_ms, end_reason, context_source, audio_seconds_in,
                      audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
-                     memory_namespace
+                     memory_namespace, transcript_dropped_lines, transcript_cut_lines
                  FROM calls
                  WHERE tenant_id = ?1 AND reported_at_ms IS NOT NULL
                  ORDER BY started_at_ms DESC, call_sid DESC
@@ -538,7 +679,12 @@ impl Store {
                     dtmf_digits: unsigned(row.get(13)?),
                     tool_calls: unsigned(row.get(14)?),
                     latency,
+                    // Only bound reports are stored here; rows from before schema 2 were
+                    // attributed by the rules of their time.
+                    binding: ReportBinding::Bound,
                     transcript: Vec::new(),
+                    transcript_dropped_lines: unsigned(row.get(17)?),
+                    transcript_cut_lines: unsigned(row.get(18)?),
                 });
             }
         }
@@ -756,6 +902,8 @@ struct ReportInts {
     barge_ins: i64,
     dtmf_digits: i64,
     tool_calls: i64,
+    transcript_dropped_lines: i64,
+    transcript_cut_lines: i64,
     offsets: Vec<i64>,
 }
 
@@ -767,6 +915,8 @@ impl ReportInts {
             barge_ins: i64::try_from(report.barge_ins)?,
             dtmf_digits: i64::try_from(report.dtmf_digits)?,
             tool_calls: i64::try_from(report.tool_calls)?,
+            transcript_dropped_lines: i64::try_from(report.transcript_dropped_lines)?,
+            transcript_cut_lines: i64::try_from(report.transcript_cut_lines)?,
             offsets: report
                 .transcript
                 .iter()
@@ -774,6 +924,14 @@ impl ReportInts {
                 .collect::<Result<_, _>>()?,
         })
     }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// For values we produce ourselves (clocks, counts), where saturating is harmless.
@@ -823,6 +981,7 @@ mod tests {
             ended_at_ms: started_at_ms + 30_000,
             end_reason: "twilio_stop".into(),
             context_source: "fresh".into(),
+            binding: ReportBinding::Bound,
             memory_namespace: None,
             audio_seconds_in: 30.0,
             audio_seconds_out: 12.5,
@@ -850,6 +1009,8 @@ mod tests {
                     text: "Hi, are you open?".into(),
                 },
             ],
+            transcript_dropped_lines: 0,
+            transcript_cut_lines: 0,
         }
     }
 
@@ -977,25 +1138,158 @@ mod tests {
     }
 
     #[test]
-    fn a_retried_report_replaces_the_transcript() {
+    fn a_retried_report_is_acknowledged_and_a_different_one_refused() {
         let store = seeded();
         store
             .context_for_call("+15550100001", "+15551230000", "CA1", NOW_MS)
             .expect("store")
             .expect("known");
-        let mut first = report("CA1", Some("acme_dental"), NOW_MS);
+        let first = report("CA1", Some("acme_dental"), NOW_MS);
         assert_eq!(store.record_report(&first, NOW_MS).expect("store"), Ok(2));
-        first.transcript.push(TranscriptEntry {
+        let changes = store.lock().total_changes();
+        // The identical report again (a retry whose answer was lost): acknowledged, no write.
+        assert_eq!(
+            store.record_report(&first, NOW_MS + 5).expect("store"),
+            Ok(2)
+        );
+        assert_eq!(store.lock().total_changes(), changes);
+        // Any other report for the call (another stream, another transcript) is refused.
+        let mut other = first.clone();
+        other.transcript.push(TranscriptEntry {
             speaker: Speaker::Assistant,
             offset_ms: 3_000,
             text: "Yes, until five.".into(),
         });
-        assert_eq!(store.record_report(&first, NOW_MS).expect("store"), Ok(3));
+        assert_eq!(
+            store.record_report(&other, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        let mut forged = first.clone();
+        forged.stream_sid = "MZforged".into();
+        forged.from = "+15559990000".into();
+        assert_eq!(
+            store.record_report(&forged, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
         let history = store
             .call_history("acme_dental", 50)
             .expect("store")
             .expect("tenant");
         assert_eq!(history.calls, vec![first]);
+    }
+
+    #[test]
+    fn unbound_reports_are_kept_apart_and_never_a_tenants() {
+        let store = seeded();
+        store
+            .context_for_call("+15550100001", "+15551230000", "CA1", NOW_MS)
+            .expect("store")
+            .expect("known");
+        let mut unbound = report("CA1", None, NOW_MS);
+        unbound.binding = ReportBinding::Unbound;
+        unbound.stream_sid = "MZintruder".into();
+        unbound.from = "+15559990000".into();
+        // Stored apart, before or after the real report, without touching the call's record.
+        assert_eq!(store.record_report(&unbound, NOW_MS).expect("store"), Ok(2));
+        let real = report("CA1", Some("acme_dental"), NOW_MS);
+        assert_eq!(store.record_report(&real, NOW_MS).expect("store"), Ok(2));
+        assert_eq!(store.record_report(&unbound, NOW_MS).expect("store"), Ok(2));
+        let history = store
+            .call_history("acme_dental", 50)
+            .expect("store")
+            .expect("tenant");
+        assert_eq!(history.calls, vec![real]);
+        assert_eq!(
+            store.unbound_reports("CA1").expect("store"),
+            vec![unbound.clone()]
+        );
+        // One per stream: a different report from that stream is refused.
+        let mut changed = unbound.clone();
+        changed.end_reason = "shutdown".into();
+        assert_eq!(
+            store.record_report(&changed, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        // An unbound report cannot name a tenant or a namespace.
+        let mut claiming = unbound.clone();
+        claiming.stream_sid = "MZother".into();
+        claiming.tenant_id = Some("acme_dental".into());
+        assert_eq!(
+            store.record_report(&claiming, NOW_MS).expect("store"),
+            Err(Refusal::TenantMismatch)
+        );
+        claiming.tenant_id = None;
+        claiming.memory_namespace = Some("acme_dental/+15559990000".into());
+        assert_eq!(
+            store.record_report(&claiming, NOW_MS).expect("store"),
+            Err(Refusal::TenantMismatch)
+        );
+        assert_eq!(store.unbound_reports("CA1").expect("store").len(), 1);
+        // An unbound report for a call nobody looked up binds nothing either.
+        let mut stray = report("CA7", None, NOW_MS);
+        stray.binding = ReportBinding::Unbound;
+        assert_eq!(store.record_report(&stray, NOW_MS).expect("store"), Ok(2));
+        assert!(
+            store
+                .run_tool(
+                    "lookup_business_hours",
+                    &tool("CA7", "bistro_luna", json!({})),
+                    NOW_MS
+                )
+                .expect("store")
+                .is_ok(),
+            "the call is still free for the tenant a bound stream proves"
+        );
+    }
+
+    #[test]
+    fn a_schema_1_database_is_migrated_and_keeps_its_reports() {
+        let dir = TempDir::new("migrate");
+        let path = dir.0.join("cp.sqlite3");
+        {
+            // The calls table as schema 1 created it, with one reported call.
+            let conn = Connection::open(&path).expect("open");
+            let v1 = SCHEMA
+                .replace(
+                    "latency           TEXT,\n    -- Schema 2.",
+                    "latency           TEXT\n) STRICT;\n-- Schema 2.",
+                )
+                .replace(
+                    "    binding           TEXT,\n    -- SHA-256 (hex) of the stored report: an identical retry is acknowledged, any other refused.\n    report_sha256     TEXT,\n    transcript_dropped_lines INTEGER,\n    transcript_cut_lines     INTEGER\n) STRICT;\nCREATE INDEX IF NOT EXISTS calls_by_tenant",
+                    "CREATE INDEX IF NOT EXISTS calls_by_tenant",
+                );
+            assert_ne!(v1, SCHEMA, "the schema-1 shape was rebuilt");
+            conn.execute_batch(&v1).expect("schema 1");
+            conn.pragma_update(None, "user_version", 1).expect("pragma");
+            conn.execute(
+                "INSERT INTO calls (call_sid, from_number, to_number, reported_at_ms, stream_sid)
+                 VALUES ('CA1', '+1', '+2', 5, 'MZ1')",
+                [],
+            )
+            .expect("row");
+        }
+        let store = Store::open(&DbLocation::File(path)).expect("migrated");
+        let version: i64 = store
+            .lock()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("pragma");
+        assert_eq!(version, SCHEMA_VERSION);
+        store
+            .apply_seed(&Seed::parse(FIXTURE).expect("fixture"))
+            .expect("seed");
+        // A report stored before the upgrade is final too.
+        assert_eq!(
+            store
+                .record_report(&report("CA1", None, NOW_MS), NOW_MS)
+                .expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        assert_eq!(
+            store
+                .record_report(&report("CA2", Some("acme_dental"), NOW_MS), NOW_MS)
+                .expect("store"),
+            Ok(2)
+        );
     }
 
     #[test]

@@ -386,7 +386,7 @@ async fn voice_webhook(
     let status_uri = Uri::from_static("/twilio/status");
     let stream_url = external_url(&state.public_url, &media_uri, true);
     let status_url = external_url(&state.public_url, &status_uri, false);
-    let token = state.services.tokens.issue(call_sid);
+    let token = state.services.tokens.issue_now(call_sid, to);
     let body = twiml::connect_stream(
         &stream_url,
         &[

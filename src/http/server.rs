@@ -268,8 +268,12 @@ impl Bridge {
         }
         // Pre-warmed sessions nobody claimed are closed politely, not dropped.
         self.state.services.pending.shutdown(CANCEL_GRACE).await;
-        // Reports of the calls just ended get a last chance; what is left goes to the spool.
         if let Some(control) = &self.state.services.control {
+            // A call hands its report over as soon as its loop ends, before it waits on its
+            // sockets; the cancellation above ended every loop, so this wait is short. Only
+            // then may the process go: a report still inside a call task would die with it.
+            control.reports.wait_for_handovers(CANCEL_GRACE).await;
+            // Reports of the calls just ended get a last chance; what is left goes to the spool.
             control.reports.shutdown(REPORT_GRACE).await;
         }
         self.stop_http.cancel();

@@ -8,8 +8,10 @@
 //! stalls: the core never waits on a write, so a stalled peer cannot stop it reading. The
 //! upstream socket is opened by a short-lived task and handed over through a bounded inbox
 //! (capacity [`INBOX_CAPACITY`]). The call ends on Twilio `stop`, either socket closing, the
-//! start timeout, or cancellation (shutdown); every path closes both sockets politely and the
-//! [`Registration`] guard removes the call from the registry, even on panic.
+//! start timeout, or cancellation (shutdown); every path hands the call's report over first
+//! (before waiting on any socket, so a stalled peer cannot hold it back past a shutdown), then
+//! closes both sockets politely, and the [`Registration`] guard removes the call from the
+//! registry, even on panic.
 //!
 //! Per-frame buffers are reused, not allocated: a Twilio message reaches the engine in
 //! fastwebsockets' own read buffer (`TwilioText`), a model message in tungstenite's
@@ -46,9 +48,10 @@ use super::queue::OutQueue;
 use super::registry::{CallEntry, CallRegistry, Registration};
 use super::report::{CallIdentity, call_report};
 use crate::config::{AgentDefaults, MAX_TWILIO_MESSAGE_BYTES, START_TIMEOUT, UpstreamTarget};
+use crate::control::api::ReportBinding;
 use crate::control::client::ControlPlaneClient;
 use crate::control::directory::TenantDirectory;
-use crate::control::reports::ReportSender;
+use crate::control::reports::{ReportHandover, ReportSender};
 use crate::control::tool_calls::{DEFAULT_TOOL_TIMEOUT, run_tool};
 use crate::upstream::{OpenAiRealtime, SessionSettings, UpstreamSocket, VadSettings, connect};
 
@@ -166,8 +169,11 @@ pub async fn prepare_call(
     }
 }
 
-/// What a `start` gets: its webhook's preparation when the stream is bound to it, else a
-/// fresh resolution from the `To` parameter (streams from other TwiML), else the default.
+/// What a `start` gets. A bound stream (its token verified for its `CallSid` and `To`, and it
+/// was the first to present it) claims its webhook's preparation, or, if there is none here
+/// (it expired, or the webhook ran on another machine), resolves the tenant of its `To`, which
+/// the token vouches for. Anything else gets the environment's agent: an unbound stream's
+/// parameters are whatever its TwiML (or a forger) said, so they never choose a tenant.
 async fn claim_or_resolve(
     services: &CallServices,
     binding: Binding,
@@ -175,13 +181,23 @@ async fn claim_or_resolve(
     to: Option<&str>,
     from: &str,
 ) -> Prepared {
-    if binding == Binding::Bound {
-        if let Some(preparation) = services.pending.claim(call_sid) {
-            match tokio::time::timeout(CLAIM_WAIT, preparation).await {
-                Ok(Ok(prepared)) => return prepared,
-                Ok(Err(_)) => tracing::warn!("the call's preparation was lost: starting cold"),
-                Err(_) => tracing::warn!("the call's preparation is late: starting cold"),
-            }
+    if binding != Binding::Bound {
+        let source = if services.control.is_some() {
+            "fallback"
+        } else {
+            "static"
+        };
+        return Prepared {
+            agent: CallAgent::from_defaults(&services.agent, source),
+            lookup_took: Duration::ZERO,
+            session: None,
+        };
+    }
+    if let Some(preparation) = services.pending.claim(call_sid) {
+        match tokio::time::timeout(CLAIM_WAIT, preparation).await {
+            Ok(Ok(prepared)) => return prepared,
+            Ok(Err(_)) => tracing::warn!("the call's preparation was lost: starting cold"),
+            Err(_) => tracing::warn!("the call's preparation is late: starting cold"),
         }
     }
     match to.filter(|to| !to.is_empty()) {
@@ -450,19 +466,30 @@ where
                         }
                     }
                     let parameters = &info.custom_parameters;
-                    let binding = services.tokens.check(
+                    let to = parameter(parameters, "To");
+                    let from = parameter(parameters, "From").unwrap_or("");
+                    let binding = services.tokens.bind_now(
                         &info.call_sid,
+                        to.unwrap_or(""),
                         parameter(parameters, STREAM_TOKEN_PARAMETER),
                     );
-                    if binding == Binding::Mismatch
+                    if binding.is_refused()
                         || (binding == Binding::Unbound && services.require_stream_token)
                     {
                         metrics.streams_refused_token.fetch_add(1, Relaxed);
-                        tracing::warn!(?binding, "stream token refused: closing the stream");
+                        tracing::warn!(
+                            binding = binding.as_str(),
+                            "stream token refused: closing the stream"
+                        );
                         break EndReason::StreamTokenRefused;
                     }
-                    let to = parameter(parameters, "To");
-                    let from = parameter(parameters, "From").unwrap_or("");
+                    if binding == Binding::Unbound {
+                        metrics.streams_unbound.fetch_add(1, Relaxed);
+                        tracing::warn!(
+                            "stream without a token let through (VOXRELAY_REQUIRE_STREAM_TOKEN=0): \
+                             the fallback agent answers, the report is marked unbound"
+                        );
+                    }
                     let prepared = tokio::select! {
                         () = &mut cancelled => break EndReason::Shutdown,
                         prepared = claim_or_resolve(&services, binding, &info.call_sid, to, from) => prepared,
@@ -539,6 +566,15 @@ where
                         from: from.to_owned(),
                         to: to.unwrap_or("").to_owned(),
                         started_at: std::time::SystemTime::now(),
+                        binding: if binding == Binding::Bound {
+                            ReportBinding::Bound
+                        } else {
+                            ReportBinding::Unbound
+                        },
+                        handover: services
+                            .control
+                            .as_ref()
+                            .map(|control| control.reports.expect_report()),
                     };
                     call = Some((record, agent));
                 }
@@ -615,6 +651,11 @@ where
         upstream_errors = stats.upstream_errors,
         "call summary"
     );
+    // The report goes first, before anything waits on a socket: a peer that stalls the close
+    // cannot hold it back, and the drain knows every ended call has handed its report over.
+    if let Some((record, agent)) = call.take() {
+        submit_report(&metrics, record, &agent, reason, engine.stats(), &latency);
+    }
     // A connect still under way is abandoned; writers send what is queued, then a close frame.
     connecting.cancel();
     twilio_out.close();
@@ -624,24 +665,48 @@ where
         let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
     }
     drop(registration);
-    if let (Some(control), Some((record, agent))) = (&services.control, &call) {
-        let identity = CallIdentity {
-            call_sid: &record.call_sid,
-            stream_sid: &record.stream_sid,
-            from: &record.from,
-            to: &record.to,
-        };
-        control.reports.submit(call_report(
-            &identity,
-            agent,
-            record.started_at,
-            std::time::SystemTime::now(),
-            reason.as_str(),
-            engine.stats(),
-            latency.summary(),
-        ));
-    }
     reason
+}
+
+/// Hands an ended call's report to the report sender (a no-op without a control plane).
+fn submit_report(
+    metrics: &Metrics,
+    record: CallRecord,
+    agent: &CallAgent,
+    reason: EndReason,
+    stats: &super::engine::CallStats,
+    latency: &CallLatencyRecorder,
+) {
+    let Some(handover) = record.handover else {
+        return;
+    };
+    let identity = CallIdentity {
+        call_sid: &record.call_sid,
+        stream_sid: &record.stream_sid,
+        from: &record.from,
+        to: &record.to,
+        binding: record.binding,
+    };
+    let report = call_report(
+        &identity,
+        agent,
+        record.started_at,
+        std::time::SystemTime::now(),
+        reason.as_str(),
+        stats,
+        latency.summary(),
+    );
+    if report.transcript_dropped_lines > 0 || report.transcript_cut_lines > 0 {
+        metrics
+            .control_report_transcripts_truncated
+            .fetch_add(1, Relaxed);
+        tracing::info!(
+            dropped_lines = report.transcript_dropped_lines,
+            cut_lines = report.transcript_cut_lines,
+            "the call's transcript was shortened to fit its report"
+        );
+    }
+    handover.submit(report);
 }
 
 /// What the call loop's one long timer is waiting for.
@@ -660,6 +725,9 @@ struct CallRecord {
     from: String,
     to: String,
     started_at: std::time::SystemTime,
+    binding: ReportBinding,
+    /// The undertaking to hand the report over; `None` without a control plane.
+    handover: Option<ReportHandover>,
 }
 
 /// Runs the model's function calls on the control plane, each in its own task; the answer

@@ -99,7 +99,8 @@ pub struct CallStats {
     pub upstream_errors: u64,
     pub uplink_dropped: u64,
     pub tool_calls: u64,
-    pub transcript: Vec<TranscriptLine>,
+    /// Bounded: the most recent lines within the report's budget.
+    pub transcript: super::report::Transcript,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -334,6 +334,23 @@ pub struct Metrics {
     pub control_tool_failures: AtomicU64,
     /// The public listener's caps and timeouts.
     pub listener: ListenerMetrics,
+    /// Streams without a binding token let through by `VOXRELAY_REQUIRE_STREAM_TOKEN=0` (each
+    /// answered by the fallback agent, its report marked unbound).
+    pub streams_unbound: AtomicU64,
+    /// Gauges: reports waiting in the spool directory, and kept in its `rejected/`.
+    pub control_report_spool_files: AtomicU64,
+    pub control_report_spool_bytes: AtomicU64,
+    pub control_report_rejected_files: AtomicU64,
+    pub control_report_rejected_bytes: AtomicU64,
+    /// Spool writes refused because the spool was at its size cap.
+    pub control_report_spool_full: AtomicU64,
+    /// Gauge: reports held in memory because the spool could not take them.
+    pub control_reports_held: AtomicU64,
+    /// Reports lost: neither delivered nor kept (memory for held reports full, or shutdown
+    /// with the spool still unwritable). Each is also an `error` log line.
+    pub control_reports_lost: AtomicU64,
+    /// Reports whose transcript was shortened to fit (oldest lines dropped or a line cut).
+    pub control_report_transcripts_truncated: AtomicU64,
 }
 
 /// Why the public listener refused or cut something, each counted separately.
@@ -877,6 +894,26 @@ impl Metrics {
                 "Tool calls answered with an error output (the call went on).",
                 &self.control_tool_failures,
             ),
+            (
+                "voxrelay_streams_unbound_total",
+                "Media streams without a binding token let through (VOXRELAY_REQUIRE_STREAM_TOKEN=0): answered by the fallback agent.",
+                &self.streams_unbound,
+            ),
+            (
+                "voxrelay_control_report_spool_full_total",
+                "Call report spool writes refused because the spool was at its size cap (the report is held in memory and retried).",
+                &self.control_report_spool_full,
+            ),
+            (
+                "voxrelay_control_reports_lost_total",
+                "Call reports neither delivered nor kept (logged as errors).",
+                &self.control_reports_lost,
+            ),
+            (
+                "voxrelay_control_report_transcripts_truncated_total",
+                "Call reports whose transcript was shortened to its bound (the cut is marked in the report).",
+                &self.control_report_transcripts_truncated,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(
@@ -885,6 +922,23 @@ impl Metrics {
                 value.load(Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_control_report_spool_files Call reports in the spool directory: waiting to be resent (pending) or refused for good (rejected).\n# TYPE voxrelay_control_report_spool_files gauge\nvoxrelay_control_report_spool_files{{dir=\"pending\"}} {}\nvoxrelay_control_report_spool_files{{dir=\"rejected\"}} {}",
+            self.control_report_spool_files.load(Relaxed),
+            self.control_report_rejected_files.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_control_report_spool_bytes Bytes of call reports in the spool directory, as for voxrelay_control_report_spool_files.\n# TYPE voxrelay_control_report_spool_bytes gauge\nvoxrelay_control_report_spool_bytes{{dir=\"pending\"}} {}\nvoxrelay_control_report_spool_bytes{{dir=\"rejected\"}} {}",
+            self.control_report_spool_bytes.load(Relaxed),
+            self.control_report_rejected_bytes.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_control_reports_held Call reports held in memory because the spool could not take them.\n# TYPE voxrelay_control_reports_held gauge\nvoxrelay_control_reports_held {}",
+            self.control_reports_held.load(Relaxed)
+        );
     }
 }
 

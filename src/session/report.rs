@@ -1,16 +1,47 @@
-//! A finished call as a control-plane report (`POST /v1/calls/{call_sid}/report`).
+//! A finished call as a control-plane report (`POST /v1/calls/{call_sid}/report`), and the
+//! bounded transcript a call keeps for it.
 //!
 //! Pure: everything comes in as values (the engine's figures, the call's agent, the times and
 //! the per-call latency summary), so the report's shape is tested without a call.
+//!
+//! Size bound. Every report must fit well under the control plane's body limit (1 MiB), or it
+//! would be refused (413) and never delivered. A call keeps at most [`MAX_TRANSCRIPT_BYTES`] of
+//! transcript, measured as the lines encode in the report (JSON escapes included): when a new
+//! line would pass it, the oldest lines are dropped (the most recent are what a caller's last
+//! request was) and counted in `transcript_dropped_lines`; a single line longer than
+//! [`MAX_TRANSCRIPT_LINE_BYTES`] keeps its start and is counted in `transcript_cut_lines`. The
+//! other strings a peer or a control plane can make long (ids, numbers, agent and tenant names,
+//! the memory namespace) are cut at [`MAX_REPORT_FIELD_BYTES`]. The whole report is then at
+//! most [`MAX_REPORT_BYTES`] (the worst case is built and measured in the tests).
 
+use std::collections::VecDeque;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::agent::CallAgent;
-use super::engine::CallStats;
-use crate::control::api::{CallLatency, CallReport, LatencySummary, TranscriptEntry};
+use super::engine::{CallStats, TranscriptLine};
+use crate::control::api::{
+    CallLatency, CallReport, LatencySummary, ReportBinding, TranscriptEntry,
+};
 
 /// μ-law 8 kHz: one byte per sample.
 const MULAW_BYTES_PER_SECOND: f64 = 8_000.0;
+
+/// Most transcript a call keeps, in bytes of its encoding in the report. An hour of busy
+/// conversation is ~100 KB of text, so only a runaway call (or model) ever reaches it.
+pub const MAX_TRANSCRIPT_BYTES: usize = 256 * 1024;
+/// Longest text of one transcript line; longer lines are cut (their start kept).
+pub const MAX_TRANSCRIPT_LINE_BYTES: usize = 16 * 1024;
+/// Longest id, number, agent name, tenant id or memory namespace a report carries.
+pub const MAX_REPORT_FIELD_BYTES: usize = 256;
+/// The largest report [`call_report`] can build, encoded: the transcript budget, seven cut
+/// fields at their worst JSON escaping (six bytes per byte), and the rest of the document with
+/// every number at its widest. Under a third of the control plane's 1 MiB body limit.
+pub const MAX_REPORT_BYTES: usize = 272 * 1024;
+const _: () = assert!(MAX_REPORT_BYTES <= (1 << 20) / 3);
+
+/// Framing of one line in the report's `transcript` array besides its text and offset:
+/// `{"speaker":"assistant","offset_ms":,"text":}` and the comma before the next line.
+const LINE_FRAMING: usize = r#"{"speaker":"","offset_ms":,"text":}"#.len() + 1;
 
 /// Who the call was, as `start` and the webhook said.
 pub struct CallIdentity<'a> {
@@ -18,6 +49,128 @@ pub struct CallIdentity<'a> {
     pub stream_sid: &'a str,
     pub from: &'a str,
     pub to: &'a str,
+    /// Whether the stream was bound to its call by the webhook's token.
+    pub binding: ReportBinding,
+}
+
+/// The transcript one call keeps: the most recent lines within [`MAX_TRANSCRIPT_BYTES`].
+///
+/// `push` costs O(the line's length) (plus, amortised, the lines it drops); memory is bounded
+/// by the byte budget plus one `TranscriptLine` header per kept line (each kept line costs at
+/// least its framing, so there are at most a few thousand).
+#[derive(Clone, Debug, Default)]
+pub struct Transcript {
+    lines: VecDeque<TranscriptLine>,
+    /// What `lines` encode to in the report, framing included.
+    encoded_bytes: usize,
+    dropped_lines: u64,
+    cut_lines: u64,
+}
+
+impl Transcript {
+    /// Appends a line, cutting it and dropping the oldest lines as the bounds require.
+    pub fn push(&mut self, mut line: TranscriptLine) {
+        if line.text.len() > MAX_TRANSCRIPT_LINE_BYTES {
+            line.text
+                .truncate(floor_char_boundary(&line.text, MAX_TRANSCRIPT_LINE_BYTES));
+            self.cut_lines += 1;
+        }
+        self.encoded_bytes += encoded_line_bytes(&line);
+        self.lines.push_back(line);
+        // A single line encodes to at most 6 × 16 KiB plus framing, far below the budget, so
+        // this never drops the line just added.
+        while self.encoded_bytes > MAX_TRANSCRIPT_BYTES {
+            let Some(oldest) = self.lines.pop_front() else {
+                break;
+            };
+            self.encoded_bytes -= encoded_line_bytes(&oldest);
+            self.dropped_lines += 1;
+        }
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &TranscriptLine> {
+        self.lines.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// Lines dropped from the start to stay within the budget.
+    pub fn dropped_lines(&self) -> u64 {
+        self.dropped_lines
+    }
+
+    /// Lines whose text was cut at [`MAX_TRANSCRIPT_LINE_BYTES`].
+    pub fn cut_lines(&self) -> u64 {
+        self.cut_lines
+    }
+
+    /// What the kept lines encode to in a report (framing included).
+    pub fn encoded_bytes(&self) -> usize {
+        self.encoded_bytes
+    }
+}
+
+impl std::ops::Index<usize> for Transcript {
+    type Output = TranscriptLine;
+
+    fn index(&self, index: usize) -> &TranscriptLine {
+        &self.lines[index]
+    }
+}
+
+impl PartialEq<Vec<TranscriptLine>> for Transcript {
+    fn eq(&self, other: &Vec<TranscriptLine>) -> bool {
+        self.lines.iter().eq(other.iter())
+    }
+}
+
+/// Bytes `line` takes in a report's `transcript` array, its trailing comma included.
+fn encoded_line_bytes(line: &TranscriptLine) -> usize {
+    LINE_FRAMING
+        + line.speaker.as_str().len()
+        + decimal_digits(line.offset_ms)
+        + json_string_bytes(&line.text)
+}
+
+/// Length of `text` as a JSON string (quotes included), escaped as `serde_json` escapes it.
+fn json_string_bytes(text: &str) -> usize {
+    2 + text
+        .bytes()
+        .map(|byte| match byte {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0x00..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+fn decimal_digits(mut value: u64) -> usize {
+    let mut digits = 1;
+    while value >= 10 {
+        value /= 10;
+        digits += 1;
+    }
+    digits
+}
+
+/// The largest char boundary of `text` at or below `at`.
+fn floor_char_boundary(text: &str, at: usize) -> usize {
+    let mut end = at.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
+/// `text` cut at [`MAX_REPORT_FIELD_BYTES`] on a char boundary.
+fn bounded(text: &str) -> String {
+    text[..floor_char_boundary(text, MAX_REPORT_FIELD_BYTES)].to_owned()
 }
 
 pub fn unix_ms(at: SystemTime) -> u64 {
@@ -43,17 +196,18 @@ pub fn call_report(
         max,
     };
     CallReport {
-        call_sid: identity.call_sid.to_owned(),
-        stream_sid: identity.stream_sid.to_owned(),
-        tenant_id: agent.tenant_id.clone(),
-        agent_name: agent.agent_name.clone(),
-        from: identity.from.to_owned(),
-        to: identity.to.to_owned(),
+        call_sid: bounded(identity.call_sid),
+        stream_sid: bounded(identity.stream_sid),
+        tenant_id: agent.tenant_id.as_deref().map(bounded),
+        agent_name: bounded(&agent.agent_name),
+        from: bounded(identity.from),
+        to: bounded(identity.to),
         started_at_ms: unix_ms(started_at),
         ended_at_ms: unix_ms(ended_at).max(unix_ms(started_at)),
         end_reason: end_reason.to_owned(),
         context_source: agent.source.to_owned(),
-        memory_namespace: agent.memory_namespace.clone(),
+        binding: identity.binding,
+        memory_namespace: agent.memory_namespace.as_deref().map(bounded),
         audio_seconds_in: stats.audio_bytes_in as f64 / MULAW_BYTES_PER_SECOND,
         audio_seconds_out: stats.audio_bytes_out as f64 / MULAW_BYTES_PER_SECOND,
         barge_ins: stats.barge_ins,
@@ -73,6 +227,8 @@ pub fn call_report(
                 text: line.text.clone(),
             })
             .collect(),
+        transcript_dropped_lines: stats.transcript.dropped_lines(),
+        transcript_cut_lines: stats.transcript.cut_lines(),
     }
 }
 
@@ -83,40 +239,45 @@ mod tests {
     use super::*;
     use crate::config::AgentDefaults;
     use crate::control::api::Speaker;
-    use crate::session::engine::TranscriptLine;
+    use crate::testkit::Lcg;
+
+    fn identity(binding: ReportBinding) -> CallIdentity<'static> {
+        CallIdentity {
+            call_sid: "CA1",
+            stream_sid: "MZ1",
+            from: "+1555",
+            to: "+1666",
+            binding,
+        }
+    }
+
+    fn line(speaker: Speaker, offset_ms: u64, text: &str) -> TranscriptLine {
+        TranscriptLine {
+            speaker,
+            offset_ms,
+            text: text.into(),
+        }
+    }
 
     #[test]
     fn a_report_carries_the_calls_figures_and_transcript_in_order() {
-        let stats = CallStats {
+        let mut stats = CallStats {
             audio_bytes_in: 80_000,
             audio_bytes_out: 12_000,
             barge_ins: 2,
             dtmf_digits: 1,
             tool_calls: 1,
-            transcript: vec![
-                TranscriptLine {
-                    speaker: Speaker::Assistant,
-                    offset_ms: 300,
-                    text: "Hello!".into(),
-                },
-                TranscriptLine {
-                    speaker: Speaker::Caller,
-                    offset_ms: 2_100,
-                    text: "Hi.".into(),
-                },
-            ],
             ..CallStats::default()
         };
+        stats
+            .transcript
+            .push(line(Speaker::Assistant, 300, "Hello!"));
+        stats.transcript.push(line(Speaker::Caller, 2_100, "Hi."));
         let mut agent = CallAgent::from_defaults(&AgentDefaults::default(), "fallback");
         agent.agent_name = "Ada".into();
         let started = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
         let report = call_report(
-            &CallIdentity {
-                call_sid: "CA1",
-                stream_sid: "MZ1",
-                from: "+1555",
-                to: "+1666",
-            },
+            &identity(ReportBinding::Bound),
             &agent,
             started,
             started + Duration::from_secs(12),
@@ -126,14 +287,141 @@ mod tests {
         );
         assert_eq!(report.tenant_id, None);
         assert_eq!(report.context_source, "fallback");
+        assert_eq!(report.binding, ReportBinding::Bound);
         assert_eq!(report.ended_at_ms - report.started_at_ms, 12_000);
         assert_eq!(report.audio_seconds_in, 10.0);
         assert_eq!(report.audio_seconds_out, 1.5);
         assert_eq!(report.latency.downlink_us.p99, 1_000);
         assert_eq!(report.transcript[0].speaker, Speaker::Assistant);
         assert_eq!(report.transcript[1].offset_ms, 2_100);
+        assert_eq!(report.transcript_dropped_lines, 0);
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["transcript"][1]["speaker"], "caller");
         assert_eq!(json["end_reason"], "twilio_stop");
+        assert_eq!(json["binding"], "bound");
+        assert_eq!(json["transcript_dropped_lines"], 0);
+    }
+
+    #[test]
+    fn the_encoded_size_of_a_line_is_exactly_what_serde_writes() {
+        let mut rng = Lcg(11);
+        let alphabet: Vec<char> = "ab \"\\\n\r\t\u{8}\u{c}\u{0}\u{1f}\u{7f}é€😀/"
+            .chars()
+            .collect();
+        for _ in 0..2_000 {
+            let text: String = (0..rng.below(40))
+                .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
+                .collect();
+            let offset_ms = match rng.below(3) {
+                0 => 0,
+                1 => rng.next(),
+                _ => u64::MAX,
+            };
+            let speaker = if rng.below(2) == 0 {
+                Speaker::Caller
+            } else {
+                Speaker::Assistant
+            };
+            let entry = TranscriptEntry {
+                speaker,
+                offset_ms,
+                text: text.clone(),
+            };
+            let encoded = serde_json::to_vec(&entry).unwrap().len() + 1;
+            assert_eq!(
+                encoded_line_bytes(&line(speaker, offset_ms, &text)),
+                encoded,
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_call_keeps_its_most_recent_lines_and_marks_the_cut() {
+        let mut transcript = Transcript::default();
+        let text = "x".repeat(1_000);
+        for n in 0..1_000u64 {
+            transcript.push(line(Speaker::Caller, n, &text));
+        }
+        assert!(transcript.encoded_bytes() <= MAX_TRANSCRIPT_BYTES);
+        let kept = transcript.len() as u64;
+        assert!(kept > 200 && kept < 1_000, "{kept}");
+        assert_eq!(transcript.dropped_lines(), 1_000 - kept);
+        assert_eq!(
+            transcript.iter().last().unwrap().offset_ms,
+            999,
+            "the newest is kept"
+        );
+        assert_eq!(
+            transcript[0].offset_ms,
+            1_000 - kept,
+            "the oldest kept follows the cut"
+        );
+        assert_eq!(transcript.cut_lines(), 0);
+
+        // One line longer than a line may be keeps its start.
+        let mut one = Transcript::default();
+        one.push(line(
+            Speaker::Assistant,
+            0,
+            &"é".repeat(MAX_TRANSCRIPT_LINE_BYTES),
+        ));
+        assert_eq!(one.cut_lines(), 1);
+        assert_eq!(one[0].text.len(), MAX_TRANSCRIPT_LINE_BYTES);
+        assert_eq!(one.dropped_lines(), 0);
+    }
+
+    #[test]
+    fn the_worst_case_report_fits_its_bound() {
+        // Every field at its longest and worst escaping; the transcript filled to its budget
+        // with escape-heavy lines of every length.
+        let hostile = "\u{1}".repeat(64 * 1024);
+        let mut stats = CallStats {
+            audio_bytes_in: u64::MAX,
+            audio_bytes_out: u64::MAX,
+            barge_ins: u64::MAX,
+            dtmf_digits: u64::MAX,
+            tool_calls: u64::MAX,
+            ..CallStats::default()
+        };
+        let mut rng = Lcg(3);
+        for _ in 0..300 {
+            let length = rng.below(2 * MAX_TRANSCRIPT_LINE_BYTES as u64) as usize;
+            stats.transcript.push(line(
+                Speaker::Assistant,
+                u64::MAX,
+                &hostile[..length.min(hostile.len())],
+            ));
+        }
+        let mut agent = CallAgent::from_defaults(&AgentDefaults::default(), "unknown_number");
+        agent.tenant_id = Some(hostile.clone());
+        agent.agent_name = hostile.clone();
+        agent.memory_namespace = Some(hostile.clone());
+        let report = call_report(
+            &CallIdentity {
+                call_sid: &hostile,
+                stream_sid: &hostile,
+                from: &hostile,
+                to: &hostile,
+                binding: ReportBinding::Unbound,
+            },
+            &agent,
+            UNIX_EPOCH + Duration::from_millis(u64::MAX / 2),
+            UNIX_EPOCH + Duration::from_millis(u64::MAX / 2),
+            "upstream_failed",
+            &stats,
+            [(u64::MAX, u64::MAX, u64::MAX, u64::MAX); 3],
+        );
+        let encoded = serde_json::to_vec(&report).unwrap();
+        assert!(report.transcript_dropped_lines > 0 && report.transcript_cut_lines > 0);
+        assert!(
+            encoded.len() <= MAX_REPORT_BYTES,
+            "{} > {MAX_REPORT_BYTES}",
+            encoded.len()
+        );
+        // And the budget is spent: the bound is not loose by more than the fixed part.
+        assert!(encoded.len() > MAX_TRANSCRIPT_BYTES - MAX_TRANSCRIPT_LINE_BYTES * 6);
+        let parsed: CallReport = serde_json::from_slice(&encoded).unwrap();
+        assert_eq!(parsed.call_sid.len(), MAX_REPORT_FIELD_BYTES);
     }
 }
