@@ -1291,6 +1291,89 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_writer_stuck_on_a_peer_that_never_reads_is_aborted_and_its_socket_closed() {
+        use tokio::io::AsyncReadExt;
+        let metrics = Arc::new(Metrics::default());
+        let (inbox_tx, _inbox) = mpsc::channel(INBOX_CAPACITY);
+        // A pipe that holds 64 bytes, whose far end is never read until the end.
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let (read, write) = tokio::io::split(ours);
+        let (reader, writer) =
+            fastwebsockets::after_handshake_split(read, write, fastwebsockets::Role::Server);
+        drop(reader);
+        let queue = Arc::new(OutQueue::new(
+            TWILIO_AUDIO_QUEUE,
+            TWILIO_CONTROL_QUEUE,
+            Direction::Downlink,
+            Arc::clone(&metrics),
+        ));
+        let task = tokio::spawn(twilio_writer(
+            writer,
+            Arc::clone(&queue),
+            WriterSignals::new(Leg::Twilio, &metrics, &inbox_tx),
+            Arc::new(CallLatencyRecorder::default()),
+        ));
+        let mark = super::super::engine::Outgoing {
+            text: "m".repeat(1_000),
+            kind: OutKind::Mark,
+            caused_at: None,
+        };
+        queue.push(mark).unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(metrics.call_writers_active.load(Relaxed), 1);
+        // The call ends while the writer is stuck in a write.
+        queue.close();
+        let began = tokio::time::Instant::now();
+        stop_writer(Some(task), &metrics).await;
+        let took = began.elapsed();
+        assert!(took >= CLOSE_GRACE && took < WRITE_TIMEOUT, "{took:?}");
+        assert_eq!(metrics.call_writers_aborted.load(Relaxed), 1);
+        assert_eq!(metrics.call_writers_active.load(Relaxed), 0);
+        // Its socket went with it: the peer reads what was buffered, then the end.
+        let mut buffer = [0u8; 4096];
+        let mut read_total = 0;
+        loop {
+            let n = theirs.read(&mut buffer).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            read_total += n;
+        }
+        assert!(read_total <= 1_100, "{read_total}");
+    }
+
+    #[tokio::test]
+    async fn a_write_that_cannot_complete_times_out_and_reports_a_stall() {
+        let metrics = Arc::new(Metrics::default());
+        let (inbox_tx, mut inbox) = mpsc::channel(INBOX_CAPACITY);
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let (read, write) = tokio::io::split(ours);
+        let (_reader, writer) =
+            fastwebsockets::after_handshake_split(read, write, fastwebsockets::Role::Server);
+        let queue = Arc::new(OutQueue::new(4, 4, Direction::Downlink, Arc::clone(&metrics)));
+        let task = tokio::spawn(twilio_writer(
+            writer,
+            Arc::clone(&queue),
+            WriterSignals::new(Leg::Twilio, &metrics, &inbox_tx),
+            Arc::new(CallLatencyRecorder::default()),
+        ));
+        queue.push_pong(PingPayload::new(&[0xff; 125]).unwrap());
+        let began = tokio::time::Instant::now();
+        let signal = inbox.recv().await.expect("the writer reports");
+        assert!(matches!(
+            *signal,
+            CallInput::WriteFailed {
+                leg: Leg::Twilio,
+                stalled: true
+            }
+        ));
+        let took = began.elapsed();
+        assert!(took >= WRITE_TIMEOUT && took < WRITE_TIMEOUT + CLOSE_GRACE, "{took:?}");
+        task.await.unwrap();
+        assert_eq!(metrics.call_writers_active.load(Relaxed), 0);
+    }
+
     #[test]
     fn poll_on_wake_polls_the_stream_only_when_it_may_have_something() {
         let (tx, mut rx) = mpsc::channel::<u32>(4);
