@@ -66,9 +66,11 @@ use crate::upstream::{OpenAiRealtime, SessionSettings, UpstreamSocket, VadSettin
 
 type UpstreamStream = futures_util::stream::SplitStream<UpstreamSocket>;
 
-/// Messages from the upstream connect task waiting for the core task (one per call in
-/// practice). They travel boxed: tokio allocates a channel's slots 32 at a time, so a block of
-/// pointers (256 bytes) rather than of `CallInput`s (1.3 KB) per call.
+/// Messages for the core task from its helpers: the upstream connect task (one message), tool
+/// tasks (at most [`MAX_TOOL_CALLS_IN_FLIGHT`] answers) and the two writers (one failure note
+/// each), so it never fills; were it full, a sender would wait (none of them is on the media
+/// path), never drop. They travel boxed: tokio allocates a channel's slots 32 at a time, so a
+/// block of pointers (256 bytes) rather than of `CallInput`s per call.
 pub const INBOX_CAPACITY: usize = 64;
 /// Audio messages queued for Twilio beyond what the pacer's lead allows: 1 s of chunks.
 /// Overflow: the oldest is dropped (counted in `voxrelay_audio_dropped_total`).

@@ -222,6 +222,9 @@ pub struct CallEngine {
     model_bytes_per_ms: u64,
     metrics: Arc<Metrics>,
     upstream_open: bool,
+    /// Everything for the model until its socket opens: at most [`HELD_UPLINK_FRAMES`] audio
+    /// messages (oldest dropped, counted) and [`HELD_DTMF_DIGITS`] digits' two messages each
+    /// (further digits refused, counted).
     held_upstream: VecDeque<Outgoing>,
     held_audio: usize,
     held_digits: usize,
@@ -233,9 +236,12 @@ pub struct CallEngine {
     response_owed: bool,
     /// Whether the I/O layer runs tools; without it every call is answered with an error.
     tools_enabled: bool,
+    /// Taken by the I/O layer after every input, so it holds one message's calls at most.
     tool_calls: Vec<ToolCall>,
     /// When the stream started, for transcript offsets.
     started_at: Option<Instant>,
+    /// Both taken by the I/O layer after every input and tick, so they hold what one input
+    /// caused; the writers' queues bound them from there on.
     to_twilio: Vec<Outgoing>,
     to_upstream: Vec<Outgoing>,
     scratch: Scratch,
@@ -1606,6 +1612,38 @@ mod tests {
         tracing::subscriber::with_default(subscriber, run);
         let bytes = sink.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn model_text_in_warnings_is_escaped_cut_and_rate_limited_per_call() {
+        use crate::logtext::{MAX_LOGGED_BYTES, WARNINGS_PER_CALL};
+        let mut h = Harness::streaming(AudioMode::Pcmu);
+        let forged = format!(
+            "bad\n2026-12-06T00:00:00Z  INFO voxrelay: call ended{}",
+            "x".repeat(10_000)
+        );
+        let error = json!({"type": "error", "error": {"type": "server_error", "code": "c\r",
+            "message": forged}})
+        .to_string();
+        let extra = 30;
+        let logs = logged(|| {
+            for i in 0..u64::from(WARNINGS_PER_CALL) + extra {
+                h.upstream(i, &error).expect("an error event is a message");
+            }
+        });
+        let lines: Vec<&str> = logs.lines().collect();
+        assert_eq!(lines.len(), WARNINGS_PER_CALL as usize, "{logs}");
+        for line in lines {
+            assert!(line.contains("upstream error event"), "{line}");
+            assert!(line.contains("bad\\n2026"), "escaped: {line}");
+            assert!(line.len() < 3 * MAX_LOGGED_BYTES + 200, "cut: {}", line.len());
+        }
+        assert_eq!(h.engine.warnings_suppressed(), extra);
+        assert_eq!(
+            h.engine.stats().upstream_errors,
+            u64::from(WARNINGS_PER_CALL) + extra,
+            "every one counted"
+        );
     }
 
     #[test]
