@@ -114,13 +114,8 @@ async fn a_stream_carrying_another_calls_token_is_refused() {
 async fn streams_without_a_token_work_unless_the_operator_requires_one() {
     let open = stack_with(|_| {}).await;
     let (bin_stream, bin_call) = (stream_sid(0xb1a), call_sid(0xb1a));
-    let mut ws = start_raw_stream_as(
-        &open,
-        &bin_stream,
-        &bin_call,
-        json!({"To": "+15550100001"}),
-    )
-    .await;
+    let mut ws =
+        start_raw_stream_as(&open, &bin_stream, &bin_call, json!({"To": "+15550100001"})).await;
     assert!(
         eventually(Duration::from_secs(5), || open.mock.log().sessions().len()
             == 1)

@@ -167,7 +167,9 @@ async fn faulty_then_healthy(stack: &Stack) -> (RawSocket, String, HealthyCall) 
     let faulty_sid = stream_sid(0xfa01);
     let faulty = start_raw_stream(stack, &faulty_sid).await;
     assert!(
-        eventually(Duration::from_secs(5), || stack.mock.log().sessions().len() == 1).await,
+        eventually(Duration::from_secs(5), || stack.mock.log().sessions().len()
+            == 1)
+        .await,
         "the faulty call reached the model"
     );
     let healthy = HealthyCall::start(stack, stream_sid(0x600d)).await;
@@ -186,7 +188,10 @@ async fn a_model_that_resets_mid_response_ends_only_its_own_call() {
     );
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.upstream_disconnects.load(Relaxed), 1);
-    assert!(healthy.hears_more(10).await, "the healthy call kept its audio");
+    assert!(
+        healthy.hears_more(10).await,
+        "the healthy call kept its audio"
+    );
     assert_eq!(stack.bridge.registry().len(), 1);
     assert!(healthy.finish().await);
     assert_eq!(metrics.upstream_disconnects.load(Relaxed), 1);
@@ -224,7 +229,10 @@ async fn a_model_that_stops_reading_is_cut_off_after_the_write_deadline() {
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.peer_stalls(Leg::Upstream), 1);
     assert_eq!(metrics.peer_stalls(Leg::Twilio), 0);
-    assert!(healthy.hears_more(10).await, "the healthy call kept its audio");
+    assert!(
+        healthy.hears_more(10).await,
+        "the healthy call kept its audio"
+    );
     assert!(healthy.finish().await);
     assert_nothing_left(&stack).await;
 }
@@ -255,12 +263,10 @@ async fn open_stalled_media_socket(stack: &Stack) -> RawSocket {
     request
         .headers_mut()
         .insert("x-twilio-signature", signature.parse().unwrap());
-    let (ws, _) = tokio_tungstenite::client_async(
-        request,
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
-    )
-    .await
-    .unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
     ws
 }
 
@@ -276,7 +282,10 @@ async fn a_twilio_peer_that_stops_reading_is_cut_off_after_the_write_deadline() 
                 "callSid": call_sid_of(&faulty_sid), "tracks": ["inbound"],
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}),
     ] {
-        faulty.send(Message::text(message.to_string())).await.unwrap();
+        faulty
+            .send(Message::text(message.to_string()))
+            .await
+            .unwrap();
     }
     let healthy = HealthyCall::start(&stack, stream_sid(0x600d)).await;
     assert!(healthy.hears_more(5).await, "the healthy call is greeted");
@@ -302,7 +311,10 @@ async fn a_twilio_peer_that_stops_reading_is_cut_off_after_the_write_deadline() 
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.peer_stalls(Leg::Twilio), 1, "{}", metrics.render());
     assert_eq!(metrics.peer_stalls(Leg::Upstream), 0);
-    assert!(healthy.hears_more(10).await, "the healthy call kept its audio");
+    assert!(
+        healthy.hears_more(10).await,
+        "the healthy call kept its audio"
+    );
     // The writer is gone and the socket closed: reading now drains what was buffered and
     // then finds the end.
     assert!(
@@ -318,7 +330,11 @@ async fn a_fragmented_message_past_the_cap_is_refused_while_it_arrives() {
     let stack = stack_with(None).await;
     let sid = stream_sid(0xf4a6);
     let ws = start_raw_stream(&stack, &sid).await;
-    assert!(eventually(Duration::from_secs(5), || stack.bridge.registry().len() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || stack.bridge.registry().len()
+            == 1)
+        .await
+    );
     let (mut sink, mut stream) = ws.split();
     let closed = Arc::new(AtomicBool::new(false));
     let reader = {
@@ -382,7 +398,10 @@ async fn a_model_message_that_never_ends_is_refused_at_its_cap() {
     );
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.upstream_oversized.load(Relaxed), 1);
-    assert!(healthy.hears_more(10).await, "the healthy call kept its audio");
+    assert!(
+        healthy.hears_more(10).await,
+        "the healthy call kept its audio"
+    );
     assert!(healthy.finish().await);
     assert_nothing_left(&stack).await;
     // The bridge stopped taking the message soon after its cap, far before the end.
@@ -402,7 +421,9 @@ async fn a_binary_ping_is_answered_with_its_exact_bytes_on_the_twilio_leg() {
     let mut longest = short.clone();
     longest.resize(125, 0xa5);
     for payload in [short, longest] {
-        ws.send(Message::Ping(payload.clone().into())).await.unwrap();
+        ws.send(Message::Ping(payload.clone().into()))
+            .await
+            .unwrap();
         let pong = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 match ws.next().await {
@@ -504,7 +525,11 @@ fn a_sequence_number_of_u64_max_is_refused_and_the_bridge_keeps_answering() {
     let outcome: Result<(), String> = client.block_on(async {
         let sid = stream_sid(0x5e9);
         let mut ws = start_raw_stream(&stack, &sid).await;
-        if !eventually(Duration::from_secs(5), || stack.mock.log().sessions().len() == 1).await {
+        if !eventually(Duration::from_secs(5), || {
+            stack.mock.log().sessions().len() == 1
+        })
+        .await
+        {
             return Err("the call never reached the model".into());
         }
         let absurd = json!({"event": "media", "sequenceNumber": u64::MAX.to_string(),
@@ -569,7 +594,11 @@ async fn a_dtmf_digit_carrying_instructions_is_refused_and_the_call_goes_on() {
     let stack = stack_with(None).await;
     let sid = stream_sid(0xd7f);
     let mut ws = start_raw_stream(&stack, &sid).await;
-    assert!(eventually(Duration::from_secs(5), || stack.mock.log().sessions().len() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || stack.mock.log().sessions().len()
+            == 1)
+        .await
+    );
     let dtmf = |sequence: u64, digit: &str| {
         Message::text(
             json!({"event": "dtmf", "sequenceNumber": sequence.to_string(), "streamSid": sid,

@@ -182,10 +182,17 @@ async fn bad_messages_are_counted_and_never_reach_the_neighbouring_call() {
     let mut victim = start_raw_stream(&stack, &victim_sid).await;
     for bad in [
         "not json at all".to_owned(),
-        format!(r#"{{"event":"media","sequenceNumber":"2","streamSid":"{victim_sid}","media":{{"track":"inbound","chunk":"1","timestamp":"0","payload":"%%%not-base64%%%"}}}}"#),
+        format!(
+            r#"{{"event":"media","sequenceNumber":"2","streamSid":"{victim_sid}","media":{{"track":"inbound","chunk":"1","timestamp":"0","payload":"%%%not-base64%%%"}}}}"#
+        ),
         format!(r#"{{"event":"rainbows","streamSid":"{victim_sid}"}}"#),
-        format!(r#"{{"event":"media","sequenceNumber":"3","streamSid":"{someone_else}","media":{{"track":"inbound","chunk":"2","timestamp":"20","payload":"/w=="}}}}"#),
-        format!(r#"{{"event":"start","sequenceNumber":"4","streamSid":"{victim_sid}","start":{{"streamSid":"{victim_sid}","callSid":"{}","accountSid":"{ACCOUNT_SID}","mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}}}}"#, call_sid(2)),
+        format!(
+            r#"{{"event":"media","sequenceNumber":"3","streamSid":"{someone_else}","media":{{"track":"inbound","chunk":"2","timestamp":"20","payload":"/w=="}}}}"#
+        ),
+        format!(
+            r#"{{"event":"start","sequenceNumber":"4","streamSid":"{victim_sid}","start":{{"streamSid":"{victim_sid}","callSid":"{}","accountSid":"{ACCOUNT_SID}","mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}}}}"#,
+            call_sid(2)
+        ),
     ] {
         victim.send(Message::text(bad)).await.unwrap();
     }
@@ -391,7 +398,9 @@ async fn draining_turns_readyz_503_refuses_new_calls_and_closes_live_ones_at_the
     .await
     .unwrap();
     assert_eq!(response.status, 503);
-    live.send(media_message(&live_sid, 2, "/w==")).await.unwrap();
+    live.send(media_message(&live_sid, 2, "/w=="))
+        .await
+        .unwrap();
 
     assert!(
         closed_by_bridge(&mut live, Duration::from_secs(6)).await,

@@ -171,7 +171,11 @@ async fn time_lookups(
     let cached = directory(DirectorySettings::default());
     // Warms the connection pool and the cache.
     cached
-        .resolve(PROBE_NUMBER, "+15550009999", "CA0000000000000000000000000000a4a1")
+        .resolve(
+            PROBE_NUMBER,
+            "+15550009999",
+            "CA0000000000000000000000000000a4a1",
+        )
         .await;
     let mut miss = Vec::with_capacity(LOOKUPS);
     let mut hit = Vec::with_capacity(LOOKUPS);

@@ -39,9 +39,9 @@ use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -692,7 +692,10 @@ where
                 );
                 break EndReason::stalled(leg);
             }
-            CallInput::WriteFailed { leg, stalled: false } => {
+            CallInput::WriteFailed {
+                leg,
+                stalled: false,
+            } => {
                 tracing::info!(leg = leg.as_str(), "socket write failed: ending the call");
                 match leg {
                     Leg::Twilio => break EndReason::TwilioClosed,
@@ -801,10 +804,7 @@ fn run_tool_calls(
             continue;
         };
         if *in_flight >= MAX_TOOL_CALLS_IN_FLIGHT {
-            services
-                .metrics
-                .control_tool_failures
-                .fetch_add(1, Relaxed);
+            services.metrics.control_tool_failures.fetch_add(1, Relaxed);
             if engine.allow_warning() {
                 tracing::warn!(
                     "the model called a tool with {MAX_TOOL_CALLS_IN_FLIGHT} still running: refused"
@@ -879,7 +879,10 @@ async fn stop_writer(writer: Option<tokio::task::JoinHandle<()>>, metrics: &Metr
     let Some(mut writer) = writer else {
         return;
     };
-    if tokio::time::timeout(CLOSE_GRACE, &mut writer).await.is_err() {
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
         writer.abort();
         metrics.call_writers_aborted.fetch_add(1, Relaxed);
         tracing::info!("a socket writer was still busy after {CLOSE_GRACE:?}: aborted");
@@ -1043,7 +1046,9 @@ where
                                     CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
                                 }
                                 Err(FragmentError::UnexpectedContinuation) => {
-                                    CallInput::TwilioFailed(WebSocketError::InvalidContinuationFrame)
+                                    CallInput::TwilioFailed(
+                                        WebSocketError::InvalidContinuationFrame,
+                                    )
                                 }
                                 Err(_) => CallInput::TwilioFailed(WebSocketError::InvalidFragment),
                             }
@@ -1353,7 +1358,12 @@ mod tests {
         let (read, write) = tokio::io::split(ours);
         let (_reader, writer) =
             fastwebsockets::after_handshake_split(read, write, fastwebsockets::Role::Server);
-        let queue = Arc::new(OutQueue::new(4, 4, Direction::Downlink, Arc::clone(&metrics)));
+        let queue = Arc::new(OutQueue::new(
+            4,
+            4,
+            Direction::Downlink,
+            Arc::clone(&metrics),
+        ));
         let task = tokio::spawn(twilio_writer(
             writer,
             Arc::clone(&queue),
@@ -1371,7 +1381,10 @@ mod tests {
             }
         ));
         let took = began.elapsed();
-        assert!(took >= WRITE_TIMEOUT && took < WRITE_TIMEOUT + CLOSE_GRACE, "{took:?}");
+        assert!(
+            took >= WRITE_TIMEOUT && took < WRITE_TIMEOUT + CLOSE_GRACE,
+            "{took:?}"
+        );
         task.await.unwrap();
         assert_eq!(metrics.call_writers_active.load(Relaxed), 0);
     }

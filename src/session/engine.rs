@@ -31,8 +31,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use super::metrics::{Direction, Metrics, TwilioErrorKind};
 use super::playback::{MarkOutcome, Playback, PlaybackConfig};
 use crate::AudioMode;
-use crate::logtext::{Untrusted, WarnBudget};
 use crate::codec::{StreamResampler, g711, pcm};
+use crate::logtext::{Untrusted, WarnBudget};
 use crate::twilio::events::{write_clear_json, write_mark_json, write_media_json_from_mulaw};
 use crate::twilio::stream::{StartInfo, StreamError, StreamEvent, StreamMachine};
 use crate::upstream::{RealtimeProtocol, UpstreamError, UpstreamEvent};
@@ -1636,7 +1636,11 @@ mod tests {
         for line in lines {
             assert!(line.contains("upstream error event"), "{line}");
             assert!(line.contains("bad\\n2026"), "escaped: {line}");
-            assert!(line.len() < 3 * MAX_LOGGED_BYTES + 200, "cut: {}", line.len());
+            assert!(
+                line.len() < 3 * MAX_LOGGED_BYTES + 200,
+                "cut: {}",
+                line.len()
+            );
         }
         assert_eq!(h.engine.warnings_suppressed(), extra);
         assert_eq!(
@@ -1698,7 +1702,11 @@ mod tests {
         assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::DtmfFlood), 1);
         h.engine.on_upstream_open(h.at(200));
         let up = h.upstream_out();
-        assert_eq!(up.len(), 1 + 2 * HELD_DTMF_DIGITS, "session.update, then each digit");
+        assert_eq!(
+            up.len(),
+            1 + 2 * HELD_DTMF_DIGITS,
+            "session.update, then each digit"
+        );
         // Once open, digits go straight through again.
         h.twilio(300, &dtmf_msg("6")).expect("open");
         assert_eq!(h.upstream_out().len(), 2);
@@ -1940,7 +1948,8 @@ mod tests {
         assert!(kept.len() <= MAX_TRANSCRIPT_LINE_BYTES + '…'.len_utf8());
         assert!(kept.ends_with('…'));
         for i in 0..MAX_TRANSCRIPT_LINES + 10 {
-            h.upstream(i as u64, &line(&format!("line {i}"))).expect("line");
+            h.upstream(i as u64, &line(&format!("line {i}")))
+                .expect("line");
         }
         let stats = h.engine.stats();
         assert!(stats.transcript.len() <= MAX_TRANSCRIPT_LINES);
@@ -1949,7 +1958,10 @@ mod tests {
             MAX_TRANSCRIPT_LINES as u64 + 11
         );
         let last = format!("line {}", MAX_TRANSCRIPT_LINES + 9);
-        assert_eq!(stats.transcript.last().map(|l| l.text.as_str()), Some(last.as_str()));
+        assert_eq!(
+            stats.transcript.last().map(|l| l.text.as_str()),
+            Some(last.as_str())
+        );
     }
 
     // ---- 7. bad input ----

@@ -85,7 +85,8 @@ impl Reassembly {
                     (true, true) => Ok(Some(Message::Binary { len: payload.len() })),
                     (false, false) => {
                         // Never more than the cap: grown by what arrives, up to it.
-                        let mut text = BytesMut::with_capacity(payload.len().max(1024).min(self.cap));
+                        let mut text =
+                            BytesMut::with_capacity(payload.len().max(1024).min(self.cap));
                         text.extend_from_slice(&payload);
                         self.partial = Some(Partial::Text(text));
                         Ok(None)

@@ -590,7 +590,10 @@ mod tests {
             let error = protocol
                 .on_message(&event.to_string(), &mut Vec::new())
                 .expect_err("refused");
-            assert!(matches!(error, UpstreamError::IdTooLong(n) if n == MAX_ID_BYTES + 1), "{event}");
+            assert!(
+                matches!(error, UpstreamError::IdTooLong(n) if n == MAX_ID_BYTES + 1),
+                "{event}"
+            );
         }
         for event in events(&fits) {
             protocol
