@@ -706,14 +706,7 @@ where
                 }
             }
         }
-        if let Err(leg) = flush(&mut engine, &twilio_out, &upstream_out) {
-            metrics.peer_stalled(leg);
-            tracing::warn!(
-                leg = leg.as_str(),
-                "outbound control queue full: the peer is not reading"
-            );
-            break EndReason::stalled(leg);
-        }
+        // Before the flush: a tool call refused at once answers the model in this pass.
         run_tool_calls(
             &mut engine,
             &services,
@@ -722,6 +715,14 @@ where
             &connecting,
             &mut tools_in_flight,
         );
+        if let Err(leg) = flush(&mut engine, &twilio_out, &upstream_out) {
+            metrics.peer_stalled(leg);
+            tracing::warn!(
+                leg = leg.as_str(),
+                "outbound control queue full: the peer is not reading"
+            );
+            break EndReason::stalled(leg);
+        }
     };
 
     let stats = engine.stats();
