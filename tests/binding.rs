@@ -78,10 +78,16 @@ async fn a_webhook_call_claims_its_prewarmed_session_and_greets_from_it() {
 async fn a_stream_carrying_another_calls_token_is_refused() {
     let stack =
         stack_with(|config| config.prewarm_unclaimed_after = Duration::from_millis(300)).await;
-    let (_, parameters) = voice_webhook(&stack, &call_sid(1), "+15550100001", "+15550009999").await;
+    let victim = call_sid(0x71c);
+    let (_, parameters) = voice_webhook(&stack, &victim, "+15550100001", "+15550009999").await;
     // Same parameters (the victim's token), but the stream belongs to another call.
-    let mut ws =
-        start_raw_stream_as(&stack, "MZ_thief", &call_sid(2), as_object(&parameters)).await;
+    let mut ws = start_raw_stream_as(
+        &stack,
+        &stream_sid(0x7e1f),
+        &call_sid(0x7e1f),
+        as_object(&parameters),
+    )
+    .await;
     assert!(closed_by_bridge(&mut ws, Duration::from_secs(5)).await);
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.streams_refused_token.load(Relaxed), 1);
@@ -107,8 +113,9 @@ async fn a_stream_carrying_another_calls_token_is_refused() {
 #[tokio::test]
 async fn streams_without_a_token_work_unless_the_operator_requires_one() {
     let open = stack_with(|_| {}).await;
+    let (bin_stream, bin_call) = (stream_sid(0xb1a), call_sid(0xb1a));
     let mut ws =
-        start_raw_stream_as(&open, "MZ_bin", "CA_bin", json!({"To": "+15550100001"})).await;
+        start_raw_stream_as(&open, &bin_stream, &bin_call, json!({"To": "+15550100001"})).await;
     assert!(
         eventually(Duration::from_secs(5), || open.mock.log().sessions().len()
             == 1)
@@ -118,8 +125,13 @@ async fn streams_without_a_token_work_unless_the_operator_requires_one() {
     assert!(!closed_by_bridge(&mut ws, Duration::from_millis(300)).await);
 
     let strict = stack_with(|config| config.require_stream_token = true).await;
-    let mut ws =
-        start_raw_stream_as(&strict, "MZ_bin", "CA_bin", json!({"To": "+15550100001"})).await;
+    let mut ws = start_raw_stream_as(
+        &strict,
+        &bin_stream,
+        &bin_call,
+        json!({"To": "+15550100001"}),
+    )
+    .await;
     assert!(closed_by_bridge(&mut ws, Duration::from_secs(5)).await);
     assert_eq!(
         strict.bridge.metrics().streams_refused_token.load(Relaxed),
@@ -145,7 +157,8 @@ async fn streams_without_a_token_work_unless_the_operator_requires_one() {
 #[tokio::test]
 async fn an_upgrade_on_the_wrong_fly_machine_is_replayed_once() {
     let stack = stack_with(|config| config.fly_machine_id = Some("148e21d1c34289".into())).await;
-    let (stream_url, _) = voice_webhook(&stack, &call_sid(3), "+15550100001", "+15550009999").await;
+    let (stream_url, _) =
+        voice_webhook(&stack, &call_sid(0xf1e), "+15550100001", "+15550009999").await;
     assert!(
         stream_url.ends_with("/twilio/media/m/148e21d1c34289"),
         "the stream URL names this machine: {stream_url}"

@@ -204,7 +204,7 @@ async fn two_hundred_calls_leave_nothing_behind() {
         let stack = std::sync::Arc::clone(&stack);
         let payload = payload.clone();
         batch.push(tokio::spawn(async move {
-            let stream_sid = format!("MZleak{index:04}");
+            let stream_sid = stream_sid(0x1ea4_0000 + index as u64);
             let mut ws = start_raw_stream(&stack, &stream_sid).await;
             for sequence in 2..8 {
                 ws.send(media_message(&stream_sid, sequence, &payload)).await.unwrap();
@@ -223,7 +223,7 @@ async fn two_hundred_calls_leave_nothing_behind() {
             assert_eq!(greeted, Ok(true), "call {index} never heard the greeting");
             match index % 3 {
                 0 => {
-                    let stop = serde_json::json!({"event":"stop","sequenceNumber":"8","streamSid":stream_sid,"stop":{"accountSid":"AC0","callSid":"CA0"}});
+                    let stop = serde_json::json!({"event":"stop","sequenceNumber":"8","streamSid":stream_sid,"stop":{"accountSid":ACCOUNT_SID,"callSid":call_sid_of(&stream_sid)}});
                     ws.send(Message::text(stop.to_string())).await.unwrap();
                     while let Some(Ok(message)) = ws.next().await {
                         if matches!(message, Message::Close(_)) {

@@ -178,24 +178,33 @@ async fn webhooks_and_the_media_socket_require_twilios_signature() {
 async fn bad_messages_are_counted_and_never_reach_the_neighbouring_call() {
     let stack = start_stack(AudioMode::Pcmu, None).await;
     let payload = BASE64.encode(tone_mulaw(440.0, 20));
-    let mut neighbour = start_raw_stream(&stack, "MZneighbour").await;
-    let mut victim = start_raw_stream(&stack, "MZvictim").await;
+    let (neighbour_sid, victim_sid) = (stream_sid(0xaa), stream_sid(0xbb));
+    let someone_else = stream_sid(0xcc);
+    let mut neighbour = start_raw_stream(&stack, &neighbour_sid).await;
+    let mut victim = start_raw_stream(&stack, &victim_sid).await;
     for bad in [
         "not json at all".to_owned(),
-        r#"{"event":"media","sequenceNumber":"2","streamSid":"MZvictim","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":"%%%not-base64%%%"}}"#.to_owned(),
-        r#"{"event":"rainbows","streamSid":"MZvictim"}"#.to_owned(),
-        r#"{"event":"media","sequenceNumber":"3","streamSid":"MZsomeoneelse","media":{"track":"inbound","chunk":"2","timestamp":"20","payload":"/w=="}}"#.to_owned(),
-        r#"{"event":"start","sequenceNumber":"4","streamSid":"MZvictim","start":{"streamSid":"MZvictim","callSid":"CA2","mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}"#.to_owned(),
+        format!(
+            r#"{{"event":"media","sequenceNumber":"2","streamSid":"{victim_sid}","media":{{"track":"inbound","chunk":"1","timestamp":"0","payload":"%%%not-base64%%%"}}}}"#
+        ),
+        format!(r#"{{"event":"rainbows","streamSid":"{victim_sid}"}}"#),
+        format!(
+            r#"{{"event":"media","sequenceNumber":"3","streamSid":"{someone_else}","media":{{"track":"inbound","chunk":"2","timestamp":"20","payload":"/w=="}}}}"#
+        ),
+        format!(
+            r#"{{"event":"start","sequenceNumber":"4","streamSid":"{victim_sid}","start":{{"streamSid":"{victim_sid}","callSid":"{}","accountSid":"{ACCOUNT_SID}","mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}}}}"#,
+            call_sid(2)
+        ),
     ] {
         victim.send(Message::text(bad)).await.unwrap();
     }
     for sequence in 10..20 {
         victim
-            .send(media_message("MZvictim", sequence, &payload))
+            .send(media_message(&victim_sid, sequence, &payload))
             .await
             .unwrap();
         neighbour
-            .send(media_message("MZneighbour", sequence - 8, &payload))
+            .send(media_message(&neighbour_sid, sequence - 8, &payload))
             .await
             .unwrap();
     }
@@ -230,14 +239,14 @@ async fn bad_messages_are_counted_and_never_reach_the_neighbouring_call() {
 
     // An oversized message ends only the call that sent it.
     let huge = format!(
-        r#"{{"event":"media","streamSid":"MZvictim","padding":"{}"}}"#,
+        r#"{{"event":"media","streamSid":"{victim_sid}","padding":"{}"}}"#,
         "x".repeat(70 * 1024)
     );
     victim.send(Message::text(huge)).await.unwrap();
     assert!(closed_by_bridge(&mut victim, Duration::from_secs(5)).await);
     assert_eq!(metrics.twilio_errors(TwilioErrorKind::Oversized), 1);
     neighbour
-        .send(media_message("MZneighbour", 12, &payload))
+        .send(media_message(&neighbour_sid, 12, &payload))
         .await
         .unwrap();
     assert!(
@@ -245,7 +254,7 @@ async fn bad_messages_are_counted_and_never_reach_the_neighbouring_call() {
             == 1)
         .await
     );
-    assert!(stack.bridge.registry().get("MZneighbour").is_some());
+    assert!(stack.bridge.registry().get(&neighbour_sid).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,7 +303,7 @@ async fn an_unreachable_model_ends_the_call_cleanly() {
         api_key: Some(Secret::new("k")),
     };
     let stack = start_stack_with(mock, upstream, AudioMode::Pcmu, None).await;
-    let mut ws = start_raw_stream(&stack, "MZnomodel").await;
+    let mut ws = start_raw_stream(&stack, &stream_sid(0x40de1)).await;
     assert!(closed_by_bridge(&mut ws, Duration::from_secs(12)).await);
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.upstream_connect_failures.load(Relaxed), 1);
@@ -330,7 +339,7 @@ async fn a_model_socket_dropping_mid_call_ends_the_twilio_stream() {
         api_key: Some(Secret::new("k")),
     };
     let stack = start_stack_with(mock, upstream, AudioMode::Pcmu, None).await;
-    let mut ws = start_raw_stream(&stack, "MZdrop").await;
+    let mut ws = start_raw_stream(&stack, &stream_sid(0xd109)).await;
     assert!(closed_by_bridge(&mut ws, Duration::from_secs(5)).await);
     assert_eq!(stack.bridge.metrics().upstream_disconnects.load(Relaxed), 1);
     assert!(
@@ -357,7 +366,8 @@ async fn draining_turns_readyz_503_refuses_new_calls_and_closes_live_ones_at_the
     };
     assert_eq!(get("/readyz").await, 200);
     assert_eq!(get("/healthz").await, 200);
-    let mut live = start_raw_stream(&stack, "MZlive").await;
+    let live_sid = stream_sid(0x11fe);
+    let mut live = start_raw_stream(&stack, &live_sid).await;
     assert!(
         eventually(Duration::from_secs(5), || stack.bridge.registry().len()
             == 1)
@@ -390,7 +400,9 @@ async fn draining_turns_readyz_503_refuses_new_calls_and_closes_live_ones_at_the
     .await
     .unwrap();
     assert_eq!(response.status, 503);
-    live.send(media_message("MZlive", 2, "/w==")).await.unwrap();
+    live.send(media_message(&live_sid, 2, "/w=="))
+        .await
+        .unwrap();
 
     assert!(
         closed_by_bridge(&mut live, Duration::from_secs(6)).await,
@@ -409,7 +421,8 @@ async fn draining_turns_readyz_503_refuses_new_calls_and_closes_live_ones_at_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_waits_for_a_call_that_ends_by_itself() {
     let stack = start_stack(AudioMode::Pcmu, None).await;
-    let mut live = start_raw_stream(&stack, "MZshort").await;
+    let short_sid = stream_sid(0x5407);
+    let mut live = start_raw_stream(&stack, &short_sid).await;
     assert!(
         eventually(Duration::from_secs(5), || stack.bridge.registry().len()
             == 1)
@@ -422,7 +435,10 @@ async fn a_drain_waits_for_a_call_that_ends_by_itself() {
     } = stack;
     let drain = tokio::spawn(bridge.drain_and_stop(Duration::from_secs(10)));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let stop = r#"{"event":"stop","sequenceNumber":"2","streamSid":"MZshort","stop":{"accountSid":"AC0","callSid":"CAMZshort"}}"#;
+    let stop = format!(
+        r#"{{"event":"stop","sequenceNumber":"2","streamSid":"{short_sid}","stop":{{"accountSid":"{ACCOUNT_SID}","callSid":"{}"}}}}"#,
+        call_sid_of(&short_sid)
+    );
     live.send(Message::text(stop)).await.unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(5), drain)
         .await

@@ -239,7 +239,7 @@ async fn webhooks_from_another_account_are_refused() {
 
 /// Answers a webhook for call `n` from our account, then opens its signed media socket (with
 /// the TwiML's parameters) and sends `connected` and a `start` claiming `account_sid`.
-async fn start_stream_from(stack: &Stack, account_sid: &str, n: u128) -> RawSocket {
+async fn start_stream_from(stack: &Stack, account_sid: &str, n: u64) -> RawSocket {
     let answer = post_voice(stack, &twilio_form(OUR_ACCOUNT, &call_sid(n)), None).await;
     assert_eq!(answer.status, 200);
     let (_, parameters) = parse_connect_stream(&answer.body).expect("TwiML");
@@ -316,7 +316,9 @@ async fn streams_from_another_account_are_closed() {
 /// Sends a signed form POST to the bridge's socket with a `Host` and `X-Forwarded-Proto` of
 /// the sender's choosing; returns the status code.
 async fn post_with_host(stack: &Stack, host: &str, proto: &str, signature: &str) -> u16 {
-    let body = "AccountSid=AC00000000000000000000000000000000&CallSid=CA00000000000000000000000000000042&From=%2B15550009999&To=%2B15550100001";
+    let body = format!(
+        "AccountSid={ACCOUNT_SID}&CallSid=CA00000000000000000000000000000042&From=%2B15550009999&To=%2B15550100001"
+    );
     let request = format!(
         "POST /twilio/voice HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-Proto: {proto}\r\n\
          Content-Type: application/x-www-form-urlencoded\r\nX-Twilio-Signature: {signature}\r\n\

@@ -170,11 +170,17 @@ async fn time_lookups(
     let directory = |settings| TenantDirectory::new(client.clone(), settings, Arc::clone(&metrics));
     let cached = directory(DirectorySettings::default());
     // Warms the connection pool and the cache.
-    cached.resolve(PROBE_NUMBER, "+15550009999", "CAwarm").await;
+    cached
+        .resolve(
+            PROBE_NUMBER,
+            "+15550009999",
+            "CA0000000000000000000000000000a4a1",
+        )
+        .await;
     let mut miss = Vec::with_capacity(LOOKUPS);
     let mut hit = Vec::with_capacity(LOOKUPS);
     for index in 0..LOOKUPS {
-        let call_sid = format!("CAlookup{index:026}");
+        let call_sid = format!("CA100c{index:028x}");
         // A directory of its own per lookup: an empty cache, so a signed request every time
         // (on the pool's warm connection, as in a running bridge).
         let cold = directory(DirectorySettings::default());

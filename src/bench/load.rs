@@ -26,6 +26,8 @@ use crate::twilio::signature::compute_signature;
 const FRAME: Duration = Duration::from_millis(20);
 /// Digits pressed at call start: the call number, zero-padded.
 pub const ID_DIGITS: usize = 5;
+/// The account the simulated streams name.
+const BENCH_ACCOUNT_SID: &str = "AC00000000000000000000000000be0c00";
 
 #[derive(Clone, Debug)]
 pub struct LoadCallConfig {
@@ -143,8 +145,9 @@ async fn drive(
             .map_err(|e| format!("connect: {e}"))?;
     lock(record).ws_open_us = Some(epoch.us());
 
-    let stream_sid = format!("MZbench{:026}", config.index);
-    let call_sid = format!("CAbench{:026}", config.index);
+    // Twilio-shaped (two letters and 32 hex digits), as the bridge refuses anything else.
+    let stream_sid = format!("MZbe{:030x}", config.index);
+    let call_sid = format!("CAbe{:030x}", config.index);
     let mut sequence = 1u64;
     let mut text = String::with_capacity(512);
     ws.send(Message::text(
@@ -154,7 +157,7 @@ async fn drive(
     .map_err(|e| e.to_string())?;
     text.clear();
     text.push_str(&format!(
-        r#"{{"event":"start","sequenceNumber":"1","start":{{"accountSid":"ACbench","streamSid":"{stream_sid}","callSid":"{call_sid}","tracks":["inbound"],"customParameters":{{}},"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}},"streamSid":"{stream_sid}"}}"#
+        r#"{{"event":"start","sequenceNumber":"1","start":{{"accountSid":"{BENCH_ACCOUNT_SID}","streamSid":"{stream_sid}","callSid":"{call_sid}","tracks":["inbound"],"customParameters":{{}},"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}},"streamSid":"{stream_sid}"}}"#
     ));
     ws.send(Message::text(text.clone()))
         .await
@@ -261,7 +264,7 @@ async fn drive(
     }
     sequence += 1;
     let stop = format!(
-        r#"{{"event":"stop","sequenceNumber":"{sequence}","stop":{{"accountSid":"ACbench","callSid":"{call_sid}"}},"streamSid":"{stream_sid}"}}"#
+        r#"{{"event":"stop","sequenceNumber":"{sequence}","stop":{{"accountSid":"{BENCH_ACCOUNT_SID}","callSid":"{call_sid}"}},"streamSid":"{stream_sid}"}}"#
     );
     let _ = ws.send(Message::text(stop)).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {

@@ -8,10 +8,18 @@
 //! stalls: the core never waits on a write, so a stalled peer cannot stop it reading. The
 //! upstream socket is opened by a short-lived task and handed over through a bounded inbox
 //! (capacity [`INBOX_CAPACITY`]). The call ends on Twilio `stop`, either socket closing, the
-//! start timeout, or cancellation (shutdown); every path hands the call's report over first
-//! (before waiting on any socket, so a stalled peer cannot hold it back past a shutdown), then
-//! closes both sockets politely, and the [`Registration`] guard removes the call from the
-//! registry, even on panic.
+//! start timeout, cancellation (shutdown), or a peer that stops reading or sending; every path
+//! hands the call's report over first (before waiting on any socket, so a stalled peer cannot
+//! hold it back past a shutdown), then closes both sockets politely, and the [`Registration`]
+//! guard removes the call from the registry, even on panic.
+//!
+//! Nothing a peer does can hold a call, a task or a socket open for long: a fragmented message
+//! counts toward its cap as it arrives ([`Reassembly`], on the model's leg tungstenite's
+//! `max_message_size`); every socket write and flush has [`WRITE_TIMEOUT`], and a peer that
+//! misses it, or lets its queue's control messages pile past their capacity, ends the call as
+//! stalled (`voxrelay_peer_stalls_total`); a started stream silent for [`TWILIO_IDLE_TIMEOUT`]
+//! ends; a writer still running [`CLOSE_GRACE`] after the call ended is aborted, closing its
+//! socket; pongs coalesce (one owed per leg); at most [`MAX_TOOL_CALLS_IN_FLIGHT`] tools run.
 //!
 //! Per-frame buffers are reused, not allocated: a Twilio message reaches the engine in
 //! fastwebsockets' own read buffer (`TwilioText`), a model message in tungstenite's
@@ -27,24 +35,26 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead};
 use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::agent::CallAgent;
 use super::binding::{Binding, STREAM_TOKEN_PARAMETER, StreamTokens};
-use super::engine::{CallEngine, EngineError, OutKind, Outgoing, TwilioStep};
-use super::metrics::{CallLatencyRecorder, Direction, Metrics, TwilioErrorKind};
+use super::engine::{CallEngine, EngineError, OutKind, TwilioStep};
+use super::fragments::{FragmentError, Message as Reassembled, Reassembly};
+use super::metrics::{CallLatencyRecorder, Direction, Leg, Metrics, TwilioErrorKind};
 use super::playback::PlaybackConfig;
 use super::prewarm::{PendingCalls, Prepared, prewarm};
-use super::queue::OutQueue;
+use super::queue::{OutQueue, PingPayload};
 use super::registry::{CallEntry, CallRegistry, Registration};
 use super::report::{CallIdentity, call_report};
 use crate::config::{AgentDefaults, MAX_TWILIO_MESSAGE_BYTES, START_TIMEOUT, UpstreamTarget};
@@ -53,18 +63,42 @@ use crate::control::client::ControlPlaneClient;
 use crate::control::directory::TenantDirectory;
 use crate::control::reports::{ReportHandover, ReportSender};
 use crate::control::tool_calls::{DEFAULT_TOOL_TIMEOUT, run_tool};
+use crate::logtext::Untrusted;
 use crate::upstream::{OpenAiRealtime, SessionSettings, UpstreamSocket, VadSettings, connect};
 
 type UpstreamStream = futures_util::stream::SplitStream<UpstreamSocket>;
 
-/// Messages from the upstream connect task waiting for the core task (one per call in
-/// practice). They travel boxed: tokio allocates a channel's slots 32 at a time, so a block of
-/// pointers (256 bytes) rather than of `CallInput`s (1.3 KB) per call.
+/// Messages for the core task from its helpers: the upstream connect task (one message), tool
+/// tasks (at most [`MAX_TOOL_CALLS_IN_FLIGHT`] answers) and the two writers (one failure note
+/// each), so it never fills; were it full, a sender would wait (none of them is on the media
+/// path), never drop. They travel boxed: tokio allocates a channel's slots 32 at a time, so a
+/// block of pointers (256 bytes) rather than of `CallInput`s per call.
 pub const INBOX_CAPACITY: usize = 64;
 /// Audio messages queued for Twilio beyond what the pacer's lead allows: 1 s of chunks.
+/// Overflow: the oldest is dropped (counted in `voxrelay_audio_dropped_total`).
 const TWILIO_AUDIO_QUEUE: usize = 50;
-/// Caller audio queued for the model: 1 s of 20 ms frames.
+/// Marks and clears queued for Twilio: 10 s of one mark per 20 ms chunk, where a reading peer
+/// holds a handful. Overflow: never dropped (playback accounting needs every mark); a push past
+/// it means Twilio stopped reading, and the call ends as stalled.
+const TWILIO_CONTROL_QUEUE: usize = 500;
+/// Caller audio queued for the model: 1 s of 20 ms frames. Overflow: the oldest is dropped
+/// (counted).
 const UPSTREAM_AUDIO_QUEUE: usize = 50;
+/// Session commands queued for the model (`session.update`, digits, truncates, tool output):
+/// a reading model holds a few. Overflow: never dropped; a push past it ends the call as stalled.
+const UPSTREAM_CONTROL_QUEUE: usize = 256;
+/// The longest one socket write or flush may take, on either leg. A 20 ms frame that cannot be
+/// written for 5 s means a caller who has heard nothing for 5 s, or a model that has heard
+/// nothing: past TCP's retransmissions on a lossy path, and not a call worth holding. The
+/// writer ends, the call ends as stalled (`voxrelay_peer_stalls_total{leg}`). The timer is armed
+/// only when a write does not complete at once, so a reading peer costs no timer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A started stream that sends nothing for this long is dead (Twilio sends a `media` every
+/// 20 ms, silence included): the call ends (`twilio_errors_total{kind="idle_timeout"}`).
+pub const TWILIO_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tools of one call running at once; a further call from the model is answered at once with
+/// an error (counted in `voxrelay_control_tool_failures_total`) instead of starting a request.
+pub const MAX_TOOL_CALLS_IN_FLIGHT: usize = 4;
 /// A batch of paced media + mark pairs leaves in one write: each pair is about 400 bytes and a
 /// batch is one pair every 20 ms, up to six (the 120 ms playback lead) when a response starts;
 /// a larger batch costs one more write, not a wait. Per call, so kept small.
@@ -76,8 +110,9 @@ const TWILIO_WRITE_BUFFER: usize = 2 * 1024;
 /// bytes in `pcmu`, 1.3 KB in `pcm16`; control messages and anything larger go by value.
 const UPSTREAM_WRITE_ARENA: usize = 2 * 1024;
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the writers get to flush and close after the call ends.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long the writers get to flush and close after the call ends; a writer still running
+/// then is aborted, which drops (closes) its socket.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Connect plus configure for a pre-warm; beyond it the stream connects cold instead.
 const PREWARM_WITHIN: Duration = Duration::from_secs(8);
 /// How long a `start` waits for its webhook's preparation still under way (a pre-warm still
@@ -241,6 +276,14 @@ pub enum EndReason {
     AccountRefused,
     /// The tenant's `max_call_seconds` passed.
     MaxDuration,
+    /// Twilio stopped reading: a write missed [`WRITE_TIMEOUT`] or its control queue filled.
+    TwilioStalled,
+    /// The model stopped reading: a write missed [`WRITE_TIMEOUT`] or its control queue filled.
+    UpstreamStalled,
+    /// A started stream sent nothing for [`TWILIO_IDLE_TIMEOUT`].
+    TwilioIdle,
+    /// The model sent a message over `upstream::connect::MAX_UPSTREAM_MESSAGE_BYTES`.
+    UpstreamOversized,
     Shutdown,
 }
 
@@ -258,15 +301,29 @@ impl EndReason {
             EndReason::StreamTokenRefused => "stream_token_refused",
             EndReason::AccountRefused => "account_refused",
             EndReason::MaxDuration => "max_duration",
+            EndReason::TwilioStalled => "twilio_stalled",
+            EndReason::UpstreamStalled => "upstream_stalled",
+            EndReason::TwilioIdle => "twilio_idle",
+            EndReason::UpstreamOversized => "upstream_oversized",
             EndReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl EndReason {
+    /// A peer that stopped reading on `leg`.
+    fn stalled(leg: Leg) -> Self {
+        match leg {
+            Leg::Twilio => EndReason::TwilioStalled,
+            Leg::Upstream => EndReason::UpstreamStalled,
         }
     }
 }
 
 enum CallInput {
     Twilio(TwilioText),
-    /// A ping's payload, to be echoed in a pong.
-    TwilioPing(String),
+    /// A ping's payload, to be echoed byte for byte in a pong.
+    TwilioPing(PingPayload),
     TwilioClosed,
     TwilioFailed(WebSocketError),
     UpstreamOpen(Duration, tokio::task::JoinHandle<()>, Box<UpstreamStream>),
@@ -274,6 +331,13 @@ enum CallInput {
     /// Borrows tungstenite's read buffer (no copy).
     Upstream(Utf8Bytes),
     UpstreamClosed(Option<String>),
+    /// The model sent a message over its cap (tungstenite refused it while it arrived).
+    UpstreamOversized(String),
+    /// A writer ended early: its peer stopped reading (`stalled`) or its socket failed.
+    WriteFailed {
+        leg: Leg,
+        stalled: bool,
+    },
     /// A tool's answer (or error text) for the model.
     ToolOutput {
         call_id: String,
@@ -313,7 +377,9 @@ pub async fn run_call<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    ws.set_max_message_size(MAX_TWILIO_MESSAGE_BYTES);
+    // fastwebsockets refuses a frame of `max` bytes or more; fragments are counted by
+    // `Reassembly` against the same cap.
+    ws.set_max_message_size(MAX_TWILIO_MESSAGE_BYTES + 1);
     ws.set_auto_pong(false);
     ws.set_auto_close(false);
     let span = tracing::info_span!(
@@ -351,16 +417,18 @@ where
 
     let twilio_out = Arc::new(OutQueue::new(
         TWILIO_AUDIO_QUEUE,
+        TWILIO_CONTROL_QUEUE,
         Direction::Downlink,
         Arc::clone(&metrics),
     ));
     let upstream_out = Arc::new(OutQueue::new(
         UPSTREAM_AUDIO_QUEUE,
+        UPSTREAM_CONTROL_QUEUE,
         Direction::Uplink,
         Arc::clone(&metrics),
     ));
 
-    let twilio_in = twilio_messages(FragmentCollectorRead::new(read_half));
+    let twilio_in = twilio_messages(read_half);
     tokio::pin!(twilio_in);
     let mut upstream_in: Option<Pin<Box<dyn Stream<Item = CallInput> + Send>>> = None;
     let latency = Arc::new(CallLatencyRecorder::default());
@@ -368,7 +436,7 @@ where
         twilio_writer(
             write_half,
             Arc::clone(&twilio_out),
-            Arc::clone(&metrics),
+            WriterSignals::new(Leg::Twilio, &metrics, &inbox_tx),
             Arc::clone(&latency),
         )
         .instrument(span.clone()),
@@ -399,6 +467,12 @@ where
     let call_deadline = tokio::time::sleep(START_TIMEOUT);
     tokio::pin!(call_deadline);
     let mut deadline = Some(CallDeadline::Start);
+    // Checked every TWILIO_IDLE_TIMEOUT, not reset per message: a message only stores its time.
+    let idle_check = tokio::time::sleep(TWILIO_IDLE_TIMEOUT);
+    tokio::pin!(idle_check);
+    let mut last_twilio_at = tokio::time::Instant::now();
+    // Tool requests started and not yet answered through the inbox.
+    let mut tools_in_flight = 0usize;
     let reason = loop {
         let pacer = engine.poll_timeout().map(tokio::time::Instant::from_std);
         if pacer != pacer_armed {
@@ -420,7 +494,11 @@ where
                     metrics.pacer_lateness.observe(now.saturating_duration_since(deadline));
                 }
                 engine.on_tick(now.into_std());
-                flush(&mut engine, &twilio_out, &upstream_out);
+                if let Err(leg) = flush(&mut engine, &twilio_out, &upstream_out) {
+                    metrics.peer_stalled(leg);
+                    tracing::warn!(leg = leg.as_str(), "outbound control queue full: the peer is not reading");
+                    break EndReason::stalled(leg);
+                }
                 continue;
             }
             () = &mut call_deadline, if deadline.is_some() => match deadline {
@@ -435,11 +513,24 @@ where
                     break EndReason::MaxDuration;
                 }
             },
+            () = &mut idle_check => {
+                let silent_until = last_twilio_at + TWILIO_IDLE_TIMEOUT;
+                if tokio::time::Instant::now() >= silent_until {
+                    metrics.twilio_error(TwilioErrorKind::IdleTimeout);
+                    tracing::warn!("no message from Twilio for {TWILIO_IDLE_TIMEOUT:?}: closing");
+                    break EndReason::TwilioIdle;
+                }
+                idle_check.as_mut().reset(silent_until);
+                continue;
+            }
         };
         let Some(input) = input else {
             break EndReason::TwilioClosed;
         };
         let now = Instant::now();
+        if matches!(input, CallInput::Twilio(_) | CallInput::TwilioPing(_)) {
+            last_twilio_at = tokio::time::Instant::from_std(now);
+        }
         match input {
             CallInput::Twilio(text) => match engine.on_twilio_text(now, &text) {
                 Ok(TwilioStep::Continue) => {}
@@ -526,7 +617,7 @@ where
                                 upstream_writer(
                                     sink,
                                     Arc::clone(&upstream_out),
-                                    Arc::clone(&metrics),
+                                    WriterSignals::new(Leg::Upstream, &metrics, &inbox_tx),
                                     Arc::clone(&latency),
                                 )
                                 .instrument(span.clone()),
@@ -579,21 +670,23 @@ where
                     call = Some((record, agent));
                 }
                 Ok(TwilioStep::Stopped) => {
-                    flush(&mut engine, &twilio_out, &upstream_out);
+                    // The call is over either way: a full queue only loses its last marks.
+                    let _ = flush(&mut engine, &twilio_out, &upstream_out);
                     break EndReason::TwilioStop;
                 }
+                // The error's text may quote the peer's: escaped and cut, within the budget.
                 Err(EngineError::Twilio(error)) => {
-                    tracing::warn!(%error, "bad twilio message ignored")
+                    if engine.allow_warning() {
+                        tracing::warn!(error = %Untrusted(&error.to_string()), "bad twilio message ignored")
+                    }
                 }
-                Err(error) => tracing::warn!(%error, "twilio message ignored"),
+                Err(error) => {
+                    if engine.allow_warning() {
+                        tracing::warn!(error = %Untrusted(&error.to_string()), "twilio message ignored")
+                    }
+                }
             },
-            CallInput::TwilioPing(payload) => {
-                twilio_out.push(Outgoing {
-                    text: payload,
-                    kind: OutKind::Pong,
-                    caused_at: None,
-                });
-            }
+            CallInput::TwilioPing(payload) => twilio_out.push_pong(payload),
             CallInput::TwilioClosed => break EndReason::TwilioClosed,
             CallInput::TwilioFailed(error) => {
                 if matches!(error, WebSocketError::FrameTooLarge) {
@@ -617,30 +710,68 @@ where
                 break EndReason::UpstreamFailed;
             }
             CallInput::Upstream(text) => {
-                if let Err(error) = engine.on_upstream_text(now, &text) {
-                    tracing::warn!(%error, "upstream message ignored");
+                if let Err(error) = engine.on_upstream_text(now, &text)
+                    && engine.allow_warning()
+                {
+                    tracing::warn!(error = %Untrusted(&error.to_string()), "upstream message ignored");
                 }
             }
             CallInput::ToolOutput { call_id, output } => {
+                tools_in_flight = tools_in_flight.saturating_sub(1);
                 engine.on_tool_output(&call_id, &output);
             }
             CallInput::UpstreamClosed(why) => {
                 metrics.upstream_disconnects.fetch_add(1, Relaxed);
                 tracing::warn!(
-                    why = why.as_deref().unwrap_or("-"),
+                    why = %Untrusted(why.as_deref().unwrap_or("-")),
                     "model socket closed: ending the call"
                 );
                 break EndReason::UpstreamClosed;
             }
+            CallInput::UpstreamOversized(why) => {
+                metrics.upstream_oversized.fetch_add(1, Relaxed);
+                tracing::warn!(%why, "model message over its size cap: ending the call");
+                break EndReason::UpstreamOversized;
+            }
+            CallInput::WriteFailed { leg, stalled: true } => {
+                metrics.peer_stalled(leg);
+                tracing::warn!(
+                    leg = leg.as_str(),
+                    "a socket write took over {WRITE_TIMEOUT:?}: the peer is not reading"
+                );
+                break EndReason::stalled(leg);
+            }
+            CallInput::WriteFailed {
+                leg,
+                stalled: false,
+            } => {
+                tracing::info!(leg = leg.as_str(), "socket write failed: ending the call");
+                match leg {
+                    Leg::Twilio => break EndReason::TwilioClosed,
+                    Leg::Upstream => {
+                        metrics.upstream_disconnects.fetch_add(1, Relaxed);
+                        break EndReason::UpstreamClosed;
+                    }
+                }
+            }
         }
-        flush(&mut engine, &twilio_out, &upstream_out);
+        // Before the flush: a tool call refused at once answers the model in this pass.
         run_tool_calls(
             &mut engine,
             &services,
             call.as_ref(),
             &inbox_tx,
             &connecting,
+            &mut tools_in_flight,
         );
+        if let Err(leg) = flush(&mut engine, &twilio_out, &upstream_out) {
+            metrics.peer_stalled(leg);
+            tracing::warn!(
+                leg = leg.as_str(),
+                "outbound control queue full: the peer is not reading"
+            );
+            break EndReason::stalled(leg);
+        }
     };
 
     let stats = engine.stats();
@@ -649,6 +780,7 @@ where
         frames_out = stats.frames_out,
         barge_ins = stats.barge_ins,
         upstream_errors = stats.upstream_errors,
+        warnings_suppressed = engine.warnings_suppressed(),
         "call summary"
     );
     // The report goes first, before anything waits on a socket: a peer that stalls the close
@@ -656,14 +788,15 @@ where
     if let Some((record, agent)) = call.take() {
         submit_report(&metrics, record, &agent, reason, engine.stats(), &latency);
     }
-    // A connect still under way is abandoned; writers send what is queued, then a close frame.
+    // A connect still under way is abandoned; writers send what is queued, then a close frame,
+    // within the grace; a writer still running then is aborted and its socket closed.
     connecting.cancel();
     twilio_out.close();
     upstream_out.close();
-    let _ = tokio::time::timeout(CLOSE_GRACE, twilio_writer).await;
-    if let Some(writer) = upstream_writer_task {
-        let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
-    }
+    tokio::join!(
+        stop_writer(Some(twilio_writer), &metrics),
+        stop_writer(upstream_writer_task, &metrics),
+    );
     drop(registration);
     reason
 }
@@ -739,8 +872,12 @@ fn run_tool_calls(
     call: Option<&(CallRecord, CallAgent)>,
     inbox: &mpsc::Sender<Box<CallInput>>,
     call_ended: &CancellationToken,
+    in_flight: &mut usize,
 ) {
-    for tool_call in engine.take_tool_calls() {
+    // Collected first (no allocation when there are none): answering a refused call needs
+    // the engine back.
+    let tool_calls: Vec<_> = engine.take_tool_calls().collect();
+    for tool_call in tool_calls {
         // Tools are enabled only for a tenant's agent with a control plane.
         let (Some(control), Some((record, agent))) = (&services.control, call) else {
             continue;
@@ -748,6 +885,18 @@ fn run_tool_calls(
         let Some(tenant_id) = agent.tenant_id.clone() else {
             continue;
         };
+        if *in_flight >= MAX_TOOL_CALLS_IN_FLIGHT {
+            services.metrics.control_tool_failures.fetch_add(1, Relaxed);
+            if engine.allow_warning() {
+                tracing::warn!(
+                    "the model called a tool with {MAX_TOOL_CALLS_IN_FLIGHT} still running: refused"
+                );
+            }
+            let output = r#"{"error":"too many tool calls at once; wait for the running ones"}"#;
+            engine.on_tool_output(&tool_call.call_id, output);
+            continue;
+        }
+        *in_flight += 1;
         let client = control.client.clone();
         let call_sid = record.call_sid.clone();
         let inbox = inbox.clone();
@@ -777,21 +926,99 @@ fn run_tool_calls(
     }
 }
 
-/// Moves the engine's output into the writers' queues.
-fn flush(engine: &mut CallEngine, twilio_out: &OutQueue, upstream_out: &OutQueue) {
+/// Moves the engine's output into the writers' queues. A leg whose control queue is full
+/// (its peer is not reading) is returned: the call must end.
+fn flush(
+    engine: &mut CallEngine,
+    twilio_out: &OutQueue,
+    upstream_out: &OutQueue,
+) -> Result<(), Leg> {
+    let mut full = None;
     for out in engine.take_to_twilio() {
         if out.kind == OutKind::Clear {
             // Audio not yet written is stale: Twilio would only clear it again.
             twilio_out.drop_audio();
         }
-        twilio_out.push(out);
+        if twilio_out.push(out).is_err() {
+            full = Some(Leg::Twilio);
+        }
     }
     for out in engine.take_to_upstream() {
-        upstream_out.push(out);
+        if upstream_out.push(out).is_err() {
+            full = full.or(Some(Leg::Upstream));
+        }
     }
     // Buffers the writers have finished with carry the next appends, `media`s and `mark`s.
     upstream_out.reclaim(|text| engine.recycle_upstream(text));
     twilio_out.reclaim(|text| engine.recycle_twilio(text));
+    full.map_or(Ok(()), Err)
+}
+
+/// Waits up to [`CLOSE_GRACE`] for a writer to send what is queued and its close frame, then
+/// aborts it: its socket half is dropped with it, so a peer that never reads cannot keep the
+/// task or the socket.
+async fn stop_writer(writer: Option<tokio::task::JoinHandle<()>>, metrics: &Metrics) {
+    let Some(mut writer) = writer else {
+        return;
+    };
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+        metrics.call_writers_aborted.fetch_add(1, Relaxed);
+        tracing::info!("a socket writer was still busy after {CLOSE_GRACE:?}: aborted");
+        // Returns once the task is gone (at its next poll), socket and all.
+        let _ = writer.await;
+    }
+}
+
+/// Runs one socket operation with a deadline of [`WRITE_TIMEOUT`]. The operation is polled
+/// once first and the timer armed only if it is still pending, so the common case (the socket
+/// takes the bytes at once) costs no timer. `None` when the deadline passed.
+async fn within_write_timeout<F: std::future::Future>(operation: F) -> Option<F::Output> {
+    let mut operation = std::pin::pin!(operation);
+    let first = std::future::poll_fn(|cx| Poll::Ready(operation.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => tokio::time::timeout(WRITE_TIMEOUT, operation).await.ok(),
+    }
+}
+
+/// How a writer task tells the core it ended early, and the gauge of live writers (released
+/// however the task ends, abort included).
+struct WriterSignals {
+    leg: Leg,
+    metrics: Arc<Metrics>,
+    inbox: mpsc::Sender<Box<CallInput>>,
+}
+
+impl WriterSignals {
+    fn new(leg: Leg, metrics: &Arc<Metrics>, inbox: &mpsc::Sender<Box<CallInput>>) -> Self {
+        metrics.call_writers_active.fetch_add(1, Relaxed);
+        Self {
+            leg,
+            metrics: Arc::clone(metrics),
+            inbox: inbox.clone(),
+        }
+    }
+
+    /// The peer stopped reading (`stalled`) or the socket failed: the core ends the call.
+    async fn failed(&self, stalled: bool) {
+        let _ = self
+            .inbox
+            .send(Box::new(CallInput::WriteFailed {
+                leg: self.leg,
+                stalled,
+            }))
+            .await;
+    }
+}
+
+impl Drop for WriterSignals {
+    fn drop(&mut self) {
+        self.metrics.call_writers_active.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Phone numbers in logs keep their last two digits only.
@@ -865,84 +1092,110 @@ impl<S: Stream + Unpin> Stream for PollOnWake<S> {
 
 /// The Twilio read half as a stream of call inputs. A `next()` dropped by `select!` leaves the
 /// read in progress inside the stream, so it is cancel-safe although `read_frame` is not. The
-/// stream ends after the socket closes or fails.
-fn twilio_messages<R>(reader: FragmentCollectorRead<R>) -> impl Stream<Item = CallInput>
+/// stream ends after the socket closes or fails. Frames are read one by one (not through
+/// fastwebsockets' collector, which would join a fragmented message of any size): an
+/// unfragmented text frame goes on in the reader's buffer, fragments are joined by
+/// [`Reassembly`] under [`MAX_TWILIO_MESSAGE_BYTES`], counted as they arrive.
+fn twilio_messages<R>(reader: WebSocketRead<R>) -> impl Stream<Item = CallInput>
 where
     R: AsyncRead + Unpin,
 {
+    let reassembly = Reassembly::new(MAX_TWILIO_MESSAGE_BYTES);
     PollOnWake::new(Box::pin(futures_util::stream::unfold(
-        Some(reader),
-        |reader| async move {
-            let mut reader = reader?;
+        Some((reader, reassembly)),
+        |state| async move {
+            let (mut reader, mut reassembly) = state?;
             // Auto-pong and auto-close are off, so the reader never has to write.
             let mut never_writes = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
             loop {
                 let input = match reader.read_frame(&mut never_writes).await {
                     Ok(frame) => match frame.opcode {
-                        OpCode::Text => {
-                            if frame.payload.len() > MAX_TWILIO_MESSAGE_BYTES {
-                                // A fragmented message can exceed the per-frame limit.
-                                CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
-                            } else {
-                                let payload = match frame.payload {
-                                    Payload::Bytes(bytes) => bytes,
-                                    // Defragmented messages arrive owned; not the media path.
-                                    other => BytesMut::from(&other[..]),
-                                };
-                                match TwilioText::new(payload) {
-                                    Some(text) => CallInput::Twilio(text),
-                                    None => CallInput::TwilioFailed(WebSocketError::InvalidUTF8),
+                        OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                            match reassembly.push(frame.fin, frame.opcode, frame.payload) {
+                                Ok(None) => continue,
+                                // Twilio never sends binary frames; a stray one is not audio
+                                // we understand.
+                                Ok(Some(Reassembled::Binary { .. })) => continue,
+                                Ok(Some(Reassembled::Text(payload))) => {
+                                    match TwilioText::new(payload) {
+                                        Some(text) => CallInput::Twilio(text),
+                                        None => {
+                                            CallInput::TwilioFailed(WebSocketError::InvalidUTF8)
+                                        }
+                                    }
                                 }
+                                Err(FragmentError::Oversized { .. }) => {
+                                    CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
+                                }
+                                Err(FragmentError::UnexpectedContinuation) => {
+                                    CallInput::TwilioFailed(
+                                        WebSocketError::InvalidContinuationFrame,
+                                    )
+                                }
+                                Err(_) => CallInput::TwilioFailed(WebSocketError::InvalidFragment),
                             }
                         }
                         OpCode::Close => CallInput::TwilioClosed,
-                        OpCode::Ping => CallInput::TwilioPing(
-                            String::from_utf8_lossy(&frame.payload).into_owned(),
-                        ),
-                        // Twilio never sends binary frames; a stray one is not audio we understand.
-                        OpCode::Binary | OpCode::Pong | OpCode::Continuation => continue,
+                        // fastwebsockets refuses pings over 125 bytes, which always fit.
+                        OpCode::Ping => match PingPayload::new(&frame.payload) {
+                            Some(ping) => CallInput::TwilioPing(ping),
+                            None => CallInput::TwilioFailed(WebSocketError::PingFrameTooLarge),
+                        },
+                        OpCode::Pong => continue,
                     },
                     Err(error) => CallInput::TwilioFailed(error),
                 };
                 let terminal =
                     matches!(input, CallInput::TwilioClosed | CallInput::TwilioFailed(_));
-                return Some((input, (!terminal).then_some(reader)));
+                return Some((input, (!terminal).then_some((reader, reassembly))));
             }
         },
     )))
 }
 
+/// Writes the Twilio queue to the socket, every write and flush within [`WRITE_TIMEOUT`]; a
+/// pong owed goes first, with the ping's bytes.
 async fn twilio_writer<W>(
     mut writer: fastwebsockets::WebSocketWrite<W>,
     queue: Arc<OutQueue>,
-    metrics: Arc<Metrics>,
+    signals: WriterSignals,
     latency: Arc<CallLatencyRecorder>,
 ) where
     W: AsyncWrite + Unpin,
 {
+    let metrics = Arc::clone(&signals.metrics);
     let mut batch = Vec::with_capacity(16);
+    let mut pong = None;
     let mut written = Vec::with_capacity(16);
     // Texts written go back to the core through the queue for the next downlink messages.
     let mut spent = Vec::with_capacity(16);
-    while queue.pop_all(&mut batch, &mut spent).await {
+    while queue.pop_all(&mut batch, &mut pong, &mut spent).await {
+        if let Some(ping) = pong.take() {
+            let frame = Frame::pong(Payload::Borrowed(ping.as_bytes()));
+            match within_write_timeout(writer.write_frame(frame)).await {
+                Some(Ok(())) => {}
+                Some(Err(_)) => return signals.failed(false).await,
+                None => return signals.failed(true).await,
+            }
+        }
         for out in batch.drain(..) {
             // A server's frames are not masked, so fastwebsockets only reads the payload: it is
             // framed from the borrowed text, which then goes back for reuse.
-            let payload = Payload::Borrowed(out.text.as_bytes());
-            let frame = match out.kind {
-                OutKind::Pong => Frame::pong(payload),
-                _ => Frame::text(payload),
-            };
-            if writer.write_frame(frame).await.is_err() {
-                return;
+            let frame = Frame::text(Payload::Borrowed(out.text.as_bytes()));
+            match within_write_timeout(writer.write_frame(frame)).await {
+                Some(Ok(())) => {}
+                Some(Err(_)) => return signals.failed(false).await,
+                None => return signals.failed(true).await,
             }
             if let Some(caused_at) = out.caused_at {
                 written.push((out.kind, caused_at));
             }
             spent.push(out.text);
         }
-        if writer.flush().await.is_err() {
-            return;
+        match within_write_timeout(writer.flush()).await {
+            Some(Ok(())) => {}
+            Some(Err(_)) => return signals.failed(false).await,
+            None => return signals.failed(true).await,
         }
         // Latency ends when the bytes reach the socket, i.e. after the flush.
         for (kind, caused_at) in written.drain(..) {
@@ -956,12 +1209,12 @@ async fn twilio_writer<W>(
                     metrics.barge_in_reaction.observe(took);
                     latency.barge_in(took);
                 }
-                OutKind::Mark | OutKind::Control | OutKind::Pong => {}
+                OutKind::Mark | OutKind::Control => {}
             }
         }
     }
-    let _ = writer.write_frame(Frame::close(1000, b"")).await;
-    let _ = writer.flush().await;
+    let _ = within_write_timeout(writer.write_frame(Frame::close(1000, b""))).await;
+    let _ = within_write_timeout(writer.flush()).await;
 }
 
 /// Opens the model's socket, then starts its reader and writer and tells the core.
@@ -997,7 +1250,8 @@ async fn open_upstream(
     };
     let took = began.elapsed();
     let (sink, stream) = socket.split();
-    let writer = tokio::spawn(upstream_writer(sink, queue, metrics, latency).in_current_span());
+    let signals = WriterSignals::new(Leg::Upstream, &metrics, &inbox);
+    let writer = tokio::spawn(upstream_writer(sink, queue, signals, latency).in_current_span());
     let _ = inbox
         .send(Box::new(CallInput::UpstreamOpen(
             took,
@@ -1014,16 +1268,26 @@ fn upstream_messages(stream: UpstreamStream) -> impl Stream<Item = CallInput> {
         |stream| async move {
             let mut stream = stream?;
             loop {
+                // tungstenite answers a ping itself: the pong is queued as the ping is read and
+                // written by the next read (the one right after, as a ping yields no input), so
+                // it leaves at once with the ping's bytes, whether or not the writer has anything.
                 let input = match stream.next().await {
                     Some(Ok(Message::Text(text))) => CallInput::Upstream(text),
                     Some(Ok(Message::Close(frame))) => CallInput::UpstreamClosed(
                         frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
                     ),
                     Some(Ok(_)) => continue,
+                    // Refused while it arrived: the cap counts fragments as they come.
+                    Some(Err(WsError::Capacity(error @ CapacityError::MessageTooLong { .. }))) => {
+                        CallInput::UpstreamOversized(error.to_string())
+                    }
                     Some(Err(error)) => CallInput::UpstreamClosed(Some(error.to_string())),
                     None => CallInput::UpstreamClosed(None),
                 };
-                let terminal = matches!(input, CallInput::UpstreamClosed(_));
+                let terminal = matches!(
+                    input,
+                    CallInput::UpstreamClosed(_) | CallInput::UpstreamOversized(_)
+                );
                 return Some((input, (!terminal).then_some(stream)));
             }
         },
@@ -1043,18 +1307,24 @@ async fn next_upstream(
     }
 }
 
+/// Writes the model's queue to its socket, every feed and flush within [`WRITE_TIMEOUT`]
+/// (tungstenite accepts a message only once the previous ones are written, so nothing piles up
+/// in its buffer behind a stalled socket).
 async fn upstream_writer(
     mut sink: futures_util::stream::SplitSink<UpstreamSocket, Message>,
     queue: Arc<OutQueue>,
-    metrics: Arc<Metrics>,
+    signals: WriterSignals,
     latency: Arc<CallLatencyRecorder>,
 ) {
+    let metrics = Arc::clone(&signals.metrics);
     // Batches are one append; these grow if a burst (audio held while connecting) needs more.
     let mut batch = Vec::with_capacity(2);
+    // The model never pings through this queue (tungstenite answers its pings itself).
+    let mut no_pong = None;
     let mut audio_read_at = Vec::with_capacity(2);
     let mut spent = Vec::with_capacity(2);
     let mut arena = BytesMut::new();
-    while queue.pop_all(&mut batch, &mut spent).await {
+    while queue.pop_all(&mut batch, &mut no_pong, &mut spent).await {
         for out in batch.drain(..) {
             if out.kind == OutKind::Audio {
                 audio_read_at.extend(out.caused_at);
@@ -1070,13 +1340,17 @@ async fn upstream_writer(
             } else {
                 Utf8Bytes::from(out.text)
             };
-            if sink.feed(Message::Text(text)).await.is_err() {
-                return;
+            match within_write_timeout(sink.feed(Message::Text(text))).await {
+                Some(Ok(())) => {}
+                Some(Err(_)) => return signals.failed(false).await,
+                None => return signals.failed(true).await,
             }
         }
         // One flush per batch: the messages queued together leave together.
-        if sink.flush().await.is_err() {
-            return;
+        match within_write_timeout(sink.flush()).await {
+            Some(Ok(())) => {}
+            Some(Err(_)) => return signals.failed(false).await,
+            None => return signals.failed(true).await,
         }
         for read_at in audio_read_at.drain(..) {
             let took = read_at.elapsed();
@@ -1088,7 +1362,7 @@ async fn upstream_writer(
         code: CloseCode::Normal,
         reason: "call ended".into(),
     };
-    let _ = sink.send(Message::Close(Some(close))).await;
+    let _ = within_write_timeout(sink.send(Message::Close(Some(close)))).await;
 }
 
 #[cfg(test)]
@@ -1104,6 +1378,97 @@ mod tests {
         fn wake_by_ref(waker: &Arc<Self>) {
             waker.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    #[tokio::test]
+    async fn a_writer_stuck_on_a_peer_that_never_reads_is_aborted_and_its_socket_closed() {
+        use tokio::io::AsyncReadExt;
+        let metrics = Arc::new(Metrics::default());
+        let (inbox_tx, _inbox) = mpsc::channel(INBOX_CAPACITY);
+        // A pipe that holds 64 bytes, whose far end is never read until the end.
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let (read, write) = tokio::io::split(ours);
+        let (reader, writer) =
+            fastwebsockets::after_handshake_split(read, write, fastwebsockets::Role::Server);
+        drop(reader);
+        let queue = Arc::new(OutQueue::new(
+            TWILIO_AUDIO_QUEUE,
+            TWILIO_CONTROL_QUEUE,
+            Direction::Downlink,
+            Arc::clone(&metrics),
+        ));
+        let task = tokio::spawn(twilio_writer(
+            writer,
+            Arc::clone(&queue),
+            WriterSignals::new(Leg::Twilio, &metrics, &inbox_tx),
+            Arc::new(CallLatencyRecorder::default()),
+        ));
+        let mark = super::super::engine::Outgoing {
+            text: "m".repeat(1_000),
+            kind: OutKind::Mark,
+            caused_at: None,
+        };
+        queue.push(mark).unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(metrics.call_writers_active.load(Relaxed), 1);
+        // The call ends while the writer is stuck in a write.
+        queue.close();
+        let began = tokio::time::Instant::now();
+        stop_writer(Some(task), &metrics).await;
+        let took = began.elapsed();
+        assert!(took >= CLOSE_GRACE && took < WRITE_TIMEOUT, "{took:?}");
+        assert_eq!(metrics.call_writers_aborted.load(Relaxed), 1);
+        assert_eq!(metrics.call_writers_active.load(Relaxed), 0);
+        // Its socket went with it: the peer reads what was buffered, then the end.
+        let mut buffer = [0u8; 4096];
+        let mut read_total = 0;
+        loop {
+            let n = theirs.read(&mut buffer).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            read_total += n;
+        }
+        assert!(read_total <= 1_100, "{read_total}");
+    }
+
+    #[tokio::test]
+    async fn a_write_that_cannot_complete_times_out_and_reports_a_stall() {
+        let metrics = Arc::new(Metrics::default());
+        let (inbox_tx, mut inbox) = mpsc::channel(INBOX_CAPACITY);
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let (read, write) = tokio::io::split(ours);
+        let (_reader, writer) =
+            fastwebsockets::after_handshake_split(read, write, fastwebsockets::Role::Server);
+        let queue = Arc::new(OutQueue::new(
+            4,
+            4,
+            Direction::Downlink,
+            Arc::clone(&metrics),
+        ));
+        let task = tokio::spawn(twilio_writer(
+            writer,
+            Arc::clone(&queue),
+            WriterSignals::new(Leg::Twilio, &metrics, &inbox_tx),
+            Arc::new(CallLatencyRecorder::default()),
+        ));
+        queue.push_pong(PingPayload::new(&[0xff; 125]).unwrap());
+        let began = tokio::time::Instant::now();
+        let signal = inbox.recv().await.expect("the writer reports");
+        assert!(matches!(
+            *signal,
+            CallInput::WriteFailed {
+                leg: Leg::Twilio,
+                stalled: true
+            }
+        ));
+        let took = began.elapsed();
+        assert!(
+            took >= WRITE_TIMEOUT && took < WRITE_TIMEOUT + CLOSE_GRACE,
+            "{took:?}"
+        );
+        task.await.unwrap();
+        assert_eq!(metrics.call_writers_active.load(Relaxed), 0);
     }
 
     #[test]

@@ -138,10 +138,20 @@ pub enum TwilioErrorKind {
     StartTimeout,
     BadBase64,
     BadMediaFormat,
+    /// A `sequenceNumber` too far ahead of the last one to be a gap (the message is refused).
+    SequenceJump,
+    /// A `dtmf.digit` that is not one of `0-9 * # A-D`.
+    BadDtmf,
+    /// A digit refused because too many were already waiting for the model's socket.
+    DtmfFlood,
+    /// A `start` whose streamSid, callSid or accountSid is not a Twilio SID.
+    InvalidSid,
+    /// No message from a started stream for [`crate::session::call::TWILIO_IDLE_TIMEOUT`].
+    IdleTimeout,
 }
 
 impl TwilioErrorKind {
-    const ALL: [TwilioErrorKind; 9] = [
+    const ALL: [TwilioErrorKind; 14] = [
         TwilioErrorKind::Malformed,
         TwilioErrorKind::OutOfOrder,
         TwilioErrorKind::UnknownEvent,
@@ -151,6 +161,11 @@ impl TwilioErrorKind {
         TwilioErrorKind::StartTimeout,
         TwilioErrorKind::BadBase64,
         TwilioErrorKind::BadMediaFormat,
+        TwilioErrorKind::SequenceJump,
+        TwilioErrorKind::BadDtmf,
+        TwilioErrorKind::DtmfFlood,
+        TwilioErrorKind::InvalidSid,
+        TwilioErrorKind::IdleTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -164,6 +179,11 @@ impl TwilioErrorKind {
             TwilioErrorKind::StartTimeout => "start_timeout",
             TwilioErrorKind::BadBase64 => "bad_base64",
             TwilioErrorKind::BadMediaFormat => "bad_media_format",
+            TwilioErrorKind::SequenceJump => "sequence_jump",
+            TwilioErrorKind::BadDtmf => "bad_dtmf",
+            TwilioErrorKind::DtmfFlood => "dtmf_flood",
+            TwilioErrorKind::InvalidSid => "invalid_sid",
+            TwilioErrorKind::IdleTimeout => "idle_timeout",
         }
     }
 }
@@ -222,6 +242,26 @@ pub enum Direction {
     Uplink,
     /// Model → caller.
     Downlink,
+}
+
+/// One of a call's two sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leg {
+    /// The Media Streams socket.
+    Twilio,
+    /// The model's socket.
+    Upstream,
+}
+
+impl Leg {
+    const ALL: [Leg; 2] = [Leg::Twilio, Leg::Upstream];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Leg::Twilio => "twilio",
+            Leg::Upstream => "upstream",
+        }
+    }
 }
 
 /// Control-plane endpoints, for counting failed requests.
@@ -299,6 +339,13 @@ pub struct Metrics {
     pub upstream_errors: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
     pub upstream_disconnects: AtomicU64,
+    /// Model messages over `upstream::connect::MAX_UPSTREAM_MESSAGE_BYTES` (the call ends).
+    pub upstream_oversized: AtomicU64,
+    /// Socket writer tasks of calls still running (a leak shows here).
+    pub call_writers_active: AtomicI64,
+    /// Writers still running after their call's close grace, aborted with their socket.
+    pub call_writers_aborted: AtomicU64,
+    peer_stalls: [AtomicU64; Leg::ALL.len()],
     twilio_errors: [AtomicU64; TwilioErrorKind::ALL.len()],
     signature_failures: [AtomicU64; SignedRoute::ALL.len()],
     audio_dropped_uplink: AtomicU64,
@@ -493,8 +540,23 @@ impl Metrics {
         self.twilio_errors[kind as usize].fetch_add(1, Relaxed);
     }
 
+    /// Counts `n` errors of one kind at once (a sequence gap of `n` numbers is one add).
+    pub fn twilio_errors_add(&self, kind: TwilioErrorKind, n: u64) {
+        self.twilio_errors[kind as usize].fetch_add(n, Relaxed);
+    }
+
     pub fn twilio_errors(&self, kind: TwilioErrorKind) -> u64 {
         self.twilio_errors[kind as usize].load(Relaxed)
+    }
+
+    /// A socket write missed its deadline, or a queue of messages that are never dropped
+    /// overflowed: the peer is not reading and its call ends.
+    pub fn peer_stalled(&self, leg: Leg) {
+        self.peer_stalls[leg as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn peer_stalls(&self, leg: Leg) -> u64 {
+        self.peer_stalls[leg as usize].load(Relaxed)
     }
 
     pub fn signature_failure(&self, route: SignedRoute) {
@@ -740,6 +802,36 @@ impl Metrics {
             "Model API sockets that dropped mid-call.",
             &self.upstream_disconnects,
         );
+        counter(
+            &mut out,
+            "voxrelay_upstream_oversized_total",
+            "Model messages over the size cap (each ends its call).",
+            &self.upstream_oversized,
+        );
+        gauge(
+            &mut out,
+            "voxrelay_call_writers_active",
+            "Socket writer tasks of calls still running.",
+            self.call_writers_active.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "voxrelay_call_writers_aborted_total",
+            "Socket writers aborted after their call's close grace.",
+            &self.call_writers_aborted,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_peer_stalls_total Calls ended because a peer stopped reading (write deadline missed or control queue full), by leg.\n# TYPE voxrelay_peer_stalls_total counter"
+        );
+        for leg in Leg::ALL {
+            let _ = writeln!(
+                out,
+                "voxrelay_peer_stalls_total{{leg=\"{}\"}} {}",
+                leg.as_str(),
+                self.peer_stalls(leg)
+            );
+        }
 
         let _ = writeln!(
             out,

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod binding;
 pub mod call;
 pub mod engine;
+pub mod fragments;
 pub mod metrics;
 pub mod playback;
 pub mod prewarm;

@@ -26,8 +26,15 @@ const FRAME_MS: u32 = 20;
 /// forgotten first (a response dozens of turns old no longer sends deltas).
 const MAX_TRACKED_RESPONSES: usize = 32;
 /// Items of the current generation kept for mark accounting; finished items are forgotten oldest
-/// first beyond this (their late mark echoes then count as unknown, which is harmless).
+/// first beyond this (their late mark echoes then count as unknown, which is harmless). When
+/// every tracked item still has audio queued, a delta starting yet another item is dropped
+/// (counted in `queued_bytes_dropped`): a model cannot make playback track items without bound.
 const MAX_TRACKED_ITEMS: usize = 32;
+/// Runs of queued audio (a new one starts whenever the item changes). A few in practice; a
+/// model alternating items on every delta would otherwise make one per delta. Beyond this a
+/// delta that needs a new run is dropped (counted in `queued_bytes_dropped`), which also bounds
+/// the work of every scan over them.
+const MAX_QUEUED_SEGMENTS: usize = 256;
 
 /// Faults in configuration or in a mark name echoed back to us.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -296,7 +303,9 @@ impl Playback {
 
     /// Queue model audio (μ-law bytes) for item `item_id` of response `response_id`. Returns
     /// false when the delta is dropped: it belongs to an interrupted response (counted in
-    /// `late_deltas_dropped`) or the queue is full (counted in `queued_bytes_dropped`).
+    /// `late_deltas_dropped`), or the queue is full, or it would start an item or a run of
+    /// audio past [`MAX_TRACKED_ITEMS`] or [`MAX_QUEUED_SEGMENTS`] (counted in
+    /// `queued_bytes_dropped`).
     pub fn on_audio_delta(
         &mut self,
         now: Instant,
@@ -320,14 +329,25 @@ impl Playback {
             return false;
         }
 
-        let item_seq = match self.items.iter().find(|item| *item.item_id == *item_id) {
-            Some(item) => item.seq,
+        let known = self
+            .items
+            .iter()
+            .find(|item| *item.item_id == *item_id)
+            .map(|item| item.seq);
+        let appends_to_last = known.is_some_and(|seq| {
+            self.segments
+                .back()
+                .is_some_and(|segment| segment.item_seq == seq && !segment.closed)
+        });
+        let item_seq = match known {
+            _ if !appends_to_last && self.segments.len() >= MAX_QUEUED_SEGMENTS => None,
+            Some(seq) => Some(seq),
             None => self.start_item(response_id, item_id),
         };
-        let appends_to_last = self
-            .segments
-            .back()
-            .is_some_and(|segment| segment.item_seq == item_seq && !segment.closed);
+        let Some(item_seq) = item_seq else {
+            self.counters.queued_bytes_dropped += accepted as u64;
+            return false;
+        };
         if !appends_to_last {
             // Chunks never mix items, so the previous item's partial chunk is finished with silence.
             self.close_last_segment();
@@ -582,16 +602,16 @@ impl Playback {
         &mut self.responses[index]
     }
 
-    fn start_item(&mut self, response_id: &str, item_id: &str) -> u32 {
+    /// Tracks a new item; `None` when [`MAX_TRACKED_ITEMS`] are tracked and each still has
+    /// audio queued (none can be forgotten).
+    fn start_item(&mut self, response_id: &str, item_id: &str) -> Option<u32> {
         if self.items.len() >= MAX_TRACKED_ITEMS {
             let segments = &self.segments;
-            if let Some(index) = self
+            let index = self
                 .items
                 .iter()
-                .position(|item| !segments.iter().any(|s| s.item_seq == item.seq))
-            {
-                self.items.remove(index);
-            }
+                .position(|item| !segments.iter().any(|s| s.item_seq == item.seq))?;
+            self.items.remove(index);
         }
         let seq = self.next_item_seq;
         self.next_item_seq = self.next_item_seq.wrapping_add(1);
@@ -604,7 +624,7 @@ impl Playback {
             confirmed_ms: 0,
             confirmed_at: None,
         });
-        seq
+        Some(seq)
     }
 
     /// Pads the last segment to a whole chunk with silence and closes it.
@@ -790,6 +810,39 @@ mod tests {
 
         let interruption = h.pb.on_speech_started(h.at(420)).expect("audio is playing");
         (h, interruption)
+    }
+
+    #[test]
+    fn a_model_cannot_make_playback_track_items_or_runs_without_bound() {
+        let mut h = Harness::new(10);
+        let t = h.at(0);
+        h.pb.on_response_created("r1");
+        let began = std::time::Instant::now();
+        // A new item on every delta, none of which can be sent yet (each is a partial chunk).
+        let mut accepted = 0;
+        for i in 0..10_000 {
+            accepted += usize::from(h.pb.on_audio_delta(t, "r1", &format!("item{i}"), &[0x55]));
+        }
+        assert_eq!(accepted, MAX_TRACKED_ITEMS);
+        assert!(h.pb.items.len() <= MAX_TRACKED_ITEMS);
+        assert_eq!(
+            h.pb.counters().queued_bytes_dropped,
+            (10_000 - MAX_TRACKED_ITEMS) as u64
+        );
+        // Two items taking turns: every delta would open a new run.
+        let mut h = Harness::new(10);
+        h.pb.on_response_created("r2");
+        for i in 0..10_000 {
+            let item = if i % 2 == 0 { "even" } else { "odd" };
+            h.pb.on_audio_delta(t, "r2", item, &[0x55]);
+        }
+        assert!(h.pb.segments.len() <= MAX_QUEUED_SEGMENTS);
+        assert!(began.elapsed() < std::time::Duration::from_secs(2));
+        // Nothing is stuck: once the queue drains, new items play again.
+        let interruption = h.pb.on_speech_started(h.at(10));
+        assert!(interruption.is_some());
+        h.pb.on_response_created("r3");
+        assert!(h.pb.on_audio_delta(h.at(20), "r3", "fresh", &audio(100)));
     }
 
     #[test]

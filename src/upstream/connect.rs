@@ -4,7 +4,8 @@
 //! `Authorization: Bearer <key>` (never `OpenAI-Beta`), marked sensitive and never logged; TLS
 //! is rustls with the ring provider and the webpki root set, built explicitly so no
 //! process-wide crypto provider has to be installed; Nagle is off (20 ms audio frames must not
-//! wait for ACKs); the whole dial, TCP + TLS + HTTP upgrade, is bounded by a timeout.
+//! wait for ACKs); the whole dial, TCP + TLS + HTTP upgrade, is bounded by a timeout; a message
+//! from the model is at most [`MAX_UPSTREAM_MESSAGE_BYTES`], fragments counted as they arrive.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -65,8 +66,21 @@ pub(crate) async fn connect_with_timeout(
 /// messages are a few KiB, so 4 KiB reads serve them (a larger message just takes more reads).
 pub const UPSTREAM_READ_BUFFER: usize = 4 * 1024;
 
-fn socket_config() -> tungstenite::protocol::WebSocketConfig {
-    tungstenite::protocol::WebSocketConfig::default().read_buffer_size(UPSTREAM_READ_BUFFER)
+/// The largest message (and frame) taken from the model; a larger one ends the call
+/// (`voxrelay_upstream_oversized_total`, end reason `upstream_oversized`). An audio delta is a
+/// few KiB of base64 (100 ms of 24 kHz PCM16 is 6.4 KiB), and the largest events the service
+/// sends are `session.created`/`session.updated` echoing the instructions and tool schemas and
+/// `response.done` carrying a response's items and transcript: tens of KiB for a rich agent.
+/// 1 MiB is tenfold that, and bounds what one call can be made to hold where tungstenite's
+/// default would let a peer hold 64 MiB. tungstenite checks it on each frame's header and on
+/// the running total of a fragmented message before each fragment is appended.
+pub const MAX_UPSTREAM_MESSAGE_BYTES: usize = 1024 * 1024;
+
+pub(crate) fn socket_config() -> tungstenite::protocol::WebSocketConfig {
+    tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(UPSTREAM_READ_BUFFER)
+        .max_message_size(Some(MAX_UPSTREAM_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_UPSTREAM_MESSAGE_BYTES))
 }
 
 /// Parsing the root set costs milliseconds, so it is done once per process.

@@ -132,6 +132,9 @@ pub enum UpstreamError {
     /// The server sent something that is not the JSON we expect for its `type`.
     #[error("malformed upstream message: {0}")]
     Malformed(#[from] serde_json::Error),
+    /// An id or function name over [`openai::MAX_ID_BYTES`]: refused rather than remembered.
+    #[error("an id of {0} bytes in an upstream message (at most {max})", max = openai::MAX_ID_BYTES)]
+    IdTooLong(usize),
     /// The URL could not be turned into a WebSocket request.
     #[error("invalid upstream URL: {0}")]
     InvalidUrl(String),

@@ -6,7 +6,8 @@
 //! produced (no `OpenAI-Beta`, no `input_audio_format`, no `response.audio.delta`); the
 //! greeting's `response.create` is sent exactly once, and only after the first
 //! `session.updated`; unknown server event types are [`UpstreamEvent::Other`], never errors;
-//! malformed input is an [`UpstreamError`], never a panic.
+//! malformed input is an [`UpstreamError`], never a panic; an id or function name longer than
+//! [`MAX_ID_BYTES`] is refused ([`UpstreamError::IdTooLong`]), because the call keeps dozens.
 
 use std::borrow::Cow;
 
@@ -14,6 +15,36 @@ use serde::{Deserialize, Serialize};
 
 use super::{RealtimeProtocol, SessionSettings, UpstreamError, UpstreamEvent, push_json_str};
 use crate::AudioMode;
+
+/// The longest item, response or call id (or function name) taken from a server event. The
+/// service's ids are about 30 characters and function names at most 64; the engine and
+/// playback remember dozens of ids per call, so a longer one is refused, not stored.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// Refuses an event carrying an id (or function name) over [`MAX_ID_BYTES`].
+fn check_ids(event: &UpstreamEvent<'_>) -> Result<(), UpstreamError> {
+    let ids: [&str; 2] = match event {
+        UpstreamEvent::AudioDelta {
+            response_id,
+            item_id,
+            ..
+        } => [response_id, item_id],
+        UpstreamEvent::SpeechStarted { item_id, .. }
+        | UpstreamEvent::InputTranscript { item_id, .. }
+        | UpstreamEvent::OutputTranscript { item_id, .. } => [item_id, ""],
+        UpstreamEvent::ResponseCreated { response_id }
+        | UpstreamEvent::ResponseDone { response_id, .. } => [response_id, ""],
+        UpstreamEvent::FunctionCall { call_id, name, .. } => [call_id, name],
+        UpstreamEvent::SessionReady
+        | UpstreamEvent::SpeechStopped { .. }
+        | UpstreamEvent::Error { .. }
+        | UpstreamEvent::Other => return Ok(()),
+    };
+    match ids.iter().map(|id| id.len()).max() {
+        Some(len) if len > MAX_ID_BYTES => Err(UpstreamError::IdTooLong(len)),
+        _ => Ok(()),
+    }
+}
 
 /// OpenAI Realtime (GA) for one call.
 #[derive(Debug)]
@@ -187,6 +218,7 @@ impl RealtimeProtocol for OpenAiRealtime {
             }
             _ => UpstreamEvent::Other,
         };
+        check_ids(&event)?;
         Ok(event)
     }
 
@@ -535,6 +567,38 @@ mod tests {
                 assert!(matches!(audio_b64, Cow::Borrowed(_)))
             }
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_past_the_bound_are_refused_not_kept() {
+        let mut protocol = OpenAiRealtime::new(SessionSettings::default());
+        let long = "i".repeat(MAX_ID_BYTES + 1);
+        let fits = "i".repeat(MAX_ID_BYTES);
+        let events = |id: &str| {
+            [
+                json!({"type": "response.output_audio.delta", "response_id": "r", "item_id": id, "delta": "AA=="}),
+                json!({"type": "response.output_audio.delta", "response_id": id, "item_id": "i", "delta": "AA=="}),
+                json!({"type": "response.created", "response": {"id": id}}),
+                json!({"type": "response.done", "response": {"id": id, "status": "completed"}}),
+                json!({"type": "input_audio_buffer.speech_started", "item_id": id, "audio_start_ms": 18_446_744_073_709_551_615_u64}),
+                json!({"type": "response.function_call_arguments.done", "call_id": id, "name": "f", "arguments": "{}"}),
+                json!({"type": "response.function_call_arguments.done", "call_id": "c", "name": id, "arguments": "{}"}),
+            ]
+        };
+        for event in events(&long) {
+            let error = protocol
+                .on_message(&event.to_string(), &mut Vec::new())
+                .expect_err("refused");
+            assert!(
+                matches!(error, UpstreamError::IdTooLong(n) if n == MAX_ID_BYTES + 1),
+                "{event}"
+            );
+        }
+        for event in events(&fits) {
+            protocol
+                .on_message(&event.to_string(), &mut Vec::new())
+                .unwrap_or_else(|e| panic!("{event}: {e}"));
         }
     }
 

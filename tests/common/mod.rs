@@ -18,6 +18,23 @@ use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer};
 use voxrelay::{AudioMode, Secret};
 
 pub const TOKEN: &str = "e2e-test-auth-token";
+/// The account every test stream names (Twilio-shaped: `AC` + 32 hex digits).
+pub const ACCOUNT_SID: &str = "AC0000000000000000000000000000a11c";
+
+/// A Twilio-shaped stream SID (`MZ` + 32 hex digits) for test stream `n`.
+pub fn stream_sid(n: u64) -> String {
+    format!("MZ{n:032x}")
+}
+
+/// A Twilio-shaped call SID (`CA` + 32 hex digits) for test call `n`.
+pub fn call_sid(n: u64) -> String {
+    format!("CA{n:032x}")
+}
+
+/// The call SID [`start_raw_stream`] gives a stream: its own digits behind `CA`.
+pub fn call_sid_of(stream_sid: &str) -> String {
+    format!("CA{}", stream_sid.strip_prefix("MZ").unwrap_or(stream_sid))
+}
 
 pub struct Stack {
     pub mock: MockRealtimeServer,
@@ -139,9 +156,10 @@ pub async fn open_media_socket(stack: &Stack) -> RawSocket {
     ws
 }
 
-/// Opens a signed socket and sends `connected` and `start` for `stream_sid`.
+/// Opens a signed socket and sends `connected` and `start` for `stream_sid` (of the call
+/// [`call_sid_of`] names).
 pub async fn start_raw_stream(stack: &Stack, stream_sid: &str) -> RawSocket {
-    start_raw_stream_as(stack, stream_sid, &format!("CA{stream_sid}"), json!({})).await
+    start_raw_stream_as(stack, stream_sid, &call_sid_of(stream_sid), json!({})).await
 }
 
 /// Opens a signed socket and sends `connected` and a `start` naming `call_sid`, carrying
@@ -162,7 +180,7 @@ pub async fn start_raw_stream_as(
         json!({
             "event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
             "start": {
-                "accountSid": "AC0", "streamSid": stream_sid, "callSid": call_sid,
+                "accountSid": ACCOUNT_SID, "streamSid": stream_sid, "callSid": call_sid,
                 "tracks": ["inbound"], "customParameters": custom_parameters,
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
             }
@@ -182,14 +200,6 @@ pub fn media_message(stream_sid: &str, sequence: u64, payload_b64: &str) -> Mess
         })
         .to_string(),
     )
-}
-
-/// The account simulated webhooks and streams come from.
-pub const ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
-
-/// A well-formed `CallSid` (`CA` + 32 hex digits) numbered `n`.
-pub fn call_sid(n: u128) -> String {
-    format!("CA{n:032x}")
 }
 
 /// POSTs a signed voice webhook (from [`ACCOUNT_SID`]) and returns the TwiML's stream URL and

@@ -9,7 +9,9 @@
 //! any two deltas so an interruption lands mid-response like on the real service; a truncate
 //! past the audio produced for an item is rejected; everything a session saw is recorded in
 //! [`MockLog`]. The session logic ([`MockSession`]) is sans-IO and takes time as an input;
-//! only the driver touches sockets and the clock.
+//! only the driver touches sockets and the clock. For fault tests one session can be told to
+//! misbehave ([`MockFault`]): reset its TCP connection mid-response, stop reading, or send a
+//! fragmented message that never ends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,7 +24,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +52,28 @@ pub struct MockConfig {
     /// Held before answering each WebSocket handshake: stands in for the real service's TLS
     /// and handshake round trips, so pre-warm can be measured on loopback.
     pub connect_delay: Duration,
+    /// One session that misbehaves, for fault tests; every other session is well behaved.
+    pub fault: Option<MockFault>,
+}
+
+/// A misbehaving session: the `session`-th connection (counting from 1) does `kind`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MockFault {
+    pub session: u64,
+    pub kind: MockFaultKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MockFaultKind {
+    /// After sending this many audio deltas, reset the TCP connection (RST, no close frame).
+    ResetAfterDeltas(u32),
+    /// Once the session is configured (`session.updated` sent), never read (nor write) again,
+    /// holding the socket open.
+    StopReading,
+    /// Once the session is configured, send one text message as a first frame and continuation
+    /// frames of `fragment` bytes, up to `total` bytes, never the final frame; then wait for
+    /// the peer to close. How much went out is in [`MockSessionRecord::fault_bytes_sent`].
+    EndlessFragments { fragment: usize, total: usize },
 }
 
 /// A function call the mock makes in place of an echo.
@@ -68,6 +93,7 @@ impl Default for MockConfig {
             delta_ms: 100,
             tool_script: Vec::new(),
             connect_delay: Duration::ZERO,
+            fault: None,
         }
     }
 }
@@ -97,6 +123,8 @@ pub struct MockSessionRecord {
     pub response_transcripts: Vec<String>,
     /// The `code` of every error event sent.
     pub errors_sent: Vec<String>,
+    /// Bytes of an [`MockFaultKind::EndlessFragments`] message the socket took.
+    pub fault_bytes_sent: usize,
     pub closed: bool,
 }
 
@@ -192,10 +220,16 @@ async fn accept_loop(
         };
         next_session += 1;
         let session_id = format!("sess_mock_{next_session}");
+        let fault = config
+            .fault
+            .as_ref()
+            .filter(|fault| fault.session == next_session)
+            .map(|fault| fault.kind.clone());
         tokio::spawn(serve_connection(
             stream,
             session_id,
             config.clone(),
+            fault,
             log.clone(),
             cancel.child_token(),
         ));
@@ -215,6 +249,7 @@ async fn serve_connection(
     stream: TcpStream,
     session_id: String,
     config: MockConfig,
+    fault: Option<MockFaultKind>,
     log: Arc<MockLog>,
     cancel: CancellationToken,
 ) {
@@ -263,6 +298,7 @@ async fn serve_connection(
 
     let started = tokio::time::Instant::now();
     session.open();
+    let mut deltas_sent = 0u32;
     loop {
         if cancel.is_cancelled() {
             let _ = socket.close(None).await;
@@ -276,8 +312,33 @@ async fn serve_connection(
             continue;
         }
         if let Some(frame) = session.poll_transmit(started.elapsed()) {
+            let configured = frame.contains(r#""type":"session.updated""#);
+            let delta = frame.contains(r#""type":"response.output_audio.delta""#);
             if socket.send(Message::text(frame)).await.is_err() {
                 break;
+            }
+            deltas_sent += u32::from(delta);
+            match &fault {
+                Some(MockFaultKind::ResetAfterDeltas(after)) if deltas_sent >= *after => {
+                    // An abortive close: the peer sees a reset, not a close frame.
+                    let _ = socket.get_ref().set_zero_linger();
+                    break;
+                }
+                Some(MockFaultKind::StopReading) if configured => {
+                    cancel.cancelled().await;
+                    break;
+                }
+                Some(MockFaultKind::EndlessFragments { fragment, total }) if configured => {
+                    let sent = send_endless_fragments(&mut socket, *fragment, *total).await;
+                    lock(&record).fault_bytes_sent = sent;
+                    // Until the peer closes (or the mock stops).
+                    tokio::select! {
+                        () = cancel.cancelled() => {}
+                        () = async { while let Some(Ok(_)) = socket.next().await {} } => {}
+                    }
+                    break;
+                }
+                _ => {}
             }
             continue;
         }
@@ -293,6 +354,27 @@ async fn serve_connection(
         }
     }
     lock(&record).closed = true;
+}
+
+/// Sends a text message's first frame and continuation frames of `fragment` bytes, never the
+/// final one, until `total` bytes are out or the socket fails; returns the bytes sent.
+async fn send_endless_fragments(
+    socket: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
+    fragment: usize,
+    total: usize,
+) -> usize {
+    let chunk = bytes::Bytes::from(vec![b'x'; fragment.max(1)]);
+    let mut sent = 0;
+    let mut opcode = OpCode::Data(Data::Text);
+    while sent < total {
+        let frame = Frame::message(chunk.clone(), opcode, false);
+        if socket.send(Message::Frame(frame)).await.is_err() {
+            break;
+        }
+        sent += chunk.len();
+        opcode = OpCode::Data(Data::Continue);
+    }
+    sent
 }
 
 async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
