@@ -398,6 +398,10 @@ async fn start_bridge(
                     .env("VOXRELAY_MAX_CALLS", BENCH_MAX_CALLS.to_string())
                     // Port 0: runs side by side never fight over the admin port.
                     .env("VOXRELAY_ADMIN_LISTEN", "127.0.0.1:0")
+                    // The harness's callers open their streams directly, as TwiML from
+                    // elsewhere would, with no webhook token: measured as unbound streams
+                    // (the fallback agent), which is the same media path.
+                    .env("VOXRELAY_REQUIRE_STREAM_TOKEN", "0")
                     .env_remove("VOXRELAY_MOCK_MODEL")
                     .env_remove("VOXRELAY_TWILIO_ACCOUNT_SID");
             }
