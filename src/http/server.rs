@@ -49,10 +49,11 @@ const REPORT_GRACE: Duration = Duration::from_secs(2);
 const ADMIN_MAX_CONNECTIONS: usize = 16;
 
 /// The longest [`Bridge::drain_and_stop`] can take with a drain budget of `drain`: the budget,
-/// the grace for cancelled calls, the pre-warmed sessions' close, the reports' last try and
-/// the listeners' stop. The platform's kill timeout must be longer (see `fly.toml`).
+/// the grace for cancelled calls, the pre-warmed sessions' close, the wait for ended calls to
+/// hand their reports over, the reports' last try and the listeners' stop. The platform's kill
+/// timeout must be longer (see `fly.toml`).
 pub fn stop_budget(drain: Duration) -> Duration {
-    drain + CANCEL_GRACE + CANCEL_GRACE + REPORT_GRACE + listener::STOP_GRACE
+    drain + 3 * CANCEL_GRACE + REPORT_GRACE + listener::STOP_GRACE
 }
 
 /// The control plane's client, directory and report sender for `target`; spooled reports
