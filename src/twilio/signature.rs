@@ -286,7 +286,10 @@ impl SignatureValidator {
 
 fn to_websocket_scheme(url: &str) -> String {
     for (from, to) in [("https://", "wss://"), ("http://", "ws://")] {
-        if url.len() >= from.len() && url[..from.len()].eq_ignore_ascii_case(from) {
+        if url
+            .get(..from.len())
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case(from))
+        {
             return format!("{to}{}", &url[from.len()..]);
         }
     }
