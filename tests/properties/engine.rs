@@ -1,0 +1,422 @@
+//! The call engine (`session::engine::CallEngine`) fed any interleaving of Twilio texts,
+//! model texts, the upstream opening, timer ticks and session changes, drained after every
+//! step as the I/O layer drains it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use proptest::prelude::*;
+use voxrelay::AudioMode;
+use voxrelay::session::engine::{CallEngine, EngineError};
+use voxrelay::session::metrics::{Metrics, TwilioErrorKind};
+use voxrelay::session::playback::PlaybackConfig;
+use voxrelay::upstream::{OpenAiRealtime, SessionSettings};
+
+use crate::config;
+use crate::grammar::{self, Numbers};
+
+/// Caller audio the engine holds while the upstream socket opens (`HELD_UPLINK_FRAMES`).
+const HELD_UPLINK_FRAMES: usize = 100;
+/// Messages one model event may cause while the socket is open: a barge-in's truncate, a
+/// delete per unheard item (playback tracks 32), a cancel; or a tool answer and a
+/// `response.create`.
+const MODEL_STEP_UPSTREAM_BOUND: usize = 40;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Twilio(String),
+    Model(String),
+    Open,
+    /// Time passes (ms) and the pacer's timer fires.
+    Tick(u64),
+    Configure {
+        pcm16: bool,
+        server_interrupts: bool,
+        tools: bool,
+    },
+}
+
+fn op(numbers: Numbers) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => grammar::twilio_text(numbers).prop_map(Op::Twilio),
+        6 => grammar::model_text().prop_map(Op::Model),
+        1 => Just(Op::Open),
+        3 => prop_oneof![4 => 0u64..200, 1 => 200u64..20_000].prop_map(Op::Tick),
+        1 => (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(pcm16, server_interrupts, tools)| {
+            Op::Configure { pcm16, server_interrupts, tools }
+        }),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct Setup {
+    pcm16: bool,
+    lead_ms: u64,
+    chunk_ms: u32,
+    max_queued_ms: u64,
+    /// `connected` and `start` from the fixture first, so most scripts reach streaming.
+    started: bool,
+    open_early: bool,
+}
+
+fn setup() -> impl Strategy<Value = Setup> {
+    (
+        any::<bool>(),
+        prop::sample::select(vec![0u64, 20, 60, 120, 500]),
+        prop::sample::select(vec![20u32, 40, 100]),
+        prop::sample::select(vec![0u64, 100, 1_000, 300_000]),
+        prop::bool::weighted(0.85),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(pcm16, lead_ms, chunk_ms, max_queued_ms, started, open_early)| Setup {
+                pcm16,
+                lead_ms,
+                chunk_ms,
+                max_queued_ms,
+                started,
+                open_early,
+            },
+        )
+}
+
+fn mode(pcm16: bool) -> AudioMode {
+    if pcm16 {
+        AudioMode::Pcm16
+    } else {
+        AudioMode::Pcmu
+    }
+}
+
+fn protocol(pcm16: bool) -> Box<OpenAiRealtime> {
+    Box::new(OpenAiRealtime::new(SessionSettings {
+        audio_mode: mode(pcm16),
+        greeting: Some("Hello".to_owned()),
+        ..SessionSettings::default()
+    }))
+}
+
+/// What one run saw.
+#[derive(Default, Debug)]
+struct Observed {
+    /// Messages released to the model by each `Open` step.
+    released_on_open: Vec<usize>,
+}
+
+/// Runs `ops` through a fresh engine, draining after each step, and checks the per-step
+/// invariants. `check_open_release` also bounds what the opening step releases.
+fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
+    let metrics = Arc::new(Metrics::default());
+    let playback = PlaybackConfig {
+        lead: Duration::from_millis(setup.lead_ms),
+        chunk_ms: setup.chunk_ms,
+        max_queued: Duration::from_millis(setup.max_queued_ms),
+    };
+    let chunks_per_step = (setup.lead_ms / u64::from(setup.chunk_ms)).max(1) as usize;
+    let twilio_step_bound = 2 * chunks_per_step + 1;
+    let mut engine = CallEngine::new(
+        protocol(setup.pcm16),
+        mode(setup.pcm16),
+        playback,
+        true,
+        Arc::clone(&metrics),
+    );
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut observed = Observed::default();
+    let mut script: Vec<Op> = Vec::new();
+    if setup.started {
+        script.push(Op::Twilio(grammar::twilio_fixture("connected").to_owned()));
+        script.push(Op::Twilio(grammar::twilio_fixture("start").to_owned()));
+    }
+    if setup.open_early {
+        script.push(Op::Open);
+    }
+    script.extend(ops.iter().cloned());
+    let mut twilio_messages = 0u64;
+
+    for op in &script {
+        let open_before = engine.upstream_is_open();
+        match op {
+            Op::Twilio(text) => {
+                twilio_messages += 1;
+                let _ = engine.on_twilio_text(now, text);
+            }
+            Op::Model(text) => {
+                let _ = engine.on_upstream_text(now, text);
+            }
+            Op::Open => {
+                if !engine.upstream_is_open() {
+                    engine.on_upstream_open(now);
+                }
+            }
+            Op::Tick(ms) => {
+                now += Duration::from_millis(*ms);
+                engine.on_tick(now);
+            }
+            Op::Configure {
+                pcm16,
+                server_interrupts,
+                tools,
+            } => {
+                let result = engine.configure_session(
+                    protocol(*pcm16),
+                    mode(*pcm16),
+                    *server_interrupts,
+                    *tools,
+                );
+                prop_assert_eq!(
+                    matches!(result, Err(EngineError::SessionAlreadyOpen)),
+                    open_before,
+                    "settings change only before the session opens"
+                );
+            }
+        }
+        // The I/O layer runs each tool call and answers it.
+        let calls: Vec<_> = engine.take_tool_calls().collect();
+        for call in &calls {
+            engine.on_tool_output(&call.call_id, r#"{"ok":true}"#);
+        }
+
+        let to_twilio: Vec<_> = engine.take_to_twilio().collect();
+        prop_assert!(
+            to_twilio.len() <= twilio_step_bound,
+            "{} messages to Twilio in one step (bound {}) after {:?}",
+            to_twilio.len(),
+            twilio_step_bound,
+            op
+        );
+        for out in &to_twilio {
+            let value: serde_json::Value = serde_json::from_str(&out.text).map_err(|e| {
+                TestCaseError::fail(format!("bad JSON to Twilio {:?}: {e}", out.text))
+            })?;
+            let event = value["event"].as_str().unwrap_or("");
+            prop_assert!(matches!(event, "media" | "mark" | "clear"), "{}", out.text);
+            prop_assert_eq!(value["streamSid"].as_str(), engine.stream().stream_sid());
+        }
+        let to_upstream: Vec<_> = engine.take_to_upstream().collect();
+        for out in &to_upstream {
+            let value: serde_json::Value = serde_json::from_str(&out.text).map_err(|e| {
+                TestCaseError::fail(format!("bad JSON to the model {:?}: {e}", out.text))
+            })?;
+            prop_assert!(value["type"].is_string(), "{}", out.text);
+        }
+        if !open_before && engine.upstream_is_open() {
+            observed.released_on_open.push(to_upstream.len());
+        } else if open_before {
+            let bound = match op {
+                Op::Twilio(_) => 2,
+                _ => MODEL_STEP_UPSTREAM_BOUND,
+            } + 2 * calls.len();
+            prop_assert!(
+                to_upstream.len() <= bound,
+                "{} messages to the model in one step (bound {}) after {:?}",
+                to_upstream.len(),
+                bound,
+                op
+            );
+        } else {
+            prop_assert!(
+                to_upstream.is_empty(),
+                "nothing reaches the model before it opens"
+            );
+        }
+        // As the writers do: hand the spent buffers back.
+        for out in to_twilio {
+            engine.recycle_twilio(out.text);
+        }
+        for out in to_upstream {
+            engine.recycle_upstream(out.text);
+        }
+
+        let queued_cap = setup.max_queued_ms + u64::from(setup.chunk_ms);
+        prop_assert!(
+            u64::from(engine.playback().queued_ms()) <= queued_cap,
+            "{} ms queued, cap {}",
+            engine.playback().queued_ms(),
+            queued_cap
+        );
+        prop_assert_eq!(
+            metrics.twilio_errors(TwilioErrorKind::SequenceGap),
+            engine.stream().counters().sequence_gaps,
+            "each missing sequence number is counted once"
+        );
+    }
+    prop_assert_eq!(engine.stream().counters().messages, twilio_messages);
+    Ok(observed)
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Any interleaving of Twilio texts (grammar messages with hostile strings, payloads and
+    /// fields, edited fixture lines, arbitrary strings; sequence numbers as a real stream
+    /// sends them), model texts (generated events, edited fixture lines, arbitrary strings),
+    /// the upstream opening, ticks and session changes, in both audio modes and several
+    /// playback configurations: the engine never panics; each step's output to Twilio is
+    /// within the pacer's lead (2 messages per chunk, plus a `clear`) and valid JSON for the
+    /// started stream; each step's output to an open model socket is bounded by what one
+    /// message can ask for and valid JSON; nothing reaches the model before it opens; queued
+    /// playback stays within `max_queued` (plus one chunk of padding); every sequence gap is
+    /// counted once in the metrics.
+    #[test]
+    fn engine_survives_any_interleaving_with_bounded_output(
+        setup in setup(),
+        ops in prop::collection::vec(op(Numbers::Realistic), 1..64),
+    ) {
+        run(&setup, &ops)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    /// As above, with hostile numeric fields in every Twilio message (`u64::MAX` and its
+    /// neighbours as sequence numbers, chunk and timestamp): the same bounds hold, and an
+    /// absurd jump costs one counter update, not one per missing number.
+    ///
+    /// Ignored on `main` (finding 1): `CallEngine::on_twilio_text` increments the
+    /// `sequence_gap` metric once per missing number, so the first case with a jump to
+    /// `u64::MAX` runs for ~1.8e19 iterations. Un-ignore with the fix.
+    #[test]
+    #[ignore = "finding 1: the gap metric loop in CallEngine::on_twilio_text is fixed on the media branch"]
+    fn engine_survives_absurd_sequence_numbers(
+        setup in setup(),
+        ops in prop::collection::vec(op(Numbers::Hostile), 1..48),
+    ) {
+        run(&setup, &ops)?;
+    }
+
+    /// Everything the engine holds for the model before its socket opens is bounded: what
+    /// the opening step releases is the `session.update`, at most `HELD_UPLINK_FRAMES` of
+    /// caller audio, and a bounded number of control messages, however many DTMF digits and
+    /// tool answers arrived first.
+    ///
+    /// Ignored on `main` (finding 4): control messages held before the upstream opens
+    /// (`CallEngine::push_upstream`, `held_upstream`) have no cap; each DTMF digit adds two.
+    #[test]
+    #[ignore = "finding 4: held control messages before the upstream opens are unbounded on main"]
+    fn messages_held_before_the_model_opens_are_bounded(
+        pcm16 in any::<bool>(),
+        digits in 0usize..400,
+        frames in 0usize..300,
+    ) {
+        let setup = Setup {
+            pcm16,
+            lead_ms: 120,
+            chunk_ms: 20,
+            max_queued_ms: 300_000,
+            started: true,
+            open_early: false,
+        };
+        let media = format!(
+            r#"{{"event":"media","streamSid":"{}","media":{{"track":"inbound","chunk":"1","timestamp":"0","payload":"{}"}}}}"#,
+            grammar::SID,
+            BASE64.encode([0xFF; 160])
+        );
+        let dtmf = format!(
+            r#"{{"event":"dtmf","streamSid":"{}","dtmf":{{"track":"inbound_track","digit":"5"}}}}"#,
+            grammar::SID
+        );
+        let mut ops: Vec<Op> = Vec::new();
+        for index in 0..digits.max(frames) {
+            if index < digits {
+                ops.push(Op::Twilio(dtmf.clone()));
+            }
+            if index < frames {
+                ops.push(Op::Twilio(media.clone()));
+            }
+        }
+        ops.push(Op::Open);
+        let observed = run(&setup, &ops)?;
+        let released = observed.released_on_open.first().copied().unwrap_or(0);
+        // session.update + held audio + a control allowance of 64 messages.
+        prop_assert!(
+            released <= 1 + HELD_UPLINK_FRAMES + 64,
+            "{} messages released when the model opened ({} digits, {} frames)",
+            released,
+            digits,
+            frames
+        );
+    }
+}
+
+/// A `start` at sequence 1 then a `media` at `u64::MAX`: counted as `u64::MAX - 2` missing
+/// messages with one update of the metric. On `main` the metric is incremented once per
+/// missing number (~1.8e19 iterations): this test does not finish there.
+#[test]
+#[ignore = "finding 1: the gap metric loop in CallEngine::on_twilio_text is fixed on the media branch"]
+fn a_jump_to_u64_max_is_counted_in_one_step() {
+    let metrics = Arc::new(Metrics::default());
+    let mut engine = CallEngine::new(
+        protocol(false),
+        AudioMode::Pcmu,
+        PlaybackConfig::default(),
+        true,
+        Arc::clone(&metrics),
+    );
+    let now = Instant::now();
+    engine
+        .on_twilio_text(now, grammar::twilio_fixture("start"))
+        .expect("start");
+    let media = |sequence: u64| {
+        format!(
+            r#"{{"event":"media","sequenceNumber":"{sequence}","streamSid":"{}","media":{{"track":"inbound","chunk":"1","timestamp":"20","payload":"//8="}}}}"#,
+            grammar::SID
+        )
+    };
+    let _ = engine.on_twilio_text(now, &media(u64::MAX));
+    let _ = engine.on_twilio_text(now, &media(u64::MAX));
+    let gaps = engine.stream().counters().sequence_gaps;
+    assert_eq!(metrics.twilio_errors(TwilioErrorKind::SequenceGap), gaps);
+    assert_eq!(engine.stream().counters().messages, 3);
+}
+
+/// Model audio for many items, each a single byte, while no time passes (so none is sent):
+/// playback keeps every item with queued audio, however many, so its per-delta lookups grow
+/// with the number of items (quadratic over a response: 1,000 one-byte deltas cost ~5 s of
+/// CPU in a debug build, 4,000 ~270 s), and one `speech_started` then asks the model to
+/// delete every one of them. Bounded, one barge-in costs at most the tracked items' deletes.
+///
+/// Ignored on `main`: `Playback::start_item` evicts only items without queued audio.
+#[test]
+#[ignore = "found by the properties: playback's item list is unbounded while items have queued audio"]
+fn one_barge_in_asks_for_a_bounded_number_of_deletes() {
+    let metrics = Arc::new(Metrics::default());
+    let mut engine = CallEngine::new(
+        protocol(false),
+        AudioMode::Pcmu,
+        PlaybackConfig::default(),
+        true,
+        Arc::clone(&metrics),
+    );
+    let now = Instant::now();
+    engine
+        .on_twilio_text(now, grammar::twilio_fixture("start"))
+        .expect("start");
+    engine.on_upstream_open(now);
+    engine
+        .on_upstream_text(now, r#"{"type":"response.created","response":{"id":"r1"}}"#)
+        .expect("response.created");
+    engine.take_to_upstream().for_each(drop);
+    for item in 0..200 {
+        let delta = format!(
+            r#"{{"type":"response.output_audio.delta","response_id":"r1","item_id":"item_{item}","delta":"AQ=="}}"#
+        );
+        engine.on_upstream_text(now, &delta).expect("delta");
+        engine.take_to_twilio().for_each(drop);
+    }
+    engine
+        .on_upstream_text(
+            now + Duration::from_millis(1),
+            r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1,"item_id":"x"}"#,
+        )
+        .expect("speech_started");
+    let to_model = engine.take_to_upstream().count();
+    assert!(
+        to_model <= MODEL_STEP_UPSTREAM_BOUND,
+        "one speech_started sent {to_model} messages to the model"
+    );
+}
