@@ -1,0 +1,158 @@
+//! The call engine fed both peers at once. The input is a script, one step per line, tagged
+//! by its first byte: `T` a Twilio text, `M` a model text, `O` the model's socket opens, `K`
+//! time passes (the rest is milliseconds) and the pacer ticks, `C` the session is
+//! reconfigured (the next byte picks mode and options); any other line is a Twilio text. The
+//! first byte of the input picks the audio mode and playback configuration. After each step
+//! the output queues are drained as the I/O layer drains them. Checks: nothing panics; each
+//! step's output to Twilio is within the pacer's lead (two messages per chunk plus a
+//! `clear`) and valid JSON for the started stream; a Twilio message asks at most two
+//! messages of an open model socket, a model message at most 40 (a barge-in's truncate,
+//! deletes and cancel); the opening releases at most the `session.update`, 100 held audio
+//! frames and 64 control messages; nothing reaches the model before it opens; queued
+//! playback stays within its cap; every sequence gap is counted once in the metrics.
+#![no_main]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use voxrelay::AudioMode;
+use voxrelay::session::engine::CallEngine;
+use voxrelay::session::metrics::{Metrics, TwilioErrorKind};
+use voxrelay::session::playback::PlaybackConfig;
+use voxrelay::upstream::{OpenAiRealtime, SessionSettings};
+
+const HELD_UPLINK_FRAMES: usize = 100;
+const HELD_CONTROL_ALLOWANCE: usize = 64;
+const MODEL_STEP_UPSTREAM_BOUND: usize = 40;
+
+fn mode(pcm16: bool) -> AudioMode {
+    if pcm16 {
+        AudioMode::Pcm16
+    } else {
+        AudioMode::Pcmu
+    }
+}
+
+fn protocol(pcm16: bool) -> Box<OpenAiRealtime> {
+    Box::new(OpenAiRealtime::new(SessionSettings {
+        audio_mode: mode(pcm16),
+        greeting: Some("Hello".to_owned()),
+        ..SessionSettings::default()
+    }))
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&setup, script)) = data.split_first() else {
+        return;
+    };
+    let pcm16 = setup & 1 != 0;
+    let lead_ms = [120u64, 20, 60, 500][usize::from(setup >> 1 & 3)];
+    let chunk_ms = [20u32, 40][usize::from(setup >> 3 & 1)];
+    let max_queued_ms = [300_000u64, 1_000, 100, 0][usize::from(setup >> 4 & 3)];
+    let metrics = Arc::new(Metrics::default());
+    let mut engine = CallEngine::new(
+        protocol(pcm16),
+        mode(pcm16),
+        PlaybackConfig {
+            lead: Duration::from_millis(lead_ms),
+            chunk_ms,
+            max_queued: Duration::from_millis(max_queued_ms),
+        },
+        true,
+        Arc::clone(&metrics),
+    );
+    let twilio_step_bound = 2 * (lead_ms / u64::from(chunk_ms)).max(1) as usize + 1;
+    let mut now = Instant::now();
+    let text = String::from_utf8_lossy(script);
+    for line in text.split('\n') {
+        let open_before = engine.upstream_is_open();
+        let (tag, rest) = match line.as_bytes().first() {
+            Some(b'T' | b'M' | b'O' | b'K' | b'C') => (line.as_bytes()[0], &line[1..]),
+            _ => (b'T', line),
+        };
+        match tag {
+            b'M' => {
+                let _ = engine.on_upstream_text(now, rest);
+            }
+            b'O' => {
+                if !open_before {
+                    engine.on_upstream_open(now);
+                }
+            }
+            b'K' => {
+                let ms: u64 = rest.trim().parse().unwrap_or(20);
+                now += Duration::from_millis(ms.min(3_600_000));
+                engine.on_tick(now);
+            }
+            b'C' => {
+                let flags = rest.as_bytes().first().copied().unwrap_or(0);
+                let result = engine.configure_session(
+                    protocol(flags & 1 != 0),
+                    mode(flags & 1 != 0),
+                    flags & 2 != 0,
+                    flags & 4 != 0,
+                );
+                assert_eq!(result.is_err(), open_before);
+            }
+            _ => {
+                let _ = engine.on_twilio_text(now, rest);
+            }
+        }
+        let calls: Vec<_> = engine.take_tool_calls().collect();
+        for call in &calls {
+            engine.on_tool_output(&call.call_id, r#"{"ok":true}"#);
+        }
+
+        let to_twilio: Vec<_> = engine.take_to_twilio().collect();
+        assert!(
+            to_twilio.len() <= twilio_step_bound,
+            "{} to Twilio",
+            to_twilio.len()
+        );
+        for out in &to_twilio {
+            let value: serde_json::Value = serde_json::from_str(&out.text).expect("JSON");
+            assert!(matches!(
+                value["event"].as_str(),
+                Some("media" | "mark" | "clear")
+            ));
+            assert_eq!(value["streamSid"].as_str(), engine.stream().stream_sid());
+        }
+        let to_upstream: Vec<_> = engine.take_to_upstream().collect();
+        for out in &to_upstream {
+            let value: serde_json::Value = serde_json::from_str(&out.text).expect("JSON");
+            assert!(value["type"].is_string());
+        }
+        if !open_before && engine.upstream_is_open() {
+            assert!(
+                to_upstream.len() <= 1 + HELD_UPLINK_FRAMES + HELD_CONTROL_ALLOWANCE,
+                "{} released on open",
+                to_upstream.len()
+            );
+        } else if open_before {
+            let bound = if tag == b'T' {
+                2
+            } else {
+                MODEL_STEP_UPSTREAM_BOUND
+            } + 2 * calls.len();
+            assert!(
+                to_upstream.len() <= bound,
+                "{} to the model",
+                to_upstream.len()
+            );
+        } else {
+            assert!(to_upstream.is_empty());
+        }
+        for out in to_twilio {
+            engine.recycle_twilio(out.text);
+        }
+        for out in to_upstream {
+            engine.recycle_upstream(out.text);
+        }
+        assert!(u64::from(engine.playback().queued_ms()) <= max_queued_ms + u64::from(chunk_ms));
+        assert_eq!(
+            metrics.twilio_errors(TwilioErrorKind::SequenceGap),
+            engine.stream().counters().sequence_gaps
+        );
+    }
+});
