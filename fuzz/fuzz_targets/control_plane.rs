@@ -27,6 +27,26 @@ fn keys() -> Vec<SigningKey> {
     ]
 }
 
+/// The keys in whatever shape `Verifier::with_nonce_capacity` takes: bare, or each paired
+/// with a scope at its default (a bridge's).
+trait FromKeys {
+    fn from_keys(keys: Vec<SigningKey>) -> Self;
+}
+
+impl FromKeys for Vec<SigningKey> {
+    fn from_keys(keys: Vec<SigningKey>) -> Self {
+        keys
+    }
+}
+
+impl<Scope: Default> FromKeys for Vec<(SigningKey, Scope)> {
+    fn from_keys(keys: Vec<SigningKey>) -> Self {
+        keys.into_iter()
+            .map(|key| (key, Scope::default()))
+            .collect()
+    }
+}
+
 fn round_trips<T>(text: &str)
 where
     T: serde::de::DeserializeOwned + serde::Serialize,
@@ -116,7 +136,7 @@ fuzz_target!(|data: &[u8]| {
 
     // The nonce cache under a sequence of requests chosen by the body's bytes.
     let keys = keys();
-    let mut verifier = Verifier::with_nonce_capacity(keys.clone(), 3);
+    let mut verifier = Verifier::with_nonce_capacity(FromKeys::from_keys(keys.clone()), 3);
     let mut now = NOW;
     let mut accepted: Vec<SignedHeaders> = Vec::new();
     let mut sent: Vec<SignedHeaders> = Vec::new();

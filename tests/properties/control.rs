@@ -23,6 +23,26 @@ fn keys() -> Vec<SigningKey> {
     ]
 }
 
+/// The keys in whatever shape `Verifier::with_nonce_capacity` takes: bare, or each paired
+/// with a scope at its default (a bridge's).
+trait FromKeys {
+    fn from_keys(keys: Vec<SigningKey>) -> Self;
+}
+
+impl FromKeys for Vec<SigningKey> {
+    fn from_keys(keys: Vec<SigningKey>) -> Self {
+        keys
+    }
+}
+
+impl<Scope: Default> FromKeys for Vec<(SigningKey, Scope)> {
+    fn from_keys(keys: Vec<SigningKey>) -> Self {
+        keys.into_iter()
+            .map(|key| (key, Scope::default()))
+            .collect()
+    }
+}
+
 /// A key the verifier does not have.
 fn stranger() -> SigningKey {
     SigningKey::new("cp-x", Secret::new("not shared"))
@@ -227,7 +247,7 @@ proptest! {
         ops in prop::collection::vec(op(), 1..64),
     ) {
         let keys = keys();
-        let mut verifier = Verifier::with_nonce_capacity(keys.clone(), capacity);
+        let mut verifier = Verifier::with_nonce_capacity(FromKeys::from_keys(keys.clone()), capacity);
         let mut now = NOW;
         let mut sent: Vec<Request> = Vec::new();
         let mut accepted: Vec<Request> = Vec::new();
@@ -434,18 +454,19 @@ fn report_json() -> impl Strategy<Value = String> {
     (
         grammar::short_hostile_string(),
         prop::option::of(grammar::short_hostile_string()),
+        prop::sample::select(vec!["bound", "unbound", "bound", "unbound", "robot"]),
         any::<u64>(),
         (0u32..100_000).prop_map(|n| f64::from(n) / 8.0),
         prop::collection::vec(
             (
-                prop::sample::select(vec!["caller", "assistant", "robot"]),
+                prop::sample::select(vec!["caller", "assistant", "caller", "assistant", "robot"]),
                 any::<u64>(),
                 grammar::hostile_string(),
             ),
             0..4,
         ),
     )
-        .prop_map(|(text, tenant, number, seconds, transcript)| {
+        .prop_map(|(text, tenant, binding, number, seconds, transcript)| {
             let transcript: Vec<serde_json::Value> = transcript
                 .into_iter()
                 .map(|(speaker, offset_ms, text)| {
@@ -457,7 +478,7 @@ fn report_json() -> impl Strategy<Value = String> {
                 "call_sid": text, "stream_sid": text, "tenant_id": tenant,
                 "agent_name": text, "from": text, "to": text,
                 "started_at_ms": number, "ended_at_ms": number,
-                "end_reason": "twilio_stop", "context_source": "fresh",
+                "end_reason": "twilio_stop", "context_source": "fresh", "binding": binding,
                 "memory_namespace": tenant,
                 "audio_seconds_in": seconds, "audio_seconds_out": seconds,
                 "barge_ins": number, "dtmf_digits": 0, "tool_calls": 0,
