@@ -19,9 +19,14 @@ mod upstream;
 
 use proptest::test_runner::{Config, RngAlgorithm};
 
-/// `cases` cases per property. XorShift rather than the default ChaCha: unoptimised ChaCha
-/// costs most of a debug run's time, and these inputs need no cryptographic randomness.
+/// `cases` cases per property, or `PROPTEST_CASES` when set (for a longer search by hand).
+/// XorShift rather than the default ChaCha: unoptimised ChaCha costs most of a debug run's
+/// time, and these inputs need no cryptographic randomness.
 fn config(cases: u32) -> Config {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(cases);
     Config {
         cases,
         rng_algorithm: RngAlgorithm::XorShift,
