@@ -5,8 +5,6 @@
 //! Messages are built as JSON text rather than as `serde_json::Value`, because a value cannot
 //! hold a repeated key, a field order or a broken escape, and those are what a peer can send.
 
-#![allow(dead_code)]
-
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use proptest::prelude::*;
