@@ -15,7 +15,7 @@ use voxrelay::control::api::{
     CallHistory, CallReport, ErrorBody, ReportAck, TenantContext, ToolRequest, ToolResponse,
 };
 use voxrelay::control::signing::{
-    Rejection, SignedHeaders, SigningKey, Verifier, canonical_string, sign,
+    Rejection, Scope, SignedHeaders, SigningKey, Verifier, canonical_string, sign,
 };
 
 const NOW: u64 = 1_750_000_000;
@@ -25,26 +25,6 @@ fn keys() -> Vec<SigningKey> {
         SigningKey::new("cp-1", Secret::new("first secret")),
         SigningKey::new("cp-2", Secret::new("second secret")),
     ]
-}
-
-/// The keys in whatever shape `Verifier::with_nonce_capacity` takes: bare, or each paired
-/// with a scope at its default (a bridge's).
-trait FromKeys {
-    fn from_keys(keys: Vec<SigningKey>) -> Self;
-}
-
-impl FromKeys for Vec<SigningKey> {
-    fn from_keys(keys: Vec<SigningKey>) -> Self {
-        keys
-    }
-}
-
-impl<Scope: Default> FromKeys for Vec<(SigningKey, Scope)> {
-    fn from_keys(keys: Vec<SigningKey>) -> Self {
-        keys.into_iter()
-            .map(|key| (key, Scope::default()))
-            .collect()
-    }
 }
 
 fn round_trips<T>(text: &str)
@@ -136,7 +116,12 @@ fuzz_target!(|data: &[u8]| {
 
     // The nonce cache under a sequence of requests chosen by the body's bytes.
     let keys = keys();
-    let mut verifier = Verifier::with_nonce_capacity(FromKeys::from_keys(keys.clone()), 3);
+    let mut verifier = Verifier::with_nonce_capacity(
+        keys.iter()
+            .map(|key| (key.clone(), Scope::Bridge))
+            .collect(),
+        3,
+    );
     let mut now = NOW;
     let mut accepted: Vec<SignedHeaders> = Vec::new();
     let mut sent: Vec<SignedHeaders> = Vec::new();

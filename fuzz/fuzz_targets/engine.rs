@@ -8,9 +8,9 @@
 //! `clear`) and valid JSON for the started stream; a Twilio message asks at most two
 //! messages of an open model socket, a model message at most 40 (a barge-in's truncate,
 //! deletes and cancel); the opening releases at most the `session.update`, 100 held audio
-//! frames and 64 control messages; nothing reaches the model before it opens; queued
-//! playback stays within its cap plus two chunks of silence padding; every sequence gap is
-//! counted once in the metrics.
+//! frames and two messages per held digit (at most `HELD_DTMF_DIGITS`); nothing reaches the
+//! model before it opens; queued playback stays within its cap plus two chunks of silence
+//! padding; every sequence gap is counted once in the metrics.
 #![no_main]
 
 use std::sync::Arc;
@@ -18,13 +18,12 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use voxrelay::AudioMode;
-use voxrelay::session::engine::CallEngine;
+use voxrelay::session::engine::{CallEngine, HELD_DTMF_DIGITS};
 use voxrelay::session::metrics::{Metrics, TwilioErrorKind};
 use voxrelay::session::playback::PlaybackConfig;
 use voxrelay::upstream::{OpenAiRealtime, SessionSettings};
 
 const HELD_UPLINK_FRAMES: usize = 100;
-const HELD_CONTROL_ALLOWANCE: usize = 64;
 const MODEL_STEP_UPSTREAM_BOUND: usize = 40;
 
 fn mode(pcm16: bool) -> AudioMode {
@@ -126,7 +125,7 @@ fuzz_target!(|data: &[u8]| {
         }
         if !open_before && engine.upstream_is_open() {
             assert!(
-                to_upstream.len() <= 1 + HELD_UPLINK_FRAMES + HELD_CONTROL_ALLOWANCE,
+                to_upstream.len() <= 1 + HELD_UPLINK_FRAMES + 2 * HELD_DTMF_DIGITS,
                 "{} released on open",
                 to_upstream.len()
             );

@@ -8,7 +8,7 @@ use voxrelay::control::api::{
     context_path_and_query, memory_namespace, report_path, tool_path,
 };
 use voxrelay::control::signing::{
-    Rejection, SignedHeaders, SigningKey, Verifier, canonical_string, sign,
+    Rejection, Scope, SignedHeaders, SigningKey, Verifier, canonical_string, sign,
 };
 
 use crate::config;
@@ -21,26 +21,6 @@ fn keys() -> Vec<SigningKey> {
         SigningKey::new("cp-1", Secret::new("first secret")),
         SigningKey::new("cp-2", Secret::new("second: secret")),
     ]
-}
-
-/// The keys in whatever shape `Verifier::with_nonce_capacity` takes: bare, or each paired
-/// with a scope at its default (a bridge's).
-trait FromKeys {
-    fn from_keys(keys: Vec<SigningKey>) -> Self;
-}
-
-impl FromKeys for Vec<SigningKey> {
-    fn from_keys(keys: Vec<SigningKey>) -> Self {
-        keys
-    }
-}
-
-impl<Scope: Default> FromKeys for Vec<(SigningKey, Scope)> {
-    fn from_keys(keys: Vec<SigningKey>) -> Self {
-        keys.into_iter()
-            .map(|key| (key, Scope::default()))
-            .collect()
-    }
 }
 
 /// A key the verifier does not have.
@@ -247,7 +227,10 @@ proptest! {
         ops in prop::collection::vec(op(), 1..64),
     ) {
         let keys = keys();
-        let mut verifier = Verifier::with_nonce_capacity(FromKeys::from_keys(keys.clone()), capacity);
+        let mut verifier = Verifier::with_nonce_capacity(
+            keys.iter().map(|key| (key.clone(), Scope::Bridge)).collect(),
+            capacity,
+        );
         let mut now = NOW;
         let mut sent: Vec<Request> = Vec::new();
         let mut accepted: Vec<Request> = Vec::new();
