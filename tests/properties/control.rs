@@ -140,7 +140,7 @@ fn offset(base: u64, by: i64) -> u64 {
 }
 
 proptest! {
-    #![proptest_config(config(384))]
+    #![proptest_config(config(256))]
 
     /// The canonical string is the four fields and the body's hash, one per line; for fields
     /// without line breaks (the verifier refuses any other) two different requests never

@@ -296,8 +296,8 @@ proptest! {
     #[test]
     fn messages_held_before_the_model_opens_are_bounded(
         pcm16 in any::<bool>(),
-        digits in 0usize..400,
-        frames in 0usize..300,
+        digits in 0usize..3 * HELD_DTMF_DIGITS,
+        frames in 0usize..2 * HELD_UPLINK_FRAMES,
     ) {
         let setup = Setup {
             pcm16,
