@@ -520,18 +520,27 @@ impl ListenerMetrics {
                 value.load(Relaxed)
             );
         }
-        let _ = writeln!(
+        write_labelled_counter(
             out,
-            "# HELP voxrelay_listener_refusals_total Connections closed and requests refused by the public listener's caps and timeouts, by reason.\n# TYPE voxrelay_listener_refusals_total counter"
+            "voxrelay_listener_refusals_total",
+            "Connections closed and requests refused by the public listener's caps and timeouts, by reason.",
+            "reason",
+            ListenerRefusal::ALL.map(|why| (why.as_str(), self.refusals(why))),
         );
-        for why in ListenerRefusal::ALL {
-            let _ = writeln!(
-                out,
-                "voxrelay_listener_refusals_total{{reason=\"{}\"}} {}",
-                why.as_str(),
-                self.refusals(why)
-            );
-        }
+    }
+}
+
+/// One counter family with a label, e.g. `name{kind="bad_dtmf"} 3`, its HELP and TYPE first.
+fn write_labelled_counter<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    rows: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, count) in rows {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
     }
 }
 
@@ -820,55 +829,35 @@ impl Metrics {
             "Socket writers aborted after their call's close grace.",
             &self.call_writers_aborted,
         );
-        let _ = writeln!(
-            out,
-            "# HELP voxrelay_peer_stalls_total Calls ended because a peer stopped reading (write deadline missed or control queue full), by leg.\n# TYPE voxrelay_peer_stalls_total counter"
+        write_labelled_counter(
+            &mut out,
+            "voxrelay_peer_stalls_total",
+            "Calls ended because a peer stopped reading (write deadline missed or control queue full), by leg.",
+            "leg",
+            Leg::ALL.map(|leg| (leg.as_str(), self.peer_stalls(leg))),
         );
-        for leg in Leg::ALL {
-            let _ = writeln!(
-                out,
-                "voxrelay_peer_stalls_total{{leg=\"{}\"}} {}",
-                leg.as_str(),
-                self.peer_stalls(leg)
-            );
-        }
 
-        let _ = writeln!(
-            out,
-            "# HELP voxrelay_twilio_errors_total Bad input from Twilio media streams, by kind.\n# TYPE voxrelay_twilio_errors_total counter"
+        write_labelled_counter(
+            &mut out,
+            "voxrelay_twilio_errors_total",
+            "Bad input from Twilio media streams, by kind.",
+            "kind",
+            TwilioErrorKind::ALL.map(|kind| (kind.as_str(), self.twilio_errors(kind))),
         );
-        for kind in TwilioErrorKind::ALL {
-            let _ = writeln!(
-                out,
-                "voxrelay_twilio_errors_total{{kind=\"{}\"}} {}",
-                kind.as_str(),
-                self.twilio_errors(kind)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP voxrelay_signature_failures_total Requests refused for a bad X-Twilio-Signature, by route.\n# TYPE voxrelay_signature_failures_total counter"
+        write_labelled_counter(
+            &mut out,
+            "voxrelay_signature_failures_total",
+            "Requests refused for a bad X-Twilio-Signature, by route.",
+            "route",
+            SignedRoute::ALL.map(|route| (route.as_str(), self.signature_failures(route))),
         );
-        for route in SignedRoute::ALL {
-            let _ = writeln!(
-                out,
-                "voxrelay_signature_failures_total{{route=\"{}\"}} {}",
-                route.as_str(),
-                self.signature_failures(route)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP voxrelay_webhooks_refused_total Signed voice webhooks refused, by reason.\n# TYPE voxrelay_webhooks_refused_total counter"
+        write_labelled_counter(
+            &mut out,
+            "voxrelay_webhooks_refused_total",
+            "Signed voice webhooks refused, by reason.",
+            "reason",
+            WebhookRefusal::ALL.map(|reason| (reason.as_str(), self.webhooks_refused(reason))),
         );
-        for reason in WebhookRefusal::ALL {
-            let _ = writeln!(
-                out,
-                "voxrelay_webhooks_refused_total{{reason=\"{}\"}} {}",
-                reason.as_str(),
-                self.webhooks_refused(reason)
-            );
-        }
         let _ = writeln!(
             out,
             "# HELP voxrelay_audio_dropped_total Audio messages dropped by a full queue (oldest first), by direction.\n# TYPE voxrelay_audio_dropped_total counter"
@@ -921,30 +910,21 @@ impl Metrics {
             "voxrelay_control_lookup_seconds",
             "Time to resolve a dialled number's tenant context, fallback included.",
         );
-        let _ = writeln!(
+        write_labelled_counter(
             out,
-            "# HELP voxrelay_control_lookups_total Context lookups, by where the context came from.\n# TYPE voxrelay_control_lookups_total counter"
+            "voxrelay_control_lookups_total",
+            "Context lookups, by where the context came from.",
+            "source",
+            ContextSource::ALL.map(|source| (source.as_str(), self.control_lookups(source))),
         );
-        for source in ContextSource::ALL {
-            let _ = writeln!(
-                out,
-                "voxrelay_control_lookups_total{{source=\"{}\"}} {}",
-                source.as_str(),
-                self.control_lookups(source)
-            );
-        }
-        let _ = writeln!(
+        write_labelled_counter(
             out,
-            "# HELP voxrelay_control_request_failures_total Control-plane requests that failed (transport, timeout, non-2xx, undecodable), by endpoint.\n# TYPE voxrelay_control_request_failures_total counter"
+            "voxrelay_control_request_failures_total",
+            "Control-plane requests that failed (transport, timeout, non-2xx, undecodable), by endpoint.",
+            "endpoint",
+            ControlEndpoint::ALL
+                .map(|endpoint| (endpoint.as_str(), self.control_request_failures(endpoint))),
         );
-        for endpoint in ControlEndpoint::ALL {
-            let _ = writeln!(
-                out,
-                "voxrelay_control_request_failures_total{{endpoint=\"{}\"}} {}",
-                endpoint.as_str(),
-                self.control_request_failures(endpoint)
-            );
-        }
         let counters = [
             (
                 "voxrelay_control_reports_delivered_total",
