@@ -414,6 +414,17 @@ async fn a_control_plane_that_never_answers_costs_at_most_the_budget() {
             .control_lookups(voxrelay::control::directory::ContextSource::Fallback)
             >= 1
     );
+    // However long the control plane keeps its requests waiting, nothing of the call stays
+    // behind: its report went to the sender, and its task and registry entry are gone.
+    let bridge = &stack.bridge;
+    assert!(
+        eventually(Duration::from_secs(5), || bridge.registry().is_empty()
+            && bridge.live_call_tasks() == 0)
+        .await,
+        "{} registered, {} call tasks",
+        bridge.registry().len(),
+        bridge.live_call_tasks()
+    );
     held.abort();
 }
 
