@@ -110,7 +110,6 @@ fn signed_voice_request(stack: &Stack, call_sid: &str) -> Vec<u8> {
 
 /// POSTs a signed voice webhook and returns the status and TwiML.
 async fn post_voice(stack: &Stack, call_sid: &str) -> (u16, String) {
-    let url = stack.url.join("/twilio/voice").unwrap();
     let params: Vec<(String, String)> = [
         ("AccountSid", ACCOUNT_SID),
         ("CallSid", call_sid),
@@ -120,21 +119,7 @@ async fn post_voice(stack: &Stack, call_sid: &str) -> (u16, String) {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let signature = compute_signature(TOKEN, url.as_str(), &params);
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(params.iter())
-        .finish();
-    let response = http_client::send(
-        "POST",
-        &url,
-        &[
-            ("content-type", "application/x-www-form-urlencoded"),
-            ("x-twilio-signature", &signature),
-        ],
-        body.into_bytes(),
-    )
-    .await
-    .expect("webhook");
+    let response = post_voice_form(stack, &params, None).await;
     (response.status, response.body)
 }
 

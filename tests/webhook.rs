@@ -43,30 +43,6 @@ fn owned(params: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// POSTs `params` to the voice webhook with `signature` (or their own valid one).
-async fn post_voice(
-    stack: &Stack,
-    params: &[(String, String)],
-    signature: Option<&str>,
-) -> http_client::HttpResponse {
-    let url = stack.url.join("/twilio/voice").unwrap();
-    let computed = compute_signature(TOKEN, url.as_str(), params);
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(params)
-        .finish();
-    http_client::send(
-        "POST",
-        &url,
-        &[
-            ("content-type", "application/x-www-form-urlencoded"),
-            ("x-twilio-signature", signature.unwrap_or(&computed)),
-        ],
-        body.into_bytes(),
-    )
-    .await
-    .expect("webhook")
-}
-
 /// A webhook as Twilio sends it (fields in sorted order, as the signature covers them).
 fn twilio_form(account_sid: &str, call_sid: &str) -> Vec<(String, String)> {
     owned(&[
@@ -100,7 +76,7 @@ async fn one_captured_signature_resplit_four_ways_yields_one_call() {
     }
     let mut statuses = Vec::new();
     for form in &forms {
-        statuses.push(post_voice(&stack, form, Some(&signature)).await.status);
+        statuses.push(post_voice_form(&stack, form, Some(&signature)).await.status);
     }
     let metrics = stack.bridge.metrics();
     // The signature is good for all four; the re-split CallSids are not CallSids.
@@ -119,12 +95,12 @@ async fn one_captured_signature_resplit_four_ways_yields_one_call() {
     // Moving text the other way (out of `AccountSid`, or into it) breaks its shape too.
     let mut short_account = captured.clone();
     short_account[0].1 = "AC0".to_owned();
-    let response = post_voice(&stack, &short_account, None).await;
+    let response = post_voice_form(&stack, &short_account, None).await;
     assert_eq!(response.status, 400);
     assert_eq!(metrics.webhooks_refused(WebhookRefusal::BadAccountSid), 1);
     let mut no_account = captured;
     no_account.remove(0);
-    assert_eq!(post_voice(&stack, &no_account, None).await.status, 400);
+    assert_eq!(post_voice_form(&stack, &no_account, None).await.status, 400);
     assert_eq!(metrics.webhooks_refused(WebhookRefusal::BadAccountSid), 2);
 }
 
@@ -147,10 +123,10 @@ async fn a_replayed_webhook_gets_the_same_twiml_and_never_a_second_prewarm() {
         stack_with(|config| config.prewarm_unclaimed_after = Duration::from_millis(200)).await;
     let sid = call_sid(0xbeef);
     let form = twilio_form(ACCOUNT_SID, &sid);
-    let first = post_voice(&stack, &form, None).await;
+    let first = post_voice_form(&stack, &form, None).await;
     assert_eq!(first.status, 200);
     // Twilio's retry, or a replay, while the preparation is pending.
-    let again = post_voice(&stack, &form, None).await;
+    let again = post_voice_form(&stack, &form, None).await;
     assert_eq!(again.status, 200);
     assert_eq!(stream_of(&again), stream_of(&first), "the same TwiML");
     let metrics = stack.bridge.metrics();
@@ -172,7 +148,7 @@ async fn a_replayed_webhook_gets_the_same_twiml_and_never_a_second_prewarm() {
         .await
     );
     // A replay after the unclaimed timeout is still remembered: answered, nothing opened.
-    let replay = post_voice(&stack, &form, None).await;
+    let replay = post_voice_form(&stack, &form, None).await;
     assert_eq!(replay.status, 200);
     assert_eq!(stream_of(&replay), stream_of(&first));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -191,7 +167,7 @@ async fn a_replayed_webhook_gets_the_same_twiml_and_never_a_second_prewarm() {
 async fn prewarms_beyond_the_cap_start_cold_and_still_answer() {
     let stack = stack_with(|config| config.max_prewarms = 2).await;
     for n in 1..=2 {
-        let response = post_voice(&stack, &twilio_form(ACCOUNT_SID, &call_sid(n)), None).await;
+        let response = post_voice_form(&stack, &twilio_form(ACCOUNT_SID, &call_sid(n)), None).await;
         assert_eq!(response.status, 200);
     }
     let metrics = stack.bridge.metrics();
@@ -223,24 +199,24 @@ async fn prewarms_beyond_the_cap_start_cold_and_still_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_from_another_account_are_refused() {
     let stack = stack_with(|config| config.twilio_account_sid = Some(OUR_ACCOUNT.into())).await;
-    let theirs = post_voice(&stack, &twilio_form(OTHER_ACCOUNT, &call_sid(1)), None).await;
+    let theirs = post_voice_form(&stack, &twilio_form(OTHER_ACCOUNT, &call_sid(1)), None).await;
     assert_eq!(theirs.status, 403);
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.webhooks_refused(WebhookRefusal::AccountMismatch), 1);
     assert_eq!(metrics.prewarm_started.load(Relaxed), 0);
-    let ours = post_voice(&stack, &twilio_form(OUR_ACCOUNT, &call_sid(2)), None).await;
+    let ours = post_voice_form(&stack, &twilio_form(OUR_ACCOUNT, &call_sid(2)), None).await;
     assert_eq!(ours.status, 200);
     assert_eq!(metrics.webhooks_refused(WebhookRefusal::AccountMismatch), 1);
     // Without the setting any well-formed account is served.
     let open = stack_with(|_| {}).await;
-    let response = post_voice(&open, &twilio_form(OTHER_ACCOUNT, &call_sid(3)), None).await;
+    let response = post_voice_form(&open, &twilio_form(OTHER_ACCOUNT, &call_sid(3)), None).await;
     assert_eq!(response.status, 200);
 }
 
 /// Answers a webhook for call `n` from our account, then opens its signed media socket (with
 /// the TwiML's parameters) and sends `connected` and a `start` claiming `account_sid`.
 async fn start_stream_from(stack: &Stack, account_sid: &str, n: u64) -> RawSocket {
-    let answer = post_voice(stack, &twilio_form(OUR_ACCOUNT, &call_sid(n)), None).await;
+    let answer = post_voice_form(stack, &twilio_form(OUR_ACCOUNT, &call_sid(n)), None).await;
     assert_eq!(answer.status, 200);
     let (_, parameters) = parse_connect_stream(&answer.body).expect("TwiML");
     let custom: serde_json::Map<String, serde_json::Value> =

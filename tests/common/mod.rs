@@ -202,6 +202,31 @@ pub fn media_message(stream_sid: &str, sequence: u64, payload_b64: &str) -> Mess
     )
 }
 
+/// POSTs `params` to the voice webhook, signed with `signature` or, without one, with their
+/// own valid signature, as Twilio would.
+pub async fn post_voice_form(
+    stack: &Stack,
+    params: &[(String, String)],
+    signature: Option<&str>,
+) -> voxrelay::bench::http_client::HttpResponse {
+    let url = stack.url.join("/twilio/voice").unwrap();
+    let computed = compute_signature(TOKEN, url.as_str(), params);
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish();
+    voxrelay::bench::http_client::send(
+        "POST",
+        &url,
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("x-twilio-signature", signature.unwrap_or(&computed)),
+        ],
+        body.into_bytes(),
+    )
+    .await
+    .expect("webhook")
+}
+
 /// POSTs a signed voice webhook (from [`ACCOUNT_SID`]) and returns the TwiML's stream URL and
 /// `<Parameter>`s.
 pub async fn voice_webhook(
@@ -210,7 +235,6 @@ pub async fn voice_webhook(
     to: &str,
     from: &str,
 ) -> (String, Vec<(String, String)>) {
-    let url = stack.url.join("/twilio/voice").unwrap();
     let params: Vec<(String, String)> = [
         ("AccountSid", ACCOUNT_SID),
         ("CallSid", call_sid),
@@ -220,21 +244,7 @@ pub async fn voice_webhook(
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let signature = compute_signature(TOKEN, url.as_str(), &params);
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(params.iter())
-        .finish();
-    let response = voxrelay::bench::http_client::send(
-        "POST",
-        &url,
-        &[
-            ("content-type", "application/x-www-form-urlencoded"),
-            ("x-twilio-signature", &signature),
-        ],
-        body.into_bytes(),
-    )
-    .await
-    .expect("webhook");
+    let response = post_voice_form(stack, &params, None).await;
     assert_eq!(response.status, 200, "{}", response.body);
     voxrelay::bench::caller::parse_connect_stream(&response.body).expect("a <Stream> in the TwiML")
 }
