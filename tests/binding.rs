@@ -93,21 +93,7 @@ async fn a_stream_carrying_another_calls_token_is_refused() {
     assert_eq!(metrics.streams_refused_token.load(Relaxed), 1);
     assert_eq!(metrics.prewarm_claimed.load(Relaxed), 0);
     // The victim's session was never handed over: it expires unclaimed and is closed.
-    assert!(
-        eventually(Duration::from_secs(5), || metrics
-            .prewarm_unclaimed
-            .load(Relaxed)
-            == 1)
-        .await
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || stack
-            .mock
-            .log()
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert_prewarm_expired_unclaimed(&stack).await;
 }
 
 #[tokio::test]

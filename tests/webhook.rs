@@ -132,21 +132,7 @@ async fn a_replayed_webhook_gets_the_same_twiml_and_never_a_second_prewarm() {
     let metrics = stack.bridge.metrics();
     assert_eq!(metrics.webhook_repeats.load(Relaxed), 1);
     // No stream comes: the pre-warmed session expires unclaimed and is closed.
-    assert!(
-        eventually(Duration::from_secs(5), || metrics
-            .prewarm_unclaimed
-            .load(Relaxed)
-            == 1)
-        .await
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || stack
-            .mock
-            .log()
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert_prewarm_expired_unclaimed(&stack).await;
     // A replay after the unclaimed timeout is still remembered: answered, nothing opened.
     let replay = post_voice_form(&stack, &form, None).await;
     assert_eq!(replay.status, 200);

@@ -202,6 +202,29 @@ pub fn media_message(stream_sid: &str, sequence: u64, payload_b64: &str) -> Mess
     )
 }
 
+/// Waits (up to 5 s each) until the stack's one pre-warmed session has expired unclaimed and
+/// the mock model has seen its socket close.
+pub async fn assert_prewarm_expired_unclaimed(stack: &Stack) {
+    let metrics = stack.bridge.metrics();
+    assert!(
+        eventually(Duration::from_secs(5), || metrics
+            .prewarm_unclaimed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1)
+        .await,
+        "the pre-warmed session was not closed as unclaimed"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || stack
+            .mock
+            .log()
+            .active_sessions()
+            == 0)
+        .await,
+        "the mock model still has a session open"
+    );
+}
+
 /// POSTs `params` to the voice webhook, signed with `signature` or, without one, with their
 /// own valid signature, as Twilio would.
 pub async fn post_voice_form(
