@@ -5,8 +5,8 @@
 //! - **engine**: the real `CallEngine` without sockets, in both audio modes; uplink is one
 //!   Twilio `media` message in → one `input_audio_buffer.append` out, downlink one 20 ms model
 //!   delta in → Twilio `media` + `mark` out. Spent outbound buffers are handed back to the
-//!   engine as the call's writers do.
-//! - **call**: the real call task (`run_call`: the core, both writers, both socket layers) on
+//!   engine as the call task does.
+//! - **call**: the real call task (`run_call`: the engine, both sockets and their buffers) on
 //!   its own thread and current-thread runtime, with the Twilio leg over an in-memory
 //!   `tokio::io::duplex` pipe and the model leg over loopback TCP to the benchmark's echo model.
 //!   The simulated Twilio peer and the echo model run on another thread, and only allocations
@@ -16,8 +16,10 @@
 //!   so each 20 ms carries one frame each way, a `mark` and its echo.
 //!
 //! Run with `cargo bench --bench alloc`. Counts are exact and deterministic for the engine;
-//! the call-level counts can vary by a fraction of an allocation per frame (the runtime's own
-//! bookkeeping, timer wheels).
+//! the call-level counts can vary by a few allocations per run (the runtime's own
+//! bookkeeping, timer wheels). The run fails (exit 1) when any scenario allocates
+//! [`MAX_ALLOCATIONS_PER_FRAME`] or more per frame, so `.ci/run` catches allocations coming
+//! back on the media path.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -35,12 +37,13 @@ use voxrelay::bench::results::Epoch;
 use voxrelay::config::{AgentDefaults, UpstreamTarget};
 use voxrelay::session::binding::StreamTokens;
 use voxrelay::session::call::{CallServices, run_call};
-use voxrelay::session::engine::CallEngine;
+use voxrelay::session::engine::{CallEngine, Input, Output};
 use voxrelay::session::metrics::Metrics;
+use voxrelay::session::model::ModelSession;
 use voxrelay::session::playback::PlaybackConfig;
 use voxrelay::session::prewarm::{PendingCalls, PendingLimits};
 use voxrelay::session::registry::CallRegistry;
-use voxrelay::upstream::{OpenAiRealtime, SessionSettings};
+use voxrelay::upstream::SessionSettings;
 use voxrelay::{Secret, bench::echo_model::EchoSessionRecord};
 
 /// Counts the allocations (and reallocations) made on threads that opted in.
@@ -112,7 +115,18 @@ impl Count {
     }
 }
 
+/// The most a scenario may allocate per frame before the run fails: 20 in 2,000 frames.
+const MAX_ALLOCATIONS_PER_FRAME: f64 = 0.01;
+
+/// Set when a scenario allocated on the per-frame path: the run then fails.
+static ALLOCATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn report(path: &str, mode: AudioMode, count: Count, frames: u64) {
+    // A per-frame allocation shows as 1.0 or more; the runtime's own bookkeeping (timer
+    // wheels, a task's first poll) as a few in a run.
+    if count.allocations as f64 / frames as f64 >= MAX_ALLOCATIONS_PER_FRAME {
+        ALLOCATED.store(true, Relaxed);
+    }
     println!(
         "{path:<34} {:<6} {:>8.2} allocations/frame {:>9.0} bytes/frame   ({} frames)",
         mode.as_str(),
@@ -152,28 +166,37 @@ fn speech_payload() -> String {
     )
 }
 
+/// Takes the engine's outputs as the driver does, keeping each written text for reuse.
+fn take_texts(engine: &mut CallEngine, spent: &mut Vec<String>) {
+    while let Some(output) = engine.poll_output() {
+        if let Output::ToModel(out) | Output::ToTwilio(out) = output {
+            spent.push(out.text);
+        }
+    }
+}
+
 fn started_engine(mode: AudioMode, now: Instant) -> CallEngine {
     let settings = SessionSettings {
         audio_mode: mode,
         greeting: None,
         ..SessionSettings::default()
     };
-    let mut engine = CallEngine::new(
-        Box::new(OpenAiRealtime::new(settings)),
-        mode,
-        PlaybackConfig::default(),
-        true,
-        Arc::new(Metrics::default()),
-    );
+    let mut engine = CallEngine::new(PlaybackConfig::default());
     engine
-        .on_twilio_text(
+        .handle(
             now,
-            r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#,
+            Input::Twilio(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#),
         )
         .unwrap();
-    engine.on_twilio_text(now, &start_message()).unwrap();
-    engine.on_upstream_open(now);
-    engine.take_to_upstream().for_each(drop);
+    engine.handle(now, Input::Twilio(&start_message())).unwrap();
+    engine
+        .handle(
+            now,
+            Input::ContextResolved(Box::new(ModelSession::new(settings, false))),
+        )
+        .unwrap();
+    engine.handle(now, Input::ModelConnected).unwrap();
+    while engine.poll_output().is_some() {}
     engine
 }
 
@@ -197,11 +220,11 @@ fn engine_uplink(mode: AudioMode) {
     let mut frame = |engine: &mut CallEngine| {
         media_message(&mut text, sequence, &payload);
         sequence += 1;
-        engine.on_twilio_text(now, &text).unwrap();
-        // The upstream writer's side of the contract: write, then hand the buffer back.
-        spent.extend(engine.take_to_upstream().map(|out| out.text));
+        engine.handle(now, Input::Twilio(&text)).unwrap();
+        // The call task's side of the contract: write, then hand the buffer back.
+        take_texts(engine, &mut spent);
         for text in spent.drain(..) {
-            engine.recycle_upstream(text);
+            engine.recycle_model(text);
         }
     };
     for _ in 0..WARM_UP {
@@ -219,9 +242,9 @@ fn engine_downlink(mode: AudioMode) {
     let start = Instant::now();
     let mut engine = started_engine(mode, start);
     engine
-        .on_upstream_text(
+        .handle(
             start,
-            r#"{"type":"response.created","response":{"id":"resp_1"}}"#,
+            Input::Model(r#"{"type":"response.created","response":{"id":"resp_1"}}"#),
         )
         .unwrap();
     let audio: Vec<u8> = match mode {
@@ -238,9 +261,9 @@ fn engine_downlink(mode: AudioMode) {
         // Real time advances 20 ms per delta, so the pacer sends one chunk each time.
         tick += 1;
         let now = start + Duration::from_millis(20) * tick;
-        engine.on_upstream_text(now, &delta).unwrap();
-        // The Twilio writer's side of the contract: write, then hand the buffers back.
-        spent.extend(engine.take_to_twilio().map(|out| out.text));
+        engine.handle(now, Input::Model(&delta)).unwrap();
+        // The call task's side of the contract: write, then hand the buffers back.
+        take_texts(engine, &mut spent);
         for text in spent.drain(..) {
             engine.recycle_twilio(text);
         }
@@ -489,5 +512,10 @@ fn main() {
         if wanted("call-both", mode) {
             runtime.block_on(call_both_ways(mode));
         }
+    }
+    // The per-frame path is allocation-free by design; a regression fails the run (and CI).
+    if ALLOCATED.load(Relaxed) {
+        eprintln!("allocations came back on the per-frame path (see the lines above)");
+        std::process::exit(1);
     }
 }

@@ -6,19 +6,27 @@
 //! own computation from task wake-ups and socket system calls.
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use voxrelay::AudioMode;
-use voxrelay::session::engine::CallEngine;
-use voxrelay::session::metrics::Metrics;
+use voxrelay::session::engine::{CallEngine, Input, Output};
+use voxrelay::session::model::ModelSession;
 use voxrelay::session::playback::PlaybackConfig;
-use voxrelay::upstream::{OpenAiRealtime, SessionSettings};
+use voxrelay::upstream::SessionSettings;
 
 const STREAM_SID: &str = "MZ00000000000000000000000000000001";
+
+/// Takes the engine's outputs as the driver does, keeping each written text for reuse.
+fn take_texts(engine: &mut CallEngine, spent: &mut Vec<String>) {
+    while let Some(output) = engine.poll_output() {
+        if let Output::ToModel(out) | Output::ToTwilio(out) = output {
+            spent.push(out.text);
+        }
+    }
+}
 
 fn started_engine(mode: AudioMode, now: Instant) -> CallEngine {
     let settings = SessionSettings {
@@ -26,25 +34,25 @@ fn started_engine(mode: AudioMode, now: Instant) -> CallEngine {
         greeting: None,
         ..SessionSettings::default()
     };
-    let mut engine = CallEngine::new(
-        Box::new(OpenAiRealtime::new(settings)),
-        mode,
-        PlaybackConfig::default(),
-        true,
-        Arc::new(Metrics::default()),
-    );
+    let mut engine = CallEngine::new(PlaybackConfig::default());
     let start = format!(
         r#"{{"event":"start","sequenceNumber":"1","streamSid":"{STREAM_SID}","start":{{"accountSid":"AC00000000000000000000000000000001","streamSid":"{STREAM_SID}","callSid":"CA00000000000000000000000000000001","tracks":["inbound"],"customParameters":{{}},"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}}}}"#
     );
     engine
-        .on_twilio_text(
+        .handle(
             now,
-            r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#,
+            Input::Twilio(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#),
         )
         .unwrap();
-    engine.on_twilio_text(now, &start).unwrap();
-    engine.on_upstream_open(now);
-    engine.take_to_upstream().for_each(drop);
+    engine.handle(now, Input::Twilio(&start)).unwrap();
+    engine
+        .handle(
+            now,
+            Input::ContextResolved(Box::new(ModelSession::new(settings, false))),
+        )
+        .unwrap();
+    engine.handle(now, Input::ModelConnected).unwrap();
+    while engine.poll_output().is_some() {}
     engine
 }
 
@@ -76,11 +84,11 @@ fn uplink(c: &mut Criterion) {
                 text.push_str(STREAM_SID);
                 text.push_str(r#""}"#);
                 sequence += 1;
-                engine.on_twilio_text(now, black_box(&text)).unwrap();
-                // As the upstream writer does: send, then hand the buffer back.
-                spent.extend(engine.take_to_upstream().map(|out| black_box(out).text));
+                engine.handle(now, Input::Twilio(black_box(&text))).unwrap();
+                // As the call task does: send, then hand the buffer back.
+                take_texts(&mut engine, &mut spent);
                 for text in spent.drain(..) {
-                    engine.recycle_upstream(text);
+                    engine.recycle_model(text);
                 }
             })
         });
@@ -99,9 +107,9 @@ fn downlink(c: &mut Criterion) {
         let start = Instant::now();
         let mut engine = started_engine(mode, start);
         engine
-            .on_upstream_text(
+            .handle(
                 start,
-                r#"{"type":"response.created","response":{"id":"resp_1"}}"#,
+                Input::Model(r#"{"type":"response.created","response":{"id":"resp_1"}}"#),
             )
             .unwrap();
         let audio: Vec<u8> = match mode {
@@ -118,9 +126,9 @@ fn downlink(c: &mut Criterion) {
                 // Real time advances 20 ms per delta, so the pacer sends one chunk each time.
                 tick += 1;
                 let now = start + Duration::from_millis(20) * tick;
-                engine.on_upstream_text(now, black_box(&delta)).unwrap();
-                for out in engine.take_to_twilio() {
-                    black_box(out);
+                engine.handle(now, Input::Model(black_box(&delta))).unwrap();
+                while let Some(output) = engine.poll_output() {
+                    black_box(output);
                 }
             })
         });

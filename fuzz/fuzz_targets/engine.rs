@@ -1,9 +1,9 @@
 //! The call engine fed both peers at once. The input is a script, one step per line, tagged
 //! by its first byte: `T` a Twilio text, `M` a model text, `O` the model's socket opens, `K`
-//! time passes (the rest is milliseconds) and the pacer ticks, `C` the session is
-//! reconfigured (the next byte picks mode and options); any other line is a Twilio text. The
-//! first byte of the input picks the audio mode and playback configuration. After each step
-//! the output queues are drained as the I/O layer drains them. Checks: nothing panics; each
+//! time passes (the rest is milliseconds) and the pacer ticks, `C` the call's agent is known
+//! (its model session arrives; the next byte picks mode and options); any other line is a
+//! Twilio text. The first byte of the input picks the audio mode and playback configuration.
+//! After each step the outputs are taken as the driver takes them. Checks: nothing panics; each
 //! step's output to Twilio is within the pacer's lead (two messages per chunk plus a
 //! `clear`) and valid JSON for the started stream; a Twilio message asks at most two
 //! messages of an open model socket, a model message at most 40 (a barge-in's truncate,
@@ -13,15 +13,16 @@
 //! padding; every sequence gap is counted once in the metrics.
 #![no_main]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use voxrelay::AudioMode;
-use voxrelay::session::engine::{CallEngine, HELD_DTMF_DIGITS};
-use voxrelay::session::metrics::{Metrics, TwilioErrorKind};
+use voxrelay::session::engine::{
+    CallEngine, HELD_DTMF_DIGITS, Input, OutKind, Outgoing, Output, TwilioErrorKind,
+};
+use voxrelay::session::model::ModelSession;
 use voxrelay::session::playback::PlaybackConfig;
-use voxrelay::upstream::{OpenAiRealtime, SessionSettings};
+use voxrelay::upstream::SessionSettings;
 
 const HELD_UPLINK_FRAMES: usize = 100;
 const MODEL_STEP_UPSTREAM_BOUND: usize = 40;
@@ -34,12 +35,36 @@ fn mode(pcm16: bool) -> AudioMode {
     }
 }
 
-fn protocol(pcm16: bool) -> Box<OpenAiRealtime> {
-    Box::new(OpenAiRealtime::new(SessionSettings {
+fn session(pcm16: bool, tools: bool) -> Box<ModelSession> {
+    let settings = SessionSettings {
         audio_mode: mode(pcm16),
         greeting: Some("Hello".to_owned()),
         ..SessionSettings::default()
-    }))
+    };
+    Box::new(ModelSession::new(settings, tools))
+}
+
+/// One step's outputs for each peer, as the driver's buffers hold them (a `clear` withdraws
+/// audio for Twilio not yet written), and the tool calls to answer.
+fn take_outputs(
+    engine: &mut CallEngine,
+    to_twilio: &mut Vec<Outgoing>,
+    to_model: &mut Vec<Outgoing>,
+    tools: &mut Vec<String>,
+) {
+    while let Some(output) = engine.poll_output() {
+        match output {
+            Output::ToTwilio(out) => {
+                if out.kind == OutKind::Clear {
+                    to_twilio.retain(|o| o.kind != OutKind::Audio);
+                }
+                to_twilio.push(out);
+            }
+            Output::ToModel(out) => to_model.push(out),
+            Output::CallTool(call) => tools.push(call.call_id),
+            Output::Event(_) | Output::Close(_) => {}
+        }
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -50,61 +75,60 @@ fuzz_target!(|data: &[u8]| {
     let lead_ms = [120u64, 20, 60, 500][usize::from(setup >> 1 & 3)];
     let chunk_ms = [20u32, 40][usize::from(setup >> 3 & 1)];
     let max_queued_ms = [300_000u64, 1_000, 100, 0][usize::from(setup >> 4 & 3)];
-    let metrics = Arc::new(Metrics::default());
-    let mut engine = CallEngine::new(
-        protocol(pcm16),
-        mode(pcm16),
-        PlaybackConfig {
-            lead: Duration::from_millis(lead_ms),
-            chunk_ms,
-            max_queued: Duration::from_millis(max_queued_ms),
-        },
-        true,
-        Arc::clone(&metrics),
-    );
+    let mut engine = CallEngine::new(PlaybackConfig {
+        lead: Duration::from_millis(lead_ms),
+        chunk_ms,
+        max_queued: Duration::from_millis(max_queued_ms),
+    });
+    let mut resolved = false;
     let twilio_step_bound = 2 * (lead_ms / u64::from(chunk_ms)).max(1) as usize + 1;
     let mut now = Instant::now();
     let text = String::from_utf8_lossy(script);
     for line in text.split('\n') {
-        let open_before = engine.upstream_is_open();
+        let open_before = engine.model_is_open();
         let (tag, rest) = match line.as_bytes().first() {
             Some(b'T' | b'M' | b'O' | b'K' | b'C') => (line.as_bytes()[0], &line[1..]),
             _ => (b'T', line),
         };
         match tag {
             b'M' => {
-                let _ = engine.on_upstream_text(now, rest);
+                let _ = engine.handle(now, Input::Model(rest));
             }
             b'O' => {
-                if !open_before {
-                    engine.on_upstream_open(now);
+                if !resolved {
+                    resolved = true;
+                    let _ = engine.handle(now, Input::ContextResolved(session(pcm16, true)));
                 }
+                let _ = engine.handle(now, Input::ModelConnected);
             }
             b'K' => {
                 let ms: u64 = rest.trim().parse().unwrap_or(20);
                 now += Duration::from_millis(ms.min(3_600_000));
-                engine.on_tick(now);
+                let _ = engine.handle(now, Input::Tick);
             }
             b'C' => {
                 let flags = rest.as_bytes().first().copied().unwrap_or(0);
-                let result = engine.configure_session(
-                    protocol(flags & 1 != 0),
-                    mode(flags & 1 != 0),
-                    flags & 2 != 0,
-                    flags & 4 != 0,
+                let closed = engine.closed().is_some();
+                let result = engine.handle(
+                    now,
+                    Input::ContextResolved(session(flags & 1 != 0, flags & 4 != 0)),
                 );
-                assert_eq!(result.is_err(), open_before);
+                assert_eq!(result.is_err(), resolved && !closed);
+                resolved = true;
             }
             _ => {
-                let _ = engine.on_twilio_text(now, rest);
+                let _ = engine.handle(now, Input::Twilio(rest));
             }
         }
-        let calls: Vec<_> = engine.take_tool_calls().collect();
-        for call in &calls {
-            engine.on_tool_output(&call.call_id, r#"{"ok":true}"#);
+        let (mut to_twilio, mut to_upstream, mut calls) = (Vec::new(), Vec::new(), Vec::new());
+        take_outputs(&mut engine, &mut to_twilio, &mut to_upstream, &mut calls);
+        for call_id in &calls {
+            let output = r#"{"ok":true}"#;
+            let _ = engine.handle(now, Input::ToolResult { call_id, output });
+            let mut no_calls = Vec::new();
+            take_outputs(&mut engine, &mut to_twilio, &mut to_upstream, &mut no_calls);
         }
 
-        let to_twilio: Vec<_> = engine.take_to_twilio().collect();
         assert!(
             to_twilio.len() <= twilio_step_bound,
             "{} to Twilio",
@@ -118,12 +142,11 @@ fuzz_target!(|data: &[u8]| {
             ));
             assert_eq!(value["streamSid"].as_str(), engine.stream().stream_sid());
         }
-        let to_upstream: Vec<_> = engine.take_to_upstream().collect();
         for out in &to_upstream {
             let value: serde_json::Value = serde_json::from_str(&out.text).expect("JSON");
             assert!(value["type"].is_string());
         }
-        if !open_before && engine.upstream_is_open() {
+        if !open_before && engine.model_is_open() {
             assert!(
                 to_upstream.len() <= 1 + HELD_UPLINK_FRAMES + 2 * HELD_DTMF_DIGITS,
                 "{} released on open",
@@ -147,13 +170,13 @@ fuzz_target!(|data: &[u8]| {
             engine.recycle_twilio(out.text);
         }
         for out in to_upstream {
-            engine.recycle_upstream(out.text);
+            engine.recycle_model(out.text);
         }
         assert!(
             u64::from(engine.playback().queued_ms()) <= max_queued_ms + 2 * u64::from(chunk_ms)
         );
         assert_eq!(
-            metrics.twilio_errors(TwilioErrorKind::SequenceGap),
+            engine.stats().twilio_errors[TwilioErrorKind::SequenceGap.index()],
             engine.stream().counters().sequence_gaps
         );
     }

@@ -1,60 +1,51 @@
-//! One call's tasks: the thin async layer around [`CallEngine`].
+//! One call, one task: the thin async layer around [`CallEngine`].
 //!
-//! Per call there is one core task (this module's [`run_call`]) that owns the engine, its
-//! registry entry and both sockets' read halves, plus one writer task per socket. The core
-//! reads Twilio and the model directly (each read half wrapped as a stream whose pending read
-//! survives the `select!`, so no frame is ever half-read and dropped), so a frame reaches the
-//! engine without a task hand-off. Writers drain [`OutQueue`]s that drop old audio when a peer
-//! stalls: the core never waits on a write, so a stalled peer cannot stop it reading. The
-//! upstream socket is opened by a short-lived task and handed over through a bounded inbox
-//! (capacity [`INBOX_CAPACITY`]). The call ends on Twilio `stop`, either socket closing, the
-//! start timeout, cancellation (shutdown), or a peer that stops reading or sending; every path
-//! hands the call's report over first (before waiting on any socket, so a stalled peer cannot
-//! hold it back past a shutdown), then closes both sockets politely, and the [`Registration`]
-//! guard removes the call from the registry, even on panic.
+//! [`run_call`] owns the engine, both sockets (read and write halves, [`super::legs`]), the
+//! call's registry entry and every wait the call has: the tenant lookup or pre-warm claim, the
+//! model's connect, tool requests, the pacer and the call's deadlines. Each is a branch of one
+//! `select!` that turns whatever happened into an [`Input`] for the engine; the engine's
+//! [`Output`]s go into each leg's bounded buffer and are written inline, at once when the socket
+//! takes them, else when it becomes writable. No helper task, no channel, and nothing awaited
+//! outside the `select!`, so neither socket ever waits for the other, for the control plane or
+//! for a tool.
 //!
-//! Nothing a peer does can hold a call, a task or a socket open for long: a fragmented message
-//! counts toward its cap as it arrives ([`Reassembly`], on the model's leg tungstenite's
-//! `max_message_size`); every socket write and flush has [`WRITE_TIMEOUT`], and a peer that
-//! misses it, or lets its queue's control messages pile past their capacity, ends the call as
-//! stalled (`voxrelay_peer_stalls_total`); a started stream silent for [`TWILIO_IDLE_TIMEOUT`]
-//! ends; a writer still running [`CLOSE_GRACE`] after the call ended is aborted, closing its
-//! socket; pongs coalesce (one owed per leg); at most [`MAX_TOOL_CALLS_IN_FLIGHT`] tools run.
+//! The call ends on Twilio `stop`, either socket closing, the start timeout, the tenant's
+//! maximum length, cancellation (shutdown), a started stream silent for
+//! [`TWILIO_IDLE_TIMEOUT`], or a peer that stops reading: a leg whose socket takes nothing for
+//! [`WRITE_TIMEOUT`] while bytes wait, or whose control messages pile past their cap, ends the
+//! call as stalled (`voxrelay_peer_stalls_total`). Every path hands the call's report over
+//! first (before waiting on any socket, so a stalled peer cannot hold it back past a shutdown),
+//! then gives both sockets [`CLOSE_GRACE`] to take what is buffered and a close frame, then
+//! drops them; the [`Registration`] guard removes the call from the registry, even on panic.
+//! At most [`MAX_TOOL_CALLS_IN_FLIGHT`] tools run at once.
 //!
-//! Per-frame buffers are reused, not allocated: a Twilio message reaches the engine in
-//! fastwebsockets' own read buffer (`TwilioText`), a model message in tungstenite's
-//! ([`Utf8Bytes`]), and both writers hand each spent message `String` back to the engine
-//! through their queue's bounded free list ([`OutQueue::reclaim`]), so a 20 ms frame costs no
-//! heap allocation in either direction (`cargo bench --bench alloc`).
+//! A 20 ms frame costs no heap allocation in either direction (`cargo bench --bench alloc`):
+//! messages are read in the sockets' own buffers and written from reused `String`s that go
+//! back to the engine once written.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead};
-use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
-use futures_util::{SinkExt, Stream, StreamExt};
+use fastwebsockets::{WebSocket, WebSocketError};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::agent::CallAgent;
 use super::binding::{Binding, STREAM_TOKEN_PARAMETER, StreamTokens};
-use super::engine::{CallEngine, EngineError, OutKind, TwilioStep};
-use super::fragments::{FragmentError, Message as Reassembled, Reassembly};
-use super::metrics::{CallLatencyRecorder, Direction, Leg, Metrics, TwilioErrorKind};
+use super::engine::{CallEngine, CallEvent, Input, Output, ToolCall};
+use super::legs::{
+    ModelRead, ModelWriter, TwilioRead, TwilioWriter, model_reads, next_model_read, twilio_reads,
+};
+use super::metrics::{CallLatencyRecorder, Leg, Metrics, PublishedStats, TwilioErrorKind};
+use super::model::ModelSession;
 use super::playback::PlaybackConfig;
 use super::prewarm::{PendingCalls, Prepared, prewarm};
-use super::queue::{OutQueue, PingPayload};
 use super::registry::{CallEntry, CallRegistry, Registration};
 use super::report::{CallIdentity, call_report};
 use crate::config::{AgentDefaults, MAX_TWILIO_MESSAGE_BYTES, START_TIMEOUT, UpstreamTarget};
@@ -64,34 +55,16 @@ use crate::control::directory::TenantDirectory;
 use crate::control::reports::{ReportHandover, ReportSender};
 use crate::control::tool_calls::{DEFAULT_TOOL_TIMEOUT, run_tool};
 use crate::logtext::Untrusted;
-use crate::upstream::{OpenAiRealtime, SessionSettings, UpstreamSocket, VadSettings, connect};
+use crate::twilio::stream::StartInfo;
+use crate::upstream::{UpstreamSocket, connect};
 
-type UpstreamStream = futures_util::stream::SplitStream<UpstreamSocket>;
+pub use super::engine::EndReason;
 
-/// Messages for the core task from its helpers: the upstream connect task (one message), tool
-/// tasks (at most [`MAX_TOOL_CALLS_IN_FLIGHT`] answers) and the two writers (one failure note
-/// each), so it never fills; were it full, a sender would wait (none of them is on the media
-/// path), never drop. They travel boxed: tokio allocates a channel's slots 32 at a time, so a
-/// block of pointers (256 bytes) rather than of `CallInput`s per call.
-pub const INBOX_CAPACITY: usize = 64;
-/// Audio messages queued for Twilio beyond what the pacer's lead allows: 1 s of chunks.
-/// Overflow: the oldest is dropped (counted in `voxrelay_audio_dropped_total`).
-const TWILIO_AUDIO_QUEUE: usize = 50;
-/// Marks and clears queued for Twilio: 10 s of one mark per 20 ms chunk, where a reading peer
-/// holds a handful. Overflow: never dropped (playback accounting needs every mark); a push past
-/// it means Twilio stopped reading, and the call ends as stalled.
-const TWILIO_CONTROL_QUEUE: usize = 500;
-/// Caller audio queued for the model: 1 s of 20 ms frames. Overflow: the oldest is dropped
-/// (counted).
-const UPSTREAM_AUDIO_QUEUE: usize = 50;
-/// Session commands queued for the model (`session.update`, digits, truncates, tool output):
-/// a reading model holds a few. Overflow: never dropped; a push past it ends the call as stalled.
-const UPSTREAM_CONTROL_QUEUE: usize = 256;
-/// The longest one socket write or flush may take, on either leg. A 20 ms frame that cannot be
-/// written for 5 s means a caller who has heard nothing for 5 s, or a model that has heard
-/// nothing: past TCP's retransmissions on a lossy path, and not a call worth holding. The
-/// writer ends, the call ends as stalled (`voxrelay_peer_stalls_total{leg}`). The timer is armed
-/// only when a write does not complete at once, so a reading peer costs no timer.
+/// The longest a leg's socket may take nothing while bytes wait for it. A 20 ms frame that
+/// cannot be written for 5 s means a caller who has heard nothing for 5 s, or a model that
+/// has heard nothing: past TCP's retransmissions on a lossy path, and not a call worth
+/// holding. The call ends as stalled (`voxrelay_peer_stalls_total{leg}`). The clock starts only
+/// when a write does not complete at once, so a reading peer costs no timer.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A started stream that sends nothing for this long is dead (Twilio sends a `media` every
 /// 20 ms, silence included): the call ends (`twilio_errors_total{kind="idle_timeout"}`).
@@ -99,19 +72,10 @@ pub const TWILIO_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tools of one call running at once; a further call from the model is answered at once with
 /// an error (counted in `voxrelay_control_tool_failures_total`) instead of starting a request.
 pub const MAX_TOOL_CALLS_IN_FLIGHT: usize = 4;
-/// A batch of paced media + mark pairs leaves in one write: each pair is about 400 bytes and a
-/// batch is one pair every 20 ms, up to six (the 120 ms playback lead) when a response starts;
-/// a larger batch costs one more write, not a wait. Per call, so kept small.
-const TWILIO_WRITE_BUFFER: usize = 2 * 1024;
-/// The largest audio message the upstream writer copies into its arena for tungstenite (which
-/// frames it into its own buffer and drops it), keeping the `String` for reuse. The arena
-/// grows to the largest such message and no further: its previous copy has been dropped by the
-/// time the next is written, so the space is reclaimed in place. A 20 ms append is about 280
-/// bytes in `pcmu`, 1.3 KB in `pcm16`; control messages and anything larger go by value.
-const UPSTREAM_WRITE_ARENA: usize = 2 * 1024;
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the writers get to flush and close after the call ends; a writer still running
-/// then is aborted, which drops (closes) its socket.
+/// How long the sockets get to take what is buffered and a close frame after the call ends;
+/// a socket still busy then is dropped (closed), counted in
+/// `voxrelay_call_writers_aborted_total`.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Connect plus configure for a pre-warm; beyond it the stream connects cold instead.
 const PREWARM_WITHIN: Duration = Duration::from_secs(8);
@@ -145,6 +109,14 @@ pub struct ControlServices {
 }
 
 impl CallServices {
+    /// The model session `agent` runs on this bridge, built by the provider factory. Tools
+    /// run only for a tenant's agent with tools, on a bridge with a control plane.
+    pub fn model_session(&self, agent: &CallAgent) -> ModelSession {
+        let tools_enabled =
+            self.control.is_some() && agent.tenant_id.is_some() && !agent.tools.is_empty();
+        ModelSession::new(agent.session_settings(), tools_enabled)
+    }
+
     /// The agent for a call to `to`, and how long finding it took: the tenant's, or the
     /// environment's when there is no control plane, the number is unknown, or the lookup
     /// missed its budget.
@@ -183,7 +155,8 @@ pub async fn prepare_call(
     let (agent, lookup_took) = services.resolve_agent(&to, &from, &call_sid).await;
     let session = if with_prewarm {
         services.metrics.prewarm_started.fetch_add(1, Relaxed);
-        match prewarm(&services.upstream, agent.session_settings(), PREWARM_WITHIN).await {
+        let session = services.model_session(&agent);
+        match prewarm(&services.upstream, session, PREWARM_WITHIN).await {
             Ok(session) => {
                 services.metrics.upstream_connect.observe(session.took);
                 Some(session)
@@ -204,54 +177,6 @@ pub async fn prepare_call(
     }
 }
 
-/// What a `start` gets. A bound stream (its token verified for its `CallSid` and `To`, and it
-/// was the first to present it) claims its webhook's preparation, or, if there is none here
-/// (it expired, or the webhook ran on another machine), resolves the tenant of its `To`, which
-/// the token vouches for. Anything else gets the environment's agent: an unbound stream's
-/// parameters are whatever its TwiML (or a forger) said, so they never choose a tenant.
-async fn claim_or_resolve(
-    services: &CallServices,
-    binding: Binding,
-    call_sid: &str,
-    to: Option<&str>,
-    from: &str,
-) -> Prepared {
-    if binding != Binding::Bound {
-        let source = if services.control.is_some() {
-            "fallback"
-        } else {
-            "static"
-        };
-        return Prepared {
-            agent: CallAgent::from_defaults(&services.agent, source),
-            lookup_took: Duration::ZERO,
-            session: None,
-        };
-    }
-    if let Some(preparation) = services.pending.claim(call_sid) {
-        match tokio::time::timeout(CLAIM_WAIT, preparation).await {
-            Ok(Ok(prepared)) => return prepared,
-            Ok(Err(_)) => tracing::warn!("the call's preparation was lost: starting cold"),
-            Err(_) => tracing::warn!("the call's preparation is late: starting cold"),
-        }
-    }
-    match to.filter(|to| !to.is_empty()) {
-        Some(to) => {
-            let (agent, lookup_took) = services.resolve_agent(to, from, call_sid).await;
-            Prepared {
-                agent,
-                lookup_took,
-                session: None,
-            }
-        }
-        None => Prepared {
-            agent: CallAgent::from_defaults(&services.agent, "static"),
-            lookup_took: Duration::ZERO,
-            session: None,
-        },
-    }
-}
-
 /// The value of a form field or TwiML `<Parameter>` named `name`, if present.
 pub(crate) fn parameter<'a>(parameters: &'a [(String, String)], name: &str) -> Option<&'a str> {
     parameters
@@ -260,112 +185,55 @@ pub(crate) fn parameter<'a>(parameters: &'a [(String, String)], name: &str) -> O
         .map(|(_, value)| value.as_str())
 }
 
-/// Why a call ended, for the log line and the metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EndReason {
-    TwilioStop,
-    TwilioClosed,
-    TwilioError,
-    StartTimeout,
-    UpstreamClosed,
-    UpstreamFailed,
-    DuplicateStream,
-    /// The stream's binding token did not match its call (or was required and missing).
-    StreamTokenRefused,
-    /// `start.accountSid` is not the configured `VOXRELAY_TWILIO_ACCOUNT_SID`.
-    AccountRefused,
-    /// The tenant's `max_call_seconds` passed.
-    MaxDuration,
-    /// Twilio stopped reading: a write missed [`WRITE_TIMEOUT`] or its control queue filled.
-    TwilioStalled,
-    /// The model stopped reading: a write missed [`WRITE_TIMEOUT`] or its control queue filled.
-    UpstreamStalled,
-    /// A started stream sent nothing for [`TWILIO_IDLE_TIMEOUT`].
-    TwilioIdle,
-    /// The model sent a message over `upstream::connect::MAX_UPSTREAM_MESSAGE_BYTES`.
-    UpstreamOversized,
-    Shutdown,
+/// A peer that stopped reading on `leg`.
+fn stalled(leg: Leg) -> EndReason {
+    match leg {
+        Leg::Twilio => EndReason::TwilioStalled,
+        Leg::Upstream => EndReason::UpstreamStalled,
+    }
 }
 
-impl EndReason {
-    /// The `end_reason` of a call report.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EndReason::TwilioStop => "twilio_stop",
-            EndReason::TwilioClosed => "twilio_closed",
-            EndReason::TwilioError => "twilio_error",
-            EndReason::StartTimeout => "start_timeout",
-            EndReason::UpstreamClosed => "upstream_closed",
-            EndReason::UpstreamFailed => "upstream_failed",
-            EndReason::DuplicateStream => "duplicate_stream",
-            EndReason::StreamTokenRefused => "stream_token_refused",
-            EndReason::AccountRefused => "account_refused",
-            EndReason::MaxDuration => "max_duration",
-            EndReason::TwilioStalled => "twilio_stalled",
-            EndReason::UpstreamStalled => "upstream_stalled",
-            EndReason::TwilioIdle => "twilio_idle",
-            EndReason::UpstreamOversized => "upstream_oversized",
-            EndReason::Shutdown => "shutdown",
+/// What a `start` gets. A bound stream (its token verified for its `CallSid` and `To`, and it
+/// was the first to present it) claims its webhook's preparation, or, if there is none here
+/// (it expired, or the webhook ran on another machine), resolves the tenant of its `To`, which
+/// the token vouches for. Anything else gets the environment's agent: an unbound stream's
+/// parameters are whatever its TwiML (or a forger) said, so they never choose a tenant.
+async fn claim_or_resolve(
+    services: Arc<CallServices>,
+    binding: Binding,
+    call_sid: String,
+    to: Option<String>,
+    from: String,
+) -> Prepared {
+    let fallback = |source| Prepared {
+        agent: CallAgent::from_defaults(&services.agent, source),
+        lookup_took: Duration::ZERO,
+        session: None,
+    };
+    if binding != Binding::Bound {
+        return fallback(if services.control.is_some() {
+            "fallback"
+        } else {
+            "static"
+        });
+    }
+    if let Some(preparation) = services.pending.claim(&call_sid) {
+        match tokio::time::timeout(CLAIM_WAIT, preparation).await {
+            Ok(Ok(prepared)) => return prepared,
+            Ok(Err(_)) => tracing::warn!("the call's preparation was lost: starting cold"),
+            Err(_) => tracing::warn!("the call's preparation is late: starting cold"),
         }
     }
-}
-
-impl EndReason {
-    /// A peer that stopped reading on `leg`.
-    fn stalled(leg: Leg) -> Self {
-        match leg {
-            Leg::Twilio => EndReason::TwilioStalled,
-            Leg::Upstream => EndReason::UpstreamStalled,
+    match to.filter(|to| !to.is_empty()) {
+        Some(to) => {
+            let (agent, lookup_took) = services.resolve_agent(&to, &from, &call_sid).await;
+            Prepared {
+                agent,
+                lookup_took,
+                session: None,
+            }
         }
-    }
-}
-
-enum CallInput {
-    Twilio(TwilioText),
-    /// A ping's payload, to be echoed byte for byte in a pong.
-    TwilioPing(PingPayload),
-    TwilioClosed,
-    TwilioFailed(WebSocketError),
-    UpstreamOpen(Duration, tokio::task::JoinHandle<()>, Box<UpstreamStream>),
-    UpstreamFailed(String),
-    /// Borrows tungstenite's read buffer (no copy).
-    Upstream(Utf8Bytes),
-    UpstreamClosed(Option<String>),
-    /// The model sent a message over its cap (tungstenite refused it while it arrived).
-    UpstreamOversized(String),
-    /// A writer ended early: its peer stopped reading (`stalled`) or its socket failed.
-    WriteFailed {
-        leg: Leg,
-        stalled: bool,
-    },
-    /// A tool's answer (or error text) for the model.
-    ToolOutput {
-        call_id: String,
-        output: String,
-    },
-}
-
-/// The text of one Twilio message, in fastwebsockets' read buffer: no copy, and once it is
-/// dropped the reader reuses the space for the next frames (its buffer is shared, so it can
-/// reclaim the space only when no payload taken from it is alive).
-struct TwilioText(BytesMut);
-
-impl TwilioText {
-    /// `None` unless `payload` is UTF-8.
-    fn new(payload: BytesMut) -> Option<Self> {
-        std::str::from_utf8(&payload)
-            .is_ok()
-            .then_some(Self(payload))
-    }
-}
-
-impl std::ops::Deref for TwilioText {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        // SAFETY: the bytes were checked to be UTF-8 in `new`, the only constructor, and the
-        // private field is never changed after.
-        unsafe { std::str::from_utf8_unchecked(&self.0) }
+        None => fallback("static"),
     }
 }
 
@@ -393,6 +261,7 @@ pub async fn run_call<S>(
     span.in_scope(|| tracing::info!(?reason, "call ended"));
 }
 
+/// The call's loop: wait for anything, let the engine take it, write what it said.
 async fn drive<S>(
     ws: WebSocket<S>,
     services: Arc<CallServices>,
@@ -402,403 +271,684 @@ async fn drive<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let metrics = Arc::clone(&services.metrics);
-    // The write half is buffered and flushed once per batch, so a `media` and the `mark`
-    // behind it leave in one system call instead of two.
-    let (read_half, write_half) = ws.split(|stream| {
-        let (read, write) = tokio::io::split(stream);
-        (
-            read,
-            tokio::io::BufWriter::with_capacity(TWILIO_WRITE_BUFFER, write),
-        )
-    });
-    let (inbox_tx, mut inbox) = mpsc::channel::<Box<CallInput>>(INBOX_CAPACITY);
-    let connecting = CancellationToken::new();
-
-    let twilio_out = Arc::new(OutQueue::new(
-        TWILIO_AUDIO_QUEUE,
-        TWILIO_CONTROL_QUEUE,
-        Direction::Downlink,
-        Arc::clone(&metrics),
-    ));
-    let upstream_out = Arc::new(OutQueue::new(
-        UPSTREAM_AUDIO_QUEUE,
-        UPSTREAM_CONTROL_QUEUE,
-        Direction::Uplink,
-        Arc::clone(&metrics),
-    ));
-
-    let twilio_in = twilio_messages(read_half);
-    tokio::pin!(twilio_in);
-    let mut upstream_in: Option<Pin<Box<dyn Stream<Item = CallInput> + Send>>> = None;
-    let latency = Arc::new(CallLatencyRecorder::default());
-    let twilio_writer = tokio::spawn(
-        twilio_writer(
-            write_half,
-            Arc::clone(&twilio_out),
-            WriterSignals::new(Leg::Twilio, &metrics, &inbox_tx),
-            Arc::clone(&latency),
-        )
-        .instrument(span.clone()),
-    );
-    let mut upstream_writer_task = None;
-
-    // The session is configured for the call's agent once `start` says who was dialled.
-    let mut engine = CallEngine::new(
-        Box::new(OpenAiRealtime::new(SessionSettings::default())),
-        services.agent.audio_mode,
-        services.playback.clone(),
-        VadSettings::default().interrupt_response,
-        Arc::clone(&metrics),
-    );
-
-    let mut registration: Option<Registration> = None;
-    // Who the call is, for its report: set at `start`.
-    let mut call: Option<(CallRecord, CallAgent)> = None;
-    // The loop's timers live across its passes and are reset only when their deadline moves:
-    // a future built anew on every pass would register with the timer wheel (or, for the
-    // cancellation, with the token's waiter list) once per message.
+    let mut call = Call::new(ws, services, cancel.clone(), span);
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
-    let pacer_sleep = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(pacer_sleep);
-    let mut pacer_armed: Option<tokio::time::Instant> = None;
-    // Before `start`: the start timeout; after it, the tenant's maximum call length, if any.
-    let call_deadline = tokio::time::sleep(START_TIMEOUT);
-    tokio::pin!(call_deadline);
-    let mut deadline = Some(CallDeadline::Start);
-    // Checked every TWILIO_IDLE_TIMEOUT, not reset per message: a message only stores its time.
-    let idle_check = tokio::time::sleep(TWILIO_IDLE_TIMEOUT);
-    tokio::pin!(idle_check);
-    let mut last_twilio_at = tokio::time::Instant::now();
-    // Tool requests started and not yet answered through the inbox.
-    let mut tools_in_flight = 0usize;
     let reason = loop {
-        let pacer = engine.poll_timeout().map(tokio::time::Instant::from_std);
-        if pacer != pacer_armed {
-            if let Some(at) = pacer {
-                pacer_sleep.as_mut().reset(at);
-            }
-            pacer_armed = pacer;
-        }
-        let input = tokio::select! {
-            biased;
-            () = &mut cancelled => break EndReason::Shutdown,
-            input = twilio_in.next() => Some(input.unwrap_or(CallInput::TwilioClosed)),
-            input = next_upstream(&mut upstream_in) => Some(input),
-            input = inbox.recv() => input.map(|input| *input),
-            () = &mut pacer_sleep, if pacer_armed.is_some() => {
-                let now = tokio::time::Instant::now();
-                if let Some(deadline) = pacer_armed.take() {
-                    // How late the pacer wakes is what the playback lead must absorb.
-                    metrics.pacer_lateness.observe(now.saturating_duration_since(deadline));
-                }
-                engine.on_tick(now.into_std());
-                if let Err(leg) = flush(&mut engine, &twilio_out, &upstream_out) {
-                    metrics.peer_stalled(leg);
-                    tracing::warn!(leg = leg.as_str(), "outbound control queue full: the peer is not reading");
-                    break EndReason::stalled(leg);
-                }
-                continue;
-            }
-            () = &mut call_deadline, if deadline.is_some() => match deadline {
-                Some(CallDeadline::Start) | None => {
-                    metrics.twilio_error(TwilioErrorKind::StartTimeout);
-                    tracing::warn!("no `start` within {START_TIMEOUT:?}: closing");
-                    break EndReason::StartTimeout;
-                }
-                Some(CallDeadline::MaxLength) => {
-                    metrics.calls_max_duration.fetch_add(1, Relaxed);
-                    tracing::info!("the tenant's maximum call length passed: ending the call");
-                    break EndReason::MaxDuration;
-                }
-            },
-            () = &mut idle_check => {
-                let silent_until = last_twilio_at + TWILIO_IDLE_TIMEOUT;
-                if tokio::time::Instant::now() >= silent_until {
-                    metrics.twilio_error(TwilioErrorKind::IdleTimeout);
-                    tracing::warn!("no message from Twilio for {TWILIO_IDLE_TIMEOUT:?}: closing");
-                    break EndReason::TwilioIdle;
-                }
-                idle_check.as_mut().reset(silent_until);
-                continue;
-            }
-        };
-        let Some(input) = input else {
-            break EndReason::TwilioClosed;
-        };
+        call.arm_timers();
+        let wake = call.next_wake(cancelled.as_mut()).await;
         let now = Instant::now();
-        if matches!(input, CallInput::Twilio(_) | CallInput::TwilioPing(_)) {
-            last_twilio_at = tokio::time::Instant::from_std(now);
+        if let Some(reason) = call.on_wake(now, wake) {
+            break reason;
         }
-        match input {
-            CallInput::Twilio(text) => match engine.on_twilio_text(now, &text) {
-                Ok(TwilioStep::Continue) => {}
-                Ok(TwilioStep::Started(info)) => {
-                    span.record("stream_sid", info.stream_sid.as_str());
-                    span.record("call_sid", info.call_sid.as_str());
-                    if let Some(account) = &services.twilio_account_sid {
-                        if info.account_sid != *account {
-                            metrics.streams_refused_account.fetch_add(1, Relaxed);
-                            tracing::warn!("stream from another Twilio account: closing it");
-                            break EndReason::AccountRefused;
-                        }
-                    }
-                    let entry = CallEntry {
-                        call_sid: info.call_sid.clone(),
-                        started: now,
-                        cancel: cancel.clone(),
-                    };
-                    match services.registry.register(&info.stream_sid, entry) {
-                        Ok(guard) => registration = Some(guard),
-                        Err(duplicate) => {
-                            tracing::warn!("{duplicate}: refusing the second socket");
-                            break EndReason::DuplicateStream;
-                        }
-                    }
-                    let parameters = &info.custom_parameters;
-                    let to = parameter(parameters, "To");
-                    let from = parameter(parameters, "From").unwrap_or("");
-                    let binding = services.tokens.bind_now(
-                        &info.call_sid,
-                        to.unwrap_or(""),
-                        parameter(parameters, STREAM_TOKEN_PARAMETER),
-                    );
-                    if binding.is_refused()
-                        || (binding == Binding::Unbound && services.require_stream_token)
-                    {
-                        metrics.streams_refused_token.fetch_add(1, Relaxed);
-                        tracing::warn!(
-                            binding = binding.as_str(),
-                            "stream token refused: closing the stream"
-                        );
-                        break EndReason::StreamTokenRefused;
-                    }
-                    if binding == Binding::Unbound {
-                        metrics.streams_unbound.fetch_add(1, Relaxed);
-                        tracing::warn!(
-                            "stream without a token let through (VOXRELAY_REQUIRE_STREAM_TOKEN=0): \
-                             the fallback agent answers, the report is marked unbound"
-                        );
-                    }
-                    let prepared = tokio::select! {
-                        () = &mut cancelled => break EndReason::Shutdown,
-                        prepared = claim_or_resolve(&services, binding, &info.call_sid, to, from) => prepared,
-                    };
-                    let now = Instant::now();
-                    let agent = prepared.agent;
-                    let interrupts = VadSettings::default().interrupt_response;
-                    let prewarmed = prepared.session.is_some();
-                    tracing::info!(
-                        from = %redact_number(from),
-                        to = %to.map(redact_number).unwrap_or_default(),
-                        tenant = agent.tenant_id.as_deref().unwrap_or("-"),
-                        agent = %agent.agent_name,
-                        source = agent.source,
-                        lookup_us = prepared.lookup_took.as_micros() as u64,
-                        prewarmed,
-                        mode = %agent.audio_mode,
-                        "stream started"
-                    );
-                    let tools_enabled = services.control.is_some()
-                        && agent.tenant_id.is_some()
-                        && !agent.tools.is_empty();
-                    match prepared.session {
-                        Some(session) => {
-                            metrics.prewarm_claimed.fetch_add(1, Relaxed);
-                            let _ = engine.configure_session(
-                                Box::new(session.protocol),
-                                agent.audio_mode,
-                                interrupts,
-                                tools_enabled,
-                            );
-                            let (sink, stream) = session.socket.split();
-                            upstream_writer_task = Some(tokio::spawn(
-                                upstream_writer(
-                                    sink,
-                                    Arc::clone(&upstream_out),
-                                    WriterSignals::new(Leg::Upstream, &metrics, &inbox_tx),
-                                    Arc::clone(&latency),
-                                )
-                                .instrument(span.clone()),
-                            ));
-                            upstream_in = Some(Box::pin(upstream_messages(stream)));
-                            engine.on_upstream_prewarmed(now, session.held);
-                        }
-                        None => {
-                            let _ = engine.configure_session(
-                                Box::new(OpenAiRealtime::new(agent.session_settings())),
-                                agent.audio_mode,
-                                interrupts,
-                                tools_enabled,
-                            );
-                            tokio::spawn(
-                                open_upstream(
-                                    services.upstream.clone(),
-                                    inbox_tx.clone(),
-                                    connecting.clone(),
-                                    Arc::clone(&upstream_out),
-                                    Arc::clone(&metrics),
-                                    Arc::clone(&latency),
-                                )
-                                .instrument(span.clone()),
-                            );
-                        }
-                    }
-                    deadline = agent.max_call.map(|limit| {
-                        call_deadline
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + limit);
-                        CallDeadline::MaxLength
-                    });
-                    let record = CallRecord {
-                        call_sid: info.call_sid.clone(),
-                        stream_sid: info.stream_sid.clone(),
-                        from: from.to_owned(),
-                        to: to.unwrap_or("").to_owned(),
-                        started_at: std::time::SystemTime::now(),
-                        binding: if binding == Binding::Bound {
-                            ReportBinding::Bound
-                        } else {
-                            ReportBinding::Unbound
-                        },
-                        handover: services
-                            .control
-                            .as_ref()
-                            .map(|control| control.reports.expect_report()),
-                    };
-                    call = Some((record, agent));
-                }
-                Ok(TwilioStep::Stopped) => {
-                    // The call is over either way: a full queue only loses its last marks.
-                    let _ = flush(&mut engine, &twilio_out, &upstream_out);
-                    break EndReason::TwilioStop;
-                }
-                // The error's text may quote the peer's: escaped and cut, within the budget.
-                Err(EngineError::Twilio(error)) => {
-                    if engine.allow_warning() {
-                        tracing::warn!(error = %Untrusted(&error.to_string()), "bad twilio message ignored")
-                    }
+        if let Some(reason) = call.dispatch(now) {
+            break reason;
+        }
+        if let Some(reason) = call.write_now(now) {
+            break reason;
+        }
+    };
+    call.finish(reason).await;
+    reason
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type ReadStream<T> = Pin<Box<dyn futures_util::Stream<Item = T> + Send>>;
+type ConnectResult = Result<(UpstreamSocket, Duration), String>;
+
+/// What woke the call's task.
+enum Wake {
+    Cancelled,
+    Twilio(TwilioRead),
+    Model(ModelRead),
+    TwilioWritten(std::io::Result<usize>),
+    ModelWritten(Result<(), tokio_tungstenite::tungstenite::Error>),
+    /// Boxed: an agent is large, and arrives once per call.
+    Resolved(Box<Prepared>),
+    /// Boxed: a socket is large, and arrives once per call.
+    Connected(Box<ConnectResult>),
+    ToolDone {
+        call_id: String,
+        output: String,
+    },
+    Pacer,
+    Deadline,
+    IdleCheck,
+    StallCheck,
+}
+
+/// What the call loop's one long timer is waiting for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CallDeadline {
+    /// Twilio's `start` (the socket is closed without one).
+    Start,
+    /// The tenant's `max_call_seconds`.
+    MaxLength,
+}
+
+/// The call's timers. They live across the loop's passes and are reset only when their
+/// deadline moves: a timer built anew on every pass would register with the timer wheel once
+/// per message.
+struct Timers {
+    pacer: Pin<Box<tokio::time::Sleep>>,
+    pacer_at: Option<Instant>,
+    /// Before `start`: the start timeout; after the agent is known, its maximum call length.
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    deadline_kind: Option<CallDeadline>,
+    /// Checked every [`TWILIO_IDLE_TIMEOUT`], not reset per message: a message only stores
+    /// its time.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    last_twilio_at: Instant,
+    stall: Pin<Box<tokio::time::Sleep>>,
+    stall_at: Option<Instant>,
+}
+
+impl Timers {
+    fn new(now: Instant) -> Self {
+        let sleep = |after| Box::pin(tokio::time::sleep(after));
+        Self {
+            pacer: sleep(Duration::ZERO),
+            pacer_at: None,
+            deadline: sleep(START_TIMEOUT),
+            deadline_kind: Some(CallDeadline::Start),
+            idle: sleep(TWILIO_IDLE_TIMEOUT),
+            last_twilio_at: now,
+            stall: sleep(Duration::ZERO),
+            stall_at: None,
+        }
+    }
+
+    fn arm(
+        sleep: &mut Pin<Box<tokio::time::Sleep>>,
+        armed: &mut Option<Instant>,
+        at: Option<Instant>,
+    ) {
+        if at != *armed {
+            if let Some(at) = at {
+                sleep.as_mut().reset(at.into());
+            }
+            *armed = at;
+        }
+    }
+}
+
+/// A call's waits other than its sockets, each polled by the call loop itself.
+#[derive(Default)]
+struct Waits {
+    /// The claim of the webhook's preparation, or the tenant lookup.
+    resolving: Option<BoxFuture<Prepared>>,
+    connecting: Option<BoxFuture<ConnectResult>>,
+    tools: FuturesUnordered<BoxFuture<(String, String)>>,
+}
+
+/// Awaits the future in `slot`, then empties it; never completes while `slot` is empty.
+/// Cancel-safe: a wait dropped by `select!` leaves the future in its slot.
+async fn maybe<T>(slot: &mut Option<BoxFuture<T>>) -> T {
+    let Some(future) = slot.as_mut() else {
+        return std::future::pending().await;
+    };
+    let output = future.await;
+    *slot = None;
+    output
+}
+
+/// Who a call is, as its `start` said, and the undertaking to hand its report over (`None`
+/// without a control plane).
+struct CallRecord {
+    identity: CallIdentity,
+    handover: Option<ReportHandover>,
+}
+
+/// Everything one call's task owns.
+struct Call<S> {
+    engine: CallEngine,
+    services: Arc<CallServices>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    span: tracing::Span,
+    twilio_reads: ReadStream<TwilioRead>,
+    twilio_out: TwilioWriter<tokio::io::WriteHalf<S>>,
+    model_reads: Option<ReadStream<ModelRead>>,
+    model_out: ModelWriter,
+    waits: Waits,
+    timers: Timers,
+    latency: CallLatencyRecorder,
+    published: PublishedStats,
+    registration: Option<Registration>,
+    record: Option<CallRecord>,
+    agent: Option<CallAgent>,
+}
+
+impl<S> Call<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn new(
+        ws: WebSocket<S>,
+        services: Arc<CallServices>,
+        cancel: CancellationToken,
+        span: tracing::Span,
+    ) -> Self {
+        // fastwebsockets reads; the write half is the raw stream's, framed by `TwilioWriter`
+        // so a write can be offered to the socket without waiting.
+        let write_half = std::cell::Cell::new(None);
+        let (read_half, _unused) = ws.split(|stream| {
+            let (read, write) = tokio::io::split(stream);
+            write_half.set(Some(write));
+            (read, tokio::io::sink())
+        });
+        let write_half = write_half
+            .into_inner()
+            .expect("the split function runs once");
+        Self {
+            engine: CallEngine::new(services.playback.clone()),
+            metrics: Arc::clone(&services.metrics),
+            services,
+            cancel,
+            span,
+            twilio_reads: Box::pin(twilio_reads(read_half)),
+            twilio_out: TwilioWriter::new(write_half),
+            model_reads: None,
+            model_out: ModelWriter::default(),
+            waits: Waits::default(),
+            timers: Timers::new(Instant::now()),
+            latency: CallLatencyRecorder::default(),
+            published: PublishedStats::default(),
+            registration: None,
+            record: None,
+            agent: None,
+        }
+    }
+
+    fn arm_timers(&mut self) {
+        let timers = &mut self.timers;
+        Timers::arm(
+            &mut timers.pacer,
+            &mut timers.pacer_at,
+            self.engine.poll_timeout(),
+        );
+        let stalled_since = match (
+            self.twilio_out.stalled_since(),
+            self.model_out.stalled_since(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Timers::arm(
+            &mut timers.stall,
+            &mut timers.stall_at,
+            stalled_since.map(|since| since + WRITE_TIMEOUT),
+        );
+    }
+
+    async fn next_wake(
+        &mut self,
+        cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    ) -> Wake {
+        let metrics = &*self.metrics;
+        let latency = &self.latency;
+        let model_out = &mut self.model_out;
+        tokio::select! {
+            biased;
+            () = cancelled => Wake::Cancelled,
+            read = self.twilio_reads.next() => Wake::Twilio(read.unwrap_or(TwilioRead::Closed)),
+            read = next_model_read(&mut self.model_reads) => Wake::Model(read),
+            written = self.twilio_out.writable(), if self.twilio_out.has_pending() => {
+                Wake::TwilioWritten(written)
+            }
+            written = std::future::poll_fn(|cx| model_out.poll_drive(cx, metrics, latency)),
+                if model_out.has_pending() => Wake::ModelWritten(written),
+            prepared = maybe(&mut self.waits.resolving) => Wake::Resolved(Box::new(prepared)),
+            connected = maybe(&mut self.waits.connecting) => Wake::Connected(Box::new(connected)),
+            Some((call_id, output)) = self.waits.tools.next(), if !self.waits.tools.is_empty() => {
+                Wake::ToolDone { call_id, output }
+            }
+            () = self.timers.pacer.as_mut(), if self.timers.pacer_at.is_some() => Wake::Pacer,
+            () = self.timers.deadline.as_mut(), if self.timers.deadline_kind.is_some() => Wake::Deadline,
+            () = self.timers.idle.as_mut() => Wake::IdleCheck,
+            () = self.timers.stall.as_mut(), if self.timers.stall_at.is_some() => Wake::StallCheck,
+        }
+    }
+
+    /// Turns what woke the task into the engine's input; `Some` when the call must end.
+    fn on_wake(&mut self, now: Instant, wake: Wake) -> Option<EndReason> {
+        let metrics = Arc::clone(&self.metrics);
+        match wake {
+            Wake::Cancelled => return Some(EndReason::Shutdown),
+            Wake::Twilio(read) => return self.on_twilio_read(now, read),
+            Wake::Model(ModelRead::Text(text)) => self.feed(now, Input::Model(&text)),
+            Wake::Model(ModelRead::Closed(why)) => {
+                metrics.upstream_disconnects.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    why = %Untrusted(why.as_deref().unwrap_or("-")),
+                    "model socket closed"
+                );
+                self.model_reads = None;
+                self.feed(now, Input::ModelClosed(EndReason::UpstreamClosed));
+            }
+            Wake::Model(ModelRead::Oversized(why)) => {
+                metrics.upstream_oversized.fetch_add(1, Relaxed);
+                tracing::warn!(%why, "model message over its size cap");
+                self.model_reads = None;
+                self.feed(now, Input::ModelClosed(EndReason::UpstreamOversized));
+            }
+            Wake::TwilioWritten(Ok(n)) if n > 0 => {
+                self.twilio_out.wrote(n, &metrics, &self.latency);
+            }
+            Wake::TwilioWritten(_) => {
+                tracing::info!("twilio socket write failed: ending the call");
+                return Some(EndReason::TwilioClosed);
+            }
+            Wake::ModelWritten(Ok(())) => {}
+            Wake::ModelWritten(Err(error)) => {
+                metrics.upstream_disconnects.fetch_add(1, Relaxed);
+                tracing::info!(%error, "model socket write failed");
+                self.feed(now, Input::ModelClosed(EndReason::UpstreamClosed));
+            }
+            Wake::Resolved(prepared) => self.on_resolved(now, *prepared),
+            Wake::Connected(connected) => match *connected {
+                Ok((socket, took)) => {
+                    metrics.upstream_connect.observe(took);
+                    tracing::debug!(?took, "model socket open");
+                    self.attach_model(socket);
+                    self.feed(now, Input::ModelConnected);
                 }
                 Err(error) => {
-                    if engine.allow_warning() {
-                        tracing::warn!(error = %Untrusted(&error.to_string()), "twilio message ignored")
-                    }
+                    metrics.upstream_connect_failures.fetch_add(1, Relaxed);
+                    tracing::error!(%error, "could not reach the model");
+                    self.feed(now, Input::ModelClosed(EndReason::UpstreamFailed));
                 }
             },
-            CallInput::TwilioPing(payload) => twilio_out.push_pong(payload),
-            CallInput::TwilioClosed => break EndReason::TwilioClosed,
-            CallInput::TwilioFailed(error) => {
+            Wake::ToolDone { call_id, output } => {
+                self.feed(
+                    now,
+                    Input::ToolResult {
+                        call_id: &call_id,
+                        output: &output,
+                    },
+                );
+            }
+            Wake::Pacer => {
+                if let Some(due) = self.timers.pacer_at.take() {
+                    // How late the pacer wakes is what the playback lead must absorb.
+                    metrics
+                        .pacer_lateness
+                        .observe(now.saturating_duration_since(due));
+                }
+                self.feed(now, Input::Tick);
+            }
+            Wake::Deadline => {
+                return Some(match self.timers.deadline_kind.take() {
+                    Some(CallDeadline::MaxLength) => {
+                        metrics.calls_max_duration.fetch_add(1, Relaxed);
+                        tracing::info!("the tenant's maximum call length passed: ending the call");
+                        EndReason::MaxDuration
+                    }
+                    Some(CallDeadline::Start) | None => {
+                        metrics.twilio_error(TwilioErrorKind::StartTimeout);
+                        tracing::warn!("no `start` within {START_TIMEOUT:?}: closing");
+                        EndReason::StartTimeout
+                    }
+                });
+            }
+            Wake::IdleCheck => {
+                let silent_until = self.timers.last_twilio_at + TWILIO_IDLE_TIMEOUT;
+                if now >= silent_until {
+                    metrics.twilio_error(TwilioErrorKind::IdleTimeout);
+                    tracing::warn!("no message from Twilio for {TWILIO_IDLE_TIMEOUT:?}: closing");
+                    return Some(EndReason::TwilioIdle);
+                }
+                self.timers.idle.as_mut().reset(silent_until.into());
+            }
+            Wake::StallCheck => {
+                self.timers.stall_at = None;
+                let past = |since: Option<Instant>| since.is_some_and(|s| now >= s + WRITE_TIMEOUT);
+                let leg = if past(self.twilio_out.stalled_since()) {
+                    Leg::Twilio
+                } else if past(self.model_out.stalled_since()) {
+                    Leg::Upstream
+                } else {
+                    return None;
+                };
+                metrics.peer_stalled(leg);
+                tracing::warn!(
+                    leg = leg.as_str(),
+                    "a socket took nothing for {WRITE_TIMEOUT:?}: the peer is not reading"
+                );
+                return Some(stalled(leg));
+            }
+        }
+        None
+    }
+
+    fn on_twilio_read(&mut self, now: Instant, read: TwilioRead) -> Option<EndReason> {
+        match read {
+            TwilioRead::Text(text) => {
+                self.timers.last_twilio_at = now;
+                self.feed(now, Input::Twilio(&text));
+            }
+            TwilioRead::Ping(payload) => {
+                self.timers.last_twilio_at = now;
+                self.twilio_out.queue.push_pong(payload);
+            }
+            TwilioRead::Closed => return Some(EndReason::TwilioClosed),
+            TwilioRead::Failed(error) => {
                 if matches!(error, WebSocketError::FrameTooLarge) {
-                    metrics.twilio_error(TwilioErrorKind::Oversized);
+                    self.metrics.twilio_error(TwilioErrorKind::Oversized);
                     tracing::warn!("twilio message over {MAX_TWILIO_MESSAGE_BYTES} bytes: closing");
                 } else {
                     tracing::info!(%error, "twilio socket failed");
                 }
-                break EndReason::TwilioError;
+                return Some(EndReason::TwilioError);
             }
-            CallInput::UpstreamOpen(took, writer, stream) => {
-                upstream_writer_task = Some(writer);
-                upstream_in = Some(Box::pin(upstream_messages(*stream)));
-                metrics.upstream_connect.observe(took);
-                tracing::debug!(?took, "upstream open");
-                engine.on_upstream_open(now);
-            }
-            CallInput::UpstreamFailed(error) => {
-                metrics.upstream_connect_failures.fetch_add(1, Relaxed);
-                tracing::error!(%error, "could not reach the model: ending the call");
-                break EndReason::UpstreamFailed;
-            }
-            CallInput::Upstream(text) => {
-                if let Err(error) = engine.on_upstream_text(now, &text)
-                    && engine.allow_warning()
-                {
-                    tracing::warn!(error = %Untrusted(&error.to_string()), "upstream message ignored");
-                }
-            }
-            CallInput::ToolOutput { call_id, output } => {
-                tools_in_flight = tools_in_flight.saturating_sub(1);
-                engine.on_tool_output(&call_id, &output);
-            }
-            CallInput::UpstreamClosed(why) => {
-                metrics.upstream_disconnects.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    why = %Untrusted(why.as_deref().unwrap_or("-")),
-                    "model socket closed: ending the call"
-                );
-                break EndReason::UpstreamClosed;
-            }
-            CallInput::UpstreamOversized(why) => {
-                metrics.upstream_oversized.fetch_add(1, Relaxed);
-                tracing::warn!(%why, "model message over its size cap: ending the call");
-                break EndReason::UpstreamOversized;
-            }
-            CallInput::WriteFailed { leg, stalled: true } => {
-                metrics.peer_stalled(leg);
-                tracing::warn!(
-                    leg = leg.as_str(),
-                    "a socket write took over {WRITE_TIMEOUT:?}: the peer is not reading"
-                );
-                break EndReason::stalled(leg);
-            }
-            CallInput::WriteFailed {
-                leg,
-                stalled: false,
-            } => {
-                tracing::info!(leg = leg.as_str(), "socket write failed: ending the call");
-                match leg {
-                    Leg::Twilio => break EndReason::TwilioClosed,
-                    Leg::Upstream => {
-                        metrics.upstream_disconnects.fetch_add(1, Relaxed);
-                        break EndReason::UpstreamClosed;
+        }
+        None
+    }
+
+    /// Gives the engine one input; a refused input is logged within the call's budget (the
+    /// text may quote the peer's: escaped and cut).
+    fn feed(&mut self, now: Instant, input: Input<'_>) {
+        if let Err(error) = self.engine.handle(now, input)
+            && self.engine.allow_warning()
+        {
+            tracing::warn!(error = %Untrusted(&error.to_string()), "message ignored");
+        }
+    }
+
+    /// Acts on everything the engine asked for; `Some` when the call must end.
+    fn dispatch(&mut self, now: Instant) -> Option<EndReason> {
+        while let Some(output) = self.engine.poll_output() {
+            match output {
+                Output::ToTwilio(out) => match self.twilio_out.push(out) {
+                    Ok(0) => {}
+                    Ok(dropped) => self
+                        .metrics
+                        .audio_dropped(super::metrics::Direction::Downlink, dropped as u64),
+                    Err(_) => return Some(self.control_queue_full(Leg::Twilio)),
+                },
+                Output::ToModel(out) => match self.model_out.queue.push(out) {
+                    Ok(0) => {}
+                    Ok(dropped) => self
+                        .metrics
+                        .audio_dropped(super::metrics::Direction::Uplink, dropped as u64),
+                    Err(_) => return Some(self.control_queue_full(Leg::Upstream)),
+                },
+                Output::CallTool(call) => self.start_tool(now, call),
+                Output::Event(CallEvent::Started(info)) => {
+                    if let Some(reason) = self.on_started(info) {
+                        return Some(reason);
                     }
                 }
+                Output::Close(reason) => return Some(reason),
             }
         }
-        // Before the flush: a tool call refused at once answers the model in this pass.
-        run_tool_calls(
-            &mut engine,
-            &services,
-            call.as_ref(),
-            &inbox_tx,
-            &connecting,
-            &mut tools_in_flight,
-        );
-        if let Err(leg) = flush(&mut engine, &twilio_out, &upstream_out) {
-            metrics.peer_stalled(leg);
-            tracing::warn!(
-                leg = leg.as_str(),
-                "outbound control queue full: the peer is not reading"
-            );
-            break EndReason::stalled(leg);
-        }
-    };
-
-    let stats = engine.stats();
-    tracing::info!(
-        frames_in = stats.frames_in,
-        frames_out = stats.frames_out,
-        barge_ins = stats.barge_ins,
-        upstream_errors = stats.upstream_errors,
-        warnings_suppressed = engine.warnings_suppressed(),
-        "call summary"
-    );
-    // The report goes first, before anything waits on a socket: a peer that stalls the close
-    // cannot hold it back, and the drain knows every ended call has handed its report over.
-    if let Some((record, agent)) = call.take() {
-        submit_report(&metrics, record, &agent, reason, engine.stats(), &latency);
+        None
     }
-    // A connect still under way is abandoned; writers send what is queued, then a close frame,
-    // within the grace; a writer still running then is aborted and its socket closed.
-    connecting.cancel();
-    twilio_out.close();
-    upstream_out.close();
-    tokio::join!(
-        stop_writer(Some(twilio_writer), &metrics),
-        stop_writer(upstream_writer_task, &metrics),
-    );
-    drop(registration);
-    reason
+
+    fn control_queue_full(&self, leg: Leg) -> EndReason {
+        self.metrics.peer_stalled(leg);
+        tracing::warn!(
+            leg = leg.as_str(),
+            "outbound control queue full: the peer is not reading"
+        );
+        stalled(leg)
+    }
+
+    /// Publishes the engine's counters and offers both legs' bytes to their sockets.
+    fn write_now(&mut self, now: Instant) -> Option<EndReason> {
+        self.metrics
+            .publish_call_stats(self.engine.stats(), &mut self.published);
+        if let Err(error) =
+            self.twilio_out
+                .write_now(&mut self.engine, now, &self.metrics, &self.latency)
+        {
+            tracing::info!(%error, "twilio socket write failed: ending the call");
+            return Some(EndReason::TwilioClosed);
+        }
+        if let Err(error) = self.model_out.write_now(now, &self.metrics, &self.latency) {
+            self.metrics.upstream_disconnects.fetch_add(1, Relaxed);
+            tracing::info!(%error, "model socket write failed: ending the call");
+            return Some(EndReason::UpstreamClosed);
+        }
+        self.model_out.give_back(&mut self.engine);
+        None
+    }
+
+    /// Twilio's `start`: who is calling, whether the stream may go on, and which agent
+    /// answers (found while the call goes on reading).
+    fn on_started(&mut self, info: StartInfo) -> Option<EndReason> {
+        let services = Arc::clone(&self.services);
+        let metrics = &self.metrics;
+        self.span.record("stream_sid", info.stream_sid.as_str());
+        self.span.record("call_sid", info.call_sid.as_str());
+        if let Some(account) = &services.twilio_account_sid
+            && info.account_sid != *account
+        {
+            metrics.streams_refused_account.fetch_add(1, Relaxed);
+            tracing::warn!("stream from another Twilio account: closing it");
+            return Some(EndReason::AccountRefused);
+        }
+        let entry = CallEntry {
+            call_sid: info.call_sid.clone(),
+            started: Instant::now(),
+            cancel: self.cancel.clone(),
+        };
+        match services.registry.register(&info.stream_sid, entry) {
+            Ok(guard) => self.registration = Some(guard),
+            Err(duplicate) => {
+                tracing::warn!("{duplicate}: refusing the second socket");
+                return Some(EndReason::DuplicateStream);
+            }
+        }
+        let parameters = &info.custom_parameters;
+        let to = parameter(parameters, "To");
+        let from = parameter(parameters, "From").unwrap_or("");
+        let binding = services.tokens.bind_now(
+            &info.call_sid,
+            to.unwrap_or(""),
+            parameter(parameters, STREAM_TOKEN_PARAMETER),
+        );
+        if binding.is_refused() || (binding == Binding::Unbound && services.require_stream_token) {
+            metrics.streams_refused_token.fetch_add(1, Relaxed);
+            tracing::warn!(
+                binding = binding.as_str(),
+                "stream token refused: closing the stream"
+            );
+            return Some(EndReason::StreamTokenRefused);
+        }
+        if binding == Binding::Unbound {
+            metrics.streams_unbound.fetch_add(1, Relaxed);
+            tracing::warn!(
+                "stream without a token let through (VOXRELAY_REQUIRE_STREAM_TOKEN=0): \
+                 the fallback agent answers, the report is marked unbound"
+            );
+        }
+        self.waits.resolving = Some(Box::pin(
+            claim_or_resolve(
+                Arc::clone(&services),
+                binding,
+                info.call_sid.clone(),
+                to.map(str::to_owned),
+                from.to_owned(),
+            )
+            .in_current_span(),
+        ));
+        self.record = Some(CallRecord {
+            identity: CallIdentity {
+                call_sid: info.call_sid.clone(),
+                stream_sid: info.stream_sid.clone(),
+                from: from.to_owned(),
+                to: to.unwrap_or("").to_owned(),
+                started_at: std::time::SystemTime::now(),
+                binding: if binding == Binding::Bound {
+                    ReportBinding::Bound
+                } else {
+                    ReportBinding::Unbound
+                },
+            },
+            handover: services
+                .control
+                .as_ref()
+                .map(|control| control.reports.expect_report()),
+        });
+        // No start timeout any more; the agent's maximum length is set when it is known.
+        self.timers.deadline_kind = None;
+        None
+    }
+
+    /// The agent is known: the engine gets its model session, pre-warmed or to be opened.
+    fn on_resolved(&mut self, now: Instant, prepared: Prepared) {
+        let agent = prepared.agent;
+        let record = self.record.as_ref();
+        let (from, to) = record.map_or(("", ""), |r| {
+            (r.identity.from.as_str(), r.identity.to.as_str())
+        });
+        tracing::info!(
+            from = %redact_number(from),
+            to = %redact_number(to),
+            tenant = agent.tenant_id.as_deref().unwrap_or("-"),
+            agent = %agent.agent_name,
+            source = agent.source,
+            lookup_us = prepared.lookup_took.as_micros() as u64,
+            prewarmed = prepared.session.is_some(),
+            mode = %agent.audio_mode,
+            "stream started"
+        );
+        if let Some(limit) = agent.max_call {
+            self.timers.deadline.as_mut().reset((now + limit).into());
+            self.timers.deadline_kind = Some(CallDeadline::MaxLength);
+        }
+        let session = match prepared.session {
+            Some(prewarmed) => {
+                self.metrics.prewarm_claimed.fetch_add(1, Relaxed);
+                self.attach_model(prewarmed.socket);
+                prewarmed.session
+            }
+            None => {
+                let target = self.services.upstream.clone();
+                self.waits.connecting = Some(Box::pin(
+                    async move {
+                        let began = Instant::now();
+                        let connecting = connect(&target.url, target.api_key.as_ref());
+                        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connecting).await {
+                            Ok(Ok(socket)) => Ok((socket, began.elapsed())),
+                            Ok(Err(error)) => Err(error.to_string()),
+                            Err(_) => Err("connect timed out".to_owned()),
+                        }
+                    }
+                    .in_current_span(),
+                ));
+                self.services.model_session(&agent)
+            }
+        };
+        self.agent = Some(agent);
+        self.feed(now, Input::ContextResolved(Box::new(session)));
+    }
+
+    fn attach_model(&mut self, socket: UpstreamSocket) {
+        let (sink, stream) = socket.split();
+        self.model_out.attach(sink);
+        self.model_reads = Some(model_reads(stream));
+    }
+
+    /// Runs one of the model's function calls on the control plane, as a wait of this task;
+    /// the answer comes back as [`Input::ToolResult`]. The call never waits on a tool: the
+    /// model is told when it fails, and the call's end abandons tools still running.
+    fn start_tool(&mut self, now: Instant, tool_call: ToolCall) {
+        let refuse = |call: &mut Self, output: &str| {
+            call.metrics.control_tool_failures.fetch_add(1, Relaxed);
+            call.feed(
+                now,
+                Input::ToolResult {
+                    call_id: &tool_call.call_id,
+                    output,
+                },
+            );
+        };
+        // The engine asks only when tools are enabled: a tenant's agent, with a control plane.
+        let (Some(control), Some(record), Some(tenant_id)) = (
+            &self.services.control,
+            &self.record,
+            self.agent
+                .as_ref()
+                .and_then(|agent| agent.tenant_id.clone()),
+        ) else {
+            refuse(self, r#"{"error":"no tools are available on this line"}"#);
+            return;
+        };
+        if self.waits.tools.len() >= MAX_TOOL_CALLS_IN_FLIGHT {
+            if self.engine.allow_warning() {
+                tracing::warn!(
+                    "the model called a tool with {MAX_TOOL_CALLS_IN_FLIGHT} still running: refused"
+                );
+            }
+            refuse(
+                self,
+                r#"{"error":"too many tool calls at once; wait for the running ones"}"#,
+            );
+            return;
+        }
+        let client = control.client.clone();
+        let call_sid = record.identity.call_sid.clone();
+        self.waits.tools.push(Box::pin(
+            async move {
+                let output = run_tool(
+                    &client,
+                    &tool_call.name,
+                    &call_sid,
+                    &tenant_id,
+                    &tool_call.arguments,
+                    DEFAULT_TOOL_TIMEOUT,
+                )
+                .await;
+                (tool_call.call_id, output)
+            }
+            .in_current_span(),
+        ));
+    }
+
+    /// The call is over: the report first, then both sockets get [`CLOSE_GRACE`] to take what
+    /// is buffered and a close frame, then they are dropped with the registry entry.
+    async fn finish(mut self, reason: EndReason) {
+        let stats = self.engine.stats();
+        self.metrics.publish_call_stats(stats, &mut self.published);
+        tracing::info!(
+            frames_in = stats.frames_in,
+            frames_out = stats.frames_out,
+            barge_ins = stats.barge_ins,
+            upstream_errors = stats.upstream_errors,
+            warnings_suppressed = self.engine.warnings_suppressed(),
+            "call summary"
+        );
+        if let Some(record) = self.record.take() {
+            // A call that ended before its agent was known is reported with the fallback's.
+            let agent = self
+                .agent
+                .take()
+                .unwrap_or_else(|| CallAgent::from_defaults(&self.services.agent, "unresolved"));
+            submit_report(&self.metrics, record, &agent, reason, stats, &self.latency);
+        }
+        // Abandoned: a connect, a claim or tools still under way.
+        self.waits = Waits::default();
+        self.metrics.call_writers_active.fetch_add(1, Relaxed);
+        let Self {
+            engine,
+            twilio_out,
+            model_out,
+            metrics,
+            latency,
+            ..
+        } = &mut self;
+        let closing = async {
+            let _ = tokio::join!(twilio_out.close(engine), model_out.close(metrics, latency));
+        };
+        if tokio::time::timeout(CLOSE_GRACE, closing).await.is_err() {
+            metrics.call_writers_aborted.fetch_add(1, Relaxed);
+            tracing::info!("a socket was still busy {CLOSE_GRACE:?} after the call ended: dropped");
+        }
+        metrics.call_writers_active.fetch_sub(1, Relaxed);
+        drop(self.registration.take());
+    }
 }
 
 /// Hands an ended call's report to the report sender (a no-op without a control plane).
@@ -813,17 +963,9 @@ fn submit_report(
     let Some(handover) = record.handover else {
         return;
     };
-    let identity = CallIdentity {
-        call_sid: &record.call_sid,
-        stream_sid: &record.stream_sid,
-        from: &record.from,
-        to: &record.to,
-        binding: record.binding,
-    };
     let report = call_report(
-        &identity,
+        &record.identity,
         agent,
-        record.started_at,
         std::time::SystemTime::now(),
         reason.as_str(),
         stats,
@@ -842,185 +984,6 @@ fn submit_report(
     handover.submit(report);
 }
 
-/// What the call loop's one long timer is waiting for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum CallDeadline {
-    /// Twilio's `start` (the socket is closed without one).
-    Start,
-    /// The tenant's `max_call_seconds`.
-    MaxLength,
-}
-
-/// Who a call is, as its `start` said.
-struct CallRecord {
-    call_sid: String,
-    stream_sid: String,
-    from: String,
-    to: String,
-    started_at: std::time::SystemTime,
-    binding: ReportBinding,
-    /// The undertaking to hand the report over; `None` without a control plane.
-    handover: Option<ReportHandover>,
-}
-
-/// Runs the model's function calls on the control plane, each in its own task; the answer
-/// comes back through the inbox. The call never waits on a tool: the model is told when it
-/// fails, and `stop` abandons tools still running.
-fn run_tool_calls(
-    engine: &mut CallEngine,
-    services: &Arc<CallServices>,
-    call: Option<&(CallRecord, CallAgent)>,
-    inbox: &mpsc::Sender<Box<CallInput>>,
-    call_ended: &CancellationToken,
-    in_flight: &mut usize,
-) {
-    // Collected first (no allocation when there are none): answering a refused call needs
-    // the engine back.
-    let tool_calls: Vec<_> = engine.take_tool_calls().collect();
-    for tool_call in tool_calls {
-        // Tools are enabled only for a tenant's agent with a control plane.
-        let (Some(control), Some((record, agent))) = (&services.control, call) else {
-            continue;
-        };
-        let Some(tenant_id) = agent.tenant_id.clone() else {
-            continue;
-        };
-        if *in_flight >= MAX_TOOL_CALLS_IN_FLIGHT {
-            services.metrics.control_tool_failures.fetch_add(1, Relaxed);
-            if engine.allow_warning() {
-                tracing::warn!(
-                    "the model called a tool with {MAX_TOOL_CALLS_IN_FLIGHT} still running: refused"
-                );
-            }
-            let output = r#"{"error":"too many tool calls at once; wait for the running ones"}"#;
-            engine.on_tool_output(&tool_call.call_id, output);
-            continue;
-        }
-        *in_flight += 1;
-        let client = control.client.clone();
-        let call_sid = record.call_sid.clone();
-        let inbox = inbox.clone();
-        let call_ended = call_ended.clone();
-        tokio::spawn(
-            async move {
-                let output = tokio::select! {
-                    () = call_ended.cancelled() => return,
-                    output = run_tool(
-                        &client,
-                        &tool_call.name,
-                        &call_sid,
-                        &tenant_id,
-                        &tool_call.arguments,
-                        DEFAULT_TOOL_TIMEOUT,
-                    ) => output,
-                };
-                let _ = inbox
-                    .send(Box::new(CallInput::ToolOutput {
-                        call_id: tool_call.call_id,
-                        output,
-                    }))
-                    .await;
-            }
-            .in_current_span(),
-        );
-    }
-}
-
-/// Moves the engine's output into the writers' queues. A leg whose control queue is full
-/// (its peer is not reading) is returned: the call must end.
-fn flush(
-    engine: &mut CallEngine,
-    twilio_out: &OutQueue,
-    upstream_out: &OutQueue,
-) -> Result<(), Leg> {
-    let mut full = None;
-    for out in engine.take_to_twilio() {
-        if out.kind == OutKind::Clear {
-            // Audio not yet written is stale: Twilio would only clear it again.
-            twilio_out.drop_audio();
-        }
-        if twilio_out.push(out).is_err() {
-            full = Some(Leg::Twilio);
-        }
-    }
-    for out in engine.take_to_upstream() {
-        if upstream_out.push(out).is_err() {
-            full = full.or(Some(Leg::Upstream));
-        }
-    }
-    // Buffers the writers have finished with carry the next appends, `media`s and `mark`s.
-    upstream_out.reclaim(|text| engine.recycle_upstream(text));
-    twilio_out.reclaim(|text| engine.recycle_twilio(text));
-    full.map_or(Ok(()), Err)
-}
-
-/// Waits up to [`CLOSE_GRACE`] for a writer to send what is queued and its close frame, then
-/// aborts it: its socket half is dropped with it, so a peer that never reads cannot keep the
-/// task or the socket.
-async fn stop_writer(writer: Option<tokio::task::JoinHandle<()>>, metrics: &Metrics) {
-    let Some(mut writer) = writer else {
-        return;
-    };
-    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
-        metrics.call_writers_aborted.fetch_add(1, Relaxed);
-        tracing::info!("a socket writer was still busy after {CLOSE_GRACE:?}: aborted");
-        // Returns once the task is gone (at its next poll), socket and all.
-        let _ = writer.await;
-    }
-}
-
-/// Runs one socket operation with a deadline of [`WRITE_TIMEOUT`]. The operation is polled
-/// once first and the timer armed only if it is still pending, so the common case (the socket
-/// takes the bytes at once) costs no timer. `None` when the deadline passed.
-async fn within_write_timeout<F: std::future::Future>(operation: F) -> Option<F::Output> {
-    let mut operation = std::pin::pin!(operation);
-    let first = std::future::poll_fn(|cx| Poll::Ready(operation.as_mut().poll(cx))).await;
-    match first {
-        Poll::Ready(output) => Some(output),
-        Poll::Pending => tokio::time::timeout(WRITE_TIMEOUT, operation).await.ok(),
-    }
-}
-
-/// How a writer task tells the core it ended early, and the gauge of live writers (released
-/// however the task ends, abort included).
-struct WriterSignals {
-    leg: Leg,
-    metrics: Arc<Metrics>,
-    inbox: mpsc::Sender<Box<CallInput>>,
-}
-
-impl WriterSignals {
-    fn new(leg: Leg, metrics: &Arc<Metrics>, inbox: &mpsc::Sender<Box<CallInput>>) -> Self {
-        metrics.call_writers_active.fetch_add(1, Relaxed);
-        Self {
-            leg,
-            metrics: Arc::clone(metrics),
-            inbox: inbox.clone(),
-        }
-    }
-
-    /// The peer stopped reading (`stalled`) or the socket failed: the core ends the call.
-    async fn failed(&self, stalled: bool) {
-        let _ = self
-            .inbox
-            .send(Box::new(CallInput::WriteFailed {
-                leg: self.leg,
-                stalled,
-            }))
-            .await;
-    }
-}
-
-impl Drop for WriterSignals {
-    fn drop(&mut self) {
-        self.metrics.call_writers_active.fetch_sub(1, Relaxed);
-    }
-}
-
 /// Phone numbers in logs keep their last two digits only.
 pub fn redact_number(number: &str) -> String {
     let digits = number.chars().filter(char::is_ascii_digit).count();
@@ -1036,473 +999,4 @@ pub fn redact_number(number: &str) -> String {
         .rev()
         .collect();
     format!("***{tail}")
-}
-
-/// A stream polled only when it may have something: right after it yielded an item, or once
-/// its own waker has fired. The core's `select!` polls every branch on every wake-up, so
-/// without this a message on one socket also polls the other socket's stream: a read attempt
-/// that finds nothing, and on the model's socket tungstenite zero-fills its free read buffer
-/// (~4 KB) before each attempt. Per call, so its state is not shared with other calls.
-struct PollOnWake<S> {
-    inner: S,
-    gate: Arc<WakeGate>,
-    /// The last poll yielded an item: more may be buffered, so poll the stream again.
-    ready: bool,
-}
-
-#[derive(Default)]
-struct WakeGate {
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl ArcWake for WakeGate {
-    fn wake_by_ref(gate: &Arc<Self>) {
-        gate.woken.store(true, Ordering::Release);
-        gate.task.wake();
-    }
-}
-
-impl<S> PollOnWake<S> {
-    fn new(inner: S) -> Self {
-        Self {
-            inner,
-            gate: Arc::default(),
-            ready: true,
-        }
-    }
-}
-
-impl<S: Stream + Unpin> Stream for PollOnWake<S> {
-    type Item = S::Item;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        let this = &mut *self;
-        // Registered before the check, so a wake-up between the two is not lost.
-        this.gate.task.register(cx.waker());
-        if !std::mem::take(&mut this.ready) && !this.gate.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        let waker = waker_ref(&this.gate);
-        let item = this.inner.poll_next_unpin(&mut Context::from_waker(&waker));
-        this.ready = item.is_ready();
-        item
-    }
-}
-
-/// The Twilio read half as a stream of call inputs. A `next()` dropped by `select!` leaves the
-/// read in progress inside the stream, so it is cancel-safe although `read_frame` is not. The
-/// stream ends after the socket closes or fails. Frames are read one by one (not through
-/// fastwebsockets' collector, which would join a fragmented message of any size): an
-/// unfragmented text frame goes on in the reader's buffer, fragments are joined by
-/// [`Reassembly`] under [`MAX_TWILIO_MESSAGE_BYTES`], counted as they arrive.
-fn twilio_messages<R>(reader: WebSocketRead<R>) -> impl Stream<Item = CallInput>
-where
-    R: AsyncRead + Unpin,
-{
-    let reassembly = Reassembly::new(MAX_TWILIO_MESSAGE_BYTES);
-    PollOnWake::new(Box::pin(futures_util::stream::unfold(
-        Some((reader, reassembly)),
-        |state| async move {
-            let (mut reader, mut reassembly) = state?;
-            // Auto-pong and auto-close are off, so the reader never has to write.
-            let mut never_writes = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
-            loop {
-                let input = match reader.read_frame(&mut never_writes).await {
-                    Ok(frame) => match frame.opcode {
-                        OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                            match reassembly.push(frame.fin, frame.opcode, frame.payload) {
-                                Ok(None) => continue,
-                                // Twilio never sends binary frames; a stray one is not audio
-                                // we understand.
-                                Ok(Some(Reassembled::Binary { .. })) => continue,
-                                Ok(Some(Reassembled::Text(payload))) => {
-                                    match TwilioText::new(payload) {
-                                        Some(text) => CallInput::Twilio(text),
-                                        None => {
-                                            CallInput::TwilioFailed(WebSocketError::InvalidUTF8)
-                                        }
-                                    }
-                                }
-                                Err(FragmentError::Oversized { .. }) => {
-                                    CallInput::TwilioFailed(WebSocketError::FrameTooLarge)
-                                }
-                                Err(FragmentError::UnexpectedContinuation) => {
-                                    CallInput::TwilioFailed(
-                                        WebSocketError::InvalidContinuationFrame,
-                                    )
-                                }
-                                Err(_) => CallInput::TwilioFailed(WebSocketError::InvalidFragment),
-                            }
-                        }
-                        OpCode::Close => CallInput::TwilioClosed,
-                        // fastwebsockets refuses pings over 125 bytes, which always fit.
-                        OpCode::Ping => match PingPayload::new(&frame.payload) {
-                            Some(ping) => CallInput::TwilioPing(ping),
-                            None => CallInput::TwilioFailed(WebSocketError::PingFrameTooLarge),
-                        },
-                        OpCode::Pong => continue,
-                    },
-                    Err(error) => CallInput::TwilioFailed(error),
-                };
-                let terminal =
-                    matches!(input, CallInput::TwilioClosed | CallInput::TwilioFailed(_));
-                return Some((input, (!terminal).then_some((reader, reassembly))));
-            }
-        },
-    )))
-}
-
-/// Writes the Twilio queue to the socket, every write and flush within [`WRITE_TIMEOUT`]; a
-/// pong owed goes first, with the ping's bytes.
-async fn twilio_writer<W>(
-    mut writer: fastwebsockets::WebSocketWrite<W>,
-    queue: Arc<OutQueue>,
-    signals: WriterSignals,
-    latency: Arc<CallLatencyRecorder>,
-) where
-    W: AsyncWrite + Unpin,
-{
-    let metrics = Arc::clone(&signals.metrics);
-    let mut batch = Vec::with_capacity(16);
-    let mut pong = None;
-    let mut written = Vec::with_capacity(16);
-    // Texts written go back to the core through the queue for the next downlink messages.
-    let mut spent = Vec::with_capacity(16);
-    while queue.pop_all(&mut batch, &mut pong, &mut spent).await {
-        if let Some(ping) = pong.take() {
-            let frame = Frame::pong(Payload::Borrowed(ping.as_bytes()));
-            match within_write_timeout(writer.write_frame(frame)).await {
-                Some(Ok(())) => {}
-                Some(Err(_)) => return signals.failed(false).await,
-                None => return signals.failed(true).await,
-            }
-        }
-        for out in batch.drain(..) {
-            // A server's frames are not masked, so fastwebsockets only reads the payload: it is
-            // framed from the borrowed text, which then goes back for reuse.
-            let frame = Frame::text(Payload::Borrowed(out.text.as_bytes()));
-            match within_write_timeout(writer.write_frame(frame)).await {
-                Some(Ok(())) => {}
-                Some(Err(_)) => return signals.failed(false).await,
-                None => return signals.failed(true).await,
-            }
-            if let Some(caused_at) = out.caused_at {
-                written.push((out.kind, caused_at));
-            }
-            spent.push(out.text);
-        }
-        match within_write_timeout(writer.flush()).await {
-            Some(Ok(())) => {}
-            Some(Err(_)) => return signals.failed(false).await,
-            None => return signals.failed(true).await,
-        }
-        // Latency ends when the bytes reach the socket, i.e. after the flush.
-        for (kind, caused_at) in written.drain(..) {
-            let took = caused_at.elapsed();
-            match kind {
-                OutKind::Audio => {
-                    metrics.downlink_added.observe(took);
-                    latency.downlink(took);
-                }
-                OutKind::Clear => {
-                    metrics.barge_in_reaction.observe(took);
-                    latency.barge_in(took);
-                }
-                OutKind::Mark | OutKind::Control => {}
-            }
-        }
-    }
-    let _ = within_write_timeout(writer.write_frame(Frame::close(1000, b""))).await;
-    let _ = within_write_timeout(writer.flush()).await;
-}
-
-/// Opens the model's socket, then starts its reader and writer and tells the core.
-async fn open_upstream(
-    target: UpstreamTarget,
-    inbox: mpsc::Sender<Box<CallInput>>,
-    stop: CancellationToken,
-    queue: Arc<OutQueue>,
-    metrics: Arc<Metrics>,
-    latency: Arc<CallLatencyRecorder>,
-) {
-    let began = Instant::now();
-    let socket = tokio::select! {
-        () = stop.cancelled() => return,
-        socket = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connect(&target.url, target.api_key.as_ref())) => socket,
-    };
-    let socket: UpstreamSocket = match socket {
-        Ok(Ok(socket)) => socket,
-        Ok(Err(error)) => {
-            let _ = inbox
-                .send(Box::new(CallInput::UpstreamFailed(error.to_string())))
-                .await;
-            return;
-        }
-        Err(_) => {
-            let _ = inbox
-                .send(Box::new(CallInput::UpstreamFailed(
-                    "connect timed out".into(),
-                )))
-                .await;
-            return;
-        }
-    };
-    let took = began.elapsed();
-    let (sink, stream) = socket.split();
-    let signals = WriterSignals::new(Leg::Upstream, &metrics, &inbox);
-    let writer = tokio::spawn(upstream_writer(sink, queue, signals, latency).in_current_span());
-    let _ = inbox
-        .send(Box::new(CallInput::UpstreamOpen(
-            took,
-            writer,
-            Box::new(stream),
-        )))
-        .await;
-}
-
-/// The model's read half as a stream of call inputs; it ends after the socket closes.
-fn upstream_messages(stream: UpstreamStream) -> impl Stream<Item = CallInput> {
-    PollOnWake::new(Box::pin(futures_util::stream::unfold(
-        Some(stream),
-        |stream| async move {
-            let mut stream = stream?;
-            loop {
-                // tungstenite answers a ping itself: the pong is queued as the ping is read and
-                // written by the next read (the one right after, as a ping yields no input), so
-                // it leaves at once with the ping's bytes, whether or not the writer has anything.
-                let input = match stream.next().await {
-                    Some(Ok(Message::Text(text))) => CallInput::Upstream(text),
-                    Some(Ok(Message::Close(frame))) => CallInput::UpstreamClosed(
-                        frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
-                    ),
-                    Some(Ok(_)) => continue,
-                    // Refused while it arrived: the cap counts fragments as they come.
-                    Some(Err(WsError::Capacity(error @ CapacityError::MessageTooLong { .. }))) => {
-                        CallInput::UpstreamOversized(error.to_string())
-                    }
-                    Some(Err(error)) => CallInput::UpstreamClosed(Some(error.to_string())),
-                    None => CallInput::UpstreamClosed(None),
-                };
-                let terminal = matches!(
-                    input,
-                    CallInput::UpstreamClosed(_) | CallInput::UpstreamOversized(_)
-                );
-                return Some((input, (!terminal).then_some(stream)));
-            }
-        },
-    )))
-}
-
-/// The next input from the model, or never while its socket is not open (or has ended).
-async fn next_upstream(
-    upstream: &mut Option<Pin<Box<dyn Stream<Item = CallInput> + Send>>>,
-) -> CallInput {
-    match upstream {
-        Some(stream) => match stream.next().await {
-            Some(input) => input,
-            None => std::future::pending().await,
-        },
-        None => std::future::pending().await,
-    }
-}
-
-/// Writes the model's queue to its socket, every feed and flush within [`WRITE_TIMEOUT`]
-/// (tungstenite accepts a message only once the previous ones are written, so nothing piles up
-/// in its buffer behind a stalled socket).
-async fn upstream_writer(
-    mut sink: futures_util::stream::SplitSink<UpstreamSocket, Message>,
-    queue: Arc<OutQueue>,
-    signals: WriterSignals,
-    latency: Arc<CallLatencyRecorder>,
-) {
-    let metrics = Arc::clone(&signals.metrics);
-    // Batches are one append; these grow if a burst (audio held while connecting) needs more.
-    let mut batch = Vec::with_capacity(2);
-    // The model never pings through this queue (tungstenite answers its pings itself).
-    let mut no_pong = None;
-    let mut audio_read_at = Vec::with_capacity(2);
-    let mut spent = Vec::with_capacity(2);
-    let mut arena = BytesMut::new();
-    while queue.pop_all(&mut batch, &mut no_pong, &mut spent).await {
-        for out in batch.drain(..) {
-            if out.kind == OutKind::Audio {
-                audio_read_at.extend(out.caused_at);
-            }
-            let text = if out.kind == OutKind::Audio && out.text.len() <= UPSTREAM_WRITE_ARENA {
-                // tungstenite takes the text by value and drops it once framed; a copy in the
-                // arena goes instead, so the String can go back to the core for reuse.
-                arena.extend_from_slice(out.text.as_bytes());
-                // SAFETY: the bytes are a copy of a `str`.
-                let text = unsafe { Utf8Bytes::from_bytes_unchecked(arena.split().freeze()) };
-                spent.push(out.text);
-                text
-            } else {
-                Utf8Bytes::from(out.text)
-            };
-            match within_write_timeout(sink.feed(Message::Text(text))).await {
-                Some(Ok(())) => {}
-                Some(Err(_)) => return signals.failed(false).await,
-                None => return signals.failed(true).await,
-            }
-        }
-        // One flush per batch: the messages queued together leave together.
-        match within_write_timeout(sink.flush()).await {
-            Some(Ok(())) => {}
-            Some(Err(_)) => return signals.failed(false).await,
-            None => return signals.failed(true).await,
-        }
-        for read_at in audio_read_at.drain(..) {
-            let took = read_at.elapsed();
-            metrics.uplink_added.observe(took);
-            latency.uplink(took);
-        }
-    }
-    let close = CloseFrame {
-        code: CloseCode::Normal,
-        reason: "call ended".into(),
-    };
-    let _ = within_write_timeout(sink.send(Message::Close(Some(close)))).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicUsize;
-
-    use super::*;
-
-    #[derive(Default)]
-    struct CountingWaker(AtomicUsize);
-
-    impl ArcWake for CountingWaker {
-        fn wake_by_ref(waker: &Arc<Self>) {
-            waker.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[tokio::test]
-    async fn a_writer_stuck_on_a_peer_that_never_reads_is_aborted_and_its_socket_closed() {
-        use tokio::io::AsyncReadExt;
-        let metrics = Arc::new(Metrics::default());
-        let (inbox_tx, _inbox) = mpsc::channel(INBOX_CAPACITY);
-        // A pipe that holds 64 bytes, whose far end is never read until the end.
-        let (ours, mut theirs) = tokio::io::duplex(64);
-        let (read, write) = tokio::io::split(ours);
-        let (reader, writer) =
-            fastwebsockets::after_handshake_split(read, write, fastwebsockets::Role::Server);
-        drop(reader);
-        let queue = Arc::new(OutQueue::new(
-            TWILIO_AUDIO_QUEUE,
-            TWILIO_CONTROL_QUEUE,
-            Direction::Downlink,
-            Arc::clone(&metrics),
-        ));
-        let task = tokio::spawn(twilio_writer(
-            writer,
-            Arc::clone(&queue),
-            WriterSignals::new(Leg::Twilio, &metrics, &inbox_tx),
-            Arc::new(CallLatencyRecorder::default()),
-        ));
-        let mark = super::super::engine::Outgoing {
-            text: "m".repeat(1_000),
-            kind: OutKind::Mark,
-            caused_at: None,
-        };
-        queue.push(mark).unwrap();
-        tokio::task::yield_now().await;
-        assert_eq!(metrics.call_writers_active.load(Relaxed), 1);
-        // The call ends while the writer is stuck in a write.
-        queue.close();
-        let began = tokio::time::Instant::now();
-        stop_writer(Some(task), &metrics).await;
-        let took = began.elapsed();
-        assert!(took >= CLOSE_GRACE && took < WRITE_TIMEOUT, "{took:?}");
-        assert_eq!(metrics.call_writers_aborted.load(Relaxed), 1);
-        assert_eq!(metrics.call_writers_active.load(Relaxed), 0);
-        // Its socket went with it: the peer reads what was buffered, then the end.
-        let mut buffer = [0u8; 4096];
-        let mut read_total = 0;
-        loop {
-            let n = theirs.read(&mut buffer).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            read_total += n;
-        }
-        assert!(read_total <= 1_100, "{read_total}");
-    }
-
-    #[tokio::test]
-    async fn a_write_that_cannot_complete_times_out_and_reports_a_stall() {
-        let metrics = Arc::new(Metrics::default());
-        let (inbox_tx, mut inbox) = mpsc::channel(INBOX_CAPACITY);
-        let (ours, _theirs) = tokio::io::duplex(64);
-        let (read, write) = tokio::io::split(ours);
-        let (_reader, writer) =
-            fastwebsockets::after_handshake_split(read, write, fastwebsockets::Role::Server);
-        let queue = Arc::new(OutQueue::new(
-            4,
-            4,
-            Direction::Downlink,
-            Arc::clone(&metrics),
-        ));
-        let task = tokio::spawn(twilio_writer(
-            writer,
-            Arc::clone(&queue),
-            WriterSignals::new(Leg::Twilio, &metrics, &inbox_tx),
-            Arc::new(CallLatencyRecorder::default()),
-        ));
-        queue.push_pong(PingPayload::new(&[0xff; 125]).unwrap());
-        let began = tokio::time::Instant::now();
-        let signal = inbox.recv().await.expect("the writer reports");
-        assert!(matches!(
-            *signal,
-            CallInput::WriteFailed {
-                leg: Leg::Twilio,
-                stalled: true
-            }
-        ));
-        let took = began.elapsed();
-        assert!(
-            took >= WRITE_TIMEOUT && took < WRITE_TIMEOUT + CLOSE_GRACE,
-            "{took:?}"
-        );
-        task.await.unwrap();
-        assert_eq!(metrics.call_writers_active.load(Relaxed), 0);
-    }
-
-    #[test]
-    fn poll_on_wake_polls_the_stream_only_when_it_may_have_something() {
-        let (tx, mut rx) = mpsc::channel::<u32>(4);
-        let polls = Arc::new(AtomicUsize::new(0));
-        let inner = {
-            let polls = Arc::clone(&polls);
-            futures_util::stream::poll_fn(move |cx| {
-                polls.fetch_add(1, Ordering::SeqCst);
-                rx.poll_recv(cx)
-            })
-        };
-        let mut gated = PollOnWake::new(inner);
-        let task = Arc::new(CountingWaker::default());
-        let waker = futures_util::task::waker(Arc::clone(&task));
-        let mut cx = Context::from_waker(&waker);
-        let polls_now = || polls.load(Ordering::SeqCst);
-
-        assert!(gated.poll_next_unpin(&mut cx).is_pending());
-        assert!(gated.poll_next_unpin(&mut cx).is_pending());
-        assert_eq!(polls_now(), 1, "not polled again until woken");
-
-        tx.try_send(7).unwrap();
-        tx.try_send(8).unwrap();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task is woken");
-        assert_eq!(gated.poll_next_unpin(&mut cx), Poll::Ready(Some(7)));
-        // After an item the stream is polled again without a wake-up: more may be buffered.
-        assert_eq!(gated.poll_next_unpin(&mut cx), Poll::Ready(Some(8)));
-        assert!(gated.poll_next_unpin(&mut cx).is_pending());
-        assert!(gated.poll_next_unpin(&mut cx).is_pending());
-        assert_eq!(polls_now(), 4);
-
-        drop(tx);
-        assert_eq!(gated.poll_next_unpin(&mut cx), Poll::Ready(None));
-    }
 }

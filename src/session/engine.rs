@@ -1,34 +1,38 @@
 //! The call engine: one call's protocol logic, without sockets or clocks.
 //!
-//! It joins the three sans-IO machines — the Twilio stream ([`StreamMachine`]), the upstream
-//! realtime protocol ([`RealtimeProtocol`]) and playback/barge-in ([`Playback`]) — with the
-//! codec work in between. The I/O layer ([`super::call`]) feeds it socket messages and the
-//! time, and sends what it queues in [`CallEngine::take_to_twilio`] and
-//! [`CallEngine::take_to_upstream`]. Invariants:
-//! - caller audio never reaches the model before the session is configured: appends made
-//!   before the upstream socket opens are held (bounded, oldest dropped first) and follow the
-//!   `session.update`;
-//! - on barge-in Twilio's `clear` is queued before any model-side command, and a truncate
-//!   never names a position beyond the audio the model produced for that item (playback's
-//!   silence padding is not the model's);
+//! It joins the three sans-IO machines — the Twilio stream ([`StreamMachine`]), the model
+//! session ([`ModelSession`], its protocol built by the provider factory) and
+//! playback/barge-in ([`Playback`]) — with the codec work in between, behind one surface in the
+//! manner of str0m: the driver ([`super::call`]) feeds every event as an [`Input`] with the
+//! time ([`CallEngine::handle`]), takes every consequence as an [`Output`]
+//! ([`CallEngine::poll_output`], until `None`) and wakes it at [`CallEngine::poll_timeout`].
+//! The engine never writes process-wide metrics: its counters are a [`CallStats`] snapshot the
+//! driver publishes.
+//!
+//! Invariants:
+//! - there is no placeholder session: the model session arrives with the call's agent
+//!   ([`Input::ContextResolved`]); caller audio and digits that come before it is open are
+//!   held ([`HELD_UPLINK_FRAMES`] frames, oldest dropped and counted; [`HELD_DTMF_DIGITS`]
+//!   digits, further ones refused and counted) and follow the session's configuration;
+//! - on barge-in Twilio's `clear` is output before any model-side command, audio for Twilio not
+//!   yet taken is withdrawn, and a truncate never names a position beyond the audio the model
+//!   produced for that item (playback's silence padding is not the model's);
 //! - bad input from either side is counted and logged and affects only this call; peer text
 //!   reaches a log line only through [`Untrusted`], warnings only within the call's
 //!   [`WarnBudget`], and DTMF digits never (callers type PINs);
-//! - everything the engine keeps is bounded: held caller audio ([`HELD_UPLINK_FRAMES`]),
-//!   digits held for the model ([`HELD_DTMF_DIGITS`]), produced-audio memory
+//! - everything the engine keeps is bounded: held audio and digits, produced-audio memory
 //!   ([`PRODUCED_ITEMS`]), the transcript (the report's byte budget, see
-//!   [`super::report::Transcript`]); outputs and tool calls are drained after every input.
+//!   [`super::report::Transcript`]); outputs are what the last inputs caused, taken by the
+//!   driver after every input.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use super::metrics::{Direction, Metrics, TwilioErrorKind};
+use super::model::ModelSession;
 use super::playback::{MarkOutcome, Playback, PlaybackConfig};
 use super::report::MAX_TRANSCRIPT_LINE_BYTES;
 use crate::AudioMode;
@@ -36,26 +40,31 @@ use crate::codec::{StreamResampler, g711, pcm};
 use crate::logtext::{Untrusted, WarnBudget};
 use crate::twilio::events::{write_clear_json, write_mark_json, write_media_json_from_mulaw};
 use crate::twilio::stream::{StartInfo, StreamError, StreamEvent, StreamMachine};
-use crate::upstream::{RealtimeProtocol, UpstreamError, UpstreamEvent};
+use crate::upstream::{UpstreamError, UpstreamEvent};
 
-/// Caller audio held while the upstream socket opens: 2 s of 20 ms frames. Beyond it the
-/// oldest frame is dropped (counted): stale speech is worth less than a bounded memory.
-const HELD_UPLINK_FRAMES: usize = 100;
+/// Caller audio held until the model session is open: 2 s of 20 ms frames. Beyond it the
+/// oldest frame is dropped (counted in `uplink_dropped`): stale speech is worth less than a
+/// bounded memory.
+pub const HELD_UPLINK_FRAMES: usize = 100;
+
+/// The largest caller frame held: Twilio sends 160 bytes (20 ms); a larger one is held cut
+/// to this, so the hold's memory is bounded by its frame count.
+const HELD_FRAME_MAX_BYTES: usize = 320;
 
 /// Items whose produced audio length is remembered for clamping truncates; matches the
 /// playback machine's item memory (an older item can no longer be the one playing).
 const PRODUCED_ITEMS: usize = 32;
 
-/// Digits held (as a user message and a `response.create` each) while the upstream socket
-/// opens. A person types a few keys in the second or two that takes; beyond this the digit
+/// Digits held (each later a user message and a `response.create`) until the model session
+/// is open. A person types a few keys in the second or two that takes; beyond this the digit
 /// is refused and counted (`dtmf_flood`), never queued: control messages are not dropped,
-/// so their queue is bounded by refusing what would overflow it.
+/// so their hold is bounded by refusing what would overflow it.
 pub const HELD_DTMF_DIGITS: usize = 16;
 
-/// How an outbound message may be treated by a full queue.
+/// How an outbound message may be treated by a full buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutKind {
-    /// Audio: may be dropped, oldest first, when its queue is full.
+    /// Audio: may be dropped, oldest first, when its buffer is full.
     Audio,
     /// A Twilio `mark`: never dropped (playback accounting depends on it).
     Mark,
@@ -75,14 +84,164 @@ pub struct Outgoing {
     pub caused_at: Option<Instant>,
 }
 
-/// What the I/O layer should do after a Twilio message.
+/// Everything that happens to a call, as the engine takes it.
 #[derive(Debug)]
-pub enum TwilioStep {
-    Continue,
-    /// The stream started: register the call and open the upstream socket.
+pub enum Input<'a> {
+    /// One text message from Twilio.
+    Twilio(&'a str),
+    /// One text message from the model.
+    Model(&'a str),
+    /// [`CallEngine::poll_timeout`] passed.
+    Tick,
+    /// The call's agent is known: its model session, fresh (the driver opens a socket and
+    /// says [`Input::ModelConnected`]) or pre-warmed (already open and configured).
+    ContextResolved(Box<ModelSession>),
+    /// The model's socket is open.
+    ModelConnected,
+    /// A tool's answer (or error text) for a [`Output::CallTool`].
+    ToolResult { call_id: &'a str, output: &'a str },
+    /// The model's socket closed, failed or could not be opened; `reason` says which.
+    ModelClosed(EndReason),
+}
+
+/// Everything the engine asks of the driver, in order.
+#[derive(Debug)]
+pub enum Output {
+    ToTwilio(Outgoing),
+    ToModel(Outgoing),
+    /// Run this function on the control plane and answer with [`Input::ToolResult`].
+    CallTool(ToolCall),
+    Event(CallEvent),
+    /// The call is over: the driver sends what is already out, then closes both sockets.
+    Close(EndReason),
+}
+
+/// What the driver acts on beyond moving bytes.
+#[derive(Debug)]
+pub enum CallEvent {
+    /// Twilio's `start`: the driver checks who is calling and finds the agent, then answers
+    /// with [`Input::ContextResolved`].
     Started(StartInfo),
-    /// Twilio said `stop`: the call is over.
-    Stopped,
+}
+
+/// Why a call ended, for the log line, the report and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    TwilioStop,
+    TwilioClosed,
+    TwilioError,
+    StartTimeout,
+    UpstreamClosed,
+    UpstreamFailed,
+    DuplicateStream,
+    /// The stream's binding token did not match its call (or was required and missing).
+    StreamTokenRefused,
+    /// `start.accountSid` is not the configured `VOXRELAY_TWILIO_ACCOUNT_SID`.
+    AccountRefused,
+    /// The tenant's `max_call_seconds` passed.
+    MaxDuration,
+    /// Twilio stopped reading: its writes stalled past their deadline or its buffer filled.
+    TwilioStalled,
+    /// The model stopped reading: its writes stalled past their deadline or its buffer filled.
+    UpstreamStalled,
+    /// A started stream sent nothing for the driver's idle timeout.
+    TwilioIdle,
+    /// The model sent a message over its size cap.
+    UpstreamOversized,
+    Shutdown,
+}
+
+impl EndReason {
+    /// The `end_reason` of a call report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::TwilioStop => "twilio_stop",
+            EndReason::TwilioClosed => "twilio_closed",
+            EndReason::TwilioError => "twilio_error",
+            EndReason::StartTimeout => "start_timeout",
+            EndReason::UpstreamClosed => "upstream_closed",
+            EndReason::UpstreamFailed => "upstream_failed",
+            EndReason::DuplicateStream => "duplicate_stream",
+            EndReason::StreamTokenRefused => "stream_token_refused",
+            EndReason::AccountRefused => "account_refused",
+            EndReason::MaxDuration => "max_duration",
+            EndReason::TwilioStalled => "twilio_stalled",
+            EndReason::UpstreamStalled => "upstream_stalled",
+            EndReason::TwilioIdle => "twilio_idle",
+            EndReason::UpstreamOversized => "upstream_oversized",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Kinds of bad Twilio input, counted per kind (`voxrelay_twilio_errors_total{kind}`). The
+/// engine counts the ones it sees in [`CallStats::twilio_errors`]; the driver counts the ones
+/// only a socket shows (oversized frames, timeouts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TwilioErrorKind {
+    Malformed,
+    OutOfOrder,
+    UnknownEvent,
+    StreamSidMismatch,
+    SequenceGap,
+    Oversized,
+    StartTimeout,
+    BadBase64,
+    BadMediaFormat,
+    /// A `sequenceNumber` too far ahead of the last one to be a gap (the message is refused).
+    SequenceJump,
+    /// A `dtmf.digit` that is not one of `0-9 * # A-D`.
+    BadDtmf,
+    /// A digit refused because too many were already waiting for the model session.
+    DtmfFlood,
+    /// A `start` whose streamSid, callSid or accountSid is not a Twilio SID.
+    InvalidSid,
+    /// No message from a started stream for the driver's idle timeout.
+    IdleTimeout,
+}
+
+impl TwilioErrorKind {
+    pub const COUNT: usize = 14;
+    pub const ALL: [TwilioErrorKind; Self::COUNT] = [
+        TwilioErrorKind::Malformed,
+        TwilioErrorKind::OutOfOrder,
+        TwilioErrorKind::UnknownEvent,
+        TwilioErrorKind::StreamSidMismatch,
+        TwilioErrorKind::SequenceGap,
+        TwilioErrorKind::Oversized,
+        TwilioErrorKind::StartTimeout,
+        TwilioErrorKind::BadBase64,
+        TwilioErrorKind::BadMediaFormat,
+        TwilioErrorKind::SequenceJump,
+        TwilioErrorKind::BadDtmf,
+        TwilioErrorKind::DtmfFlood,
+        TwilioErrorKind::InvalidSid,
+        TwilioErrorKind::IdleTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TwilioErrorKind::Malformed => "malformed",
+            TwilioErrorKind::OutOfOrder => "out_of_order",
+            TwilioErrorKind::UnknownEvent => "unknown_event",
+            TwilioErrorKind::StreamSidMismatch => "stream_sid_mismatch",
+            TwilioErrorKind::SequenceGap => "sequence_gap",
+            TwilioErrorKind::Oversized => "oversized",
+            TwilioErrorKind::StartTimeout => "start_timeout",
+            TwilioErrorKind::BadBase64 => "bad_base64",
+            TwilioErrorKind::BadMediaFormat => "bad_media_format",
+            TwilioErrorKind::SequenceJump => "sequence_jump",
+            TwilioErrorKind::BadDtmf => "bad_dtmf",
+            TwilioErrorKind::DtmfFlood => "dtmf_flood",
+            TwilioErrorKind::InvalidSid => "invalid_sid",
+            TwilioErrorKind::IdleTimeout => "idle_timeout",
+        }
+    }
+
+    /// The kind's place in [`TwilioErrorKind::ALL`] (and in [`CallStats::twilio_errors`]).
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,26 +254,44 @@ pub enum EngineError {
     BadBase64,
     #[error("model audio delta is not valid base64")]
     BadModelAudio,
-    #[error("the model session is already open: its settings can no longer change")]
-    SessionAlreadyOpen,
+    #[error("the call already has its model session")]
+    SessionAlreadyResolved,
+    #[error("the call has no model session yet")]
+    NoModelSession,
+    #[error("a model message before its session was opened")]
+    ModelNotOpen,
     #[error("a DTMF digit was refused: {HELD_DTMF_DIGITS} are already waiting for the model")]
     DtmfFlood,
 }
 
-/// Per-call figures for the log line at call end and for reports.
+/// Per-call counters, for the driver's metrics, the log line at call end and the report.
 #[derive(Clone, Debug, Default)]
 pub struct CallStats {
     pub frames_in: u64,
     pub frames_out: u64,
     pub audio_bytes_in: u64,
     pub audio_bytes_out: u64,
+    pub marks_sent: u64,
+    /// Mark echoes for audio a barge-in had already withdrawn.
+    pub marks_stale: u64,
     pub barge_ins: u64,
+    /// Model audio for a response that barge-in had already cut.
+    pub late_deltas_dropped: u64,
     pub dtmf_digits: u64,
     pub upstream_errors: u64,
+    /// Caller frames dropped from the hold before the model session opened.
     pub uplink_dropped: u64,
     pub tool_calls: u64,
+    /// Bad Twilio input by [`TwilioErrorKind::index`].
+    pub twilio_errors: [u64; TwilioErrorKind::COUNT],
     /// Bounded: the most recent lines within the report's budget.
     pub transcript: super::report::Transcript,
+}
+
+impl CallStats {
+    fn twilio_error(&mut self, kind: TwilioErrorKind, n: u64) {
+        self.twilio_errors[kind.index()] += n;
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,8 +304,8 @@ pub struct TranscriptLine {
 
 pub use crate::control::api::Speaker;
 
-/// A function the model called; the I/O layer runs it and answers with
-/// [`CallEngine::on_tool_output`]. The engine itself never waits on a tool.
+/// A function the model called; the driver runs it and answers with [`Input::ToolResult`].
+/// The engine itself never waits on a tool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ToolCall {
     pub call_id: String,
@@ -146,9 +323,9 @@ struct Scratch {
     mulaw: Vec<u8>,
     b64: String,
     follow_ups: Vec<String>,
-    /// Spent uplink message buffers handed back by the I/O layer, for the next appends.
+    /// Spent model message buffers handed back by the driver, for the next appends.
     spare_appends: Vec<String>,
-    /// Spent Twilio message buffers handed back by the I/O layer, for the next `media` and
+    /// Spent Twilio message buffers handed back by the driver, for the next `media` and
     /// `mark` messages.
     spare_twilio: Vec<String>,
 }
@@ -200,10 +377,9 @@ fn model_bytes_per_ms(mode: AudioMode) -> u64 {
     }
 }
 
-pub struct CallEngine {
-    stream: StreamMachine,
-    upstream: Box<dyn RealtimeProtocol>,
-    playback: Playback,
+/// The model side of a call, from the moment its agent is known.
+struct ModelLeg {
+    session: ModelSession,
     resamplers: Option<Resamplers>,
     /// The response and item of the latest model audio, so the resampler's tail can be
     /// flushed into the right item when it ends.
@@ -212,72 +388,60 @@ pub struct CallEngine {
     /// first. Playback pads an item's last partial chunk with silence, so its sent length can
     /// exceed what the model produced; the server rejects a truncate beyond the latter.
     produced: VecDeque<(String, u64)>,
-    /// Model audio bytes per millisecond: 8 for μ-law 8 kHz, 48 for PCM16 24 kHz.
-    model_bytes_per_ms: u64,
-    metrics: Arc<Metrics>,
-    upstream_open: bool,
-    /// Everything for the model until its socket opens: at most [`HELD_UPLINK_FRAMES`] audio
-    /// messages (oldest dropped, counted) and [`HELD_DTMF_DIGITS`] digits' two messages each
-    /// (further digits refused, counted).
-    held_upstream: VecDeque<Outgoing>,
-    held_audio: usize,
-    held_digits: usize,
-    /// This call's allowance of warning lines (shared with the I/O layer).
-    warnings: WarnBudget,
+    bytes_per_ms: u64,
     active_response: Option<String>,
     /// A `response.create` is owed once the active response ends (after tool output: the
     /// server refuses a second response while one is active).
     response_owed: bool,
-    /// Whether the I/O layer runs tools; without it every call is answered with an error.
-    tools_enabled: bool,
-    /// Taken by the I/O layer after every input, so it holds one message's calls at most.
-    tool_calls: Vec<ToolCall>,
+}
+
+/// Caller audio waiting for the model session: raw μ-law (the session's format is not known
+/// until the agent is), in one buffer, with each frame's length and read time.
+#[derive(Default)]
+struct HeldUplink {
+    bytes: VecDeque<u8>,
+    /// Read time, length and arrival number of each frame.
+    frames: VecDeque<(Instant, usize, u64)>,
+    /// Keys pressed, with their arrival numbers, at most [`HELD_DTMF_DIGITS`].
+    digits: Vec<(u64, char)>,
+    /// Numbers arrivals, so frames and digits go out in the order they came.
+    arrivals: u64,
+}
+
+pub struct CallEngine {
+    stream: StreamMachine,
+    playback: Playback,
+    model: Option<ModelLeg>,
+    held_uplink: HeldUplink,
+    /// This call's allowance of warning lines (shared with the driver).
+    warnings: WarnBudget,
     /// When the stream started, for transcript offsets.
     started_at: Option<Instant>,
-    /// Both taken by the I/O layer after every input and tick, so they hold what one input
-    /// caused; the writers' queues bound them from there on.
-    to_twilio: Vec<Outgoing>,
-    to_upstream: Vec<Outgoing>,
+    closed: Option<EndReason>,
+    /// What the inputs caused, in order, until the driver takes it.
+    outputs: VecDeque<Output>,
     scratch: Scratch,
     stats: CallStats,
 }
 
 impl CallEngine {
-    pub fn new(
-        upstream: Box<dyn RealtimeProtocol>,
-        mode: AudioMode,
-        playback: PlaybackConfig,
-        server_interrupts_response: bool,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let resamplers = Resamplers::for_mode(mode);
-        let mut playback = Playback::new(playback);
-        playback.set_server_interrupts_response(server_interrupts_response);
+    /// A call whose socket just opened: its agent, and so its model session, comes later.
+    pub fn new(playback: PlaybackConfig) -> Self {
         Self {
             stream: StreamMachine::new(),
-            upstream,
-            playback,
-            resamplers,
-            last_audio: None,
-            produced: VecDeque::new(),
-            model_bytes_per_ms: model_bytes_per_ms(mode),
-            metrics,
-            upstream_open: false,
-            held_upstream: VecDeque::new(),
-            held_audio: 0,
-            held_digits: 0,
+            playback: Playback::new(playback),
+            model: None,
+            held_uplink: HeldUplink::default(),
             warnings: WarnBudget::default(),
-            active_response: None,
-            response_owed: false,
-            tools_enabled: false,
-            tool_calls: Vec::new(),
             started_at: None,
-            to_twilio: Vec::new(),
-            to_upstream: Vec::new(),
+            closed: None,
+            outputs: VecDeque::new(),
             scratch: Scratch::default(),
             stats: CallStats::default(),
         }
     }
+
+    // ---- getters ----
 
     pub fn stream(&self) -> &StreamMachine {
         &self.stream
@@ -291,12 +455,18 @@ impl CallEngine {
         &self.stats
     }
 
-    pub fn upstream_is_open(&self) -> bool {
-        self.upstream_open
+    /// Whether the model session is open (configured, or pre-warmed and adopted).
+    pub fn model_is_open(&self) -> bool {
+        self.model.as_ref().is_some_and(|m| m.session.is_open())
     }
 
-    /// Whether the next warning of this call may be logged (else it is counted): the I/O
-    /// layer's warnings share the engine's budget, so a call has one.
+    /// Why the call closed, once an [`Output::Close`] was produced.
+    pub fn closed(&self) -> Option<EndReason> {
+        self.closed
+    }
+
+    /// Whether the next warning of this call may be logged (else it is counted): the driver's
+    /// warnings share the engine's budget, so a call has one.
     pub fn allow_warning(&mut self) -> bool {
         self.warnings.allow()
     }
@@ -306,67 +476,50 @@ impl CallEngine {
         self.warnings.suppressed()
     }
 
-    /// Sets the call's model session once its tenant is known (after `start`): the protocol
-    /// (already holding the tenant's settings), the audio mode, whether the server interrupts
-    /// responses itself, and whether tools are run. Only before the upstream opens; caller
-    /// audio held so far in another mode's format is dropped.
-    pub fn configure_session(
-        &mut self,
-        upstream: Box<dyn RealtimeProtocol>,
-        mode: AudioMode,
-        server_interrupts_response: bool,
-        tools_enabled: bool,
-    ) -> Result<(), EngineError> {
-        if self.upstream_open {
-            return Err(EngineError::SessionAlreadyOpen);
+    // ---- the surface: handle, poll_output, poll_timeout ----
+
+    /// Takes one input at `now`. An error means the input was refused (counted, and this
+    /// call's only); the call goes on unless an [`Output::Close`] says otherwise.
+    pub fn handle(&mut self, now: Instant, input: Input<'_>) -> Result<(), EngineError> {
+        if self.closed.is_some() {
+            return Ok(());
         }
-        let mode_changed = self.model_bytes_per_ms != model_bytes_per_ms(mode);
-        if mode_changed {
-            self.resamplers = Resamplers::for_mode(mode);
-            self.model_bytes_per_ms = model_bytes_per_ms(mode);
-            self.held_upstream.retain(|out| out.kind != OutKind::Audio);
-            self.held_audio = 0;
-        }
-        self.upstream = upstream;
-        self.playback
-            .set_server_interrupts_response(server_interrupts_response);
-        self.tools_enabled = tools_enabled;
-        Ok(())
-    }
-
-    /// Functions the model called since the last take, for the I/O layer to run.
-    pub fn take_tool_calls(&mut self) -> std::vec::Drain<'_, ToolCall> {
-        self.tool_calls.drain(..)
-    }
-
-    /// A tool's result (or error text) for the model, which is then asked to respond — at
-    /// once, or when the response that made the call has ended.
-    pub fn on_tool_output(&mut self, call_id: &str, output: &str) {
-        self.push_upstream_control(self.upstream.function_output(call_id, output));
-        self.request_response();
-    }
-
-    fn request_response(&mut self) {
-        if self.active_response.is_none() {
-            self.push_upstream_control(self.upstream.create_response());
-        } else {
-            self.response_owed = true;
+        match input {
+            Input::Twilio(text) => self.on_twilio_text(now, text),
+            Input::Model(text) => self.on_model_text(now, text),
+            Input::Tick => {
+                self.pump_playback(now, None);
+                Ok(())
+            }
+            Input::ContextResolved(session) => self.on_context_resolved(*session),
+            Input::ModelConnected => self.on_model_connected(),
+            Input::ToolResult { call_id, output } => {
+                if self.model.is_none() {
+                    return Err(EngineError::NoModelSession);
+                }
+                self.answer_tool(call_id, output);
+                Ok(())
+            }
+            Input::ModelClosed(reason) => {
+                self.close(reason);
+                Ok(())
+            }
         }
     }
 
-    /// Messages for Twilio, in order.
-    pub fn take_to_twilio(&mut self) -> std::vec::Drain<'_, Outgoing> {
-        self.to_twilio.drain(..)
+    /// The next thing for the driver to do, in the order the inputs caused them.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
     }
 
-    /// Messages for the model, in order.
-    pub fn take_to_upstream(&mut self) -> std::vec::Drain<'_, Outgoing> {
-        self.to_upstream.drain(..)
+    /// When [`Input::Tick`] is due next (the pacer's next send time).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.playback.poll_timeout()
     }
 
-    /// Hands back the text of a message the upstream writer has sent, to carry a later caller
-    /// append: with every buffer returned, the uplink allocates nothing per frame.
-    pub fn recycle_upstream(&mut self, text: String) {
+    /// Hands back the text of a message the driver has written to the model, to carry a later
+    /// caller append: with every buffer returned, the uplink allocates nothing per frame.
+    pub fn recycle_model(&mut self, text: String) {
         keep_spare(
             &mut self.scratch.spare_appends,
             text,
@@ -375,8 +528,8 @@ impl CallEngine {
         );
     }
 
-    /// Hands back the text of a message the Twilio writer has sent, to carry a later `media`
-    /// or `mark`: with every buffer returned, the downlink allocates nothing per chunk.
+    /// Hands back the text of a message the driver has written to Twilio, to carry a later
+    /// `media` or `mark`: with every buffer returned, the downlink allocates nothing per chunk.
     pub fn recycle_twilio(&mut self, text: String) {
         keep_spare(
             &mut self.scratch.spare_twilio,
@@ -386,61 +539,46 @@ impl CallEngine {
         );
     }
 
-    /// When [`CallEngine::on_tick`] should run next (the pacer's next send time).
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.playback.poll_timeout()
-    }
+    // ---- Twilio ----
 
-    /// One text message from Twilio, read at `now`.
-    pub fn on_twilio_text(&mut self, now: Instant, text: &str) -> Result<TwilioStep, EngineError> {
+    fn on_twilio_text(&mut self, now: Instant, text: &str) -> Result<(), EngineError> {
         let gaps_before = self.stream.counters().sequence_gaps;
         let event = self.stream.handle(text);
         // One add however many numbers were skipped (the machine bounds the jump as well).
         let gaps = self.stream.counters().sequence_gaps - gaps_before;
         if gaps > 0 {
-            self.metrics
-                .twilio_errors_add(TwilioErrorKind::SequenceGap, gaps);
+            self.stats.twilio_error(TwilioErrorKind::SequenceGap, gaps);
         }
         let event = match event {
             Ok(event) => event,
             Err(error) => {
-                self.metrics.twilio_error(classify_stream_error(&error));
+                self.stats.twilio_error(classify_stream_error(&error), 1);
                 return Err(error.into());
             }
         };
         match event {
-            StreamEvent::Connected => Ok(TwilioStep::Continue),
+            StreamEvent::Connected => {}
             StreamEvent::Started(info) => {
                 self.started_at = Some(now);
-                Ok(TwilioStep::Started(info))
+                self.outputs
+                    .push_back(Output::Event(CallEvent::Started(info)));
             }
-            StreamEvent::Media { payload_b64, .. } => {
-                self.on_caller_audio(now, &payload_b64)?;
-                Ok(TwilioStep::Continue)
-            }
-            StreamEvent::Mark { name } => {
-                match self.playback.on_mark(now, &name) {
-                    MarkOutcome::Confirmed { .. } => {}
-                    MarkOutcome::Stale => {
-                        self.metrics.marks_stale.fetch_add(1, Relaxed);
-                    }
-                    MarkOutcome::Unknown => {
-                        tracing::debug!(mark = %Untrusted(&name), "mark echo we did not send");
-                    }
+            StreamEvent::Media { payload_b64, .. } => self.on_caller_audio(now, &payload_b64)?,
+            StreamEvent::Mark { name } => match self.playback.on_mark(now, &name) {
+                MarkOutcome::Confirmed { .. } => {}
+                MarkOutcome::Stale => self.stats.marks_stale += 1,
+                MarkOutcome::Unknown => {
+                    tracing::debug!(mark = %Untrusted(&name), "mark echo we did not send");
                 }
-                Ok(TwilioStep::Continue)
-            }
-            StreamEvent::Dtmf { digit } => {
-                self.on_dtmf(digit)?;
-                Ok(TwilioStep::Continue)
-            }
-            StreamEvent::Stopped => Ok(TwilioStep::Stopped),
+            },
+            StreamEvent::Dtmf { digit } => self.on_dtmf(digit)?,
+            StreamEvent::Stopped => self.close(EndReason::TwilioStop),
             StreamEvent::Ignored(reason) => {
-                self.metrics.twilio_error(TwilioErrorKind::UnknownEvent);
+                self.stats.twilio_error(TwilioErrorKind::UnknownEvent, 1);
                 tracing::debug!(?reason, "ignored twilio message");
-                Ok(TwilioStep::Continue)
             }
         }
+        Ok(())
     }
 
     fn on_caller_audio(&mut self, now: Instant, payload_b64: &str) -> Result<(), EngineError> {
@@ -451,126 +589,216 @@ impl CallEngine {
             .decode_vec(payload_b64.as_bytes(), &mut self.scratch.bytes)
             .is_err()
         {
-            self.metrics.twilio_error(TwilioErrorKind::BadBase64);
+            self.stats.twilio_error(TwilioErrorKind::BadBase64, 1);
             return Err(EngineError::BadBase64);
         }
-        let bytes = self.scratch.bytes.len() as u64;
         self.stats.frames_in += 1;
-        self.stats.audio_bytes_in += bytes;
-        self.metrics.frames_in.fetch_add(1, Relaxed);
-        self.metrics.audio_bytes_in.fetch_add(bytes, Relaxed);
+        self.stats.audio_bytes_in += self.scratch.bytes.len() as u64;
+        if self.model_is_open() {
+            self.send_caller_audio(now, Some(payload_b64));
+        } else {
+            self.hold_caller_audio(now);
+        }
+        Ok(())
+    }
 
+    /// Keeps the frame in `scratch.bytes` until the session opens, dropping the oldest held
+    /// frame when the hold is full.
+    fn hold_caller_audio(&mut self, now: Instant) {
+        let held = &mut self.held_uplink;
+        if held.frames.len() == HELD_UPLINK_FRAMES
+            && let Some((_, len, _)) = held.frames.pop_front()
+        {
+            held.bytes.drain(..len);
+            self.stats.uplink_dropped += 1;
+        }
+        let frame = &self.scratch.bytes[..self.scratch.bytes.len().min(HELD_FRAME_MAX_BYTES)];
+        held.bytes.extend(frame);
+        held.frames.push_back((now, frame.len(), held.arrivals));
+        held.arrivals += 1;
+    }
+
+    /// Sends the caller frame in `scratch.bytes` to the open session as one append.
+    /// `payload_b64` is its base64 when the caller's text is at hand (μ-law mode sends it as
+    /// is); without it, the bytes are encoded here.
+    fn send_caller_audio(&mut self, read_at: Instant, payload_b64: Option<&str>) {
+        let Some(model) = self.model.as_mut() else {
+            return;
+        };
         // The append is the audio's base64 plus about 50 bytes of JSON.
         const APPEND_OVERHEAD: usize = 64;
         let mut text = self.scratch.spare_appends.pop().unwrap_or_default();
-        match &mut self.resamplers {
+        let Scratch {
+            bytes,
+            pcm_in,
+            pcm_out,
+            b64,
+            ..
+        } = &mut self.scratch;
+        let protocol = model.session.protocol();
+        match &mut model.resamplers {
             None => {
-                text.reserve_exact(payload_b64.len() + APPEND_OVERHEAD);
-                self.upstream.write_audio_append(payload_b64, &mut text);
+                let payload = match payload_b64 {
+                    Some(payload) => payload,
+                    None => {
+                        b64.clear();
+                        BASE64.encode_string(&bytes[..], b64);
+                        b64.as_str()
+                    }
+                };
+                text.reserve_exact(payload.len() + APPEND_OVERHEAD);
+                protocol.write_audio_append(payload, &mut text);
             }
             Some(resamplers) => {
-                let Scratch {
-                    bytes,
-                    pcm_in,
-                    pcm_out,
-                    mulaw: _,
-                    b64,
-                    ..
-                } = &mut self.scratch;
                 pcm_in.clear();
                 pcm_in.extend(bytes.iter().map(|&code| g711::mulaw_decode(code)));
                 pcm_out.clear();
                 resamplers.uplink.process(pcm_in, pcm_out);
                 if pcm_out.is_empty() {
-                    return Ok(());
+                    self.scratch.spare_appends.push(text);
+                    return;
                 }
                 bytes.clear();
                 pcm::samples_to_pcm16le(pcm_out, bytes);
                 b64.clear();
                 BASE64.encode_string(&bytes[..], b64);
                 text.reserve_exact(b64.len() + APPEND_OVERHEAD);
-                self.upstream.write_audio_append(b64, &mut text);
+                protocol.write_audio_append(b64, &mut text);
             }
         }
-        let append = Outgoing {
+        self.outputs.push_back(Output::ToModel(Outgoing {
             text,
             kind: OutKind::Audio,
-            caused_at: Some(now),
-        };
-        self.push_upstream(append);
-        Ok(())
+            caused_at: Some(read_at),
+        }));
     }
 
     /// `digit` is one key (the stream machine refused anything else), so the model gets a
     /// fixed sentence naming it and nothing the caller wrote. The digit is never logged.
     fn on_dtmf(&mut self, digit: char) -> Result<(), EngineError> {
-        if !self.upstream_open {
-            if self.held_digits == HELD_DTMF_DIGITS {
-                self.metrics.twilio_error(TwilioErrorKind::DtmfFlood);
+        if !self.model_is_open() {
+            let held = &mut self.held_uplink;
+            if held.digits.len() == HELD_DTMF_DIGITS {
+                self.stats.twilio_error(TwilioErrorKind::DtmfFlood, 1);
                 return Err(EngineError::DtmfFlood);
             }
-            self.held_digits += 1;
+            held.digits.push((held.arrivals, digit));
+            held.arrivals += 1;
+        } else {
+            self.send_digit(digit);
         }
         self.stats.dtmf_digits += 1;
-        self.metrics.dtmf_digits.fetch_add(1, Relaxed);
         tracing::info!("caller pressed a key");
+        Ok(())
+    }
+
+    fn send_digit(&mut self, digit: char) {
+        let Some(model) = self.model.as_ref() else {
+            return;
+        };
+        let protocol = model.session.protocol();
         let text = format!("The caller pressed the key \"{digit}\" on their phone keypad.");
-        self.push_upstream_control(self.upstream.user_text(&text));
+        let user_text = protocol.user_text(&text);
         // A digit usually asks for a reaction; a response already in progress will see it.
-        if self.active_response.is_none() {
-            self.push_upstream_control(self.upstream.create_response());
+        let respond = model
+            .active_response
+            .is_none()
+            .then(|| protocol.create_response());
+        self.push_model_control(user_text);
+        if let Some(create) = respond {
+            self.push_model_control(create);
+        }
+    }
+
+    // ---- the model session ----
+
+    fn on_context_resolved(&mut self, mut session: ModelSession) -> Result<(), EngineError> {
+        if self.model.is_some() {
+            return Err(EngineError::SessionAlreadyResolved);
+        }
+        self.playback
+            .set_server_interrupts_response(session.protocol().server_interrupts_response());
+        let mode = session.audio_mode();
+        let prewarmed = session.is_open();
+        let held_for_call = session.take_held_for_call();
+        self.model = Some(ModelLeg {
+            session,
+            resamplers: Resamplers::for_mode(mode),
+            last_audio: None,
+            produced: VecDeque::new(),
+            bytes_per_ms: model_bytes_per_ms(mode),
+            active_response: None,
+            response_owed: false,
+        });
+        if prewarmed {
+            // Configured on the webhook's socket; what it held back (the greeting) goes first.
+            for text in held_for_call {
+                self.push_model_control(text);
+            }
+            self.release_held();
         }
         Ok(())
     }
 
-    /// The upstream socket is open: configure the session, then release held caller audio.
-    pub fn on_upstream_open(&mut self, _now: Instant) {
+    fn on_model_connected(&mut self) -> Result<(), EngineError> {
+        let Some(model) = self.model.as_mut() else {
+            return Err(EngineError::NoModelSession);
+        };
         let mut opening = std::mem::take(&mut self.scratch.follow_ups);
         opening.clear();
-        self.upstream.on_open(&mut opening);
-        // Straight to the socket, ahead of everything held: the session must be configured
-        // before the first audio or command reaches it.
-        self.to_upstream
-            .extend(opening.drain(..).map(|text| Outgoing {
-                text,
-                kind: OutKind::Control,
-                caused_at: None,
-            }));
+        model.session.open(&mut opening);
+        // Ahead of everything held: the session must be configured before the first audio or
+        // command reaches it.
+        for text in opening.drain(..) {
+            self.push_model_control(text);
+        }
         self.scratch.follow_ups = opening;
-        self.upstream_open = true;
-        self.held_audio = 0;
-        self.held_digits = 0;
-        self.to_upstream.extend(self.held_upstream.drain(..));
+        self.release_held();
+        Ok(())
     }
 
-    /// The upstream socket was opened and configured before the stream started (pre-warm):
-    /// `pending` are the protocol's messages that were held back until the call was claimed
-    /// (the greeting's `response.create`); held caller audio follows them.
-    pub fn on_upstream_prewarmed(&mut self, _now: Instant, pending: Vec<String>) {
-        self.to_upstream
-            .extend(pending.into_iter().map(|text| Outgoing {
-                text,
-                kind: OutKind::Control,
-                caused_at: None,
-            }));
-        self.upstream_open = true;
-        self.held_audio = 0;
-        self.held_digits = 0;
-        self.to_upstream.extend(self.held_upstream.drain(..));
+    /// The session is open: held caller audio and digits, in the order they came, in the
+    /// session's format.
+    fn release_held(&mut self) {
+        let mut digits = std::mem::take(&mut self.held_uplink.digits)
+            .into_iter()
+            .peekable();
+        while let Some((read_at, len, arrival)) = self.held_uplink.frames.pop_front() {
+            while let Some((_, digit)) = digits.next_if(|(at, _)| *at < arrival) {
+                self.send_digit(digit);
+            }
+            self.scratch.bytes.clear();
+            self.scratch
+                .bytes
+                .extend(self.held_uplink.bytes.drain(..len));
+            self.send_caller_audio(read_at, None);
+        }
+        for (_, digit) in digits {
+            self.send_digit(digit);
+        }
     }
 
-    /// One text message from the model, read at `now`.
-    pub fn on_upstream_text(&mut self, now: Instant, text: &str) -> Result<(), EngineError> {
+    fn on_model_text(&mut self, now: Instant, text: &str) -> Result<(), EngineError> {
+        let Some(model) = self.model.as_mut() else {
+            return Err(EngineError::NoModelSession);
+        };
+        // Nothing may reach the model before its configuration: no message, no answer.
+        if !model.session.is_open() {
+            return Err(EngineError::ModelNotOpen);
+        }
         let mut follow_ups = std::mem::take(&mut self.scratch.follow_ups);
         follow_ups.clear();
-        let result = self.upstream.on_message(text, &mut follow_ups);
+        let result = model
+            .session
+            .protocol_mut()
+            .on_message(text, &mut follow_ups);
         for text in follow_ups.drain(..) {
-            self.push_upstream_control(text);
+            self.push_model_control(text);
         }
         self.scratch.follow_ups = follow_ups;
         let event = result?;
         match event {
-            UpstreamEvent::SessionReady => tracing::debug!("upstream session configured"),
+            UpstreamEvent::SessionReady => tracing::debug!("model session configured"),
             UpstreamEvent::AudioDelta {
                 response_id,
                 item_id,
@@ -580,33 +808,14 @@ impl CallEngine {
             UpstreamEvent::SpeechStopped { .. } => {}
             UpstreamEvent::ResponseCreated { response_id } => {
                 self.playback.on_response_created(&response_id);
-                self.active_response = Some(response_id.into_owned());
+                if let Some(model) = self.model.as_mut() {
+                    model.active_response = Some(response_id.into_owned());
+                }
             }
             UpstreamEvent::ResponseDone {
                 response_id,
                 status,
-            } => {
-                tracing::debug!(
-                    response_id = %Untrusted(&response_id),
-                    status = %Untrusted(&status),
-                    "response done"
-                );
-                if self
-                    .last_audio
-                    .as_ref()
-                    .is_some_and(|(last_response, _)| *last_response == *response_id)
-                {
-                    self.flush_downlink_resampler(now);
-                }
-                self.playback.on_response_done(&response_id);
-                if self.active_response.as_deref() == Some(&*response_id) {
-                    self.active_response = None;
-                    if std::mem::take(&mut self.response_owed) {
-                        self.push_upstream_control(self.upstream.create_response());
-                    }
-                }
-                self.pump_playback(now, Some(now));
-            }
+            } => self.on_response_done(now, &response_id, &status),
             UpstreamEvent::InputTranscript { text, .. } => {
                 self.push_transcript(now, Speaker::Caller, text);
             }
@@ -617,38 +826,13 @@ impl CallEngine {
                 name,
                 call_id,
                 arguments,
-            } => {
-                self.stats.tool_calls += 1;
-                if self.tools_enabled {
-                    tracing::info!(
-                        name = %Untrusted(&name),
-                        call_id = %Untrusted(&call_id),
-                        "model called a tool"
-                    );
-                    self.tool_calls.push(ToolCall {
-                        call_id: call_id.into_owned(),
-                        name: name.into_owned(),
-                        arguments: arguments.into_owned(),
-                    });
-                } else {
-                    // No control plane runs tools here: the model is told plainly.
-                    if self.warnings.allow() {
-                        tracing::warn!(
-                            name = %Untrusted(&name),
-                            "model called a tool, but no tools are configured"
-                        );
-                    }
-                    let output = r#"{"error":"no tools are available on this line"}"#;
-                    self.on_tool_output(&call_id, output);
-                }
-            }
+            } => self.on_function_call(name, call_id, arguments),
             UpstreamEvent::Error {
                 error_type,
                 code,
                 message,
             } => {
                 self.stats.upstream_errors += 1;
-                self.metrics.upstream_errors.fetch_add(1, Relaxed);
                 if self.warnings.allow() {
                     tracing::warn!(
                         error_type = %Untrusted(&error_type),
@@ -661,6 +845,93 @@ impl CallEngine {
             UpstreamEvent::Other => {}
         }
         Ok(())
+    }
+
+    fn on_response_done(&mut self, now: Instant, response_id: &str, status: &str) {
+        tracing::debug!(
+            response_id = %Untrusted(response_id),
+            status = %Untrusted(status),
+            "response done"
+        );
+        let Some(model) = self.model.as_mut() else {
+            return;
+        };
+        if model
+            .last_audio
+            .as_ref()
+            .is_some_and(|(last_response, _)| last_response == response_id)
+        {
+            self.flush_downlink_resampler(now);
+        }
+        self.playback.on_response_done(response_id);
+        let Some(model) = self.model.as_mut() else {
+            return;
+        };
+        if model.active_response.as_deref() == Some(response_id) {
+            model.active_response = None;
+            if std::mem::take(&mut model.response_owed) {
+                let create = model.session.protocol().create_response();
+                self.push_model_control(create);
+            }
+        }
+        self.pump_playback(now, Some(now));
+    }
+
+    fn on_function_call(
+        &mut self,
+        name: Cow<'_, str>,
+        call_id: Cow<'_, str>,
+        arguments: Cow<'_, str>,
+    ) {
+        self.stats.tool_calls += 1;
+        let tools_enabled = self
+            .model
+            .as_ref()
+            .is_some_and(|model| model.session.tools_enabled());
+        if tools_enabled {
+            tracing::info!(
+                name = %Untrusted(&name),
+                call_id = %Untrusted(&call_id),
+                "model called a tool"
+            );
+            self.outputs.push_back(Output::CallTool(ToolCall {
+                call_id: call_id.into_owned(),
+                name: name.into_owned(),
+                arguments: arguments.into_owned(),
+            }));
+        } else {
+            // No control plane runs tools here: the model is told plainly.
+            if self.warnings.allow() {
+                tracing::warn!(
+                    name = %Untrusted(&name),
+                    "model called a tool, but no tools are configured"
+                );
+            }
+            self.answer_tool(
+                &call_id,
+                r#"{"error":"no tools are available on this line"}"#,
+            );
+        }
+    }
+
+    /// A tool's result (or error text) for the model, which is then asked to respond — at
+    /// once, or when the response that made the call has ended.
+    fn answer_tool(&mut self, call_id: &str, output: &str) {
+        let Some(model) = self.model.as_mut() else {
+            return;
+        };
+        let protocol = model.session.protocol();
+        let answer = protocol.function_output(call_id, output);
+        let create = if model.active_response.is_none() {
+            Some(protocol.create_response())
+        } else {
+            model.response_owed = true;
+            None
+        };
+        self.push_model_control(answer);
+        if let Some(create) = create {
+            self.push_model_control(create);
+        }
     }
 
     fn push_transcript(&mut self, now: Instant, speaker: Speaker, text: Cow<'_, str>) {
@@ -692,20 +963,26 @@ impl CallEngine {
         item_id: &str,
         audio_b64: &str,
     ) -> Result<(), EngineError> {
-        if self.resamplers.is_some()
-            && self
+        let Some(model) = self.model.as_mut() else {
+            return Err(EngineError::NoModelSession);
+        };
+        if model.resamplers.is_some()
+            && model
                 .last_audio
                 .as_ref()
                 .is_some_and(|(_, last_item)| last_item != item_id)
         {
             self.flush_downlink_resampler(now);
         }
-        if self
+        let Some(model) = self.model.as_mut() else {
+            return Err(EngineError::NoModelSession);
+        };
+        if model
             .last_audio
             .as_ref()
             .is_none_or(|(_, last_item)| last_item != item_id)
         {
-            self.last_audio = Some((response_id.to_owned(), item_id.to_owned()));
+            model.last_audio = Some((response_id.to_owned(), item_id.to_owned()));
         }
         let Scratch {
             bytes,
@@ -719,17 +996,18 @@ impl CallEngine {
             .decode_vec(audio_b64.as_bytes(), bytes)
             .map_err(|_| EngineError::BadModelAudio)?;
         let produced_bytes = bytes.len() as u64;
-        match self.produced.iter_mut().find(|(id, _)| id == item_id) {
+        match model.produced.iter_mut().find(|(id, _)| id == item_id) {
             Some((_, total)) => *total += produced_bytes,
             None => {
-                if self.produced.len() == PRODUCED_ITEMS {
-                    self.produced.pop_front();
+                if model.produced.len() == PRODUCED_ITEMS {
+                    model.produced.pop_front();
                 }
-                self.produced
+                model
+                    .produced
                     .push_back((item_id.to_owned(), produced_bytes));
             }
         }
-        let audio: &[u8] = match &mut self.resamplers {
+        let audio: &[u8] = match &mut model.resamplers {
             None => bytes,
             Some(resamplers) => {
                 pcm_in.clear();
@@ -745,7 +1023,7 @@ impl CallEngine {
             .playback
             .on_audio_delta(now, response_id, item_id, audio)
         {
-            self.metrics.late_deltas_dropped.fetch_add(1, Relaxed);
+            self.stats.late_deltas_dropped += 1;
             return Ok(());
         }
         self.pump_playback(now, Some(now));
@@ -755,8 +1033,11 @@ impl CallEngine {
     /// Feeds the resampler's held tail (up to one block plus its delay) to playback as the
     /// end of the latest item, so a response's last syllable is not left waiting.
     fn flush_downlink_resampler(&mut self, now: Instant) {
+        let Some(model) = self.model.as_mut() else {
+            return;
+        };
         let (Some(resamplers), Some((response_id, item_id))) =
-            (&mut self.resamplers, self.last_audio.take())
+            (&mut model.resamplers, model.last_audio.take())
         else {
             return;
         };
@@ -776,33 +1057,39 @@ impl CallEngine {
         let Some(interruption) = self.playback.on_speech_started(now) else {
             return;
         };
-        if let Some(resamplers) = &mut self.resamplers {
-            // The interrupted response's tail must not leak into the next one.
-            resamplers.downlink.reset();
-            self.last_audio = None;
-        }
         self.stats.barge_ins += 1;
-        self.metrics.barge_ins.fetch_add(1, Relaxed);
         // The caller hears the clear: it goes first, and its write stops the barge-in clock.
         if let Some(stream_sid) = self.stream.stream_sid() {
             let mut text = String::with_capacity(64);
             write_clear_json(&mut text, stream_sid);
-            // Anything not yet written to Twilio is stale now.
-            self.to_twilio.retain(|out| out.kind != OutKind::Audio);
-            self.to_twilio.push(Outgoing {
+            // Anything not yet taken for Twilio is stale now.
+            self.outputs.retain(
+                |out| !matches!(out, Output::ToTwilio(message) if message.kind == OutKind::Audio),
+            );
+            self.outputs.push_back(Output::ToTwilio(Outgoing {
                 text,
                 kind: OutKind::Clear,
                 caused_at: Some(now),
-            });
+            }));
         }
+        let Some(model) = self.model.as_mut() else {
+            return;
+        };
+        if let Some(resamplers) = &mut model.resamplers {
+            // The interrupted response's tail must not leak into the next one.
+            resamplers.downlink.reset();
+            model.last_audio = None;
+        }
+        let protocol = model.session.protocol();
+        let mut commands = Vec::with_capacity(2 + interruption.delete.len());
         if let Some(truncate) = &interruption.truncate {
             // The heard position counts the silence that padded the item's last chunk; the
             // server only accepts positions within the audio it produced.
-            let produced_ms = self
+            let produced_ms = model
                 .produced
                 .iter()
                 .find(|(id, _)| *id == truncate.item_id)
-                .map(|(_, bytes)| bytes / self.model_bytes_per_ms);
+                .map(|(_, bytes)| bytes / model.bytes_per_ms);
             let audio_end_ms = match produced_ms {
                 Some(produced) => truncate
                     .audio_end_ms
@@ -814,21 +1101,17 @@ impl CallEngine {
                 audio_end_ms,
                 "barge-in: truncating"
             );
-            let text = self.upstream.truncate(&truncate.item_id, audio_end_ms);
-            self.push_upstream_control(text);
+            commands.push(protocol.truncate(&truncate.item_id, audio_end_ms));
         }
         for item_id in &interruption.delete {
-            let text = self.upstream.delete_item(item_id);
-            self.push_upstream_control(text);
+            commands.push(protocol.delete_item(item_id));
         }
         if interruption.cancel_response {
-            self.push_upstream_control(self.upstream.cancel_response());
+            commands.push(protocol.cancel_response());
         }
-    }
-
-    /// The pacer's deadline passed.
-    pub fn on_tick(&mut self, now: Instant) {
-        self.pump_playback(now, None);
+        for text in commands {
+            self.push_model_control(text);
+        }
     }
 
     /// Sends every chunk the pacer allows at `now`. `caused_at` marks chunks sent without
@@ -852,55 +1135,35 @@ impl CallEngine {
                 transmit.payload.len().div_ceil(3) * 4 + stream_sid.len() + MEDIA_OVERHEAD,
             );
             write_media_json_from_mulaw(&mut media, stream_sid, transmit.payload);
-            let bytes = transmit.payload.len() as u64;
             self.stats.frames_out += 1;
-            self.stats.audio_bytes_out += bytes;
-            self.metrics.frames_out.fetch_add(1, Relaxed);
-            self.metrics.audio_bytes_out.fetch_add(bytes, Relaxed);
-            self.metrics.marks_sent.fetch_add(1, Relaxed);
-            self.to_twilio.push(Outgoing {
+            self.stats.audio_bytes_out += transmit.payload.len() as u64;
+            self.stats.marks_sent += 1;
+            self.outputs.push_back(Output::ToTwilio(Outgoing {
                 text: media,
                 kind: OutKind::Audio,
                 caused_at,
-            });
-            self.to_twilio.push(Outgoing {
+            }));
+            self.outputs.push_back(Output::ToTwilio(Outgoing {
                 text: mark,
                 kind: OutKind::Mark,
                 caused_at: None,
-            });
+            }));
         }
     }
 
-    fn push_upstream_control(&mut self, text: String) {
-        self.push_upstream(Outgoing {
+    fn push_model_control(&mut self, text: String) {
+        self.outputs.push_back(Output::ToModel(Outgoing {
             text,
             kind: OutKind::Control,
             caused_at: None,
-        });
+        }));
     }
 
-    /// Until the socket is open and configured, everything for the model waits here.
-    fn push_upstream(&mut self, out: Outgoing) {
-        if self.upstream_open {
-            self.to_upstream.push(out);
-            return;
+    fn close(&mut self, reason: EndReason) {
+        if self.closed.is_none() {
+            self.closed = Some(reason);
+            self.outputs.push_back(Output::Close(reason));
         }
-        if out.kind == OutKind::Audio {
-            if self.held_audio == HELD_UPLINK_FRAMES {
-                if let Some(oldest) = self
-                    .held_upstream
-                    .iter()
-                    .position(|o| o.kind == OutKind::Audio)
-                {
-                    self.held_upstream.remove(oldest);
-                    self.held_audio -= 1;
-                    self.stats.uplink_dropped += 1;
-                    self.metrics.audio_dropped(Direction::Uplink, 1);
-                }
-            }
-            self.held_audio += 1;
-        }
-        self.held_upstream.push_back(out);
     }
 }
 
@@ -925,7 +1188,7 @@ mod tests {
 
     use super::*;
     use crate::session::report::MAX_TRANSCRIPT_BYTES;
-    use crate::upstream::{OpenAiRealtime, SessionSettings};
+    use crate::upstream::SessionSettings;
 
     const INBOUND: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -1049,36 +1312,42 @@ mod tests {
         (parts[0], parts[1], parts[2])
     }
 
+    /// What a Twilio message did, as the old tests saw it: drawn from the engine's outputs.
+    #[derive(Debug)]
+    enum TwilioStep {
+        Continue,
+        Started(StartInfo),
+        Stopped,
+    }
+
     struct Harness {
         engine: CallEngine,
-        metrics: Arc<Metrics>,
+        mode: AudioMode,
         t0: Instant,
+        to_twilio: Vec<Outgoing>,
+        to_model: Vec<Outgoing>,
+        tools: Vec<ToolCall>,
+        started: Option<StartInfo>,
+        closed: Option<EndReason>,
     }
 
     impl Harness {
         /// Engine only: no Twilio or upstream message yet.
         fn bare(mode: AudioMode) -> Self {
-            let settings = SessionSettings {
-                audio_mode: mode,
-                ..SessionSettings::default()
-            };
-            let metrics = Arc::new(Metrics::default());
-            let engine = CallEngine::new(
-                Box::new(OpenAiRealtime::new(settings)),
-                mode,
-                PlaybackConfig::default(),
-                true,
-                Arc::clone(&metrics),
-            );
             Self {
-                engine,
-                metrics,
+                engine: CallEngine::new(PlaybackConfig::default()),
+                mode,
                 t0: Instant::now(),
+                to_twilio: Vec::new(),
+                to_model: Vec::new(),
+                tools: Vec::new(),
+                started: None,
+                closed: None,
             }
         }
 
-        /// Twilio `connected` and `start` handled, upstream not open.
-        fn started_only(mode: AudioMode) -> Self {
+        /// Twilio `connected` and `start` handled, no model session yet.
+        fn started_unresolved(mode: AudioMode) -> Self {
             let mut h = Self::bare(mode);
             assert!(matches!(
                 h.twilio(0, twilio_fixture("connected")),
@@ -1091,14 +1360,93 @@ mod tests {
             h
         }
 
+        /// Started, its agent known (a fresh session without tools), the socket not open.
+        fn started_only(mode: AudioMode) -> Self {
+            let mut h = Self::started_unresolved(mode);
+            h.resolve(false);
+            h
+        }
+
         /// Streaming and upstream open, with the opening `session.update` drained.
         fn streaming(mode: AudioMode) -> Self {
             let mut h = Self::started_only(mode);
-            h.engine.on_upstream_open(h.at(0));
+            h.open_model();
             let opening = h.upstream_out();
             assert_eq!(opening.len(), 1);
             assert_eq!(opening[0].kind_str(), "session.update");
             h
+        }
+
+        fn session(&self, tools: bool) -> ModelSession {
+            let settings = SessionSettings {
+                audio_mode: self.mode,
+                ..SessionSettings::default()
+            };
+            ModelSession::new(settings, tools)
+        }
+
+        fn resolve(&mut self, tools: bool) {
+            let session = self.session(tools);
+            self.resolve_with(session);
+        }
+
+        fn resolve_with(&mut self, session: ModelSession) {
+            let now = self.at(0);
+            self.engine
+                .handle(now, Input::ContextResolved(Box::new(session)))
+                .expect("the first context");
+            self.drain();
+        }
+
+        fn open_model(&mut self) {
+            if self.engine.model.is_none() {
+                self.resolve(false);
+            }
+            let now = self.at(0);
+            self.engine
+                .handle(now, Input::ModelConnected)
+                .expect("connected");
+            self.drain();
+        }
+
+        fn tick(&mut self, at: Instant) {
+            self.engine.handle(at, Input::Tick).expect("tick");
+            self.drain();
+        }
+
+        fn tool_result(&mut self, call_id: &str, output: &str) {
+            let now = self.at(0);
+            self.engine
+                .handle(now, Input::ToolResult { call_id, output })
+                .expect("tool result");
+            self.drain();
+        }
+
+        fn take_tool_calls(&mut self) -> Vec<ToolCall> {
+            std::mem::take(&mut self.tools)
+        }
+
+        fn twilio_errors(&self, kind: TwilioErrorKind) -> u64 {
+            self.engine.stats().twilio_errors[kind.index()]
+        }
+
+        /// Sorts every output into the harness's buffers.
+        fn drain(&mut self) {
+            while let Some(output) = self.engine.poll_output() {
+                match output {
+                    Output::ToTwilio(out) => {
+                        // As the driver's buffer does: a clear withdraws audio not yet written.
+                        if out.kind == OutKind::Clear {
+                            self.to_twilio.retain(|o| o.kind != OutKind::Audio);
+                        }
+                        self.to_twilio.push(out)
+                    }
+                    Output::ToModel(out) => self.to_model.push(out),
+                    Output::CallTool(call) => self.tools.push(call),
+                    Output::Event(CallEvent::Started(info)) => self.started = Some(info),
+                    Output::Close(reason) => self.closed = Some(reason),
+                }
+            }
         }
 
         fn at(&self, ms: u64) -> Instant {
@@ -1107,20 +1455,34 @@ mod tests {
 
         fn twilio(&mut self, ms: u64, text: &str) -> Result<TwilioStep, EngineError> {
             let now = self.at(ms);
-            self.engine.on_twilio_text(now, text)
+            let result = self.engine.handle(now, Input::Twilio(text));
+            let was_closed = self.closed.is_some();
+            self.drain();
+            result?;
+            Ok(match self.started.take() {
+                Some(info) => TwilioStep::Started(info),
+                None if !was_closed && self.closed == Some(EndReason::TwilioStop) => {
+                    TwilioStep::Stopped
+                }
+                None => TwilioStep::Continue,
+            })
         }
 
         fn upstream(&mut self, ms: u64, text: &str) -> Result<(), EngineError> {
             let now = self.at(ms);
-            self.engine.on_upstream_text(now, text)
+            let result = self.engine.handle(now, Input::Model(text));
+            self.drain();
+            result
         }
 
         fn twilio_out(&mut self) -> Vec<Sent> {
-            self.engine.take_to_twilio().map(parse_sent).collect()
+            self.drain();
+            self.to_twilio.drain(..).map(parse_sent).collect()
         }
 
         fn upstream_out(&mut self) -> Vec<Sent> {
-            self.engine.take_to_upstream().map(parse_sent).collect()
+            self.drain();
+            self.to_model.drain(..).map(parse_sent).collect()
         }
 
         /// Runs every pacer deadline up to `ms`, then ticks at `ms`.
@@ -1128,11 +1490,11 @@ mod tests {
             let end = self.at(ms);
             for _ in 0..100_000 {
                 match self.engine.poll_timeout() {
-                    Some(due) if due < end => self.engine.on_tick(due),
+                    Some(due) if due < end => self.tick(due),
                     _ => break,
                 }
             }
-            self.engine.on_tick(end);
+            self.tick(end);
         }
 
         /// A valid caller frame goes to the model as exactly one append.
@@ -1196,7 +1558,7 @@ mod tests {
         assert!(h.twilio_out().is_empty());
         assert_eq!(h.engine.stats().frames_in, 1);
         assert_eq!(h.engine.stats().audio_bytes_in, 160);
-        assert_eq!(h.metrics.frames_in.load(Relaxed), 1);
+        assert_eq!(h.engine.stats().frames_in, 1);
     }
 
     // ---- 2. holding before the upstream opens ----
@@ -1218,9 +1580,9 @@ mod tests {
                 .expect("media");
         }
         assert!(h.upstream_out().is_empty(), "nothing may leave before open");
-        assert_eq!(h.metrics.audio_dropped_count(Direction::Uplink), 5);
+        assert_eq!(h.engine.stats().uplink_dropped, 5);
 
-        h.engine.on_upstream_open(h.at(2_200));
+        h.open_model();
         let up = h.upstream_out();
         let mut expected: Vec<(String, Option<usize>)> = vec![
             ("session.update".into(), None),
@@ -1247,7 +1609,7 @@ mod tests {
             .map(|s| s.json["item"]["content"][0]["text"].as_str().unwrap_or(""))
             .collect();
         assert!(digits[0].contains("\"1\"") && digits[1].contains("\"2\""));
-        assert_eq!(h.metrics.audio_dropped_count(Direction::Uplink), 5);
+        assert_eq!(h.engine.stats().uplink_dropped, 5);
         assert_eq!(h.engine.stats().uplink_dropped, 5);
 
         // Once open, audio goes straight through.
@@ -1259,7 +1621,7 @@ mod tests {
     #[test]
     fn pcm16_session_update_asks_for_24khz_pcm() {
         let mut h = Harness::started_only(AudioMode::Pcm16);
-        h.engine.on_upstream_open(h.at(0));
+        h.open_model();
         let up = h.upstream_out();
         assert_eq!(up.len(), 1);
         let audio = &up[0].json["session"]["audio"];
@@ -1381,9 +1743,9 @@ mod tests {
 
         let due = h.engine.poll_timeout().expect("more audio is queued");
         assert!(due > h.at(100), "the lead is full");
-        h.engine.on_tick(due - Duration::from_millis(1));
+        h.tick(due - Duration::from_millis(1));
         assert!(h.twilio_out().is_empty(), "nothing before the deadline");
-        h.engine.on_tick(due);
+        h.tick(due);
         let more = h.twilio_out();
         assert_eq!(more.len(), 2, "{more:?}");
         assert_eq!(more[0].event(), "media");
@@ -1431,7 +1793,7 @@ mod tests {
             up[0].json,
             json!({"type": "conversation.item.truncate", "item_id": "A", "content_index": 0, "audio_end_ms": 410})
         );
-        assert_eq!(h.metrics.barge_ins.load(Relaxed), 1);
+        assert_eq!(h.engine.stats().barge_ins, 1);
         assert!(h.engine.poll_timeout().is_none(), "queued audio dropped");
 
         // Late deltas of r1, for its item or a new one, play nothing.
@@ -1441,14 +1803,14 @@ mod tests {
             .expect("delta");
         h.run_until(440);
         assert!(h.twilio_out().is_empty());
-        assert_eq!(h.metrics.late_deltas_dropped.load(Relaxed), 2);
+        assert_eq!(h.engine.stats().late_deltas_dropped, 2);
 
         // Twilio answers the clear by echoing every outstanding mark: all stale.
         for name in marks.iter().filter(|name| parse_mark(name).2 > 400) {
             h.twilio(445, &mark_msg(name)).expect("mark");
         }
         assert_eq!(
-            h.metrics.marks_stale.load(Relaxed),
+            h.engine.stats().marks_stale,
             marks.iter().filter(|n| parse_mark(n).2 > 400).count() as u64
         );
         assert!(h.twilio_out().is_empty() && h.upstream_out().is_empty());
@@ -1532,7 +1894,7 @@ mod tests {
         h.upstream(1_100, speech_started()).expect("speech_started");
         assert!(h.twilio_out().is_empty());
         assert!(h.upstream_out().is_empty());
-        assert_eq!(h.metrics.barge_ins.load(Relaxed), 0);
+        assert_eq!(h.engine.stats().barge_ins, 0);
     }
 
     // ---- 6. DTMF ----
@@ -1576,7 +1938,7 @@ mod tests {
     /// Everything logged (any level) while `run` runs, as the fmt layer writes it.
     fn logged(run: impl FnOnce()) -> String {
         #[derive(Clone, Default)]
-        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
         impl std::io::Write for Sink {
             fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
                 self.0.lock().unwrap().extend_from_slice(bytes);
@@ -1650,7 +2012,7 @@ mod tests {
             );
         }
         assert!(h.upstream_out().is_empty(), "nothing reached the model");
-        assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::BadDtmf), 6);
+        assert_eq!(h.twilio_errors(TwilioErrorKind::BadDtmf), 6);
         assert_eq!(h.engine.stats().dtmf_digits, 0);
         // The call goes on: a real key still works, and media still flows.
         h.twilio(20, &dtmf_msg("A")).expect("a key");
@@ -1684,8 +2046,8 @@ mod tests {
             h.twilio(100, &dtmf_msg("6")),
             Err(EngineError::DtmfFlood)
         ));
-        assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::DtmfFlood), 1);
-        h.engine.on_upstream_open(h.at(200));
+        assert_eq!(h.twilio_errors(TwilioErrorKind::DtmfFlood), 1);
+        h.open_model();
         let up = h.upstream_out();
         assert_eq!(
             up.len(),
@@ -1708,7 +2070,7 @@ mod tests {
             .to_string()
         };
         h.twilio(20, &media(5)).expect("a gap of three");
-        assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::SequenceGap), 3);
+        assert_eq!(h.twilio_errors(TwilioErrorKind::SequenceGap), 3);
         let began = std::time::Instant::now();
         let refused = h.twilio(40, &media(10_000_005));
         assert!(
@@ -1719,13 +2081,13 @@ mod tests {
             "{refused:?}"
         );
         assert!(began.elapsed() < Duration::from_millis(100));
-        assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::SequenceJump), 1);
-        assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::SequenceGap), 3);
+        assert_eq!(h.twilio_errors(TwilioErrorKind::SequenceJump), 1);
+        assert_eq!(h.twilio_errors(TwilioErrorKind::SequenceGap), 3);
         h.upstream_out();
         // Only that call's message was refused: the stream goes on from where it was.
         h.twilio(60, &media(6)).expect("next in line");
         assert_eq!(h.upstream_out().len(), 1);
-        assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::SequenceGap), 3);
+        assert_eq!(h.twilio_errors(TwilioErrorKind::SequenceGap), 3);
     }
 
     fn function_call(call_id: &str, name: &str, arguments: &str) -> String {
@@ -1740,24 +2102,18 @@ mod tests {
     #[test]
     fn tool_calls_go_to_the_io_layer_and_the_response_waits_for_the_active_one() {
         let mut h = Harness::streaming(AudioMode::Pcmu);
-        h.engine
-            .configure_session(
-                Box::new(OpenAiRealtime::new(SessionSettings::default())),
-                AudioMode::Pcmu,
-                true,
-                true,
-            )
-            .expect_err("the session is open: settings are fixed");
-        let mut h = Harness::started_only(AudioMode::Pcmu);
-        h.engine
-            .configure_session(
-                Box::new(OpenAiRealtime::new(SessionSettings::default())),
-                AudioMode::Pcmu,
-                true,
-                true,
-            )
-            .expect("before open");
-        h.engine.on_upstream_open(h.at(0));
+        let again = h.session(true);
+        assert!(
+            matches!(
+                h.engine
+                    .handle(h.at(0), Input::ContextResolved(Box::new(again))),
+                Err(EngineError::SessionAlreadyResolved)
+            ),
+            "a call's session is resolved once"
+        );
+        let mut h = Harness::started_unresolved(AudioMode::Pcmu);
+        h.resolve(true);
+        h.open_model();
         h.upstream_out();
 
         h.upstream(10, &response_created("r1")).expect("created");
@@ -1766,7 +2122,7 @@ mod tests {
             &function_call("call_1", "take_message", r#"{"message":"hi"}"#),
         )
         .expect("function call");
-        let calls: Vec<ToolCall> = h.engine.take_tool_calls().collect();
+        let calls: Vec<ToolCall> = h.take_tool_calls();
         assert_eq!(
             calls,
             vec![ToolCall {
@@ -1781,7 +2137,7 @@ mod tests {
         );
 
         // The tool answers while r1 is still active: output now, response.create after r1.
-        h.engine.on_tool_output("call_1", r#"{"saved":true}"#);
+        h.tool_result("call_1", r#"{"saved":true}"#);
         let up = h.upstream_out();
         assert_eq!(up.len(), 1, "{up:?}");
         assert_eq!(up[0].kind_str(), "conversation.item.create");
@@ -1803,8 +2159,8 @@ mod tests {
         // A tool answer with no response active asks for one at once.
         h.upstream(60, &function_call("call_2", "lookup_business_hours", "{}"))
             .expect("function call");
-        assert_eq!(h.engine.take_tool_calls().count(), 1);
-        h.engine.on_tool_output("call_2", "closed");
+        assert_eq!(h.take_tool_calls().len(), 1);
+        h.tool_result("call_2", "closed");
         let kinds: Vec<String> = h
             .upstream_out()
             .iter()
@@ -1820,7 +2176,7 @@ mod tests {
         h.upstream(10, &response_created("r1")).expect("created");
         h.upstream(20, &function_call("call_1", "anything", "{}"))
             .expect("function call");
-        assert_eq!(h.engine.take_tool_calls().count(), 0);
+        assert_eq!(h.take_tool_calls().len(), 0);
         let up = h.upstream_out();
         assert_eq!(up.len(), 1, "{up:?}");
         assert_eq!(up[0].json["item"]["type"], "function_call_output");
@@ -1835,53 +2191,100 @@ mod tests {
     }
 
     #[test]
-    fn configure_session_switches_the_audio_mode_before_open() {
-        let mut h = Harness::started_only(AudioMode::Pcmu);
-        let settings = SessionSettings {
-            audio_mode: AudioMode::Pcm16,
-            ..SessionSettings::default()
-        };
-        h.engine
-            .configure_session(
-                Box::new(OpenAiRealtime::new(settings)),
-                AudioMode::Pcm16,
-                true,
-                false,
-            )
-            .expect("before open");
-        h.engine.on_upstream_open(h.at(0));
+    fn audio_held_before_the_agent_is_known_goes_out_in_the_agents_format() {
+        let mut h = Harness::started_unresolved(AudioMode::Pcm16);
+        // Caller audio before the agent is known is held as μ-law, whatever the agent wants.
+        h.twilio(20, &media_msg(&b64(&[0x55; 160]))).expect("media");
+        h.twilio(40, &media_msg(&b64(&[0x55; 160]))).expect("media");
+        assert!(h.upstream_out().is_empty());
+        h.resolve(false);
+        assert!(h.upstream_out().is_empty(), "held until the socket opens");
+        h.open_model();
         let up = h.upstream_out();
         assert_eq!(
             up[0].json["session"]["audio"]["input"]["format"]["rate"],
             24000
         );
-        // A 20 ms μ-law frame becomes 24 kHz PCM16 (resampled: not the μ-law bytes).
-        h.twilio(20, &media_msg(&b64(&[0x55; 160]))).expect("media");
-        h.twilio(40, &media_msg(&b64(&[0x55; 160]))).expect("media");
-        let up = h.upstream_out();
-        assert!(!up.is_empty());
+        // Each 20 ms μ-law frame became 24 kHz PCM16 (resampled: not the μ-law bytes).
+        assert!(up.len() >= 2, "{up:?}");
+        assert_eq!(up[1].kind_str(), "input_audio_buffer.append");
+        assert_eq!(
+            up[1].caused_at,
+            Some(h.at(20)),
+            "read time kept for latency"
+        );
         let audio = BASE64
-            .decode(up[0].json["audio"].as_str().expect("audio"))
+            .decode(up[1].json["audio"].as_str().expect("audio"))
             .expect("base64");
         assert_eq!(audio.len() % 2, 0);
         assert_ne!(audio.len(), 160);
     }
 
     #[test]
+    fn the_hold_before_the_agent_is_known_drops_its_oldest_frames() {
+        let mut h = Harness::started_unresolved(AudioMode::Pcmu);
+        for n in 0..HELD_UPLINK_FRAMES + 3 {
+            let frame = [n as u8; 160];
+            h.twilio(n as u64 * 20, &media_msg(&b64(&frame)))
+                .expect("media");
+        }
+        assert_eq!(h.engine.stats().uplink_dropped, 3);
+        h.resolve(false);
+        h.open_model();
+        let up = h.upstream_out();
+        assert_eq!(up.len(), 1 + HELD_UPLINK_FRAMES);
+        // The oldest three went; the rest follow in order, byte for byte.
+        let first = BASE64
+            .decode(up[1].json["audio"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(first, [3u8; 160]);
+        let last = BASE64
+            .decode(up[HELD_UPLINK_FRAMES].json["audio"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(last, [(HELD_UPLINK_FRAMES + 2) as u8; 160]);
+    }
+
+    #[test]
     fn a_prewarmed_session_sends_its_pending_greeting_then_held_audio() {
-        let mut h = Harness::started_only(AudioMode::Pcmu);
+        let mut h = Harness::started_unresolved(AudioMode::Pcmu);
         let payload = b64(&[0x55; 160]);
         h.twilio(0, &media_msg(&payload)).expect("media");
         assert!(
             h.upstream_out().is_empty(),
             "held until the session is open"
         );
-        let greeting = json!({"type": "response.create"}).to_string();
-        h.engine.on_upstream_prewarmed(h.at(5), vec![greeting]);
+        // Pre-warmed through the session's own code: configured, its greeting held back.
+        let mut session = ModelSession::new(
+            SessionSettings {
+                greeting: Some("Hi".into()),
+                ..SessionSettings::default()
+            },
+            false,
+        );
+        let mut configure = Vec::new();
+        session.open(&mut configure);
+        session
+            .prewarm_message(r#"{"type":"session.updated","session":{}}"#)
+            .expect("ready");
+        h.resolve_with(session);
         let up = h.upstream_out();
         let kinds: Vec<&str> = up.iter().map(Sent::kind_str).collect();
         assert_eq!(kinds, ["response.create", "input_audio_buffer.append"]);
-        assert!(h.engine.upstream_is_open());
+        assert!(h.engine.model_is_open());
+    }
+
+    #[test]
+    fn input_after_close_is_ignored_and_the_model_closing_closes_the_call() {
+        let mut h = Harness::streaming(AudioMode::Pcmu);
+        h.engine
+            .handle(h.at(10), Input::ModelClosed(EndReason::UpstreamClosed))
+            .expect("closed");
+        h.drain();
+        assert_eq!(h.closed, Some(EndReason::UpstreamClosed));
+        assert_eq!(h.engine.closed(), Some(EndReason::UpstreamClosed));
+        h.twilio(20, &media_msg(&b64(&[1; 160]))).expect("ignored");
+        assert!(h.upstream_out().is_empty());
+        assert_eq!(h.engine.stats().frames_in, 0);
     }
 
     #[test]
@@ -1961,9 +2364,9 @@ mod tests {
             ),
             "{early:?}"
         );
-        assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::OutOfOrder), 1);
+        assert_eq!(h.twilio_errors(TwilioErrorKind::OutOfOrder), 1);
         h.twilio(0, twilio_fixture("start")).expect("start");
-        h.engine.on_upstream_open(h.at(0));
+        h.open_model();
         h.upstream_out();
         h.assert_media_flows(10);
 
@@ -1975,18 +2378,18 @@ mod tests {
             ),
             "{malformed:?}"
         );
-        assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::Malformed), 1);
+        assert_eq!(h.twilio_errors(TwilioErrorKind::Malformed), 1);
         h.assert_media_flows(30);
 
         let bad = h.twilio(40, &media_msg("not*base64!"));
         assert!(matches!(bad, Err(EngineError::BadBase64)), "{bad:?}");
-        assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::BadBase64), 1);
+        assert_eq!(h.twilio_errors(TwilioErrorKind::BadBase64), 1);
         assert!(h.upstream_out().is_empty());
         h.assert_media_flows(50);
 
         let unknown = h.twilio(60, &json!({"event": "fancy", "streamSid": SID}).to_string());
         assert!(matches!(unknown, Ok(TwilioStep::Continue)), "{unknown:?}");
-        assert_eq!(h.metrics.twilio_errors(TwilioErrorKind::UnknownEvent), 1);
+        assert_eq!(h.twilio_errors(TwilioErrorKind::UnknownEvent), 1);
         h.assert_media_flows(70);
 
         let other_stream = media_msg(&b64(&[0xFF; 160])).replace(SID, "MZ_someone_else");
@@ -1998,10 +2401,7 @@ mod tests {
             ),
             "{mismatch:?}"
         );
-        assert_eq!(
-            h.metrics.twilio_errors(TwilioErrorKind::StreamSidMismatch),
-            1
-        );
+        assert_eq!(h.twilio_errors(TwilioErrorKind::StreamSidMismatch), 1);
         assert!(h.upstream_out().is_empty());
         h.assert_media_flows(90);
 
@@ -2050,7 +2450,7 @@ mod tests {
                     .expect("an error event is not a parse error");
             }
         }
-        assert_eq!(h.metrics.upstream_errors.load(Relaxed), 2);
+        assert_eq!(h.engine.stats().upstream_errors, 2);
         assert_eq!(h.engine.stats().upstream_errors, 2);
         h.assert_media_flows(60);
 
@@ -2101,9 +2501,11 @@ mod tests {
 
         for step in 0..1_500 {
             now_ms += rng.below(6);
+            // The first 20 steps hold caller audio; model messages come only once it is open.
             if step == 20 {
-                h.engine.on_upstream_open(h.at(now_ms));
+                h.open_model();
             }
+            let open = step >= 20;
             match rng.below(16) {
                 0 | 1 => {
                     let _ = h.twilio(now_ms, &media_msg(&b64(&[0xFF; 160])));
@@ -2131,6 +2533,7 @@ mod tests {
                         h.twilio(now_ms, &mark_msg(&name)).expect("our mark echoes");
                     }
                 }
+                5..=10 if !open => {}
                 5 if responses.len() < 50 => {
                     let id = format!("resp_{}", responses.len());
                     h.upstream(now_ms, &response_created(&id)).expect("created");
@@ -2165,10 +2568,10 @@ mod tests {
                     now_ms += rng.below(60);
                     match h.engine.poll_timeout() {
                         Some(due) if rng.below(2) == 0 && due >= h.at(now_ms) => {
-                            h.engine.on_tick(due);
+                            h.tick(due);
                             now_ms = due.duration_since(h.t0).as_millis() as u64;
                         }
-                        _ => h.engine.on_tick(h.at(now_ms)),
+                        _ => h.tick(h.at(now_ms)),
                     }
                 }
                 13 => {

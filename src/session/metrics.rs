@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use super::engine::CallStats;
 use crate::control::directory::ContextSource;
 
 /// Upper bounds of the latency buckets, in microseconds.
@@ -126,67 +127,7 @@ impl CallLatencyRecorder {
     }
 }
 
-/// Kinds of bad input from Twilio, each counted separately.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TwilioErrorKind {
-    Malformed,
-    OutOfOrder,
-    UnknownEvent,
-    StreamSidMismatch,
-    SequenceGap,
-    Oversized,
-    StartTimeout,
-    BadBase64,
-    BadMediaFormat,
-    /// A `sequenceNumber` too far ahead of the last one to be a gap (the message is refused).
-    SequenceJump,
-    /// A `dtmf.digit` that is not one of `0-9 * # A-D`.
-    BadDtmf,
-    /// A digit refused because too many were already waiting for the model's socket.
-    DtmfFlood,
-    /// A `start` whose streamSid, callSid or accountSid is not a Twilio SID.
-    InvalidSid,
-    /// No message from a started stream for [`crate::session::call::TWILIO_IDLE_TIMEOUT`].
-    IdleTimeout,
-}
-
-impl TwilioErrorKind {
-    const ALL: [TwilioErrorKind; 14] = [
-        TwilioErrorKind::Malformed,
-        TwilioErrorKind::OutOfOrder,
-        TwilioErrorKind::UnknownEvent,
-        TwilioErrorKind::StreamSidMismatch,
-        TwilioErrorKind::SequenceGap,
-        TwilioErrorKind::Oversized,
-        TwilioErrorKind::StartTimeout,
-        TwilioErrorKind::BadBase64,
-        TwilioErrorKind::BadMediaFormat,
-        TwilioErrorKind::SequenceJump,
-        TwilioErrorKind::BadDtmf,
-        TwilioErrorKind::DtmfFlood,
-        TwilioErrorKind::InvalidSid,
-        TwilioErrorKind::IdleTimeout,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TwilioErrorKind::Malformed => "malformed",
-            TwilioErrorKind::OutOfOrder => "out_of_order",
-            TwilioErrorKind::UnknownEvent => "unknown_event",
-            TwilioErrorKind::StreamSidMismatch => "stream_sid_mismatch",
-            TwilioErrorKind::SequenceGap => "sequence_gap",
-            TwilioErrorKind::Oversized => "oversized",
-            TwilioErrorKind::StartTimeout => "start_timeout",
-            TwilioErrorKind::BadBase64 => "bad_base64",
-            TwilioErrorKind::BadMediaFormat => "bad_media_format",
-            TwilioErrorKind::SequenceJump => "sequence_jump",
-            TwilioErrorKind::BadDtmf => "bad_dtmf",
-            TwilioErrorKind::DtmfFlood => "dtmf_flood",
-            TwilioErrorKind::InvalidSid => "invalid_sid",
-            TwilioErrorKind::IdleTimeout => "idle_timeout",
-        }
-    }
-}
+pub use super::engine::TwilioErrorKind;
 
 /// Routes whose Twilio signature is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -544,7 +485,90 @@ fn write_labelled_counter<'a>(
     }
 }
 
+/// A call's counters as last added to the process-wide ones: the driver publishes the
+/// difference from [`CallStats`] after each batch of inputs, so the engine never touches an
+/// atomic and the totals lag a call by at most one batch.
+#[derive(Clone, Debug, Default)]
+pub struct PublishedStats {
+    frames_in: u64,
+    frames_out: u64,
+    audio_bytes_in: u64,
+    audio_bytes_out: u64,
+    marks_sent: u64,
+    marks_stale: u64,
+    barge_ins: u64,
+    late_deltas_dropped: u64,
+    dtmf_digits: u64,
+    upstream_errors: u64,
+    uplink_dropped: u64,
+    twilio_errors: [u64; TwilioErrorKind::COUNT],
+}
+
 impl Metrics {
+    /// Adds what `stats` counted since `published`, one atomic add per counter that moved.
+    pub fn publish_call_stats(&self, stats: &CallStats, published: &mut PublishedStats) {
+        fn add(counter: &AtomicU64, now: u64, before: &mut u64) {
+            if now != *before {
+                counter.fetch_add(now.wrapping_sub(*before), Relaxed);
+                *before = now;
+            }
+        }
+        add(&self.frames_in, stats.frames_in, &mut published.frames_in);
+        add(
+            &self.frames_out,
+            stats.frames_out,
+            &mut published.frames_out,
+        );
+        add(
+            &self.audio_bytes_in,
+            stats.audio_bytes_in,
+            &mut published.audio_bytes_in,
+        );
+        add(
+            &self.audio_bytes_out,
+            stats.audio_bytes_out,
+            &mut published.audio_bytes_out,
+        );
+        add(
+            &self.marks_sent,
+            stats.marks_sent,
+            &mut published.marks_sent,
+        );
+        add(
+            &self.marks_stale,
+            stats.marks_stale,
+            &mut published.marks_stale,
+        );
+        add(&self.barge_ins, stats.barge_ins, &mut published.barge_ins);
+        add(
+            &self.late_deltas_dropped,
+            stats.late_deltas_dropped,
+            &mut published.late_deltas_dropped,
+        );
+        add(
+            &self.dtmf_digits,
+            stats.dtmf_digits,
+            &mut published.dtmf_digits,
+        );
+        add(
+            &self.upstream_errors,
+            stats.upstream_errors,
+            &mut published.upstream_errors,
+        );
+        add(
+            &self.audio_dropped_uplink,
+            stats.uplink_dropped,
+            &mut published.uplink_dropped,
+        );
+        for (index, counter) in self.twilio_errors.iter().enumerate() {
+            add(
+                counter,
+                stats.twilio_errors[index],
+                &mut published.twilio_errors[index],
+            );
+        }
+    }
+
     pub fn twilio_error(&self, kind: TwilioErrorKind) {
         self.twilio_errors[kind as usize].fetch_add(1, Relaxed);
     }

@@ -35,11 +35,9 @@ use tokio_util::task::TaskTracker;
 
 use super::agent::CallAgent;
 use super::metrics::Metrics;
+use super::model::{ModelSession, PrewarmStep};
 use crate::config::{DEFAULT_MAX_PREWARMS, UpstreamTarget};
-use crate::upstream::{
-    OpenAiRealtime, RealtimeProtocol, SessionSettings, UpstreamError, UpstreamEvent,
-    UpstreamSocket, connect,
-};
+use crate::upstream::{UpstreamError, UpstreamSocket, connect};
 
 /// What the webhook prepared for one call.
 pub struct Prepared {
@@ -52,11 +50,10 @@ pub struct Prepared {
 
 /// An upstream session already configured for a call's agent.
 pub struct PrewarmedSession {
-    /// The protocol state that configured the socket (it knows the session is ready).
-    pub protocol: OpenAiRealtime,
+    /// The session that configured the socket: open, ready, holding what must wait for the
+    /// call (the greeting). The call's engine adopts it as it is.
+    pub session: ModelSession,
     pub socket: UpstreamSocket,
-    /// Messages the protocol produced that must wait for the call: the greeting.
-    pub held: Vec<String>,
     /// Connect plus configure.
     pub took: Duration,
     pub ready_at: Instant,
@@ -106,19 +103,18 @@ pub enum PrewarmError {
     Socket(String),
 }
 
-/// Opens the upstream socket and configures the session for `settings`, holding back the
-/// greeting until the call claims it.
+/// Opens the upstream socket and configures `session` on it through the session's own code
+/// (the engine's), holding back the greeting until the call claims it.
 pub async fn prewarm(
     target: &UpstreamTarget,
-    settings: SessionSettings,
+    mut session: ModelSession,
     within: Duration,
 ) -> Result<PrewarmedSession, PrewarmError> {
     let began = Instant::now();
     let work = async {
         let mut socket = connect(&target.url, target.api_key.as_ref()).await?;
-        let mut protocol = OpenAiRealtime::new(settings);
         let mut out = Vec::new();
-        protocol.on_open(&mut out);
+        session.open(&mut out);
         for text in out.drain(..) {
             socket
                 .feed(Message::text(text))
@@ -136,23 +132,20 @@ pub async fn prewarm(
                 Some(Ok(_)) => continue,
                 Some(Err(error)) => return Err(PrewarmError::Socket(error.to_string())),
             };
-            match protocol.on_message(text.as_str(), &mut out)? {
-                UpstreamEvent::SessionReady => break,
-                UpstreamEvent::Error { message, .. } => {
-                    return Err(PrewarmError::Refused(message.into_owned()));
-                }
-                _ => {}
+            match session.prewarm_message(text.as_str())? {
+                PrewarmStep::Ready => break,
+                PrewarmStep::Refused(message) => return Err(PrewarmError::Refused(message)),
+                PrewarmStep::Pending => {}
             }
         }
-        Ok::<_, PrewarmError>((protocol, socket, out))
+        Ok::<_, PrewarmError>((session, socket))
     };
-    let (protocol, socket, held) = tokio::time::timeout(within, work)
+    let (session, socket) = tokio::time::timeout(within, work)
         .await
         .map_err(|_| PrewarmError::Timeout(within))??;
     Ok(PrewarmedSession {
-        protocol,
+        session,
         socket,
-        held,
         took: began.elapsed(),
         ready_at: Instant::now(),
         slot: None,
@@ -461,6 +454,7 @@ impl PendingCalls {
 mod tests {
     use super::*;
     use crate::config::AgentDefaults;
+    use crate::upstream::SessionSettings;
     use crate::upstream::mock::{MockConfig, MockRealtimeServer};
 
     fn agent() -> CallAgent {
@@ -500,12 +494,17 @@ mod tests {
             greeting: Some("Hi there".into()),
             ..SessionSettings::default()
         };
-        let session = prewarm(&target, settings, Duration::from_secs(5))
-            .await
-            .expect("prewarm");
-        assert_eq!(session.held.len(), 1, "{:?}", session.held);
-        assert!(session.held[0].contains("response.create"));
-        assert!(session.held[0].contains("Hi there"));
+        let mut session = prewarm(
+            &target,
+            ModelSession::new(settings, false),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("prewarm");
+        let held = session.session.take_held_for_call();
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert!(held[0].contains("response.create"));
+        assert!(held[0].contains("Hi there"));
         let log = mock.log();
         let record = &log.sessions()[0];
         assert_eq!(record.session["audio"]["output"]["voice"], "cedar");
@@ -524,7 +523,8 @@ mod tests {
         let url = format!("ws://{}/v1/realtime", listener.local_addr().unwrap());
         drop(listener);
         let target = UpstreamTarget { url, api_key: None };
-        let result = prewarm(&target, SessionSettings::default(), Duration::from_secs(5)).await;
+        let session = ModelSession::new(SessionSettings::default(), false);
+        let result = prewarm(&target, session, Duration::from_secs(5)).await;
         assert!(result.is_err());
     }
 
@@ -572,9 +572,13 @@ mod tests {
             Prepared {
                 agent: agent(),
                 lookup_took: Duration::ZERO,
-                session: prewarm(&target, SessionSettings::default(), Duration::from_secs(5))
-                    .await
-                    .ok(),
+                session: prewarm(
+                    &target,
+                    ModelSession::new(SessionSettings::default(), false),
+                    Duration::from_secs(5),
+                )
+                .await
+                .ok(),
             }
         });
         assert_eq!(admission, Admission::Preparing { prewarm: true });

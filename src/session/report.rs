@@ -43,12 +43,16 @@ const _: () = assert!(MAX_REPORT_BYTES <= (1 << 20) / 3);
 /// `{"speaker":"assistant","offset_ms":,"text":}` and the comma before the next line.
 const LINE_FRAMING: usize = r#"{"speaker":"","offset_ms":,"text":}"#.len() + 1;
 
-/// Who the call was, as `start` and the webhook said.
-pub struct CallIdentity<'a> {
-    pub call_sid: &'a str,
-    pub stream_sid: &'a str,
-    pub from: &'a str,
-    pub to: &'a str,
+/// Who the call was, as `start` and the webhook said: the one record of a call's identity,
+/// kept by the call from its `start` and read by its report.
+#[derive(Clone, Debug)]
+pub struct CallIdentity {
+    pub call_sid: String,
+    pub stream_sid: String,
+    pub from: String,
+    pub to: String,
+    /// When `start` arrived.
+    pub started_at: SystemTime,
     /// Whether the stream was bound to its call by the webhook's token.
     pub binding: ReportBinding,
 }
@@ -181,9 +185,8 @@ pub fn unix_ms(at: SystemTime) -> u64 {
 /// Builds the report; `latency` is `(count, p50, p99, max)` in µs for uplink, downlink and
 /// barge-in ([`super::metrics::CallLatencyRecorder::summary`]).
 pub fn call_report(
-    identity: &CallIdentity<'_>,
+    identity: &CallIdentity,
     agent: &CallAgent,
-    started_at: SystemTime,
     ended_at: SystemTime,
     end_reason: &str,
     stats: &CallStats,
@@ -196,14 +199,14 @@ pub fn call_report(
         max,
     };
     CallReport {
-        call_sid: bounded(identity.call_sid),
-        stream_sid: bounded(identity.stream_sid),
+        call_sid: bounded(&identity.call_sid),
+        stream_sid: bounded(&identity.stream_sid),
         tenant_id: agent.tenant_id.as_deref().map(bounded),
         agent_name: bounded(&agent.agent_name),
-        from: bounded(identity.from),
-        to: bounded(identity.to),
-        started_at_ms: unix_ms(started_at),
-        ended_at_ms: unix_ms(ended_at).max(unix_ms(started_at)),
+        from: bounded(&identity.from),
+        to: bounded(&identity.to),
+        started_at_ms: unix_ms(identity.started_at),
+        ended_at_ms: unix_ms(ended_at).max(unix_ms(identity.started_at)),
         end_reason: end_reason.to_owned(),
         context_source: agent.source.to_owned(),
         binding: identity.binding,
@@ -241,12 +244,13 @@ mod tests {
     use crate::control::api::Speaker;
     use crate::testkit::Lcg;
 
-    fn identity(binding: ReportBinding) -> CallIdentity<'static> {
+    fn identity(binding: ReportBinding, started_at: SystemTime) -> CallIdentity {
         CallIdentity {
-            call_sid: "CA1",
-            stream_sid: "MZ1",
-            from: "+1555",
-            to: "+1666",
+            call_sid: "CA1".into(),
+            stream_sid: "MZ1".into(),
+            from: "+1555".into(),
+            to: "+1666".into(),
+            started_at,
             binding,
         }
     }
@@ -277,9 +281,8 @@ mod tests {
         agent.agent_name = "Ada".into();
         let started = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
         let report = call_report(
-            &identity(ReportBinding::Bound),
+            &identity(ReportBinding::Bound, started),
             &agent,
-            started,
             started + Duration::from_secs(12),
             "twilio_stop",
             &stats,
@@ -399,14 +402,14 @@ mod tests {
         agent.memory_namespace = Some(hostile.clone());
         let report = call_report(
             &CallIdentity {
-                call_sid: &hostile,
-                stream_sid: &hostile,
-                from: &hostile,
-                to: &hostile,
+                call_sid: hostile.clone(),
+                stream_sid: hostile.clone(),
+                from: hostile.clone(),
+                to: hostile.clone(),
+                started_at: UNIX_EPOCH + Duration::from_millis(u64::MAX / 2),
                 binding: ReportBinding::Unbound,
             },
             &agent,
-            UNIX_EPOCH + Duration::from_millis(u64::MAX / 2),
             UNIX_EPOCH + Duration::from_millis(u64::MAX / 2),
             "upstream_failed",
             &stats,

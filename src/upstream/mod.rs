@@ -155,7 +155,9 @@ pub enum UpstreamError {
 /// The seam every realtime provider implements (OpenAI first; Gemini Live later). Output
 /// messages are text frames.
 pub trait RealtimeProtocol: Send {
-    fn provider(&self) -> &'static str;
+    /// Whether the server cancels the response in progress itself when the caller starts
+    /// talking (so barge-in must not send its own `response.cancel`).
+    fn server_interrupts_response(&self) -> bool;
     /// Messages to send right after the socket opens (e.g. session.update).
     fn on_open(&mut self, out: &mut Vec<String>);
     /// Parse one server message; may push follow-ups into `out` (e.g. the greeting's
@@ -175,6 +177,12 @@ pub trait RealtimeProtocol: Send {
     fn user_text(&self, text: &str) -> String;
     fn create_response(&self) -> String;
     fn function_output(&self, call_id: &str, output: &str) -> String;
+}
+
+/// The provider factory: the realtime protocol that runs a session with `settings`. The one
+/// place that names a provider; the call engine, the driver and pre-warm take what it builds.
+pub fn protocol_for(settings: SessionSettings) -> Box<dyn RealtimeProtocol> {
+    Box::new(OpenAiRealtime::new(settings))
 }
 
 /// Appends `value` to `buf` as a JSON string literal (quotes included), escaping per RFC 8259,

@@ -128,8 +128,8 @@ impl OpenAiRealtime {
 }
 
 impl RealtimeProtocol for OpenAiRealtime {
-    fn provider(&self) -> &'static str {
-        "openai"
+    fn server_interrupts_response(&self) -> bool {
+        self.settings.vad.interrupt_response
     }
 
     fn on_open(&mut self, out: &mut Vec<String>) {

@@ -1,23 +1,25 @@
 //! The call engine (`session::engine::CallEngine`) fed any interleaving of Twilio texts,
-//! model texts, the upstream opening, timer ticks and session changes, drained after every
-//! step as the I/O layer drains it.
+//! model texts, the model session's arrival and opening, timer ticks and tool results, its
+//! outputs taken after every step as the driver takes them.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use proptest::prelude::*;
 use voxrelay::AudioMode;
-use voxrelay::session::engine::{CallEngine, EngineError, HELD_DTMF_DIGITS};
-use voxrelay::session::metrics::{Metrics, TwilioErrorKind};
+use voxrelay::session::engine::{
+    CallEngine, EngineError, HELD_DTMF_DIGITS, Input, OutKind, Outgoing, Output, ToolCall,
+    TwilioErrorKind,
+};
+use voxrelay::session::model::ModelSession;
 use voxrelay::session::playback::PlaybackConfig;
-use voxrelay::upstream::{OpenAiRealtime, SessionSettings};
+use voxrelay::upstream::SessionSettings;
 
 use crate::config;
 use crate::grammar::{self, Numbers};
 
-/// Caller audio the engine holds while the upstream socket opens (`HELD_UPLINK_FRAMES`).
+/// Caller audio the engine holds until the model session opens (`HELD_UPLINK_FRAMES`).
 const HELD_UPLINK_FRAMES: usize = 100;
 /// Messages one model event may cause while the socket is open: a barge-in's truncate, a
 /// delete per unheard item (playback tracks 32), a cancel; or a tool answer and a
@@ -31,9 +33,9 @@ enum Op {
     Open,
     /// Time passes (ms) and the pacer's timer fires.
     Tick(u64),
-    Configure {
+    /// The agent is known: a fresh session (`pcm16` decides its format).
+    Resolve {
         pcm16: bool,
-        server_interrupts: bool,
         tools: bool,
     },
 }
@@ -44,9 +46,7 @@ fn op(numbers: Numbers) -> impl Strategy<Value = Op> {
         6 => grammar::model_text().prop_map(Op::Model),
         1 => Just(Op::Open),
         3 => prop_oneof![4 => 0u64..200, 1 => 200u64..20_000].prop_map(Op::Tick),
-        1 => (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(pcm16, server_interrupts, tools)| {
-            Op::Configure { pcm16, server_interrupts, tools }
-        }),
+        1 => (any::<bool>(), any::<bool>()).prop_map(|(pcm16, tools)| Op::Resolve { pcm16, tools }),
     ]
 }
 
@@ -90,12 +90,40 @@ fn mode(pcm16: bool) -> AudioMode {
     }
 }
 
-fn protocol(pcm16: bool) -> Box<OpenAiRealtime> {
-    Box::new(OpenAiRealtime::new(SessionSettings {
+fn session(pcm16: bool, tools: bool) -> Box<ModelSession> {
+    let settings = SessionSettings {
         audio_mode: mode(pcm16),
         greeting: Some("Hello".to_owned()),
         ..SessionSettings::default()
-    }))
+    };
+    Box::new(ModelSession::new(settings, tools))
+}
+
+/// One step's outputs, sorted as the driver sorts them (a `clear` withdraws audio for Twilio
+/// not yet written, as the driver's buffer does).
+#[derive(Default)]
+struct Step {
+    to_twilio: Vec<Outgoing>,
+    to_model: Vec<Outgoing>,
+    tools: Vec<ToolCall>,
+}
+
+fn take_outputs(engine: &mut CallEngine) -> Step {
+    let mut step = Step::default();
+    while let Some(output) = engine.poll_output() {
+        match output {
+            Output::ToTwilio(out) => {
+                if out.kind == OutKind::Clear {
+                    step.to_twilio.retain(|o| o.kind != OutKind::Audio);
+                }
+                step.to_twilio.push(out);
+            }
+            Output::ToModel(out) => step.to_model.push(out),
+            Output::CallTool(call) => step.tools.push(call),
+            Output::Event(_) | Output::Close(_) => {}
+        }
+    }
+    step
 }
 
 /// What one run saw.
@@ -108,7 +136,6 @@ struct Observed {
 /// Runs `ops` through a fresh engine, draining after each step, and checks the per-step
 /// invariants. `check_open_release` also bounds what the opening step releases.
 fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
-    let metrics = Arc::new(Metrics::default());
     let playback = PlaybackConfig {
         lead: Duration::from_millis(setup.lead_ms),
         chunk_ms: setup.chunk_ms,
@@ -116,13 +143,7 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
     };
     let chunks_per_step = (setup.lead_ms / u64::from(setup.chunk_ms)).max(1) as usize;
     let twilio_step_bound = 2 * chunks_per_step + 1;
-    let mut engine = CallEngine::new(
-        protocol(setup.pcm16),
-        mode(setup.pcm16),
-        playback,
-        true,
-        Arc::clone(&metrics),
-    );
+    let mut engine = CallEngine::new(playback);
     let t0 = Instant::now();
     let mut now = t0;
     let mut observed = Observed::default();
@@ -136,51 +157,61 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
     }
     script.extend(ops.iter().cloned());
     let mut twilio_messages = 0u64;
+    let mut resolved = false;
 
     for op in &script {
-        let open_before = engine.upstream_is_open();
+        let open_before = engine.model_is_open();
         match op {
             Op::Twilio(text) => {
-                twilio_messages += 1;
-                let _ = engine.on_twilio_text(now, text);
+                // After `stop` the call is over: the engine takes nothing more.
+                if engine.closed().is_none() {
+                    twilio_messages += 1;
+                }
+                let _ = engine.handle(now, Input::Twilio(text));
             }
             Op::Model(text) => {
-                let _ = engine.on_upstream_text(now, text);
+                let _ = engine.handle(now, Input::Model(text));
             }
             Op::Open => {
-                if !engine.upstream_is_open() {
-                    engine.on_upstream_open(now);
+                if !resolved {
+                    resolved = true;
+                    let _ = engine.handle(now, Input::ContextResolved(session(setup.pcm16, true)));
                 }
+                let _ = engine.handle(now, Input::ModelConnected);
             }
             Op::Tick(ms) => {
                 now += Duration::from_millis(*ms);
-                engine.on_tick(now);
+                let _ = engine.handle(now, Input::Tick);
             }
-            Op::Configure {
-                pcm16,
-                server_interrupts,
-                tools,
-            } => {
-                let result = engine.configure_session(
-                    protocol(*pcm16),
-                    mode(*pcm16),
-                    *server_interrupts,
-                    *tools,
-                );
+            Op::Resolve { pcm16, tools } => {
+                let closed = engine.closed().is_some();
+                let result = engine.handle(now, Input::ContextResolved(session(*pcm16, *tools)));
                 prop_assert_eq!(
-                    matches!(result, Err(EngineError::SessionAlreadyOpen)),
-                    open_before,
-                    "settings change only before the session opens"
+                    matches!(result, Err(EngineError::SessionAlreadyResolved)),
+                    resolved && !closed,
+                    "a call's model session is resolved once (a closed call takes nothing)"
                 );
+                resolved = true;
             }
         }
-        // The I/O layer runs each tool call and answers it.
-        let calls: Vec<_> = engine.take_tool_calls().collect();
+        // The driver runs each tool call and answers it.
+        let mut step = take_outputs(&mut engine);
+        let calls = std::mem::take(&mut step.tools);
         for call in &calls {
-            engine.on_tool_output(&call.call_id, r#"{"ok":true}"#);
+            let output = r#"{"ok":true}"#;
+            let _ = engine.handle(
+                now,
+                Input::ToolResult {
+                    call_id: &call.call_id,
+                    output,
+                },
+            );
+            let more = take_outputs(&mut engine);
+            step.to_twilio.extend(more.to_twilio);
+            step.to_model.extend(more.to_model);
         }
 
-        let to_twilio: Vec<_> = engine.take_to_twilio().collect();
+        let to_twilio = step.to_twilio;
         prop_assert!(
             to_twilio.len() <= twilio_step_bound,
             "{} messages to Twilio in one step (bound {}) after {:?}",
@@ -196,14 +227,14 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
             prop_assert!(matches!(event, "media" | "mark" | "clear"), "{}", out.text);
             prop_assert_eq!(value["streamSid"].as_str(), engine.stream().stream_sid());
         }
-        let to_upstream: Vec<_> = engine.take_to_upstream().collect();
+        let to_upstream = step.to_model;
         for out in &to_upstream {
             let value: serde_json::Value = serde_json::from_str(&out.text).map_err(|e| {
                 TestCaseError::fail(format!("bad JSON to the model {:?}: {e}", out.text))
             })?;
             prop_assert!(value["type"].is_string(), "{}", out.text);
         }
-        if !open_before && engine.upstream_is_open() {
+        if !open_before && engine.model_is_open() {
             observed.released_on_open.push(to_upstream.len());
         } else if open_before {
             let bound = match op {
@@ -228,7 +259,7 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
             engine.recycle_twilio(out.text);
         }
         for out in to_upstream {
-            engine.recycle_upstream(out.text);
+            engine.recycle_model(out.text);
         }
 
         // A delta is cut to the room left, but the item it starts closes the previous one,
@@ -242,7 +273,7 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
             queued_cap
         );
         prop_assert_eq!(
-            metrics.twilio_errors(TwilioErrorKind::SequenceGap),
+            engine.stats().twilio_errors[TwilioErrorKind::SequenceGap.index()],
             engine.stream().counters().sequence_gaps,
             "each missing sequence number is counted once"
         );
@@ -343,17 +374,10 @@ proptest! {
 /// missing number (finding 1: this did not finish, ~1.8e19 iterations).
 #[test]
 fn a_jump_to_u64_max_is_counted_in_one_step() {
-    let metrics = Arc::new(Metrics::default());
-    let mut engine = CallEngine::new(
-        protocol(false),
-        AudioMode::Pcmu,
-        PlaybackConfig::default(),
-        true,
-        Arc::clone(&metrics),
-    );
+    let mut engine = CallEngine::new(PlaybackConfig::default());
     let now = Instant::now();
     engine
-        .on_twilio_text(now, grammar::twilio_fixture("start"))
+        .handle(now, Input::Twilio(grammar::twilio_fixture("start")))
         .expect("start");
     let media = |sequence: u64| {
         format!(
@@ -361,10 +385,13 @@ fn a_jump_to_u64_max_is_counted_in_one_step() {
             grammar::SID
         )
     };
-    let _ = engine.on_twilio_text(now, &media(u64::MAX));
-    let _ = engine.on_twilio_text(now, &media(u64::MAX));
+    let _ = engine.handle(now, Input::Twilio(&media(u64::MAX)));
+    let _ = engine.handle(now, Input::Twilio(&media(u64::MAX)));
     let gaps = engine.stream().counters().sequence_gaps;
-    assert_eq!(metrics.twilio_errors(TwilioErrorKind::SequenceGap), gaps);
+    assert_eq!(
+        engine.stats().twilio_errors[TwilioErrorKind::SequenceGap.index()],
+        gaps
+    );
     assert_eq!(engine.stream().counters().messages, 3);
 }
 
@@ -375,37 +402,38 @@ fn a_jump_to_u64_max_is_counted_in_one_step() {
 /// deltas cost ~5 s of CPU in a debug build, 4,000 ~270 s).
 #[test]
 fn one_barge_in_asks_for_a_bounded_number_of_deletes() {
-    let metrics = Arc::new(Metrics::default());
-    let mut engine = CallEngine::new(
-        protocol(false),
-        AudioMode::Pcmu,
-        PlaybackConfig::default(),
-        true,
-        Arc::clone(&metrics),
-    );
+    let mut engine = CallEngine::new(PlaybackConfig::default());
     let now = Instant::now();
     engine
-        .on_twilio_text(now, grammar::twilio_fixture("start"))
+        .handle(now, Input::Twilio(grammar::twilio_fixture("start")))
         .expect("start");
-    engine.on_upstream_open(now);
     engine
-        .on_upstream_text(now, r#"{"type":"response.created","response":{"id":"r1"}}"#)
+        .handle(now, Input::ContextResolved(session(false, false)))
+        .expect("resolved");
+    engine.handle(now, Input::ModelConnected).expect("open");
+    engine
+        .handle(
+            now,
+            Input::Model(r#"{"type":"response.created","response":{"id":"r1"}}"#),
+        )
         .expect("response.created");
-    engine.take_to_upstream().for_each(drop);
+    take_outputs(&mut engine);
     for item in 0..200 {
         let delta = format!(
             r#"{{"type":"response.output_audio.delta","response_id":"r1","item_id":"item_{item}","delta":"AQ=="}}"#
         );
-        engine.on_upstream_text(now, &delta).expect("delta");
-        engine.take_to_twilio().for_each(drop);
+        engine.handle(now, Input::Model(&delta)).expect("delta");
+        take_outputs(&mut engine);
     }
     engine
-        .on_upstream_text(
+        .handle(
             now + Duration::from_millis(1),
-            r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1,"item_id":"x"}"#,
+            Input::Model(
+                r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1,"item_id":"x"}"#,
+            ),
         )
         .expect("speech_started");
-    let to_model = engine.take_to_upstream().count();
+    let to_model = take_outputs(&mut engine).to_model.len();
     assert!(
         to_model <= MODEL_STEP_UPSTREAM_BOUND,
         "one speech_started sent {to_model} messages to the model"
