@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -54,6 +54,18 @@ pub struct EchoModelConfig {
     /// single barge-in give a period longer than the run).
     pub barge_in_every: Option<Duration>,
     pub listen: SocketAddr,
+    /// Serve `wss://` with this acceptor (`bench --model-tls`); `None` serves `ws://`.
+    pub tls: Option<EchoTls>,
+}
+
+/// The TLS acceptor of a `wss://` echo model.
+#[derive(Clone)]
+pub struct EchoTls(pub tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for EchoTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EchoTls")
+    }
 }
 
 impl Default for EchoModelConfig {
@@ -63,6 +75,7 @@ impl Default for EchoModelConfig {
             barge_in_first_after: Duration::from_secs(3),
             barge_in_every: Some(Duration::from_secs(5)),
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            tls: None,
         }
     }
 }
@@ -165,6 +178,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct EchoModel {
     addr: SocketAddr,
+    tls: bool,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 }
@@ -176,6 +190,7 @@ impl EchoModel {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let cancel = CancellationToken::new();
+        let tls = config.tls.is_some();
         tokio::spawn(accept_loop(
             listener,
             config,
@@ -185,13 +200,15 @@ impl EchoModel {
         ));
         Ok(Self {
             addr,
+            tls,
             shared,
             cancel,
         })
     }
 
     pub fn url(&self) -> String {
-        format!("ws://{}/v1/realtime?model=gpt-realtime", self.addr)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}/v1/realtime?model=gpt-realtime", self.addr)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -254,14 +271,34 @@ async fn accept_loop(
             continue;
         };
         next_session += 1;
-        tokio::spawn(serve_connection(
-            stream,
-            next_session,
-            config.clone(),
-            epoch,
-            shared.clone(),
-            cancel.child_token(),
-        ));
+        // Best effort: without it the model is only slower (and latencies include Nagle).
+        let _ = stream.set_nodelay(true);
+        let (config, shared, cancel) = (config.clone(), shared.clone(), cancel.child_token());
+        match config.tls.clone() {
+            None => {
+                tokio::spawn(serve_connection(
+                    stream,
+                    next_session,
+                    config,
+                    epoch,
+                    shared,
+                    cancel,
+                ));
+            }
+            Some(EchoTls(acceptor)) => {
+                tokio::spawn(async move {
+                    // The TLS handshake runs in the session's task, so a slow one holds up no
+                    // other connection.
+                    let accepted = tokio::select! {
+                        () = cancel.cancelled() => return,
+                        accepted = acceptor.accept(stream) => accepted,
+                    };
+                    if let Ok(stream) = accepted {
+                        serve_connection(stream, next_session, config, epoch, shared, cancel).await;
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -278,16 +315,16 @@ fn epoch_instant(epoch: Epoch, us: u64) -> tokio::time::Instant {
     tokio::time::Instant::from_std(epoch.0 + Duration::from_micros(us))
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     number: u64,
     config: EchoModelConfig,
     epoch: Epoch,
     shared: Arc<Shared>,
     cancel: CancellationToken,
-) {
-    // Best effort: without it the model is only slower (and latencies include Nagle).
-    let _ = stream.set_nodelay(true);
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     // The callback's signature is tungstenite's; its error is the HTTP response itself.
     #[allow(clippy::result_large_err)]
     let check_handshake = |request: &Request, response: Response| {
@@ -955,6 +992,7 @@ mod tests {
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as BASE64;
     use serde_json::{Value, json};
+    use tokio::net::TcpStream;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     use tokio_tungstenite::tungstenite::http::HeaderValue;
 

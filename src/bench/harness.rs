@@ -139,6 +139,7 @@ impl Rig {
                 }),
                 barge_in_every: every,
                 listen: options.model_listen,
+                tls: None,
             },
             epoch,
         )

@@ -13,8 +13,10 @@ pub mod first_audio;
 pub mod harness;
 pub mod http_client;
 pub mod load;
+pub mod model_tls;
 pub mod report;
 pub mod results;
+pub mod watermark;
 
 /// A few seconds of synthetic speech, G.711 μ-law 8 kHz (see `fixtures/make-speech.sh`).
 pub const SPEECH_FIXTURE: &[u8] = include_bytes!("../../fixtures/speech-8k-mulaw.raw");
