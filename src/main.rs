@@ -192,6 +192,10 @@ struct ServeArgs {
     /// Realtime endpoint, including ?model=.
     #[arg(long, env = "VOXRELAY_OPENAI_URL")]
     openai_url: Option<String>,
+    /// A PEM file of CA certificates the model connection trusts besides the webpki roots
+    /// (a private CA in front of the model; the benchmark's `--model-tls`).
+    #[arg(long, env = "VOXRELAY_MODEL_CA_FILE")]
+    model_ca_file: Option<PathBuf>,
     /// pcmu (μ-law passthrough) or pcm16 (PCM16 24 kHz to the model).
     #[arg(long, env = "VOXRELAY_AUDIO_MODE")]
     audio_mode: Option<AudioMode>,
@@ -401,6 +405,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         openai_api_key: args.openai_api_key,
         mock_model: args.mock_model,
         openai_url: args.openai_url,
+        model_ca_file: args.model_ca_file,
         audio_mode: args.audio_mode,
         voice: args.voice,
         instructions: args.instructions,
@@ -434,6 +439,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    if let Some(ca) = &config.model_ca {
+        voxrelay::upstream::connect::trust_model_ca(ca)
+            .context("adding VOXRELAY_MODEL_CA_FILE to the model connection's roots")?;
+        tracing::info!(file = ?ca.path(), certificates = ca.len(), "model connection trusts an extra CA");
+    }
     let mut mock = None;
     if config.mock_model {
         let server = MockRealtimeServer::start(MockConfig::default())

@@ -239,6 +239,88 @@ mod tests {
         });
     }
 
+    /// A CA (PEM) and a `wss://127.0.0.1` WebSocket server whose leaf it signed; the server
+    /// accepts one connection.
+    async fn tls_server() -> (String, String, tokio::task::JoinHandle<bool>) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca =
+            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+        let leaf_key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .signed_by(&leaf_key, &ca)
+            .expect("leaf");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("wss://{}/v1/realtime", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return false;
+            };
+            tokio_tungstenite::accept_async(tls).await.is_ok()
+        });
+        (ca.pem(), url, server)
+    }
+
+    #[test]
+    fn an_added_ca_is_trusted_for_the_model_and_the_default_roots_refuse_it() {
+        run(async {
+            let dir = std::env::temp_dir().join(format!("voxrelay-ca-{}", rand::random::<u64>()));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let (ca_pem, url, server) = tls_server().await;
+            let file = dir.join("ca.pem");
+            std::fs::write(&file, &ca_pem).expect("write");
+            let ca = ModelCa::from_pem_file(&file).expect("a usable CA");
+            assert_eq!((ca.len(), ca.path()), (1, Some(file.as_path())));
+            let request = url.as_str().into_client_request().expect("request");
+            let trusted = Connector::Rustls(build_tls_config(&ca).expect("config"));
+            let socket = dial_with(request, trusted, CONNECT_TIMEOUT).await;
+            assert!(socket.is_ok(), "{:?}", socket.err());
+            assert!(server.await.expect("server"));
+
+            let (_, url, server) = tls_server().await;
+            let request = url.as_str().into_client_request().expect("request");
+            let default_roots =
+                Connector::Rustls(build_tls_config(&ModelCa::default()).expect("config"));
+            match dial_with(request, default_roots, CONNECT_TIMEOUT).await {
+                Err(UpstreamError::Connect(reason)) => {
+                    assert!(reason.contains("certificate"), "{reason}")
+                }
+                other => panic!(
+                    "expected an untrusted certificate, got {:?}",
+                    other.map(|_| ())
+                ),
+            }
+            assert!(!server.await.expect("server"));
+
+            std::fs::write(&file, "no certificate here").expect("write");
+            assert!(matches!(
+                ModelCa::from_pem_file(&file),
+                Err(ModelCaError::NoCertificate(_))
+            ));
+            assert!(matches!(
+                ModelCa::from_pem_file(&dir.join("missing.pem")),
+                Err(ModelCaError::Read { .. })
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+        });
+    }
+
     #[test]
     fn a_silent_server_hits_the_timeout() {
         run(async {
