@@ -12,6 +12,7 @@ pub mod echo_model;
 pub mod first_audio;
 pub mod harness;
 pub mod http_client;
+pub mod live;
 pub mod load;
 pub mod model_tls;
 pub mod report;
