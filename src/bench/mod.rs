@@ -1,9 +1,12 @@
-//! Simulated calls: a scripted Twilio peer, the demo, and (later) the latency harness.
+//! Simulated calls: a scripted Twilio peer, the demo, and the latency harness.
 //!
 //! [`caller`] plays Twilio's side of a call against any bridge — the signed voice webhook,
 //! the signed Media Streams handshake, paced 20 ms frames, and mark echoes timed like
 //! Twilio's playback buffer — and reports what came back. [`demo`] runs a bridge, the mock
-//! model and a few such calls in one process.
+//! model and a few such calls in one process. [`harness`] is `voxrelay bench`: many light
+//! callers ([`load`]) whose frames carry ids ([`watermark`]), the [`echo_model`] (optionally
+//! over TLS, [`model_tls`]), the [`baseline`] relay as the floor, a lock-free progress board
+//! ([`live`]), and the results ([`results`], [`report`]).
 
 pub mod baseline;
 pub mod caller;
