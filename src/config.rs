@@ -76,6 +76,9 @@ pub const MAX_WEBHOOK_BODY_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `VOXRELAY_MODEL_CA_FILE` could not be read or holds no usable certificate.
+    #[error("VOXRELAY_MODEL_CA_FILE: {0}")]
+    BadModelCa(#[from] crate::upstream::connect::ModelCaError),
     #[error(
         "TWILIO_AUTH_TOKEN is not set: the bridge refuses to start without it, because every webhook and \
          media stream is checked against Twilio's signature (use `voxrelay demo` to try it locally)"
@@ -168,6 +171,10 @@ pub struct BridgeConfig {
     /// When set, webhooks and streams from any other Twilio account are refused.
     pub twilio_account_sid: Option<String>,
     pub upstream: UpstreamTarget,
+    /// Extra trust anchors for the model connection (`VOXRELAY_MODEL_CA_FILE`), read and
+    /// checked here. The binary hands them to [`crate::upstream::connect::trust_model_ca`]
+    /// before the bridge starts: the model's TLS roots are built once per process.
+    pub model_ca: Option<crate::upstream::connect::ModelCa>,
     /// Calls go to the built-in mock model (asked for explicitly; `upstream` is then unused).
     pub mock_model: bool,
     pub agent: AgentDefaults,
@@ -319,6 +326,7 @@ pub struct RawConfig {
     pub openai_api_key: Option<String>,
     pub mock_model: Option<bool>,
     pub openai_url: Option<String>,
+    pub model_ca_file: Option<PathBuf>,
     pub audio_mode: Option<AudioMode>,
     pub voice: Option<String>,
     pub instructions: Option<String>,
@@ -392,6 +400,11 @@ impl BridgeConfig {
             }
             Some(Secret::new(key))
         };
+        let model_ca = raw
+            .model_ca_file
+            .filter(|path| !path.as_os_str().is_empty())
+            .map(|path| crate::upstream::connect::ModelCa::from_pem_file(&path))
+            .transpose()?;
         let max_prewarms = raw.max_prewarms.unwrap_or(DEFAULT_MAX_PREWARMS);
         if max_prewarms > MAX_PREWARMS_LIMIT {
             return Err(ConfigError::BadMaxPrewarms(max_prewarms));
@@ -410,6 +423,7 @@ impl BridgeConfig {
                 url: upstream_url,
                 api_key,
             },
+            model_ca,
             mock_model,
             agent: AgentDefaults {
                 voice: raw
@@ -456,6 +470,7 @@ impl BridgeConfig {
             twilio_auth_token,
             twilio_account_sid: None,
             upstream,
+            model_ca: None,
             mock_model: false,
             agent: AgentDefaults::default(),
             playback_lead: Duration::from_millis(120),
@@ -993,5 +1008,41 @@ mod tests {
         for error in errors {
             assert!(!error.to_string().contains('\n'), "{error}");
         }
+    }
+
+    #[test]
+    fn the_model_ca_file_is_read_at_start_and_a_bad_one_refused() {
+        let dir =
+            std::env::temp_dir().join(format!("voxrelay-config-ca-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("ca.pem");
+        std::fs::write(&file, "not a certificate").expect("write");
+        let raw = |path: Option<PathBuf>| RawConfig {
+            twilio_auth_token: Some("token".into()),
+            public_url: Some("https://voice.example.com".into()),
+            openai_api_key: Some("sk".into()),
+            model_ca_file: path,
+            ..RawConfig::default()
+        };
+        assert!(
+            BridgeConfig::from_raw(raw(None))
+                .expect("valid")
+                .model_ca
+                .is_none()
+        );
+        match BridgeConfig::from_raw(raw(Some(file.clone()))) {
+            Err(error @ ConfigError::BadModelCa(_)) => {
+                assert!(
+                    error.to_string().starts_with("VOXRELAY_MODEL_CA_FILE"),
+                    "{error}"
+                )
+            }
+            other => panic!("expected BadModelCa, got {other:?}"),
+        }
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("ca");
+        std::fs::write(&file, ca.cert.pem()).expect("write");
+        let config = BridgeConfig::from_raw(raw(Some(file))).expect("valid");
+        assert_eq!(config.model_ca.map(|ca| ca.len()), Some(1));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

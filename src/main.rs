@@ -75,6 +75,13 @@ struct BaselineRelayArgs {
     /// The realtime endpoint to relay to (e.g. the benchmark's mock).
     #[arg(long)]
     upstream_url: String,
+    /// A PEM file of CA certificates the upstream connection trusts besides the webpki roots
+    /// (`bench --model-tls` passes the run's CA).
+    #[arg(long)]
+    model_ca_file: Option<PathBuf>,
+    /// Plant a fault (the harness's own tests check that each is caught).
+    #[arg(long, value_enum, hide = true)]
+    fault: Option<voxrelay::bench::baseline::Fault>,
 }
 
 #[derive(Args)]
@@ -121,6 +128,10 @@ struct BenchArgs {
     /// Pin the bridge to CPU 0 and the load to CPU 1.
     #[arg(long)]
     pin: bool,
+    /// The model leg over TLS: the echo model serves wss:// with a certificate from a CA made
+    /// for the run, which the bridge (and the baseline relay) are told to trust.
+    #[arg(long, conflicts_with = "target")]
+    model_tls: bool,
     /// Spread call starts over this many seconds.
     #[arg(long, default_value_t = 1.0)]
     ramp_up_seconds: f64,
@@ -192,6 +203,10 @@ struct ServeArgs {
     /// Realtime endpoint, including ?model=.
     #[arg(long, env = "VOXRELAY_OPENAI_URL")]
     openai_url: Option<String>,
+    /// A PEM file of CA certificates the model connection trusts besides the webpki roots
+    /// (a private CA in front of the model; the benchmark's `--model-tls`).
+    #[arg(long, env = "VOXRELAY_MODEL_CA_FILE")]
+    model_ca_file: Option<PathBuf>,
     /// pcmu (μ-law passthrough) or pcm16 (PCM16 24 kHz to the model).
     #[arg(long, env = "VOXRELAY_AUDIO_MODE")]
     audio_mode: Option<AudioMode>,
@@ -401,6 +416,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         openai_api_key: args.openai_api_key,
         mock_model: args.mock_model,
         openai_url: args.openai_url,
+        model_ca_file: args.model_ca_file,
         audio_mode: args.audio_mode,
         voice: args.voice,
         instructions: args.instructions,
@@ -434,6 +450,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    if let Some(ca) = &config.model_ca {
+        voxrelay::upstream::connect::trust_model_ca(ca)
+            .context("adding VOXRELAY_MODEL_CA_FILE to the model connection's roots")?;
+        tracing::info!(file = ?ca.path(), certificates = ca.len(), "model connection trusts an extra CA");
+    }
     let mut mock = None;
     if config.mock_model {
         let server = MockRealtimeServer::start(MockConfig::default())
@@ -591,9 +612,14 @@ async fn baseline_relay(args: BaselineRelayArgs) -> anyhow::Result<()> {
                 .build()
                 .context("building the baseline relay's runtime")?;
             runtime.block_on(async {
-                let relay = BaselineRelay::start(args.listen, args.upstream_url)
-                    .await
-                    .with_context(|| format!("listening on {}", args.listen))?;
+                if let Some(path) = &args.model_ca_file {
+                    let ca = voxrelay::upstream::connect::ModelCa::from_pem_file(path)?;
+                    voxrelay::upstream::connect::trust_model_ca(&ca)?;
+                }
+                let relay =
+                    BaselineRelay::start_with_fault(args.listen, args.upstream_url, args.fault)
+                        .await
+                        .with_context(|| format!("listening on {}", args.listen))?;
                 // The first line on stdout (log lines follow it there), so a harness that
                 // passed port 0 learns the port.
                 println!("{}", relay.local_addr());
@@ -641,7 +667,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         seconds: args.seconds.max(1.0),
         audio_mode: args.audio_mode,
         bridge,
-        baseline: false,
+        // Interleaved with the bridge at every step of the same run.
+        floor: args.baseline,
+        floor_only: false,
+        floor_fault: None,
         ramp_up: Duration::from_secs_f64(args.ramp_up_seconds.max(0.0)),
         jitter: Duration::from_secs_f64(args.jitter_ms.max(0.0) / 1e3),
         model_delay: Duration::from_secs_f64(args.model_delay_ms.max(0.0) / 1e3),
@@ -650,29 +679,17 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         late_threshold: Duration::from_secs_f64(args.late_ms.max(0.0) / 1e3),
         pin: args.pin,
         model_listen: args.model_listen,
+        model_tls: args.model_tls,
         progress: !args.quiet,
     };
     let budget = Duration::from_secs_f64(args.budget_ms.max(0.0) / 1e3);
-    let (ramp, ramp_step, ramp_max) = (args.ramp, args.ramp_step.max(1), args.ramp_max);
-    let soak = args.soak_minutes;
-    let run_one = |options: BenchOptions| async move {
-        if let Some(minutes) = soak {
-            harness::run_soak(&options, minutes).await
-        } else if ramp {
-            harness::run_ramp(&options, ramp_step, ramp_max, budget).await
-        } else {
-            harness::run(&options).await
-        }
+    let result = if let Some(minutes) = args.soak_minutes {
+        harness::run_soak(&options, minutes).await?
+    } else if args.ramp {
+        harness::run_ramp(&options, args.ramp_step.max(1), args.ramp_max, budget).await?
+    } else {
+        harness::run(&options).await?
     };
-    let mut result = run_one(options.clone()).await?;
-    if args.baseline {
-        let floor = run_one(BenchOptions {
-            baseline: true,
-            ..options
-        })
-        .await?;
-        result.floor = Some(Box::new(floor));
-    }
     println!("{}", harness::summary(&result));
     if let Some(floor) = &result.floor {
         println!("{}", harness::summary(floor));

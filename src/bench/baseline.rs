@@ -4,15 +4,21 @@
 //! Owns [`BaselineRelay`], a do-nothing relay on the bridge's I/O stack: hyper 1 +
 //! fastwebsockets on the Twilio side (TCP_NODELAY), tokio-tungstenite with TCP_NODELAY
 //! upstream through [`crate::upstream::connect`], serde_json over borrowed strings, JSON
-//! written into reused buffers. Each call is ONE task with no queues, no pacing, no marks, no
-//! playback accounting, no transcoding and no registry: Twilio `media` becomes
-//! `input_audio_buffer.append` with the payload copied as is, `dtmf` becomes a user text,
-//! `response.output_audio.delta` becomes Twilio `media` at once, `speech_started` becomes
-//! `clear`. It is a floor, not a product: there is **no** `X-Twilio-Signature` check (every
+//! written into reused buffers. Each call is ONE task with no queues, no pacing, no playback
+//! accounting, no transcoding and no registry, but it does the protocol work any relay must:
+//! every message is parsed, every payload is base64-decoded (into a reused buffer) to validate
+//! it (an invalid one is dropped), Twilio `media` becomes `input_audio_buffer.append` with the
+//! payload copied as is, `dtmf` becomes a user text, `response.output_audio.delta` becomes
+//! Twilio `media` followed by a `mark`, whose echo is matched against the marks outstanding,
+//! and `speech_started` becomes `clear`. It is a floor, not a product: there is **no**
+//! `X-Twilio-Signature` check (every
 //! WebSocket on any path is a call) and no start timeout, so it must never face the
 //! internet. Invariants: nothing panics on peer input (malformed messages are skipped); a
 //! call ends on Twilio `stop`, either socket closing, or [`BaselineRelay::shutdown`], and
 //! every ending sends a close frame on both sockets that are still open.
+//!
+//! [`Fault`] plants one known fault for the harness's own tests (`baseline-relay --fault`): a
+//! benchmark that does not catch it is broken. The bridge has no such knob.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -39,6 +45,8 @@ use tokio_util::sync::CancellationToken;
 use crate::Secret;
 use crate::config::MAX_TWILIO_MESSAGE_BYTES;
 use crate::upstream::{UpstreamError, UpstreamSocket, connect, push_json_str};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 
 /// The bearer token sent upstream: the benchmark's mock accepts any non-empty token.
 pub const UPSTREAM_KEY: &str = "baseline";
@@ -57,6 +65,26 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Room for one `media` or `append` message with a 100 ms delta without regrowing.
 const OUT_CAPACITY: usize = 2048;
+
+/// A fault the relay plants on purpose, so the harness's tests can check it is caught.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Drop every 100th model delta (1% of the downlink).
+    DropDownlink,
+    /// Hang up after the caller's 50th `media` frame (one second of audio).
+    HangUpEarly,
+    /// Send each model delta to the caller as two `media` messages, split mid-frame.
+    Rechunk,
+    /// Every 10th model delta goes to the caller of the last call that relayed one, when that
+    /// is another call: two calls' audio mixed.
+    MixCalls,
+}
+
+/// Frames after which [`Fault::HangUpEarly`] hangs up.
+const HANG_UP_AFTER_FRAMES: u64 = 50;
+/// Marks a call keeps track of; beyond it the oldest is forgotten (its echo then matches
+/// nothing, which is counted, not an error): a caller that never echoes cannot grow the list.
+const MAX_OUTSTANDING_MARKS: usize = 64;
 
 /// Why a call could not go on (peer faults, not the ordinary ways a call ends).
 #[derive(Debug, thiserror::Error)]
@@ -77,12 +105,15 @@ pub enum EndReason {
     TwilioClosed,
     UpstreamClosed,
     Shutdown,
+    /// A planted [`Fault`] ended the call.
+    Fault,
 }
 
 /// A running baseline relay. Dropping it shuts it down, like [`BaselineRelay::shutdown`].
 #[derive(Debug)]
 pub struct BaselineRelay {
     addr: SocketAddr,
+    fault: Option<Fault>,
     cancel: CancellationToken,
     live_calls: Arc<AtomicUsize>,
 }
@@ -93,11 +124,24 @@ struct Shared {
     upstream_url: String,
     key: Secret,
     live_calls: Arc<AtomicUsize>,
+    fault: Option<Fault>,
+    /// [`Fault::MixCalls`]: the last delta relayed, and the call it came from.
+    mixer: std::sync::Mutex<Option<(u64, String)>>,
+    next_call: std::sync::atomic::AtomicU64,
 }
 
 impl BaselineRelay {
     /// Listens on `listen` (port 0 allowed); every WebSocket on any path is a call.
     pub async fn start(listen: SocketAddr, upstream_url: String) -> std::io::Result<Self> {
+        Self::start_with_fault(listen, upstream_url, None).await
+    }
+
+    /// [`BaselineRelay::start`], planting `fault` (for the harness's tests).
+    pub async fn start_with_fault(
+        listen: SocketAddr,
+        upstream_url: String,
+        fault: Option<Fault>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
@@ -106,13 +150,22 @@ impl BaselineRelay {
             upstream_url,
             key: Secret::new(UPSTREAM_KEY),
             live_calls: Arc::clone(&live_calls),
+            fault,
+            mixer: std::sync::Mutex::new(None),
+            next_call: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(accept_loop(listener, shared, cancel.clone()));
         Ok(Self {
             addr,
+            fault,
             cancel,
             live_calls,
         })
+    }
+
+    /// The fault planted, if any.
+    pub fn fault(&self) -> Option<Fault> {
+        self.fault
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -236,6 +289,8 @@ struct TwilioIn<'a> {
     media: Option<MediaIn<'a>>,
     #[serde(borrow, default)]
     dtmf: Option<DtmfIn<'a>>,
+    #[serde(borrow, default)]
+    mark: Option<MarkIn<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -256,6 +311,12 @@ struct DtmfIn<'a> {
     digit: Cow<'a, str>,
 }
 
+#[derive(Deserialize)]
+struct MarkIn<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+}
+
 /// The fields of a server event the relay uses.
 #[derive(Deserialize)]
 struct UpstreamIn<'a> {
@@ -267,10 +328,20 @@ struct UpstreamIn<'a> {
 
 /// What one call holds between messages.
 struct Call {
+    number: u64,
     stream_sid: String,
     upstream: Option<UpstreamSocket>,
     /// The next outgoing message, rebuilt in place for every message in either direction.
     out: String,
+    /// Every payload is decoded here to validate it.
+    decoded: Vec<u8>,
+    /// Marks sent to Twilio and not yet echoed, oldest first (numbers; the name is `m<n>`).
+    marks: std::collections::VecDeque<u64>,
+    next_mark: u64,
+    /// Echoes that matched no outstanding mark.
+    unmatched_marks: u64,
+    media_in: u64,
+    deltas_out: u64,
 }
 
 /// Runs one call to its end, then closes both sockets.
@@ -287,7 +358,15 @@ where
     // answered below.
     ws.set_auto_pong(false);
     ws.set_auto_close(false);
-    let (read_half, mut twilio_tx) = ws.split(tokio::io::split);
+    // Writes are buffered and flushed once per message handled, so a `media` and its `mark`
+    // leave in one system call, as the bridge's do.
+    let (read_half, mut twilio_tx) = ws.split(|stream| {
+        let (read, write) = tokio::io::split(stream);
+        (
+            read,
+            tokio::io::BufWriter::with_capacity(OUT_CAPACITY, write),
+        )
+    });
 
     // fastwebsockets' `read_frame` is not cancel-safe: it consumes a frame header from its
     // buffer before awaiting the payload, so a `read_frame` future dropped by `select!` when
@@ -307,9 +386,18 @@ where
     let mut frames = std::pin::pin!(frames);
 
     let mut call = Call {
+        number: shared
+            .next_call
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         stream_sid: String::new(),
         upstream: None,
         out: String::with_capacity(OUT_CAPACITY),
+        decoded: Vec::with_capacity(OUT_CAPACITY),
+        marks: std::collections::VecDeque::with_capacity(MAX_OUTSTANDING_MARKS),
+        next_mark: 0,
+        unmatched_marks: 0,
+        media_in: 0,
+        deltas_out: 0,
     };
     // No `biased;`: the model's deltas can arrive in bursts, and a burst must not hold back
     // the caller's frames (nor the reverse).
@@ -339,6 +427,9 @@ where
                         if let Err(error) = twilio_tx.write_frame(pong).await {
                             break Err(error.into());
                         }
+                        if let Err(error) = twilio_tx.flush().await {
+                            break Err(error.into());
+                        }
                     }
                     OpCode::Close => break Ok(EndReason::TwilioClosed),
                     OpCode::Binary | OpCode::Pong | OpCode::Continuation => {}
@@ -352,15 +443,22 @@ where
                     Some(Ok(_)) => continue,
                     Some(Err(error)) => break Err(error.into()),
                 };
-                if let Err(error) = on_upstream(&mut call, text.as_str(), &mut twilio_tx).await {
+                if let Err(error) = on_upstream(&mut call, text.as_str(), shared, &mut twilio_tx).await {
                     break Err(error);
+                }
+                if let Err(error) = twilio_tx.flush().await {
+                    break Err(error.into());
                 }
             }
         }
     };
 
     // Close both sides politely, each bounded so a stalled peer cannot hold the task.
-    let _ = tokio::time::timeout(CLOSE_GRACE, twilio_tx.write_frame(Frame::close(1000, b""))).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        twilio_tx.write_frame(Frame::close(1000, b"")).await?;
+        twilio_tx.flush().await
+    })
+    .await;
     if let Some(mut upstream) = call.upstream.take() {
         let _ = tokio::time::timeout(CLOSE_GRACE, upstream.close(None)).await;
     }
@@ -396,6 +494,18 @@ async fn on_twilio(
             let (Some(upstream), Some(media)) = (call.upstream.as_mut(), message.media) else {
                 return Ok(None);
             };
+            call.decoded.clear();
+            if BASE64
+                .decode_vec(media.payload.as_bytes(), &mut call.decoded)
+                .is_err()
+            {
+                tracing::debug!("baseline relay: dropped a media frame that is not base64");
+                return Ok(None);
+            }
+            call.media_in += 1;
+            if shared.fault == Some(Fault::HangUpEarly) && call.media_in >= HANG_UP_AFTER_FRAMES {
+                return Ok(Some(EndReason::Fault));
+            }
             call.out.clear();
             call.out
                 .push_str(r#"{"type":"input_audio_buffer.append","audio":"#);
@@ -440,8 +550,24 @@ async fn on_twilio(
             call.out.push_str("}]}}");
             upstream.send(Message::text(call.out.as_str())).await?;
         }
+        "mark" => {
+            let Some(number) = message
+                .mark
+                .and_then(|mark| mark.name.strip_prefix('m')?.parse::<u64>().ok())
+            else {
+                call.unmatched_marks += 1;
+                return Ok(None);
+            };
+            // Twilio echoes marks in the order they were sent (all at once after a clear).
+            match call.marks.iter().position(|&sent| sent == number) {
+                Some(at) => {
+                    call.marks.drain(..=at);
+                }
+                None => call.unmatched_marks += 1,
+            }
+        }
         "stop" => return Ok(Some(EndReason::TwilioStop)),
-        // `connected`, `mark` and events Twilio may add: nothing to relay.
+        // `connected` and events Twilio may add: nothing to relay.
         _ => {}
     }
     Ok(None)
@@ -451,6 +577,7 @@ async fn on_twilio(
 async fn on_upstream<S>(
     call: &mut Call,
     text: &str,
+    shared: &Shared,
     twilio_tx: &mut fastwebsockets::WebSocketWrite<S>,
 ) -> Result<(), BaselineError>
 where
@@ -468,12 +595,20 @@ where
             let Some(delta) = event.delta else {
                 return Ok(());
             };
-            call.out.clear();
-            call.out.push_str(r#"{"event":"media","streamSid":"#);
-            push_json_str(&mut call.out, &call.stream_sid);
-            call.out.push_str(r#","media":{"payload":"#);
-            push_json_str(&mut call.out, &delta);
-            call.out.push_str("}}");
+            call.decoded.clear();
+            if BASE64
+                .decode_vec(delta.as_bytes(), &mut call.decoded)
+                .is_err()
+            {
+                tracing::debug!("baseline relay: dropped a delta that is not base64");
+                return Ok(());
+            }
+            call.deltas_out += 1;
+            if let Some(fault) = shared.fault {
+                return relay_with_fault(call, fault, &delta, shared, twilio_tx).await;
+            }
+            write_media(call, &delta, twilio_tx).await?;
+            return write_mark(call, twilio_tx).await;
         }
         "input_audio_buffer.speech_started" => {
             call.out.clear();
@@ -494,14 +629,88 @@ where
     Ok(())
 }
 
+/// Twilio `media` carrying `payload` (base64), one frame.
+async fn write_media<S: AsyncWrite + Unpin>(
+    call: &mut Call,
+    payload: &str,
+    twilio_tx: &mut fastwebsockets::WebSocketWrite<S>,
+) -> Result<(), BaselineError> {
+    call.out.clear();
+    call.out.push_str(r#"{"event":"media","streamSid":"#);
+    push_json_str(&mut call.out, &call.stream_sid);
+    call.out.push_str(r#","media":{"payload":"#);
+    push_json_str(&mut call.out, payload);
+    call.out.push_str("}}");
+    twilio_tx
+        .write_frame(Frame::text(Payload::Borrowed(call.out.as_bytes())))
+        .await?;
+    Ok(())
+}
+
+/// A `mark` after the audio, to learn when Twilio has played it (as any relay must, to know
+/// what a barge-in cut).
+async fn write_mark<S: AsyncWrite + Unpin>(
+    call: &mut Call,
+    twilio_tx: &mut fastwebsockets::WebSocketWrite<S>,
+) -> Result<(), BaselineError> {
+    use std::fmt::Write as _;
+    if call.marks.len() == MAX_OUTSTANDING_MARKS {
+        call.marks.pop_front();
+    }
+    call.marks.push_back(call.next_mark);
+    call.out.clear();
+    call.out.push_str(r#"{"event":"mark","streamSid":"#);
+    push_json_str(&mut call.out, &call.stream_sid);
+    let _ = write!(call.out, r#","mark":{{"name":"m{}"}}}}"#, call.next_mark);
+    call.next_mark += 1;
+    twilio_tx
+        .write_frame(Frame::text(Payload::Borrowed(call.out.as_bytes())))
+        .await?;
+    Ok(())
+}
+
+/// Relays one validated delta (its bytes in `call.decoded`) with `fault` planted.
+async fn relay_with_fault<S: AsyncWrite + Unpin>(
+    call: &mut Call,
+    fault: Fault,
+    delta: &str,
+    shared: &Shared,
+    twilio_tx: &mut fastwebsockets::WebSocketWrite<S>,
+) -> Result<(), BaselineError> {
+    match fault {
+        Fault::DropDownlink if call.deltas_out.is_multiple_of(100) => return Ok(()),
+        Fault::DropDownlink | Fault::HangUpEarly => write_media(call, delta, twilio_tx).await?,
+        Fault::Rechunk => {
+            let bytes = std::mem::take(&mut call.decoded);
+            let (first, second) = bytes.split_at(bytes.len() / 2);
+            for half in [first, second] {
+                let payload = BASE64.encode(half);
+                write_media(call, &payload, twilio_tx).await?;
+            }
+            call.decoded = bytes;
+        }
+        Fault::MixCalls => {
+            let other = {
+                let mut mixer = crate::bench::lock(&shared.mixer);
+                let other = mixer
+                    .as_ref()
+                    .filter(|(from, _)| *from != call.number && call.deltas_out.is_multiple_of(10))
+                    .map(|(_, payload)| payload.clone());
+                *mixer = Some((call.number, delta.to_owned()));
+                other
+            };
+            write_media(call, other.as_deref().unwrap_or(delta), twilio_tx).await?;
+        }
+    }
+    write_mark(call, twilio_tx).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::codec::g711::{mulaw_decode, mulaw_encode};
     use crate::upstream::mock::test_support::tone;
     use crate::upstream::mock::{MockConfig, MockRealtimeServer};
-    use base64::Engine as _;
-    use base64::engine::general_purpose::STANDARD as BASE64;
     use serde_json::{Value, json};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio_tungstenite::tungstenite::handshake::server::{
@@ -657,7 +866,7 @@ mod tests {
 
         // The echo of the tone comes back as Twilio media; speech_started as a clear.
         let mut heard = Vec::new();
-        let mut clears = 0;
+        let (mut clears, mut marks, mut marks_due) = (0, 0, 0);
         while heard.len() < 2400 {
             let text = next_text(&mut client).await.expect("relay still open");
             let message: Value = serde_json::from_str(&text).expect("relay JSON");
@@ -671,6 +880,13 @@ mod tests {
                     assert_eq!(message.as_object().map(|m| m.len()), Some(3), "{text}");
                     let payload = message["media"]["payload"].as_str().expect("payload");
                     heard.extend(BASE64.decode(payload).expect("base64"));
+                    marks_due += 1;
+                }
+                Some("mark") => {
+                    assert_eq!(marks_due, 1, "one mark after each media: {text}");
+                    marks_due = 0;
+                    assert_eq!(message["mark"]["name"], format!("m{marks}"), "{text}");
+                    marks += 1;
                 }
                 _ => panic!("unexpected message to Twilio: {text}"),
             }
@@ -803,8 +1019,29 @@ mod tests {
         );
         assert_eq!(
             next_text(&mut client).await.as_deref(),
+            Some(
+                format!(r#"{{"event":"mark","streamSid":"{SID}","mark":{{"name":"m0"}}}}"#)
+                    .as_str()
+            )
+        );
+        assert_eq!(
+            next_text(&mut client).await.as_deref(),
             Some(format!(r#"{{"event":"clear","streamSid":"{SID}"}}"#).as_str())
         );
+        // The mark's echo is matched, an unknown one is counted; neither is relayed upstream.
+        for name in ["m0", "x"] {
+            send(
+                &mut client,
+                json!({"event": "mark", "streamSid": SID, "mark": {"name": name}}).to_string(),
+            )
+            .await;
+        }
+        // Not base64: dropped, never relayed.
+        send(
+            &mut client,
+            r#"{"event":"media","streamSid":"x","media":{"payload":"not base64!"}}"#,
+        )
+        .await;
         send(
             &mut client,
             r#"{"event":"media","streamSid":"x","media":{"payload":"gICA\/w=="}}"#,

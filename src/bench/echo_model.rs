@@ -22,13 +22,16 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
+use super::live::LiveBoard;
+use super::load::ID_DIGITS;
 use super::results::Epoch;
+use super::watermark::{FRAME_BYTES, FrameId, FrameScanner};
 use crate::upstream::mock::check_realtime_handshake;
 use crate::upstream::push_json_str;
 
@@ -54,6 +57,18 @@ pub struct EchoModelConfig {
     /// single barge-in give a period longer than the run).
     pub barge_in_every: Option<Duration>,
     pub listen: SocketAddr,
+    /// Serve `wss://` with this acceptor (`bench --model-tls`); `None` serves `ws://`.
+    pub tls: Option<EchoTls>,
+}
+
+/// The TLS acceptor of a `wss://` echo model.
+#[derive(Clone)]
+pub struct EchoTls(pub tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for EchoTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EchoTls")
+    }
 }
 
 impl Default for EchoModelConfig {
@@ -63,17 +78,19 @@ impl Default for EchoModelConfig {
             barge_in_first_after: Duration::from_secs(3),
             barge_in_every: Some(Duration::from_secs(5)),
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            tls: None,
         }
     }
 }
 
 /// The session's audio format, from `session.update` `audio.input.format` (the output is the
 /// same bytes, so it is the same format).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum EchoFormat {
     /// `audio/pcmu`: 8 bytes per millisecond.
     Pcmu,
     /// `audio/pcm` at 24 kHz (the API's default): 48 bytes per millisecond.
+    #[default]
     Pcm24k,
 }
 
@@ -94,7 +111,7 @@ impl EchoFormat {
 }
 
 /// Everything one session saw and sent, on the run's epoch clock (µs).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EchoSessionRecord {
     /// ASCII digits found in user `input_text` items (`conversation.item.create`), in order: the
     /// harness presses DTMF digits at call start and the bridge forwards each as a text item, so
@@ -113,6 +130,22 @@ pub struct EchoSessionRecord {
     /// Protocol errors this peer sent back (e.g. a truncate beyond produced audio, unknown event).
     pub errors_sent: u64,
     pub closed_at_us: Option<u64>,
+    /// `audio/pcmu` sessions: every frame id read from the appends, with its arrival µs and
+    /// whether its bytes came in more than one append.
+    pub uplink: Vec<(FrameId, u64, bool)>,
+    /// `audio/pcmu` sessions: appended bytes that held no frame id.
+    pub uplink_skipped_bytes: u64,
+    /// `audio/pcmu` sessions: every frame id sent back in a delta.
+    pub echoed: Vec<EchoedFrame>,
+}
+
+/// A frame the model sent back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EchoedFrame {
+    pub id: FrameId,
+    pub at_us: u64,
+    /// Index into the session's `responses`.
+    pub response: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -131,6 +164,8 @@ struct Shared {
     /// so the outer lock is touched once per session plus once per `records()`.
     sessions: Mutex<Vec<Arc<Mutex<EchoSessionRecord>>>>,
     active: AtomicUsize,
+    /// Where sessions publish live figures; taken once per session at connect.
+    board: Mutex<Option<Arc<LiveBoard>>>,
 }
 
 /// The session records as they are written: what [`EchoModel::live_records`] returns.
@@ -165,6 +200,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct EchoModel {
     addr: SocketAddr,
+    tls: bool,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 }
@@ -176,6 +212,7 @@ impl EchoModel {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let cancel = CancellationToken::new();
+        let tls = config.tls.is_some();
         tokio::spawn(accept_loop(
             listener,
             config,
@@ -185,13 +222,15 @@ impl EchoModel {
         ));
         Ok(Self {
             addr,
+            tls,
             shared,
             cancel,
         })
     }
 
     pub fn url(&self) -> String {
-        format!("ws://{}/v1/realtime?model=gpt-realtime", self.addr)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}/v1/realtime?model=gpt-realtime", self.addr)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -224,6 +263,11 @@ impl EchoModel {
         LiveRecords(Arc::clone(&self.shared))
     }
 
+    /// Where sessions that connect from now on publish their live figures.
+    pub fn set_board(&self, board: Option<Arc<LiveBoard>>) {
+        *lock(&self.shared.board) = board;
+    }
+
     /// Stops accepting and closes every open session.
     pub fn shutdown(&self) {
         self.cancel.cancel();
@@ -254,14 +298,34 @@ async fn accept_loop(
             continue;
         };
         next_session += 1;
-        tokio::spawn(serve_connection(
-            stream,
-            next_session,
-            config.clone(),
-            epoch,
-            shared.clone(),
-            cancel.child_token(),
-        ));
+        // Best effort: without it the model is only slower (and latencies include Nagle).
+        let _ = stream.set_nodelay(true);
+        let (config, shared, cancel) = (config.clone(), shared.clone(), cancel.child_token());
+        match config.tls.clone() {
+            None => {
+                tokio::spawn(serve_connection(
+                    stream,
+                    next_session,
+                    config,
+                    epoch,
+                    shared,
+                    cancel,
+                ));
+            }
+            Some(EchoTls(acceptor)) => {
+                tokio::spawn(async move {
+                    // The TLS handshake runs in the session's task, so a slow one holds up no
+                    // other connection.
+                    let accepted = tokio::select! {
+                        () = cancel.cancelled() => return,
+                        accepted = acceptor.accept(stream) => accepted,
+                    };
+                    if let Ok(stream) = accepted {
+                        serve_connection(stream, next_session, config, epoch, shared, cancel).await;
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -278,16 +342,16 @@ fn epoch_instant(epoch: Epoch, us: u64) -> tokio::time::Instant {
     tokio::time::Instant::from_std(epoch.0 + Duration::from_micros(us))
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     number: u64,
     config: EchoModelConfig,
     epoch: Epoch,
     shared: Arc<Shared>,
     cancel: CancellationToken,
-) {
-    // Best effort: without it the model is only slower (and latencies include Nagle).
-    let _ = stream.set_nodelay(true);
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     // The callback's signature is tungstenite's; its error is the HTTP response itself.
     #[allow(clippy::result_large_err)]
     let check_handshake = |request: &Request, response: Response| {
@@ -309,19 +373,12 @@ async fn serve_connection(
     shared.active.fetch_add(1, Ordering::SeqCst);
     let _active = ActiveGuard(shared.clone());
     let record = Arc::new(Mutex::new(EchoSessionRecord {
-        digits: String::new(),
         connected_at_us: epoch.us(),
-        session_update_at_us: None,
-        format: EchoFormat::Pcm24k,
-        appends: Vec::new(),
-        responses: Vec::new(),
-        speech_started_at_us: Vec::new(),
-        truncates: Vec::new(),
-        errors_sent: 0,
-        closed_at_us: None,
+        ..EchoSessionRecord::default()
     }));
     lock(&shared.sessions).push(record.clone());
     let mut session = EchoSession::new(number, &config, record.clone());
+    session.board = lock(&shared.board).clone();
     session.open();
 
     // One timer for the whole session, re-armed to the earliest pending deadline.
@@ -512,6 +569,8 @@ struct PendingEcho {
     due_us: u64,
     audio: String,
     bytes: u64,
+    /// The frame ids this append completed (`EchoSession::ids`).
+    ids: std::ops::Range<usize>,
 }
 
 /// The response whose item the echoes currently go to.
@@ -543,6 +602,13 @@ struct EchoSession {
     /// The reused buffer every server event is written into.
     out: String,
     outbox: Vec<Message>,
+    /// `audio/pcmu`: appends decoded (into a reused buffer) to read frame ids, in order.
+    scanner: FrameScanner,
+    decoded: Vec<u8>,
+    ids: Vec<FrameId>,
+    board: Option<Arc<LiveBoard>>,
+    /// The caller's number once its digits are in (for live figures of `audio/pcm` sessions).
+    caller: Option<usize>,
 }
 
 fn duration_us(duration: Duration) -> u64 {
@@ -569,6 +635,11 @@ impl EchoSession {
             next_id: 0,
             out: String::with_capacity(512),
             outbox: Vec::new(),
+            scanner: FrameScanner::default(),
+            decoded: Vec::with_capacity(4 * FRAME_BYTES),
+            ids: Vec::new(),
+            board: None,
+            caller: None,
         }
     }
 
@@ -644,7 +715,38 @@ impl EchoSession {
             .0;
         let bytes = decoded_len(audio).ok_or(EventError::InvalidAudio)?;
         self.input_bytes += bytes;
-        lock(&self.record).appends.push((self.input_bytes, now_us));
+        let first_id = self.ids.len();
+        if self.format == EchoFormat::Pcmu {
+            use base64::Engine as _;
+            self.decoded.clear();
+            base64::engine::general_purpose::STANDARD
+                .decode_vec(audio.as_bytes(), &mut self.decoded)
+                .map_err(|_| EventError::InvalidAudio)?;
+            let mut record = lock(&self.record);
+            let (ids, board) = (&mut self.ids, &self.board);
+            self.scanner.push(&self.decoded, |scanned| {
+                ids.push(scanned.id);
+                record.uplink.push((scanned.id, now_us, scanned.split));
+                if let Some(board) = board {
+                    board.arrived_at_model(
+                        usize::from(scanned.id.call),
+                        scanned.id.frame as usize,
+                        now_us,
+                    );
+                }
+            });
+            record.uplink_skipped_bytes = self.scanner.skipped_bytes;
+            record.appends.push((self.input_bytes, now_us));
+        } else {
+            lock(&self.record).appends.push((self.input_bytes, now_us));
+            // 20 ms at 24 kHz PCM16: the frame this append completed, by offset.
+            let frame_bytes = 20 * self.format.bytes_per_ms();
+            if let (Some(board), Some(caller)) = (&self.board, self.caller) {
+                if let Some(frame) = (self.input_bytes / frame_bytes).checked_sub(1) {
+                    board.arrived_at_model(caller, frame as usize, now_us);
+                }
+            }
+        }
         if self.first_append {
             self.first_append = false;
             if self.barge_in_every_us.is_some() {
@@ -658,6 +760,7 @@ impl EchoSession {
                 due_us: now_us.saturating_add(self.model_delay_us),
                 audio: copy,
                 bytes,
+                ids: first_id..self.ids.len(),
             });
         }
         Ok(())
@@ -686,8 +789,22 @@ impl EchoSession {
         self.out.push_str(&echo.audio);
         self.out.push('"');
         self.finish();
-        if let Some(response) = lock(&self.record).responses.last_mut() {
-            response.deltas.push((total, now_us));
+        {
+            let mut record = lock(&self.record);
+            let response = record.responses.len().saturating_sub(1) as u32;
+            if let Some(last) = record.responses.last_mut() {
+                last.deltas.push((total, now_us));
+            }
+            for &id in self.ids.get(echo.ids.clone()).unwrap_or_default() {
+                record.echoed.push(EchoedFrame {
+                    id,
+                    at_us: now_us,
+                    response,
+                });
+                if let Some(board) = &self.board {
+                    board.echoed(usize::from(id.call), id.frame as usize, now_us);
+                }
+            }
         }
         echo.audio.clear();
         if self.spare.len() < SPARE_BUFFERS {
@@ -797,6 +914,12 @@ impl EchoSession {
                         .digits
                         .extend(text.0.chars().filter(char::is_ascii_digit));
                 }
+            }
+            if self.caller.is_none() {
+                self.caller = record
+                    .digits
+                    .get(..ID_DIGITS)
+                    .and_then(|digits| digits.parse().ok());
             }
         }
         let item_id = match &item.id {
@@ -955,6 +1078,7 @@ mod tests {
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as BASE64;
     use serde_json::{Value, json};
+    use tokio::net::TcpStream;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     use tokio_tungstenite::tungstenite::http::HeaderValue;
 
@@ -1079,18 +1203,7 @@ mod tests {
 
     #[test]
     fn sans_io_echo_waits_for_the_delay_and_batches() {
-        let record = Arc::new(Mutex::new(EchoSessionRecord {
-            digits: String::new(),
-            connected_at_us: 0,
-            session_update_at_us: None,
-            format: EchoFormat::Pcm24k,
-            appends: Vec::new(),
-            responses: Vec::new(),
-            speech_started_at_us: Vec::new(),
-            truncates: Vec::new(),
-            errors_sent: 0,
-            closed_at_us: None,
-        }));
+        let record = Arc::new(Mutex::new(EchoSessionRecord::default()));
         let mut session = EchoSession::new(1, &config(200), record.clone());
         let mut out = Vec::new();
         for (at, audio) in [(1_000, "AAAA"), (21_000, "BBBB")] {

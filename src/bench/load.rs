@@ -5,11 +5,14 @@
 //! text, so the echo model can tell which caller a session belongs to), then streams 20 ms
 //! `media` frames on a real-time schedule (optionally jittered, never reordered). It echoes
 //! marks as Twilio's playback buffer would, and timestamps everything it sends and receives on
-//! the run's shared [`Epoch`] so the harness can join its records with the model's by byte
-//! offset. Incoming messages are parsed borrowed and audio is never decoded: only its length
-//! matters here.
+//! the run's shared [`Epoch`] so the harness can join its records with the model's. Every frame
+//! it sends carries its [`FrameId`] (see `watermark`); with `identify` (`pcmu`, where the ids
+//! come back intact) it decodes each `media` payload into a reused buffer and reads the ids
+//! out of it, so the harness counts frames exactly; otherwise only the audio's length is kept
+//! and the harness joins by byte offset. The record is the caller's own until the call ends
+//! (no lock); what the live progress line shows goes through the lock-free [`LiveBoard`].
 
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -18,8 +21,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use super::caller::{FRAME_BYTES, PlaybackBuffer};
-use super::lock;
+use super::live::LiveBoard;
 use super::results::Epoch;
+use super::watermark::{self, FrameId, FrameScanner};
 use crate::Secret;
 use crate::twilio::signature::compute_signature;
 
@@ -42,6 +46,9 @@ pub struct LoadCallConfig {
     /// Each frame is sent up to this much after its slot (uniformly), like real network jitter.
     pub jitter: Duration,
     pub epoch: Epoch,
+    /// Read frame ids out of the audio that comes back (`pcmu`).
+    pub identify: bool,
+    pub board: Arc<LiveBoard>,
 }
 
 /// Everything one caller saw, timestamped in µs since the epoch.
@@ -55,10 +62,26 @@ pub struct LoadCallRecord {
     /// `media`; the generation is the number of `clear`s received before it.
     pub media: Vec<(u32, u64, u64)>,
     pub clears_us: Vec<u64>,
+    /// With `identify`: every frame read from the `media` received, with the generation it
+    /// came in, its arrival µs, and whether its bytes came in more than one message.
+    pub downlink: Vec<DownlinkFrame>,
+    /// With `identify`: received audio bytes that held no frame id.
+    pub skipped_bytes: u64,
     pub marks_received: u64,
     pub marks_echoed: u64,
+    /// When the caller sent `stop` (it hung up).
+    pub stop_sent_us: Option<u64>,
     pub error: Option<String>,
     pub closed_by_bridge: bool,
+}
+
+/// One identified frame the caller heard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DownlinkFrame {
+    pub id: FrameId,
+    pub generation: u32,
+    pub at_us: u64,
+    pub split: bool,
 }
 
 impl LoadCallRecord {
@@ -108,20 +131,30 @@ impl Jitter {
     }
 }
 
-/// Runs one call, writing what it sees into `record` as it goes, so the harness can read the
-/// records while the calls run (its live progress line does, once a second). The lock is this
-/// call's own and is held only to push one entry.
-pub async fn run_load_call(config: LoadCallConfig, audio: &[u8], record: &Mutex<LoadCallRecord>) {
-    lock(record).index = config.index;
-    if let Err(error) = drive(&config, audio, record).await {
-        lock(record).error = Some(error);
+/// Runs one call and returns what it saw.
+pub async fn run_load_call(config: LoadCallConfig, audio: &[u8]) -> LoadCallRecord {
+    let mut record = LoadCallRecord {
+        index: config.index,
+        ..LoadCallRecord::default()
+    };
+    let mut streaming = false;
+    if let Err(error) = drive(&config, audio, &mut record, &mut streaming).await {
+        record.error = Some(error);
     }
+    if streaming {
+        config
+            .board
+            .up
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    record
 }
 
 async fn drive(
     config: &LoadCallConfig,
     audio: &[u8],
-    record: &Mutex<LoadCallRecord>,
+    record: &mut LoadCallRecord,
+    streaming: &mut bool,
 ) -> Result<(), String> {
     let epoch = config.epoch;
     let mut request = config
@@ -143,7 +176,7 @@ async fn drive(
         tokio_tungstenite::connect_async_with_config(request, Some(socket_config), true)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-    lock(record).ws_open_us = Some(epoch.us());
+    record.ws_open_us = Some(epoch.us());
 
     // Twilio-shaped (two letters and 32 hex digits), as the bridge refuses anything else.
     let stream_sid = format!("MZbe{:030x}", config.index);
@@ -174,7 +207,16 @@ async fn drive(
 
     let started = Instant::now();
     let frames_total = (config.duration.as_millis() / FRAME.as_millis()) as usize;
-    lock(record).frames_sent_us.reserve(frames_total);
+    record.frames_sent_us.reserve(frames_total);
+    config
+        .board
+        .up
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    *streaming = true;
+    let call = config.index as usize;
+    let mut frame = [0u8; FRAME_BYTES];
+    let mut decoded = Vec::with_capacity(4 * FRAME_BYTES);
+    let mut scanner = FrameScanner::default();
     let mut jitter = Jitter(0x9E37_79B9_7F4A_7C15 ^ (u64::from(config.index) + 1));
     let jitter_for = |jitter: &mut Jitter| config.jitter.mul_f64(jitter.next_fraction());
     let mut next_frame = 0usize;
@@ -206,25 +248,49 @@ async fn drive(
                             ("media", Some(media), _) => {
                                 let bytes = base64_decoded_len(media.payload);
                                 received_in_generation += bytes;
-                                lock(record).media.push((generation, received_in_generation, now_us));
+                                record.media.push((generation, received_in_generation, now_us));
                                 playback.push_audio(Instant::now(), bytes as usize);
+                                if config.identify {
+                                    use base64::Engine as _;
+                                    decoded.clear();
+                                    base64::engine::general_purpose::STANDARD
+                                        .decode_vec(media.payload, &mut decoded)
+                                        .map_err(|e| format!("media payload is not base64: {e}"))?;
+                                    let board = &config.board;
+                                    let downlink = &mut record.downlink;
+                                    scanner.push(&decoded, |scanned| {
+                                        if usize::from(scanned.id.call) == call {
+                                            board.arrived_at_caller(call, scanned.id.frame as usize, now_us);
+                                        }
+                                        downlink.push(DownlinkFrame {
+                                            id: scanned.id,
+                                            generation,
+                                            at_us: now_us,
+                                            split: scanned.split,
+                                        });
+                                    });
+                                }
                             }
                             ("mark", _, Some(mark)) => {
-                                lock(record).marks_received += 1;
+                                record.marks_received += 1;
                                 playback.push_mark(Instant::now(), mark.name.into_owned());
                             }
                             ("clear", _, _) => {
-                                lock(record).clears_us.push(now_us);
+                                record.clears_us.push(now_us);
                                 generation += 1;
                                 received_in_generation = 0;
+                                scanner.reset();
                                 marks_due = playback.clear(Instant::now());
                             }
                             (event, _, _) => return Err(format!("unexpected `{event}` from the bridge")),
                         }
                     }
                     Some(Ok(Message::Close(_))) | None => {
-                        lock(record).closed_by_bridge = true;
-                        return Ok(());
+                        record.closed_by_bridge = true;
+                        record.skipped_bytes = scanner.skipped_bytes;
+                        return Err(format!(
+                            "the bridge hung up after {next_frame} of {frames_total} frames"
+                        ));
                     }
                     Some(Ok(_)) => {}
                     Some(Err(error)) => return Err(format!("socket: {error}")),
@@ -235,10 +301,13 @@ async fn drive(
                 marks_due.extend(playback.due_marks(now));
                 while next_frame < frames_total && next_due <= now {
                     let offset = (next_frame % audio_frames) * FRAME_BYTES;
-                    let frame = audio.get(offset..offset + FRAME_BYTES).unwrap_or(&silence);
+                    frame.copy_from_slice(audio.get(offset..offset + FRAME_BYTES).unwrap_or(&silence));
+                    watermark::stamp(&mut frame, FrameId { call: config.index as u16, frame: next_frame as u32 });
                     sequence += 1;
-                    write_media(&mut text, &stream_sid, sequence, next_frame, frame);
-                    lock(record).frames_sent_us.push(epoch.us());
+                    write_media(&mut text, &stream_sid, sequence, next_frame, &frame);
+                    let sent_us = epoch.us();
+                    record.frames_sent_us.push(sent_us);
+                    config.board.sent(call, next_frame, sent_us);
                     ws.feed(Message::text(text.clone())).await.map_err(|e| e.to_string())?;
                     next_frame += 1;
                     next_due = started + FRAME * next_frame as u32 + jitter_for(&mut jitter);
@@ -258,15 +327,23 @@ async fn drive(
             ws.feed(Message::text(text.clone()))
                 .await
                 .map_err(|e| e.to_string())?;
-            lock(record).marks_echoed += 1;
+            record.marks_echoed += 1;
         }
         ws.flush().await.map_err(|e| e.to_string())?;
     }
+    config
+        .board
+        .up
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    *streaming = false;
+    record.skipped_bytes = scanner.skipped_bytes;
     sequence += 1;
     let stop = format!(
         r#"{{"event":"stop","sequenceNumber":"{sequence}","stop":{{"accountSid":"{BENCH_ACCOUNT_SID}","callSid":"{call_sid}"}},"streamSid":"{stream_sid}"}}"#
     );
+    record.stop_sent_us = Some(epoch.us());
     let _ = ws.send(Message::text(stop)).await;
+    // What still arrives was sent around the hang-up: the harness counts it apart.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while let Some(Ok(message)) = ws.next().await {
             if matches!(message, Message::Close(_)) {

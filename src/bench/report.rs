@@ -704,6 +704,7 @@ mod tests {
                 late_frames: i as u64,
                 errors: 0,
                 held: i < 3,
+                ..RampStep::default()
             })
             .collect();
         BenchResult {
@@ -753,6 +754,7 @@ mod tests {
             ramp,
             max_calls_held: Some(40),
             floor: None,
+            ..BenchResult::default()
         }
     }
 

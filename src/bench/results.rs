@@ -3,7 +3,8 @@
 //! Top-level keys are an interface others script against: `calls`, `seconds`, `audio_mode`,
 //! `uplink_us`, `downlink_us`, `barge_in_us`, `setup_us` (each `{p50, p90, p99, max, count}`,
 //! in microseconds), `late_frames`, `lost_frames`, `errors`, `bridge_cpu_ms_per_call_second`,
-//! `bridge_rss_kib_per_call`, `load_cpu_utilisation`. Add keys; never rename these.
+//! `bridge_rss_kib_per_call`, `load_cpu_utilisation`. Add keys; never rename these. A
+//! `--baseline` run adds `floor` (the baseline relay's result, same shape) and `ratios`.
 
 use std::time::Instant;
 
@@ -72,8 +73,27 @@ pub struct RampStep {
     pub downlink_us: Percentiles,
     pub late_frames: u64,
     pub errors: u64,
-    /// Whether this step stayed within the latency budget with no late frames.
+    /// Whether this step stayed within the latency budget with no late or lost frames and no
+    /// errors.
     pub held: bool,
+    #[serde(default)]
+    pub lost_frames: u64,
+    #[serde(default)]
+    pub cpu_ms_per_call_second: Option<f64>,
+    #[serde(default)]
+    pub rss_kib_per_call: Option<f64>,
+}
+
+/// The bridge against the floor of the same run (`--baseline`), each ratio bridge ÷ floor.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ratios {
+    /// Held call counts (`--ramp`): the bridge's largest ÷ the floor's.
+    pub capacity: Option<f64>,
+    /// CPU per call-second at `calls`.
+    pub cpu_per_call_second: Option<f64>,
+    /// The call count both are compared at: with `--ramp` the largest both held; otherwise the
+    /// run's.
+    pub calls: Option<usize>,
 }
 
 /// One batch of a `--soak-minutes` run: the bridge's footprint while the batch's calls were
@@ -122,8 +142,42 @@ pub struct BenchResult {
     /// Frames (either direction) whose added latency exceeded `late_threshold_ms`.
     pub late_frames: u64,
     pub late_threshold_ms: f64,
-    /// Caller frames the model never received, and model frames the caller never received.
+    /// Caller frames the model never received, and model frames the caller never received
+    /// (neither cleared by a barge-in nor sent around the hang-up):
+    /// `uplink_lost_frames + downlink_lost_frames`.
     pub lost_frames: u64,
+    #[serde(default)]
+    pub uplink_lost_frames: u64,
+    #[serde(default)]
+    pub downlink_lost_frames: u64,
+    /// Model frames a barge-in cleared: the tail of a response the caller interrupted.
+    #[serde(default)]
+    pub barge_in_dropped_frames: u64,
+    /// Model frames sent after the caller hung up, or so shortly before (within the late
+    /// threshold) that they were still on their way.
+    #[serde(default)]
+    pub after_hangup_frames: u64,
+    /// Frames that arrived more than once (either way; identified frames only).
+    #[serde(default)]
+    pub duplicate_frames: u64,
+    /// Frames whose bytes arrived split across two messages (identified frames only).
+    #[serde(default)]
+    pub split_frames: u64,
+    /// Frames that arrived on another call's socket (identified frames only).
+    #[serde(default)]
+    pub foreign_frames: u64,
+    /// Audio bytes that carried no frame id where one was expected (identified frames only).
+    #[serde(default)]
+    pub unidentified_bytes: u64,
+    /// Calls the bridge hung up before the caller did (each also counts in `errors`).
+    #[serde(default)]
+    pub early_hangups: u64,
+    /// Frames were counted by the ids they carry (`pcmu`), not joined by byte offset (`pcm16`).
+    #[serde(default)]
+    pub frames_identified: bool,
+    /// Calls streaming, averaged over the window CPU was measured in.
+    #[serde(default)]
+    pub calls_up: f64,
     pub errors: u64,
     pub frames_sent: u64,
     pub frames_received: u64,
@@ -146,6 +200,17 @@ pub struct BenchResult {
     pub soak: Vec<SoakSample>,
     /// With `--baseline`: the same run against the do-nothing relay, the machine's floor.
     pub floor: Option<Box<BenchResult>>,
+    /// With `--baseline`: bridge ÷ floor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratios: Option<Ratios>,
+}
+
+impl BenchResult {
+    /// Frames lost, doubled or delivered to the wrong call: any of them means the relay got a
+    /// frame wrong. (A split frame is still whole audio: Twilio plays any chunking.)
+    pub fn frame_faults(&self) -> u64 {
+        self.lost_frames + self.duplicate_frames + self.foreign_frames
+    }
 }
 
 #[cfg(test)]

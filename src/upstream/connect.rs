@@ -6,9 +6,16 @@
 //! process-wide crypto provider has to be installed; Nagle is off (20 ms audio frames must not
 //! wait for ACKs); the whole dial, TCP + TLS + HTTP upgrade, is bounded by a timeout; a message
 //! from the model is at most [`MAX_UPSTREAM_MESSAGE_BYTES`], fragments counted as they arrive.
+//! The root set can be widened for the model connection only, once per process and before the
+//! first dial, by [`trust_model_ca`] (`VOXRELAY_MODEL_CA_FILE`: a private CA in front of the
+//! model, or the benchmark's self-signed model); nothing else in the process trusts it.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
 
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -45,6 +52,14 @@ pub(crate) async fn connect_with_timeout(
         request.headers_mut().insert(AUTHORIZATION, value);
     }
     let connector = Connector::Rustls(tls_config()?);
+    dial_with(request, connector, timeout).await
+}
+
+async fn dial_with(
+    request: tungstenite::handshake::client::Request,
+    connector: Connector,
+    timeout: Duration,
+) -> Result<UpstreamSocket, UpstreamError> {
     let dial = tokio_tungstenite::connect_async_tls_with_config(
         request,
         Some(socket_config()),
@@ -83,15 +98,28 @@ pub(crate) fn socket_config() -> tungstenite::protocol::WebSocketConfig {
         .max_frame_size(Some(MAX_UPSTREAM_MESSAGE_BYTES))
 }
 
-/// Parsing the root set costs milliseconds, so it is done once per process.
+/// The model connection's TLS settings, built once per process: parsing the root set costs
+/// milliseconds. [`trust_model_ca`] sets it first when the deployment adds a CA.
+static TLS_CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+
 fn tls_config() -> Result<Arc<rustls::ClientConfig>, UpstreamError> {
-    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    if let Some(config) = CONFIG.get() {
+    if let Some(config) = TLS_CONFIG.get() {
         return Ok(config.clone());
     }
-    let roots = rustls::RootCertStore {
+    let config = build_tls_config(&ModelCa::default())?;
+    Ok(TLS_CONFIG.get_or_init(|| config).clone())
+}
+
+/// The webpki roots plus `extra`.
+fn build_tls_config(extra: &ModelCa) -> Result<Arc<rustls::ClientConfig>, UpstreamError> {
+    let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
+    for certificate in extra.certificates.iter() {
+        roots
+            .add(certificate.clone())
+            .map_err(|error| UpstreamError::Tls(error.to_string()))?;
+    }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -99,7 +127,80 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, UpstreamError> {
     .map_err(|error| UpstreamError::Tls(error.to_string()))?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    Ok(CONFIG.get_or_init(|| Arc::new(config)).clone())
+    Ok(Arc::new(config))
+}
+
+/// Why `VOXRELAY_MODEL_CA_FILE` could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelCaError {
+    #[error("cannot read the model CA file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("the model CA file {0} holds no PEM certificate")]
+    NoCertificate(PathBuf),
+    #[error("a certificate in the model CA file is not a usable trust anchor: {0}")]
+    BadCertificate(String),
+    #[error("the model connection's roots were already in use; add the CA before the first dial")]
+    AlreadyInUse,
+}
+
+/// Extra trust anchors for the model connection: the certificates of one PEM file, checked
+/// when the configuration is read (each must make a trust anchor).
+#[derive(Clone, Debug, Default)]
+pub struct ModelCa {
+    certificates: Arc<Vec<CertificateDer<'static>>>,
+    path: Option<PathBuf>,
+}
+
+impl ModelCa {
+    /// Reads every `CERTIFICATE` block of `path` (other blocks, e.g. a key, are skipped).
+    pub fn from_pem_file(path: &Path) -> Result<Self, ModelCaError> {
+        let read_error = |reason: String| ModelCaError::Read {
+            path: path.to_owned(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| read_error(e.to_string()))?;
+        let certificates = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| read_error(e.to_string()))?;
+        if certificates.is_empty() {
+            return Err(ModelCaError::NoCertificate(path.to_owned()));
+        }
+        let mut check = rustls::RootCertStore::empty();
+        for certificate in &certificates {
+            check
+                .add(certificate.clone())
+                .map_err(|e| ModelCaError::BadCertificate(e.to_string()))?;
+        }
+        Ok(Self {
+            certificates: Arc::new(certificates),
+            path: Some(path.to_owned()),
+        })
+    }
+
+    /// How many certificates the file held.
+    pub fn len(&self) -> usize {
+        self.certificates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.certificates.is_empty()
+    }
+
+    /// The file it came from.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+}
+
+/// Adds `ca` to the roots every later model dial trusts (this process, the model connection
+/// only: the control-plane client has its own). Call once at start-up, before any dial: the
+/// roots are built once and then shared by every call.
+pub fn trust_model_ca(ca: &ModelCa) -> Result<(), ModelCaError> {
+    let config = build_tls_config(ca).map_err(|e| ModelCaError::BadCertificate(e.to_string()))?;
+    TLS_CONFIG
+        .set(config)
+        .map_err(|_already| ModelCaError::AlreadyInUse)
 }
 
 #[cfg(test)]
@@ -135,6 +236,88 @@ mod tests {
                 other => panic!("expected 401, got {:?}", other.map(|_| ())),
             }
             server.shutdown();
+        });
+    }
+
+    /// A CA (PEM) and a `wss://127.0.0.1` WebSocket server whose leaf it signed; the server
+    /// accepts one connection.
+    async fn tls_server() -> (String, String, tokio::task::JoinHandle<bool>) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca =
+            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+        let leaf_key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .signed_by(&leaf_key, &ca)
+            .expect("leaf");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("wss://{}/v1/realtime", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return false;
+            };
+            tokio_tungstenite::accept_async(tls).await.is_ok()
+        });
+        (ca.pem(), url, server)
+    }
+
+    #[test]
+    fn an_added_ca_is_trusted_for_the_model_and_the_default_roots_refuse_it() {
+        run(async {
+            let dir = std::env::temp_dir().join(format!("voxrelay-ca-{}", rand::random::<u64>()));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let (ca_pem, url, server) = tls_server().await;
+            let file = dir.join("ca.pem");
+            std::fs::write(&file, &ca_pem).expect("write");
+            let ca = ModelCa::from_pem_file(&file).expect("a usable CA");
+            assert_eq!((ca.len(), ca.path()), (1, Some(file.as_path())));
+            let request = url.as_str().into_client_request().expect("request");
+            let trusted = Connector::Rustls(build_tls_config(&ca).expect("config"));
+            let socket = dial_with(request, trusted, CONNECT_TIMEOUT).await;
+            assert!(socket.is_ok(), "{:?}", socket.err());
+            assert!(server.await.expect("server"));
+
+            let (_, url, server) = tls_server().await;
+            let request = url.as_str().into_client_request().expect("request");
+            let default_roots =
+                Connector::Rustls(build_tls_config(&ModelCa::default()).expect("config"));
+            match dial_with(request, default_roots, CONNECT_TIMEOUT).await {
+                Err(UpstreamError::Connect(reason)) => {
+                    assert!(reason.contains("certificate"), "{reason}")
+                }
+                other => panic!(
+                    "expected an untrusted certificate, got {:?}",
+                    other.map(|_| ())
+                ),
+            }
+            assert!(!server.await.expect("server"));
+
+            std::fs::write(&file, "no certificate here").expect("write");
+            assert!(matches!(
+                ModelCa::from_pem_file(&file),
+                Err(ModelCaError::NoCertificate(_))
+            ));
+            assert!(matches!(
+                ModelCa::from_pem_file(&dir.join("missing.pem")),
+                Err(ModelCaError::Read { .. })
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
         });
     }
 
