@@ -4,20 +4,19 @@
 //! plain state machines fed messages and the current time. The async layer in [`session`] and
 //! [`http`] owns the sockets and drives them, one task set per call.
 
-pub mod audio_mode;
 pub mod bench;
-pub mod codec;
 pub mod config;
 pub mod control;
 pub mod http;
-pub mod logtext;
-pub mod secret;
 pub mod session;
-pub mod twilio;
 pub mod upstream;
 
-#[cfg(test)]
-mod testkit;
+// The sans-IO modules live in `voxrelay-core`; re-exported under their old paths so
+// `crate::codec::g711`, `voxrelay::twilio::…` and the like keep resolving.
+pub use voxrelay_core::{AudioMode, Secret};
+pub use voxrelay_core::{audio_mode, codec, logtext, secret, twilio};
 
-pub use audio_mode::AudioMode;
-pub use secret::Secret;
+#[cfg(test)]
+mod testkit {
+    pub(crate) use voxrelay_core::testkit::Lcg;
+}

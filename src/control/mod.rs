@@ -13,13 +13,14 @@
 //!
 //! Invariant: a control-plane secret only ever sits inside a [`crate::Secret`].
 
-pub mod api;
 pub mod client;
 pub mod directory;
 pub mod reports;
 pub mod seed;
 pub mod server;
-pub mod signing;
 pub mod store;
 pub mod tool_calls;
 pub mod tools;
+
+// The sans-IO wire types and signature scheme live in `voxrelay-core`.
+pub use voxrelay_core::control::{api, signing};

@@ -492,11 +492,11 @@ mod tests {
 
     const INBOUND: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/twilio-media-streams/inbound.jsonl"
+        "/../../fixtures/twilio-media-streams/inbound.jsonl"
     ));
     const OUTBOUND: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/twilio-media-streams/outbound.jsonl"
+        "/../../fixtures/twilio-media-streams/outbound.jsonl"
     ));
 
     fn fixture_lines(text: &str) -> impl Iterator<Item = &str> {

@@ -185,7 +185,7 @@ mod tests {
 
     const CONFORMANCE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/g711-conformance.json"
+        "/../../fixtures/g711-conformance.json"
     ));
 
     fn conformance() -> Value {

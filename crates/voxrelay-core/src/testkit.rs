@@ -1,10 +1,12 @@
-//! Helpers shared by the unit tests.
+//! Helpers shared by the unit tests of every crate in the workspace (public so the bridge's
+//! tests use the same generator; nothing outside tests calls it).
 
 /// A deterministic pseudo-random generator (Knuth's MMIX LCG), so randomised tests replay
 /// exactly from their seed without a crate.
-pub(crate) struct Lcg(pub u64);
+pub struct Lcg(pub u64);
 
 impl Lcg {
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         self.0 = self
             .0

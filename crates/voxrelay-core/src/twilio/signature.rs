@@ -313,7 +313,7 @@ mod tests {
 
     const VECTORS: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/twilio-signature-vectors.json"
+        "/../../fixtures/twilio-signature-vectors.json"
     ));
 
     fn vectors() -> Value {

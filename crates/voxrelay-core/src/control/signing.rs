@@ -638,7 +638,7 @@ mod tests {
 
     const VECTORS: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/control-plane-signature-vectors.json"
+        "/../../fixtures/control-plane-signature-vectors.json"
     ));
 
     const NOW: u64 = 1_750_000_000;
