@@ -1021,22 +1021,8 @@ impl Drop for WriterSignals {
     }
 }
 
-/// Phone numbers in logs keep their last two digits only.
-pub fn redact_number(number: &str) -> String {
-    let digits = number.chars().filter(char::is_ascii_digit).count();
-    if digits <= 2 {
-        return "**".to_owned();
-    }
-    let tail: String = number
-        .chars()
-        .rev()
-        .take(2)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    format!("***{tail}")
-}
+// Moved to `voxrelay-core` (the reference control plane logs numbers the same way).
+pub use crate::logtext::redact_number;
 
 /// A stream polled only when it may have something: right after it yielded an item, or once
 /// its own waker has fired. The core's `select!` polls every branch on every wake-up, so

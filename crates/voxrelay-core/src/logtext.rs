@@ -85,6 +85,23 @@ impl WarnBudget {
     }
 }
 
+/// Phone numbers in logs keep their last two digits only.
+pub fn redact_number(number: &str) -> String {
+    let digits = number.chars().filter(char::is_ascii_digit).count();
+    if digits <= 2 {
+        return "**".to_owned();
+    }
+    let tail: String = number
+        .chars()
+        .rev()
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("***{tail}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -260,6 +260,22 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// `<tenant_id>/<rest>` where no `/`-separated segment of `rest` is empty, `.` or `..`, and
+/// nothing is a control character or a backslash.
+pub fn namespace_within_tenant(tenant_id: &str, namespace: &str) -> bool {
+    let Some(rest) = namespace
+        .strip_prefix(tenant_id)
+        .and_then(|rest| rest.strip_prefix('/'))
+    else {
+        return false;
+    };
+    !tenant_id.is_empty()
+        && !namespace.chars().any(|c| c.is_control() || c == '\\')
+        && rest
+            .split('/')
+            .all(|segment| !segment.is_empty() && segment != "." && segment != "..")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +335,28 @@ mod tests {
             output: serde_json::json!({"open": true}),
         };
         assert_eq!(object.output_text(), r#"{"open":true}"#);
+    }
+
+    #[test]
+    fn namespaces_must_stay_below_their_tenant() {
+        assert!(namespace_within_tenant("t1", "t1/+15551234567"));
+        assert!(namespace_within_tenant("t1", "t1/vip/line-2"));
+        for outside in [
+            "t2/+1555",
+            "t1",
+            "t1/",
+            "t10/x",
+            "t1x/y",
+            "/t1/x",
+            "t1//x",
+            "t1/../t2/x",
+            "t1/./x",
+            "t1/x/..",
+            "t1/a\\b",
+            "t1/a\nb",
+        ] {
+            assert!(!namespace_within_tenant("t1", outside), "{outside:?}");
+        }
+        assert!(!namespace_within_tenant("", "/x"));
     }
 }

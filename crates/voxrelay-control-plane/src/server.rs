@@ -40,11 +40,13 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use url::Url;
 
-use super::api::{self, CallReport, ErrorBody, ReportAck, ToolRequest, ToolResponse};
 use super::seed::{Seed, SeedError};
-use super::signing::{Rejection, Scope, SignedHeaders, SigningKey, Verifier};
 use super::store::{DbLocation, Refusal, SeedOutcome, Store, StoreError};
-use crate::session::call::redact_number;
+use voxrelay_core::control::api::{
+    self, CallReport, ErrorBody, ReportAck, ToolRequest, ToolResponse,
+};
+use voxrelay_core::control::signing::{Rejection, Scope, SignedHeaders, SigningKey, Verifier};
+use voxrelay_core::logtext::redact_number;
 
 /// Largest request body accepted; a report with a long transcript is well under it.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -73,7 +75,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub async fn start_embedded() -> Result<(RunningControlPlane, SigningKey), ControlPlaneError> {
     let key = SigningKey::new(
         "embedded",
-        crate::Secret::new(format!("{:032x}", rand::random::<u128>())),
+        voxrelay_core::Secret::new(format!("{:032x}", rand::random::<u128>())),
     );
     let running = ControlPlane::start(ControlPlaneConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -86,7 +88,7 @@ pub async fn start_embedded() -> Result<(RunningControlPlane, SigningKey), Contr
 }
 
 pub fn seed_toml() -> &'static str {
-    include_str!("../../fixtures/tenants.toml")
+    include_str!("../../../fixtures/tenants.toml")
 }
 
 /// How to run a control plane.

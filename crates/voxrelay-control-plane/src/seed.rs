@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use super::tools::Tool;
-use crate::AudioMode;
+use voxrelay_core::AudioMode;
 
 /// The days of the week in the order [`BusinessHours::days`] uses.
 pub const WEEKDAYS: [&str; 7] = [
@@ -378,7 +378,7 @@ mod tests {
     fn the_fixture_parses_with_two_tenants_and_their_numbers() {
         let seed = Seed::parse(include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/tenants.toml"
+            "/../../fixtures/tenants.toml"
         )))
         .expect("fixture");
         assert!(seed.tenants.len() >= 2);

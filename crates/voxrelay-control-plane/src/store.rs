@@ -23,13 +23,13 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde_json::{Value, json};
 
-use super::api::{
+use super::seed::{BusinessHours, Seed};
+use super::tools::{Tool, ToolArguments, business_hours_output};
+use voxrelay_core::AudioMode;
+use voxrelay_core::control::api::{
     CallHistory, CallLatency, CallReport, ReportBinding, Speaker, TenantContext, ToolRequest,
     TranscriptEntry, memory_namespace,
 };
-use super::seed::{BusinessHours, Seed};
-use super::tools::{Tool, ToolArguments, business_hours_output};
-use crate::AudioMode;
 
 /// The schema this build creates and understands (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 2;
@@ -493,7 +493,7 @@ impl Store {
         };
         // A memory namespace is always its tenant's: one naming another tenant is refused.
         if let (Some(namespace), Some(tenant)) = (&report.memory_namespace, &tenant_id) {
-            if !crate::control::directory::namespace_within_tenant(tenant, namespace) {
+            if !voxrelay_core::control::api::namespace_within_tenant(tenant, namespace) {
                 return Ok(Err(Refusal::TenantMismatch));
             }
         }
@@ -953,11 +953,11 @@ fn finite(value: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::api::LatencySummary;
+    use voxrelay_core::control::api::LatencySummary;
 
     const FIXTURE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/tenants.toml"
+        "/../../fixtures/tenants.toml"
     ));
     const NOW_MS: u64 = 1_750_000_000_000;
 
