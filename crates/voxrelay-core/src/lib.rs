@@ -12,6 +12,7 @@
 pub mod audio_mode;
 pub mod codec;
 pub mod control;
+pub mod json;
 pub mod logtext;
 pub mod secret;
 pub mod testkit;

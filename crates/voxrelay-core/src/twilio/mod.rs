@@ -12,6 +12,9 @@ pub mod signature;
 pub mod stream;
 pub mod twiml;
 
+/// A Twilio message larger than this closes the socket: real ones are under 1 KiB.
+pub const MAX_TWILIO_MESSAGE_BYTES: usize = 64 * 1024;
+
 pub use events::{
     InboundMessage, OutboundMessage, write_clear_json, write_mark_json, write_media_json,
     write_media_json_from_mulaw,

@@ -15,7 +15,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value, json};
 
 use super::{MockConfig, MockSessionRecord, MockToolCall, lock};
-use crate::codec::g711::{alaw_decode, alaw_encode, mulaw_decode, mulaw_encode};
+use voxrelay_core::codec::g711::{alaw_decode, alaw_encode, mulaw_decode, mulaw_encode};
 
 /// Audio formats the GA API accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,8 +20,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use super::caller::{FRAME_BYTES, PlaybackBuffer};
 use super::lock;
 use super::results::Epoch;
-use crate::Secret;
-use crate::twilio::signature::compute_signature;
+use voxrelay_core::Secret;
+use voxrelay_core::twilio::signature::compute_signature;
 
 const FRAME: Duration = Duration::from_millis(20);
 /// Digits pressed at call start: the call number, zero-padded.
@@ -136,9 +136,9 @@ async fn drive(
             .parse()
             .map_err(|_| "signature header".to_owned())?,
     );
-    // Small reads keep hundreds of callers cheap (see `upstream::connect::UPSTREAM_READ_BUFFER`).
+    // Small reads keep hundreds of callers cheap (see `dial::UPSTREAM_READ_BUFFER`).
     let socket_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(crate::upstream::connect::UPSTREAM_READ_BUFFER);
+        .read_buffer_size(crate::dial::UPSTREAM_READ_BUFFER);
     let (mut ws, _) =
         tokio_tungstenite::connect_async_with_config(request, Some(socket_config), true)
             .await

@@ -3,7 +3,7 @@
 //!
 //! Owns [`BaselineRelay`], a do-nothing relay on the bridge's I/O stack: hyper 1 +
 //! fastwebsockets on the Twilio side (TCP_NODELAY), tokio-tungstenite with TCP_NODELAY
-//! upstream through [`crate::upstream::connect`], serde_json over borrowed strings, JSON
+//! upstream through [`crate::dial`] (the bridge's dial settings), serde_json over borrowed strings, JSON
 //! written into reused buffers. Each call is ONE task with no queues, no pacing, no marks, no
 //! playback accounting, no transcoding and no registry: Twilio `media` becomes
 //! `input_audio_buffer.append` with the payload copied as is, `dtmf` becomes a user text,
@@ -36,9 +36,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
-use crate::Secret;
-use crate::config::MAX_TWILIO_MESSAGE_BYTES;
-use crate::upstream::{UpstreamError, UpstreamSocket, connect, push_json_str};
+use crate::dial::{DialError, ModelSocket, connect};
+use voxrelay_core::Secret;
+use voxrelay_core::json::push_json_str;
+use voxrelay_core::twilio::MAX_TWILIO_MESSAGE_BYTES;
 
 /// The bearer token sent upstream: the benchmark's mock accepts any non-empty token.
 pub const UPSTREAM_KEY: &str = "baseline";
@@ -65,7 +66,7 @@ pub enum BaselineError {
     #[error("twilio socket: {0}")]
     Twilio(#[from] WebSocketError),
     #[error("could not open the upstream socket: {0}")]
-    UpstreamConnect(#[from] UpstreamError),
+    UpstreamConnect(#[from] DialError),
     #[error("upstream socket: {0}")]
     Upstream(#[from] tungstenite::Error),
 }
@@ -268,7 +269,7 @@ struct UpstreamIn<'a> {
 /// What one call holds between messages.
 struct Call {
     stream_sid: String,
-    upstream: Option<UpstreamSocket>,
+    upstream: Option<ModelSocket>,
     /// The next outgoing message, rebuilt in place for every message in either direction.
     out: String,
 }
@@ -369,7 +370,7 @@ where
 
 /// The next upstream message, or never while the call has no upstream yet.
 async fn next_upstream(
-    upstream: &mut Option<UpstreamSocket>,
+    upstream: &mut Option<ModelSocket>,
 ) -> Option<Result<Message, tungstenite::Error>> {
     match upstream {
         Some(socket) => socket.next().await,
@@ -497,9 +498,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::g711::{mulaw_decode, mulaw_encode};
-    use crate::upstream::mock::test_support::tone;
-    use crate::upstream::mock::{MockConfig, MockRealtimeServer};
+    use crate::mock::test_support::tone;
+    use crate::mock::{MockConfig, MockRealtimeServer};
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as BASE64;
     use serde_json::{Value, json};
@@ -507,6 +507,7 @@ mod tests {
     use tokio_tungstenite::tungstenite::handshake::server::{
         ErrorResponse, Request as HandshakeRequest, Response as HandshakeResponse,
     };
+    use voxrelay_core::codec::g711::{mulaw_decode, mulaw_encode};
 
     type Client = tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,

@@ -20,8 +20,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use url::Url;
 
 use super::http_client;
-use crate::Secret;
-use crate::twilio::signature::compute_signature;
+use voxrelay_core::Secret;
+use voxrelay_core::twilio::signature::compute_signature;
 
 /// The account simulated calls come from unless told otherwise.
 pub const SIMULATED_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
@@ -495,7 +495,7 @@ mod tests {
 
     #[test]
     fn parses_the_stream_url_and_parameters_of_connect_stream_twiml() {
-        let twiml = crate::twilio::twiml::connect_stream(
+        let twiml = voxrelay_core::twilio::twiml::connect_stream(
             "wss://voice.example.com/twilio/media",
             &[("To", "+1555"), ("From", "a&b\"c")],
             Some("https://voice.example.com/twilio/status"),

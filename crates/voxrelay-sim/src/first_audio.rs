@@ -18,25 +18,22 @@ use std::time::Duration;
 use serde::Serialize;
 use url::Url;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::caller::{CallerConfig, place_call};
 use super::harness::BenchError;
 use super::results::Percentiles;
-use crate::config::{AgentDefaults, BridgeConfig, ControlPlaneTarget, UpstreamTarget};
-use crate::control::client::{ControlPlaneClient, ControlPlaneSettings};
-use crate::control::directory::{DirectorySettings, TenantDirectory};
-use crate::control::server::start_embedded;
-use crate::http::Bridge;
-use crate::session::metrics::Metrics;
-use crate::upstream::mock::{MockConfig, MockRealtimeServer};
-use crate::{AudioMode, Secret};
+use crate::launcher::{
+    BridgeLauncher, BridgeSettings, ControlPlaneAccess, InProcessBridge, LookupCache, TenantLookups,
+};
+use crate::mock::{MockConfig, MockRealtimeServer};
+use voxrelay_control_plane::server::start_embedded;
+use voxrelay_core::{AudioMode, Secret};
 
 /// The seeded number the probe's calls dial.
 const PROBE_NUMBER: &str = "+15550100001";
 /// Direct lookups timed for the lookup rows.
-const LOOKUPS: usize = 200;
+pub const LOOKUPS: usize = 200;
 
 #[derive(Clone, Debug)]
 pub struct FirstAudioOptions {
@@ -77,7 +74,11 @@ pub struct FirstAudioResult {
     pub no_audio: usize,
 }
 
-pub async fn run(options: &FirstAudioOptions) -> Result<FirstAudioResult, BenchError> {
+/// Runs the probe against bridges `launcher` starts in this process.
+pub async fn run(
+    options: &FirstAudioOptions,
+    launcher: &impl BridgeLauncher,
+) -> Result<FirstAudioResult, BenchError> {
     let mock = MockRealtimeServer::start(MockConfig {
         connect_delay: options.model_connect,
         greeting_ms: 200,
@@ -89,29 +90,25 @@ pub async fn run(options: &FirstAudioOptions) -> Result<FirstAudioResult, BenchE
         .await
         .map_err(|e| BenchError::Bridge(format!("control plane: {e}")))?;
     let spool = std::env::temp_dir().join(format!("voxrelay-bench-spool-{}", std::process::id()));
-    let target = ControlPlaneTarget::new(control_plane.url(), key, spool.clone());
+    let target = ControlPlaneAccess {
+        url: control_plane.url(),
+        key,
+        report_spool_dir: spool.clone(),
+    };
     let mut no_audio = 0;
     let mut measure = async |prewarm: bool,
-                             control: Option<&ControlPlaneTarget>|
+                             control: Option<&ControlPlaneAccess>|
            -> Result<Percentiles, BenchError> {
         let token = Secret::new(format!("{:032x}", rand::random::<u128>()));
-        let config = BridgeConfig {
-            agent: AgentDefaults {
-                audio_mode: options.audio_mode,
-                greeting: Some("Hello.".to_owned()),
-                ..AgentDefaults::default()
-            },
+        let settings = BridgeSettings {
+            audio_mode: options.audio_mode,
+            greeting: Some("Hello.".to_owned()),
             prewarm,
             control_plane: control.cloned(),
-            ..BridgeConfig::local(
-                token.clone(),
-                UpstreamTarget {
-                    url: mock.url(),
-                    api_key: Some(Secret::new("bench")),
-                },
-            )
+            ..BridgeSettings::new(mock.url(), Secret::new("bench"), token.clone())
         };
-        let bridge = Bridge::start(&config)
+        let bridge = launcher
+            .launch(settings)
             .await
             .map_err(|e| BenchError::Bridge(e.to_string()))?;
         let url = Url::parse(&format!("http://{}", bridge.local_addr()))
@@ -132,14 +129,14 @@ pub async fn run(options: &FirstAudioOptions) -> Result<FirstAudioResult, BenchE
                 None => no_audio += 1,
             }
         }
-        bridge.drain_and_stop(Duration::from_secs(2)).await;
+        bridge.stop(Duration::from_secs(2)).await;
         Ok(Percentiles::of(&mut samples))
     };
     let prewarm_us = measure(true, None).await?;
     let cold_us = measure(false, None).await?;
     let prewarm_control_plane_us = measure(true, Some(&target)).await?;
     let cold_control_plane_us = measure(false, Some(&target)).await?;
-    let (lookup_miss_us, lookup_hit_us) = time_lookups(&target).await?;
+    let (lookup_miss_us, lookup_hit_us) = time_lookups(launcher, &target).await?;
     control_plane.stop().await;
     let _ = std::fs::remove_dir_all(&spool);
     Ok(FirstAudioResult {
@@ -159,19 +156,16 @@ pub async fn run(options: &FirstAudioOptions) -> Result<FirstAudioResult, BenchE
 /// `TenantDirectory::resolve` timed directly: with an empty cache (every lookup a signed
 /// request and a SQLite read), and with the number cached.
 async fn time_lookups(
-    target: &ControlPlaneTarget,
+    launcher: &impl BridgeLauncher,
+    target: &ControlPlaneAccess,
 ) -> Result<(Percentiles, Percentiles), BenchError> {
-    let metrics = Arc::new(Metrics::default());
-    let client = ControlPlaneClient::new(
-        ControlPlaneSettings::new(target.url.clone(), target.key.clone()),
-        Arc::clone(&metrics),
-    )
-    .map_err(|e| BenchError::Bridge(e.to_string()))?;
-    let directory = |settings| TenantDirectory::new(client.clone(), settings, Arc::clone(&metrics));
-    let cached = directory(DirectorySettings::default());
+    let lookups = launcher
+        .tenant_lookups(target)
+        .map_err(BenchError::Bridge)?;
     // Warms the connection pool and the cache.
-    cached
+    let _ = lookups
         .resolve(
+            LookupCache::Shared,
             PROBE_NUMBER,
             "+15550009999",
             "CA0000000000000000000000000000a4a1",
@@ -181,47 +175,24 @@ async fn time_lookups(
     let mut hit = Vec::with_capacity(LOOKUPS);
     for index in 0..LOOKUPS {
         let call_sid = format!("CA100c{index:028x}");
-        // A directory of its own per lookup: an empty cache, so a signed request every time
-        // (on the pool's warm connection, as in a running bridge).
-        let cold = directory(DirectorySettings::default());
-        for (directory, samples) in [(&cold, &mut miss), (&cached, &mut hit)] {
+        // An empty cache per lookup, so a signed request every time (on the pool's warm
+        // connection, as in a running bridge).
+        for (cache, samples) in [
+            (LookupCache::Empty, &mut miss),
+            (LookupCache::Shared, &mut hit),
+        ] {
             let began = Instant::now();
-            let resolution = directory
-                .resolve(PROBE_NUMBER, "+15550009999", &call_sid)
+            let resolution = lookups
+                .resolve(cache, PROBE_NUMBER, "+15550009999", &call_sid)
                 .await;
             samples.push(began.elapsed().as_secs_f64() * 1e6);
-            if resolution.context.is_none() {
+            if let Err(source) = resolution {
                 return Err(BenchError::Bridge(format!(
-                    "lookup of {PROBE_NUMBER} fell back ({})",
-                    resolution.source.as_str()
+                    "lookup of {PROBE_NUMBER} fell back ({source})"
                 )));
             }
         }
     }
     let (miss, hit) = (Percentiles::of(&mut miss), Percentiles::of(&mut hit));
     Ok((miss, hit))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn prewarm_shortens_the_wait_for_the_greeting() {
-        let result = run(&FirstAudioOptions {
-            calls: 2,
-            model_connect: Duration::from_millis(150),
-            twilio_gap: Duration::from_millis(200),
-            audio_mode: AudioMode::Pcmu,
-        })
-        .await
-        .expect("probe");
-        assert_eq!(result.no_audio, 0);
-        assert_eq!(result.prewarm_us.count, 2);
-        assert_eq!(result.cold_control_plane_us.count, 2);
-        assert_eq!(result.lookup_miss_us.count, LOOKUPS as u64);
-        // Cold start waits out the model's 150 ms handshake; pre-warm did it during the gap.
-        assert!(result.cold_us.p50 >= 150_000.0, "{result:?}");
-        assert!(result.prewarm_us.max < result.cold_us.p50, "{result:?}");
-    }
 }

@@ -659,7 +659,7 @@ fn ramp_tables(page: &mut String, runs: &[BenchResult], labels: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::results::{Machine, RampStep, Samples};
+    use crate::results::{Machine, RampStep, Samples};
 
     /// A deterministic spread of latencies around `centre` µs (an LCG, no randomness).
     fn samples(count: usize, centre: f64, seed: u64) -> Vec<f64> {
@@ -953,7 +953,7 @@ mod tests {
     }
 
     /// Writes a sample report for looking at by eye: `VOXRELAY_REPORT_SAMPLE=DIR cargo test
-    /// --lib bench::report -- --ignored`.
+    /// -p voxrelay-sim --lib report -- --ignored`.
     #[test]
     #[ignore]
     fn write_sample_report() {

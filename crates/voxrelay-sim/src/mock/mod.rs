@@ -459,12 +459,12 @@ pub(crate) mod test_support {
 mod tests {
     use super::session::{Format, rms_dbfs};
     use super::*;
-    use crate::codec::g711::{alaw_decode, mulaw_decode};
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as BASE64;
     use serde_json::json;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::http::HeaderValue;
+    use voxrelay_core::codec::g711::{alaw_decode, mulaw_decode};
 
     type Client = tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
@@ -634,7 +634,7 @@ mod tests {
         let mut client = dial_ok(&server).await;
         let fixture = include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/openai-realtime-ga/client-events.jsonl"
+            "/../../fixtures/openai-realtime-ga/client-events.jsonl"
         ))
         .lines()
         .next()

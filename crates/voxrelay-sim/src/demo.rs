@@ -17,13 +17,13 @@ use url::Url;
 
 use super::SPEECH_FIXTURE;
 use super::caller::{CallReport, CallerConfig, place_call};
-use crate::config::{AgentDefaults, BridgeConfig, ControlPlaneTarget, UpstreamTarget};
-use crate::control::api::CallReport as ControlReport;
-use crate::control::server::{ControlPlaneError, start_embedded};
-use crate::http::Bridge;
-use crate::session::metrics::Metrics;
-use crate::upstream::mock::{MockConfig, MockRealtimeServer, MockSessionRecord, MockToolCall};
-use crate::{AudioMode, Secret};
+use crate::launcher::{
+    BridgeFigures, BridgeLauncher, BridgeSettings, ControlPlaneAccess, InProcessBridge,
+};
+use crate::mock::{MockConfig, MockRealtimeServer, MockSessionRecord, MockToolCall};
+use voxrelay_control_plane::server::{ControlPlaneError, start_embedded};
+use voxrelay_core::control::api::CallReport as ControlReport;
+use voxrelay_core::{AudioMode, Secret};
 
 /// The seeded numbers the demo dials, in order, and one nobody owns.
 const DEMO_NUMBERS: [&str; 3] = ["+15550100001", "+15550100002", "+15550100003"];
@@ -81,7 +81,11 @@ pub fn demo_caller_audio() -> Vec<u8> {
     audio
 }
 
-pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
+/// Runs the demo against a bridge `launcher` starts in this process.
+pub async fn run_demo(
+    options: &DemoOptions,
+    launcher: &impl BridgeLauncher,
+) -> Result<DemoReport, DemoError> {
     let mock = MockRealtimeServer::start(MockConfig {
         // The first thing each caller says makes the model look up the opening hours.
         tool_script: vec![MockToolCall {
@@ -95,25 +99,16 @@ pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     let (control_plane, key) = start_embedded().await?;
     let spool = std::env::temp_dir().join(format!("voxrelay-demo-spool-{}", std::process::id()));
     let token = Secret::new(format!("{:032x}", rand::random::<u128>()));
-    let config = BridgeConfig {
-        agent: AgentDefaults {
-            audio_mode: options.audio_mode,
-            ..AgentDefaults::default()
-        },
-        control_plane: Some(ControlPlaneTarget::new(
-            control_plane.url(),
+    let settings = BridgeSettings {
+        audio_mode: options.audio_mode,
+        control_plane: Some(ControlPlaneAccess {
+            url: control_plane.url(),
             key,
-            spool.clone(),
-        )),
-        ..BridgeConfig::local(
-            token.clone(),
-            UpstreamTarget {
-                url: mock.url(),
-                api_key: Some(Secret::new("voxrelay-demo")),
-            },
-        )
+            report_spool_dir: spool.clone(),
+        }),
+        ..BridgeSettings::new(mock.url(), Secret::new("voxrelay-demo"), token.clone())
     };
-    let bridge = Bridge::start(&config).await.map_err(DemoError::Bridge)?;
+    let bridge = launcher.launch(settings).await.map_err(DemoError::Bridge)?;
     let bridge_url =
         Url::parse(&format!("http://{}", bridge.local_addr())).expect("socket address URL");
     tracing::info!(bridge = %bridge_url, model = %mock.url(), control_plane = %control_plane.url(), calls = options.calls, "demo: placing simulated calls");
@@ -140,9 +135,8 @@ pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     for call in calls {
         reports.push(call.await.unwrap_or_else(|e| Err(e.to_string())));
     }
-    let metrics = std::sync::Arc::clone(bridge.metrics());
     // The drain waits for the calls' reports (or spools them).
-    let drained = bridge.drain_and_stop(Duration::from_secs(5)).await;
+    let figures = bridge.stop(Duration::from_secs(5)).await;
     let sessions = mock.log().sessions();
     mock.shutdown();
     let mut history = Vec::new();
@@ -158,11 +152,11 @@ pub async fn run_demo(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     }
     control_plane.stop().await;
     let _ = std::fs::remove_dir_all(&spool);
-    let mut text = render(&reports, &numbers, &sessions, &history, &metrics);
+    let mut text = render(&reports, &numbers, &sessions, &history, &figures);
     let _ = writeln!(
         text,
         "drain: {} calls live at shutdown, {} cancelled",
-        drained.calls_at_start, drained.calls_cancelled
+        figures.calls_at_drain, figures.calls_cancelled
     );
     Ok(DemoReport {
         calls: reports,
@@ -193,7 +187,7 @@ fn render(
     numbers: &[String],
     sessions: &[MockSessionRecord],
     history: &[(String, Vec<ControlReport>)],
-    metrics: &Metrics,
+    figures: &BridgeFigures,
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -325,19 +319,19 @@ fn render(
     let _ = writeln!(
         out,
         "bridge-added latency (write completed − read; bucket upper bounds):\n  uplink   Twilio frame → model: n={:<6} mean {:>8}  p50 ≤ {:>8}  p99 ≤ {:>8}\n  downlink model delta → Twilio: n={:<6} mean {:>8}  p50 ≤ {:>8}  p99 ≤ {:>8}\n  barge-in speech_started → clear: n={:<4} mean {:>8}\n  pacer wake-up lateness:          n={:<6} mean {:>8}  p99 ≤ {:>8}",
-        metrics.uplink_added.count(),
-        us(metrics.uplink_added.mean()),
-        us(metrics.uplink_added.quantile_upper_bound(0.5)),
-        us(metrics.uplink_added.quantile_upper_bound(0.99)),
-        metrics.downlink_added.count(),
-        us(metrics.downlink_added.mean()),
-        us(metrics.downlink_added.quantile_upper_bound(0.5)),
-        us(metrics.downlink_added.quantile_upper_bound(0.99)),
-        metrics.barge_in_reaction.count(),
-        us(metrics.barge_in_reaction.mean()),
-        metrics.pacer_lateness.count(),
-        us(metrics.pacer_lateness.mean()),
-        us(metrics.pacer_lateness.quantile_upper_bound(0.99)),
+        figures.uplink_added.count,
+        us(figures.uplink_added.mean),
+        us(figures.uplink_added.p50),
+        us(figures.uplink_added.p99),
+        figures.downlink_added.count,
+        us(figures.downlink_added.mean),
+        us(figures.downlink_added.p50),
+        us(figures.downlink_added.p99),
+        figures.barge_in_reaction.count,
+        us(figures.barge_in_reaction.mean),
+        figures.pacer_lateness.count,
+        us(figures.pacer_lateness.mean),
+        us(figures.pacer_lateness.p99),
     );
     out
 }
@@ -360,37 +354,5 @@ mod tests {
                 UNKNOWN_NUMBER
             ]
         );
-    }
-
-    /// The README's main job, end to end: every seeded tenant's call gets its agent and is
-    /// reported to it; the unknown number gets the fallback and no tenant.
-    #[tokio::test]
-    async fn the_demo_answers_each_tenant_with_its_own_agent_and_reports_it() {
-        let report = run_demo(&DemoOptions {
-            calls: 3,
-            audio_mode: AudioMode::Pcmu,
-        })
-        .await
-        .expect("demo");
-        assert!(report.calls.iter().all(Result::is_ok), "{}", report.text);
-        let reported = |tenant: &str| -> Vec<String> {
-            report
-                .history
-                .iter()
-                .filter(|(t, _)| t == tenant)
-                .flat_map(|(_, calls)| calls.iter().map(|c| c.to.clone()))
-                .collect()
-        };
-        assert_eq!(reported("acme_dental"), ["+15550100001"]);
-        assert_eq!(reported("bistro_luna"), ["+15550100002"]);
-        let greetings: Vec<&str> = report
-            .mock_sessions
-            .iter()
-            .map(|s| s.response_transcripts[0].as_str())
-            .collect();
-        assert!(greetings[0].contains("Acme Dental"), "{greetings:?}");
-        assert!(greetings[1].contains("Bistro Luna"), "{greetings:?}");
-        assert_eq!(greetings[2], crate::config::DEFAULT_GREETING);
-        assert!(report.text.contains("(fallback)"), "{}", report.text);
     }
 }

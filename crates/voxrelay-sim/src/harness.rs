@@ -22,9 +22,8 @@ use super::echo_model::{EchoFormat, EchoModel, EchoModelConfig, EchoSessionRecor
 use super::load::{ID_DIGITS, LoadCallConfig, LoadCallRecord, run_load_call};
 use super::results::{BenchResult, Epoch, Machine, Percentiles, RampStep, Samples, SoakSample};
 use super::{SPEECH_FIXTURE, http_client, lock};
-use crate::config::{AgentDefaults, BridgeConfig, ListenerLimits, UpstreamTarget};
-use crate::http::Bridge;
-use crate::{AudioMode, Secret};
+use crate::launcher::{BridgeLauncher, BridgeSettings, InProcessBridge};
+use voxrelay_core::{AudioMode, Secret};
 
 /// μ-law bytes per 20 ms frame at 8 kHz.
 const CALLER_FRAME_BYTES: u64 = 160;
@@ -100,12 +99,12 @@ pub enum BenchError {
 }
 
 /// A bridge the harness started, and how to stop it and read its resource use.
-enum RunningBridge {
+enum RunningBridge<B> {
     Child {
         child: tokio::process::Child,
         pid: u32,
     },
-    InProcess(Bridge),
+    InProcess(B),
     Remote,
 }
 
@@ -116,15 +115,18 @@ struct Endpoint {
 }
 
 /// The echo model and the bridge under test, started for one run.
-struct Rig {
+struct Rig<B> {
     epoch: Epoch,
     model: EchoModel,
-    bridge: RunningBridge,
+    bridge: RunningBridge<B>,
     endpoint: Endpoint,
 }
 
-impl Rig {
-    async fn start(options: &BenchOptions) -> Result<Self, BenchError> {
+impl<B: InProcessBridge> Rig<B> {
+    async fn start(
+        options: &BenchOptions,
+        launcher: &impl BridgeLauncher<Bridge = B>,
+    ) -> Result<Self, BenchError> {
         if options.pin {
             pin_current_process(1)?;
         }
@@ -144,7 +146,7 @@ impl Rig {
         )
         .await
         .map_err(BenchError::Model)?;
-        let (bridge, endpoint) = start_bridge(options, &model.url()).await?;
+        let (bridge, endpoint) = start_bridge(options, &model.url(), launcher).await?;
         Ok(Self {
             epoch,
             model,
@@ -171,9 +173,13 @@ impl Rig {
     }
 }
 
-/// Runs one fixed-size benchmark: `calls` callers for `seconds`.
-pub async fn run(options: &BenchOptions) -> Result<BenchResult, BenchError> {
-    let rig = Rig::start(options).await?;
+/// Runs one fixed-size benchmark: `calls` callers for `seconds`. `launcher` starts the bridge
+/// for [`BridgeUnderTest::InProcess`].
+pub async fn run(
+    options: &BenchOptions,
+    launcher: &impl BridgeLauncher,
+) -> Result<BenchResult, BenchError> {
+    let rig = Rig::start(options, launcher).await?;
     let result = rig.measure(options, options.calls).await;
     rig.stop().await;
     Ok(result)
@@ -183,11 +189,12 @@ pub async fn run(options: &BenchOptions) -> Result<BenchResult, BenchError> {
 /// late; the result's `ramp` has every step and `max_calls_held` the largest that held.
 pub async fn run_ramp(
     options: &BenchOptions,
+    launcher: &impl BridgeLauncher,
     step: usize,
     max_calls: usize,
     budget: Duration,
 ) -> Result<BenchResult, BenchError> {
-    let rig = Rig::start(options).await?;
+    let rig = Rig::start(options, launcher).await?;
     let mut steps = Vec::new();
     let mut last = BenchResult::default();
     let mut calls = options.calls.max(1);
@@ -239,8 +246,12 @@ pub async fn run_ramp(
 /// in every batch: halfway through (every call up) and after it (every call ended). A leak
 /// shows as a rising column; the idle descriptor count should come back to the same number
 /// after every batch. The result is the last batch's, with `errors` summed over all of them.
-pub async fn run_soak(options: &BenchOptions, minutes: f64) -> Result<BenchResult, BenchError> {
-    let rig = Rig::start(options).await?;
+pub async fn run_soak(
+    options: &BenchOptions,
+    launcher: &impl BridgeLauncher,
+    minutes: f64,
+) -> Result<BenchResult, BenchError> {
+    let rig = Rig::start(options, launcher).await?;
     let pid = match &rig.bridge {
         RunningBridge::Child { pid, .. } => Some(pid.to_string()),
         _ => None,
@@ -303,10 +314,11 @@ fn soak_line(sample: &SoakSample) -> String {
 /// A `--target` bridge keeps its own: raise it there to measure beyond it.
 const BENCH_MAX_CALLS: usize = 10_000;
 
-async fn start_bridge(
+async fn start_bridge<L: BridgeLauncher>(
     options: &BenchOptions,
     model_url: &str,
-) -> Result<(RunningBridge, Endpoint), BenchError> {
+    launcher: &L,
+) -> Result<(RunningBridge<L::Bridge>, Endpoint), BenchError> {
     let token = Secret::new(format!("{:032x}", rand::random::<u128>()));
     match &options.bridge {
         BridgeUnderTest::Target {
@@ -338,23 +350,14 @@ async fn start_bridge(
                     "--baseline runs the relay as a child process; drop --in-process".into(),
                 ));
             }
-            let config = BridgeConfig {
-                agent: AgentDefaults {
-                    audio_mode: options.audio_mode,
-                    greeting: None,
-                    ..AgentDefaults::default()
-                },
-                drain: Duration::from_secs(2),
-                limits: ListenerLimits::for_calls(BENCH_MAX_CALLS),
-                ..BridgeConfig::local(
-                    token.clone(),
-                    UpstreamTarget {
-                        url: model_url.to_owned(),
-                        api_key: Some(Secret::new("bench")),
-                    },
-                )
+            let settings = BridgeSettings {
+                audio_mode: options.audio_mode,
+                greeting: Some(String::new()),
+                max_calls: Some(BENCH_MAX_CALLS),
+                ..BridgeSettings::new(model_url.to_owned(), Secret::new("bench"), token.clone())
             };
-            let bridge = Bridge::start(&config)
+            let bridge = launcher
+                .launch(settings)
                 .await
                 .map_err(|e| BenchError::Bridge(e.to_string()))?;
             let url = format!("ws://{}/twilio/media", bridge.local_addr());
@@ -463,7 +466,7 @@ async fn wait_until_listening(port: u16, ready: Option<Url>) -> Result<(), Bench
     )))
 }
 
-async fn stop_bridge(bridge: RunningBridge) {
+async fn stop_bridge(bridge: RunningBridge<impl InProcessBridge>) {
     match bridge {
         RunningBridge::Child { mut child, pid } => {
             // SIGTERM lets the bridge drain (briefly: VOXRELAY_DRAIN_SECONDS=2).
@@ -479,7 +482,7 @@ async fn stop_bridge(bridge: RunningBridge) {
             }
         }
         RunningBridge::InProcess(bridge) => {
-            bridge.drain_and_stop(Duration::from_secs(2)).await;
+            bridge.stop(Duration::from_secs(2)).await;
         }
         RunningBridge::Remote => {}
     }
@@ -568,7 +571,7 @@ async fn measure(
     options: &BenchOptions,
     epoch: Epoch,
     model: &EchoModel,
-    bridge: &RunningBridge,
+    bridge: &RunningBridge<impl InProcessBridge>,
     endpoint: &Endpoint,
     calls: usize,
 ) -> BenchResult {
@@ -1203,7 +1206,7 @@ pub fn write_json(path: &PathBuf, result: &BenchResult) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::echo_model::EchoResponse;
+    use crate::echo_model::EchoResponse;
 
     fn options() -> BenchOptions {
         BenchOptions {

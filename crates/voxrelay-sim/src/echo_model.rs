@@ -6,7 +6,7 @@
 //! `input_audio_buffer.speech_started` on a per-session schedule to exercise barge-in, answers
 //! the other client events the bridge sends, and timestamps everything on the run's [`Epoch`]
 //! so the harness can join latencies by byte offsets. Unlike the conversational mock in
-//! `crate::upstream::mock` it keeps no audio and runs no VAD: it is built to serve hundreds of
+//! `crate::mock` it keeps no audio and runs no VAD: it is built to serve hundreds of
 //! sessions from one core. Invariants: one task per session and no timer per append (a queue of
 //! pending echoes drives one re-armed `Sleep`); incoming JSON is parsed borrowed; due echoes are
 //! written as one batch and flushed once; every server event carries an `event_id`; echoed
@@ -29,8 +29,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::results::Epoch;
-use crate::upstream::mock::check_realtime_handshake;
-use crate::upstream::push_json_str;
+use crate::mock::check_realtime_handshake;
+use voxrelay_core::json::push_json_str;
 
 /// tungstenite zero-fills its read buffer on every read and keeps it per connection: 4 KiB
 /// holds a 20 ms append (about 300 bytes) many times over and keeps hundreds of sessions cheap.
@@ -1489,7 +1489,7 @@ mod tests {
 
     /// Not a timed test: prints the echo model's CPU per echoed frame with N paced sessions.
     /// The model runs alone on its own current-thread runtime and thread; the callers run on
-    /// the test's runtime. `cargo test --release --lib bench::echo_model -- --ignored --nocapture`
+    /// the test's runtime. `cargo test --release -p voxrelay-sim --lib echo_model -- --ignored --nocapture`
     /// On the 2-vCPU Xeon dev VM: about 14 µs per echoed frame (one append read, one delta
     /// written), 13% of a core for 200 sessions; perf puts ~46% of it in the kernel.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
