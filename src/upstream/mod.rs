@@ -2,7 +2,7 @@
 //!
 //! This module owns the [`RealtimeProtocol`] trait, the provider-neutral [`UpstreamEvent`]s the
 //! call engine reacts to, the session settings every provider is configured from, and the
-//! socket plumbing ([`connect`]) plus an in-process mock server ([`mock`]). Invariants: a
+//! socket plumbing ([`connect`]); the mock server is in the simulator crate. Invariants: a
 //! protocol implementation never touches a socket or the clock; parsing a server message never
 //! panics and borrows from the message wherever the text allows; every message it produces is
 //! one complete text frame in the provider's current (GA) shape.

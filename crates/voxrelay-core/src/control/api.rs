@@ -206,8 +206,8 @@ pub struct CallReport {
     pub dtmf_digits: u64,
     pub tool_calls: u64,
     pub latency: CallLatency,
-    /// The most recent lines of the call, at most `session::report::MAX_TRANSCRIPT_BYTES` of
-    /// them as encoded here.
+    /// The most recent lines of the call, at most the bridge's
+    /// `session::report::MAX_TRANSCRIPT_BYTES` of them as encoded here.
     pub transcript: Vec<TranscriptEntry>,
     /// Lines left out at the start of `transcript` to keep the report bounded (0 normally).
     #[serde(default)]
