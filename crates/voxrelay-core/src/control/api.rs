@@ -260,6 +260,42 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// Where a call's context came from (the bridge's tenant directory decides); `as_str` is the
+/// report's `context_source` and the bridge's metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ContextSource {
+    /// Fetched from the control plane during this lookup, within the budget.
+    Fresh,
+    /// A cached answer younger than the TTL.
+    Cached,
+    /// A cached answer past its TTL but within the stale-while-revalidate window.
+    Stale,
+    /// No usable answer in time (control plane down, slow or invalid): the default agent.
+    Fallback,
+    /// The control plane said no tenant owns the number (404): the default agent.
+    UnknownNumber,
+}
+
+impl ContextSource {
+    pub const ALL: [ContextSource; 5] = [
+        ContextSource::Fresh,
+        ContextSource::Cached,
+        ContextSource::Stale,
+        ContextSource::Fallback,
+        ContextSource::UnknownNumber,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContextSource::Fresh => "fresh",
+            ContextSource::Cached => "cached",
+            ContextSource::Stale => "stale",
+            ContextSource::Fallback => "fallback",
+            ContextSource::UnknownNumber => "unknown_number",
+        }
+    }
+}
+
 /// `<tenant_id>/<rest>` where no `/`-separated segment of `rest` is empty, `.` or `..`, and
 /// nothing is a control character or a backslash.
 pub fn namespace_within_tenant(tenant_id: &str, namespace: &str) -> bool {
@@ -358,5 +394,14 @@ mod tests {
             assert!(!namespace_within_tenant("t1", outside), "{outside:?}");
         }
         assert!(!namespace_within_tenant("", "/x"));
+    }
+
+    #[test]
+    fn sources_have_their_wire_names() {
+        let names: Vec<&str> = ContextSource::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names,
+            ["fresh", "cached", "stale", "fallback", "unknown_number"]
+        );
     }
 }
