@@ -19,6 +19,8 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::json::push_json_str;
+
 /// One message received from Twilio on the Media Streams WebSocket.
 ///
 /// Deserialize it with `serde_json` (its [`Deserialize`] impl reads serde_json's raw values,
@@ -416,9 +418,9 @@ impl<'a> OutboundMessage<'a> {
 pub fn write_media_json(out: &mut String, stream_sid: &str, payload_b64: &str) {
     out.clear();
     out.push_str(r#"{"event":"media","streamSid":"#);
-    push_json_string(out, stream_sid);
+    push_json_str(out, stream_sid);
     out.push_str(r#","media":{"payload":"#);
-    push_json_string(out, payload_b64);
+    push_json_str(out, payload_b64);
     out.push_str("}}");
 }
 
@@ -426,7 +428,7 @@ pub fn write_media_json(out: &mut String, stream_sid: &str, payload_b64: &str) {
 pub fn write_media_json_from_mulaw(out: &mut String, stream_sid: &str, mulaw: &[u8]) {
     out.clear();
     out.push_str(r#"{"event":"media","streamSid":"#);
-    push_json_string(out, stream_sid);
+    push_json_str(out, stream_sid);
     out.push_str(r#","media":{"payload":""#);
     // The base64 alphabet needs no JSON escaping.
     BASE64.encode_string(mulaw, out);
@@ -437,9 +439,9 @@ pub fn write_media_json_from_mulaw(out: &mut String, stream_sid: &str, mulaw: &[
 pub fn write_mark_json(out: &mut String, stream_sid: &str, name: &str) {
     out.clear();
     out.push_str(r#"{"event":"mark","streamSid":"#);
-    push_json_string(out, stream_sid);
+    push_json_str(out, stream_sid);
     out.push_str(r#","mark":{"name":"#);
-    push_json_string(out, name);
+    push_json_str(out, name);
     out.push_str("}}");
 }
 
@@ -447,42 +449,8 @@ pub fn write_mark_json(out: &mut String, stream_sid: &str, name: &str) {
 pub fn write_clear_json(out: &mut String, stream_sid: &str) {
     out.clear();
     out.push_str(r#"{"event":"clear","streamSid":"#);
-    push_json_string(out, stream_sid);
+    push_json_str(out, stream_sid);
     out.push('}');
-}
-
-/// Appends `value` as a quoted JSON string, escaped byte for byte as serde_json does, so the
-/// writers and the `Serialize` shapes produce identical text.
-fn push_json_string(out: &mut String, value: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push('"');
-    let bytes = value.as_bytes();
-    let mut copied_up_to = 0;
-    for (index, &byte) in bytes.iter().enumerate() {
-        let short: &str = match byte {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0x00..=0x1f => "",
-            _ => continue,
-        };
-        // Every byte escaped is ASCII, so `index` is a char boundary.
-        out.push_str(&value[copied_up_to..index]);
-        if short.is_empty() {
-            out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(byte >> 4)]));
-            out.push(char::from(HEX[usize::from(byte & 0x0f)]));
-        } else {
-            out.push_str(short);
-        }
-        copied_up_to = index + 1;
-    }
-    out.push_str(&value[copied_up_to..]);
-    out.push('"');
 }
 
 #[cfg(test)]
