@@ -515,6 +515,7 @@ fn process_rss_kib(pid: &str) -> Option<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+#[cfg(target_os = "linux")]
 fn cpu_set(cpu: usize) -> libc::cpu_set_t {
     // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -523,6 +524,7 @@ fn cpu_set(cpu: usize) -> libc::cpu_set_t {
     set
 }
 
+#[cfg(target_os = "linux")]
 fn pin_current_process(cpu: usize) -> Result<(), BenchError> {
     let set = cpu_set(cpu);
     // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread. Threads
@@ -552,6 +554,7 @@ fn pin_current_process(cpu: usize) -> Result<(), BenchError> {
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
 fn pin_command(command: &mut tokio::process::Command, cpu: usize) {
     let set = cpu_set(cpu);
     // SAFETY: the closure runs in the forked child before exec and only calls
@@ -565,6 +568,18 @@ fn pin_command(command: &mut tokio::process::Command, cpu: usize) {
         });
     }
 }
+
+/// CPU affinity is Linux's `sched_setaffinity`; elsewhere `--pin` is refused up front.
+#[cfg(not(target_os = "linux"))]
+fn pin_current_process(cpu: usize) -> Result<(), BenchError> {
+    Err(BenchError::Options(format!(
+        "cannot pin the load to CPU {cpu}: --pin needs Linux (sched_setaffinity)"
+    )))
+}
+
+/// Never reached off Linux: [`pin_current_process`] refuses `--pin` before a bridge starts.
+#[cfg(not(target_os = "linux"))]
+fn pin_command(_command: &mut tokio::process::Command, _cpu: usize) {}
 
 /// One measured batch of `calls` calls against a running bridge.
 async fn measure(
