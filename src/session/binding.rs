@@ -30,7 +30,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -243,9 +243,7 @@ fn hex_value(digit: u8) -> Option<u8> {
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
+    voxrelay_core::time::unix_secs(SystemTime::now())
 }
 
 /// Why a claim was refused.

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -690,11 +690,9 @@ fn error(status: StatusCode, code: &str) -> Response {
 /// Wall-clock time since the epoch; a clock before 1970 reads as 0 (and every signature is
 /// then stale, which is the right failure).
 fn unix_now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
+    voxrelay_core::time::since_epoch(SystemTime::now())
 }
 
 fn unix_now_ms() -> u64 {
-    u64::try_from(unix_now().as_millis()).unwrap_or(u64::MAX)
+    voxrelay_core::time::unix_ms(SystemTime::now())
 }

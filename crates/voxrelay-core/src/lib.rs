@@ -16,6 +16,7 @@ pub mod json;
 pub mod logtext;
 pub mod secret;
 pub mod testkit;
+pub mod time;
 pub mod twilio;
 
 pub use audio_mode::AudioMode;
