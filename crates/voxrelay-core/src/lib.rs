@@ -14,6 +14,7 @@ pub mod codec;
 pub mod control;
 pub mod json;
 pub mod logtext;
+pub mod lowerhex;
 pub mod secret;
 pub mod testkit;
 pub mod time;

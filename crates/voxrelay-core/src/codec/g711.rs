@@ -205,10 +205,7 @@ mod tests {
     }
 
     fn sha256_hex(bytes: &[u8]) -> String {
-        Sha256::digest(bytes)
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect()
+        hex::encode(Sha256::digest(bytes))
     }
 
     fn encode_all_i16(encode: fn(i16) -> u8) -> Vec<u8> {

@@ -17,7 +17,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::Secret;
+use crate::{Secret, lowerhex};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -198,7 +198,7 @@ pub fn canonical_string(
         out.push_str(field);
         out.push('\n');
     }
-    push_hex(&mut out, &Sha256::digest(body));
+    lowerhex::push(&mut out, &Sha256::digest(body));
     out
 }
 
@@ -214,7 +214,7 @@ pub fn sign(
 ) -> SignedHeaders {
     let timestamp = unix_now.to_string();
     let mut nonce_hex = String::with_capacity(NONCE_HEX_LEN);
-    push_hex(&mut nonce_hex, &nonce);
+    lowerhex::push(&mut nonce_hex, &nonce);
     let mac = mac_over(
         &key.secret,
         &timestamp,
@@ -225,7 +225,7 @@ pub fn sign(
     );
     let mut signature = String::with_capacity(SIGNATURE_PREFIX.len() + SIGNATURE_HEX_LEN);
     signature.push_str(SIGNATURE_PREFIX);
-    push_hex(&mut signature, &mac);
+    lowerhex::push(&mut signature, &mac);
     SignedHeaders {
         timestamp,
         nonce: nonce_hex,
@@ -368,11 +368,11 @@ impl Verifier {
         path_and_query: &str,
     ) -> Result<CheckedHeaders, Rejection> {
         let timestamp = parse_timestamp(&headers.timestamp).ok_or(Rejection::Malformed)?;
-        let nonce = parse_hex::<16>(&headers.nonce).ok_or(Rejection::Malformed)?;
+        let nonce = lowerhex::decode::<16>(&headers.nonce).ok_or(Rejection::Malformed)?;
         let received = headers
             .signature
             .strip_prefix(SIGNATURE_PREFIX)
-            .and_then(parse_hex::<32>)
+            .and_then(lowerhex::decode::<32>)
             .ok_or(Rejection::Malformed)?;
         if !is_valid_key_id(&headers.key_id)
             || !is_single_line(method)
@@ -551,7 +551,8 @@ fn mac_over(
         mac.update(b"\n");
     }
     let mut body_hex = [0u8; 64];
-    hex_into(&mut body_hex, &Sha256::digest(body));
+    hex::encode_to_slice(Sha256::digest(body), &mut body_hex)
+        .expect("a 32-byte digest is 64 hex digits");
     mac.update(&body_hex);
     mac.finalize().into_bytes().into()
 }
@@ -566,27 +567,6 @@ fn parse_timestamp(text: &str) -> Option<u64> {
     if canonical { text.parse().ok() } else { None }
 }
 
-/// Exactly `2 * N` lowercase hex characters.
-fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let bytes = text.as_bytes();
-    if bytes.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (slot, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        *slot = (lower_hex_value(pair[0])? << 4) | lower_hex_value(pair[1])?;
-    }
-    Some(out)
-}
-
-fn lower_hex_value(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        _ => None,
-    }
-}
-
 fn is_valid_key_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_KEY_ID_LEN
@@ -597,22 +577,6 @@ fn is_valid_key_id(id: &str) -> bool {
 
 fn is_single_line(field: &str) -> bool {
     !field.bytes().any(|byte| byte == b'\n' || byte == b'\r')
-}
-
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
-
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    for &byte in bytes {
-        out.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(HEX_DIGITS[usize::from(byte & 0x0f)]));
-    }
-}
-
-fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    for (pair, &byte) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX_DIGITS[usize::from(byte >> 4)];
-        pair[1] = HEX_DIGITS[usize::from(byte & 0x0f)];
-    }
 }
 
 #[cfg(test)]
@@ -701,7 +665,7 @@ mod tests {
     }
 
     fn nonce_array(hex: &str) -> [u8; 16] {
-        parse_hex::<16>(hex).expect("fixture nonce is 32 lowercase hex")
+        lowerhex::decode::<16>(hex).expect("fixture nonce is 32 lowercase hex")
     }
 
     #[test]
