@@ -432,16 +432,7 @@ fn format_us_tick(us: f64) -> String {
 /// Escapes text for HTML element content and double- or single-quoted attributes.
 fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            other => out.push(other),
-        }
-    }
+    voxrelay_core::twilio::twiml::push_escaped(&mut out, text);
     out
 }
 
