@@ -8,10 +8,14 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY crates ./crates
 COPY src ./src
 COPY benches ./benches
 COPY fixtures ./fixtures
-RUN cargo build --release --locked --bin voxrelay
+# The bridge alone: no simulator, mock models or benchmark (`sim`), no reference control plane
+# and its SQLite (`control-plane`). The workspace's other crates are copied because cargo reads
+# every member's manifest; they are not built.
+RUN cargo build --release --locked -p voxrelay --bin voxrelay --no-default-features
 
 # distroless/cc has glibc and libgcc, no shell, and a `nonroot` user (uid 65532). TLS roots are
 # compiled into the binary (webpki-roots), so no CA bundle is needed.

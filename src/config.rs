@@ -21,8 +21,7 @@ pub const DEFAULT_INSTRUCTIONS: &str = "You are a friendly, concise voice assist
 Speak naturally and keep answers short; the caller is on a phone line.";
 pub const DEFAULT_GREETING: &str = "Hello! Thanks for calling. How can I help you today?";
 
-/// A Twilio message larger than this closes the socket: real ones are under 1 KiB.
-pub const MAX_TWILIO_MESSAGE_BYTES: usize = 64 * 1024;
+pub use voxrelay_core::twilio::MAX_TWILIO_MESSAGE_BYTES;
 /// A Media Streams socket that sends no `start` within this closes.
 pub const START_TIMEOUT: Duration = Duration::from_secs(5);
 

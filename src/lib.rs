@@ -1,23 +1,33 @@
 //! voxrelay: a realtime media bridge between Twilio Media Streams and realtime LLM voice APIs.
 //!
-//! The protocol logic (Twilio stream, upstream session, playback and barge-in) is sans-IO:
-//! plain state machines fed messages and the current time. The async layer in [`session`] and
-//! [`http`] owns the sockets and drives them, one task set per call.
+//! This crate is the bridge: [`http`] (listeners, routes, lifecycle), [`session`] (the call
+//! engine and the per-call driver), [`upstream`] (the realtime providers), [`control`] (the
+//! bridge's control-plane client) and [`config`]. The protocol logic it builds on (codecs, the
+//! Twilio protocol, the control-plane API types and signing) is sans-IO and lives in
+//! `voxrelay-core`, re-exported here under its old paths; plain state machines fed messages and
+//! the current time. The reference control plane (`voxrelay-control-plane`) and the simulator
+//! (`voxrelay-sim`) are crates of their own, linked by the binary through the `control-plane`
+//! and `sim` features; [`in_process`] is how the simulator runs this bridge in its process.
 
-pub mod audio_mode;
-pub mod bench;
-pub mod codec;
 pub mod config;
 pub mod control;
 pub mod http;
-pub mod logtext;
-pub mod secret;
+#[cfg(feature = "sim")]
+pub mod in_process;
 pub mod session;
-pub mod twilio;
 pub mod upstream;
 
-#[cfg(test)]
-mod testkit;
+// The simulator is the `voxrelay-sim` crate (the `sim` feature); re-exported under its old
+// path so `voxrelay::bench::…` keeps resolving.
+#[cfg(feature = "sim")]
+pub use voxrelay_sim as bench;
 
-pub use audio_mode::AudioMode;
-pub use secret::Secret;
+// The sans-IO modules live in `voxrelay-core`; re-exported under their old paths so
+// `crate::codec::g711`, `voxrelay::twilio::…` and the like keep resolving.
+pub use voxrelay_core::{AudioMode, Secret};
+pub use voxrelay_core::{audio_mode, codec, logtext, secret, twilio};
+
+#[cfg(test)]
+mod testkit {
+    pub(crate) use voxrelay_core::testkit::Lcg;
+}

@@ -1,4 +1,7 @@
-//! The `voxrelay` binary: `serve`, `call`, `demo`, `control-plane` and the benchmark tools.
+//! The `voxrelay` binary: `serve` and `healthcheck` always; `call`, `demo`, `bench` and the
+//! hidden `baseline-relay` with the `sim` feature (the simulator, `voxrelay-sim`);
+//! `control-plane` with the `control-plane` feature (`voxrelay-control-plane`). Both features
+//! are on by default; the production image is built without them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,18 +12,31 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use url::Url;
 
-use voxrelay::bench::baseline::BaselineRelay;
-use voxrelay::bench::caller::{CallerConfig, place_call};
-use voxrelay::bench::demo::{DemoOptions, run_demo};
-use voxrelay::bench::harness::{self, BenchOptions, BridgeUnderTest};
-use voxrelay::bench::{SPEECH_FIXTURE, http_client};
+use voxrelay::AudioMode;
+#[cfg(feature = "sim")]
+use voxrelay::Secret;
 use voxrelay::config::{BridgeConfig, RawConfig};
-use voxrelay::control::server::{ControlPlane, ControlPlaneConfig};
-use voxrelay::control::signing::Verifier;
-use voxrelay::control::store::DbLocation;
 use voxrelay::http::{Bridge, shutdown_signal};
-use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer};
-use voxrelay::{AudioMode, Secret};
+#[cfg(feature = "sim")]
+use voxrelay::in_process::InProcessLauncher;
+#[cfg(feature = "control-plane")]
+use voxrelay_control_plane::server::{ControlPlane, ControlPlaneConfig};
+#[cfg(feature = "control-plane")]
+use voxrelay_control_plane::store::DbLocation;
+#[cfg(feature = "control-plane")]
+use voxrelay_core::control::signing::Verifier;
+#[cfg(feature = "sim")]
+use voxrelay_sim::baseline::BaselineRelay;
+#[cfg(feature = "sim")]
+use voxrelay_sim::caller::{CallerConfig, place_call};
+#[cfg(feature = "sim")]
+use voxrelay_sim::demo::{DemoOptions, run_demo};
+#[cfg(feature = "sim")]
+use voxrelay_sim::harness::{self, BenchOptions, BridgeUnderTest};
+#[cfg(feature = "sim")]
+use voxrelay_sim::mock::{MockConfig, MockRealtimeServer};
+#[cfg(feature = "sim")]
+use voxrelay_sim::{SPEECH_FIXTURE, http_client};
 
 #[derive(Parser)]
 #[command(
@@ -33,27 +49,35 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up and consumed at once: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the bridge.
     Serve(ServeArgs),
     /// Place one simulated, signed Twilio call against a running bridge.
+    #[cfg(feature = "sim")]
     Call(CallArgs),
     /// Run a bridge, a mock model and a few simulated calls in one process.
+    #[cfg(feature = "sim")]
     Demo(DemoArgs),
     /// Exit 0 when a bridge answers its health check (for container HEALTHCHECKs).
     Healthcheck(HealthcheckArgs),
     /// The benchmark's do-nothing relay (the machine's floor); unauthenticated, never expose it.
+    #[cfg(feature = "sim")]
     #[command(hide = true)]
     BaselineRelay(BaselineRelayArgs),
     /// Latency benchmark: simulated callers and an echo model against a bridge.
+    #[cfg(feature = "sim")]
     Bench(BenchArgs),
     /// Run the reference control plane: tenants, call history and tools in SQLite, behind the
     /// signed /v1 API. Keys come from VOXRELAY_CONTROL_PLANE_KEYS (`key_id:secret[:scope][,…]`,
     /// scope `bridge` (the default) or `operator`).
+    #[cfg(feature = "control-plane")]
     ControlPlane(ControlPlaneArgs),
 }
 
+#[cfg(feature = "control-plane")]
 #[derive(Args)]
 struct ControlPlaneArgs {
     /// Address to listen on.
@@ -67,6 +91,7 @@ struct ControlPlaneArgs {
     seed: Option<PathBuf>,
 }
 
+#[cfg(feature = "sim")]
 #[derive(Args)]
 struct BaselineRelayArgs {
     /// Address to listen on (port 0 picks one; the bound address is the first line on stdout).
@@ -84,6 +109,7 @@ struct BaselineRelayArgs {
     fault: Option<voxrelay::bench::baseline::Fault>,
 }
 
+#[cfg(feature = "sim")]
 #[derive(Args)]
 struct BenchArgs {
     /// Concurrent calls (with --ramp: the first step).
@@ -289,6 +315,7 @@ fn parse_flag(value: &str) -> Result<bool, String> {
     }
 }
 
+#[cfg(feature = "sim")]
 #[derive(Args)]
 struct CallArgs {
     /// The bridge's base URL.
@@ -321,6 +348,7 @@ struct CallArgs {
     linger_seconds: f64,
 }
 
+#[cfg(feature = "sim")]
 #[derive(Args)]
 struct DemoArgs {
     /// Number of simulated calls.
@@ -341,18 +369,25 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
+        #[cfg(feature = "sim")]
         Command::Call(args) => call(args).await,
+        #[cfg(feature = "sim")]
         Command::Demo(args) => demo(args).await,
         Command::Healthcheck(args) => healthcheck(args).await,
+        #[cfg(feature = "sim")]
         Command::BaselineRelay(args) => baseline_relay(args).await,
+        #[cfg(feature = "sim")]
         Command::Bench(args) => bench(args).await,
+        #[cfg(feature = "control-plane")]
         Command::ControlPlane(args) => control_plane(args).await,
     }
 }
 
 /// The environment variable holding the control plane's signing keys.
+#[cfg(feature = "control-plane")]
 const CONTROL_PLANE_KEYS_ENV: &str = "VOXRELAY_CONTROL_PLANE_KEYS";
 
+#[cfg(feature = "control-plane")]
 async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
     // Keys only from the environment: a command-line flag would show them in `ps`.
     let keys = match std::env::var(CONTROL_PLANE_KEYS_ENV) {
@@ -442,7 +477,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         max_unverified_connections: args.max_unverified_connections,
     };
-    let mut config = match BridgeConfig::from_raw(raw) {
+    let config = match BridgeConfig::from_raw(raw) {
         Ok(config) => config,
         Err(error) => {
             // One line whatever RUST_BACKTRACE says: the operator needs the reason, not a trace.
@@ -455,15 +490,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .context("adding VOXRELAY_MODEL_CA_FILE to the model connection's roots")?;
         tracing::info!(file = ?ca.path(), certificates = ca.len(), "model connection trusts an extra CA");
     }
-    let mut mock = None;
+    #[cfg(feature = "sim")]
+    let (config, mock) = start_mock_model(config).await?;
+    #[cfg(not(feature = "sim"))]
     if config.mock_model {
-        let server = MockRealtimeServer::start(MockConfig::default())
-            .await
-            .context("starting the built-in mock model")?;
-        tracing::warn!(mock = %server.url(), "--mock-model: calls go to the built-in mock realtime model, not OpenAI");
-        config.upstream.url = server.url();
-        config.upstream.api_key = Some(Secret::new("voxrelay-mock"));
-        mock = Some(server);
+        // A configuration error like any other: one line, exit 2.
+        eprintln!(
+            "Error: --mock-model (VOXRELAY_MOCK_MODEL=1) needs the built-in mock model, which this build leaves out (built without the `sim` feature)"
+        );
+        std::process::exit(2);
     }
     let bridge = Bridge::start(&config).await.with_context(|| {
         format!(
@@ -481,12 +516,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     let outcome = bridge.drain_and_stop(config.drain).await;
     tracing::info!(?outcome, "stopped");
+    #[cfg(feature = "sim")]
     if let Some(mock) = mock {
         mock.shutdown();
     }
     Ok(())
 }
 
+/// `--mock-model`: starts the built-in mock model and points the bridge at it.
+#[cfg(feature = "sim")]
+async fn start_mock_model(
+    mut config: BridgeConfig,
+) -> anyhow::Result<(BridgeConfig, Option<MockRealtimeServer>)> {
+    if !config.mock_model {
+        return Ok((config, None));
+    }
+    let server = MockRealtimeServer::start(MockConfig::default())
+        .await
+        .context("starting the built-in mock model")?;
+    tracing::warn!(mock = %server.url(), "--mock-model: calls go to the built-in mock realtime model, not OpenAI");
+    config.upstream.url = server.url();
+    config.upstream.api_key = Some(Secret::new("voxrelay-mock"));
+    Ok((config, Some(server)))
+}
+
+#[cfg(feature = "sim")]
 async fn call(args: CallArgs) -> anyhow::Result<()> {
     let audio = match &args.audio {
         Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
@@ -558,6 +612,7 @@ async fn call(args: CallArgs) -> anyhow::Result<()> {
 }
 
 /// Mean and count of one Prometheus histogram in exposition text.
+#[cfg(feature = "sim")]
 fn summarize_histogram(text: &str, family: &str) -> Option<String> {
     let value = |suffix: &str| -> Option<f64> {
         let prefix = format!("{family}_{suffix} ");
@@ -574,12 +629,13 @@ fn summarize_histogram(text: &str, family: &str) -> Option<String> {
     })
 }
 
+#[cfg(feature = "sim")]
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let options = DemoOptions {
         calls: args.calls.clamp(1, 200),
         audio_mode: args.audio_mode,
     };
-    let report = run_demo(&options).await?;
+    let report = run_demo(&options, &InProcessLauncher).await?;
     println!("{}", report.text);
     let failed = report.calls.iter().filter(|c| c.is_err()).count();
     if failed > 0 {
@@ -589,20 +645,35 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
-    let response = tokio::time::timeout(
-        Duration::from_secs(2),
-        http_client::send("GET", &args.url, &[], Vec::new()),
-    )
-    .await
-    .context("health check timed out")??;
-    if response.status != 200 {
-        bail!("{} answered {}", args.url, response.status);
+    let status = tokio::time::timeout(Duration::from_secs(2), get_status(&args.url))
+        .await
+        .context("health check timed out")??;
+    if status != 200 {
+        bail!("{} answered {status}", args.url);
     }
     Ok(())
 }
 
+/// `GET url` on a fresh plain-HTTP connection; the status code. The production image has no
+/// simulator (whose HTTP client the other commands use), so the health check has its own.
+async fn get_status(url: &Url) -> anyhow::Result<u16> {
+    use http_body_util::Empty;
+    use hyper_util::rt::TokioIo;
+    let host = url.host_str().context("the URL has no host")?;
+    let port = url.port_or_known_default().context("the URL has no port")?;
+    let stream = tokio::net::TcpStream::connect((host, port)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(url.path())
+        .header(hyper::header::HOST, format!("{host}:{port}"))
+        .body(Empty::<bytes::Bytes>::new())?;
+    Ok(sender.send_request(request).await?.status().as_u16())
+}
+
 /// Runs the baseline relay until SIGTERM/SIGINT on a current-thread runtime of its own thread,
 /// as the floor it measures is "one core, no cross-thread hops"; `main`'s runtime only waits.
+#[cfg(feature = "sim")]
 async fn baseline_relay(args: BaselineRelayArgs) -> anyhow::Result<()> {
     let relay_thread = std::thread::Builder::new()
         .name("baseline-relay".to_owned())
@@ -614,7 +685,7 @@ async fn baseline_relay(args: BaselineRelayArgs) -> anyhow::Result<()> {
             runtime.block_on(async {
                 if let Some(path) = &args.model_ca_file {
                     let ca = voxrelay::upstream::connect::ModelCa::from_pem_file(path)?;
-                    voxrelay::upstream::connect::trust_model_ca(&ca)?;
+                    voxrelay_sim::dial::trust_extra_roots(ca.certificates())?;
                 }
                 let relay =
                     BaselineRelay::start_with_fault(args.listen, args.upstream_url, args.fault)
@@ -643,6 +714,7 @@ async fn baseline_relay(args: BaselineRelayArgs) -> anyhow::Result<()> {
     }
 }
 
+#[cfg(feature = "sim")]
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.first_audio {
         return bench_first_audio(&args).await;
@@ -683,12 +755,20 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         progress: !args.quiet,
     };
     let budget = Duration::from_secs_f64(args.budget_ms.max(0.0) / 1e3);
+    let launcher = InProcessLauncher;
     let result = if let Some(minutes) = args.soak_minutes {
-        harness::run_soak(&options, minutes).await?
+        harness::run_soak(&options, &launcher, minutes).await?
     } else if args.ramp {
-        harness::run_ramp(&options, args.ramp_step.max(1), args.ramp_max, budget).await?
+        harness::run_ramp(
+            &options,
+            &launcher,
+            args.ramp_step.max(1),
+            args.ramp_max,
+            budget,
+        )
+        .await?
     } else {
-        harness::run(&options).await?
+        harness::run(&options, &launcher).await?
     };
     println!("{}", harness::summary(&result));
     if let Some(floor) = &result.floor {
@@ -704,7 +784,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let mut runs = vec![result.clone()];
         runs.extend(result.floor.as_deref().cloned());
         let command = std::env::args().collect::<Vec<_>>().join(" ");
-        let page = voxrelay::bench::report::write_report_with_command(dir, &runs, &command)
+        let page = voxrelay_sim::report::write_report_with_command(dir, &runs, &command)
             .with_context(|| format!("writing the report into {}", dir.display()))?;
         println!("wrote {}", page.display());
     }
@@ -714,15 +794,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "sim")]
 async fn bench_first_audio(args: &BenchArgs) -> anyhow::Result<()> {
-    use voxrelay::bench::first_audio::{FirstAudioOptions, run};
+    use voxrelay_sim::first_audio::{FirstAudioOptions, run};
     let options = FirstAudioOptions {
         calls: args.calls.max(1),
         model_connect: Duration::from_secs_f64(args.model_connect_ms.max(0.0) / 1e3),
         twilio_gap: Duration::from_secs_f64(args.twilio_gap_ms.max(0.0) / 1e3),
         audio_mode: args.audio_mode,
     };
-    let result = run(&options).await?;
+    let result = run(&options, &InProcessLauncher).await?;
     let ms = |us: f64| us / 1e3;
     println!(
         "start → first assistant audio, {} calls each, model handshake {:.0} ms, Twilio gap {:.0} ms",

@@ -12,10 +12,10 @@ use common::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use voxrelay::AudioMode;
-use voxrelay::bench::caller::{CallerConfig, place_call};
 use voxrelay::session::binding::STREAM_TOKEN_PARAMETER;
 use voxrelay::twilio::signature::compute_signature;
-use voxrelay::upstream::mock::MockConfig;
+use voxrelay_sim::caller::{CallerConfig, place_call};
+use voxrelay_sim::mock::MockConfig;
 
 async fn stack_with(adjust: impl FnOnce(&mut voxrelay::config::BridgeConfig)) -> Stack {
     start_stack_adjusted(
@@ -198,15 +198,15 @@ mod unbound {
     use serde_json::json;
     use tokio_tungstenite::tungstenite::Message;
     use voxrelay::Secret;
-    use voxrelay::bench::caller::{CallerConfig, place_call};
     use voxrelay::config::{BridgeConfig, ControlPlaneTarget, DEFAULT_INSTRUCTIONS, RawConfig};
     use voxrelay::control::api::{CallReport, ReportBinding};
-    use voxrelay::control::server::{
+    use voxrelay::control::signing::{SigningKey, Verifier};
+    use voxrelay::session::binding::{STREAM_TOKEN_PARAMETER, StreamTokens, TOKEN_LIFETIME};
+    use voxrelay_control_plane::server::{
         ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
     };
-    use voxrelay::control::signing::{SigningKey, Verifier};
-    use voxrelay::control::store::DbLocation;
-    use voxrelay::session::binding::{STREAM_TOKEN_PARAMETER, StreamTokens, TOKEN_LIFETIME};
+    use voxrelay_control_plane::store::DbLocation;
+    use voxrelay_sim::caller::{CallerConfig, place_call};
 
     use super::common::*;
     use super::stack_with;
@@ -327,7 +327,7 @@ mod unbound {
             json!({"To": ACME, "From": "+15559990000", "CallSid": call_sid}),
         )
         .await;
-        let fallback = |sessions: &[voxrelay::upstream::mock::MockSessionRecord]| {
+        let fallback = |sessions: &[voxrelay_sim::mock::MockSessionRecord]| {
             sessions
                 .iter()
                 .find(|s| s.session["instructions"] == DEFAULT_INSTRUCTIONS)

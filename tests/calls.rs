@@ -11,8 +11,8 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use voxrelay::AudioMode;
-use voxrelay::bench::caller::{CallerConfig, place_call};
-use voxrelay::upstream::mock::MockConfig;
+use voxrelay_sim::caller::{CallerConfig, place_call};
+use voxrelay_sim::mock::MockConfig;
 
 /// Quiet, then a tone over the greeting (a barge-in), then quiet while the echo plays.
 fn barge_in_script(hz: f64) -> Vec<u8> {

@@ -268,13 +268,13 @@ mod drain {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use url::Url;
-    use voxrelay::control::server::{
+    use voxrelay::control::signing::Verifier;
+    use voxrelay::twilio::signature::compute_signature;
+    use voxrelay_control_plane::server::{
         ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
     };
-    use voxrelay::control::signing::Verifier;
-    use voxrelay::control::store::DbLocation;
-    use voxrelay::twilio::signature::compute_signature;
-    use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer};
+    use voxrelay_control_plane::store::DbLocation;
+    use voxrelay_sim::mock::{MockConfig, MockRealtimeServer};
 
     use super::{BIN, free_port};
 
@@ -546,7 +546,7 @@ mod drain {
         let body = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(params.iter())
             .finish();
-        let answer = voxrelay::bench::http_client::send(
+        let answer = voxrelay_sim::http_client::send(
             "POST",
             &webhook,
             &[
@@ -559,7 +559,7 @@ mod drain {
         .expect("webhook");
         assert_eq!(answer.status, 200, "{}", answer.body);
         let (stream_url, parameters) =
-            voxrelay::bench::caller::parse_connect_stream(&answer.body).expect("TwiML stream");
+            voxrelay_sim::caller::parse_connect_stream(&answer.body).expect("TwiML stream");
         let parameters =
             serde_json::Value::Object(parameters.into_iter().map(|(k, v)| (k, json!(v))).collect());
 

@@ -20,9 +20,11 @@ use voxrelay::control::api::{
     self, CallHistory, CallLatency, CallReport, ReportBinding, Speaker, TenantContext,
     TranscriptEntry,
 };
-use voxrelay::control::server::{ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml};
 use voxrelay::control::signing::{SignedHeaders, SigningKey, Verifier, sign};
-use voxrelay::control::store::DbLocation;
+use voxrelay_control_plane::server::{
+    ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
+};
+use voxrelay_control_plane::store::DbLocation;
 
 const KEYS: &str =
     "cp-2025-06:old secret,cp-2025-09:new secret: with a colon,ops-2025-09:ops secret:operator";
@@ -502,7 +504,7 @@ async fn every_signature_failure_is_a_bare_401_with_its_reason() {
             &format!(
                 "POST {tool_path} HTTP/1.1\r\nHost: {addr}\r\n{}Content-Length: {}\r\n\r\n",
                 header_lines(&signed),
-                voxrelay::control::server::MAX_BODY_BYTES + 1
+                voxrelay_control_plane::server::MAX_BODY_BYTES + 1
             ),
         )
         .await;
@@ -615,14 +617,14 @@ async fn a_body_held_back_after_good_headers_times_out() {
             body.len()
         );
         let started = Instant::now();
-        let limit = voxrelay::control::server::BODY_READ_TIMEOUT + Duration::from_secs(3);
+        let limit = voxrelay_control_plane::server::BODY_READ_TIMEOUT + Duration::from_secs(3);
         let answer = send_head(addr, &head, &body[..10], limit).await;
         let took = started.elapsed();
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
         assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
         assert!(answer.ends_with(r#"{"error":"body_timeout"}"#), "{answer}");
         assert!(
-            took >= voxrelay::control::server::BODY_READ_TIMEOUT - Duration::from_millis(100),
+            took >= voxrelay_control_plane::server::BODY_READ_TIMEOUT - Duration::from_millis(100),
             "{took:?}"
         );
         cp.stop().await;
@@ -1044,7 +1046,7 @@ async fn start_refuses_a_bad_seed_and_an_empty_key_list() {
         .await;
         assert!(matches!(
             bad_seed.map(|_| ()),
-            Err(voxrelay::control::server::ControlPlaneError::Seed(_))
+            Err(voxrelay_control_plane::server::ControlPlaneError::Seed(_))
         ));
         let no_keys = ControlPlane::start(ControlPlaneConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -1055,7 +1057,7 @@ async fn start_refuses_a_bad_seed_and_an_empty_key_list() {
         .await;
         assert!(matches!(
             no_keys.map(|_| ()),
-            Err(voxrelay::control::server::ControlPlaneError::NoKeys)
+            Err(voxrelay_control_plane::server::ControlPlaneError::NoKeys)
         ));
     })
     .await;

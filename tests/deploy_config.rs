@@ -95,3 +95,22 @@ fn the_container_checks_itself_on_the_admin_listener() {
     assert!(healthcheck.contains(&expected), "{healthcheck}");
     assert!(!dockerfile.contains("/metrics\""));
 }
+
+#[test]
+fn the_image_builds_the_bridge_alone() {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let build = dockerfile
+        .lines()
+        .find(|line| line.starts_with("RUN cargo build"))
+        .unwrap();
+    // No simulator, no reference control plane (and so no SQLite) in the production binary.
+    assert!(build.contains("-p voxrelay "), "{build}");
+    assert!(build.contains("--no-default-features"), "{build}");
+    // Cargo reads every workspace member's manifest, built or not.
+    assert!(
+        dockerfile
+            .lines()
+            .any(|line| line == "COPY crates ./crates")
+    );
+}

@@ -27,7 +27,7 @@ use voxrelay::session::call::{CLOSE_GRACE, WRITE_TIMEOUT};
 use voxrelay::session::metrics::{Leg, TwilioErrorKind};
 use voxrelay::twilio::signature::compute_signature;
 use voxrelay::upstream::connect::MAX_UPSTREAM_MESSAGE_BYTES;
-use voxrelay::upstream::mock::{MockConfig, MockFault, MockFaultKind, MockRealtimeServer};
+use voxrelay_sim::mock::{MockConfig, MockFault, MockFaultKind, MockRealtimeServer};
 
 /// A greeting long enough to still be playing when each fault happens.
 fn mock_with(fault: Option<MockFaultKind>) -> MockConfig {
@@ -545,7 +545,7 @@ fn a_sequence_number_of_u64_max_is_refused_and_the_bridge_keeps_answering() {
         let health = stack.url.join("/healthz").unwrap();
         let answered = tokio::time::timeout(
             Duration::from_secs(5),
-            voxrelay::bench::http_client::send("GET", &health, &[], Vec::new()),
+            voxrelay_sim::http_client::send("GET", &health, &[], Vec::new()),
         )
         .await;
         match answered {

@@ -17,11 +17,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use url::Url;
 use voxrelay::AudioMode;
-use voxrelay::bench::http_client;
 use voxrelay::config::BridgeConfig;
 use voxrelay::session::metrics::{ListenerRefusal, SignedRoute};
 use voxrelay::twilio::signature::compute_signature;
-use voxrelay::upstream::mock::MockConfig;
+use voxrelay_sim::http_client;
+use voxrelay_sim::mock::MockConfig;
 
 const SHORT: Duration = Duration::from_millis(300);
 

@@ -16,11 +16,11 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use url::Url;
 use voxrelay::AudioMode;
 use voxrelay::Secret;
-use voxrelay::bench::http_client;
 use voxrelay::config::UpstreamTarget;
 use voxrelay::session::metrics::{SignedRoute, TwilioErrorKind};
 use voxrelay::twilio::signature::compute_signature;
-use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer};
+use voxrelay_sim::http_client;
+use voxrelay_sim::mock::{MockConfig, MockRealtimeServer};
 
 fn form(params: &[(&str, &str)]) -> Vec<u8> {
     url::form_urlencoded::Serializer::new(String::new())

@@ -14,13 +14,15 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use voxrelay::bench::caller::{CallReport as CallerReport, CallerConfig, place_call};
 use voxrelay::config::{ControlPlaneTarget, DEFAULT_GREETING, DEFAULT_INSTRUCTIONS};
-use voxrelay::control::server::{ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml};
 use voxrelay::control::signing::{SigningKey, Verifier};
-use voxrelay::control::store::DbLocation;
-use voxrelay::upstream::mock::{MockConfig, MockSessionRecord, MockToolCall};
 use voxrelay::{AudioMode, Secret};
+use voxrelay_control_plane::server::{
+    ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
+};
+use voxrelay_control_plane::store::DbLocation;
+use voxrelay_sim::caller::{CallReport as CallerReport, CallerConfig, place_call};
+use voxrelay_sim::mock::{MockConfig, MockSessionRecord, MockToolCall};
 
 const KEY_ID: &str = "bridge-test";
 const KEY_SECRET: &str = "tenancy-test-secret";
@@ -519,7 +521,7 @@ async fn a_call_with_an_oversized_transcript_still_delivers_its_report_with_the_
     // 80 lines of 15 kB: a 1.2 MB transcript, more than the control plane takes in one body.
     let (lines, line_bytes) = (80, 15_000);
     let (model_url, model) = talkative_model(lines, line_bytes).await;
-    let unused = voxrelay::upstream::mock::MockRealtimeServer::start(MockConfig::default())
+    let unused = voxrelay_sim::mock::MockRealtimeServer::start(MockConfig::default())
         .await
         .expect("mock");
     let stack = start_stack_configured(

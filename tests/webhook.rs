@@ -15,13 +15,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use voxrelay::AudioMode;
-use voxrelay::bench::caller::{CallerConfig, parse_connect_stream, place_call};
-use voxrelay::bench::http_client;
 use voxrelay::config::BridgeConfig;
 use voxrelay::session::binding::STREAM_TOKEN_PARAMETER;
 use voxrelay::session::metrics::{SignedRoute, WebhookRefusal};
 use voxrelay::twilio::signature::compute_signature;
-use voxrelay::upstream::mock::MockConfig;
+use voxrelay_sim::caller::{CallerConfig, parse_connect_stream, place_call};
+use voxrelay_sim::http_client;
+use voxrelay_sim::mock::MockConfig;
 
 const OUR_ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
 const OTHER_ACCOUNT: &str = "ACfedcba9876543210fedcba9876543210";

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use tokio::sync::watch;
 
-use crate::control::api::{self, TenantContext};
+use crate::control::api::{self, TenantContext, namespace_within_tenant};
 use crate::control::client::ControlPlaneClient;
 use crate::session::metrics::{ControlEndpoint, Metrics};
 
@@ -55,41 +55,8 @@ pub const DEFAULT_STALE_WHILE_REVALIDATE: Duration = Duration::from_secs(600);
 /// Default number of cached numbers above which expired entries are purged.
 pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
 
-/// Where a call's context came from; `as_str` is the report's `context_source` and the
-/// metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ContextSource {
-    /// Fetched from the control plane during this lookup, within the budget.
-    Fresh,
-    /// A cached answer younger than the TTL.
-    Cached,
-    /// A cached answer past its TTL but within the stale-while-revalidate window.
-    Stale,
-    /// No usable answer in time (control plane down, slow or invalid): the default agent.
-    Fallback,
-    /// The control plane said no tenant owns the number (404): the default agent.
-    UnknownNumber,
-}
-
-impl ContextSource {
-    pub(crate) const ALL: [ContextSource; 5] = [
-        ContextSource::Fresh,
-        ContextSource::Cached,
-        ContextSource::Stale,
-        ContextSource::Fallback,
-        ContextSource::UnknownNumber,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ContextSource::Fresh => "fresh",
-            ContextSource::Cached => "cached",
-            ContextSource::Stale => "stale",
-            ContextSource::Fallback => "fallback",
-            ContextSource::UnknownNumber => "unknown_number",
-        }
-    }
-}
+// The report's `context_source` values: a wire name, so it lives with the wire types.
+pub use crate::control::api::ContextSource;
 
 /// How usable a cached answer is at some instant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -468,22 +435,6 @@ fn within_tenant(
     Ok(context)
 }
 
-/// `<tenant_id>/<rest>` where no `/`-separated segment of `rest` is empty, `.` or `..`, and
-/// nothing is a control character or a backslash.
-pub fn namespace_within_tenant(tenant_id: &str, namespace: &str) -> bool {
-    let Some(rest) = namespace
-        .strip_prefix(tenant_id)
-        .and_then(|rest| rest.strip_prefix('/'))
-    else {
-        return false;
-    };
-    !tenant_id.is_empty()
-        && !namespace.chars().any(|c| c.is_control() || c == '\\')
-        && rest
-            .split('/')
-            .all(|segment| !segment.is_empty() && segment != "." && segment != "..")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,6 +444,21 @@ mod tests {
             ttl: Duration::from_secs(ttl_s),
             stale_while_revalidate: Duration::from_secs(swr_s),
             ..DirectorySettings::default()
+        }
+    }
+
+    fn context(tenant_id: &str, namespace: &str) -> TenantContext {
+        TenantContext {
+            tenant_id: tenant_id.into(),
+            agent_name: "Ada".into(),
+            voice: "marin".into(),
+            greeting: None,
+            instructions: "Be brief.".into(),
+            audio_mode: crate::AudioMode::Pcmu,
+            language: "en-US".into(),
+            tools: Vec::new(),
+            memory_namespace: namespace.into(),
+            max_call_seconds: 0,
         }
     }
 
@@ -555,53 +521,6 @@ mod tests {
         assert_eq!(defaults.ttl, Duration::from_secs(60));
         assert_eq!(defaults.stale_while_revalidate, Duration::from_secs(600));
         assert_eq!(defaults.max_entries, 10_000);
-    }
-
-    #[test]
-    fn sources_have_their_wire_names() {
-        let names: Vec<&str> = ContextSource::ALL.iter().map(|s| s.as_str()).collect();
-        assert_eq!(
-            names,
-            ["fresh", "cached", "stale", "fallback", "unknown_number"]
-        );
-    }
-
-    #[test]
-    fn namespaces_must_stay_below_their_tenant() {
-        assert!(namespace_within_tenant("t1", "t1/+15551234567"));
-        assert!(namespace_within_tenant("t1", "t1/vip/line-2"));
-        for outside in [
-            "t2/+1555",
-            "t1",
-            "t1/",
-            "t10/x",
-            "t1x/y",
-            "/t1/x",
-            "t1//x",
-            "t1/../t2/x",
-            "t1/./x",
-            "t1/x/..",
-            "t1/a\\b",
-            "t1/a\nb",
-        ] {
-            assert!(!namespace_within_tenant("t1", outside), "{outside:?}");
-        }
-        assert!(!namespace_within_tenant("", "/x"));
-    }
-
-    fn context(tenant_id: &str, namespace: &str) -> TenantContext {
-        TenantContext {
-            tenant_id: tenant_id.into(),
-            agent_name: "Ada".into(),
-            voice: "marin".into(),
-            greeting: None,
-            instructions: "Be brief.".into(),
-            audio_mode: crate::AudioMode::Pcmu,
-            language: "en-US".into(),
-            tools: Vec::new(),
-            memory_namespace: namespace.into(),
-            max_call_seconds: 0,
-        }
     }
 
     #[test]

@@ -30,7 +30,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -136,10 +136,7 @@ impl StreamTokens {
         token.push_str(TOKEN_PREFIX);
         token.push_str(&expiry.to_string());
         token.push('.');
-        for byte in self.mac(call_sid, to, expiry) {
-            token.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
-            token.push(char::from(HEX_DIGITS[usize::from(byte & 0x0f)]));
-        }
+        voxrelay_core::lowerhex::push(&mut token, &self.mac(call_sid, to, expiry));
         token
     }
 
@@ -225,27 +222,11 @@ fn parse_token(token: &str) -> Option<(u64, [u8; 32])> {
         return None;
     }
     let expiry = expiry.parse().ok()?;
-    let mut mac = [0u8; 32];
-    for (slot, pair) in mac.iter_mut().zip(mac_hex.as_bytes().chunks_exact(2)) {
-        *slot = (hex_value(pair[0])? << 4) | hex_value(pair[1])?;
-    }
-    Some((expiry, mac))
+    Some((expiry, voxrelay_core::lowerhex::decode::<32>(mac_hex)?))
 }
-
-fn hex_value(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        _ => None,
-    }
-}
-
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
+    voxrelay_core::time::unix_secs(SystemTime::now())
 }
 
 /// Why a claim was refused.

@@ -984,19 +984,5 @@ fn submit_report(
     handover.submit(report);
 }
 
-/// Phone numbers in logs keep their last two digits only.
-pub fn redact_number(number: &str) -> String {
-    let digits = number.chars().filter(char::is_ascii_digit).count();
-    if digits <= 2 {
-        return "**".to_owned();
-    }
-    let tail: String = number
-        .chars()
-        .rev()
-        .take(2)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    format!("***{tail}")
-}
+// In `voxrelay-core` (the reference control plane logs numbers the same way).
+pub use crate::logtext::redact_number;

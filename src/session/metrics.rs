@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use super::engine::CallStats;
-use crate::control::directory::ContextSource;
+// From the core crate, not `crate::control`: metrics sits below the control-plane client,
+// which records into it, so it must not import from it.
+use voxrelay_core::control::api::ContextSource;
 
 /// Upper bounds of the latency buckets, in microseconds.
 const BUCKETS_US: [u64; 16] = [

@@ -15,7 +15,7 @@
 //! most [`MAX_REPORT_BYTES`] (the worst case is built and measured in the tests).
 
 use std::collections::VecDeque;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use super::agent::CallAgent;
 use super::engine::{CallStats, TranscriptLine};
@@ -178,8 +178,7 @@ fn bounded(text: &str) -> String {
 }
 
 pub fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis() as u64)
+    voxrelay_core::time::unix_ms(at)
 }
 
 /// Builds the report; `latency` is `(count, p50, p99, max)` in µs for uplink, downlink and
@@ -237,7 +236,7 @@ pub fn call_report(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
     use crate::config::AgentDefaults;

@@ -179,6 +179,11 @@ impl ModelCa {
     }
 
     /// How many certificates the file held.
+    /// The certificates, DER-encoded, for another client to trust the same CA.
+    pub fn certificates(&self) -> &[CertificateDer<'static>] {
+        &self.certificates
+    }
+
     pub fn len(&self) -> usize {
         self.certificates.len()
     }

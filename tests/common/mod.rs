@@ -14,8 +14,8 @@ use voxrelay::codec::g711;
 use voxrelay::config::{AgentDefaults, BridgeConfig, UpstreamTarget};
 use voxrelay::http::Bridge;
 use voxrelay::twilio::signature::compute_signature;
-use voxrelay::upstream::mock::{MockConfig, MockRealtimeServer};
 use voxrelay::{AudioMode, Secret};
+use voxrelay_sim::mock::{MockConfig, MockRealtimeServer};
 
 pub const TOKEN: &str = "e2e-test-auth-token";
 /// The account every test stream names (Twilio-shaped: `AC` + 32 hex digits).
@@ -231,13 +231,13 @@ pub async fn post_voice_form(
     stack: &Stack,
     params: &[(String, String)],
     signature: Option<&str>,
-) -> voxrelay::bench::http_client::HttpResponse {
+) -> voxrelay_sim::http_client::HttpResponse {
     let url = stack.url.join("/twilio/voice").unwrap();
     let computed = compute_signature(TOKEN, url.as_str(), params);
     let body = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(params)
         .finish();
-    voxrelay::bench::http_client::send(
+    voxrelay_sim::http_client::send(
         "POST",
         &url,
         &[
@@ -269,7 +269,7 @@ pub async fn voice_webhook(
     .collect();
     let response = post_voice_form(stack, &params, None).await;
     assert_eq!(response.status, 200, "{}", response.body);
-    voxrelay::bench::caller::parse_connect_stream(&response.body).expect("a <Stream> in the TwiML")
+    voxrelay_sim::caller::parse_connect_stream(&response.body).expect("a <Stream> in the TwiML")
 }
 
 /// Waits for the bridge to close `ws` (a Close frame or the connection ending).

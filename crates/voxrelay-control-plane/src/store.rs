@@ -1,0 +1,1506 @@
+//! The reference control plane's SQLite store: tenants, numbers, calls, transcripts and the
+//! messages `take_message` leaves.
+//!
+//! Owns the schema and every query. Access is one `Connection` behind
+//! `Arc<std::sync::Mutex<…>>`, and every method blocks: the HTTP layer calls them inside
+//! `tokio::task::spawn_blocking`. One connection serialises all requests, which is the point for
+//! a reference service (simple, obviously consistent) and its limit (a production control plane
+//! would use a pool or another database).
+//!
+//! Invariants: the schema is created idempotently on open (WAL mode, foreign keys on); seeding is
+//! an upsert that writes nothing when nothing changed; a call is bound to at most one tenant, by
+//! its first context lookup (or, for a call whose context the bridge served from its cache, its
+//! first tool call), and no later lookup, tool call or report can move it to another tenant; a
+//! call's record comes only from a bound report (its stream proved it is the call) and, once
+//! stored, is final (the identical report again is acknowledged, any other refused); unbound
+//! reports are kept apart (`unbound_reports`) and belong to no tenant; every request that is
+//! refused changes nothing (its transaction is rolled back).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use serde_json::{Value, json};
+
+use super::seed::{BusinessHours, Seed};
+use super::tools::{Tool, ToolArguments, business_hours_output};
+use voxrelay_core::AudioMode;
+use voxrelay_core::control::api::{
+    CallHistory, CallLatency, CallReport, ReportBinding, Speaker, TenantContext, ToolRequest,
+    TranscriptEntry, memory_namespace,
+};
+
+/// The schema this build creates and understands (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 2;
+
+/// How long a statement waits for another process's lock on the file before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tenants (
+    id               TEXT PRIMARY KEY,
+    agent_name       TEXT NOT NULL,
+    voice            TEXT NOT NULL,
+    greeting         TEXT,
+    instructions     TEXT NOT NULL,
+    audio_mode       TEXT NOT NULL CHECK (audio_mode IN ('pcmu', 'pcm16')),
+    language         TEXT NOT NULL,
+    max_call_seconds INTEGER NOT NULL CHECK (max_call_seconds >= 0),
+    -- JSON array of the enabled tools' names, in the order the context lists them.
+    tools            TEXT NOT NULL,
+    -- JSON {\"timezone\": …, \"days\": [7 × null | {\"opens\": \"HH:MM\", \"closes\": \"HH:MM\"}]}, Monday first.
+    business_hours   TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS numbers (
+    number    TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants (id)
+) STRICT;
+CREATE INDEX IF NOT EXISTS numbers_by_tenant ON numbers (tenant_id);
+
+-- One row per call SID: created by the first context lookup (or tool call, or report); the
+-- report columns stay NULL until the bridge reports the call.
+CREATE TABLE IF NOT EXISTS calls (
+    call_sid          TEXT PRIMARY KEY,
+    tenant_id         TEXT REFERENCES tenants (id),
+    from_number       TEXT NOT NULL DEFAULT '',
+    to_number         TEXT NOT NULL DEFAULT '',
+    looked_up_at_ms   INTEGER,
+    reported_at_ms    INTEGER,
+    stream_sid        TEXT,
+    agent_name        TEXT,
+    started_at_ms     INTEGER,
+    ended_at_ms       INTEGER,
+    end_reason        TEXT,
+    context_source    TEXT,
+    memory_namespace  TEXT,
+    audio_seconds_in  REAL,
+    audio_seconds_out REAL,
+    barge_ins         INTEGER,
+    dtmf_digits       INTEGER,
+    tool_calls        INTEGER,
+    -- JSON of the report's `latency` (percentiles per direction).
+    latency           TEXT,
+    -- Schema 2. 'bound' once a bound stream reported (NULL: reported before schema 2, or not
+    -- yet); unbound reports never land here (see unbound_reports).
+    binding           TEXT,
+    -- SHA-256 (hex) of the stored report: an identical retry is acknowledged, any other refused.
+    report_sha256     TEXT,
+    transcript_dropped_lines INTEGER,
+    transcript_cut_lines     INTEGER
+) STRICT;
+CREATE INDEX IF NOT EXISTS calls_by_tenant ON calls (tenant_id, started_at_ms);
+
+CREATE TABLE IF NOT EXISTS transcript_lines (
+    call_sid  TEXT NOT NULL REFERENCES calls (call_sid) ON DELETE CASCADE,
+    seq       INTEGER NOT NULL,
+    speaker   TEXT NOT NULL CHECK (speaker IN ('caller', 'assistant')),
+    offset_ms INTEGER NOT NULL,
+    text      TEXT NOT NULL,
+    PRIMARY KEY (call_sid, seq)
+) STRICT;
+
+-- Schema 2. Reports of streams no webhook token bound to their call (the bridge let them through
+-- with VOXRELAY_REQUIRE_STREAM_TOKEN=0): kept apart from calls, so they can neither replace a
+-- call's record nor be counted as any tenant's. One per stream, first report wins.
+CREATE TABLE IF NOT EXISTS unbound_reports (
+    call_sid       TEXT NOT NULL,
+    stream_sid     TEXT NOT NULL,
+    reported_at_ms INTEGER NOT NULL,
+    report_sha256  TEXT NOT NULL,
+    -- The report as JSON.
+    report         TEXT NOT NULL,
+    PRIMARY KEY (call_sid, stream_sid)
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS messages (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant_id       TEXT NOT NULL REFERENCES tenants (id),
+    call_sid        TEXT NOT NULL REFERENCES calls (call_sid),
+    caller_name     TEXT NOT NULL,
+    callback_number TEXT NOT NULL,
+    message         TEXT NOT NULL,
+    created_at_ms   INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS messages_by_tenant ON messages (tenant_id, id);
+";
+
+/// Schema 1 → 2: the columns `SCHEMA` now creates in `calls` (its `CREATE … IF NOT EXISTS`
+/// leaves an existing table as it is; `unbound_reports` is new and created by it).
+const MIGRATE_1_TO_2: &str = "
+BEGIN;
+ALTER TABLE calls ADD COLUMN binding TEXT;
+ALTER TABLE calls ADD COLUMN report_sha256 TEXT;
+ALTER TABLE calls ADD COLUMN transcript_dropped_lines INTEGER;
+ALTER TABLE calls ADD COLUMN transcript_cut_lines INTEGER;
+COMMIT;
+";
+
+/// Where the database lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DbLocation {
+    /// A SQLite file, created if missing (with its `-wal` and `-shm` files beside it).
+    File(PathBuf),
+    /// A private in-memory database, gone when the store is dropped (tests, demos).
+    InMemory,
+}
+
+/// A fault in the store: the request could not be served (HTTP 500), as opposed to a
+/// [`Refusal`], which is an answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "the database has schema version {found}, newer than this build's {SCHEMA_VERSION}: use a newer voxrelay"
+    )]
+    NewerSchema { found: i64 },
+    /// A row this build cannot read back (written by hand, or by another version).
+    #[error("unreadable {column} in table {table}")]
+    Corrupt {
+        table: &'static str,
+        column: &'static str,
+    },
+}
+
+/// Why a request was refused; each is an expected answer with a stable code, never a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("unknown_number")]
+    UnknownNumber,
+    #[error("unknown_tenant")]
+    UnknownTenant,
+    /// Not a tool this control plane implements, or not enabled for the tenant (the two are
+    /// not told apart, so a tenant cannot probe which tools others have).
+    #[error("unknown_tool")]
+    UnknownTool,
+    /// The call is bound to another tenant (or to none).
+    #[error("tenant_mismatch")]
+    TenantMismatch,
+    /// A context lookup for a call SID already bound to another tenant's number.
+    #[error("call_sid_conflict")]
+    CallSidConflict,
+    #[error("bad_arguments")]
+    BadArguments,
+    /// A report integer beyond what SQLite stores (2^63 - 1).
+    #[error("bad_body")]
+    OutOfRange,
+    /// The call (or, for an unbound report, that stream) already has a different report: a
+    /// stored report is never replaced.
+    #[error("report_conflict")]
+    ReportConflict,
+}
+
+impl Refusal {
+    /// The code sent as `{"error": …}`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::UnknownNumber => "unknown_number",
+            Self::UnknownTenant => "unknown_tenant",
+            Self::UnknownTool => "unknown_tool",
+            Self::TenantMismatch => "tenant_mismatch",
+            Self::CallSidConflict => "call_sid_conflict",
+            Self::BadArguments => "bad_arguments",
+            Self::OutOfRange => "bad_body",
+            Self::ReportConflict => "report_conflict",
+        }
+    }
+}
+
+/// What one seeding wrote; all zero when the database already matched the seed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeedOutcome {
+    pub tenants_written: usize,
+    pub numbers_written: usize,
+    pub numbers_removed: usize,
+}
+
+/// A message left through `take_message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub id: i64,
+    pub tenant_id: String,
+    pub call_sid: String,
+    pub caller_name: String,
+    pub callback_number: String,
+    pub message: String,
+    pub created_at_ms: i64,
+}
+
+/// The store; clones share the one connection.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// A tenant's row, decoded.
+struct TenantRow {
+    id: String,
+    agent_name: String,
+    voice: String,
+    greeting: Option<String>,
+    instructions: String,
+    audio_mode: AudioMode,
+    language: String,
+    max_call_seconds: u32,
+    tools: Vec<Tool>,
+    business_hours: BusinessHours,
+}
+
+const TENANT_COLUMNS: &str = "id, agent_name, voice, greeting, instructions, audio_mode, language, \
+     max_call_seconds, tools, business_hours";
+
+impl Store {
+    /// Opens (creating if needed) the database and its schema.
+    pub fn open(location: &DbLocation) -> Result<Self, StoreError> {
+        let conn = match location {
+            DbLocation::File(path) => Connection::open(path)?,
+            DbLocation::InMemory => Connection::open_in_memory()?,
+        };
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // WAL lets an operator read the file (sqlite3 CLI) while the service writes; an
+        // in-memory database answers `memory`, which is fine.
+        let _mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        // NORMAL is durable across application crashes in WAL mode; only an OS crash can lose
+        // the last transactions, an acceptable trade for a reference service.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema { found: version });
+        }
+        conn.execute_batch(SCHEMA)?;
+        if version == 1 {
+            conn.execute_batch(MIGRATE_1_TO_2)?;
+        }
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// A poisoned lock only means another thread panicked mid-request; SQLite rolled its
+    /// transaction back when the `Transaction` dropped, so the connection is still sound.
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Upserts the seed's tenants and numbers in one transaction. Tenants and numbers not in the
+    /// seed are left alone, except that a seeded tenant's numbers are exactly its seed list (a
+    /// number dropped from the list stops reaching it). Rows already equal are not rewritten.
+    pub fn apply_seed(&self, seed: &Seed) -> Result<SeedOutcome, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut outcome = SeedOutcome::default();
+        for tenant in &seed.tenants {
+            let tools: Vec<&str> = tenant.tools.iter().map(|tool| tool.name()).collect();
+            let tools = serde_json::to_string(&tools).map_err(|_| StoreError::Corrupt {
+                table: "tenants",
+                column: "tools",
+            })?;
+            let hours =
+                serde_json::to_string(&tenant.business_hours).map_err(|_| StoreError::Corrupt {
+                    table: "tenants",
+                    column: "business_hours",
+                })?;
+            outcome.tenants_written += tx.execute(
+                "INSERT INTO tenants (id, agent_name, voice, greeting, instructions, audio_mode,
+                     language, max_call_seconds, tools, business_hours)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (id) DO UPDATE SET
+                     agent_name = excluded.agent_name, voice = excluded.voice,
+                     greeting = excluded.greeting, instructions = excluded.instructions,
+                     audio_mode = excluded.audio_mode, language = excluded.language,
+                     max_call_seconds = excluded.max_call_seconds, tools = excluded.tools,
+                     business_hours = excluded.business_hours
+                 WHERE (agent_name, voice, greeting, instructions, audio_mode, language,
+                        max_call_seconds, tools, business_hours)
+                    IS NOT (excluded.agent_name, excluded.voice, excluded.greeting,
+                        excluded.instructions, excluded.audio_mode, excluded.language,
+                        excluded.max_call_seconds, excluded.tools, excluded.business_hours)",
+                params![
+                    tenant.id,
+                    tenant.agent_name,
+                    tenant.voice,
+                    tenant.greeting,
+                    tenant.instructions,
+                    tenant.audio_mode.as_str(),
+                    tenant.language,
+                    tenant.max_call_seconds,
+                    tools,
+                    hours,
+                ],
+            )?;
+        }
+        for tenant in &seed.tenants {
+            for number in &tenant.numbers {
+                outcome.numbers_written += tx.execute(
+                    "INSERT INTO numbers (number, tenant_id) VALUES (?1, ?2)
+                     ON CONFLICT (number) DO UPDATE SET tenant_id = excluded.tenant_id
+                     WHERE tenant_id IS NOT excluded.tenant_id",
+                    params![number, tenant.id],
+                )?;
+            }
+            let existing: Vec<String> = tx
+                .prepare("SELECT number FROM numbers WHERE tenant_id = ?1")?
+                .query_map([&tenant.id], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            for number in existing {
+                if !tenant.numbers.contains(&number) {
+                    outcome.numbers_removed +=
+                        tx.execute("DELETE FROM numbers WHERE number = ?1", [&number])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// `GET /v1/context`: the context of the tenant `to` belongs to. A non-empty `call_sid` is
+    /// bound to that tenant (refused as [`Refusal::CallSidConflict`] if already bound to
+    /// another); an empty one (a pre-warm or a refresh) records nothing.
+    pub fn context_for_call(
+        &self,
+        to: &str,
+        from: &str,
+        call_sid: &str,
+        now_ms: u64,
+    ) -> Result<Result<TenantContext, Refusal>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tenant_id: Option<String> = tx
+            .query_row(
+                "SELECT tenant_id FROM numbers WHERE number = ?1",
+                [to],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let Some(tenant_id) = tenant_id else {
+            return Ok(Err(Refusal::UnknownNumber));
+        };
+        let Some(tenant) = load_tenant(&tx, &tenant_id)? else {
+            // The foreign key makes this unreachable; answer as for a number nobody owns.
+            return Ok(Err(Refusal::UnknownNumber));
+        };
+        if !call_sid.is_empty() {
+            match call_binding(&tx, call_sid)? {
+                Some(Some(bound)) if bound != tenant.id => {
+                    return Ok(Err(Refusal::CallSidConflict));
+                }
+                _ => {}
+            }
+            tx.execute(
+                "INSERT INTO calls (call_sid, tenant_id, from_number, to_number, looked_up_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (call_sid) DO UPDATE SET
+                     tenant_id = COALESCE(calls.tenant_id, excluded.tenant_id),
+                     looked_up_at_ms = COALESCE(calls.looked_up_at_ms, excluded.looked_up_at_ms),
+                     from_number = IIF(calls.reported_at_ms IS NULL, excluded.from_number, calls.from_number),
+                     to_number = IIF(calls.reported_at_ms IS NULL, excluded.to_number, calls.to_number)",
+                params![call_sid, tenant.id, from, to, clamp_i64(now_ms)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Ok(TenantContext {
+            memory_namespace: memory_namespace(&tenant.id, from),
+            tools: tenant.tools.iter().map(|tool| tool.definition()).collect(),
+            tenant_id: tenant.id,
+            agent_name: tenant.agent_name,
+            voice: tenant.voice,
+            greeting: tenant.greeting,
+            instructions: tenant.instructions,
+            audio_mode: tenant.audio_mode,
+            language: tenant.language,
+            max_call_seconds: tenant.max_call_seconds,
+        }))
+    }
+
+    /// `POST /v1/calls/{call_sid}/report`: stores the call's report. Returns the number of
+    /// transcript lines stored.
+    ///
+    /// Only a **bound** report (its stream proved, with the webhook's token, that it is the
+    /// call) is the call's record. The call's tenant is the one its context lookup bound it to;
+    /// a report naming another tenant is [`Refusal::TenantMismatch`], one naming no tenant (the
+    /// fallback agent answered) keeps the binding, and one for a call never looked up binds it
+    /// to the report's tenant, which must exist. A call's record, once reported, is final: the
+    /// identical report again (a retry) is acknowledged without a write, any other is
+    /// [`Refusal::ReportConflict`].
+    ///
+    /// An **unbound** report never touches `calls`: it goes to `unbound_reports`, one per
+    /// stream (first wins, an identical retry is acknowledged), and may not name a tenant or a
+    /// memory namespace ([`Refusal::TenantMismatch`]).
+    pub fn record_report(
+        &self,
+        report: &CallReport,
+        now_ms: u64,
+    ) -> Result<Result<usize, Refusal>, StoreError> {
+        let Ok(ints) = ReportInts::of(report) else {
+            return Ok(Err(Refusal::OutOfRange));
+        };
+        let encoded = serde_json::to_string(report).map_err(|_| StoreError::Corrupt {
+            table: "calls",
+            column: "report",
+        })?;
+        let digest = sha256_hex(encoded.as_bytes());
+        if report.binding == ReportBinding::Unbound {
+            return self.record_unbound_report(report, &encoded, &digest, now_ms);
+        }
+        let latency = serde_json::to_string(&report.latency).map_err(|_| StoreError::Corrupt {
+            table: "calls",
+            column: "latency",
+        })?;
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stored: Option<(Option<i64>, Option<String>)> = tx
+            .query_row(
+                "SELECT reported_at_ms, report_sha256 FROM calls WHERE call_sid = ?1",
+                [&report.call_sid],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        if let Some((Some(_reported), stored_digest)) = stored {
+            if stored_digest.as_deref() != Some(digest.as_str()) {
+                return Ok(Err(Refusal::ReportConflict));
+            }
+            let lines: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM transcript_lines WHERE call_sid = ?1",
+                [&report.call_sid],
+                |row| row.get(0),
+            )?;
+            return Ok(Ok(usize::try_from(lines).unwrap_or(0)));
+        }
+        if let Some(reported) = &report.tenant_id {
+            if !tenant_exists(&tx, reported)? {
+                return Ok(Err(Refusal::UnknownTenant));
+            }
+        }
+        let bound = call_binding(&tx, &report.call_sid)?.flatten();
+        let tenant_id = match (&bound, &report.tenant_id) {
+            (Some(bound), Some(reported)) if bound != reported => {
+                return Ok(Err(Refusal::TenantMismatch));
+            }
+            (Some(bound), _) => Some(bound.clone()),
+            (None, reported) => reported.clone(),
+        };
+        // A memory namespace is always its tenant's: one naming another tenant is refused.
+        if let (Some(namespace), Some(tenant)) = (&report.memory_namespace, &tenant_id) {
+            if !voxrelay_core::control::api::namespace_within_tenant(tenant, namespace) {
+                return Ok(Err(Refusal::TenantMismatch));
+            }
+        }
+        tx.execute(
+            "INSERT INTO calls (call_sid, tenant_id, from_number, to_number, reported_at_ms,
+                 stream_sid, agent_name, started_at_ms, ended_at_ms, end_reason, context_source,
+                 audio_seconds_in, audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
+                 memory_namespace, binding, report_sha256, transcript_dropped_lines,
+                 transcript_cut_lines)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                 ?18, 'bound', ?19, ?20, ?21)
+             ON CONFLICT (call_sid) DO UPDATE SET
+                 tenant_id = excluded.tenant_id, from_number = excluded.from_number,
+                 to_number = excluded.to_number, reported_at_ms = excluded.reported_at_ms,
+                 stream_sid = excluded.stream_sid, agent_name = excluded.agent_name,
+                 started_at_ms = excluded.started_at_ms, ended_at_ms = excluded.ended_at_ms,
+                 end_reason = excluded.end_reason, context_source = excluded.context_source,
+                 audio_seconds_in = excluded.audio_seconds_in,
+                 audio_seconds_out = excluded.audio_seconds_out, barge_ins = excluded.barge_ins,
+                 dtmf_digits = excluded.dtmf_digits, tool_calls = excluded.tool_calls,
+                 latency = excluded.latency, memory_namespace = excluded.memory_namespace,
+                 binding = excluded.binding, report_sha256 = excluded.report_sha256,
+                 transcript_dropped_lines = excluded.transcript_dropped_lines,
+                 transcript_cut_lines = excluded.transcript_cut_lines",
+            params![
+                report.call_sid,
+                tenant_id,
+                report.from,
+                report.to,
+                clamp_i64(now_ms),
+                report.stream_sid,
+                report.agent_name,
+                ints.started_at_ms,
+                ints.ended_at_ms,
+                report.end_reason,
+                report.context_source,
+                finite(report.audio_seconds_in),
+                finite(report.audio_seconds_out),
+                ints.barge_ins,
+                ints.dtmf_digits,
+                ints.tool_calls,
+                latency,
+                report.memory_namespace,
+                digest,
+                ints.transcript_dropped_lines,
+                ints.transcript_cut_lines,
+            ],
+        )?;
+        // Lines a lookup-only row cannot have; cleared so the report's are the only ones.
+        tx.execute(
+            "DELETE FROM transcript_lines WHERE call_sid = ?1",
+            [&report.call_sid],
+        )?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO transcript_lines (call_sid, seq, speaker, offset_ms, text)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for ((seq, line), offset_ms) in report.transcript.iter().enumerate().zip(&ints.offsets)
+            {
+                insert.execute(params![
+                    report.call_sid,
+                    clamp_i64(seq as u64),
+                    line.speaker.as_str(),
+                    offset_ms,
+                    line.text,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(Ok(report.transcript.len()))
+    }
+
+    /// The unbound half of [`Store::record_report`].
+    fn record_unbound_report(
+        &self,
+        report: &CallReport,
+        encoded: &str,
+        digest: &str,
+        now_ms: u64,
+    ) -> Result<Result<usize, Refusal>, StoreError> {
+        if report.tenant_id.is_some() || report.memory_namespace.is_some() {
+            return Ok(Err(Refusal::TenantMismatch));
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let inserted = tx.execute(
+            "INSERT INTO unbound_reports (call_sid, stream_sid, reported_at_ms, report_sha256, report)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (call_sid, stream_sid) DO NOTHING",
+            params![
+                report.call_sid,
+                report.stream_sid,
+                clamp_i64(now_ms),
+                digest,
+                encoded
+            ],
+        )?;
+        if inserted == 0 {
+            let stored: String = tx.query_row(
+                "SELECT report_sha256 FROM unbound_reports WHERE call_sid = ?1 AND stream_sid = ?2",
+                [&report.call_sid, &report.stream_sid],
+                |row| row.get(0),
+            )?;
+            if stored != digest {
+                return Ok(Err(Refusal::ReportConflict));
+            }
+        }
+        tx.commit()?;
+        Ok(Ok(report.transcript.len()))
+    }
+
+    /// The unbound reports stored for `call_sid`, oldest first (for operators and tests).
+    pub fn unbound_reports(&self, call_sid: &str) -> Result<Vec<CallReport>, StoreError> {
+        let conn = self.lock();
+        let mut select = conn.prepare(
+            "SELECT report FROM unbound_reports WHERE call_sid = ?1
+             ORDER BY reported_at_ms, stream_sid",
+        )?;
+        let texts: Vec<String> = select
+            .query_map([call_sid], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        texts
+            .iter()
+            .map(|text| {
+                serde_json::from_str(text).map_err(|_| StoreError::Corrupt {
+                    table: "unbound_reports",
+                    column: "report",
+                })
+            })
+            .collect()
+    }
+
+    /// `GET /v1/calls`: the tenant's reported calls with transcripts, newest (by start) first.
+    pub fn call_history(
+        &self,
+        tenant_id: &str,
+        limit: usize,
+    ) -> Result<Result<CallHistory, Refusal>, StoreError> {
+        let mut conn = self.lock();
+        // One read transaction, so the calls and their transcripts are one snapshot.
+        let tx = conn.transaction()?;
+        if !tenant_exists(&tx, tenant_id)? {
+            return Ok(Err(Refusal::UnknownTenant));
+        }
+        let mut calls = Vec::new();
+        {
+            let mut select = tx.prepare(
+                "SELECT call_sid, stream_sid, tenant_id, agent_name, from_number, to_number,
+                     started_at_ms, ended_at_ms, end_reason, context_source, audio_seconds_in,
+                     audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
+                     memory_namespace, transcript_dropped_lines, transcript_cut_lines
+                 FROM calls
+                 WHERE tenant_id = ?1 AND reported_at_ms IS NOT NULL
+                 ORDER BY started_at_ms DESC, call_sid DESC
+                 LIMIT ?2",
+            )?;
+            let mut rows = select.query(params![tenant_id, clamp_i64(limit as u64)])?;
+            while let Some(row) = rows.next()? {
+                let latency: Option<String> = row.get(15)?;
+                let latency: CallLatency = match latency {
+                    Some(text) => serde_json::from_str(&text).map_err(|_| StoreError::Corrupt {
+                        table: "calls",
+                        column: "latency",
+                    })?,
+                    None => CallLatency::default(),
+                };
+                calls.push(CallReport {
+                    call_sid: row.get(0)?,
+                    stream_sid: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    tenant_id: row.get(2)?,
+                    agent_name: row.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                    from: row.get(4)?,
+                    to: row.get(5)?,
+                    started_at_ms: unsigned(row.get(6)?),
+                    ended_at_ms: unsigned(row.get(7)?),
+                    end_reason: row.get::<_, Option<String>>(8)?.unwrap_or_default(),
+                    context_source: row.get::<_, Option<String>>(9)?.unwrap_or_default(),
+                    memory_namespace: row.get(16)?,
+                    audio_seconds_in: row.get::<_, Option<f64>>(10)?.unwrap_or_default(),
+                    audio_seconds_out: row.get::<_, Option<f64>>(11)?.unwrap_or_default(),
+                    barge_ins: unsigned(row.get(12)?),
+                    dtmf_digits: unsigned(row.get(13)?),
+                    tool_calls: unsigned(row.get(14)?),
+                    latency,
+                    // Only bound reports are stored here; rows from before schema 2 were
+                    // attributed by the rules of their time.
+                    binding: ReportBinding::Bound,
+                    transcript: Vec::new(),
+                    transcript_dropped_lines: unsigned(row.get(17)?),
+                    transcript_cut_lines: unsigned(row.get(18)?),
+                });
+            }
+        }
+        {
+            let mut lines = tx.prepare(
+                "SELECT speaker, offset_ms, text FROM transcript_lines
+                 WHERE call_sid = ?1 ORDER BY seq",
+            )?;
+            for call in &mut calls {
+                let mut rows = lines.query([&call.call_sid])?;
+                while let Some(row) = rows.next()? {
+                    let speaker: String = row.get(0)?;
+                    let speaker = match speaker.as_str() {
+                        "caller" => Speaker::Caller,
+                        "assistant" => Speaker::Assistant,
+                        _ => {
+                            return Err(StoreError::Corrupt {
+                                table: "transcript_lines",
+                                column: "speaker",
+                            });
+                        }
+                    };
+                    call.transcript.push(TranscriptEntry {
+                        speaker,
+                        offset_ms: unsigned(row.get(1)?),
+                        text: row.get(2)?,
+                    });
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(Ok(CallHistory { calls }))
+    }
+
+    /// `POST /v1/tools/{name}`: checks, in this order, that the tool exists, the tenant exists,
+    /// the tool is enabled for it, the call belongs to it (binding a call never seen before) and
+    /// the arguments fit the schema; then runs the tool. Returns the tool's `output`.
+    pub fn run_tool(
+        &self,
+        name: &str,
+        request: &ToolRequest,
+        now_ms: u64,
+    ) -> Result<Result<Value, Refusal>, StoreError> {
+        let Some(tool) = Tool::from_name(name) else {
+            return Ok(Err(Refusal::UnknownTool));
+        };
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(tenant) = load_tenant(&tx, &request.tenant_id)? else {
+            return Ok(Err(Refusal::UnknownTenant));
+        };
+        if !tenant.tools.contains(&tool) {
+            return Ok(Err(Refusal::UnknownTool));
+        }
+        match call_binding(&tx, &request.call_sid)? {
+            Some(Some(bound)) if bound == tenant.id => {}
+            // Bound to another tenant, or reported as answered by no tenant.
+            Some(_) => return Ok(Err(Refusal::TenantMismatch)),
+            // The bridge served this call's context from its cache, so the call was never
+            // looked up: its first tool call binds it, and no other tenant can use it after.
+            None => {
+                tx.execute(
+                    "INSERT INTO calls (call_sid, tenant_id) VALUES (?1, ?2)",
+                    params![request.call_sid, tenant.id],
+                )?;
+            }
+        }
+        let Ok(arguments) = tool.parse_arguments(&request.arguments) else {
+            return Ok(Err(Refusal::BadArguments));
+        };
+        let output = match arguments {
+            ToolArguments::LookupBusinessHours { day } => {
+                business_hours_output(&tenant.business_hours, day)
+            }
+            ToolArguments::TakeMessage {
+                caller_name,
+                callback_number,
+                message,
+            } => {
+                tx.execute(
+                    "INSERT INTO messages (tenant_id, call_sid, caller_name, callback_number,
+                         message, created_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        tenant.id,
+                        request.call_sid,
+                        caller_name,
+                        callback_number,
+                        message,
+                        clamp_i64(now_ms)
+                    ],
+                )?;
+                json!({"saved": true, "message_id": tx.last_insert_rowid()})
+            }
+        };
+        tx.commit()?;
+        Ok(Ok(output))
+    }
+
+    /// The messages left for a tenant, oldest first (for operators and tests).
+    pub fn messages(&self, tenant_id: &str) -> Result<Vec<StoredMessage>, StoreError> {
+        let conn = self.lock();
+        let mut select = conn.prepare(
+            "SELECT id, tenant_id, call_sid, caller_name, callback_number, message, created_at_ms
+             FROM messages WHERE tenant_id = ?1 ORDER BY id",
+        )?;
+        let messages = select
+            .query_map([tenant_id], |row| {
+                Ok(StoredMessage {
+                    id: row.get(0)?,
+                    tenant_id: row.get(1)?,
+                    call_sid: row.get(2)?,
+                    caller_name: row.get(3)?,
+                    callback_number: row.get(4)?,
+                    message: row.get(5)?,
+                    created_at_ms: row.get(6)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(messages)
+    }
+}
+
+fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, StoreError> {
+    let raw = tx
+        .query_row(
+            &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?1"),
+            [id],
+            |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, Option<String>>(3)?,
+                    row.get::<_, String>(4)?,
+                    row.get::<_, String>(5)?,
+                    row.get::<_, String>(6)?,
+                    row.get::<_, i64>(7)?,
+                    row.get::<_, String>(8)?,
+                    row.get::<_, String>(9)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((
+        id,
+        agent_name,
+        voice,
+        greeting,
+        instructions,
+        audio_mode,
+        language,
+        max_call_seconds,
+        tools,
+        hours,
+    )) = raw
+    else {
+        return Ok(None);
+    };
+    let corrupt = |column| StoreError::Corrupt {
+        table: "tenants",
+        column,
+    };
+    let audio_mode = audio_mode
+        .parse::<AudioMode>()
+        .map_err(|_| corrupt("audio_mode"))?;
+    let max_call_seconds =
+        u32::try_from(max_call_seconds).map_err(|_| corrupt("max_call_seconds"))?;
+    let tool_names: Vec<String> = serde_json::from_str(&tools).map_err(|_| corrupt("tools"))?;
+    let tools = tool_names
+        .iter()
+        .map(|name| Tool::from_name(name).ok_or_else(|| corrupt("tools")))
+        .collect::<Result<_, _>>()?;
+    let business_hours = serde_json::from_str(&hours).map_err(|_| corrupt("business_hours"))?;
+    Ok(Some(TenantRow {
+        id,
+        agent_name,
+        voice,
+        greeting,
+        instructions,
+        audio_mode,
+        language,
+        max_call_seconds,
+        tools,
+        business_hours,
+    }))
+}
+
+fn tenant_exists(tx: &Transaction<'_>, id: &str) -> Result<bool, StoreError> {
+    Ok(tx
+        .query_row("SELECT 1 FROM tenants WHERE id = ?1", [id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// `None`: the call is unknown; `Some(None)`: known but bound to no tenant (reported as
+/// answered by the fallback agent); `Some(Some(id))`: bound to tenant `id`.
+fn call_binding(
+    tx: &Transaction<'_>,
+    call_sid: &str,
+) -> Result<Option<Option<String>>, StoreError> {
+    Ok(tx
+        .query_row(
+            "SELECT tenant_id FROM calls WHERE call_sid = ?1",
+            [call_sid],
+            |row| row.get(0),
+        )
+        .optional()?)
+}
+
+/// The report's integers as SQLite's signed 64-bit ones; `Err` if any does not fit.
+struct ReportInts {
+    started_at_ms: i64,
+    ended_at_ms: i64,
+    barge_ins: i64,
+    dtmf_digits: i64,
+    tool_calls: i64,
+    transcript_dropped_lines: i64,
+    transcript_cut_lines: i64,
+    offsets: Vec<i64>,
+}
+
+impl ReportInts {
+    fn of(report: &CallReport) -> Result<Self, std::num::TryFromIntError> {
+        Ok(Self {
+            started_at_ms: i64::try_from(report.started_at_ms)?,
+            ended_at_ms: i64::try_from(report.ended_at_ms)?,
+            barge_ins: i64::try_from(report.barge_ins)?,
+            dtmf_digits: i64::try_from(report.dtmf_digits)?,
+            tool_calls: i64::try_from(report.tool_calls)?,
+            transcript_dropped_lines: i64::try_from(report.transcript_dropped_lines)?,
+            transcript_cut_lines: i64::try_from(report.transcript_cut_lines)?,
+            offsets: report
+                .transcript
+                .iter()
+                .map(|line| i64::try_from(line.offset_ms))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// For values we produce ourselves (clocks, counts), where saturating is harmless.
+fn clamp_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Back from a column we only ever write with non-negative values (NULL reads as 0).
+fn unsigned(value: Option<i64>) -> u64 {
+    value.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
+}
+
+/// JSON cannot carry NaN or infinities, but a `CallReport` built in Rust can; store 0 instead
+/// of failing the whole report.
+fn finite(value: f64) -> f64 {
+    if value.is_finite() { value } else { 0.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use voxrelay_core::control::api::LatencySummary;
+
+    const FIXTURE: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/tenants.toml"
+    ));
+    const NOW_MS: u64 = 1_750_000_000_000;
+
+    fn seeded() -> Store {
+        let store = Store::open(&DbLocation::InMemory).expect("open");
+        store
+            .apply_seed(&Seed::parse(FIXTURE).expect("fixture"))
+            .expect("seed");
+        store
+    }
+
+    fn report(call_sid: &str, tenant: Option<&str>, started_at_ms: u64) -> CallReport {
+        CallReport {
+            call_sid: call_sid.into(),
+            stream_sid: format!("MZ{call_sid}"),
+            tenant_id: tenant.map(str::to_owned),
+            agent_name: "Ava".into(),
+            from: "+15551230000".into(),
+            to: "+15550100001".into(),
+            started_at_ms,
+            ended_at_ms: started_at_ms + 30_000,
+            end_reason: "twilio_stop".into(),
+            context_source: "fresh".into(),
+            binding: ReportBinding::Bound,
+            memory_namespace: None,
+            audio_seconds_in: 30.0,
+            audio_seconds_out: 12.5,
+            barge_ins: 2,
+            dtmf_digits: 1,
+            tool_calls: 0,
+            latency: CallLatency {
+                uplink_us: LatencySummary {
+                    count: 1500,
+                    p50: 20,
+                    p99: 90,
+                    max: 400,
+                },
+                ..CallLatency::default()
+            },
+            transcript: vec![
+                TranscriptEntry {
+                    speaker: Speaker::Assistant,
+                    offset_ms: 100,
+                    text: "Hello".into(),
+                },
+                TranscriptEntry {
+                    speaker: Speaker::Caller,
+                    offset_ms: 2_000,
+                    text: "Hi, are you open?".into(),
+                },
+            ],
+            transcript_dropped_lines: 0,
+            transcript_cut_lines: 0,
+        }
+    }
+
+    fn tool(call_sid: &str, tenant: &str, arguments: Value) -> ToolRequest {
+        ToolRequest {
+            call_sid: call_sid.into(),
+            tenant_id: tenant.into(),
+            arguments,
+        }
+    }
+
+    /// A scratch directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(label: &str) -> Self {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let path = std::env::temp_dir().join(format!(
+                "voxrelay-store-{label}-{}-{nanos}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&path).expect("temp dir");
+            Self(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn seeding_twice_writes_nothing_the_second_time() {
+        let store = Store::open(&DbLocation::InMemory).expect("open");
+        let seed = Seed::parse(FIXTURE).expect("fixture");
+        let first = store.apply_seed(&seed).expect("seed");
+        assert_eq!(first.tenants_written, seed.tenants.len());
+        assert!(first.numbers_written >= 2);
+        let total_before = store.lock().total_changes();
+        assert_eq!(
+            store.apply_seed(&seed).expect("seed"),
+            SeedOutcome::default()
+        );
+        assert_eq!(store.lock().total_changes(), total_before);
+    }
+
+    #[test]
+    fn a_changed_seed_updates_tenants_and_moves_numbers() {
+        let store = seeded();
+        let changed = FIXTURE
+            .replacen("agent_name = \"Ava\"", "agent_name = \"Avery\"", 1)
+            .replacen("\"+15550100003\"", "\"+15550100009\"", 1);
+        assert_ne!(changed, FIXTURE, "the fixture names Ava and +15550100003");
+        let outcome = store
+            .apply_seed(&Seed::parse(&changed).expect("changed"))
+            .expect("seed");
+        assert_eq!(
+            outcome,
+            SeedOutcome {
+                tenants_written: 1,
+                numbers_written: 1,
+                numbers_removed: 1
+            }
+        );
+        let context = store
+            .context_for_call("+15550100001", "+1555", "", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!(context.agent_name, "Avery");
+        assert_eq!(
+            store
+                .context_for_call("+15550100003", "", "", NOW_MS)
+                .expect("store"),
+            Err(Refusal::UnknownNumber)
+        );
+        assert!(
+            store
+                .context_for_call("+15550100009", "", "", NOW_MS)
+                .expect("store")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn context_lists_enabled_tools_and_binds_the_call() {
+        let store = seeded();
+        let context = store
+            .context_for_call("+15550100001", "+15551230000", "CA1", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!(context.tenant_id, "acme_dental");
+        assert_eq!(context.memory_namespace, "acme_dental/+15551230000");
+        let names: Vec<&str> = context
+            .tools
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        assert_eq!(names, ["lookup_business_hours", "take_message"]);
+        // The same call SID on another tenant's number is refused, and stays with acme_dental.
+        assert_eq!(
+            store
+                .context_for_call("+15550100002", "+15551230000", "CA1", NOW_MS)
+                .expect("store"),
+            Err(Refusal::CallSidConflict)
+        );
+        assert_eq!(
+            store
+                .run_tool(
+                    "lookup_business_hours",
+                    &tool("CA1", "bistro_luna", json!({})),
+                    NOW_MS
+                )
+                .expect("store"),
+            Err(Refusal::TenantMismatch)
+        );
+        assert_eq!(
+            store
+                .context_for_call("+15559999999", "", "CA2", NOW_MS)
+                .expect("store"),
+            Err(Refusal::UnknownNumber)
+        );
+    }
+
+    #[test]
+    fn a_retried_report_is_acknowledged_and_a_different_one_refused() {
+        let store = seeded();
+        store
+            .context_for_call("+15550100001", "+15551230000", "CA1", NOW_MS)
+            .expect("store")
+            .expect("known");
+        let first = report("CA1", Some("acme_dental"), NOW_MS);
+        assert_eq!(store.record_report(&first, NOW_MS).expect("store"), Ok(2));
+        let changes = store.lock().total_changes();
+        // The identical report again (a retry whose answer was lost): acknowledged, no write.
+        assert_eq!(
+            store.record_report(&first, NOW_MS + 5).expect("store"),
+            Ok(2)
+        );
+        assert_eq!(store.lock().total_changes(), changes);
+        // Any other report for the call (another stream, another transcript) is refused.
+        let mut other = first.clone();
+        other.transcript.push(TranscriptEntry {
+            speaker: Speaker::Assistant,
+            offset_ms: 3_000,
+            text: "Yes, until five.".into(),
+        });
+        assert_eq!(
+            store.record_report(&other, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        let mut forged = first.clone();
+        forged.stream_sid = "MZforged".into();
+        forged.from = "+15559990000".into();
+        assert_eq!(
+            store.record_report(&forged, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        let history = store
+            .call_history("acme_dental", 50)
+            .expect("store")
+            .expect("tenant");
+        assert_eq!(history.calls, vec![first]);
+    }
+
+    #[test]
+    fn unbound_reports_are_kept_apart_and_never_a_tenants() {
+        let store = seeded();
+        store
+            .context_for_call("+15550100001", "+15551230000", "CA1", NOW_MS)
+            .expect("store")
+            .expect("known");
+        let mut unbound = report("CA1", None, NOW_MS);
+        unbound.binding = ReportBinding::Unbound;
+        unbound.stream_sid = "MZintruder".into();
+        unbound.from = "+15559990000".into();
+        // Stored apart, before or after the real report, without touching the call's record.
+        assert_eq!(store.record_report(&unbound, NOW_MS).expect("store"), Ok(2));
+        let real = report("CA1", Some("acme_dental"), NOW_MS);
+        assert_eq!(store.record_report(&real, NOW_MS).expect("store"), Ok(2));
+        assert_eq!(store.record_report(&unbound, NOW_MS).expect("store"), Ok(2));
+        let history = store
+            .call_history("acme_dental", 50)
+            .expect("store")
+            .expect("tenant");
+        assert_eq!(history.calls, vec![real]);
+        assert_eq!(
+            store.unbound_reports("CA1").expect("store"),
+            vec![unbound.clone()]
+        );
+        // One per stream: a different report from that stream is refused.
+        let mut changed = unbound.clone();
+        changed.end_reason = "shutdown".into();
+        assert_eq!(
+            store.record_report(&changed, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        // An unbound report cannot name a tenant or a namespace.
+        let mut claiming = unbound.clone();
+        claiming.stream_sid = "MZother".into();
+        claiming.tenant_id = Some("acme_dental".into());
+        assert_eq!(
+            store.record_report(&claiming, NOW_MS).expect("store"),
+            Err(Refusal::TenantMismatch)
+        );
+        claiming.tenant_id = None;
+        claiming.memory_namespace = Some("acme_dental/+15559990000".into());
+        assert_eq!(
+            store.record_report(&claiming, NOW_MS).expect("store"),
+            Err(Refusal::TenantMismatch)
+        );
+        assert_eq!(store.unbound_reports("CA1").expect("store").len(), 1);
+        // An unbound report for a call nobody looked up binds nothing either.
+        let mut stray = report("CA7", None, NOW_MS);
+        stray.binding = ReportBinding::Unbound;
+        assert_eq!(store.record_report(&stray, NOW_MS).expect("store"), Ok(2));
+        assert!(
+            store
+                .run_tool(
+                    "lookup_business_hours",
+                    &tool("CA7", "bistro_luna", json!({})),
+                    NOW_MS
+                )
+                .expect("store")
+                .is_ok(),
+            "the call is still free for the tenant a bound stream proves"
+        );
+    }
+
+    #[test]
+    fn a_schema_1_database_is_migrated_and_keeps_its_reports() {
+        let dir = TempDir::new("migrate");
+        let path = dir.0.join("cp.sqlite3");
+        {
+            // The calls table as schema 1 created it, with one reported call.
+            let conn = Connection::open(&path).expect("open");
+            let v1 = SCHEMA
+                .replace(
+                    "latency           TEXT,\n    -- Schema 2.",
+                    "latency           TEXT\n) STRICT;\n-- Schema 2.",
+                )
+                .replace(
+                    "    binding           TEXT,\n    -- SHA-256 (hex) of the stored report: an identical retry is acknowledged, any other refused.\n    report_sha256     TEXT,\n    transcript_dropped_lines INTEGER,\n    transcript_cut_lines     INTEGER\n) STRICT;\nCREATE INDEX IF NOT EXISTS calls_by_tenant",
+                    "CREATE INDEX IF NOT EXISTS calls_by_tenant",
+                );
+            assert_ne!(v1, SCHEMA, "the schema-1 shape was rebuilt");
+            conn.execute_batch(&v1).expect("schema 1");
+            conn.pragma_update(None, "user_version", 1).expect("pragma");
+            conn.execute(
+                "INSERT INTO calls (call_sid, from_number, to_number, reported_at_ms, stream_sid)
+                 VALUES ('CA1', '+1', '+2', 5, 'MZ1')",
+                [],
+            )
+            .expect("row");
+        }
+        let store = Store::open(&DbLocation::File(path)).expect("migrated");
+        let version: i64 = store
+            .lock()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("pragma");
+        assert_eq!(version, SCHEMA_VERSION);
+        store
+            .apply_seed(&Seed::parse(FIXTURE).expect("fixture"))
+            .expect("seed");
+        // A report stored before the upgrade is final too.
+        assert_eq!(
+            store
+                .record_report(&report("CA1", None, NOW_MS), NOW_MS)
+                .expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        assert_eq!(
+            store
+                .record_report(&report("CA2", Some("acme_dental"), NOW_MS), NOW_MS)
+                .expect("store"),
+            Ok(2)
+        );
+    }
+
+    #[test]
+    fn reports_keep_the_binding_and_refuse_another_tenant() {
+        let store = seeded();
+        store
+            .context_for_call("+15550100001", "+15551230000", "CA1", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!(
+            store
+                .record_report(&report("CA1", Some("bistro_luna"), NOW_MS), NOW_MS)
+                .expect("store"),
+            Err(Refusal::TenantMismatch)
+        );
+        assert_eq!(
+            store
+                .record_report(&report("CA2", Some("no_such_tenant"), NOW_MS), NOW_MS)
+                .expect("store"),
+            Err(Refusal::UnknownTenant)
+        );
+        // A fallback report (no tenant) for a looked-up call stays with the looked-up tenant.
+        store
+            .record_report(&report("CA1", None, NOW_MS), NOW_MS)
+            .expect("store")
+            .expect("stored");
+        let history = store
+            .call_history("acme_dental", 50)
+            .expect("store")
+            .expect("tenant");
+        assert_eq!(history.calls[0].tenant_id.as_deref(), Some("acme_dental"));
+        // Numbers past i64 are refused, not wrapped.
+        let mut huge = report("CA3", None, NOW_MS);
+        huge.started_at_ms = u64::MAX;
+        assert_eq!(
+            store.record_report(&huge, NOW_MS).expect("store"),
+            Err(Refusal::OutOfRange)
+        );
+    }
+
+    #[test]
+    fn history_is_per_tenant_newest_first_and_limited() {
+        let store = seeded();
+        for (index, tenant) in ["acme_dental", "bistro_luna", "acme_dental"]
+            .into_iter()
+            .enumerate()
+        {
+            let started = NOW_MS + index as u64 * 60_000;
+            store
+                .record_report(
+                    &report(&format!("CA{index}"), Some(tenant), started),
+                    NOW_MS,
+                )
+                .expect("store")
+                .expect("stored");
+        }
+        let sids = |tenant: &str, limit: usize| -> Vec<String> {
+            store
+                .call_history(tenant, limit)
+                .expect("store")
+                .expect("tenant")
+                .calls
+                .into_iter()
+                .map(|c| c.call_sid)
+                .collect()
+        };
+        assert_eq!(sids("acme_dental", 50), ["CA2", "CA0"]);
+        assert_eq!(sids("acme_dental", 1), ["CA2"]);
+        assert_eq!(sids("bistro_luna", 50), ["CA1"]);
+        assert_eq!(
+            store.call_history("nobody", 50).expect("store"),
+            Err(Refusal::UnknownTenant)
+        );
+        // A looked-up call that was never reported is not history yet.
+        store
+            .context_for_call("+15550100002", "", "CA9", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!(sids("bistro_luna", 50), ["CA1"]);
+    }
+
+    #[test]
+    fn tools_check_tenant_tool_and_arguments_before_writing() {
+        let store = seeded();
+        store
+            .context_for_call("+15550100001", "+15551230000", "CA1", NOW_MS)
+            .expect("store")
+            .expect("known");
+        let message = json!({"caller_name": "Sam", "callback_number": "+15551230000", "message": "Please call back."});
+        let run = |name: &str, request: ToolRequest| {
+            store.run_tool(name, &request, NOW_MS).expect("store")
+        };
+        assert_eq!(
+            run("take_message", tool("CA1", "acme_dental", message.clone())),
+            Ok(json!({"saved": true, "message_id": 1}))
+        );
+        assert_eq!(
+            run("launch_rockets", tool("CA1", "acme_dental", json!({}))),
+            Err(Refusal::UnknownTool)
+        );
+        assert_eq!(
+            run("take_message", tool("CA1", "nobody", message.clone())),
+            Err(Refusal::UnknownTenant)
+        );
+        assert_eq!(
+            run(
+                "take_message",
+                tool("CA1", "acme_dental", json!({"message": "hi"}))
+            ),
+            Err(Refusal::BadArguments)
+        );
+        assert_eq!(
+            run(
+                "lookup_business_hours",
+                tool("CA1", "bistro_luna", json!({}))
+            ),
+            Err(Refusal::TenantMismatch)
+        );
+        let messages = store.messages("acme_dental").expect("messages");
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].caller_name, "Sam");
+        assert_eq!(messages[0].call_sid, "CA1");
+        assert!(store.messages("bistro_luna").expect("messages").is_empty());
+
+        let hours = run(
+            "lookup_business_hours",
+            tool("CA1", "acme_dental", json!({"day": "sunday"})),
+        )
+        .expect("hours");
+        assert_eq!(hours["open"], false);
+        assert_eq!(hours["day"], "sunday");
+    }
+
+    #[test]
+    fn a_tool_not_enabled_for_the_tenant_is_unknown_to_it() {
+        let store = seeded();
+        // bistro_luna enables lookup_business_hours only.
+        assert_eq!(
+            store
+                .run_tool(
+                    "take_message",
+                    &tool(
+                        "CA5",
+                        "bistro_luna",
+                        json!({"caller_name": "A", "callback_number": "555", "message": "x"})
+                    ),
+                    NOW_MS
+                )
+                .expect("store"),
+            Err(Refusal::UnknownTool)
+        );
+        // A call never looked up is bound by its first tool call; a refused call binds nothing.
+        assert!(
+            store
+                .run_tool(
+                    "lookup_business_hours",
+                    &tool("CA5", "bistro_luna", json!({})),
+                    NOW_MS
+                )
+                .expect("store")
+                .is_ok()
+        );
+        assert_eq!(
+            store
+                .run_tool(
+                    "lookup_business_hours",
+                    &tool("CA5", "acme_dental", json!({})),
+                    NOW_MS
+                )
+                .expect("store"),
+            Err(Refusal::TenantMismatch)
+        );
+    }
+
+    #[test]
+    fn a_file_database_keeps_its_data_across_reopening() {
+        let dir = TempDir::new("reopen");
+        let location = DbLocation::File(dir.0.join("cp.sqlite3"));
+        {
+            let store = Store::open(&location).expect("open");
+            store
+                .apply_seed(&Seed::parse(FIXTURE).expect("fixture"))
+                .expect("seed");
+            store
+                .record_report(&report("CA1", Some("acme_dental"), NOW_MS), NOW_MS)
+                .expect("store")
+                .expect("stored");
+            let mode: String = store
+                .lock()
+                .pragma_query_value(None, "journal_mode", |row| row.get(0))
+                .expect("pragma");
+            assert_eq!(mode, "wal");
+        }
+        let store = Store::open(&location).expect("reopen");
+        let history = store
+            .call_history("acme_dental", 50)
+            .expect("store")
+            .expect("tenant");
+        assert_eq!(history.calls.len(), 1);
+        assert_eq!(history.calls[0].transcript.len(), 2);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = TempDir::new("newer");
+        let path = dir.0.join("cp.sqlite3");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .expect("pragma");
+        }
+        assert!(matches!(
+            Store::open(&DbLocation::File(path)),
+            Err(StoreError::NewerSchema { .. })
+        ));
+    }
+}

@@ -1,0 +1,24 @@
+//! voxrelay-core: the sans-IO protocol logic of voxrelay, with no runtime, no sockets and no
+//! clock reads, so the boundary is one the compiler checks (a module here cannot reach tokio).
+//!
+//! It owns the audio codecs ([`codec`]), the Twilio Media Streams protocol ([`twilio`]: wire
+//! shapes, the stream state machine, request signatures, TwiML), the control-plane API types
+//! and request signing ([`control`]), text safe for log lines ([`logtext`]), the audio mode
+//! spoken with the model ([`AudioMode`]) and secrets that never print ([`Secret`]). Time is
+//! always a parameter (`now`, `unix_now`) and randomness is passed in (nonces), so every state
+//! machine here replays exactly in tests. The bridge (`voxrelay`), the reference control plane
+//! and the simulator build on it.
+
+pub mod audio_mode;
+pub mod codec;
+pub mod control;
+pub mod json;
+pub mod logtext;
+pub mod lowerhex;
+pub mod secret;
+pub mod testkit;
+pub mod time;
+pub mod twilio;
+
+pub use audio_mode::AudioMode;
+pub use secret::Secret;

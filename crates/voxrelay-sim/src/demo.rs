@@ -1,0 +1,358 @@
+//! `voxrelay demo`: a bridge on embedded defaults, the reference control plane (seeded with
+//! `fixtures/tenants.toml`, SQLite in memory), the mock model, and a few simulated calls
+//! through them, all in one process on 127.0.0.1, with a short report.
+//!
+//! Calls go to the seeded numbers in turn (Acme Dental, Bistro Luna, …) and, from the third
+//! on, one to a number no tenant owns, which the fallback agent answers. Each caller stays
+//! quiet for a moment (the tenant's greeting starts), then speaks over the greeting (a
+//! barge-in: Twilio `clear`, model-side truncate), pauses (the mock model calls the tenant's
+//! `lookup_business_hours` tool, then answers), and listens before hanging up. The report
+//! shows each call's tenant, agent, voice and greeting as the model received them, and the
+//! call history the control plane stored from the bridge's reports.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use url::Url;
+
+use super::SPEECH_FIXTURE;
+use super::caller::{CallReport, CallerConfig, place_call};
+use crate::launcher::{
+    BridgeFigures, BridgeLauncher, BridgeSettings, ControlPlaneAccess, InProcessBridge,
+};
+use crate::mock::{MockConfig, MockRealtimeServer, MockSessionRecord, MockToolCall};
+use voxrelay_control_plane::server::{ControlPlaneError, start_embedded};
+use voxrelay_core::control::api::CallReport as ControlReport;
+use voxrelay_core::{AudioMode, Secret};
+
+/// The seeded numbers the demo dials, in order, and one nobody owns.
+const DEMO_NUMBERS: [&str; 3] = ["+15550100001", "+15550100002", "+15550100003"];
+const UNKNOWN_NUMBER: &str = "+15550100099";
+const DEMO_TENANTS: [&str; 2] = ["acme_dental", "bistro_luna"];
+
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub calls: usize,
+    pub audio_mode: AudioMode,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            calls: 3,
+            audio_mode: AudioMode::Pcmu,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("could not start the mock model: {0}")]
+    Mock(std::io::Error),
+    #[error("could not start the bridge: {0}")]
+    Bridge(std::io::Error),
+    #[error("could not start the control plane: {0}")]
+    ControlPlane(#[from] ControlPlaneError),
+}
+
+pub struct DemoReport {
+    pub calls: Vec<Result<CallReport, String>>,
+    /// The number each call dialled.
+    pub numbers: Vec<String>,
+    pub mock_sessions: Vec<MockSessionRecord>,
+    /// What the control plane stored from the bridge's reports, per seeded tenant.
+    pub history: Vec<(String, Vec<ControlReport>)>,
+    pub text: String,
+}
+
+/// The number call `index` dials: the seeded ones in turn, every third one unknown.
+fn demo_number(index: usize) -> &'static str {
+    if index % 3 == 2 {
+        UNKNOWN_NUMBER
+    } else {
+        DEMO_NUMBERS[(index - index / 3) % DEMO_NUMBERS.len()]
+    }
+}
+
+/// The caller's side of a demo call: silence, speech over the greeting, then listening.
+pub fn demo_caller_audio() -> Vec<u8> {
+    let mut audio = vec![0xFF; 8 * 600];
+    audio.extend_from_slice(SPEECH_FIXTURE);
+    audio
+}
+
+/// Runs the demo against a bridge `launcher` starts in this process.
+pub async fn run_demo(
+    options: &DemoOptions,
+    launcher: &impl BridgeLauncher,
+) -> Result<DemoReport, DemoError> {
+    let mock = MockRealtimeServer::start(MockConfig {
+        // The first thing each caller says makes the model look up the opening hours.
+        tool_script: vec![MockToolCall {
+            name: "lookup_business_hours".to_owned(),
+            arguments: serde_json::json!({"day": "saturday"}),
+        }],
+        ..MockConfig::default()
+    })
+    .await
+    .map_err(DemoError::Mock)?;
+    let (control_plane, key) = start_embedded().await?;
+    let spool = std::env::temp_dir().join(format!("voxrelay-demo-spool-{}", std::process::id()));
+    let token = Secret::new(format!("{:032x}", rand::random::<u128>()));
+    let settings = BridgeSettings {
+        audio_mode: options.audio_mode,
+        control_plane: Some(ControlPlaneAccess {
+            url: control_plane.url(),
+            key,
+            report_spool_dir: spool.clone(),
+        }),
+        ..BridgeSettings::new(mock.url(), Secret::new("voxrelay-demo"), token.clone())
+    };
+    let bridge = launcher.launch(settings).await.map_err(DemoError::Bridge)?;
+    let bridge_url =
+        Url::parse(&format!("http://{}", bridge.local_addr())).expect("socket address URL");
+    tracing::info!(bridge = %bridge_url, model = %mock.url(), control_plane = %control_plane.url(), calls = options.calls, "demo: placing simulated calls");
+
+    let audio = demo_caller_audio();
+    let mut calls = Vec::with_capacity(options.calls);
+    let numbers: Vec<String> = (0..options.calls)
+        .map(|index| demo_number(index).to_owned())
+        .collect();
+    for (index, number) in numbers.iter().enumerate() {
+        let mut caller = CallerConfig::new(bridge_url.clone(), token.clone(), audio.clone());
+        caller.linger = Duration::from_millis(5_500);
+        caller.to = number.clone();
+        caller.from = format!("+1555020{:04}", index);
+        // A digit mid-call shows DTMF reaching the model.
+        caller.dtmf = vec![(Duration::from_millis(9_000), '1')];
+        calls.push(tokio::spawn(async move {
+            // Stagger the calls a little, as real ones would be.
+            tokio::time::sleep(Duration::from_millis(150 * index as u64)).await;
+            place_call(&caller).await.map_err(|e| e.to_string())
+        }));
+    }
+    let mut reports = Vec::with_capacity(calls.len());
+    for call in calls {
+        reports.push(call.await.unwrap_or_else(|e| Err(e.to_string())));
+    }
+    // The drain waits for the calls' reports (or spools them).
+    let figures = bridge.stop(Duration::from_secs(5)).await;
+    let sessions = mock.log().sessions();
+    mock.shutdown();
+    let mut history = Vec::new();
+    for tenant in DEMO_TENANTS {
+        let calls = control_plane
+            .store()
+            .call_history(tenant, 50)
+            .ok()
+            .and_then(Result::ok)
+            .map(|history| history.calls)
+            .unwrap_or_default();
+        history.push((tenant.to_owned(), calls));
+    }
+    control_plane.stop().await;
+    let _ = std::fs::remove_dir_all(&spool);
+    let mut text = render(&reports, &numbers, &sessions, &history, &figures);
+    let _ = writeln!(
+        text,
+        "drain: {} calls live at shutdown, {} cancelled",
+        figures.calls_at_drain, figures.calls_cancelled
+    );
+    Ok(DemoReport {
+        calls: reports,
+        numbers,
+        mock_sessions: sessions,
+        history,
+        text,
+    })
+}
+
+fn ms(duration: Option<Duration>) -> String {
+    duration.map_or_else(
+        || "-".to_owned(),
+        |d| format!("{:.0} ms", d.as_secs_f64() * 1e3),
+    )
+}
+
+fn us(duration: Option<Duration>) -> String {
+    match duration {
+        Some(Duration::MAX) => "> 5 s".to_owned(),
+        Some(d) => format!("{} µs", d.as_micros()),
+        None => "-".to_owned(),
+    }
+}
+
+fn render(
+    reports: &[Result<CallReport, String>],
+    numbers: &[String],
+    sessions: &[MockSessionRecord],
+    history: &[(String, Vec<ControlReport>)],
+    figures: &BridgeFigures,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nvoxrelay demo: {} simulated calls through the bridge, the reference control plane and the mock model\n",
+        reports.len(),
+    );
+    let reported: Vec<&ControlReport> = history.iter().flat_map(|(_, calls)| calls).collect();
+    let _ = writeln!(
+        out,
+        "{:<4} {:<13} {:<12} {:<6} {:<6} {:<6} greeting",
+        "call", "dialled", "tenant", "agent", "voice", "mode"
+    );
+    for (index, (report, number)) in reports.iter().zip(numbers).enumerate() {
+        let call_sid = report.as_ref().map(|r| r.call_sid.as_str()).unwrap_or("");
+        let stored = reported.iter().find(|r| r.call_sid == call_sid);
+        let session = sessions.get(index);
+        let voice = session
+            .and_then(|s| s.session["audio"]["output"]["voice"].as_str())
+            .unwrap_or("-");
+        let mode = session
+            .and_then(|s| s.session["audio"]["output"]["format"]["type"].as_str())
+            .map_or("-", |format| {
+                if format == "audio/pcmu" {
+                    "pcmu"
+                } else {
+                    "pcm16"
+                }
+            });
+        let greeting = session
+            .and_then(|s| s.response_transcripts.first())
+            .map_or("-", String::as_str);
+        let _ = writeln!(
+            out,
+            "{:<4} {:<13} {:<12} {:<6} {:<6} {:<6} {}",
+            index + 1,
+            number,
+            stored
+                .and_then(|r| r.tenant_id.as_deref())
+                .unwrap_or("(fallback)"),
+            stored.map_or("default", |r| r.agent_name.as_str()),
+            voice,
+            mode,
+            greeting
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<4} {:>8} {:>10} {:>10} {:>12} {:>8} {:>7} {:>9}",
+        "call", "sent", "received", "played", "1st audio", "clears", "marks", "closed by"
+    );
+    for (index, report) in reports.iter().enumerate() {
+        match report {
+            Ok(r) => {
+                let _ = writeln!(
+                    out,
+                    "{:<4} {:>7.1}s {:>9.1}s {:>9.1}s {:>12} {:>8} {:>3}/{:<3} {:>9}",
+                    index + 1,
+                    r.frames_sent as f64 * 0.02,
+                    r.audio_received_seconds(),
+                    r.audio_played_ms as f64 / 1e3,
+                    ms(r.first_audio_after_start),
+                    r.clears_received,
+                    r.marks_echoed,
+                    r.marks_received,
+                    if r.closed_by_bridge {
+                        "bridge"
+                    } else {
+                        "caller"
+                    },
+                );
+            }
+            Err(error) => {
+                let _ = writeln!(out, "{:<4} failed: {error}", index + 1);
+            }
+        }
+    }
+    let tools: usize = sessions.iter().map(|s| s.function_outputs.len()).sum();
+    let _ = writeln!(
+        out,
+        "\ncontrol plane's call history (from the bridge's signed reports):"
+    );
+    for (tenant, calls) in history {
+        for call in calls {
+            let _ = writeln!(
+                out,
+                "  {tenant:<12} {} {:<8} {:>5.1}s in {:>5.1}s out, {} barge-ins, {} tool calls, end: {}, context: {}, memory: {}",
+                call.to,
+                call.agent_name,
+                call.audio_seconds_in,
+                call.audio_seconds_out,
+                call.barge_ins,
+                call.tool_calls,
+                call.end_reason,
+                call.context_source,
+                call.memory_namespace.as_deref().unwrap_or("-"),
+            );
+            for line in &call.transcript {
+                let _ = writeln!(
+                    out,
+                    "      {:>6.1}s {:<9} {}",
+                    line.offset_ms as f64 / 1e3,
+                    line.speaker.as_str(),
+                    line.text
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "(calls answered by the fallback agent are reported without a tenant)\ntool outputs the model received: {tools}"
+    );
+    let truncates: usize = sessions.iter().map(|s| s.truncates.len()).sum();
+    let deletes: usize = sessions.iter().map(|s| s.deletes.len()).sum();
+    let texts: usize = sessions.iter().map(|s| s.user_texts.len()).sum();
+    let _ = writeln!(
+        out,
+        "\nmodel side (mock): {} sessions, {} truncates {:?}, {} deletes, {} DTMF notes",
+        sessions.len(),
+        truncates,
+        sessions
+            .iter()
+            .flat_map(|s| s.truncates.iter().map(|(_, ms)| *ms))
+            .collect::<Vec<_>>(),
+        deletes,
+        texts
+    );
+    let _ = writeln!(
+        out,
+        "bridge-added latency (write completed − read; bucket upper bounds):\n  uplink   Twilio frame → model: n={:<6} mean {:>8}  p50 ≤ {:>8}  p99 ≤ {:>8}\n  downlink model delta → Twilio: n={:<6} mean {:>8}  p50 ≤ {:>8}  p99 ≤ {:>8}\n  barge-in speech_started → clear: n={:<4} mean {:>8}\n  pacer wake-up lateness:          n={:<6} mean {:>8}  p99 ≤ {:>8}",
+        figures.uplink_added.count,
+        us(figures.uplink_added.mean),
+        us(figures.uplink_added.p50),
+        us(figures.uplink_added.p99),
+        figures.downlink_added.count,
+        us(figures.downlink_added.mean),
+        us(figures.downlink_added.p50),
+        us(figures.downlink_added.p99),
+        figures.barge_in_reaction.count,
+        us(figures.barge_in_reaction.mean),
+        figures.pacer_lateness.count,
+        us(figures.pacer_lateness.mean),
+        us(figures.pacer_lateness.p99),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_dials_each_seeded_number_and_every_third_call_an_unknown_one() {
+        let dialled: Vec<&str> = (0..6).map(demo_number).collect();
+        assert_eq!(
+            dialled,
+            [
+                "+15550100001",
+                "+15550100002",
+                UNKNOWN_NUMBER,
+                "+15550100003",
+                "+15550100001",
+                UNKNOWN_NUMBER
+            ]
+        );
+    }
+}

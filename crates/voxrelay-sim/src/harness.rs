@@ -1,0 +1,1955 @@
+//! `voxrelay bench`: the end-to-end latency harness.
+//!
+//! One load process runs the echo model (the model side) and N simulated Twilio callers on a
+//! shared clock, against a bridge it starts as a child process (the default: its CPU and
+//! memory are then read from `/proc`; a fresh child for every measured step, so no step
+//! inherits another's allocator pages), inside its own process (`--in-process`), or anywhere
+//! (`--target URL`). With `--baseline` the baseline relay is measured beside the bridge at
+//! every step of the same run, interleaved (bridge, floor, bridge, floor, …), so each ratio
+//! compares the same call count under the same noise.
+//!
+//! Afterwards every measurement is joined per frame. In `pcmu` mode frames are identified:
+//! each carries its call and frame number in the audio (see `watermark`), so the harness
+//! counts exactly which frames reached the model and the caller, once, twice, split, on the
+//! wrong call, or never; model frames that never reached the caller are lost unless a
+//! barge-in cleared them (the tail of an interrupted response) or the caller had hung up. In
+//! `pcm16` mode no id survives the transcoding, so frames are joined by byte offset: caller
+//! frame k reached the model when the model's cumulative input passed k+1 frames; model frame
+//! k reached the caller when the caller's cumulative audio in the same response generation
+//! did (a frame lost on the way shifts the later ones there; the counts stay right). A call the
+//! bridge hangs up before the caller does is an error. Nothing is guessed from averages.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use url::Url;
+
+use super::baseline::{BaselineRelay, Fault};
+use super::echo_model::{
+    EchoFormat, EchoModel, EchoModelConfig, EchoResponse, EchoSessionRecord, EchoTls,
+};
+use super::live::LiveBoard;
+use super::load::{LoadCallConfig, LoadCallRecord, run_load_call};
+use super::model_tls::ModelTls;
+use super::results::{
+    BenchResult, Epoch, Machine, Percentiles, RampStep, Ratios, Samples, SoakSample,
+};
+use super::{SPEECH_FIXTURE, http_client};
+use crate::launcher::{BridgeLauncher, BridgeSettings, InProcessBridge};
+use voxrelay_core::{AudioMode, Secret};
+
+/// μ-law bytes per 20 ms frame at 8 kHz.
+const CALLER_FRAME_BYTES: u64 = 160;
+/// Samples of plots kept per direction.
+const MAX_SAMPLES: usize = 20_000;
+/// How often the calls up are sampled in the CPU window.
+const UP_SAMPLE: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Debug)]
+pub enum BridgeUnderTest {
+    /// `voxrelay serve` (or the baseline relay) as a child process of the harness.
+    Child,
+    /// The bridge (or the baseline relay) inside the harness's own process.
+    InProcess,
+    /// A bridge already running elsewhere: its base URL, the public URL it signs against,
+    /// and its Twilio auth token. It must be configured to use the harness's echo model.
+    Target {
+        url: Url,
+        public_url: Url,
+        auth_token: Secret,
+    },
+}
+
+/// Which relay a measurement is of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Bridge,
+    /// The baseline relay: the machine's floor.
+    Floor,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub calls: usize,
+    pub seconds: f64,
+    pub audio_mode: AudioMode,
+    pub bridge: BridgeUnderTest,
+    /// Measure the baseline relay beside the bridge, interleaved at every step.
+    pub floor: bool,
+    /// Measure only the baseline relay (the harness's own tests).
+    pub floor_only: bool,
+    /// Plant a fault in the baseline relay (the harness's own tests).
+    pub floor_fault: Option<Fault>,
+    /// Spread call starts over this long.
+    pub ramp_up: Duration,
+    pub jitter: Duration,
+    pub model_delay: Duration,
+    pub barge_in_every: Option<Duration>,
+    /// A frame later than this counts as late.
+    pub late_threshold: Duration,
+    /// Pin the bridge to CPU 0 and the load to CPU 1 (child mode, Linux).
+    pub pin: bool,
+    /// Where the echo model listens (`--target` needs an address the bridge can reach).
+    pub model_listen: SocketAddr,
+    /// The model leg over TLS, with a CA made for the run that the relay is told to trust.
+    pub model_tls: bool,
+    /// Print a progress line every second.
+    pub progress: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            calls: 20,
+            seconds: 10.0,
+            audio_mode: AudioMode::Pcmu,
+            bridge: BridgeUnderTest::Child,
+            floor: false,
+            floor_only: false,
+            floor_fault: None,
+            ramp_up: Duration::from_secs(1),
+            jitter: Duration::ZERO,
+            model_delay: Duration::from_millis(200),
+            barge_in_every: Some(Duration::from_secs(4)),
+            late_threshold: Duration::from_millis(40),
+            pin: false,
+            model_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            model_tls: false,
+            progress: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("echo model: {0}")]
+    Model(std::io::Error),
+    #[error("bridge: {0}")]
+    Bridge(String),
+    #[error("{0}")]
+    Options(String),
+    #[error(transparent)]
+    Tls(#[from] super::model_tls::ModelTlsError),
+}
+
+/// A bridge the harness started, and how to stop it and read its resource use.
+enum RunningBridge<B> {
+    Child {
+        child: tokio::process::Child,
+        pid: u32,
+    },
+    InProcess(B),
+    InProcessFloor(BaselineRelay),
+    Remote,
+}
+
+struct Endpoint {
+    connect_url: String,
+    signed_url: String,
+    auth_token: Secret,
+}
+
+/// The echo model (and the run's TLS), started once for a run; relays come and go.
+struct Rig {
+    epoch: Epoch,
+    model: EchoModel,
+    tls: Option<ModelTls>,
+}
+
+impl Rig {
+    async fn start(options: &BenchOptions) -> Result<Self, BenchError> {
+        if options.pin {
+            pin_current_process(1)?;
+        }
+        if options.model_tls && matches!(options.bridge, BridgeUnderTest::InProcess) {
+            return Err(BenchError::Options(
+                "--model-tls needs the relay in a child process (the CA is trusted per process)"
+                    .into(),
+            ));
+        }
+        let tls = options.model_tls.then(ModelTls::generate).transpose()?;
+        let epoch = Epoch::now();
+        let every = options.barge_in_every;
+        let model = EchoModel::start(
+            EchoModelConfig {
+                model_delay: options.model_delay,
+                // The first barge-in comes once echo audio is flowing, at most 3 s in.
+                barge_in_first_after: every.map_or(Duration::from_secs(3), |every| {
+                    every.min(Duration::from_secs(3))
+                }),
+                barge_in_every: every,
+                listen: options.model_listen,
+                tls: tls.as_ref().map(|tls| EchoTls(tls.acceptor())),
+            },
+            epoch,
+        )
+        .await
+        .map_err(BenchError::Model)?;
+        Ok(Self { epoch, model, tls })
+    }
+
+    /// Starts `side` (an in-process bridge through `launcher`), measures `calls` calls
+    /// against it, and stops it.
+    async fn measure_fresh(
+        &self,
+        options: &BenchOptions,
+        launcher: &impl BridgeLauncher,
+        side: Side,
+        calls: usize,
+    ) -> Result<BenchResult, BenchError> {
+        let (bridge, endpoint) =
+            start_bridge(options, launcher, side, &self.model.url(), self.ca()).await?;
+        let result = measure(
+            options,
+            side,
+            self.epoch,
+            &self.model,
+            &bridge,
+            &endpoint,
+            calls,
+        )
+        .await;
+        stop_bridge(bridge).await;
+        Ok(result)
+    }
+
+    fn ca(&self) -> Option<&std::path::Path> {
+        self.tls.as_ref().map(ModelTls::ca_file)
+    }
+
+    fn stop(self) {
+        self.model.shutdown();
+    }
+}
+
+/// The sides a run measures, in the order each step measures them.
+fn sides(options: &BenchOptions) -> Vec<Side> {
+    if options.floor_only {
+        vec![Side::Floor]
+    } else if options.floor {
+        vec![Side::Bridge, Side::Floor]
+    } else {
+        vec![Side::Bridge]
+    }
+}
+
+/// Runs one fixed-size benchmark: `calls` callers for `seconds` (with `floor`, then the same
+/// against the baseline relay). `launcher` starts the bridge for
+/// [`BridgeUnderTest::InProcess`].
+pub async fn run(
+    options: &BenchOptions,
+    launcher: &impl BridgeLauncher,
+) -> Result<BenchResult, BenchError> {
+    let rig = Rig::start(options).await?;
+    let mut results = Vec::new();
+    for side in sides(options) {
+        results.push(
+            rig.measure_fresh(options, launcher, side, options.calls)
+                .await?,
+        );
+    }
+    rig.stop();
+    let mut results = results.into_iter();
+    let mut result = results.next().unwrap_or_default();
+    if let Some(floor) = results.next() {
+        result.ratios = Some(ratios(&result, &floor));
+        result.floor = Some(Box::new(floor));
+    }
+    Ok(result)
+}
+
+/// Whether a step stayed within `budget` with every frame on time and accounted for.
+fn held(result: &BenchResult, budget: Duration) -> bool {
+    let budget_us = budget.as_secs_f64() * 1e6;
+    result.errors == 0
+        && result.late_frames == 0
+        && result.frame_faults() == 0
+        && result.uplink_us.p99 <= budget_us
+        && result.downlink_us.p99 <= budget_us
+}
+
+/// One side's ramp so far.
+#[derive(Default)]
+struct SideRamp {
+    steps: Vec<RampStep>,
+    /// The result at the largest held count (or the first step, if none held).
+    last: Option<BenchResult>,
+    held_max: Option<usize>,
+    /// A step failed: this side is not measured at larger counts.
+    done: bool,
+}
+
+impl SideRamp {
+    fn push(&mut self, calls: usize, result: BenchResult, held: bool) {
+        self.steps.push(RampStep {
+            calls,
+            uplink_us: result.uplink_us.clone(),
+            downlink_us: result.downlink_us.clone(),
+            late_frames: result.late_frames,
+            errors: result.errors,
+            held,
+            lost_frames: result.lost_frames,
+            cpu_ms_per_call_second: result.bridge_cpu_ms_per_call_second,
+            rss_kib_per_call: result.bridge_rss_kib_per_call,
+        });
+        if held {
+            self.held_max = Some(calls);
+            self.last = Some(result);
+        } else {
+            self.done = true;
+            if self.last.is_none() {
+                self.last = Some(result);
+            }
+        }
+    }
+
+    fn finish(self) -> BenchResult {
+        let mut result = self.last.unwrap_or_default();
+        result.ramp = self.steps;
+        result.max_calls_held = self.held_max;
+        result
+    }
+}
+
+/// Raises the call count step by step until p99 added latency passes `budget`, or frames go
+/// late or are lost, or a call fails; the result's `ramp` has every step and `max_calls_held`
+/// the largest that held. With `floor` each step measures the bridge then the baseline relay,
+/// each in a fresh process, and each side stops at its first failed step.
+pub async fn run_ramp(
+    options: &BenchOptions,
+    launcher: &impl BridgeLauncher,
+    step: usize,
+    max_calls: usize,
+    budget: Duration,
+) -> Result<BenchResult, BenchError> {
+    let rig = Rig::start(options).await?;
+    let sides = sides(options);
+    let mut ramps: Vec<SideRamp> = sides.iter().map(|_| SideRamp::default()).collect();
+    let mut calls = options.calls.max(1);
+    loop {
+        for (side, ramp) in sides.iter().zip(&mut ramps) {
+            if ramp.done {
+                continue;
+            }
+            let result = rig.measure_fresh(options, launcher, *side, calls).await?;
+            let held = held(&result, budget);
+            if options.progress {
+                eprintln!(
+                    "ramp: {:<6} {calls} calls: uplink p99 {:.0} µs, downlink p99 {:.0} µs, late {}, lost {}, errors {}, CPU {} ms per call-second → {}",
+                    match side {
+                        Side::Bridge => "bridge",
+                        Side::Floor => "floor",
+                    },
+                    result.uplink_us.p99,
+                    result.downlink_us.p99,
+                    result.late_frames,
+                    result.lost_frames,
+                    result.errors,
+                    result
+                        .bridge_cpu_ms_per_call_second
+                        .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}")),
+                    if held { "held" } else { "over budget" }
+                );
+            }
+            ramp.push(calls, result, held);
+        }
+        if ramps.iter().all(|ramp| ramp.done) || calls >= max_calls {
+            break;
+        }
+        calls = (calls + step).min(max_calls);
+    }
+    rig.stop();
+    let mut ramps = ramps.into_iter().map(SideRamp::finish);
+    let mut result = ramps.next().unwrap_or_default();
+    if let Some(floor) = ramps.next() {
+        result.ratios = Some(ratios(&result, &floor));
+        result.floor = Some(Box::new(floor));
+    }
+    Ok(result)
+}
+
+/// Bridge ÷ floor. With ramps: capacity from the held counts, CPU at the largest count both
+/// held (their steps at that count); without: CPU at the run's one count.
+pub fn ratios(bridge: &BenchResult, floor: &BenchResult) -> Ratios {
+    let divide = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    if bridge.ramp.is_empty() || floor.ramp.is_empty() {
+        return Ratios {
+            capacity: None,
+            cpu_per_call_second: divide(
+                bridge.bridge_cpu_ms_per_call_second,
+                floor.bridge_cpu_ms_per_call_second,
+            ),
+            calls: Some(bridge.calls),
+        };
+    }
+    let both_held = bridge
+        .ramp
+        .iter()
+        .filter(|step| step.held)
+        .filter_map(|step| {
+            floor
+                .ramp
+                .iter()
+                .find(|other| other.calls == step.calls && other.held)
+                .map(|other| (step, other))
+        })
+        .max_by_key(|(step, _)| step.calls);
+    Ratios {
+        capacity: match (bridge.max_calls_held, floor.max_calls_held) {
+            (Some(a), Some(b)) if b > 0 => Some(a as f64 / b as f64),
+            (None, Some(_)) => Some(0.0),
+            _ => None,
+        },
+        cpu_per_call_second: both_held
+            .and_then(|(a, b)| divide(a.cpu_ms_per_call_second, b.cpu_ms_per_call_second)),
+        calls: both_held.map(|(step, _)| step.calls),
+    }
+}
+
+/// Runs batches of `options.calls` calls for `options.seconds` each, back to back, until
+/// `minutes` have passed, and samples the bridge's resident memory and open file descriptors
+/// in every batch: halfway through (every call up) and after it (every call ended). A leak
+/// shows as a rising column; the idle descriptor count should come back to the same number
+/// after every batch. The result is the last batch's, with `errors` summed over all of them.
+/// Unlike the other runs, the soak keeps one bridge process throughout: that is the point.
+pub async fn run_soak(
+    options: &BenchOptions,
+    launcher: &impl BridgeLauncher,
+    minutes: f64,
+) -> Result<BenchResult, BenchError> {
+    let rig = Rig::start(options).await?;
+    let (bridge, endpoint) =
+        start_bridge(options, launcher, Side::Bridge, &rig.model.url(), rig.ca()).await?;
+    let pid = match &bridge {
+        RunningBridge::Child { pid, .. } => Some(pid.to_string()),
+        _ => None,
+    };
+    let began = std::time::Instant::now();
+    let until = Duration::from_secs_f64(minutes.max(0.0) * 60.0);
+    let mut samples = Vec::new();
+    let mut errors = 0;
+    let mut last;
+    loop {
+        last = measure(
+            options,
+            Side::Bridge,
+            rig.epoch,
+            &rig.model,
+            &bridge,
+            &endpoint,
+            options.calls,
+        )
+        .await;
+        rig.model.forget_records();
+        // The calls have ended; give their sockets the call's own close grace to go.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let sample = SoakSample {
+            minute: began.elapsed().as_secs_f64() / 60.0,
+            calls: options.calls,
+            rss_kib_busy: last.bridge_rss_kib_steady,
+            fds_busy: last.bridge_fds_steady,
+            rss_kib_idle: pid.as_deref().and_then(process_rss_kib),
+            fds_idle: pid.as_deref().and_then(process_fds),
+            uplink_p99_us: last.uplink_us.p99,
+            downlink_p99_us: last.downlink_us.p99,
+            errors: last.errors,
+        };
+        if options.progress {
+            eprintln!("soak: {}", soak_line(&sample));
+        }
+        errors += last.errors;
+        samples.push(sample);
+        if began.elapsed() >= until {
+            break;
+        }
+    }
+    stop_bridge(bridge).await;
+    rig.stop();
+    last.errors = errors;
+    last.soak = samples;
+    Ok(last)
+}
+
+/// One soak sample as a line of the progress log and the summary table.
+fn soak_line(sample: &SoakSample) -> String {
+    let kib = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+    format!(
+        "{:>6.1} min  {:>5} calls  RSS busy {:>8} KiB idle {:>8} KiB  fds busy {:>5} idle {:>5}  p99 µs up {:>7.0} down {:>7.0}  errors {}",
+        sample.minute,
+        sample.calls,
+        kib(sample.rss_kib_busy),
+        kib(sample.rss_kib_idle),
+        kib(sample.fds_busy),
+        kib(sample.fds_idle),
+        sample.uplink_p99_us,
+        sample.downlink_p99_us,
+        sample.errors,
+    )
+}
+
+/// The call cap of a bridge the harness starts: the benchmark measures the bridge past its
+/// production cap (that is how `VOXRELAY_MAX_CALLS`'s default is sized), so it must not bind.
+/// A `--target` bridge keeps its own: raise it there to measure beyond it.
+const BENCH_MAX_CALLS: usize = 10_000;
+
+async fn start_bridge<L: BridgeLauncher>(
+    options: &BenchOptions,
+    launcher: &L,
+    side: Side,
+    model_url: &str,
+    model_ca: Option<&std::path::Path>,
+) -> Result<(RunningBridge<L::Bridge>, Endpoint), BenchError> {
+    let token = Secret::new(format!("{:032x}", rand::random::<u128>()));
+    match &options.bridge {
+        BridgeUnderTest::Target {
+            url,
+            public_url,
+            auth_token,
+        } => {
+            let ws_scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+            let connect_url = format!("{ws_scheme}://{}/twilio/media", authority(url));
+            let signed_scheme = if public_url.scheme() == "https" {
+                "wss"
+            } else {
+                "ws"
+            };
+            let signed_url = format!("{signed_scheme}://{}/twilio/media", authority(public_url));
+            eprintln!("bench: target {url}; its VOXRELAY_OPENAI_URL must be {model_url}");
+            Ok((
+                RunningBridge::Remote,
+                Endpoint {
+                    connect_url,
+                    signed_url,
+                    auth_token: auth_token.clone(),
+                },
+            ))
+        }
+        BridgeUnderTest::InProcess if side == Side::Floor => {
+            let relay = BaselineRelay::start_with_fault(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                model_url.to_owned(),
+                options.floor_fault,
+            )
+            .await
+            .map_err(|e| BenchError::Bridge(e.to_string()))?;
+            let url = format!("ws://{}/twilio/media", relay.local_addr());
+            Ok((
+                RunningBridge::InProcessFloor(relay),
+                Endpoint {
+                    connect_url: url.clone(),
+                    signed_url: url,
+                    auth_token: token,
+                },
+            ))
+        }
+        BridgeUnderTest::InProcess => {
+            let settings = BridgeSettings {
+                audio_mode: options.audio_mode,
+                greeting: Some(String::new()),
+                max_calls: Some(BENCH_MAX_CALLS),
+                ..BridgeSettings::new(model_url.to_owned(), Secret::new("bench"), token.clone())
+            };
+            let bridge = launcher
+                .launch(settings)
+                .await
+                .map_err(|e| BenchError::Bridge(e.to_string()))?;
+            let url = format!("ws://{}/twilio/media", bridge.local_addr());
+            Ok((
+                RunningBridge::InProcess(bridge),
+                Endpoint {
+                    connect_url: url.clone(),
+                    signed_url: url,
+                    auth_token: token,
+                },
+            ))
+        }
+        BridgeUnderTest::Child => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| BenchError::Bridge(e.to_string()))?
+                .port();
+            let listen = format!("127.0.0.1:{port}");
+            let exe = std::env::current_exe().map_err(|e| BenchError::Bridge(e.to_string()))?;
+            let mut command = tokio::process::Command::new(exe);
+            if side == Side::Floor {
+                command.args([
+                    "baseline-relay",
+                    "--listen",
+                    &listen,
+                    "--upstream-url",
+                    model_url,
+                ]);
+                if let Some(ca) = model_ca {
+                    command.arg("--model-ca-file").arg(ca);
+                }
+                if let Some(fault) = options.floor_fault {
+                    use clap::ValueEnum as _;
+                    if let Some(name) = fault.to_possible_value() {
+                        command.args(["--fault", name.get_name()]);
+                    }
+                }
+            } else {
+                command
+                    .arg("serve")
+                    .env("VOXRELAY_LISTEN", &listen)
+                    .env("TWILIO_AUTH_TOKEN", token.expose())
+                    .env("OPENAI_API_KEY", "bench")
+                    .env("VOXRELAY_OPENAI_URL", model_url)
+                    .env("VOXRELAY_AUDIO_MODE", options.audio_mode.as_str())
+                    .env("VOXRELAY_GREETING", "")
+                    .env("VOXRELAY_DRAIN_SECONDS", "2")
+                    // The harness signs for the address it starts the bridge on.
+                    .env("VOXRELAY_PUBLIC_URL", format!("http://{listen}"))
+                    .env("VOXRELAY_MAX_CALLS", BENCH_MAX_CALLS.to_string())
+                    // Port 0: runs side by side never fight over the admin port.
+                    .env("VOXRELAY_ADMIN_LISTEN", "127.0.0.1:0")
+                    // The harness's callers open their streams directly, as TwiML from
+                    // elsewhere would, with no webhook token: measured as unbound streams
+                    // (the fallback agent), which is the same media path.
+                    .env("VOXRELAY_REQUIRE_STREAM_TOKEN", "0")
+                    .env_remove("VOXRELAY_MOCK_MODEL")
+                    .env_remove("VOXRELAY_MODEL_CA_FILE")
+                    .env_remove("VOXRELAY_TWILIO_ACCOUNT_SID");
+                if let Some(ca) = model_ca {
+                    command.env("VOXRELAY_MODEL_CA_FILE", ca);
+                }
+            }
+            command
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true);
+            if options.pin {
+                pin_command(&mut command, 0);
+            }
+            let child = command
+                .spawn()
+                .map_err(|e| BenchError::Bridge(e.to_string()))?;
+            let pid = child.id().unwrap_or_default();
+            let ready = Url::parse(&format!("http://{listen}/readyz"))
+                .map_err(|e| BenchError::Bridge(e.to_string()))?;
+            let health = (side == Side::Bridge).then_some(ready);
+            wait_until_listening(port, health).await?;
+            let url = format!("ws://{listen}/twilio/media");
+            Ok((
+                RunningBridge::Child { child, pid },
+                Endpoint {
+                    connect_url: url.clone(),
+                    signed_url: url,
+                    auth_token: token,
+                },
+            ))
+        }
+    }
+}
+
+fn authority(url: &Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        _ => String::new(),
+    }
+}
+
+async fn wait_until_listening(port: u16, ready: Option<Url>) -> Result<(), BenchError> {
+    for _ in 0..200 {
+        let up = match &ready {
+            Some(url) => http_client::send("GET", url, &[], Vec::new())
+                .await
+                .is_ok_and(|r| r.status == 200),
+            None => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok(),
+        };
+        if up {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(BenchError::Bridge(format!(
+        "nothing listening on port {port} after 10 s"
+    )))
+}
+
+async fn stop_bridge(bridge: RunningBridge<impl InProcessBridge>) {
+    match bridge {
+        RunningBridge::Child { mut child, pid } => {
+            // SIGTERM lets the bridge drain (briefly: VOXRELAY_DRAIN_SECONDS=2).
+            // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+        RunningBridge::InProcess(bridge) => {
+            bridge.stop(Duration::from_secs(2)).await;
+        }
+        RunningBridge::InProcessFloor(relay) => {
+            relay.shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while relay.live_calls() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+        }
+        RunningBridge::Remote => {}
+    }
+}
+
+/// CPU time (user + system) of a process, from `/proc/<pid>/stat`.
+fn process_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is parenthesised and may contain spaces.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros((utime + stime) * 1_000_000 / ticks))
+}
+
+/// Open file descriptors of a process, from `/proc/<pid>/fd`.
+fn process_fds(pid: &str) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+/// Resident memory of a process in KiB, from `/proc/<pid>/status`.
+fn process_rss_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set`; `cpu` is far below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
+fn pin_current_process(cpu: usize) -> Result<(), BenchError> {
+    let set = cpu_set(cpu);
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread. Threads
+    // created later inherit the mask; the runtime's existing threads are re-pinned below.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(BenchError::Options(format!(
+            "cannot pin the load to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // Pin every thread of this process (the tokio workers already exist).
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            if let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<libc::pid_t>().ok())
+            {
+                // SAFETY: as above, for one of our own threads.
+                unsafe {
+                    libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
+fn pin_command(command: &mut tokio::process::Command, cpu: usize) {
+    let set = cpu_set(cpu);
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // sched_setaffinity, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// CPU affinity is Linux's `sched_setaffinity`; elsewhere `--pin` is refused up front.
+#[cfg(not(target_os = "linux"))]
+fn pin_current_process(cpu: usize) -> Result<(), BenchError> {
+    Err(BenchError::Options(format!(
+        "cannot pin the load to CPU {cpu}: --pin needs Linux (sched_setaffinity)"
+    )))
+}
+
+/// Never reached off Linux: [`pin_current_process`] refuses `--pin` before a bridge starts.
+#[cfg(not(target_os = "linux"))]
+fn pin_command(_command: &mut tokio::process::Command, _cpu: usize) {}
+
+/// One measured batch of `calls` calls against a running relay.
+async fn measure(
+    options: &BenchOptions,
+    side: Side,
+    epoch: Epoch,
+    model: &EchoModel,
+    bridge: &RunningBridge<impl InProcessBridge>,
+    endpoint: &Endpoint,
+    calls: usize,
+) -> BenchResult {
+    let bridge_pid = match bridge {
+        RunningBridge::Child { pid, .. } => Some(pid.to_string()),
+        _ => None,
+    };
+    // The idle process, measured just before its calls: what the calls add is the difference.
+    let rss_before = bridge_pid.as_deref().and_then(process_rss_kib);
+    let sessions_before = model.records().len();
+    let duration = Duration::from_secs_f64(options.seconds.max(0.1));
+    let frames_per_call = (duration.as_millis() / 20) as usize;
+    let audio: Arc<[u8]> = Arc::from(SPEECH_FIXTURE);
+    let board = Arc::new(LiveBoard::new(calls, frames_per_call));
+    model.set_board(Some(Arc::clone(&board)));
+    let started_at = epoch.us();
+    let identify = options.audio_mode == AudioMode::Pcmu;
+
+    let mut handles = Vec::with_capacity(calls);
+    for index in 0..calls {
+        let config = LoadCallConfig {
+            connect_url: endpoint.connect_url.clone(),
+            signed_url: endpoint.signed_url.clone(),
+            auth_token: endpoint.auth_token.clone(),
+            index: index as u32,
+            duration,
+            jitter: options.jitter,
+            epoch,
+            identify,
+            board: Arc::clone(&board),
+        };
+        let delay = options.ramp_up.mul_f64(index as f64 / calls.max(1) as f64);
+        let audio = Arc::clone(&audio);
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            run_load_call(config, &audio).await
+        }));
+    }
+
+    // The line only loads the board's counters: it never waits for a caller or the model, and
+    // they never wait for it.
+    let progress = options.progress.then(|| {
+        let board = Arc::clone(&board);
+        let late_us = options.late_threshold.as_secs_f64() * 1e6;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                eprint!(
+                    "\rbench: {:>5} calls up, {:>5.1} s; µs p50/p99 so far: uplink {}, downlink {}; late {}    ",
+                    board.up.load(Relaxed),
+                    (epoch.us() - started_at) as f64 / 1e6,
+                    board.uplink.summary(),
+                    board.downlink.summary(),
+                    board.late(late_us),
+                );
+            }
+        })
+    });
+
+    // The steady window: from half a second after the last call started to half a second
+    // before the first one ends. CPU (the relay's and the load's) is read at its edges, and
+    // the calls actually streaming are sampled through it, so CPU is divided by the call-
+    // seconds that were up, not by the calls asked for.
+    let window_start = options.ramp_up + Duration::from_millis(500);
+    let window_len = duration
+        .saturating_sub(options.ramp_up + Duration::from_millis(1_000))
+        .max(Duration::from_millis(100));
+    tokio::time::sleep(window_start).await;
+    let cpu_at_window = bridge_pid.as_deref().and_then(process_cpu);
+    let load_at_window = process_cpu("self");
+    let window_wall = std::time::Instant::now();
+    let mut call_seconds = 0.0;
+    let mut rss_steady = None;
+    let mut fds_steady = None;
+    let mut up_at_rss = 0;
+    let mut last_sample = window_wall;
+    while window_wall.elapsed() < window_len {
+        tokio::time::sleep(UP_SAMPLE.min(window_len.saturating_sub(window_wall.elapsed()))).await;
+        let now = std::time::Instant::now();
+        call_seconds += board.up.load(Relaxed) as f64 * (now - last_sample).as_secs_f64();
+        last_sample = now;
+        if rss_steady.is_none() && window_wall.elapsed() >= window_len / 2 {
+            rss_steady = bridge_pid.as_deref().and_then(process_rss_kib);
+            fds_steady = bridge_pid.as_deref().and_then(process_fds);
+            up_at_rss = board.up.load(Relaxed);
+        }
+    }
+    let window = window_wall.elapsed();
+    let cpu_window = match (cpu_at_window, bridge_pid.as_deref().and_then(process_cpu)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let load_cpu = match (load_at_window, process_cpu("self")) {
+        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / window.as_secs_f64(),
+        _ => 0.0,
+    };
+
+    let mut records = Vec::with_capacity(calls);
+    for (index, handle) in handles.into_iter().enumerate() {
+        records.push(handle.await.unwrap_or_else(|error| LoadCallRecord {
+            index: index as u32,
+            error: Some(error.to_string()),
+            ..LoadCallRecord::default()
+        }));
+    }
+    if let Some(progress) = progress {
+        progress.abort();
+        eprintln!();
+    }
+    // Let the last echoes and the model's view of closing sockets settle.
+    tokio::time::sleep(options.model_delay + Duration::from_millis(300)).await;
+    model.set_board(None);
+    let sessions: Vec<EchoSessionRecord> =
+        model.records().into_iter().skip(sessions_before).collect();
+    let mut result = join(options, &records, &sessions);
+    result.calls = calls;
+    result.seconds = duration.as_secs_f64();
+    result.audio_mode = options.audio_mode.as_str().to_owned();
+    result.baseline = side == Side::Floor;
+    result.target = match (&options.bridge, side) {
+        (BridgeUnderTest::Target { url, .. }, _) => url.to_string(),
+        (BridgeUnderTest::InProcess, Side::Bridge) => "in-process".to_owned(),
+        (BridgeUnderTest::InProcess, Side::Floor) => "in-process (baseline relay)".to_owned(),
+        (BridgeUnderTest::Child, Side::Bridge) => "child".to_owned(),
+        (BridgeUnderTest::Child, Side::Floor) => "child (baseline relay)".to_owned(),
+    };
+    result.load_cpu_utilisation = load_cpu;
+    result.calls_up = call_seconds / window.as_secs_f64().max(1e-9);
+    if let Some(cpu) = cpu_window {
+        result.bridge_cpu_ms_per_call_second =
+            (call_seconds > 0.0).then(|| cpu.as_secs_f64() * 1e3 / call_seconds);
+    }
+    result.bridge_rss_kib_steady = rss_steady;
+    result.bridge_fds_steady = fds_steady;
+    if let (Some(before), Some(steady)) = (rss_before, rss_steady) {
+        result.bridge_rss_kib_per_call =
+            (up_at_rss > 0).then(|| steady.saturating_sub(before) as f64 / up_at_rss as f64);
+    }
+    result.machine = machine();
+    result
+}
+
+/// What the per-call joins add up.
+#[derive(Default)]
+struct Tally {
+    uplink: Vec<f64>,
+    downlink: Vec<f64>,
+    received: u64,
+    uplink_lost: u64,
+    downlink_lost: u64,
+    barge_in_dropped: u64,
+    after_hangup: u64,
+    duplicates: u64,
+    split: u64,
+    foreign: u64,
+    unidentified_bytes: u64,
+}
+
+impl Tally {
+    /// Sorts a model frame that never reached the caller: sent around the hang-up, cleared by
+    /// a barge-in, or lost.
+    fn unreceived(&mut self, sent_at: u64, stop: Option<u64>, late_us: u64, cleared: bool) {
+        if stop.is_some_and(|stop| sent_at.saturating_add(late_us) >= stop) {
+            self.after_hangup += 1;
+        } else if cleared {
+            self.barge_in_dropped += 1;
+        } else {
+            self.downlink_lost += 1;
+        }
+    }
+}
+
+/// Joins callers' and the model's records by call number, then frame by frame: by the ids
+/// the frames carry (`pcmu`), or by byte offset (`pcm16`).
+fn join(
+    options: &BenchOptions,
+    records: &[LoadCallRecord],
+    sessions: &[EchoSessionRecord],
+) -> BenchResult {
+    let late_us = options.late_threshold.as_secs_f64() * 1e6;
+    let identified = options.audio_mode == AudioMode::Pcmu;
+    let mut tally = Tally::default();
+    let mut barge_in = Vec::new();
+    let mut setup = Vec::new();
+    let mut jitter = Vec::new();
+    let (mut errors, mut sent, mut early_hangups) = (0u64, 0u64, 0u64);
+
+    for record in records {
+        sent += record.frames_sent_us.len() as u64;
+        outbound_jitter(&record.media, &mut jitter);
+        if record.error.is_some() {
+            errors += 1;
+        }
+        if record.closed_by_bridge {
+            early_hangups += 1;
+        }
+        let digits = LoadCallRecord::id_digits(record.index);
+        let Some(session) = sessions.iter().find(|s| s.digits.starts_with(&digits)) else {
+            // The model never learned who this caller was: nothing of it can be joined.
+            errors += 1;
+            tally.uplink_lost += record.frames_sent_us.len() as u64;
+            continue;
+        };
+        errors += session.errors_sent;
+        if let (Some(open), Some(update)) = (record.ws_open_us, session.session_update_at_us) {
+            setup.push(update.saturating_sub(open) as f64);
+        }
+        let foreign_before = tally.foreign;
+        if identified {
+            join_identified(record, session, late_us as u64, &mut tally);
+        } else {
+            join_by_offset(record, session, late_us as u64, &mut tally);
+        }
+        if tally.foreign > foreign_before {
+            // Another call's audio on this one: the call itself went wrong.
+            errors += 1;
+        }
+
+        // Barge-in: the s-th speech_started against the s-th clear.
+        for (s, &started) in session.speech_started_at_us.iter().enumerate() {
+            if let Some(&cleared) = record.clears_us.get(s) {
+                barge_in.push(cleared.saturating_sub(started) as f64);
+            }
+        }
+    }
+
+    let late = tally
+        .uplink
+        .iter()
+        .chain(&tally.downlink)
+        .filter(|&&latency| latency > late_us)
+        .count() as u64;
+    BenchResult {
+        uplink_us: Percentiles::of(&mut tally.uplink.clone()),
+        downlink_us: Percentiles::of(&mut tally.downlink.clone()),
+        barge_in_us: Percentiles::of(&mut barge_in),
+        setup_us: Percentiles::of(&mut setup),
+        outbound_jitter_us: Percentiles::of(&mut jitter),
+        late_frames: late,
+        late_threshold_ms: options.late_threshold.as_secs_f64() * 1e3,
+        lost_frames: tally.uplink_lost + tally.downlink_lost,
+        uplink_lost_frames: tally.uplink_lost,
+        downlink_lost_frames: tally.downlink_lost,
+        barge_in_dropped_frames: tally.barge_in_dropped,
+        after_hangup_frames: tally.after_hangup,
+        duplicate_frames: tally.duplicates,
+        split_frames: tally.split,
+        foreign_frames: tally.foreign,
+        unidentified_bytes: tally.unidentified_bytes,
+        early_hangups,
+        frames_identified: identified,
+        errors: errors + early_hangups,
+        frames_sent: sent,
+        frames_received: tally.received,
+        samples: Samples {
+            uplink_us: thin(tally.uplink),
+            downlink_us: thin(tally.downlink),
+        },
+        ..BenchResult::default()
+    }
+}
+
+/// One call's frames by the ids they carry. Uplink: each frame the caller sent should reach
+/// the model once. Downlink: each frame the model echoed should reach the caller once, unless
+/// it was the tail of a response a barge-in cleared, or was sent around the hang-up.
+fn join_identified(
+    record: &LoadCallRecord,
+    session: &EchoSessionRecord,
+    late_us: u64,
+    tally: &mut Tally,
+) {
+    let own = record.index as u16;
+    let sent = &record.frames_sent_us;
+    let configured = session.session_update_at_us.unwrap_or(u64::MAX);
+    tally.unidentified_bytes += session.uplink_skipped_bytes + record.skipped_bytes;
+
+    let mut arrivals = vec![0u32; sent.len()];
+    for &(id, at, split) in &session.uplink {
+        let Some(count) = arrivals
+            .get_mut(id.frame as usize)
+            .filter(|_| id.call == own)
+        else {
+            tally.foreign += 1;
+            continue;
+        };
+        *count += 1;
+        if *count > 1 {
+            tally.duplicates += 1;
+            continue;
+        }
+        tally.split += u64::from(split);
+        let sent_at = sent[id.frame as usize];
+        // Frames sent before the session existed waited for set-up, measured apart.
+        if sent_at >= configured {
+            tally.uplink.push(at.saturating_sub(sent_at) as f64);
+        }
+    }
+    tally.uplink_lost += arrivals.iter().filter(|&&n| n == 0).count() as u64;
+
+    // Downlink: the first arrival of each of this call's frames.
+    let mut heard: Vec<Option<u64>> = vec![None; sent.len()];
+    for frame in &record.downlink {
+        let Some(slot) = heard
+            .get_mut(frame.id.frame as usize)
+            .filter(|_| frame.id.call == own)
+        else {
+            tally.foreign += 1;
+            continue;
+        };
+        if slot.is_some() {
+            tally.duplicates += 1;
+            continue;
+        }
+        *slot = Some(frame.at_us);
+        tally.split += u64::from(frame.split);
+    }
+    // The last echoed frame of each response that the caller heard: unheard frames after it
+    // are the tail a barge-in cleared; unheard frames before it were lost.
+    let heard_of = |id: super::watermark::FrameId| {
+        heard
+            .get(id.frame as usize)
+            .copied()
+            .flatten()
+            .filter(|_| id.call == own)
+    };
+    let mut last_heard = vec![None; session.responses.len()];
+    for (position, echoed) in session.echoed.iter().enumerate() {
+        if heard_of(echoed.id).is_some() {
+            if let Some(slot) = last_heard.get_mut(echoed.response as usize) {
+                *slot = Some(position);
+            }
+        }
+    }
+    for (position, echoed) in session.echoed.iter().enumerate() {
+        match heard_of(echoed.id) {
+            Some(at) => {
+                tally.downlink.push(at.saturating_sub(echoed.at_us) as f64);
+                tally.received += 1;
+            }
+            None => {
+                let response = echoed.response as usize;
+                let interrupted = session.responses.get(response).is_some_and(|r| {
+                    session
+                        .speech_started_at_us
+                        .iter()
+                        .any(|&barge| barge >= r.started_at_us)
+                });
+                let tail = last_heard
+                    .get(response)
+                    .copied()
+                    .flatten()
+                    .is_none_or(|last| position > last);
+                tally.unreceived(
+                    echoed.at_us,
+                    record.stop_sent_us,
+                    late_us,
+                    interrupted && tail,
+                );
+            }
+        }
+    }
+}
+
+/// One call's frames by byte offset (`pcm16`: no id survives the transcoding).
+fn join_by_offset(
+    record: &LoadCallRecord,
+    session: &EchoSessionRecord,
+    late_us: u64,
+    tally: &mut Tally,
+) {
+    let mut call = CallJoin::default();
+    let (uplink, downlink) = (&mut tally.uplink, &mut tally.downlink);
+    call.advance(
+        record,
+        session,
+        true,
+        |latency| uplink.push(latency),
+        |latency| downlink.push(latency),
+    );
+    tally.received += call.frame as u64;
+    tally.uplink_lost += record.frames_sent_us.len().saturating_sub(call.frame) as u64;
+    for &(sent_at, cleared) in &call.unreceived {
+        tally.unreceived(sent_at, record.stop_sent_us, late_us, cleared);
+    }
+}
+
+/// A pause longer than this between two `media` messages is a gap between responses.
+const JITTER_GAP_US: u64 = 100_000;
+
+/// Pushes RFC 3550's |D| for each `media` of one call after the first of its stretch: its
+/// arrival spacing minus the audio the previous message carried (μ-law: 125 µs per byte).
+/// `media` is (generation, cumulative bytes in the generation, arrival µs) per message.
+fn outbound_jitter(media: &[(u32, u64, u64)], out: &mut Vec<f64>) {
+    // The first message of a generation carries `bytes` audio from 0.
+    let mut previous_bytes = 0u64;
+    for pair in media.windows(2) {
+        let ((g0, b0, t0), (g1, b1, t1)) = (pair[0], pair[1]);
+        let carried = b0.saturating_sub(previous_bytes);
+        previous_bytes = if g1 == g0 { b0 } else { 0 };
+        let spacing = t1.saturating_sub(t0);
+        if g1 != g0 || spacing >= JITTER_GAP_US || b1 <= b0 {
+            continue;
+        }
+        out.push((spacing as f64 - carried as f64 * 125.0).abs());
+    }
+}
+
+/// One call's byte-offset join, resumable: advancing it again after its records grew
+/// continues where it stopped. The final result advances a fresh one once over the complete
+/// records (`done`); the live progress line advances one per call every second on the records
+/// as they are written, so both use the same join and the live one costs only the frames that
+/// arrived since the last tick.
+#[derive(Clone, Debug, Default)]
+struct CallJoin {
+    /// Uplink: the next model append to look at, and the next caller frame to time (at the
+    /// end: how many of the caller's frames reached the model).
+    append: usize,
+    frame: usize,
+    /// Downlink: the response (among those with audio; the n-th is the caller's generation n,
+    /// the audio between its (n-1)-th and n-th `clear`), its next delta and model frame, and
+    /// the next caller `media` arrival to compare.
+    response: usize,
+    delta: usize,
+    model_frame: u64,
+    arrival: usize,
+    /// Model frames that never reached the caller (send µs, and whether the caller had
+    /// moved on past a `clear` rather than the run ending).
+    unreceived: Vec<(u64, bool)>,
+}
+
+impl CallJoin {
+    /// Notes every frame of `response` from the current one on as never received.
+    fn skip_response(&mut self, response: &EchoResponse, frame_bytes: u64, cleared: bool) {
+        let mut frame = self.model_frame;
+        for &(cumulative, sent_at) in response.deltas.get(self.delta..).unwrap_or_default() {
+            while frame < cumulative / frame_bytes {
+                self.unreceived.push((sent_at, cleared));
+                frame += 1;
+            }
+        }
+    }
+
+    /// Joins what the records hold beyond the last call. With `done` false, whatever may still
+    /// change (the caller's record lagging the model's, a response still receiving audio, a
+    /// generation the caller has not left) is left for the next call; with `done` true the
+    /// records are final and frames that never arrived are skipped.
+    fn advance(
+        &mut self,
+        record: &LoadCallRecord,
+        session: &EchoSessionRecord,
+        done: bool,
+        mut uplink: impl FnMut(f64),
+        mut downlink: impl FnMut(f64),
+    ) {
+        let model_frame_bytes: u64 = match session.format {
+            EchoFormat::Pcmu => 160,
+            EchoFormat::Pcm24k => 960,
+        };
+
+        // Uplink: caller frame k is complete at the model once its cumulative input covers
+        // k+1 frames. Frames sent before the session existed waited for set-up, which is
+        // measured apart.
+        let configured = session.session_update_at_us.unwrap_or(u64::MAX);
+        let sent = &record.frames_sent_us;
+        while let Some(&(cumulative, at)) = session.appends.get(self.append) {
+            let complete = (cumulative / model_frame_bytes) as usize;
+            while self.frame < complete && self.frame < sent.len() {
+                let sent_at = sent[self.frame];
+                if sent_at >= configured {
+                    uplink(at.saturating_sub(sent_at) as f64);
+                }
+                self.frame += 1;
+            }
+            if self.frame < complete {
+                // The caller's record is behind the model's (only while live).
+                break;
+            }
+            self.append += 1;
+        }
+
+        // Downlink: model frame k of the n-th audio response reached the caller with the first
+        // `media` of generation n whose cumulative audio covers k+1 caller frames.
+        let caller_generation = record.clears_us.len();
+        loop {
+            let Some(response) = session
+                .responses
+                .iter()
+                .filter(|r| !r.deltas.is_empty())
+                .nth(self.response)
+            else {
+                return;
+            };
+            let generation = self.response as u32;
+            // Only the newest response still receives audio.
+            let more_deltas = !done
+                && session
+                    .responses
+                    .last()
+                    .is_some_and(|last| std::ptr::eq(last, response));
+            let mut next_response = false;
+            'deltas: while let Some(&(cumulative, sent_at)) = response.deltas.get(self.delta) {
+                let complete = cumulative / model_frame_bytes;
+                while self.model_frame < complete {
+                    let needed = (self.model_frame + 1) * CALLER_FRAME_BYTES;
+                    while record
+                        .media
+                        .get(self.arrival)
+                        .is_some_and(|&(g, c, _)| g < generation || (g == generation && c < needed))
+                    {
+                        self.arrival += 1;
+                    }
+                    match record.media.get(self.arrival) {
+                        Some(&(g, _, at)) if g == generation => {
+                            downlink(at.saturating_sub(sent_at) as f64);
+                            self.model_frame += 1;
+                        }
+                        // The rest of this response never reached the caller (a barge-in
+                        // cleared it), or the run is over.
+                        Some(_) => {
+                            self.skip_response(response, model_frame_bytes, true);
+                            next_response = true;
+                            break 'deltas;
+                        }
+                        None if done || caller_generation > self.response => {
+                            let cleared = caller_generation > self.response;
+                            self.skip_response(response, model_frame_bytes, cleared);
+                            next_response = true;
+                            break 'deltas;
+                        }
+                        // Still on its way.
+                        None => return,
+                    }
+                }
+                self.delta += 1;
+            }
+            if !next_response && more_deltas && caller_generation <= self.response {
+                return;
+            }
+            self.response += 1;
+            self.delta = 0;
+            self.model_frame = 0;
+        }
+    }
+}
+
+/// An evenly spaced subset, for plots.
+fn thin(values: Vec<f64>) -> Vec<f64> {
+    if values.len() <= MAX_SAMPLES {
+        return values;
+    }
+    let step = values.len() as f64 / MAX_SAMPLES as f64;
+    (0..MAX_SAMPLES)
+        .map(|i| values[(i as f64 * step) as usize])
+        .collect()
+}
+
+pub fn machine() -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    Machine {
+        // Online CPUs, not this process's affinity mask (which --pin narrows to one).
+        // SAFETY: sysconf has no preconditions.
+        cpus: unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize,
+        cpu_model,
+        date_utc: utc_date(),
+    }
+}
+
+fn utc_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // Civil-from-days (Howard Hinnant's algorithm), to avoid a date crate for one line.
+    let days = (secs / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The end-of-run summary table.
+pub fn summary(result: &BenchResult) -> String {
+    let mut out = String::new();
+    let row = |out: &mut String, name: &str, p: &Percentiles| {
+        let _ = writeln!(
+            out,
+            "  {name:<10} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9}",
+            p.p50, p.p90, p.p99, p.max, p.count
+        );
+    };
+    let _ = writeln!(
+        out,
+        "\nvoxrelay bench: {} calls × {:.0} s, audio {}, bridge {}{}",
+        result.calls,
+        result.seconds,
+        result.audio_mode,
+        result.target,
+        if result.baseline { " (baseline)" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "  {:<10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "µs", "p50", "p90", "p99", "max", "count"
+    );
+    row(&mut out, "uplink", &result.uplink_us);
+    row(&mut out, "downlink", &result.downlink_us);
+    row(&mut out, "barge-in", &result.barge_in_us);
+    row(&mut out, "setup", &result.setup_us);
+    row(&mut out, "out jitter", &result.outbound_jitter_us);
+    let _ = writeln!(
+        out,
+        "  frames sent {} received {}, late (> {:.0} ms) {}, lost {} (up {}, down {}), errors {} ({} hung up early by the relay)",
+        result.frames_sent,
+        result.frames_received,
+        result.late_threshold_ms,
+        result.late_frames,
+        result.lost_frames,
+        result.uplink_lost_frames,
+        result.downlink_lost_frames,
+        result.errors,
+        result.early_hangups,
+    );
+    let _ = writeln!(
+        out,
+        "  frames {}: duplicated {}, split {}, on the wrong call {}, unidentified bytes {}; cleared by barge-in {}, sent around hang-up {}",
+        if result.frames_identified {
+            "identified by id"
+        } else {
+            "joined by byte offset"
+        },
+        result.duplicate_frames,
+        result.split_frames,
+        result.foreign_frames,
+        result.unidentified_bytes,
+        result.barge_in_dropped_frames,
+        result.after_hangup_frames,
+    );
+    let fmt = |v: Option<f64>, unit: &str| {
+        v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2} {unit}"))
+    };
+    let _ = writeln!(
+        out,
+        "  relay CPU {} per call-second, RSS {} per call ({:.0} calls up in the window); load process CPU {:.0}% of a core",
+        fmt(result.bridge_cpu_ms_per_call_second, "ms"),
+        fmt(result.bridge_rss_kib_per_call, "KiB"),
+        result.calls_up,
+        result.load_cpu_utilisation * 100.0
+    );
+    if let Some(max) = result.max_calls_held {
+        let _ = writeln!(
+            out,
+            "  ramp: largest call count that held the budget: {max}"
+        );
+    }
+    if !result.soak.is_empty() {
+        let _ = writeln!(out, "  soak, one line per batch:");
+        for sample in &result.soak {
+            let _ = writeln!(out, "    {}", soak_line(sample));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  machine: {} CPUs, {}, {}",
+        result.machine.cpus, result.machine.cpu_model, result.machine.date_utc
+    );
+    out
+}
+
+/// The bridge against the floor, as ratios at equal call counts (noise cancels out within
+/// one run): with ramps, the steps at the largest count both held (or, if none held in both,
+/// the largest both measured); otherwise the run's one count.
+pub fn comparison(bridge: &BenchResult, floor: &BenchResult) -> String {
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}×", a / b)
+        } else {
+            "n/a".to_owned()
+        }
+    };
+    let cpu = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => ratio(a, b),
+        _ => "n/a".to_owned(),
+    };
+    let pair = |wanted_held: bool| {
+        bridge
+            .ramp
+            .iter()
+            .filter(|step| step.held || !wanted_held)
+            .filter_map(|step| {
+                floor
+                    .ramp
+                    .iter()
+                    .find(|other| other.calls == step.calls && (other.held || !wanted_held))
+                    .map(|other| (step, other))
+            })
+            .max_by_key(|(step, _)| step.calls)
+    };
+    let mut line = match pair(true).or_else(|| pair(false)) {
+        Some((a, b)) => format!(
+            "bridge ÷ floor at {} calls: uplink p50 {} p99 {}, downlink p50 {} p99 {}, CPU per call-second {}",
+            a.calls,
+            ratio(a.uplink_us.p50, b.uplink_us.p50),
+            ratio(a.uplink_us.p99, b.uplink_us.p99),
+            ratio(a.downlink_us.p50, b.downlink_us.p50),
+            ratio(a.downlink_us.p99, b.downlink_us.p99),
+            cpu(a.cpu_ms_per_call_second, b.cpu_ms_per_call_second),
+        ),
+        None => format!(
+            "bridge ÷ floor at {} calls: uplink p50 {} p99 {}, downlink p50 {} p99 {}, CPU per call-second {}",
+            bridge.calls,
+            ratio(bridge.uplink_us.p50, floor.uplink_us.p50),
+            ratio(bridge.uplink_us.p99, floor.uplink_us.p99),
+            ratio(bridge.downlink_us.p50, floor.downlink_us.p50),
+            ratio(bridge.downlink_us.p99, floor.downlink_us.p99),
+            cpu(
+                bridge.bridge_cpu_ms_per_call_second,
+                floor.bridge_cpu_ms_per_call_second
+            ),
+        ),
+    };
+    if !bridge.ramp.is_empty() {
+        let held = |v: Option<usize>| v.map_or_else(|| "none".to_owned(), |v| v.to_string());
+        let _ = write!(
+            line,
+            "; held calls {} vs {} (capacity {})",
+            held(bridge.max_calls_held),
+            held(floor.max_calls_held),
+            match (bridge.max_calls_held, floor.max_calls_held) {
+                (Some(a), Some(b)) => ratio(a as f64, b as f64),
+                _ => "n/a".to_owned(),
+            }
+        );
+    }
+    line
+}
+
+/// Writes the JSON result.
+pub fn write_json(path: &PathBuf, result: &BenchResult) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(result).map_err(std::io::Error::other)?;
+    std::fs::write(path, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::echo_model::EchoResponse;
+
+    /// Options whose join is by byte offset (`pcm16`), as the scripted records below are.
+    fn options() -> BenchOptions {
+        BenchOptions {
+            late_threshold: Duration::from_millis(40),
+            audio_mode: AudioMode::Pcm16,
+            ..BenchOptions::default()
+        }
+    }
+
+    #[test]
+    fn joins_uplink_downlink_and_barge_in_by_offset() {
+        let record = LoadCallRecord {
+            index: 3,
+            ws_open_us: Some(1_000),
+            frames_sent_us: vec![10_000, 30_000, 50_000],
+            media: vec![(0, 160, 300_500), (0, 320, 320_700), (1, 160, 900_300)],
+            clears_us: vec![800_050],
+            ..LoadCallRecord::default()
+        };
+        let session = EchoSessionRecord {
+            digits: LoadCallRecord::id_digits(3),
+            connected_at_us: 1_500,
+            session_update_at_us: Some(5_000),
+            format: EchoFormat::Pcmu,
+            appends: vec![(160, 10_100), (320, 30_200), (480, 50_050)],
+            responses: vec![
+                EchoResponse {
+                    response_id: "r1".into(),
+                    item_id: "i1".into(),
+                    started_at_us: 300_000,
+                    deltas: vec![(160, 300_000), (320, 320_000)],
+                },
+                EchoResponse {
+                    response_id: "r2".into(),
+                    item_id: "i2".into(),
+                    started_at_us: 900_000,
+                    deltas: vec![(160, 900_000)],
+                },
+            ],
+            speech_started_at_us: vec![800_000],
+            truncates: vec![],
+            errors_sent: 0,
+            closed_at_us: None,
+            ..EchoSessionRecord::default()
+        };
+        let result = join(&options(), &[record], &[session]);
+        assert_eq!(result.uplink_us.count, 3);
+        assert_eq!(result.uplink_us.max, 200.0);
+        assert_eq!(result.downlink_us.count, 3);
+        assert_eq!(result.downlink_us.max, 700.0);
+        assert_eq!(result.barge_in_us.max, 50.0);
+        assert_eq!(result.setup_us.max, 4_000.0);
+        // 160 bytes (20 ms) then the next message 20.2 ms later; the third is after a clear.
+        assert_eq!(result.outbound_jitter_us.count, 1);
+        assert_eq!(result.outbound_jitter_us.max, 200.0);
+        assert_eq!(
+            (result.lost_frames, result.errors, result.late_frames),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn outbound_jitter_compares_arrival_spacing_with_the_audio_carried() {
+        let mut jitter = Vec::new();
+        // Two frames in one message (40 ms), then one frame 41 ms later, then 19 ms later,
+        // then a pause (a new response), then a clear (generation 1).
+        let media = [
+            (0, 320, 1_000_000),
+            (0, 480, 1_041_000),
+            (0, 640, 1_060_000),
+            (0, 800, 1_500_000),
+            (1, 160, 1_520_000),
+        ];
+        outbound_jitter(&media, &mut jitter);
+        assert_eq!(jitter, [1_000.0, 1_000.0]);
+    }
+
+    /// A call with two audio responses, the first cut short by a barge-in after 6 of its 10
+    /// frames reached the caller, and downlink media that carry two frames at once.
+    fn scripted_call() -> (LoadCallRecord, EchoSessionRecord) {
+        let mut record = LoadCallRecord {
+            index: 0,
+            ws_open_us: Some(1_000),
+            ..LoadCallRecord::default()
+        };
+        let mut session = EchoSessionRecord {
+            digits: LoadCallRecord::id_digits(0),
+            connected_at_us: 1_500,
+            session_update_at_us: Some(5_000),
+            format: EchoFormat::Pcmu,
+            appends: Vec::new(),
+            responses: Vec::new(),
+            speech_started_at_us: vec![429_000],
+            truncates: vec![],
+            errors_sent: 0,
+            closed_at_us: None,
+            ..EchoSessionRecord::default()
+        };
+        for k in 0..50u64 {
+            let at = 2_000 + 20_000 * k;
+            record.frames_sent_us.push(at);
+            session.appends.push((160 * (k + 1), at + 150 + k * 7));
+        }
+        let mut first = EchoResponse {
+            response_id: "r1".into(),
+            item_id: "i1".into(),
+            started_at_us: 300_000,
+            deltas: Vec::new(),
+        };
+        for k in 0..10u64 {
+            first.deltas.push((160 * (k + 1), 300_000 + 20_000 * k));
+        }
+        // The caller hears the first 6 frames, two per message, then the clear.
+        for k in 0..3u64 {
+            record.media.push((0, 320 * (k + 1), 320_600 + 40_000 * k));
+        }
+        record.clears_us.push(430_000);
+        let mut second = EchoResponse {
+            response_id: "r2".into(),
+            item_id: "i2".into(),
+            started_at_us: 600_000,
+            deltas: Vec::new(),
+        };
+        for k in 0..8u64 {
+            second.deltas.push((160 * (k + 1), 600_000 + 20_000 * k));
+            record
+                .media
+                .push((1, 160 * (k + 1), 600_400 + 20_000 * k + 30 * k));
+        }
+        session.responses = vec![first, second];
+        (record, session)
+    }
+
+    /// What each record held at `t` µs.
+    fn as_of(
+        record: &LoadCallRecord,
+        session: &EchoSessionRecord,
+        t: u64,
+    ) -> (LoadCallRecord, EchoSessionRecord) {
+        let mut record = record.clone();
+        record.frames_sent_us.retain(|&at| at <= t);
+        record.media.retain(|&(_, _, at)| at <= t);
+        record.clears_us.retain(|&at| at <= t);
+        let mut session = session.clone();
+        session.appends.retain(|&(_, at)| at <= t);
+        session.responses.retain(|r| r.started_at_us <= t);
+        for response in &mut session.responses {
+            response.deltas.retain(|&(_, at)| at <= t);
+        }
+        (record, session)
+    }
+
+    #[test]
+    fn the_live_join_finds_what_the_final_join_finds() {
+        let (record, session) = scripted_call();
+        let result = join(
+            &options(),
+            std::slice::from_ref(&record),
+            std::slice::from_ref(&session),
+        );
+        // The first frame was sent before the session was configured: set-up, not uplink.
+        assert_eq!(result.uplink_us.count, 49);
+        assert_eq!(result.downlink_us.count, 6 + 8);
+        // The 4 frames of the first response the barge-in cut are counted apart, not lost.
+        assert_eq!(result.barge_in_dropped_frames, 4);
+        assert_eq!((result.lost_frames, result.after_hangup_frames), (0, 0));
+        // Had the caller heard none of the second response, it would all be lost.
+        let mut deaf = record.clone();
+        deaf.media.retain(|&(generation, _, _)| generation == 0);
+        let deaf = join(&options(), &[deaf], std::slice::from_ref(&session));
+        assert_eq!(deaf.downlink_lost_frames, 8);
+
+        for step in [1_000, 7_000, 20_000, 45_000] {
+            let mut live = CallJoin::default();
+            let (mut uplink, mut downlink) = (Vec::new(), Vec::new());
+            let mut t = 0;
+            while t <= 1_100_000 {
+                let (record, session) = as_of(&record, &session, t);
+                live.advance(
+                    &record,
+                    &session,
+                    false,
+                    |us| uplink.push(us),
+                    |us| downlink.push(us),
+                );
+                t += step;
+            }
+            live.advance(
+                &record,
+                &session,
+                true,
+                |us| uplink.push(us),
+                |us| downlink.push(us),
+            );
+            assert_eq!(
+                Percentiles::of(&mut uplink),
+                result.uplink_us,
+                "step {step}"
+            );
+            assert_eq!(
+                Percentiles::of(&mut downlink),
+                result.downlink_us,
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unidentified_caller_is_an_error_and_its_frames_are_lost() {
+        let record = LoadCallRecord {
+            index: 9,
+            frames_sent_us: vec![1, 2],
+            ..LoadCallRecord::default()
+        };
+        let result = join(&options(), &[record], &[]);
+        assert_eq!((result.errors, result.lost_frames), (1, 2));
+    }
+
+    /// A launcher for runs that measure only the floor: it never starts a bridge.
+    struct FloorOnly;
+
+    /// No bridge can exist: [`FloorOnly`] refuses to launch one.
+    enum NoBridge {}
+
+    impl crate::launcher::InProcessBridge for NoBridge {
+        fn local_addr(&self) -> SocketAddr {
+            match *self {}
+        }
+
+        async fn stop(self, _drain: Duration) -> crate::launcher::BridgeFigures {
+            match self {}
+        }
+    }
+
+    impl crate::launcher::TenantLookups for NoBridge {
+        async fn resolve(
+            &self,
+            _cache: crate::launcher::LookupCache,
+            _to: &str,
+            _from: &str,
+            _call_sid: &str,
+        ) -> Result<(), &'static str> {
+            match *self {}
+        }
+    }
+
+    impl BridgeLauncher for FloorOnly {
+        type Bridge = NoBridge;
+        type Lookups = NoBridge;
+
+        async fn launch(&self, _settings: BridgeSettings) -> std::io::Result<NoBridge> {
+            Err(std::io::Error::other("these tests measure the floor only"))
+        }
+
+        fn tenant_lookups(
+            &self,
+            _control: &crate::launcher::ControlPlaneAccess,
+        ) -> Result<NoBridge, String> {
+            Err("these tests measure the floor only".to_owned())
+        }
+    }
+
+    /// The harness against the baseline relay in this process, two calls of 2.5 s, with
+    /// `fault` planted.
+    async fn planted(fault: Option<Fault>, barge_in_every: Option<Duration>) -> BenchResult {
+        let options = BenchOptions {
+            calls: 2,
+            seconds: 2.5,
+            bridge: BridgeUnderTest::InProcess,
+            floor_only: true,
+            floor_fault: fault,
+            ramp_up: Duration::ZERO,
+            model_delay: Duration::from_millis(40),
+            barge_in_every,
+            // Frames sent this close to the hang-up count as in flight at it (the drop planted
+            // 1 in 100 falls 0.4 s before it). Nothing here asserts on latency.
+            late_threshold: Duration::from_millis(100),
+            progress: false,
+            ..BenchOptions::default()
+        };
+        tokio::time::timeout(Duration::from_secs(30), run(&options, &FloorOnly))
+            .await
+            .expect("the run ends in time")
+            .expect("the run starts")
+    }
+
+    #[tokio::test]
+    async fn a_clean_relay_has_every_frame_accounted_for() {
+        let result = planted(None, Some(Duration::from_millis(900))).await;
+        assert!(result.frames_identified);
+        assert_eq!(result.frames_sent, 2 * 125);
+        assert_eq!(
+            (result.errors, result.frame_faults(), result.split_frames),
+            (0, 0, 0),
+            "{result:?}"
+        );
+        assert_eq!(result.unidentified_bytes, 0);
+        assert!(result.uplink_us.count > 200, "{:?}", result.uplink_us);
+        assert!(result.downlink_us.count > 100, "{:?}", result.downlink_us);
+        assert!(result.barge_in_us.count >= 2, "{:?}", result.barge_in_us);
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_drops_one_downlink_frame_in_a_hundred_is_caught() {
+        let result = planted(Some(Fault::DropDownlink), None).await;
+        assert_eq!(result.downlink_lost_frames, 2, "{result:?}");
+        assert_eq!(result.uplink_lost_frames, 0);
+        assert_eq!(result.lost_frames, 2);
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_hangs_up_early_is_caught() {
+        let result = planted(Some(Fault::HangUpEarly), None).await;
+        assert_eq!(result.early_hangups, 2, "{result:?}");
+        assert!(result.errors >= 2);
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_rechunks_is_caught() {
+        let result = planted(Some(Fault::Rechunk), None).await;
+        assert!(result.split_frames > 100, "{result:?}");
+        assert_eq!(result.frame_faults(), 0, "split, yet whole: {result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_mixes_two_calls_is_caught() {
+        let result = planted(Some(Fault::MixCalls), None).await;
+        assert!(result.foreign_frames > 0, "{result:?}");
+        assert!(result.errors > 0);
+    }
+
+    #[test]
+    fn ratios_compare_the_largest_count_both_held() {
+        let step = |calls, held, cpu| RampStep {
+            calls,
+            held,
+            cpu_ms_per_call_second: Some(cpu),
+            ..RampStep::default()
+        };
+        let bridge = BenchResult {
+            ramp: vec![
+                step(100, true, 1.2),
+                step(200, true, 1.1),
+                step(300, false, 1.0),
+            ],
+            max_calls_held: Some(200),
+            ..BenchResult::default()
+        };
+        let floor = BenchResult {
+            ramp: vec![
+                step(100, true, 1.0),
+                step(200, true, 1.0),
+                step(300, true, 0.9),
+                step(400, false, 0.9),
+            ],
+            max_calls_held: Some(300),
+            ..BenchResult::default()
+        };
+        let ratios = ratios(&bridge, &floor);
+        assert_eq!(ratios.calls, Some(200));
+        assert!((ratios.capacity.unwrap() - 2.0 / 3.0).abs() < 1e-9);
+        assert!((ratios.cpu_per_call_second.unwrap() - 1.1).abs() < 1e-9);
+        let line = comparison(&bridge, &floor);
+        assert!(line.starts_with("bridge ÷ floor at 200 calls"), "{line}");
+        assert!(line.contains("CPU per call-second 1.10×"), "{line}");
+        assert!(
+            line.contains("held calls 200 vs 300 (capacity 0.67×)"),
+            "{line}"
+        );
+        let json = serde_json::to_value(BenchResult {
+            ratios: Some(ratios),
+            ..bridge
+        })
+        .unwrap();
+        assert!(json["ratios"]["capacity"].is_number());
+        assert!(json["ratios"]["cpu_per_call_second"].is_number());
+    }
+
+    #[test]
+    fn dates_are_civil() {
+        assert_eq!(utc_date().len(), 10);
+    }
+}

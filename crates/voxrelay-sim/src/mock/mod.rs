@@ -1,0 +1,923 @@
+//! An in-process mock of the OpenAI Realtime API (GA shape) on 127.0.0.1.
+//!
+//! Owns a tiny realtime "model" used by `voxrelay serve` without an API key, by the demo and by
+//! tests: it checks the handshake like the real service (Bearer required, `OpenAI-Beta`
+//! answered with `beta_api_shape_disabled` and close 4000), merges `session.update`s, runs an
+//! energy VAD over appended audio, and answers each utterance by echoing it back (and
+//! `response.create` with a chime). Invariants: every server event carries an `event_id`;
+//! audio deltas are sent as fast as the socket takes them, with client messages read between
+//! any two deltas so an interruption lands mid-response like on the real service; a truncate
+//! past the audio produced for an item is rejected; everything a session saw is recorded in
+//! [`MockLog`]. The session logic ([`MockSession`]) is sans-IO and takes time as an input;
+//! only the driver touches sockets and the clock. For fault tests one session can be told to
+//! misbehave ([`MockFault`]): reset its TCP connection mid-response, stop reading, or send a
+//! fragmented message that never ends.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+
+mod session;
+
+pub use session::MockSession;
+
+/// How the mock "model" behaves.
+#[derive(Clone, Debug)]
+pub struct MockConfig {
+    /// The model's think time between the end of an utterance and its reply.
+    pub reply_delay: Duration,
+    /// A 20 ms window louder than this (RMS, dB full scale) is speech.
+    pub vad_threshold_dbfs: f32,
+    /// Silence after speech that ends an utterance.
+    pub silence_ms: u32,
+    /// Length of the chime spoken for `response.create` (the greeting).
+    pub greeting_ms: u32,
+    /// Audio carried by each `response.output_audio.delta`.
+    pub delta_ms: u32,
+    /// Functions the mock calls instead of echoing, one per caller utterance in order, each
+    /// only if the session's `tools` offer it (otherwise that utterance is echoed as usual).
+    pub tool_script: Vec<MockToolCall>,
+    /// Held before answering each WebSocket handshake: stands in for the real service's TLS
+    /// and handshake round trips, so pre-warm can be measured on loopback.
+    pub connect_delay: Duration,
+    /// One session that misbehaves, for fault tests; every other session is well behaved.
+    pub fault: Option<MockFault>,
+}
+
+/// A misbehaving session: the `session`-th connection (counting from 1) does `kind`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MockFault {
+    pub session: u64,
+    pub kind: MockFaultKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MockFaultKind {
+    /// After sending this many audio deltas, reset the TCP connection (RST, no close frame).
+    ResetAfterDeltas(u32),
+    /// Once the session is configured (`session.updated` sent), never read (nor write) again,
+    /// holding the socket open.
+    StopReading,
+    /// Once the session is configured, send one text message as a first frame and continuation
+    /// frames of `fragment` bytes, up to `total` bytes, never the final frame; then wait for
+    /// the peer to close. How much went out is in [`MockSessionRecord::fault_bytes_sent`].
+    EndlessFragments { fragment: usize, total: usize },
+}
+
+/// A function call the mock makes in place of an echo.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MockToolCall {
+    pub name: String,
+    pub arguments: Value,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            reply_delay: Duration::from_millis(200),
+            vad_threshold_dbfs: -35.0,
+            silence_ms: 500,
+            greeting_ms: 1500,
+            delta_ms: 100,
+            tool_script: Vec::new(),
+            connect_delay: Duration::ZERO,
+            fault: None,
+        }
+    }
+}
+
+/// Everything one mock session saw and said.
+#[derive(Clone, Debug, Default)]
+pub struct MockSessionRecord {
+    pub id: String,
+    /// The merged session configuration.
+    pub session: Value,
+    /// Every appended sample, decoded to PCM at `input_rate` (8 kHz for G.711, 24 kHz for PCM).
+    pub input_audio_8k: Vec<i16>,
+    pub input_rate: u32,
+    /// Every sample sent in audio deltas, at `output_rate`.
+    pub output_audio: Vec<i16>,
+    pub output_rate: u32,
+    pub client_event_types: Vec<String>,
+    /// `(item_id, audio_end_ms)` of every truncate received, accepted or not.
+    pub truncates: Vec<(String, u32)>,
+    pub deletes: Vec<String>,
+    pub user_texts: Vec<String>,
+    /// `(name, arguments)` of every function call the mock made.
+    pub function_calls: Vec<(String, Value)>,
+    /// `(call_id, output)` of every `function_call_output` item received.
+    pub function_outputs: Vec<(String, String)>,
+    /// The transcript of every response the mock completed or cancelled, in order.
+    pub response_transcripts: Vec<String>,
+    /// The `code` of every error event sent.
+    pub errors_sent: Vec<String>,
+    /// Bytes of an [`MockFaultKind::EndlessFragments`] message the socket took.
+    pub fault_bytes_sent: usize,
+    pub closed: bool,
+}
+
+/// What every session of a mock server saw, shared with the test or demo that started it.
+#[derive(Debug, Default)]
+pub struct MockLog {
+    sessions: Mutex<Vec<Arc<Mutex<MockSessionRecord>>>>,
+    active: AtomicUsize,
+}
+
+impl MockLog {
+    /// A snapshot of every session so far, in connection order.
+    pub fn sessions(&self) -> Vec<MockSessionRecord> {
+        lock(&self.sessions)
+            .iter()
+            .map(|record| lock(record).clone())
+            .collect()
+    }
+
+    /// Sessions whose socket is still open.
+    pub fn active_sessions(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    fn new_session(&self, id: String) -> Arc<Mutex<MockSessionRecord>> {
+        let record = Arc::new(Mutex::new(MockSessionRecord {
+            id,
+            ..MockSessionRecord::default()
+        }));
+        lock(&self.sessions).push(record.clone());
+        record
+    }
+}
+
+/// A test peer: a panic elsewhere must not make the log unreadable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Handle to a running mock server. Dropping it shuts the server down.
+#[derive(Debug)]
+pub struct MockRealtimeServer {
+    addr: SocketAddr,
+    log: Arc<MockLog>,
+    cancel: CancellationToken,
+}
+
+impl MockRealtimeServer {
+    /// Binds 127.0.0.1 on a free port and spawns the accept loop.
+    pub async fn start(config: MockConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let log = Arc::new(MockLog::default());
+        let cancel = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, config, log.clone(), cancel.clone()));
+        Ok(Self { addr, log, cancel })
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/realtime?model=gpt-realtime", self.addr)
+    }
+
+    pub fn log(&self) -> Arc<MockLog> {
+        self.log.clone()
+    }
+
+    /// Stops accepting and closes every open session.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for MockRealtimeServer {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    config: MockConfig,
+    log: Arc<MockLog>,
+    cancel: CancellationToken,
+) {
+    let mut next_session = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _peer)) = accepted else {
+            continue;
+        };
+        next_session += 1;
+        let session_id = format!("sess_mock_{next_session}");
+        let fault = config
+            .fault
+            .as_ref()
+            .filter(|fault| fault.session == next_session)
+            .map(|fault| fault.kind.clone());
+        tokio::spawn(serve_connection(
+            stream,
+            session_id,
+            config.clone(),
+            fault,
+            log.clone(),
+            cancel.child_token(),
+        ));
+    }
+}
+
+/// Decrements the active-session gauge however the connection ends.
+struct ActiveGuard(Arc<MockLog>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    session_id: String,
+    config: MockConfig,
+    fault: Option<MockFaultKind>,
+    log: Arc<MockLog>,
+    cancel: CancellationToken,
+) {
+    // Best effort: without it the mock is only slower.
+    let _ = stream.set_nodelay(true);
+    if !config.connect_delay.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(config.connect_delay) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+    let mut beta_header = false;
+    // The callback's signature is tungstenite's; its error is the HTTP response itself.
+    #[allow(clippy::result_large_err)]
+    let check_handshake = |request: &Request, response: Response| {
+        check_realtime_handshake(request)?;
+        beta_header = request.headers().contains_key("openai-beta");
+        Ok(response)
+    };
+    let Ok(mut socket) = tokio_tungstenite::accept_hdr_async(stream, check_handshake).await else {
+        return;
+    };
+
+    log.active.fetch_add(1, Ordering::SeqCst);
+    let _active = ActiveGuard(log.clone());
+    let record = log.new_session(session_id.clone());
+    let mut session = MockSession::new(session_id, config, record.clone());
+
+    if beta_header {
+        let error = session.beta_rejection();
+        let _ = socket.send(Message::text(error)).await;
+        let _ = socket
+            .close(Some(CloseFrame {
+                code: CloseCode::from(4000),
+                reason: Utf8Bytes::from_static("beta_api_shape_disabled"),
+            }))
+            .await;
+        // Let the client's close reply arrive so the close handshake completes.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while socket.next().await.is_some() {}
+        })
+        .await;
+        lock(&record).closed = true;
+        return;
+    }
+
+    let started = tokio::time::Instant::now();
+    session.open();
+    let mut deltas_sent = 0u32;
+    loop {
+        if cancel.is_cancelled() {
+            let _ = socket.close(None).await;
+            break;
+        }
+        // Client messages already waiting go first, so a barge-in lands between two deltas.
+        if let Some(incoming) = socket.next().now_or_never() {
+            if !handle_incoming(&mut session, incoming, started.elapsed()) {
+                break;
+            }
+            continue;
+        }
+        if let Some(frame) = session.poll_transmit(started.elapsed()) {
+            let configured = frame.contains(r#""type":"session.updated""#);
+            let delta = frame.contains(r#""type":"response.output_audio.delta""#);
+            if socket.send(Message::text(frame)).await.is_err() {
+                break;
+            }
+            deltas_sent += u32::from(delta);
+            match &fault {
+                Some(MockFaultKind::ResetAfterDeltas(after)) if deltas_sent >= *after => {
+                    // An abortive close: the peer sees a reset, not a close frame.
+                    let _ = socket.get_ref().set_zero_linger();
+                    break;
+                }
+                Some(MockFaultKind::StopReading) if configured => {
+                    cancel.cancelled().await;
+                    break;
+                }
+                Some(MockFaultKind::EndlessFragments { fragment, total }) if configured => {
+                    let sent = send_endless_fragments(&mut socket, *fragment, *total).await;
+                    lock(&record).fault_bytes_sent = sent;
+                    // Until the peer closes (or the mock stops).
+                    tokio::select! {
+                        () = cancel.cancelled() => {}
+                        () = async { while let Some(Ok(_)) = socket.next().await {} } => {}
+                    }
+                    break;
+                }
+                _ => {}
+            }
+            continue;
+        }
+        let wake_at = session.poll_timeout().map(|due| started + due);
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            incoming = socket.next() => {
+                if !handle_incoming(&mut session, incoming, started.elapsed()) {
+                    break;
+                }
+            }
+            _ = sleep_until_some(wake_at) => {}
+        }
+    }
+    lock(&record).closed = true;
+}
+
+/// Sends a text message's first frame and continuation frames of `fragment` bytes, never the
+/// final one, until `total` bytes are out or the socket fails; returns the bytes sent.
+async fn send_endless_fragments(
+    socket: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
+    fragment: usize,
+    total: usize,
+) -> usize {
+    let chunk = bytes::Bytes::from(vec![b'x'; fragment.max(1)]);
+    let mut sent = 0;
+    let mut opcode = OpCode::Data(Data::Text);
+    while sent < total {
+        let frame = Frame::message(chunk.clone(), opcode, false);
+        if socket.send(Message::Frame(frame)).await.is_err() {
+            break;
+        }
+        sent += chunk.len();
+        opcode = OpCode::Data(Data::Continue);
+    }
+    sent
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns false when the connection is over.
+fn handle_incoming(
+    session: &mut MockSession,
+    incoming: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    now: Duration,
+) -> bool {
+    match incoming {
+        Some(Ok(Message::Text(text))) => {
+            session.handle_text(text.as_str(), now);
+            true
+        }
+        Some(Ok(Message::Binary(_))) => {
+            session.handle_text("", now);
+            true
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => true,
+        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => false,
+    }
+}
+
+/// What the real endpoint checks at the handshake: the path, and a non-empty bearer key.
+/// Shared by every test peer that plays the model (this mock and the benchmark's echo model).
+// tungstenite's callback error is the HTTP response itself.
+#[allow(clippy::result_large_err)]
+pub(crate) fn check_realtime_handshake(request: &Request) -> Result<(), ErrorResponse> {
+    if request.uri().path() != "/v1/realtime" {
+        return Err(error_response(StatusCode::NOT_FOUND, "unknown path"));
+    }
+    let authorized = request
+        .headers()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .is_some_and(|key| !key.trim().is_empty());
+    if authorized {
+        Ok(())
+    } else {
+        Err(error_response(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token",
+        ))
+    }
+}
+
+fn error_response(status: StatusCode, body: &str) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(body.to_owned()));
+    *response.status_mut() = status;
+    response
+}
+
+/// Builders shared by this module's and `session`'s tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use serde_json::{Value, json};
+
+    pub(crate) fn session_update(format: Value) -> Value {
+        json!({"type": "session.update", "session": {"type": "realtime",
+            "audio": {"input": {"format": format}, "output": {"format": format}}}})
+    }
+
+    pub(crate) fn tone(ms: u32, rate: u32, amplitude: f32) -> Vec<i16> {
+        let count = (ms * rate / 1000) as usize;
+        (0..count)
+            .map(|n| {
+                let t = n as f32 / rate as f32;
+                (amplitude * (2.0 * std::f32::consts::PI * 440.0 * t).sin()) as i16
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::session::{Format, rms_dbfs};
+    use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use serde_json::json;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    use voxrelay_core::codec::g711::{alaw_decode, mulaw_decode};
+
+    type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    const STEP: Duration = Duration::from_secs(5);
+
+    fn fast_config() -> MockConfig {
+        MockConfig {
+            reply_delay: Duration::from_millis(10),
+            ..MockConfig::default()
+        }
+    }
+
+    async fn dial(
+        server: &MockRealtimeServer,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut request = server.url().into_client_request()?;
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .insert(*name, HeaderValue::from_str(value).expect("header"));
+        }
+        let (socket, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake in time")?;
+        Ok(socket)
+    }
+
+    async fn dial_ok(server: &MockRealtimeServer) -> Client {
+        let mut client = dial(server, &[("authorization", "Bearer sk-test")])
+            .await
+            .expect("authorized dial");
+        let created = next_event(&mut client).await;
+        assert_eq!(created["type"], "session.created");
+        client
+    }
+
+    async fn next_event(client: &mut Client) -> Value {
+        loop {
+            let message = tokio::time::timeout(STEP, client.next())
+                .await
+                .expect("event in time")
+                .expect("socket open")
+                .expect("no socket error");
+            if let Message::Text(text) = message {
+                let event: Value = serde_json::from_str(text.as_str()).expect("server JSON");
+                assert!(event["event_id"].is_string(), "event_id missing: {event}");
+                return event;
+            }
+        }
+    }
+
+    /// Events up to and including the first of type `until`.
+    async fn events_until(client: &mut Client, until: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let event = next_event(client).await;
+            let done = event["type"] == until;
+            events.push(event);
+            if done {
+                return events;
+            }
+        }
+    }
+
+    async fn send(client: &mut Client, event: Value) {
+        client
+            .send(Message::text(event.to_string()))
+            .await
+            .expect("send");
+    }
+
+    use super::test_support::{session_update, tone};
+
+    fn types(events: &[Value]) -> Vec<&str> {
+        events.iter().filter_map(|e| e["type"].as_str()).collect()
+    }
+
+    fn decode_deltas(events: &[Value], format: Format) -> Vec<i16> {
+        events
+            .iter()
+            .filter(|e| e["type"] == "response.output_audio.delta")
+            .flat_map(|e| {
+                let bytes = BASE64
+                    .decode(e["delta"].as_str().expect("delta"))
+                    .expect("base64");
+                match format {
+                    Format::Pcmu => bytes.iter().map(|&b| mulaw_decode(b)).collect::<Vec<_>>(),
+                    Format::Pcma => bytes.iter().map(|&b| alaw_decode(b)).collect(),
+                    Format::Pcm24k => bytes
+                        .chunks_exact(2)
+                        .map(|p| i16::from_le_bytes([p[0], p[1]]))
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn handshake_requires_a_bearer_token() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        for headers in [
+            &[][..],
+            &[("authorization", "Bearer ")][..],
+            &[("authorization", "Basic abc")][..],
+        ] {
+            match dial(&server, headers).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                    assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
+                }
+                other => panic!("{headers:?}: expected 401, got {:?}", other.map(|_| ())),
+            }
+        }
+        let client = dial_ok(&server).await;
+        assert_eq!(server.log().active_sessions(), 1);
+        assert_eq!(server.log().sessions().len(), 1);
+        drop(client);
+        server.shutdown();
+        assert!(
+            tokio::time::timeout(STEP, async {
+                while server.log().active_sessions() > 0 {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .is_ok(),
+            "session ends after the client leaves"
+        );
+        assert!(server.log().sessions()[0].closed);
+    }
+
+    #[tokio::test]
+    async fn beta_header_gets_the_error_and_close_4000() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        let mut client = dial(
+            &server,
+            &[
+                ("authorization", "Bearer sk-test"),
+                ("openai-beta", "realtime=v1"),
+            ],
+        )
+        .await
+        .expect("the upgrade itself succeeds");
+        let error = next_event(&mut client).await;
+        assert_eq!(error["type"], "error");
+        assert_eq!(error["error"]["code"], "beta_api_shape_disabled");
+        let close = tokio::time::timeout(STEP, client.next())
+            .await
+            .expect("close in time");
+        match close {
+            Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4000),
+            other => panic!("expected close 4000, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn session_update_round_trip_and_rejections() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        let mut client = dial_ok(&server).await;
+        let fixture = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fixtures/openai-realtime-ga/client-events.jsonl"
+        ))
+        .lines()
+        .next()
+        .expect("session.update line");
+        client.send(Message::text(fixture)).await.expect("send");
+        let updated = next_event(&mut client).await;
+        assert_eq!(updated["type"], "session.updated");
+        let session = &updated["session"];
+        assert_eq!(session["instructions"], "You are a helpful receptionist.");
+        assert_eq!(session["audio"]["input"]["format"]["type"], "audio/pcmu");
+        assert_eq!(session["audio"]["output"]["voice"], "marin");
+        assert_eq!(
+            session["audio"]["input"]["turn_detection"]["silence_duration_ms"],
+            500
+        );
+        // Untouched defaults survive the merge.
+        assert_eq!(session["object"], "realtime.session");
+        assert_eq!(session["audio"]["output"]["speed"], 1);
+
+        send(
+            &mut client,
+            json!({"type": "session.update", "session": {"instructions": "x"}}),
+        )
+        .await;
+        let missing = next_event(&mut client).await;
+        assert_eq!(missing["type"], "error");
+        assert_eq!(missing["error"]["code"], "missing_required_parameter");
+
+        send(&mut client, json!({"type": "session.update", "session": {"type": "realtime", "input_audio_format": "g711_ulaw"}})).await;
+        assert_eq!(
+            next_event(&mut client).await["error"]["code"],
+            "unknown_parameter"
+        );
+
+        client.send(Message::text("not json")).await.expect("send");
+        assert_eq!(
+            next_event(&mut client).await["error"]["code"],
+            "invalid_event"
+        );
+        send(
+            &mut client,
+            json!({"type": "nonsense.event", "event_id": "evt_1"}),
+        )
+        .await;
+        let unknown = next_event(&mut client).await;
+        assert_eq!(unknown["error"]["code"], "invalid_event");
+        assert_eq!(unknown["error"]["event_id"], "evt_1");
+        send(&mut client, json!({"type": "response.cancel"})).await;
+        assert_eq!(
+            next_event(&mut client).await["error"]["code"],
+            "response_cancel_not_active"
+        );
+
+        let record = &server.log().sessions()[0];
+        assert_eq!(
+            record.session["instructions"],
+            "You are a helpful receptionist."
+        );
+        assert_eq!((record.input_rate, record.output_rate), (8000, 8000));
+        assert_eq!(
+            record.errors_sent,
+            [
+                "missing_required_parameter",
+                "unknown_parameter",
+                "invalid_event",
+                "invalid_event",
+                "response_cancel_not_active"
+            ]
+        );
+        assert_eq!(record.client_event_types[0], "session.update");
+    }
+
+    /// Sends `silence, speech, silence` in 20 ms appends and checks the VAD events and the echo.
+    async fn speech_is_echoed(format_json: Value, format: Format) {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        let mut client = dial_ok(&server).await;
+        send(&mut client, session_update(format_json)).await;
+        assert_eq!(next_event(&mut client).await["type"], "session.updated");
+
+        let rate = format.rate();
+        let mut input: Vec<i16> = vec![0; (400 * rate / 1000) as usize];
+        input.extend(tone(600, rate, 8000.0));
+        input.extend(vec![0; (700 * rate / 1000) as usize]);
+        let window = (rate / 50) as usize;
+        for frame in input.chunks(window) {
+            let audio = format.encode(frame);
+            send(
+                &mut client,
+                json!({"type": "input_audio_buffer.append", "audio": audio}),
+            )
+            .await;
+        }
+
+        let events = events_until(&mut client, "response.done").await;
+        let kinds = types(&events);
+        let position = |kind: &str| kinds.iter().position(|k| *k == kind).expect(kind);
+        assert!(
+            position("input_audio_buffer.speech_started")
+                < position("input_audio_buffer.speech_stopped")
+        );
+        assert!(
+            position("input_audio_buffer.speech_stopped")
+                < position("input_audio_buffer.committed")
+        );
+        assert!(
+            position("conversation.item.input_audio_transcription.completed")
+                < position("response.created")
+        );
+        assert!(
+            position("response.output_audio_transcript.done")
+                < position("response.output_audio.done")
+        );
+        let started = &events[position("input_audio_buffer.speech_started")];
+        // Onset at 400 ms, minus the default 300 ms prefix padding.
+        assert_eq!(started["audio_start_ms"], 100);
+        assert_eq!(
+            events[position("input_audio_buffer.speech_stopped")]["audio_end_ms"],
+            1000
+        );
+        let done = events.last().expect("response.done");
+        assert_eq!(done["response"]["status"], "completed");
+
+        let echoed = decode_deltas(&events, format);
+        let start = (100 * rate / 1000) as usize;
+        let end = (1000 * rate / 1000) as usize;
+        let sent: Vec<i16> = match format {
+            // μ-law is lossy: compare with what the server could have decoded.
+            Format::Pcmu | Format::Pcma => input[start..end]
+                .iter()
+                .map(|&s| format.quantise(s))
+                .collect(),
+            Format::Pcm24k => input[start..end].to_vec(),
+        };
+        assert_eq!(echoed.len(), sent.len());
+        assert!(echoed == sent, "echo differs from the utterance");
+        let deltas = kinds
+            .iter()
+            .filter(|k| **k == "response.output_audio.delta")
+            .count();
+        assert_eq!(deltas, 9, "900 ms in 100 ms deltas");
+
+        let record = &server.log().sessions()[0];
+        assert_eq!(record.input_audio_8k.len(), input.len());
+        assert_eq!(record.input_rate, rate);
+        assert!(record.output_audio == echoed, "the log holds what was sent");
+    }
+
+    #[tokio::test]
+    async fn speech_then_silence_is_echoed_in_pcmu() {
+        speech_is_echoed(json!({"type": "audio/pcmu"}), Format::Pcmu).await;
+    }
+
+    #[tokio::test]
+    async fn speech_then_silence_is_echoed_in_pcm24k() {
+        speech_is_echoed(json!({"type": "audio/pcm", "rate": 24000}), Format::Pcm24k).await;
+    }
+
+    #[tokio::test]
+    async fn greeting_truncate_and_delete() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        let mut client = dial_ok(&server).await;
+        send(&mut client, session_update(json!({"type": "audio/pcmu"}))).await;
+        assert_eq!(next_event(&mut client).await["type"], "session.updated");
+
+        send(&mut client, json!({"type": "response.create"})).await;
+        let events = events_until(&mut client, "response.done").await;
+        let chime = decode_deltas(&events, Format::Pcmu);
+        assert_eq!(chime.len(), 1500 * 8, "greeting_ms of audio");
+        assert!(
+            rms_dbfs(&chime) > -30.0,
+            "the greeting is audible, not silence"
+        );
+        let added = events
+            .iter()
+            .find(|e| e["type"] == "response.output_item.added")
+            .expect("output item");
+        let item_id = added["item"]["id"].as_str().expect("item id").to_owned();
+
+        send(&mut client, json!({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 1501})).await;
+        let rejected = next_event(&mut client).await;
+        assert_eq!(rejected["type"], "error");
+        assert_eq!(rejected["error"]["type"], "invalid_request_error");
+        send(&mut client, json!({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 640})).await;
+        let truncated = next_event(&mut client).await;
+        assert_eq!(truncated["type"], "conversation.item.truncated");
+        assert_eq!(truncated["audio_end_ms"], 640);
+        // The item is now 640 ms long: past that is rejected again.
+        send(&mut client, json!({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 700})).await;
+        assert_eq!(next_event(&mut client).await["type"], "error");
+
+        send(
+            &mut client,
+            json!({"type": "conversation.item.delete", "item_id": item_id}),
+        )
+        .await;
+        assert_eq!(
+            next_event(&mut client).await["type"],
+            "conversation.item.deleted"
+        );
+        send(
+            &mut client,
+            json!({"type": "conversation.item.delete", "item_id": item_id}),
+        )
+        .await;
+        assert_eq!(
+            next_event(&mut client).await["error"]["code"],
+            "item_delete_invalid_item_id"
+        );
+
+        send(&mut client, json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "DTMF 5"}]}})).await;
+        let created = next_event(&mut client).await;
+        assert_eq!(created["type"], "conversation.item.created");
+        assert!(created["item"]["id"].is_string());
+
+        let record = &server.log().sessions()[0];
+        assert_eq!(
+            record.truncates,
+            [
+                (item_id.clone(), 1501),
+                (item_id.clone(), 640),
+                (item_id.clone(), 700)
+            ]
+        );
+        assert_eq!(record.deletes, [item_id.clone(), item_id]);
+        assert_eq!(record.user_texts, ["DTMF 5"]);
+        assert!(record.output_audio == chime, "the log holds what was sent");
+    }
+
+    #[tokio::test]
+    async fn speech_during_a_response_cancels_it() {
+        let server = MockRealtimeServer::start(MockConfig {
+            greeting_ms: 20_000,
+            delta_ms: 20,
+            ..fast_config()
+        })
+        .await
+        .expect("start");
+        let mut client = dial_ok(&server).await;
+        send(&mut client, session_update(json!({"type": "audio/pcmu"}))).await;
+        assert_eq!(next_event(&mut client).await["type"], "session.updated");
+
+        let loud = Format::Pcmu.encode(&tone(100, 8000, 12000.0));
+        client
+            .feed(Message::text(
+                json!({"type": "response.create"}).to_string(),
+            ))
+            .await
+            .expect("feed");
+        client
+            .feed(Message::text(
+                json!({"type": "input_audio_buffer.append", "audio": loud}).to_string(),
+            ))
+            .await
+            .expect("feed");
+        client.flush().await.expect("flush");
+
+        let events = events_until(&mut client, "response.done").await;
+        let kinds = types(&events);
+        let started = kinds
+            .iter()
+            .position(|k| *k == "input_audio_buffer.speech_started")
+            .expect("speech_started");
+        assert!(
+            started < kinds.len() - 1,
+            "speech_started before response.done"
+        );
+        let done = events.last().expect("done");
+        assert_eq!(done["response"]["status"], "cancelled");
+        assert_eq!(
+            done["response"]["status_details"]["reason"],
+            "turn_detected"
+        );
+        let deltas = kinds
+            .iter()
+            .filter(|k| **k == "response.output_audio.delta")
+            .count();
+        assert!(
+            deltas < 1000,
+            "the response stopped early ({deltas} deltas)"
+        );
+    }
+}
