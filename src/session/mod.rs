@@ -4,13 +4,13 @@
 pub mod agent;
 pub mod binding;
 pub mod call;
-pub mod engine;
 pub mod fragments;
 pub mod legs;
 pub mod metrics;
-pub mod model;
-pub mod playback;
 pub mod prewarm;
-pub mod queue;
 pub mod registry;
 pub mod report;
+
+// The sans-IO parts live in `voxrelay-core`; re-exported so `crate::session::engine` and the
+// rest keep their paths.
+pub use voxrelay_core::session::{engine, model, playback, queue, transcript};

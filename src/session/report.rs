@@ -1,5 +1,5 @@
-//! A finished call as a control-plane report (`POST /v1/calls/{call_sid}/report`), and the
-//! bounded transcript a call keeps for it.
+//! A finished call as a control-plane report (`POST /v1/calls/{call_sid}/report`); the
+//! bounded transcript it carries is the engine's (`voxrelay_core::session::transcript`).
 //!
 //! Pure: everything comes in as values (the engine's figures, the call's agent, the times and
 //! the per-call latency summary), so the report's shape is tested without a call.
@@ -14,23 +14,20 @@
 //! the memory namespace) are cut at [`MAX_REPORT_FIELD_BYTES`]. The whole report is then at
 //! most [`MAX_REPORT_BYTES`] (the worst case is built and measured in the tests).
 
-use std::collections::VecDeque;
 use std::time::SystemTime;
 
 use super::agent::CallAgent;
-use super::engine::{CallStats, TranscriptLine};
+use super::engine::CallStats;
 use crate::control::api::{
     CallLatency, CallReport, LatencySummary, ReportBinding, TranscriptEntry,
+};
+pub use voxrelay_core::session::transcript::{
+    MAX_TRANSCRIPT_BYTES, MAX_TRANSCRIPT_LINE_BYTES, Transcript,
 };
 
 /// μ-law 8 kHz: one byte per sample.
 const MULAW_BYTES_PER_SECOND: f64 = 8_000.0;
 
-/// Most transcript a call keeps, in bytes of its encoding in the report. An hour of busy
-/// conversation is ~100 KB of text, so only a runaway call (or model) ever reaches it.
-pub const MAX_TRANSCRIPT_BYTES: usize = 256 * 1024;
-/// Longest text of one transcript line; longer lines are cut (their start kept).
-pub const MAX_TRANSCRIPT_LINE_BYTES: usize = 16 * 1024;
 /// Longest id, number, agent name, tenant id or memory namespace a report carries.
 pub const MAX_REPORT_FIELD_BYTES: usize = 256;
 /// The largest report [`call_report`] can build, encoded: the transcript budget, seven cut
@@ -38,10 +35,6 @@ pub const MAX_REPORT_FIELD_BYTES: usize = 256;
 /// every number at its widest. Under a third of the control plane's 1 MiB body limit.
 pub const MAX_REPORT_BYTES: usize = 272 * 1024;
 const _: () = assert!(MAX_REPORT_BYTES <= (1 << 20) / 3);
-
-/// Framing of one line in the report's `transcript` array besides its text and offset:
-/// `{"speaker":"assistant","offset_ms":,"text":}` and the comma before the next line.
-const LINE_FRAMING: usize = r#"{"speaker":"","offset_ms":,"text":}"#.len() + 1;
 
 /// Who the call was, as `start` and the webhook said: the one record of a call's identity,
 /// kept by the call from its `start` and read by its report.
@@ -57,110 +50,9 @@ pub struct CallIdentity {
     pub binding: ReportBinding,
 }
 
-/// The transcript one call keeps: the most recent lines within [`MAX_TRANSCRIPT_BYTES`].
-///
-/// `push` costs O(the line's length) (plus, amortised, the lines it drops); memory is bounded
-/// by the byte budget plus one `TranscriptLine` header per kept line (each kept line costs at
-/// least its framing, so there are at most a few thousand).
-#[derive(Clone, Debug, Default)]
-pub struct Transcript {
-    lines: VecDeque<TranscriptLine>,
-    /// What `lines` encode to in the report, framing included.
-    encoded_bytes: usize,
-    dropped_lines: u64,
-    cut_lines: u64,
-}
-
-impl Transcript {
-    /// Appends a line, cutting it and dropping the oldest lines as the bounds require.
-    pub fn push(&mut self, mut line: TranscriptLine) {
-        if line.text.len() > MAX_TRANSCRIPT_LINE_BYTES {
-            line.text
-                .truncate(floor_char_boundary(&line.text, MAX_TRANSCRIPT_LINE_BYTES));
-            self.cut_lines += 1;
-        }
-        self.encoded_bytes += encoded_line_bytes(&line);
-        self.lines.push_back(line);
-        // A single line encodes to at most 6 × 16 KiB plus framing, far below the budget, so
-        // this never drops the line just added.
-        while self.encoded_bytes > MAX_TRANSCRIPT_BYTES {
-            let Some(oldest) = self.lines.pop_front() else {
-                break;
-            };
-            self.encoded_bytes -= encoded_line_bytes(&oldest);
-            self.dropped_lines += 1;
-        }
-    }
-
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = &TranscriptLine> {
-        self.lines.iter()
-    }
-
-    pub fn len(&self) -> usize {
-        self.lines.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lines.is_empty()
-    }
-
-    /// Lines dropped from the start to stay within the budget.
-    pub fn dropped_lines(&self) -> u64 {
-        self.dropped_lines
-    }
-
-    /// Lines whose text was cut at [`MAX_TRANSCRIPT_LINE_BYTES`].
-    pub fn cut_lines(&self) -> u64 {
-        self.cut_lines
-    }
-
-    /// What the kept lines encode to in a report (framing included).
-    pub fn encoded_bytes(&self) -> usize {
-        self.encoded_bytes
-    }
-}
-
-impl std::ops::Index<usize> for Transcript {
-    type Output = TranscriptLine;
-
-    fn index(&self, index: usize) -> &TranscriptLine {
-        &self.lines[index]
-    }
-}
-
-impl PartialEq<Vec<TranscriptLine>> for Transcript {
-    fn eq(&self, other: &Vec<TranscriptLine>) -> bool {
-        self.lines.iter().eq(other.iter())
-    }
-}
-
-/// Bytes `line` takes in a report's `transcript` array, its trailing comma included.
-fn encoded_line_bytes(line: &TranscriptLine) -> usize {
-    LINE_FRAMING
-        + line.speaker.as_str().len()
-        + decimal_digits(line.offset_ms)
-        + json_string_bytes(&line.text)
-}
-
-/// Length of `text` as a JSON string (quotes included), escaped as `serde_json` escapes it.
-fn json_string_bytes(text: &str) -> usize {
-    2 + text
-        .bytes()
-        .map(|byte| match byte {
-            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
-            0x00..=0x1f => 6,
-            _ => 1,
-        })
-        .sum::<usize>()
-}
-
-fn decimal_digits(mut value: u64) -> usize {
-    let mut digits = 1;
-    while value >= 10 {
-        value /= 10;
-        digits += 1;
-    }
-    digits
+/// `text` cut at [`MAX_REPORT_FIELD_BYTES`] on a char boundary.
+fn bounded(text: &str) -> String {
+    text[..floor_char_boundary(text, MAX_REPORT_FIELD_BYTES)].to_owned()
 }
 
 /// The largest char boundary of `text` at or below `at`.
@@ -170,11 +62,6 @@ fn floor_char_boundary(text: &str, at: usize) -> usize {
         end -= 1;
     }
     end
-}
-
-/// `text` cut at [`MAX_REPORT_FIELD_BYTES`] on a char boundary.
-fn bounded(text: &str) -> String {
-    text[..floor_char_boundary(text, MAX_REPORT_FIELD_BYTES)].to_owned()
 }
 
 pub fn unix_ms(at: SystemTime) -> u64 {
@@ -241,6 +128,7 @@ mod tests {
     use super::*;
     use crate::config::AgentDefaults;
     use crate::control::api::Speaker;
+    use crate::session::engine::TranscriptLine;
     use crate::testkit::Lcg;
 
     fn identity(binding: ReportBinding, started_at: SystemTime) -> CallIdentity {
@@ -302,75 +190,6 @@ mod tests {
         assert_eq!(json["end_reason"], "twilio_stop");
         assert_eq!(json["binding"], "bound");
         assert_eq!(json["transcript_dropped_lines"], 0);
-    }
-
-    #[test]
-    fn the_encoded_size_of_a_line_is_exactly_what_serde_writes() {
-        let mut rng = Lcg(11);
-        let alphabet: Vec<char> = "ab \"\\\n\r\t\u{8}\u{c}\u{0}\u{1f}\u{7f}é€😀/"
-            .chars()
-            .collect();
-        for _ in 0..2_000 {
-            let text: String = (0..rng.below(40))
-                .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
-                .collect();
-            let offset_ms = match rng.below(3) {
-                0 => 0,
-                1 => rng.next(),
-                _ => u64::MAX,
-            };
-            let speaker = if rng.below(2) == 0 {
-                Speaker::Caller
-            } else {
-                Speaker::Assistant
-            };
-            let entry = TranscriptEntry {
-                speaker,
-                offset_ms,
-                text: text.clone(),
-            };
-            let encoded = serde_json::to_vec(&entry).unwrap().len() + 1;
-            assert_eq!(
-                encoded_line_bytes(&line(speaker, offset_ms, &text)),
-                encoded,
-                "{text:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_long_call_keeps_its_most_recent_lines_and_marks_the_cut() {
-        let mut transcript = Transcript::default();
-        let text = "x".repeat(1_000);
-        for n in 0..1_000u64 {
-            transcript.push(line(Speaker::Caller, n, &text));
-        }
-        assert!(transcript.encoded_bytes() <= MAX_TRANSCRIPT_BYTES);
-        let kept = transcript.len() as u64;
-        assert!(kept > 200 && kept < 1_000, "{kept}");
-        assert_eq!(transcript.dropped_lines(), 1_000 - kept);
-        assert_eq!(
-            transcript.iter().last().unwrap().offset_ms,
-            999,
-            "the newest is kept"
-        );
-        assert_eq!(
-            transcript[0].offset_ms,
-            1_000 - kept,
-            "the oldest kept follows the cut"
-        );
-        assert_eq!(transcript.cut_lines(), 0);
-
-        // One line longer than a line may be keeps its start.
-        let mut one = Transcript::default();
-        one.push(line(
-            Speaker::Assistant,
-            0,
-            &"é".repeat(MAX_TRANSCRIPT_LINE_BYTES),
-        ));
-        assert_eq!(one.cut_lines(), 1);
-        assert_eq!(one[0].text.len(), MAX_TRANSCRIPT_LINE_BYTES);
-        assert_eq!(one.dropped_lines(), 0);
     }
 
     #[test]

@@ -16,9 +16,11 @@ pub mod json;
 pub mod logtext;
 pub mod lowerhex;
 pub mod secret;
+pub mod session;
 pub mod testkit;
 pub mod time;
 pub mod twilio;
+pub mod upstream;
 
 pub use audio_mode::AudioMode;
 pub use secret::Secret;

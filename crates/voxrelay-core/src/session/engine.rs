@@ -3,7 +3,7 @@
 //! It joins the three sans-IO machines — the Twilio stream ([`StreamMachine`]), the model
 //! session ([`ModelSession`], its protocol built by the provider factory) and
 //! playback/barge-in ([`Playback`]) — with the codec work in between, behind one surface in the
-//! manner of str0m: the driver ([`super::call`]) feeds every event as an [`Input`] with the
+//! manner of str0m: the driver (the bridge's call task) feeds every event as an [`Input`] with the
 //! time ([`CallEngine::handle`]), takes every consequence as an [`Output`]
 //! ([`CallEngine::poll_output`], until `None`) and wakes it at [`CallEngine::poll_timeout`].
 //! The engine never writes process-wide metrics: its counters are a [`CallStats`] snapshot the
@@ -22,7 +22,7 @@
 //!   [`WarnBudget`], and DTMF digits never (callers type PINs);
 //! - everything the engine keeps is bounded: held audio and digits, produced-audio memory
 //!   ([`PRODUCED_ITEMS`]), the transcript (the report's byte budget, see
-//!   [`super::report::Transcript`]); outputs are what the last inputs caused, taken by the
+//!   [`Transcript`]); outputs are what the last inputs caused, taken by the
 //!   driver after every input.
 
 use std::borrow::Cow;
@@ -34,7 +34,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::model::ModelSession;
 use super::playback::{MarkOutcome, Playback, PlaybackConfig};
-use super::report::MAX_TRANSCRIPT_LINE_BYTES;
+use super::transcript::{MAX_TRANSCRIPT_LINE_BYTES, Transcript};
 use crate::AudioMode;
 use crate::codec::{StreamResampler, g711, pcm};
 use crate::logtext::{Untrusted, WarnBudget};
@@ -285,7 +285,7 @@ pub struct CallStats {
     /// Bad Twilio input by [`TwilioErrorKind::index`].
     pub twilio_errors: [u64; TwilioErrorKind::COUNT],
     /// Bounded: the most recent lines within the report's budget.
-    pub transcript: super::report::Transcript,
+    pub transcript: Transcript,
 }
 
 impl CallStats {
@@ -1187,16 +1187,16 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::session::report::MAX_TRANSCRIPT_BYTES;
+    use crate::session::transcript::MAX_TRANSCRIPT_BYTES;
     use crate::upstream::SessionSettings;
 
     const INBOUND: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/twilio-media-streams/inbound.jsonl"
+        "/../../fixtures/twilio-media-streams/inbound.jsonl"
     ));
     const SERVER_EVENTS: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/openai-realtime-ga/server-events.jsonl"
+        "/../../fixtures/openai-realtime-ga/server-events.jsonl"
     ));
     /// The stream SID of the fixture's `start`.
     const SID: &str = "MZ00000000000000000000000000000001";

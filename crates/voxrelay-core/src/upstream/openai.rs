@@ -489,11 +489,11 @@ mod tests {
 
     const CLIENT_FIXTURE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/openai-realtime-ga/client-events.jsonl"
+        "/../../fixtures/openai-realtime-ga/client-events.jsonl"
     ));
     const SERVER_FIXTURE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/openai-realtime-ga/server-events.jsonl"
+        "/../../fixtures/openai-realtime-ga/server-events.jsonl"
     ));
 
     fn fixture_line(fixture: &str, index: usize) -> Value {
