@@ -614,7 +614,7 @@ mod drain {
         });
         tokio::time::sleep(Duration::from_secs(2)).await;
 
-        // SIGTERM: drain (1 s), then the call is cancelled with both writers stuck.
+        // SIGTERM: drain (1 s), then the call is cancelled with both sockets stuck.
         let killed = Command::new("kill")
             .args(["-TERM", &server.0.id().to_string()])
             .status()

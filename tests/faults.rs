@@ -2,7 +2,7 @@
 //! or stops reading, a Twilio peer that stops reading, messages that never end, binary pings
 //! and absurd sequence numbers. Each fault must end only the call it belongs to, within a
 //! bounded time, counted under the right name; a healthy call beside it keeps its audio and
-//! marks; and afterwards no registry entry, call task or writer task is left.
+//! marks; and afterwards no registry entry or call task is left, and no call still closing.
 
 mod common;
 
@@ -144,7 +144,7 @@ async fn healthy_loop(
     closed_by_bridge(&mut ws, Duration::from_secs(5)).await
 }
 
-/// After every call: nothing left in the registry, no call task, no writer task.
+/// After every call: nothing left in the registry, no call task, no call still closing.
 async fn assert_nothing_left(stack: &Stack) {
     let bridge = &stack.bridge;
     let metrics = bridge.metrics();
@@ -153,7 +153,7 @@ async fn assert_nothing_left(stack: &Stack) {
             && bridge.live_call_tasks() == 0
             && metrics.call_writers_active.load(Relaxed) == 0)
         .await,
-        "left behind: {} registered, {} call tasks, {} writers",
+        "left behind: {} registered, {} call tasks, {} closing",
         bridge.registry().len(),
         bridge.live_call_tasks(),
         metrics.call_writers_active.load(Relaxed)

@@ -84,7 +84,7 @@ impl Histogram {
 }
 
 /// One call's own latency figures, recorded beside the process-wide histograms for the call's
-/// report. Lock-free like them: the call's writer tasks record, the core task reads at the end.
+/// report. Lock-free like them, though only the call's own task records and reads it.
 #[derive(Default)]
 pub struct CallLatencyRecorder {
     pub uplink: Histogram,
@@ -284,9 +284,11 @@ pub struct Metrics {
     pub upstream_disconnects: AtomicU64,
     /// Model messages over `upstream::connect::MAX_UPSTREAM_MESSAGE_BYTES` (the call ends).
     pub upstream_oversized: AtomicU64,
-    /// Socket writer tasks of calls still running (a leak shows here).
+    /// Ended calls still closing their sockets (within their close grace; a leak shows here).
+    /// The metric keeps its name from when each socket had a writer task.
     pub call_writers_active: AtomicI64,
-    /// Writers still running after their call's close grace, aborted with their socket.
+    /// Ended calls whose sockets had not taken what was buffered and the close frame within
+    /// the close grace, so were dropped (closed) unfinished.
     pub call_writers_aborted: AtomicU64,
     peer_stalls: [AtomicU64; Leg::ALL.len()],
     twilio_errors: [AtomicU64; TwilioErrorKind::ALL.len()],
@@ -846,13 +848,13 @@ impl Metrics {
         gauge(
             &mut out,
             "voxrelay_call_writers_active",
-            "Socket writer tasks of calls still running.",
+            "Ended calls still closing their sockets (within their close grace).",
             self.call_writers_active.load(Relaxed),
         );
         counter(
             &mut out,
             "voxrelay_call_writers_aborted_total",
-            "Socket writers aborted after their call's close grace.",
+            "Ended calls whose sockets were dropped unfinished after the close grace.",
             &self.call_writers_aborted,
         );
         write_labelled_counter(
