@@ -10,21 +10,11 @@
 
 use std::collections::HashSet;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+pub use super::hours::{BusinessHours, OpenHours, WEEKDAYS};
 use super::tools::Tool;
 use voxrelay_core::AudioMode;
-
-/// The days of the week in the order [`BusinessHours::days`] uses.
-pub const WEEKDAYS: [&str; 7] = [
-    "monday",
-    "tuesday",
-    "wednesday",
-    "thursday",
-    "friday",
-    "saturday",
-    "sunday",
-];
 
 /// Longest tenant id accepted: it prefixes every memory namespace.
 const MAX_TENANT_ID_LEN: usize = 64;
@@ -51,22 +41,6 @@ pub struct SeedTenant {
     pub business_hours: BusinessHours,
     /// E.164 numbers that reach this tenant.
     pub numbers: Vec<String>,
-}
-
-/// When a tenant is open. Stored as JSON in the tenant's row.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BusinessHours {
-    /// IANA zone name the hours are given in, e.g. `America/New_York`; told to the caller as is.
-    pub timezone: String,
-    /// Monday first ([`WEEKDAYS`]); `None` is closed all day.
-    pub days: [Option<OpenHours>; 7],
-}
-
-/// One day's opening hours, `HH:MM` on a 24-hour clock.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OpenHours {
-    pub opens: String,
-    pub closes: String,
 }
 
 /// Why a seed file was refused. Validation errors do not echo values (a seed may carry long or

@@ -9,7 +9,7 @@
 
 use serde_json::{Value, json};
 
-use super::seed::{BusinessHours, OpenHours, WEEKDAYS};
+use super::hours::{BusinessHours, OpenHours, WEEKDAYS};
 
 /// Every tool this control plane implements, by name.
 pub const TOOL_NAMES: [&str; 2] = ["lookup_business_hours", "take_message"];

@@ -7,7 +7,16 @@
 
 use std::collections::VecDeque;
 
-use super::engine::TranscriptLine;
+pub use crate::control::api::Speaker;
+
+/// One line of a call's transcript.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TranscriptLine {
+    pub speaker: Speaker,
+    /// Milliseconds since the stream's `start`.
+    pub offset_ms: u64,
+    pub text: String,
+}
 
 /// Most transcript a call keeps, in bytes of its encoding in the report. An hour of busy
 /// conversation is ~100 KB of text, so only a runaway call (or model) ever reaches it.
