@@ -288,7 +288,9 @@ where
             break reason;
         }
     };
-    call.finish(reason).await;
+    // Boxed: the close path's await states are needed once per call, and inline they would
+    // widen the call's task by their size for its whole life.
+    Box::pin(call.finish(reason)).await;
     reason
 }
 
