@@ -168,29 +168,6 @@ struct Shared {
     board: Mutex<Option<Arc<LiveBoard>>>,
 }
 
-/// The session records as they are written: what [`EchoModel::live_records`] returns.
-#[derive(Clone, Debug)]
-pub struct LiveRecords(Arc<Shared>);
-
-impl LiveRecords {
-    /// How many sessions have connected so far.
-    pub fn len(&self) -> usize {
-        lock(&self.0.sessions).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The records of the sessions from the `first`-th on: handles, not copies, each still
-    /// written by its session while it runs.
-    pub fn since(&self, first: usize) -> Vec<Arc<Mutex<EchoSessionRecord>>> {
-        lock(&self.0.sessions)
-            .get(first..)
-            .map_or_else(Vec::new, <[_]>::to_vec)
-    }
-}
-
 /// A test peer: a panic elsewhere must not make the records unreadable.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -255,12 +232,6 @@ impl EchoModel {
     /// keeps only the current batch's in memory. Call between batches, with no session open.
     pub fn forget_records(&self) {
         lock(&self.shared.sessions).clear();
-    }
-
-    /// A handle on the session records that outlives this borrow (for a task that reads them
-    /// while the run goes on).
-    pub fn live_records(&self) -> LiveRecords {
-        LiveRecords(Arc::clone(&self.shared))
     }
 
     /// Where sessions that connect from now on publish their live figures.

@@ -15,10 +15,7 @@ pub mod twiml;
 /// A Twilio message larger than this closes the socket: real ones are under 1 KiB.
 pub const MAX_TWILIO_MESSAGE_BYTES: usize = 64 * 1024;
 
-pub use events::{
-    InboundMessage, OutboundMessage, write_clear_json, write_mark_json, write_media_json,
-    write_media_json_from_mulaw,
-};
+pub use events::{InboundMessage, write_clear_json, write_mark_json, write_media_json_from_mulaw};
 pub use signature::{SignatureValidator, candidate_urls, compute_signature};
 pub use stream::{
     IgnoredReason, MalformedReason, Phase, StartInfo, StreamCounters, StreamError, StreamEvent,
