@@ -2,7 +2,8 @@
 //!
 //! Every knob comes from an environment variable or the command-line flag that mirrors it,
 //! both declared once, in [`RawConfig`] (`voxrelay serve --help`), is validated here
-//! ([`BridgeConfig::from_raw`]), and is passed down as plain values: no globals. Secrets are held as [`Secret`] so a `{:?}` of the configuration never prints them.
+//! ([`BridgeConfig::from_raw`]), and is passed down as plain values: no globals. Secrets are
+//! held as [`Secret`] so a `{:?}` of the configuration never prints them.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

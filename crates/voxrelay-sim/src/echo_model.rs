@@ -5,12 +5,14 @@
 //! `response.output_audio.delta` after a fixed model delay, emits
 //! `input_audio_buffer.speech_started` on a per-session schedule to exercise barge-in, answers
 //! the other client events the bridge sends, and timestamps everything on the run's [`Epoch`]
-//! so the harness can join latencies by byte offsets. Unlike the conversational mock in
-//! `crate::mock` it keeps no audio and runs no VAD: it is built to serve hundreds of
-//! sessions from one core. Invariants: one task per session and no timer per append (a queue of
-//! pending echoes drives one re-armed `Sleep`); incoming JSON is parsed borrowed; due echoes are
-//! written as one batch and flushed once; every server event carries an `event_id`; echoed
-//! audio is sent byte for byte as received (never decoded), so it is correct in both formats.
+//! so the harness can join its records with the callers': by frame id in `audio/pcmu` (it
+//! decodes each append into a reused buffer to read the ids, see `watermark`), by byte offset
+//! in `pcm16`. Unlike the conversational mock in `crate::mock` it keeps no audio and runs no
+//! VAD: it is built to serve hundreds of sessions from one core. Invariants: one task per
+//! session and no timer per append (a queue of pending echoes drives one re-armed `Sleep`);
+//! incoming JSON is parsed borrowed; due echoes are written as one batch and flushed once;
+//! every server event carries an `event_id`; echoed audio is sent byte for byte as received
+//! (the base64 text itself, never re-encoded), so it is correct in both formats.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;

@@ -1,8 +1,8 @@
 //! Twilio Media Streams messages, exactly as they appear on the wire.
 //!
 //! Owns the serde shapes of every inbound message (`connected`, `start`, `media`, `stop`,
-//! `mark`, `dtmf`, plus a catch-all for events Twilio may add) and of the three outbound ones
-//! (`media`, `mark`, `clear`), and allocation-free writers for the outbound ones.
+//! `mark`, `dtmf`, plus a catch-all for events Twilio may add) and the allocation-free writers
+//! of the three outbound ones (`media`, `mark`, `clear`), which the tests hold to serde's output.
 //! Invariants: numeric-looking fields Twilio sends as strings (`sequenceNumber`, `media.chunk`,
 //! `media.timestamp`) stay strings here, and turning them into numbers is the stream machine's
 //! job; inbound strings borrow from the message text unless JSON escapes force a copy; outbound
