@@ -1,8 +1,9 @@
 //! Bridge configuration, read once at start-up.
 //!
-//! Every knob comes from an environment variable (a command-line flag mirrors each, see
-//! `voxrelay serve --help`), is validated here, and is passed down as plain values: no
-//! globals. Secrets are held as [`Secret`] so a `{:?}` of the configuration never prints them.
+//! Every knob comes from an environment variable or the command-line flag that mirrors it,
+//! both declared once, in [`RawConfig`] (`voxrelay serve --help`), is validated here
+//! ([`BridgeConfig::from_raw`]), and is passed down as plain values: no globals. Secrets are
+//! held as [`Secret`] so a `{:?}` of the configuration never prints them.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ pub const MAX_PREWARMS_LIMIT: usize = 10_000;
 /// Where `/metrics` is served unless `VOXRELAY_ADMIN_LISTEN` says otherwise: loopback, so a
 /// fresh install never publishes its metrics.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
+/// Where the public listener binds unless `VOXRELAY_LISTEN` says otherwise.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 /// Concurrent calls per bridge. `voxrelay bench` held 200 `pcmu` calls on one core of the
 /// 2-vCPU reference VM at the latency budget (p99 ≤ 2 ms each way, no late frames; 300 did
 /// not); 80% of that leaves headroom for what the bench does not do (TLS to the real model,
@@ -315,41 +318,119 @@ impl Default for AgentDefaults {
     }
 }
 
-/// Raw values as given by flags or the environment, before validation.
-#[derive(Clone, Debug, Default)]
+/// `voxrelay serve`'s flags and environment variables (`voxrelay serve --help`), as given,
+/// before validation: [`BridgeConfig::from_raw`] checks them. `Default` is "nothing given",
+/// which tests start from; clap fills `listen` and `admin_listen` with their defaults.
+#[derive(Clone, Default, clap::Args)]
 pub struct RawConfig {
+    /// Address to listen on.
+    #[arg(long, env = "VOXRELAY_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: Option<SocketAddr>,
+    /// Public https origin Twilio reaches (required): builds the wss:// stream URL, and every
+    /// signature is checked against it (never against a request's Host header).
+    #[arg(long, env = "VOXRELAY_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Twilio auth token (required): verifies X-Twilio-Signature.
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
     pub twilio_auth_token: Option<String>,
+    /// Twilio account SID (AC…): when set, webhooks and media streams from any other account
+    /// are refused.
+    #[arg(long, env = "VOXRELAY_TWILIO_ACCOUNT_SID")]
     pub twilio_account_sid: Option<String>,
+    /// OpenAI API key (required unless --mock-model).
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     pub openai_api_key: Option<String>,
+    /// Answer calls with the built-in mock realtime model instead of OpenAI (1); for trying the
+    /// bridge without a key, never for production.
+    #[arg(long, env = "VOXRELAY_MOCK_MODEL", value_parser = parse_flag, num_args = 0..=1, default_missing_value = "1")]
     pub mock_model: Option<bool>,
+    /// Realtime endpoint, including ?model=.
+    #[arg(long, env = "VOXRELAY_OPENAI_URL")]
     pub openai_url: Option<String>,
+    /// A PEM file of CA certificates the model connection trusts besides the webpki roots
+    /// (a private CA in front of the model; the benchmark's `--model-tls`).
+    #[arg(long, env = "VOXRELAY_MODEL_CA_FILE")]
     pub model_ca_file: Option<PathBuf>,
+    /// pcmu (μ-law passthrough) or pcm16 (PCM16 24 kHz to the model).
+    #[arg(long, env = "VOXRELAY_AUDIO_MODE")]
     pub audio_mode: Option<AudioMode>,
+    #[arg(long, env = "VOXRELAY_VOICE")]
     pub voice: Option<String>,
+    #[arg(long, env = "VOXRELAY_INSTRUCTIONS")]
     pub instructions: Option<String>,
+    /// What the agent says first; set it empty for no greeting.
+    #[arg(long, env = "VOXRELAY_GREETING")]
     pub greeting: Option<String>,
+    /// How far ahead of real time assistant audio is sent to Twilio, in ms.
+    #[arg(long, env = "VOXRELAY_PLAYBACK_LEAD_MS")]
     pub playback_lead_ms: Option<u64>,
+    /// On SIGTERM, how long live calls may run on before they are closed.
+    #[arg(long, env = "VOXRELAY_DRAIN_SECONDS")]
     pub drain_seconds: Option<u64>,
+    /// Control plane base URL (http or https); without it every call gets the agent above.
+    #[arg(long, env = "VOXRELAY_CONTROL_PLANE_URL")]
     pub control_plane_url: Option<String>,
+    /// Id of the key that signs control-plane requests.
+    #[arg(long, env = "VOXRELAY_CONTROL_PLANE_KEY_ID")]
     pub control_plane_key_id: Option<String>,
+    /// Secret of that key.
+    #[arg(long, env = "VOXRELAY_CONTROL_PLANE_SECRET", hide_env_values = true)]
     pub control_plane_secret: Option<String>,
+    /// How long a call may wait for its tenant's context before the fallback agent answers, in ms.
+    #[arg(long, env = "VOXRELAY_CONTEXT_BUDGET_MS")]
     pub context_budget_ms: Option<u64>,
+    /// How long a fetched context is fresh, in seconds.
+    #[arg(long, env = "VOXRELAY_CONTEXT_TTL_SECONDS")]
     pub context_ttl_seconds: Option<u64>,
+    /// How long past its TTL a context is still served while it is refreshed, in seconds.
+    #[arg(long, env = "VOXRELAY_CONTEXT_STALE_SECONDS")]
     pub context_stale_seconds: Option<u64>,
+    /// Where undeliverable call reports wait for the control plane (resent at start).
+    #[arg(long, env = "VOXRELAY_REPORT_SPOOL_DIR")]
     pub report_spool_dir: Option<PathBuf>,
+    /// How long a call report is retried before it is spooled, in seconds.
+    #[arg(long, env = "VOXRELAY_REPORT_RETRY_SECONDS")]
     pub report_retry_seconds: Option<u64>,
+    /// How often spooled reports are sent again, in seconds (also once at start).
+    #[arg(long, env = "VOXRELAY_REPORT_RESEND_SECONDS")]
     pub report_resend_seconds: Option<u64>,
+    /// Open and configure the model session on the voice webhook (1) or on stream start (0).
+    #[arg(long, env = "VOXRELAY_PREWARM", value_parser = parse_flag)]
     pub prewarm: Option<bool>,
+    /// Close a pre-warmed session no stream claimed after this many ms.
+    #[arg(long, env = "VOXRELAY_PREWARM_UNCLAIMED_MS")]
     pub prewarm_unclaimed_ms: Option<u64>,
+    /// Pre-warmed model sessions open at once (default 20); beyond it calls start cold.
+    #[arg(long, env = "VOXRELAY_MAX_PREWARMS")]
     pub max_prewarms: Option<usize>,
+    /// Refuse media streams whose TwiML did not come from this bridge's webhook: 1 (the
+    /// default) or 0 (such streams are answered by the fallback agent, never a tenant's).
+    #[arg(long, env = "VOXRELAY_REQUIRE_STREAM_TOKEN", value_parser = parse_flag)]
     pub require_stream_token: Option<bool>,
+    /// Set by Fly.io: stream URLs carry it so an upgrade is replayed to the pre-warming machine.
+    #[arg(long, env = "FLY_MACHINE_ID")]
     pub fly_machine_id: Option<String>,
+    /// Private listener for /metrics (and /healthz, /readyz); never expose it publicly.
+    #[arg(long, env = "VOXRELAY_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: Option<SocketAddr>,
+    /// Concurrent calls; beyond it the webhook answers a busy message and streams get 503.
+    #[arg(long, env = "VOXRELAY_MAX_CALLS")]
     pub max_calls: Option<usize>,
+    /// Open connections on the public listener (default: 2 × max calls + the unverified cap).
+    #[arg(long, env = "VOXRELAY_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Public connections that have not yet passed a Twilio signature check (default 128).
+    #[arg(long, env = "VOXRELAY_MAX_UNVERIFIED_CONNECTIONS")]
     pub max_unverified_connections: Option<usize>,
+}
+
+/// `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`.
+fn parse_flag(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        other => Err(format!("expected 1 or 0, got {other:?}")),
+    }
 }
 
 impl BridgeConfig {
@@ -414,7 +495,7 @@ impl BridgeConfig {
         }
         let defaults = AgentDefaults::default();
         Ok(Self {
-            listen: raw.listen.unwrap_or_else(|| ([0, 0, 0, 0], 8080).into()),
+            listen: raw.listen.unwrap_or_else(default_listen),
             public_url: PublicUrl::Origin(public_url),
             twilio_auth_token: Secret::new(token),
             twilio_account_sid,
@@ -484,6 +565,12 @@ impl BridgeConfig {
             limits: ListenerLimits::default(),
         }
     }
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN
+        .parse()
+        .expect("the default listen address parses")
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -620,6 +707,45 @@ mod tests {
             openai_api_key: Some("sk-test".into()),
             ..RawConfig::default()
         }
+    }
+
+    /// `voxrelay serve` as clap sees it: `RawConfig` is the subcommand's whole argument list.
+    #[derive(clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        raw: RawConfig,
+    }
+
+    fn parse_flags(args: &[&str]) -> Result<RawConfig, clap::Error> {
+        use clap::Parser;
+        Serve::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .map(|serve| serve.raw)
+    }
+
+    #[test]
+    fn flags_fill_the_raw_config_and_the_listeners_have_their_defaults() {
+        use clap::CommandFactory;
+        Serve::command().debug_assert();
+        let raw = parse_flags(&[
+            "--twilio-auth-token",
+            "token",
+            "--public-url",
+            "https://voice.example.com",
+            "--mock-model",
+            "--prewarm",
+            "off",
+            "--max-calls",
+            "40",
+        ])
+        .expect("valid flags");
+        assert_eq!(raw.mock_model, Some(true));
+        assert_eq!(raw.prewarm, Some(false));
+        let config = BridgeConfig::from_raw(raw).expect("valid config");
+        assert_eq!(config.listen, default_listen());
+        assert_eq!(config.admin_listen, default_admin_listen());
+        assert!(config.mock_model && !config.prewarm);
+        assert_eq!(config.limits.max_calls, 40);
+        assert!(parse_flags(&["--prewarm", "maybe"]).is_err());
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! voxrelay: a realtime media bridge between Twilio Media Streams and realtime LLM voice APIs.
 //!
-//! This crate is the bridge: [`http`] (listeners, routes, lifecycle), [`session`] (the call
-//! engine and the per-call driver), [`upstream`] (the realtime providers), [`control`] (the
-//! bridge's control-plane client) and [`config`]. The protocol logic it builds on (codecs, the
-//! Twilio protocol, the control-plane API types and signing) is sans-IO and lives in
-//! `voxrelay-core`, re-exported here under its old paths; plain state machines fed messages and
-//! the current time. The reference control plane (`voxrelay-control-plane`) and the simulator
-//! (`voxrelay-sim`) are crates of their own, linked by the binary through the `control-plane`
-//! and `sim` features; [`in_process`] is how the simulator runs this bridge in its process.
+//! This crate is the bridge: [`http`] (listeners, routes, lifecycle), [`session`] (the call task
+//! that drives the engine, its sockets, pre-warm, stream binding, the registry, reports and
+//! metrics), [`upstream`] (dialling the model), [`control`] (the bridge's control-plane client) and
+//! [`config`]. The protocol logic it builds on (codecs, the Twilio protocol, the provider
+//! protocols, the call engine with playback and barge-in, the control-plane API types and signing)
+//! is sans-IO and lives in `voxrelay-core`, re-exported here under its old paths: plain state
+//! machines fed messages and the current time. The reference control plane
+//! (`voxrelay-control-plane`) and the simulator (`voxrelay-sim`) are crates of their own, linked by
+//! the binary through the `control-plane` and `sim` features; [`in_process`] is how the simulator
+//! runs this bridge in its process.
 
 pub mod config;
 pub mod control;

@@ -3,7 +3,9 @@
 //! `control-plane` with the `control-plane` feature (`voxrelay-control-plane`). Both features
 //! are on by default; the production image is built without them.
 
+#[cfg(any(feature = "sim", feature = "control-plane"))]
 use std::net::SocketAddr;
+#[cfg(any(feature = "sim", feature = "control-plane"))]
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use url::Url;
 
+#[cfg(feature = "sim")]
 use voxrelay::AudioMode;
 #[cfg(feature = "sim")]
 use voxrelay::Secret;
@@ -54,7 +57,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the bridge.
-    Serve(ServeArgs),
+    Serve(RawConfig),
     /// Place one simulated, signed Twilio call against a running bridge.
     #[cfg(feature = "sim")]
     Call(CallArgs),
@@ -203,118 +206,6 @@ struct HealthcheckArgs {
     url: Url,
 }
 
-#[derive(Args)]
-struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "VOXRELAY_LISTEN", default_value = "0.0.0.0:8080")]
-    listen: SocketAddr,
-    /// Public https origin Twilio reaches (required): builds the wss:// stream URL, and every
-    /// signature is checked against it (never against a request's Host header).
-    #[arg(long, env = "VOXRELAY_PUBLIC_URL")]
-    public_url: Option<String>,
-    /// Twilio auth token (required): verifies X-Twilio-Signature.
-    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
-    twilio_auth_token: Option<String>,
-    /// Twilio account SID (AC…): when set, webhooks and media streams from any other account
-    /// are refused.
-    #[arg(long, env = "VOXRELAY_TWILIO_ACCOUNT_SID")]
-    twilio_account_sid: Option<String>,
-    /// OpenAI API key (required unless --mock-model).
-    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
-    openai_api_key: Option<String>,
-    /// Answer calls with the built-in mock realtime model instead of OpenAI (1); for trying the
-    /// bridge without a key, never for production.
-    #[arg(long, env = "VOXRELAY_MOCK_MODEL", value_parser = parse_flag, num_args = 0..=1, default_missing_value = "1")]
-    mock_model: Option<bool>,
-    /// Realtime endpoint, including ?model=.
-    #[arg(long, env = "VOXRELAY_OPENAI_URL")]
-    openai_url: Option<String>,
-    /// A PEM file of CA certificates the model connection trusts besides the webpki roots
-    /// (a private CA in front of the model; the benchmark's `--model-tls`).
-    #[arg(long, env = "VOXRELAY_MODEL_CA_FILE")]
-    model_ca_file: Option<PathBuf>,
-    /// pcmu (μ-law passthrough) or pcm16 (PCM16 24 kHz to the model).
-    #[arg(long, env = "VOXRELAY_AUDIO_MODE")]
-    audio_mode: Option<AudioMode>,
-    #[arg(long, env = "VOXRELAY_VOICE")]
-    voice: Option<String>,
-    #[arg(long, env = "VOXRELAY_INSTRUCTIONS")]
-    instructions: Option<String>,
-    /// What the agent says first; set it empty for no greeting.
-    #[arg(long, env = "VOXRELAY_GREETING")]
-    greeting: Option<String>,
-    /// How far ahead of real time assistant audio is sent to Twilio, in ms.
-    #[arg(long, env = "VOXRELAY_PLAYBACK_LEAD_MS")]
-    playback_lead_ms: Option<u64>,
-    /// On SIGTERM, how long live calls may run on before they are closed.
-    #[arg(long, env = "VOXRELAY_DRAIN_SECONDS")]
-    drain_seconds: Option<u64>,
-    /// Control plane base URL (http or https); without it every call gets the agent above.
-    #[arg(long, env = "VOXRELAY_CONTROL_PLANE_URL")]
-    control_plane_url: Option<String>,
-    /// Id of the key that signs control-plane requests.
-    #[arg(long, env = "VOXRELAY_CONTROL_PLANE_KEY_ID")]
-    control_plane_key_id: Option<String>,
-    /// Secret of that key.
-    #[arg(long, env = "VOXRELAY_CONTROL_PLANE_SECRET", hide_env_values = true)]
-    control_plane_secret: Option<String>,
-    /// How long a call may wait for its tenant's context before the fallback agent answers, in ms.
-    #[arg(long, env = "VOXRELAY_CONTEXT_BUDGET_MS")]
-    context_budget_ms: Option<u64>,
-    /// How long a fetched context is fresh, in seconds.
-    #[arg(long, env = "VOXRELAY_CONTEXT_TTL_SECONDS")]
-    context_ttl_seconds: Option<u64>,
-    /// How long past its TTL a context is still served while it is refreshed, in seconds.
-    #[arg(long, env = "VOXRELAY_CONTEXT_STALE_SECONDS")]
-    context_stale_seconds: Option<u64>,
-    /// Where undeliverable call reports wait for the control plane (resent at start).
-    #[arg(long, env = "VOXRELAY_REPORT_SPOOL_DIR")]
-    report_spool_dir: Option<PathBuf>,
-    /// How long a call report is retried before it is spooled, in seconds.
-    #[arg(long, env = "VOXRELAY_REPORT_RETRY_SECONDS")]
-    report_retry_seconds: Option<u64>,
-    /// How often spooled reports are sent again, in seconds (also once at start).
-    #[arg(long, env = "VOXRELAY_REPORT_RESEND_SECONDS")]
-    report_resend_seconds: Option<u64>,
-    /// Open and configure the model session on the voice webhook (1) or on stream start (0).
-    #[arg(long, env = "VOXRELAY_PREWARM", value_parser = parse_flag)]
-    prewarm: Option<bool>,
-    /// Close a pre-warmed session no stream claimed after this many ms.
-    #[arg(long, env = "VOXRELAY_PREWARM_UNCLAIMED_MS")]
-    prewarm_unclaimed_ms: Option<u64>,
-    /// Pre-warmed model sessions open at once (default 20); beyond it calls start cold.
-    #[arg(long, env = "VOXRELAY_MAX_PREWARMS")]
-    max_prewarms: Option<usize>,
-    /// Refuse media streams whose TwiML did not come from this bridge's webhook: 1 (the
-    /// default) or 0 (such streams are answered by the fallback agent, never a tenant's).
-    #[arg(long, env = "VOXRELAY_REQUIRE_STREAM_TOKEN", value_parser = parse_flag)]
-    require_stream_token: Option<bool>,
-    /// Set by Fly.io: stream URLs carry it so an upgrade is replayed to the pre-warming machine.
-    #[arg(long, env = "FLY_MACHINE_ID")]
-    fly_machine_id: Option<String>,
-    /// Private listener for /metrics (and /healthz, /readyz); never expose it publicly.
-    #[arg(long, env = "VOXRELAY_ADMIN_LISTEN", default_value = voxrelay::config::DEFAULT_ADMIN_LISTEN)]
-    admin_listen: SocketAddr,
-    /// Concurrent calls; beyond it the webhook answers a busy message and streams get 503.
-    #[arg(long, env = "VOXRELAY_MAX_CALLS")]
-    max_calls: Option<usize>,
-    /// Open connections on the public listener (default: 2 × max calls + the unverified cap).
-    #[arg(long, env = "VOXRELAY_MAX_CONNECTIONS")]
-    max_connections: Option<usize>,
-    /// Public connections that have not yet passed a Twilio signature check (default 128).
-    #[arg(long, env = "VOXRELAY_MAX_UNVERIFIED_CONNECTIONS")]
-    max_unverified_connections: Option<usize>,
-}
-
-/// `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`.
-fn parse_flag(value: &str) -> Result<bool, String> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" | "" => Ok(false),
-        other => Err(format!("expected 1 or 0, got {other:?}")),
-    }
-}
-
 #[cfg(feature = "sim")]
 #[derive(Args)]
 struct CallArgs {
@@ -442,41 +333,7 @@ async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let raw = RawConfig {
-        listen: Some(args.listen),
-        public_url: args.public_url,
-        twilio_auth_token: args.twilio_auth_token,
-        twilio_account_sid: args.twilio_account_sid,
-        openai_api_key: args.openai_api_key,
-        mock_model: args.mock_model,
-        openai_url: args.openai_url,
-        model_ca_file: args.model_ca_file,
-        audio_mode: args.audio_mode,
-        voice: args.voice,
-        instructions: args.instructions,
-        greeting: args.greeting,
-        playback_lead_ms: args.playback_lead_ms,
-        drain_seconds: args.drain_seconds,
-        control_plane_url: args.control_plane_url,
-        control_plane_key_id: args.control_plane_key_id,
-        control_plane_secret: args.control_plane_secret,
-        context_budget_ms: args.context_budget_ms,
-        context_ttl_seconds: args.context_ttl_seconds,
-        context_stale_seconds: args.context_stale_seconds,
-        report_spool_dir: args.report_spool_dir,
-        report_retry_seconds: args.report_retry_seconds,
-        report_resend_seconds: args.report_resend_seconds,
-        prewarm: args.prewarm,
-        prewarm_unclaimed_ms: args.prewarm_unclaimed_ms,
-        max_prewarms: args.max_prewarms,
-        require_stream_token: args.require_stream_token,
-        fly_machine_id: args.fly_machine_id,
-        admin_listen: Some(args.admin_listen),
-        max_calls: args.max_calls,
-        max_connections: args.max_connections,
-        max_unverified_connections: args.max_unverified_connections,
-    };
+async fn serve(raw: RawConfig) -> anyhow::Result<()> {
     let config = match BridgeConfig::from_raw(raw) {
         Ok(config) => config,
         Err(error) => {

@@ -86,8 +86,5 @@ fn signed_websocket(url: &str) -> String {
 
 fn sha256_hex(body: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(body)
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    hex::encode(sha2::Sha256::digest(body))
 }

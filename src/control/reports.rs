@@ -321,11 +321,6 @@ impl ReportSender {
         }
     }
 
-    /// Calls that have not handed their report over yet.
-    pub fn handovers_pending(&self) -> usize {
-        self.inner.handovers.len()
-    }
-
     /// Waits up to `limit` until every call that took a [`ReportHandover`] has handed its
     /// report over (or dropped it); `false` if some had not by then.
     pub async fn wait_for_handovers(&self, limit: Duration) -> bool {

@@ -1,13 +1,15 @@
 //! Starting, draining and stopping a bridge.
 //!
-//! Shutdown order, so that no call is cut short that could have finished: (1) mark the
-//! bridge draining — `/readyz` answers 503 so the load balancer stops sending work, and new
-//! webhooks and streams are refused; (2) wait for live calls to end, up to the drain budget
-//! (`VOXRELAY_DRAIN_SECONDS`, below the platform's kill timeout); (3) cancel what is left,
-//! which closes both sockets of each call cleanly; (4) stop both HTTP listeners (public and
-//! admin): no more accepts, idle connections closed, a request in flight gets
-//! [`listener::STOP_GRACE`]. The admin listener serves `/metrics` until the very end, so a
-//! drain can be watched. [`stop_budget`] is the longest all of it can take.
+//! Shutdown order, so that no call is cut short that could have finished: (1) mark the bridge
+//! draining — `/readyz` answers 503 so the load balancer stops sending work, and new webhooks and
+//! streams are refused; (2) wait for live calls to end, up to the drain budget
+//! (`VOXRELAY_DRAIN_SECONDS`, below the platform's kill timeout); (3) cancel what is left, which
+//! closes both sockets of each call cleanly; (4) close the pre-warmed sessions nobody claimed; (5)
+//! wait for every ended call to hand its report over, then give the reports a last try and spool
+//! the rest; (6) stop both HTTP listeners (public and admin): no more accepts, idle connections
+//! closed, a request in flight gets [`listener::STOP_GRACE`]. The admin listener serves `/metrics`
+//! until the very end, so a drain can be watched. [`stop_budget`] is the longest all of it can
+//! take.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -577,11 +577,6 @@ impl Metrics {
         self.twilio_errors[kind as usize].fetch_add(1, Relaxed);
     }
 
-    /// Counts `n` errors of one kind at once (a sequence gap of `n` numbers is one add).
-    pub fn twilio_errors_add(&self, kind: TwilioErrorKind, n: u64) {
-        self.twilio_errors[kind as usize].fetch_add(n, Relaxed);
-    }
-
     pub fn twilio_errors(&self, kind: TwilioErrorKind) -> u64 {
         self.twilio_errors[kind as usize].load(Relaxed)
     }

@@ -1,5 +1,9 @@
-//! Per-call sessions: the call engine and its async driver, playback accounting and
-//! barge-in, the registry of live calls, outbound queues and metrics.
+//! Per-call sessions, the part that touches sockets and timers: the call task that drives the
+//! engine ([`call`]) and its two sockets ([`legs`], [`fragments`]), the agent a call gets
+//! ([`agent`]), stream binding ([`binding`]), pre-warm ([`prewarm`]), the registry of live
+//! calls ([`registry`]), the call report ([`report`]) and the process-wide [`metrics`]. The
+//! engine, model session, playback, outbound buffers and transcript are sans-IO and live in
+//! `voxrelay-core`, re-exported below.
 
 pub mod agent;
 pub mod binding;

@@ -73,13 +73,6 @@ impl CallRegistry {
     pub fn get(&self, stream_sid: &str) -> Option<CallEntry> {
         self.calls.get(stream_sid).map(|entry| entry.clone())
     }
-
-    /// Ends every live call (their tasks notice the cancellation and close cleanly).
-    pub fn cancel_all(&self) {
-        for entry in self.calls.iter() {
-            entry.cancel.cancel();
-        }
-    }
 }
 
 /// Removes its call from the registry when dropped.
@@ -140,15 +133,5 @@ mod tests {
         .join();
         assert!(result.is_err());
         assert!(registry.is_empty());
-    }
-
-    #[test]
-    fn cancel_all_reaches_every_call() {
-        let registry = CallRegistry::new(Arc::new(Metrics::default()));
-        let (a, b) = (entry(), entry());
-        let _ga = registry.register("MZa", a.clone()).unwrap();
-        let _gb = registry.register("MZb", b.clone()).unwrap();
-        registry.cancel_all();
-        assert!(a.cancel.is_cancelled() && b.cancel.is_cancelled());
     }
 }

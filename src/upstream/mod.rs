@@ -1,5 +1,6 @@
-//! The model's socket: [`connect`] dials a realtime provider. The protocols themselves are
-//! sans-IO and live in `voxrelay-core` (`voxrelay_core::upstream`), re-exported here.
+//! The model's socket: [`connect`](mod@connect) dials a realtime provider. The protocols
+//! themselves are sans-IO and live in `voxrelay-core` (`voxrelay_core::upstream`), re-exported
+//! here.
 
 pub mod connect;
 

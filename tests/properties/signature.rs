@@ -66,10 +66,7 @@ fn parse_form(body: &[u8]) -> Vec<(String, String)> {
 }
 
 fn hex_sha256(body: &[u8]) -> String {
-    Sha256::digest(body)
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(body))
 }
 
 proptest! {

@@ -1,21 +1,20 @@
 //! The baseline relay: the least a Twilio ⇄ OpenAI Realtime relay can do, to measure the
 //! machine's floor beside voxrelay's figures.
 //!
-//! Owns [`BaselineRelay`], a do-nothing relay on the bridge's I/O stack: hyper 1 +
-//! fastwebsockets on the Twilio side (TCP_NODELAY), tokio-tungstenite with TCP_NODELAY
-//! upstream through [`crate::dial`] (the bridge's dial settings), serde_json over borrowed strings, JSON
-//! written into reused buffers. Each call is ONE task with no queues, no pacing, no playback
-//! accounting, no transcoding and no registry, but it does the protocol work any relay must:
-//! every message is parsed, every payload is base64-decoded (into a reused buffer) to validate
-//! it (an invalid one is dropped), Twilio `media` becomes `input_audio_buffer.append` with the
-//! payload copied as is, `dtmf` becomes a user text, `response.output_audio.delta` becomes
-//! Twilio `media` followed by a `mark`, whose echo is matched against the marks outstanding,
-//! and `speech_started` becomes `clear`. It is a floor, not a product: there is **no**
-//! `X-Twilio-Signature` check (every
-//! WebSocket on any path is a call) and no start timeout, so it must never face the
-//! internet. Invariants: nothing panics on peer input (malformed messages are skipped); a
-//! call ends on Twilio `stop`, either socket closing, or [`BaselineRelay::shutdown`], and
-//! every ending sends a close frame on both sockets that are still open.
+//! Owns [`BaselineRelay`], a do-nothing relay on the bridge's I/O stack: hyper 1 + fastwebsockets
+//! on the Twilio side (TCP_NODELAY), tokio-tungstenite with TCP_NODELAY upstream through
+//! [`crate::dial`] (the bridge's dial settings), serde_json over borrowed strings, JSON written
+//! into reused buffers. Each call is ONE task with no queues, no pacing, no playback accounting, no
+//! transcoding and no registry, but it does the protocol work any relay must: every message is
+//! parsed, every payload is base64-decoded (into a reused buffer) to validate it (an invalid one is
+//! dropped), Twilio `media` becomes `input_audio_buffer.append` with the payload copied as is,
+//! `dtmf` becomes a user text, `response.output_audio.delta` becomes Twilio `media` followed by a
+//! `mark`, whose echo is matched against the marks outstanding, and `speech_started` becomes
+//! `clear`. It is a floor, not a product: there is **no** `X-Twilio-Signature` check (every
+//! WebSocket on any path is a call) and no start timeout, so it must never face the internet.
+//! Invariants: nothing panics on peer input (malformed messages are skipped); a call ends on Twilio
+//! `stop`, either socket closing, or [`BaselineRelay::shutdown`], and every ending sends a close
+//! frame on both sockets that are still open.
 //!
 //! [`Fault`] plants one known fault for the harness's own tests (`baseline-relay --fault`): a
 //! benchmark that does not catch it is broken. The bridge has no such knob.

@@ -5,12 +5,14 @@
 //! `response.output_audio.delta` after a fixed model delay, emits
 //! `input_audio_buffer.speech_started` on a per-session schedule to exercise barge-in, answers
 //! the other client events the bridge sends, and timestamps everything on the run's [`Epoch`]
-//! so the harness can join latencies by byte offsets. Unlike the conversational mock in
-//! `crate::mock` it keeps no audio and runs no VAD: it is built to serve hundreds of
-//! sessions from one core. Invariants: one task per session and no timer per append (a queue of
-//! pending echoes drives one re-armed `Sleep`); incoming JSON is parsed borrowed; due echoes are
-//! written as one batch and flushed once; every server event carries an `event_id`; echoed
-//! audio is sent byte for byte as received (never decoded), so it is correct in both formats.
+//! so the harness can join its records with the callers': by frame id in `audio/pcmu` (it
+//! decodes each append into a reused buffer to read the ids, see `watermark`), by byte offset
+//! in `pcm16`. Unlike the conversational mock in `crate::mock` it keeps no audio and runs no
+//! VAD: it is built to serve hundreds of sessions from one core. Invariants: one task per
+//! session and no timer per append (a queue of pending echoes drives one re-armed `Sleep`);
+//! incoming JSON is parsed borrowed; due echoes are written as one batch and flushed once;
+//! every server event carries an `event_id`; echoed audio is sent byte for byte as received
+//! (the base64 text itself, never re-encoded), so it is correct in both formats.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -168,29 +170,6 @@ struct Shared {
     board: Mutex<Option<Arc<LiveBoard>>>,
 }
 
-/// The session records as they are written: what [`EchoModel::live_records`] returns.
-#[derive(Clone, Debug)]
-pub struct LiveRecords(Arc<Shared>);
-
-impl LiveRecords {
-    /// How many sessions have connected so far.
-    pub fn len(&self) -> usize {
-        lock(&self.0.sessions).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The records of the sessions from the `first`-th on: handles, not copies, each still
-    /// written by its session while it runs.
-    pub fn since(&self, first: usize) -> Vec<Arc<Mutex<EchoSessionRecord>>> {
-        lock(&self.0.sessions)
-            .get(first..)
-            .map_or_else(Vec::new, <[_]>::to_vec)
-    }
-}
-
 /// A test peer: a panic elsewhere must not make the records unreadable.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -255,12 +234,6 @@ impl EchoModel {
     /// keeps only the current batch's in memory. Call between batches, with no session open.
     pub fn forget_records(&self) {
         lock(&self.shared.sessions).clear();
-    }
-
-    /// A handle on the session records that outlives this borrow (for a task that reads them
-    /// while the run goes on).
-    pub fn live_records(&self) -> LiveRecords {
-        LiveRecords(Arc::clone(&self.shared))
     }
 
     /// Where sessions that connect from now on publish their live figures.

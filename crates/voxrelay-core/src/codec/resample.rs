@@ -177,11 +177,6 @@ impl StreamResampler {
         self.engine.output_delay()
     }
 
-    /// Algorithmic delay of this resampler, in milliseconds.
-    pub fn delay_ms(&self) -> f64 {
-        self.delay_output_frames() as f64 * 1000.0 / f64::from(self.to_hz)
-    }
-
     pub fn input_rate(&self) -> u32 {
         self.from_hz
     }
@@ -369,7 +364,6 @@ mod tests {
                 (to_hz / 200) as usize,
                 "{from_hz}->{to_hz}"
             );
-            assert!((r.delay_ms() - 5.0).abs() < 1e-9);
             assert_eq!((r.input_rate(), r.output_rate()), (from_hz, to_hz));
         }
     }

@@ -21,7 +21,7 @@
 //!   reaches a log line only through [`Untrusted`], warnings only within the call's
 //!   [`WarnBudget`], and DTMF digits never (callers type PINs);
 //! - everything the engine keeps is bounded: held audio and digits, produced-audio memory
-//!   ([`PRODUCED_ITEMS`]), the transcript (the report's byte budget, see
+//!   (`PRODUCED_ITEMS`), the transcript (the report's byte budget, see
 //!   [`Transcript`]); outputs are what the last inputs caused, taken by the
 //!   driver after every input.
 

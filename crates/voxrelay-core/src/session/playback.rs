@@ -1,4 +1,4 @@
-//! Playback accounting, pacing and barge-in for one call (the contract is BARGE-IN.md).
+//! Playback accounting, pacing and barge-in for one call (the contract is `docs/barge-in.md`).
 //!
 //! [`Playback`] owns the assistant audio (μ-law 8 kHz bytes) not yet sent to Twilio, releases it
 //! in whole chunks no faster than a fixed lead ahead of real time, names a mark after every chunk
@@ -304,7 +304,7 @@ impl Playback {
     /// Queue model audio (μ-law bytes) for item `item_id` of response `response_id`. Returns
     /// false when the delta is dropped: it belongs to an interrupted response (counted in
     /// `late_deltas_dropped`), or the queue is full, or it would start an item or a run of
-    /// audio past [`MAX_TRACKED_ITEMS`] or [`MAX_QUEUED_SEGMENTS`] (counted in
+    /// audio past `MAX_TRACKED_ITEMS` or `MAX_QUEUED_SEGMENTS` (counted in
     /// `queued_bytes_dropped`).
     pub fn on_audio_delta(
         &mut self,

@@ -185,7 +185,9 @@ const EXPECTED_CHANNELS: u32 = 1;
 #[derive(Debug, Clone)]
 pub struct StreamMachine {
     phase: Phase,
-    start: Option<StartInfo>,
+    /// From `start` on: every later message must name this stream. The rest of `start` goes
+    /// out once, in [`StreamEvent::Started`].
+    stream_sid: Option<String>,
     /// Highest `sequenceNumber` seen from this stream; 0 before any, as Twilio counts from 1.
     last_sequence: u64,
     counters: StreamCounters,
@@ -201,7 +203,7 @@ impl StreamMachine {
     pub fn new() -> Self {
         Self {
             phase: Phase::AwaitingConnected,
-            start: None,
+            stream_sid: None,
             last_sequence: 0,
             counters: StreamCounters::default(),
         }
@@ -234,32 +236,13 @@ impl StreamMachine {
         self.phase
     }
 
+    /// The stream's SID, once `start` has named it.
     pub fn stream_sid(&self) -> Option<&str> {
-        self.start.as_ref().map(|start| start.stream_sid.as_str())
-    }
-
-    pub fn call_sid(&self) -> Option<&str> {
-        self.start.as_ref().map(|start| start.call_sid.as_str())
-    }
-
-    /// Everything `start` said, once it has arrived.
-    pub fn start_info(&self) -> Option<&StartInfo> {
-        self.start.as_ref()
+        self.stream_sid.as_deref()
     }
 
     pub fn counters(&self) -> &StreamCounters {
         &self.counters
-    }
-
-    /// The first `<Parameter>` of that name passed in the TwiML.
-    pub fn custom_parameter(&self, name: &str) -> Option<&str> {
-        self.start.as_ref().and_then(|start| {
-            start
-                .custom_parameters
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.as_str())
-        })
     }
 
     fn handle_uncounted<'a>(&mut self, text: &'a str) -> Result<StreamEvent<'a>, StreamError> {
@@ -308,7 +291,7 @@ impl StreamMachine {
             }
             InboundMessage::Start(start) => {
                 let info = start_info(start)?;
-                self.start = Some(info.clone());
+                self.stream_sid = Some(info.stream_sid.clone());
                 self.phase = Phase::Streaming;
                 StreamEvent::Started(info)
             }
@@ -538,12 +521,6 @@ mod tests {
         );
         assert_eq!(machine.phase(), Phase::Streaming);
         assert_eq!(machine.stream_sid(), Some(SID));
-        assert_eq!(
-            machine.call_sid(),
-            Some("CA00000000000000000000000000000001")
-        );
-        assert_eq!(machine.custom_parameter("From"), Some("+14158675309"));
-        assert_eq!(machine.custom_parameter("Missing"), None);
 
         let StreamEvent::Media {
             payload_b64,
