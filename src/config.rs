@@ -26,12 +26,15 @@ pub use voxrelay_core::twilio::MAX_TWILIO_MESSAGE_BYTES;
 /// A Media Streams socket that sends no `start` within this closes.
 pub const START_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Defaults for the control plane (see `docs/control-plane-api.md`).
-pub const DEFAULT_LOOKUP_BUDGET: Duration = Duration::from_millis(300);
-pub const DEFAULT_CONTEXT_TTL: Duration = Duration::from_secs(60);
-pub const DEFAULT_CONTEXT_STALE: Duration = Duration::from_secs(600);
-pub const DEFAULT_REPORT_RETRY: Duration = Duration::from_secs(60);
-pub const DEFAULT_REPORT_RESEND: Duration = Duration::from_secs(30);
+/// Defaults for the control plane (see `docs/control-plane-api.md`): each is defined once,
+/// beside the code it bounds, and named here under the configuration's names.
+pub use crate::control::directory::{
+    DEFAULT_BUDGET as DEFAULT_LOOKUP_BUDGET,
+    DEFAULT_STALE_WHILE_REVALIDATE as DEFAULT_CONTEXT_STALE, DEFAULT_TTL as DEFAULT_CONTEXT_TTL,
+};
+pub use crate::control::reports::{
+    DEFAULT_RESEND_INTERVAL as DEFAULT_REPORT_RESEND, DEFAULT_RETRY_WINDOW as DEFAULT_REPORT_RETRY,
+};
 pub const DEFAULT_REPORT_SPOOL_DIR: &str = "voxrelay-spool";
 /// A pre-warmed session nobody claims is closed this long after it is ready. Twilio opens
 /// the stream within a second or two of receiving TwiML; this leaves room for slow networks.

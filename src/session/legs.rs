@@ -462,10 +462,6 @@ impl ModelWriter {
         self.sink = Some(sink);
     }
 
-    pub fn is_attached(&self) -> bool {
-        self.sink.is_some()
-    }
-
     /// Whether messages wait for the socket.
     pub fn has_pending(&self) -> bool {
         self.sink.is_some() && (!self.queue.is_empty() || self.unflushed)
