@@ -514,13 +514,12 @@ where
 
     /// Turns what woke the task into the engine's input; `Some` when the call must end.
     fn on_wake(&mut self, now: Instant, wake: Wake) -> Option<EndReason> {
-        let metrics = Arc::clone(&self.metrics);
         match wake {
             Wake::Cancelled => return Some(EndReason::Shutdown),
             Wake::Twilio(read) => return self.on_twilio_read(now, read),
             Wake::Model(ModelRead::Text(text)) => self.feed(now, Input::Model(&text)),
             Wake::Model(ModelRead::Closed(why)) => {
-                metrics.upstream_disconnects.fetch_add(1, Relaxed);
+                self.metrics.upstream_disconnects.fetch_add(1, Relaxed);
                 tracing::warn!(
                     why = %Untrusted(why.as_deref().unwrap_or("-")),
                     "model socket closed"
@@ -529,13 +528,13 @@ where
                 self.feed(now, Input::ModelClosed(EndReason::UpstreamClosed));
             }
             Wake::Model(ModelRead::Oversized(why)) => {
-                metrics.upstream_oversized.fetch_add(1, Relaxed);
+                self.metrics.upstream_oversized.fetch_add(1, Relaxed);
                 tracing::warn!(%why, "model message over its size cap");
                 self.model_reads = None;
                 self.feed(now, Input::ModelClosed(EndReason::UpstreamOversized));
             }
             Wake::TwilioWritten(Ok(n)) if n > 0 => {
-                self.twilio_out.wrote(n, &metrics, &self.latency);
+                self.twilio_out.wrote(n, &self.metrics, &self.latency);
             }
             Wake::TwilioWritten(_) => {
                 tracing::info!("twilio socket write failed: ending the call");
@@ -543,20 +542,20 @@ where
             }
             Wake::ModelWritten(Ok(())) => {}
             Wake::ModelWritten(Err(error)) => {
-                metrics.upstream_disconnects.fetch_add(1, Relaxed);
+                self.metrics.upstream_disconnects.fetch_add(1, Relaxed);
                 tracing::info!(%error, "model socket write failed");
                 self.feed(now, Input::ModelClosed(EndReason::UpstreamClosed));
             }
             Wake::Resolved(prepared) => self.on_resolved(now, *prepared),
             Wake::Connected(connected) => match *connected {
                 Ok((socket, took)) => {
-                    metrics.upstream_connect.observe(took);
+                    self.metrics.upstream_connect.observe(took);
                     tracing::debug!(?took, "model socket open");
                     self.attach_model(socket);
                     self.feed(now, Input::ModelConnected);
                 }
                 Err(error) => {
-                    metrics.upstream_connect_failures.fetch_add(1, Relaxed);
+                    self.metrics.upstream_connect_failures.fetch_add(1, Relaxed);
                     tracing::error!(%error, "could not reach the model");
                     self.feed(now, Input::ModelClosed(EndReason::UpstreamFailed));
                 }
@@ -573,7 +572,7 @@ where
             Wake::Pacer => {
                 if let Some(due) = self.timers.pacer_at.take() {
                     // How late the pacer wakes is what the playback lead must absorb.
-                    metrics
+                    self.metrics
                         .pacer_lateness
                         .observe(now.saturating_duration_since(due));
                 }
@@ -582,12 +581,12 @@ where
             Wake::Deadline => {
                 return Some(match self.timers.deadline_kind.take() {
                     Some(CallDeadline::MaxLength) => {
-                        metrics.calls_max_duration.fetch_add(1, Relaxed);
+                        self.metrics.calls_max_duration.fetch_add(1, Relaxed);
                         tracing::info!("the tenant's maximum call length passed: ending the call");
                         EndReason::MaxDuration
                     }
                     Some(CallDeadline::Start) | None => {
-                        metrics.twilio_error(TwilioErrorKind::StartTimeout);
+                        self.metrics.twilio_error(TwilioErrorKind::StartTimeout);
                         tracing::warn!("no `start` within {START_TIMEOUT:?}: closing");
                         EndReason::StartTimeout
                     }
@@ -596,7 +595,7 @@ where
             Wake::IdleCheck => {
                 let silent_until = self.timers.last_twilio_at + TWILIO_IDLE_TIMEOUT;
                 if now >= silent_until {
-                    metrics.twilio_error(TwilioErrorKind::IdleTimeout);
+                    self.metrics.twilio_error(TwilioErrorKind::IdleTimeout);
                     tracing::warn!("no message from Twilio for {TWILIO_IDLE_TIMEOUT:?}: closing");
                     return Some(EndReason::TwilioIdle);
                 }
@@ -612,7 +611,7 @@ where
                 } else {
                     return None;
                 };
-                metrics.peer_stalled(leg);
+                self.metrics.peer_stalled(leg);
                 tracing::warn!(
                     leg = leg.as_str(),
                     "a socket took nothing for {WRITE_TIMEOUT:?}: the peer is not reading"
