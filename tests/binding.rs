@@ -514,3 +514,48 @@ mod unbound {
         assert!(!closed_by_bridge(&mut first, Duration::from_millis(300)).await);
     }
 }
+
+/// The call's one task keeps reading while its `start` waits for the webhook's pre-warm: a
+/// ping sent while the model's handshake is still held (the mock answers it 1.5 s late) is
+/// answered before any model session exists. (Before the call task was one `select!`, the
+/// claim was awaited in the loop and neither socket was read for up to 3 s.)
+#[tokio::test]
+async fn a_stream_keeps_reading_while_its_prewarm_is_still_connecting() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mock = MockConfig {
+        connect_delay: Duration::from_millis(1_500),
+        ..MockConfig::default()
+    };
+    let stack = start_stack_adjusted(mock, AudioMode::Pcmu, Some("Hello"), |_| {}).await;
+    let call = call_sid(91);
+    let (_url, parameters) = voice_webhook(&stack, &call, "+15550001111", "+15550002222").await;
+    let stream = stream_sid(91);
+    let mut ws = start_raw_stream_as(&stack, &stream, &call, as_object(&parameters)).await;
+    ws.send(Message::Ping(b"still there?".to_vec().into()))
+        .await
+        .unwrap();
+    let pong = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Pong(payload)))) => break payload,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no pong: {other:?}"),
+        }
+    };
+    assert_eq!(&pong[..], b"still there?");
+    assert!(
+        stack.mock.log().sessions().is_empty(),
+        "answered while the pre-warm was still connecting"
+    );
+    // The claim then completes: the pre-warmed session greets the caller.
+    let greeted = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) if text.contains("\"media\"") => break true,
+            Ok(Some(Ok(_))) => continue,
+            _ => break false,
+        }
+    };
+    assert!(greeted, "the greeting played from the claimed session");
+    assert_eq!(stack.bridge.metrics().prewarm_claimed.load(Relaxed), 1);
+}
