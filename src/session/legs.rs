@@ -317,8 +317,14 @@ impl<W: AsyncWrite + Unpin> TwilioWriter<W> {
     /// Frames the owed pong and queued messages into the wire buffer, up to one batch,
     /// handing each written message's text back to `engine`.
     fn fill(&mut self, engine: &mut CallEngine) {
-        if self.written == self.wire.len() {
-            self.wire.clear();
+        // What the socket took goes before anything is added: a peer that always leaves a few
+        // bytes unread would otherwise grow the buffer by everything written through it. The
+        // move is of what is still pending, at most a batch and one message.
+        if self.written > 0 {
+            self.wire.drain(..self.written);
+            for timed in &mut self.timed {
+                timed.end -= self.written;
+            }
             self.written = 0;
         }
         let mut head = [0u8; 10];
@@ -635,6 +641,32 @@ mod tests {
         // One unmasked text frame: FIN + text, 16-bit length 1000, then the bytes.
         assert_eq!(&seen[..4], [0x81, 126, 0x03, 0xE8]);
         assert!(seen[4..].iter().all(|&b| b == b'm'));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_always_leaves_bytes_unread_cannot_grow_the_wire_buffer() {
+        let metrics = Metrics::default();
+        let latency = CallLatencyRecorder::default();
+        let mut engine = CallEngine::new(PlaybackConfig::default());
+        // Each round sends one 304-byte frame and the peer reads 300 bytes: the socket never
+        // takes everything, so the buffer is never found empty.
+        let (ours, mut theirs) = tokio::io::duplex(512);
+        let mut writer = TwilioWriter::new(ours);
+        let message = "m".repeat(300);
+        let mut buffer = [0u8; 300];
+        for _ in 0..2_000 {
+            writer.push(mark(&message)).unwrap();
+            writer
+                .write_now(&mut engine, Instant::now(), &metrics, &latency)
+                .expect("write");
+            let n = theirs.read(&mut buffer).await.expect("read");
+            assert!(n > 0);
+            assert!(
+                writer.wire.len() <= TWILIO_WIRE_BATCH + message.len() + 10,
+                "{} bytes held",
+                writer.wire.len()
+            );
+        }
     }
 
     #[tokio::test]
