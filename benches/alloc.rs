@@ -325,6 +325,7 @@ impl CallRig {
                 ..AgentDefaults::default()
             },
             playback: PlaybackConfig::default(),
+            continuity: voxrelay::config::ContinuitySettings::default(),
         });
         let (twilio, bridge_side) = tokio::io::duplex(64 * 1024);
         let cancel = CancellationToken::new();

@@ -7,11 +7,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use url::{Host, Url};
 
 use crate::control::signing::SigningKey;
+use crate::session::continuity::ContinuityConfig;
 use crate::twilio::ids::is_account_sid;
 use crate::{AudioMode, Secret};
 
@@ -56,6 +58,22 @@ pub const MAX_PREWARMS_LIMIT: usize = 10_000;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 /// Where the public listener binds unless `VOXRELAY_LISTEN` says otherwise.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// How long a call may try to open a model session (at its start, or after losing one)
+/// before it falls back (`VOXRELAY_MODEL_RECONNECT_MS`).
+pub const DEFAULT_MODEL_RECONNECT: Duration = Duration::from_millis(3000);
+/// Silence after which a caller waiting for a model session hears the hold prompt
+/// (`VOXRELAY_HOLD_PROMPT_AFTER_MS`).
+pub const DEFAULT_HOLD_PROMPT_AFTER: Duration = Duration::from_millis(700);
+/// A model that sends nothing, not even the pong to our ping, for this long is a lost session
+/// (`VOXRELAY_MODEL_IDLE_MS`).
+pub const DEFAULT_MODEL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sessions one call may lose and replace; one more loss is the fallback.
+pub const MAX_MODEL_RECONNECTS: u32 = 5;
+/// The built-in hold prompt (8 kHz μ-law; see `voxrelay_core::codec::chime`).
+pub const BUILTIN_HOLD_PROMPT: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/fixtures/hold-prompt-8k-mulaw.raw"
+));
 /// Concurrent calls per bridge. `voxrelay bench` held 200 `pcmu` calls on one core of the
 /// 2-vCPU reference VM at the latency budget (p99 ≤ 2 ms each way, no late frames; 300 did
 /// not); 80% of that leaves headroom for what the bench does not do (TLS to the real model,
@@ -134,6 +152,33 @@ pub enum ConfigError {
     BadMaxPrewarms(usize),
     #[error("{0} must be at least 1")]
     ZeroLimit(&'static str),
+    #[error("{name} must be between {min} and {max}, got {value}")]
+    OutOfRange {
+        name: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
+}
+
+/// `value` (ms) if within `min..=max`, else the error naming `name`.
+fn ms_in_range(
+    name: &'static str,
+    value: Option<u64>,
+    default: Duration,
+    min: u64,
+    max: u64,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(value) if (min..=max).contains(&value) => Ok(Duration::from_millis(value)),
+        Some(value) => Err(ConfigError::OutOfRange {
+            name,
+            value,
+            min,
+            max,
+        }),
+    }
 }
 
 /// The origin Twilio reaches the bridge at: every signature is checked against URLs on it and
@@ -202,6 +247,45 @@ pub struct BridgeConfig {
     pub admin_listen: SocketAddr,
     /// Caps and timeouts of the public listener.
     pub limits: ListenerLimits,
+    /// How calls keep (and replace) their model session.
+    pub continuity: ContinuitySettings,
+}
+
+/// How calls keep their model session: the bridge-wide part of each call's
+/// [`ContinuityConfig`].
+#[derive(Clone, Debug)]
+pub struct ContinuitySettings {
+    pub reconnect_budget: Duration,
+    pub hold_after: Duration,
+    pub model_idle_timeout: Duration,
+    pub hold_prompt: Arc<[u8]>,
+}
+
+impl Default for ContinuitySettings {
+    fn default() -> Self {
+        Self {
+            reconnect_budget: DEFAULT_MODEL_RECONNECT,
+            hold_after: DEFAULT_HOLD_PROMPT_AFTER,
+            model_idle_timeout: DEFAULT_MODEL_IDLE_TIMEOUT,
+            hold_prompt: Arc::from(BUILTIN_HOLD_PROMPT),
+        }
+    }
+}
+
+impl ContinuitySettings {
+    /// One call's configuration, with its own jitter seed so calls that lose their sessions
+    /// together do not retry in step.
+    pub fn for_call(&self) -> ContinuityConfig {
+        use std::hash::BuildHasher as _;
+        ContinuityConfig {
+            reconnect_budget: self.reconnect_budget,
+            max_reconnects: MAX_MODEL_RECONNECTS,
+            connect_timeout: self.reconnect_budget,
+            hold_after: self.hold_after,
+            hold_prompt: Arc::clone(&self.hold_prompt),
+            seed: std::collections::hash_map::RandomState::new().hash_one(0_u8),
+        }
+    }
 }
 
 /// What the public listener allows: every cap is on state (calls, connections not yet
@@ -416,6 +500,18 @@ pub struct RawConfig {
     /// Private listener for /metrics (and /healthz, /readyz); never expose it publicly.
     #[arg(long, env = "VOXRELAY_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: Option<SocketAddr>,
+    /// How long a call may try to open a model session (at its start or after losing one)
+    /// before the caller gets the fallback, in ms (default 3000).
+    #[arg(long, env = "VOXRELAY_MODEL_RECONNECT_MS")]
+    pub model_reconnect_ms: Option<u64>,
+    /// Silence after which a caller waiting for a model session hears the hold prompt, in ms
+    /// (default 700).
+    #[arg(long, env = "VOXRELAY_HOLD_PROMPT_AFTER_MS")]
+    pub hold_prompt_after_ms: Option<u64>,
+    /// A model silent this long (no event, no pong to our ping) is a lost session, in ms
+    /// (default 10000).
+    #[arg(long, env = "VOXRELAY_MODEL_IDLE_MS")]
+    pub model_idle_ms: Option<u64>,
     /// Concurrent calls; beyond it the webhook answers a busy message and streams get 503.
     #[arg(long, env = "VOXRELAY_MAX_CALLS")]
     pub max_calls: Option<usize>,
@@ -492,6 +588,31 @@ impl BridgeConfig {
         if max_prewarms > MAX_PREWARMS_LIMIT {
             return Err(ConfigError::BadMaxPrewarms(max_prewarms));
         }
+        let continuity = ContinuitySettings {
+            reconnect_budget: ms_in_range(
+                "VOXRELAY_MODEL_RECONNECT_MS",
+                raw.model_reconnect_ms,
+                DEFAULT_MODEL_RECONNECT,
+                100,
+                60_000,
+            )?,
+            hold_after: ms_in_range(
+                "VOXRELAY_HOLD_PROMPT_AFTER_MS",
+                raw.hold_prompt_after_ms,
+                DEFAULT_HOLD_PROMPT_AFTER,
+                0,
+                60_000,
+            )?,
+            // Above the ping's 2 s, so a quiet but live model always has the time to pong.
+            model_idle_timeout: ms_in_range(
+                "VOXRELAY_MODEL_IDLE_MS",
+                raw.model_idle_ms,
+                DEFAULT_MODEL_IDLE_TIMEOUT,
+                3_000,
+                600_000,
+            )?,
+            ..ContinuitySettings::default()
+        };
         let lead_ms = raw.playback_lead_ms.unwrap_or(120);
         if !(20..=1000).contains(&lead_ms) {
             return Err(ConfigError::BadLead(lead_ms));
@@ -536,6 +657,7 @@ impl BridgeConfig {
             fly_machine_id: raw.fly_machine_id.filter(|id| !id.trim().is_empty()),
             admin_listen: raw.admin_listen.unwrap_or_else(default_admin_listen),
             limits,
+            continuity,
         })
     }
 }
@@ -566,6 +688,7 @@ impl BridgeConfig {
             fly_machine_id: None,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             limits: ListenerLimits::default(),
+            continuity: ContinuitySettings::default(),
         }
     }
 }

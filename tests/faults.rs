@@ -1,8 +1,10 @@
-//! Faulty and hostile peers through real sockets on 127.0.0.1: a model that resets mid-response
-//! or stops reading, a Twilio peer that stops reading, messages that never end, binary pings
-//! and absurd sequence numbers. Each fault must end only the call it belongs to, within a
-//! bounded time, counted under the right name; a healthy call beside it keeps its audio and
-//! marks; and afterwards no registry entry or call task is left, and no call still closing.
+//! Faulty and hostile peers through real sockets on 127.0.0.1: a model that resets mid-response,
+//! stops reading, goes silent or sends a message that never ends, a Twilio peer that stops
+//! reading, binary pings and absurd sequence numbers. A faulty Twilio peer ends only its own
+//! call; a faulty model session is replaced inside its call (the caller hears the new one).
+//! Either way the fault is bounded in time and counted under the right name, a healthy call
+//! beside it keeps its audio and marks, and afterwards no registry entry or call task is left,
+//! and no call still closing.
 
 mod common;
 
@@ -24,6 +26,7 @@ use voxrelay::AudioMode;
 use voxrelay::Secret;
 use voxrelay::config::{MAX_TWILIO_MESSAGE_BYTES, UpstreamTarget};
 use voxrelay::session::call::{CLOSE_GRACE, WRITE_TIMEOUT};
+use voxrelay::session::continuity::SessionEnd;
 use voxrelay::session::metrics::{Leg, TwilioErrorKind};
 use voxrelay::twilio::signature::compute_signature;
 use voxrelay::upstream::connect::MAX_UPSTREAM_MESSAGE_BYTES;
@@ -167,8 +170,11 @@ async fn faulty_then_healthy(stack: &Stack) -> (RawSocket, String, HealthyCall) 
     let faulty_sid = stream_sid(0xfa01);
     let faulty = start_raw_stream(stack, &faulty_sid).await;
     assert!(
-        eventually(Duration::from_secs(5), || stack.mock.log().sessions().len()
-            == 1)
+        eventually(Duration::from_secs(5), || !stack
+            .mock
+            .log()
+            .sessions()
+            .is_empty())
         .await,
         "the faulty call reached the model"
     );
@@ -177,29 +183,96 @@ async fn faulty_then_healthy(stack: &Stack) -> (RawSocket, String, HealthyCall) 
     (faulty, faulty_sid, healthy)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_that_resets_mid_response_ends_only_its_own_call() {
-    let stack = stack_with(Some(MockFaultKind::ResetAfterDeltas(3))).await;
-    let (mut faulty, _, healthy) = faulty_then_healthy(&stack).await;
+/// Waits until the faulty call's stream has heard `more` media messages beyond `from`.
+async fn hears_media(ws: &mut RawSocket, more: usize, within: Duration) -> bool {
+    let mut heard = 0;
+    tokio::time::timeout(within, async {
+        while heard < more {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) if text.as_str().contains(r#""event":"media""#) => {
+                    heard += 1;
+                }
+                Some(Ok(_)) => {}
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await
+    .unwrap_or(false)
+}
 
-    assert!(
-        closed_by_bridge(&mut faulty, Duration::from_secs(5)).await,
-        "the reset ended the faulty call"
-    );
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_resets_mid_response_is_replaced_and_no_other_call_notices() {
+    const GREETING: &str = "Thank you for calling the harbour bistro, where every table looks \
+        over the water and every dish is made fresh each morning by our chefs.";
+    // A greeting sent no faster than it plays, so the reset (after 1 s of it) lands while the
+    // caller is hearing it.
+    let mock = MockConfig {
+        greeting_ms: 4_000,
+        pace_deltas: true,
+        ..mock_with(Some(MockFaultKind::ResetAfterDeltas(10)))
+    };
+    let stack = start_stack_adjusted(mock, AudioMode::Pcmu, Some(GREETING), |_| {}).await;
+    let (mut faulty, faulty_sid, healthy) = faulty_then_healthy(&stack).await;
     let metrics = stack.bridge.metrics();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            metrics.model_reconnects(SessionEnd::Dropped) == 1
+        })
+        .await,
+        "the faulty call got a new session"
+    );
     assert_eq!(metrics.upstream_disconnects.load(Relaxed), 1);
+    // The successor was told the conversation, with the greeting cut where the caller was,
+    // then asked to go on: the caller hears it.
+    let sessions = stack.mock.log().sessions();
+    assert_eq!(
+        sessions.len(),
+        3,
+        "faulty, healthy, and the faulty call's second"
+    );
+    let replayed = &sessions[2].items_created;
+    let cut = replayed
+        .iter()
+        .find(|item| item["role"] == "assistant")
+        .and_then(|item| item["content"][0]["text"].as_str())
+        .expect("the greeting heard so far is replayed");
+    assert!(
+        !cut.is_empty() && cut.len() < GREETING.len() / 2 && GREETING.starts_with(cut),
+        "replayed {cut:?}: the words heard in about 1 s of a 4 s greeting"
+    );
+    assert!(
+        sessions[2]
+            .client_event_types
+            .iter()
+            .any(|kind| kind == "response.create"),
+        "the successor is asked to go on"
+    );
+    assert!(
+        hears_media(&mut faulty, 5, Duration::from_secs(5)).await,
+        "the caller hears the new session"
+    );
+    assert!(stack.bridge.registry().get(&faulty_sid).is_some());
     assert!(
         healthy.hears_more(10).await,
         "the healthy call kept its audio"
     );
-    assert_eq!(stack.bridge.registry().len(), 1);
+    assert_eq!(
+        sessions[1]
+            .client_event_types
+            .iter()
+            .filter(|k| *k == "session.update")
+            .count(),
+        1
+    );
     assert!(healthy.finish().await);
-    assert_eq!(metrics.upstream_disconnects.load(Relaxed), 1);
+    drop(faulty);
     assert_nothing_left(&stack).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_that_stops_reading_is_cut_off_after_the_write_deadline() {
+async fn a_model_that_stops_reading_is_replaced_after_the_write_deadline() {
     let stack = stack_with(Some(MockFaultKind::StopReading)).await;
     let (mut faulty, faulty_sid, healthy) = faulty_then_healthy(&stack).await;
 
@@ -208,8 +281,9 @@ async fn a_model_that_stops_reading_is_cut_off_after_the_write_deadline() {
     let burst = BASE64.encode(tone_mulaw(440.0, 5_000));
     let began = Instant::now();
     let limit = WRITE_TIMEOUT + Duration::from_secs(7);
+    let metrics = stack.bridge.metrics();
     let mut sequence = 1;
-    while stack.bridge.registry().get(&faulty_sid).is_some() && began.elapsed() < limit {
+    while metrics.peer_stalls(Leg::Upstream) == 0 && began.elapsed() < limit {
         sequence += 1;
         if faulty
             .send(media_message(&faulty_sid, sequence, &burst))
@@ -221,19 +295,58 @@ async fn a_model_that_stops_reading_is_cut_off_after_the_write_deadline() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let took = began.elapsed();
-    assert!(took < limit, "the call of a model that never reads went on");
+    assert!(took < limit, "a model that never reads was kept");
     assert!(
-        closed_by_bridge(&mut faulty, CLOSE_GRACE + Duration::from_secs(3)).await,
-        "the stalled model's call was closed"
+        eventually(Duration::from_secs(5), || {
+            metrics.model_reconnects(SessionEnd::Stalled) == 1
+        })
+        .await,
+        "the stalled session was replaced"
     );
-    let metrics = stack.bridge.metrics();
-    assert_eq!(metrics.peer_stalls(Leg::Upstream), 1);
     assert_eq!(metrics.peer_stalls(Leg::Twilio), 0);
+    assert!(
+        stack.bridge.registry().get(&faulty_sid).is_some(),
+        "the call goes on"
+    );
     assert!(
         healthy.hears_more(10).await,
         "the healthy call kept its audio"
     );
     assert!(healthy.finish().await);
+    drop(faulty);
+    assert_nothing_left(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_goes_silent_without_closing_is_replaced_at_its_idle_deadline() {
+    const IDLE: Duration = Duration::from_secs(3);
+    let stack = start_stack_adjusted(
+        mock_with(Some(MockFaultKind::StopReading)),
+        AudioMode::Pcmu,
+        Some("Hello"),
+        |config| config.continuity.model_idle_timeout = IDLE,
+    )
+    .await;
+    let (faulty, _faulty_sid, healthy) = faulty_then_healthy(&stack).await;
+    let began = Instant::now();
+    let metrics = stack.bridge.metrics();
+    // The faulty caller is quiet: nothing fills a buffer, only the silence tells.
+    assert!(
+        eventually(IDLE + Duration::from_secs(3), || {
+            metrics.model_reconnects(SessionEnd::Idle) == 1
+        })
+        .await,
+        "the silent session was detected and replaced"
+    );
+    let took = began.elapsed();
+    assert!(
+        took <= IDLE + Duration::from_secs(2),
+        "detected after {took:?}"
+    );
+    assert_eq!(metrics.peer_stalls(Leg::Upstream), 0);
+    assert!(healthy.hears_more(10).await);
+    assert!(healthy.finish().await);
+    drop(faulty);
     assert_nothing_left(&stack).await;
 }
 
@@ -391,18 +504,26 @@ async fn a_model_message_that_never_ends_is_refused_at_its_cap() {
         total,
     }))
     .await;
-    let (mut faulty, _, healthy) = faulty_then_healthy(&stack).await;
-    assert!(
-        closed_by_bridge(&mut faulty, Duration::from_secs(10)).await,
-        "the call was ended"
-    );
+    let (faulty, faulty_sid, healthy) = faulty_then_healthy(&stack).await;
     let metrics = stack.bridge.metrics();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            metrics.model_reconnects(SessionEnd::Oversized) == 1
+        })
+        .await,
+        "the session that sent it was replaced"
+    );
     assert_eq!(metrics.upstream_oversized.load(Relaxed), 1);
+    assert!(
+        stack.bridge.registry().get(&faulty_sid).is_some(),
+        "the call goes on"
+    );
     assert!(
         healthy.hears_more(10).await,
         "the healthy call kept its audio"
     );
     assert!(healthy.finish().await);
+    drop(faulty);
     assert_nothing_left(&stack).await;
     // The bridge stopped taking the message soon after its cap, far before the end.
     let sent = stack.mock.log().sessions()[0].fault_bytes_sent;

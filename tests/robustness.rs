@@ -16,7 +16,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use url::Url;
 use voxrelay::AudioMode;
 use voxrelay::Secret;
-use voxrelay::config::UpstreamTarget;
+use voxrelay::config::{DEFAULT_MODEL_RECONNECT, MAX_MODEL_RECONNECTS, UpstreamTarget};
+use voxrelay::session::continuity::{ConnectFailure, FallbackReason, SessionEnd};
 use voxrelay::session::metrics::{SignedRoute, TwilioErrorKind};
 use voxrelay::twilio::signature::compute_signature;
 use voxrelay_sim::http_client;
@@ -288,7 +289,7 @@ async fn a_socket_that_never_starts_is_closed_after_five_seconds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_model_ends_the_call_cleanly() {
+async fn an_unreachable_model_falls_back_within_the_reconnect_budget() {
     // A port that was just free: nothing listens there.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -303,10 +304,21 @@ async fn an_unreachable_model_ends_the_call_cleanly() {
         api_key: Some(Secret::new("k")),
     };
     let stack = start_stack_with(mock, upstream, AudioMode::Pcmu, None).await;
+    let began = std::time::Instant::now();
     let mut ws = start_raw_stream(&stack, &stream_sid(0x40de1)).await;
-    assert!(closed_by_bridge(&mut ws, Duration::from_secs(12)).await);
+    assert!(closed_by_bridge(&mut ws, Duration::from_secs(8)).await);
+    let took = began.elapsed();
+    assert!(
+        took < DEFAULT_MODEL_RECONNECT + Duration::from_secs(2),
+        "fell back after {took:?}"
+    );
     let metrics = stack.bridge.metrics();
-    assert_eq!(metrics.upstream_connect_failures.load(Relaxed), 1);
+    let failures = metrics.upstream_connect_failures.load(Relaxed);
+    assert!(failures >= 3, "retried with backoff: {failures} attempts");
+    assert_eq!(
+        metrics.call_fallbacks(FallbackReason::ConnectFailed(ConnectFailure::Network)),
+        1
+    );
     assert!(
         eventually(Duration::from_secs(2), || stack
             .bridge
@@ -317,8 +329,8 @@ async fn an_unreachable_model_ends_the_call_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_socket_dropping_mid_call_ends_the_twilio_stream() {
-    // A "model" that accepts, reads the session.update, then hangs up.
+async fn a_model_that_keeps_hanging_up_ends_in_the_fallback_never_a_loop() {
+    // A "model" that accepts, reads the session.update, then hangs up, every time.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -340,8 +352,15 @@ async fn a_model_socket_dropping_mid_call_ends_the_twilio_stream() {
     };
     let stack = start_stack_with(mock, upstream, AudioMode::Pcmu, None).await;
     let mut ws = start_raw_stream(&stack, &stream_sid(0xd109)).await;
-    assert!(closed_by_bridge(&mut ws, Duration::from_secs(5)).await);
-    assert_eq!(stack.bridge.metrics().upstream_disconnects.load(Relaxed), 1);
+    assert!(closed_by_bridge(&mut ws, Duration::from_secs(10)).await);
+    let metrics = stack.bridge.metrics();
+    let lost = u64::from(MAX_MODEL_RECONNECTS) + 1;
+    assert_eq!(metrics.upstream_disconnects.load(Relaxed), lost);
+    assert_eq!(
+        metrics.model_reconnects(SessionEnd::Dropped),
+        u64::from(MAX_MODEL_RECONNECTS)
+    );
+    assert_eq!(metrics.call_fallbacks(FallbackReason::TooManyDrops), 1);
     assert!(
         eventually(Duration::from_secs(2), || stack
             .bridge

@@ -149,6 +149,7 @@ impl Bridge {
             prewarm: config.prewarm,
             twilio_account_sid: config.twilio_account_sid.clone(),
             control,
+            continuity: config.continuity.clone(),
         });
         let limits = config.limits.clone();
         let call_slots = CallSlots::new(

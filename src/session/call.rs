@@ -38,6 +38,7 @@ use tracing::Instrument;
 
 use super::agent::CallAgent;
 use super::binding::{Binding, STREAM_TOKEN_PARAMETER, StreamTokens};
+use super::continuity::{ConnectFailure, SessionEnd};
 use super::engine::{CallEngine, CallEvent, Input, Output, ToolCall};
 use super::legs::{
     ModelRead, ModelWriter, PollOnWake, TwilioRead, TwilioWriter, model_reads, next_model_read,
@@ -49,7 +50,9 @@ use super::playback::PlaybackConfig;
 use super::prewarm::{PendingCalls, Prepared, prewarm};
 use super::registry::{CallEntry, CallRegistry, Registration};
 use super::report::{CallIdentity, call_report};
-use crate::config::{AgentDefaults, MAX_TWILIO_MESSAGE_BYTES, START_TIMEOUT, UpstreamTarget};
+use crate::config::{
+    AgentDefaults, ContinuitySettings, MAX_TWILIO_MESSAGE_BYTES, START_TIMEOUT, UpstreamTarget,
+};
 use crate::control::api::ReportBinding;
 use crate::control::client::ControlPlaneClient;
 use crate::control::directory::TenantDirectory;
@@ -73,7 +76,9 @@ pub const TWILIO_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tools of one call running at once; a further call from the model is answered at once with
 /// an error (counted in `voxrelay_control_tool_failures_total`) instead of starting a request.
 pub const MAX_TOOL_CALLS_IN_FLIGHT: usize = 4;
-const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A model socket silent this long is asked for a pong (the Realtime API sends nothing while
+/// the caller is silent and no response runs, so silence alone proves nothing).
+pub const MODEL_PING_AFTER: Duration = Duration::from_secs(2);
 /// How long the sockets get to take what is buffered and a close frame after the call ends;
 /// a socket still busy then is dropped (closed), counted in
 /// `voxrelay_call_writers_aborted_total`.
@@ -100,6 +105,8 @@ pub struct CallServices {
     pub twilio_account_sid: Option<String>,
     /// Tenant contexts, tools and reports; `None` without a control plane.
     pub control: Option<ControlServices>,
+    /// How calls keep (and replace) their model session.
+    pub continuity: ContinuitySettings,
 }
 
 /// The control plane as the calls use it.
@@ -300,7 +307,7 @@ where
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type ReadStream<T> = Pin<Box<dyn futures_util::Stream<Item = T> + Send>>;
-type ConnectResult = Result<(UpstreamSocket, Duration), String>;
+type ConnectResult = Result<(UpstreamSocket, Duration), (ConnectFailure, String)>;
 
 /// What woke the call's task.
 enum Wake {
@@ -321,6 +328,7 @@ enum Wake {
     Deadline,
     IdleCheck,
     StallCheck,
+    ModelWatch,
 }
 
 /// What the call loop's one long timer is waiting for.
@@ -347,6 +355,12 @@ struct Timers {
     last_twilio_at: Instant,
     stall: Pin<Box<tokio::time::Sleep>>,
     stall_at: Option<Instant>,
+    /// The model's silence: a ping after [`MODEL_PING_AFTER`], a lost session after the
+    /// services' `model_idle_timeout`. Checked, not reset per message, like `idle`.
+    model_watch: Pin<Box<tokio::time::Sleep>>,
+    model_watch_armed: bool,
+    last_model_at: Instant,
+    model_pinged: bool,
 }
 
 impl Timers {
@@ -361,6 +375,10 @@ impl Timers {
             last_twilio_at: now,
             stall: sleep(Duration::ZERO),
             stall_at: None,
+            model_watch: sleep(MODEL_PING_AFTER),
+            model_watch_armed: false,
+            last_model_at: now,
+            model_pinged: false,
         }
     }
 
@@ -423,6 +441,8 @@ struct Call<S> {
     registration: Option<Registration>,
     record: Option<CallRecord>,
     agent: Option<CallAgent>,
+    /// How the session being replaced ended, for the reconnect metric's label.
+    lost_session: Option<SessionEnd>,
 }
 
 impl<S> Call<S>
@@ -447,7 +467,10 @@ where
             .into_inner()
             .expect("the split function runs once");
         Self {
-            engine: CallEngine::new(services.playback.clone()),
+            engine: CallEngine::with_continuity(
+                services.playback.clone(),
+                services.continuity.for_call(),
+            ),
             metrics: Arc::clone(&services.metrics),
             services,
             cancel,
@@ -463,6 +486,7 @@ where
             registration: None,
             record: None,
             agent: None,
+            lost_session: None,
         }
     }
 
@@ -513,6 +537,7 @@ where
             () = self.timers.deadline.as_mut(), if self.timers.deadline_kind.is_some() => Wake::Deadline,
             () = self.timers.idle.as_mut() => Wake::IdleCheck,
             () = self.timers.stall.as_mut(), if self.timers.stall_at.is_some() => Wake::StallCheck,
+            () = self.timers.model_watch.as_mut(), if self.timers.model_watch_armed => Wake::ModelWatch,
         }
     }
 
@@ -521,21 +546,23 @@ where
         match wake {
             Wake::Cancelled => return Some(EndReason::Shutdown),
             Wake::Twilio(read) => return self.on_twilio_read(now, read),
-            Wake::Model(ModelRead::Text(text)) => self.feed(now, Input::Model(&text)),
+            Wake::Model(ModelRead::Text(text)) => {
+                self.model_heard(now);
+                self.feed(now, Input::Model(&text));
+            }
+            Wake::Model(ModelRead::Alive) => self.model_heard(now),
             Wake::Model(ModelRead::Closed(why)) => {
                 self.metrics.upstream_disconnects.fetch_add(1, Relaxed);
                 tracing::warn!(
                     why = %Untrusted(why.as_deref().unwrap_or("-")),
                     "model socket closed"
                 );
-                self.model_reads = None;
-                self.feed(now, Input::ModelClosed(EndReason::UpstreamClosed));
+                self.lose_model(now, EndReason::UpstreamClosed);
             }
             Wake::Model(ModelRead::Oversized(why)) => {
                 self.metrics.upstream_oversized.fetch_add(1, Relaxed);
                 tracing::warn!(%why, "model message over its size cap");
-                self.model_reads = None;
-                self.feed(now, Input::ModelClosed(EndReason::UpstreamOversized));
+                self.lose_model(now, EndReason::UpstreamOversized);
             }
             Wake::TwilioWritten(Ok(n)) if n > 0 => {
                 self.twilio_out.wrote(n, &self.metrics, &self.latency);
@@ -548,20 +575,24 @@ where
             Wake::ModelWritten(Err(error)) => {
                 self.metrics.upstream_disconnects.fetch_add(1, Relaxed);
                 tracing::info!(%error, "model socket write failed");
-                self.feed(now, Input::ModelClosed(EndReason::UpstreamClosed));
+                self.lose_model(now, EndReason::UpstreamClosed);
             }
             Wake::Resolved(prepared) => self.on_resolved(now, *prepared),
             Wake::Connected(connected) => match *connected {
                 Ok((socket, took)) => {
                     self.metrics.upstream_connect.observe(took);
                     tracing::debug!(?took, "model socket open");
-                    self.attach_model(socket);
+                    self.attach_model(now, socket);
                     self.feed(now, Input::ModelConnected);
                 }
-                Err(error) => {
+                Err((failure, error)) => {
                     self.metrics.upstream_connect_failures.fetch_add(1, Relaxed);
-                    tracing::error!(%error, "could not reach the model");
-                    self.feed(now, Input::ModelClosed(EndReason::UpstreamFailed));
+                    tracing::warn!(
+                        kind = failure.as_str(),
+                        error = %Untrusted(&error),
+                        "could not reach the model"
+                    );
+                    self.feed(now, Input::ModelConnectFailed(failure));
                 }
             },
             Wake::ToolDone { call_id, output } => {
@@ -620,10 +651,60 @@ where
                     leg = leg.as_str(),
                     "a socket took nothing for {WRITE_TIMEOUT:?}: the peer is not reading"
                 );
+                if leg == Leg::Upstream {
+                    // A model that stopped reading is a lost session, not a lost call.
+                    self.lose_model(now, EndReason::UpstreamStalled);
+                    return None;
+                }
                 return Some(stalled(leg));
             }
+            Wake::ModelWatch => self.watch_model(now),
         }
         None
+    }
+
+    /// Any frame from the model: it is alive.
+    fn model_heard(&mut self, now: Instant) {
+        self.timers.last_model_at = now;
+        self.timers.model_pinged = false;
+    }
+
+    /// The model's silence check: a ping first, then, still silent at the deadline, the
+    /// session counts as lost.
+    fn watch_model(&mut self, now: Instant) {
+        if !self.model_out.is_attached() {
+            self.timers.model_watch_armed = false;
+            return;
+        }
+        let idle_deadline = self.timers.last_model_at + self.services.continuity.model_idle_timeout;
+        let ping_at = self.timers.last_model_at + MODEL_PING_AFTER;
+        if now >= idle_deadline {
+            tracing::warn!(
+                "the model sent nothing, not even a pong, for {:?}: treating the session as lost",
+                self.services.continuity.model_idle_timeout
+            );
+            self.lose_model(now, EndReason::UpstreamIdle);
+            return;
+        }
+        let next = if now >= ping_at {
+            if !self.timers.model_pinged {
+                self.timers.model_pinged = true;
+                self.model_out.ping();
+            }
+            idle_deadline
+        } else {
+            ping_at
+        };
+        self.timers.model_watch.as_mut().reset(next.into());
+    }
+
+    /// The model's socket is gone: what was queued for it goes with it, and the engine decides
+    /// what comes next (a successor, or the fallback).
+    fn lose_model(&mut self, now: Instant, reason: EndReason) {
+        self.model_reads = None;
+        self.model_out.detach(&mut self.engine);
+        self.timers.model_watch_armed = false;
+        self.feed(now, Input::ModelClosed(reason));
     }
 
     fn on_twilio_read(&mut self, now: Instant, read: TwilioRead) -> Option<EndReason> {
@@ -676,14 +757,28 @@ where
                     Ok(dropped) => self
                         .metrics
                         .audio_dropped(super::metrics::Direction::Uplink, dropped as u64),
-                    Err(_) => return Some(self.control_queue_full(Leg::Upstream)),
+                    Err(_) => {
+                        // A model that stopped reading is a lost session, not a lost call.
+                        self.control_queue_full(Leg::Upstream);
+                        self.lose_model(now, EndReason::UpstreamStalled);
+                    }
                 },
                 Output::CallTool(call) => self.start_tool(now, call),
+                Output::ConnectModel { deadline } => self.connect_model(now, deadline),
                 Output::Event(CallEvent::Started(info)) => {
                     if let Some(reason) = self.on_started(info) {
                         return Some(reason);
                     }
                 }
+                Output::Event(CallEvent::ModelLost(end)) => {
+                    self.metrics.model_session_lost(end);
+                    self.lost_session = Some(end);
+                }
+                Output::Event(CallEvent::ModelRestored { gap }) => {
+                    let end = self.lost_session.take().unwrap_or(SessionEnd::Dropped);
+                    self.metrics.model_reconnected(end, gap);
+                }
+                Output::Event(CallEvent::FellBack(reason)) => self.metrics.call_fell_back(reason),
                 Output::Close(reason) => return Some(reason),
             }
         }
@@ -712,8 +807,10 @@ where
         }
         if let Err(error) = self.model_out.write_now(now, &self.metrics, &self.latency) {
             self.metrics.upstream_disconnects.fetch_add(1, Relaxed);
-            tracing::info!(%error, "model socket write failed: ending the call");
-            return Some(EndReason::UpstreamClosed);
+            tracing::info!(%error, "model socket write failed");
+            self.lose_model(now, EndReason::UpstreamClosed);
+            // The engine's answer (a connect, or the fallback's close) is acted on at once.
+            return self.dispatch(now);
         }
         self.model_out.give_back(&mut self.engine);
         None
@@ -823,37 +920,48 @@ where
             self.timers.deadline.as_mut().reset((now + limit).into());
             self.timers.deadline_kind = Some(CallDeadline::MaxLength);
         }
+        // A fresh session is dialled when the engine asks (`Output::ConnectModel`).
         let session = match prepared.session {
             Some(prewarmed) => {
                 self.metrics.prewarm_claimed.fetch_add(1, Relaxed);
-                self.attach_model(prewarmed.socket);
+                self.attach_model(now, prewarmed.socket);
                 prewarmed.session
             }
-            None => {
-                let target = self.services.upstream.clone();
-                self.waits.connecting = Some(Box::pin(
-                    async move {
-                        let began = Instant::now();
-                        let connecting = connect(&target.url, target.api_key.as_ref());
-                        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connecting).await {
-                            Ok(Ok(socket)) => Ok((socket, began.elapsed())),
-                            Ok(Err(error)) => Err(error.to_string()),
-                            Err(_) => Err("connect timed out".to_owned()),
-                        }
-                    }
-                    .in_current_span(),
-                ));
-                self.services.model_session(&agent)
-            }
+            None => self.services.model_session(&agent),
         };
         self.agent = Some(agent);
         self.feed(now, Input::ContextResolved(Box::new(session)));
     }
 
-    fn attach_model(&mut self, socket: UpstreamSocket) {
+    /// Dials the model, as a wait of this task; the answer comes back as `Wake::Connected`.
+    fn connect_model(&mut self, now: Instant, deadline: Instant) {
+        let target = self.services.upstream.clone();
+        let within = deadline.saturating_duration_since(now);
+        self.waits.connecting = Some(Box::pin(
+            async move {
+                let began = Instant::now();
+                let connecting = connect(&target.url, target.api_key.as_ref());
+                match tokio::time::timeout(within, connecting).await {
+                    Ok(Ok(socket)) => Ok((socket, began.elapsed())),
+                    Ok(Err(error)) => Err((classify_connect_error(&error), error.to_string())),
+                    Err(_) => Err((ConnectFailure::Timeout, "connect timed out".to_owned())),
+                }
+            }
+            .in_current_span(),
+        ));
+    }
+
+    fn attach_model(&mut self, now: Instant, socket: UpstreamSocket) {
         let (sink, stream) = socket.split();
         self.model_out.attach(sink);
         self.model_reads = Some(model_reads(stream));
+        self.timers.last_model_at = now;
+        self.timers.model_pinged = false;
+        self.timers.model_watch_armed = true;
+        self.timers
+            .model_watch
+            .as_mut()
+            .reset((now + MODEL_PING_AFTER).into());
     }
 
     /// Runs one of the model's function calls on the control plane, as a wait of this task;
@@ -953,6 +1061,20 @@ where
         }
         metrics.call_writers_active.fetch_sub(1, Relaxed);
         drop(self.registration.take());
+    }
+}
+
+/// What a failed connect means for the reconnect schedule.
+fn classify_connect_error(error: &crate::upstream::UpstreamError) -> ConnectFailure {
+    use crate::upstream::UpstreamError;
+    match error {
+        UpstreamError::HandshakeRejected(status) => ConnectFailure::from_status(*status),
+        UpstreamError::ConnectTimeout(_) => ConnectFailure::Timeout,
+        // A bad URL, key or TLS set-up will not mend on retry.
+        UpstreamError::InvalidUrl(_) | UpstreamError::InvalidApiKey | UpstreamError::Tls(_) => {
+            ConnectFailure::Refused
+        }
+        _ => ConnectFailure::Network,
     }
 }
 

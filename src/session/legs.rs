@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead};
 use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
@@ -106,6 +106,8 @@ pub enum ModelRead {
     Closed(Option<String>),
     /// The model sent a message over its cap (tungstenite refused it while it arrived).
     Oversized(String),
+    /// A ping or pong: the model is there, with nothing to say.
+    Alive,
 }
 
 /// A stream polled only when it may have something: right after it yielded an item, or once
@@ -235,6 +237,7 @@ pub fn model_reads(stream: ModelStream) -> Pin<Box<dyn Stream<Item = ModelRead> 
                     Some(Ok(Message::Close(frame))) => ModelRead::Closed(
                         frame.map(|f| format!("{} {}", u16::from(f.code), f.reason)),
                     ),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => ModelRead::Alive,
                     Some(Ok(_)) => continue,
                     // Refused while it arrived: the cap counts fragments as they come.
                     Some(Err(WsError::Capacity(error @ CapacityError::MessageTooLong { .. }))) => {
@@ -446,6 +449,8 @@ pub struct ModelWriter {
     /// Texts written, for the engine to reuse.
     spent: Vec<String>,
     stalled_since: Option<Instant>,
+    /// A ping to send, asking a silent model whether it is still there.
+    ping_due: bool,
 }
 
 impl Default for ModelWriter {
@@ -458,6 +463,7 @@ impl Default for ModelWriter {
             audio_read_at: Vec::with_capacity(4),
             spent: Vec::with_capacity(SPENT_TEXTS),
             stalled_since: None,
+            ping_due: false,
         }
     }
 }
@@ -468,9 +474,33 @@ impl ModelWriter {
         self.sink = Some(sink);
     }
 
+    /// The socket is gone (the session was lost): what was queued for it was that session's
+    /// and is dropped; the next session starts from an empty queue.
+    pub fn detach(&mut self, engine: &mut CallEngine) {
+        self.sink = None;
+        while let Some(out) = self.queue.pop() {
+            engine.recycle_model(out.text);
+        }
+        self.give_back(engine);
+        self.arena.clear();
+        self.unflushed = false;
+        self.audio_read_at.clear();
+        self.stalled_since = None;
+        self.ping_due = false;
+    }
+
+    /// Asks the model for a pong ahead of anything queued.
+    pub fn ping(&mut self) {
+        self.ping_due = self.sink.is_some();
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.sink.is_some()
+    }
+
     /// Whether messages wait for the socket.
     pub fn has_pending(&self) -> bool {
-        self.sink.is_some() && (!self.queue.is_empty() || self.unflushed)
+        self.sink.is_some() && (!self.queue.is_empty() || self.unflushed || self.ping_due)
     }
 
     pub fn stalled_since(&self) -> Option<Instant> {
@@ -495,6 +525,18 @@ impl ModelWriter {
         let Some(sink) = self.sink.as_mut() else {
             return Poll::Pending;
         };
+        if self.ping_due {
+            if let Err(error) = std::task::ready!(sink.poll_ready_unpin(cx)) {
+                return Poll::Ready(Err(error));
+            }
+            if let Err(error) =
+                Pin::new(&mut *sink).start_send(Message::Ping(Bytes::from_static(b"voxrelay")))
+            {
+                return Poll::Ready(Err(error));
+            }
+            self.ping_due = false;
+            self.unflushed = true;
+        }
         while !self.queue.is_empty() {
             if let Err(error) = std::task::ready!(sink.poll_ready_unpin(cx)) {
                 return Poll::Ready(Err(error));

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use super::continuity::{FallbackReason, SessionEnd};
 use super::engine::CallStats;
 // From the core crate, not `crate::control`: metrics sits below the control-plane client,
 // which records into it, so it must not import from it.
@@ -291,6 +292,11 @@ pub struct Metrics {
     /// the close grace, so were dropped (closed) unfinished.
     pub call_writers_aborted: AtomicU64,
     peer_stalls: [AtomicU64; Leg::ALL.len()],
+    model_sessions_lost: [AtomicU64; SessionEnd::ALL.len()],
+    model_reconnects: [AtomicU64; SessionEnd::ALL.len()],
+    call_fallbacks: [AtomicU64; FallbackReason::ALL.len()],
+    /// A lost model session → its successor open (the caller's gap).
+    pub model_reconnect_gap: Histogram,
     twilio_errors: [AtomicU64; TwilioErrorKind::ALL.len()],
     signature_failures: [AtomicU64; SignedRoute::ALL.len()],
     audio_dropped_uplink: AtomicU64,
@@ -571,6 +577,29 @@ impl Metrics {
                 &mut published.twilio_errors[index],
             );
         }
+    }
+
+    /// A call's model session was lost (`end`): a successor is being opened.
+    pub fn model_session_lost(&self, end: SessionEnd) {
+        self.model_sessions_lost[end as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A session lost so (`end`) was replaced after `gap`.
+    pub fn model_reconnected(&self, end: SessionEnd, gap: Duration) {
+        self.model_reconnects[end as usize].fetch_add(1, Relaxed);
+        self.model_reconnect_gap.observe(gap);
+    }
+
+    pub fn call_fell_back(&self, reason: FallbackReason) {
+        self.call_fallbacks[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn call_fallbacks(&self, reason: FallbackReason) -> u64 {
+        self.call_fallbacks[reason.index()].load(Relaxed)
+    }
+
+    pub fn model_reconnects(&self, end: SessionEnd) -> u64 {
+        self.model_reconnects[end as usize].load(Relaxed)
     }
 
     pub fn twilio_error(&self, kind: TwilioErrorKind) {
@@ -860,6 +889,37 @@ impl Metrics {
             Leg::ALL.map(|leg| (leg.as_str(), self.peer_stalls(leg))),
         );
 
+        write_labelled_counter(
+            &mut out,
+            "voxrelay_model_sessions_lost_total",
+            "Model sessions lost mid-call (a successor is then opened), by how they ended.",
+            "reason",
+            SessionEnd::ALL.map(|end| {
+                (
+                    end.as_str(),
+                    self.model_sessions_lost[end as usize].load(Relaxed),
+                )
+            }),
+        );
+        write_labelled_counter(
+            &mut out,
+            "voxrelay_model_reconnects_total",
+            "Lost model sessions replaced within the reconnect budget, by how the lost one ended.",
+            "reason",
+            SessionEnd::ALL.map(|end| (end.as_str(), self.model_reconnects(end))),
+        );
+        write_labelled_counter(
+            &mut out,
+            "voxrelay_call_fallbacks_total",
+            "Calls handed to the fallback TwiML because no model session could be had, by reason.",
+            "reason",
+            FallbackReason::ALL.map(|reason| (reason.as_str(), self.call_fallbacks(reason))),
+        );
+        self.model_reconnect_gap.render(
+            &mut out,
+            "voxrelay_model_reconnect_gap_seconds",
+            "Time from a lost model session to its successor's opening (the caller's gap).",
+        );
         write_labelled_counter(
             &mut out,
             "voxrelay_twilio_errors_total",

@@ -8,9 +8,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use proptest::prelude::*;
 use voxrelay::AudioMode;
+use voxrelay::session::continuity::ConnectFailure;
+use voxrelay::session::conversation::MAX_TURNS;
 use voxrelay::session::engine::{
-    CallEngine, EngineError, HELD_DTMF_DIGITS, Input, OutKind, Outgoing, Output, ToolCall,
-    TwilioErrorKind,
+    CallEngine, EndReason, EngineError, HELD_DTMF_DIGITS, Input, OutKind, Outgoing, Output,
+    ToolCall, TwilioErrorKind,
 };
 use voxrelay::session::model::ModelSession;
 use voxrelay::session::playback::PlaybackConfig;
@@ -38,6 +40,10 @@ enum Op {
         pcm16: bool,
         tools: bool,
     },
+    /// The model's socket drops (a successor is dialled, or the call falls back).
+    Lose,
+    /// The connect the engine asked for fails.
+    ConnectFails,
 }
 
 fn op(numbers: Numbers) -> impl Strategy<Value = Op> {
@@ -47,6 +53,8 @@ fn op(numbers: Numbers) -> impl Strategy<Value = Op> {
         1 => Just(Op::Open),
         3 => prop_oneof![4 => 0u64..200, 1 => 200u64..20_000].prop_map(Op::Tick),
         1 => (any::<bool>(), any::<bool>()).prop_map(|(pcm16, tools)| Op::Resolve { pcm16, tools }),
+        1 => Just(Op::Lose),
+        1 => Just(Op::ConnectFails),
     ]
 }
 
@@ -120,7 +128,7 @@ fn take_outputs(engine: &mut CallEngine) -> Step {
             }
             Output::ToModel(out) => step.to_model.push(out),
             Output::CallTool(call) => step.tools.push(call),
-            Output::Event(_) | Output::Close(_) => {}
+            Output::Event(_) | Output::Close(_) | Output::ConnectModel { .. } => {}
         }
     }
     step
@@ -183,6 +191,12 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
                 now += Duration::from_millis(*ms);
                 let _ = engine.handle(now, Input::Tick);
             }
+            Op::Lose => {
+                let _ = engine.handle(now, Input::ModelClosed(EndReason::UpstreamClosed));
+            }
+            Op::ConnectFails => {
+                let _ = engine.handle(now, Input::ModelConnectFailed(ConnectFailure::ServerError));
+            }
             Op::Resolve { pcm16, tools } => {
                 let closed = engine.closed().is_some();
                 let result = engine.handle(now, Input::ContextResolved(session(*pcm16, *tools)));
@@ -235,6 +249,13 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
             prop_assert!(value["type"].is_string(), "{}", out.text);
         }
         if !open_before && engine.model_is_open() {
+            // A first session: its configuration, the greeting and what was held; a successor
+            // also the replayed conversation and a `response.create`.
+            prop_assert!(
+                to_upstream.len() <= 3 + MAX_TURNS + HELD_UPLINK_FRAMES + 2 * HELD_DTMF_DIGITS,
+                "{} messages when a session opened",
+                to_upstream.len()
+            );
             observed.released_on_open.push(to_upstream.len());
         } else if open_before {
             let bound = match op {

@@ -7,6 +7,7 @@
 //! yet consume, so audio split at arbitrary points comes out exactly as if it had arrived in
 //! whole frames.
 
+pub mod chime;
 pub mod g711;
 pub mod pcm;
 pub mod resample;

@@ -27,13 +27,18 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
+use super::continuity::{
+    ConnectFailure, ContinuityConfig, FallbackReason, MAX_SESSION_RECORDS, Reconnector, SessionEnd,
+    SessionRecord, Step,
+};
+use super::conversation::Conversation;
 use super::model::ModelSession;
-use super::playback::{MarkOutcome, Playback, PlaybackConfig};
+use super::playback::{Interruption, MarkOutcome, Playback, PlaybackConfig};
 use super::transcript::{MAX_TRANSCRIPT_LINE_BYTES, Transcript};
 use crate::AudioMode;
 use crate::codec::{StreamResampler, g711, pcm};
@@ -96,11 +101,14 @@ pub enum Input<'a> {
     /// The call's agent is known: its model session, fresh (the driver opens a socket and
     /// says [`Input::ModelConnected`]) or pre-warmed (already open and configured).
     ContextResolved(Box<ModelSession>),
-    /// The model's socket is open.
+    /// The model's socket is open (after [`Output::ConnectModel`]).
     ModelConnected,
+    /// The connect asked for by [`Output::ConnectModel`] failed.
+    ModelConnectFailed(ConnectFailure),
     /// A tool's answer (or error text) for a [`Output::CallTool`].
     ToolResult { call_id: &'a str, output: &'a str },
-    /// The model's socket closed, failed or could not be opened; `reason` says which.
+    /// The open model socket closed, failed, stalled or went silent; `reason` says which. The
+    /// call goes on with a new session when one can be had ([`super::continuity`]).
     ModelClosed(EndReason),
 }
 
@@ -111,6 +119,11 @@ pub enum Output {
     ToModel(Outgoing),
     /// Run this function on the control plane and answer with [`Input::ToolResult`].
     CallTool(ToolCall),
+    /// Open a socket to the model, and say [`Input::ModelConnected`] or
+    /// [`Input::ModelConnectFailed`] (a timeout when not done by `deadline`).
+    ConnectModel {
+        deadline: Instant,
+    },
     Event(CallEvent),
     /// The call is over: the driver sends what is already out, then closes both sockets.
     Close(EndReason),
@@ -122,6 +135,12 @@ pub enum CallEvent {
     /// Twilio's `start`: the driver checks who is calling and finds the agent, then answers
     /// with [`Input::ContextResolved`].
     Started(StartInfo),
+    /// The model session was lost mid-call; a new one is being opened.
+    ModelLost(SessionEnd),
+    /// A new session replaced a lost one after `gap` (the caller's wait).
+    ModelRestored { gap: Duration },
+    /// No session could be had: the stream closes so Twilio goes on to the fallback TwiML.
+    FellBack(FallbackReason),
 }
 
 /// Why a call ended, for the log line, the report and the metrics.
@@ -148,6 +167,11 @@ pub enum EndReason {
     TwilioIdle,
     /// The model sent a message over its size cap.
     UpstreamOversized,
+    /// The model sent nothing, not even a pong, within its deadline.
+    UpstreamIdle,
+    /// No model session could be opened (or kept) within the reconnect budget: the caller
+    /// gets the tenant's fallback.
+    ModelUnavailable,
     Shutdown,
 }
 
@@ -169,6 +193,8 @@ impl EndReason {
             EndReason::UpstreamStalled => "upstream_stalled",
             EndReason::TwilioIdle => "twilio_idle",
             EndReason::UpstreamOversized => "upstream_oversized",
+            EndReason::UpstreamIdle => "upstream_idle",
+            EndReason::ModelUnavailable => "model_unavailable",
             EndReason::Shutdown => "shutdown",
         }
     }
@@ -286,6 +312,25 @@ pub struct CallStats {
     pub twilio_errors: [u64; TwilioErrorKind::COUNT],
     /// Bounded: the most recent lines within the report's budget.
     pub transcript: Transcript,
+    pub continuity: ContinuityStats,
+}
+
+/// What keeping the model session cost the call, for its report.
+#[derive(Clone, Debug, Default)]
+pub struct ContinuityStats {
+    /// Every model session, oldest first (at most [`MAX_SESSION_RECORDS`]).
+    pub sessions: Vec<SessionRecord>,
+    /// Sessions beyond the records kept.
+    pub sessions_unrecorded: u64,
+    /// Lost sessions replaced.
+    pub reconnects: u32,
+    /// Time the caller spent without a model session after losses, summed.
+    pub reconnect_gap_ms: u64,
+    /// Hold prompt audio sent to the caller.
+    pub hold_prompt_ms: u64,
+    /// Items replayed into new sessions.
+    pub replayed_items: u64,
+    pub fallback: Option<FallbackReason>,
 }
 
 impl CallStats {
@@ -385,6 +430,10 @@ struct ModelLeg {
     /// A `response.create` is owed once the active response ends (after tool output: the
     /// server refuses a second response while one is active).
     response_owed: bool,
+    /// This session replaces a lost one: it is told the conversation when it opens.
+    successor: bool,
+    /// The successor must answer once told (the lost session was answering, or owed one).
+    respond_on_open: bool,
 }
 
 /// Caller audio waiting for the model session: raw μ-law (the session's format is not known
@@ -414,11 +463,41 @@ pub struct CallEngine {
     outputs: VecDeque<Output>,
     scratch: Scratch,
     stats: CallStats,
+    reconnector: Reconnector,
+    conversation: Conversation,
+    hold: HoldPrompt,
+    /// Digits sent as user text, numbering their conversation turns.
+    digits_sent: u64,
+    /// The time of the latest input, for records made without one (the call's end).
+    last_input_at: Option<Instant>,
+}
+
+/// The prompt a caller hears while the call waits for a model session.
+#[derive(Default)]
+struct HoldPrompt {
+    /// When it starts, if the wait lasts (armed when a session is lost).
+    due: Option<Instant>,
+    /// It is in playback now (stopped when the new session starts answering).
+    playing: bool,
+    /// Prompts played, naming each one's playback item.
+    played: u32,
+}
+
+/// Hold prompt items in playback are named so; they are the bridge's, never the model's.
+const HOLD_ITEM_PREFIX: &str = "voxrelay-hold-";
+
+fn is_hold_item(item_id: &str) -> bool {
+    item_id.starts_with(HOLD_ITEM_PREFIX)
 }
 
 impl CallEngine {
     /// A call whose socket just opened: its agent, and so its model session, comes later.
     pub fn new(playback: PlaybackConfig) -> Self {
+        Self::with_continuity(playback, ContinuityConfig::default())
+    }
+
+    /// A call whose lost model sessions are replaced as `continuity` says.
+    pub fn with_continuity(playback: PlaybackConfig, continuity: ContinuityConfig) -> Self {
         Self {
             stream: StreamMachine::new(),
             playback: Playback::new(playback),
@@ -430,7 +509,17 @@ impl CallEngine {
             outputs: VecDeque::new(),
             scratch: Scratch::default(),
             stats: CallStats::default(),
+            reconnector: Reconnector::new(continuity),
+            conversation: Conversation::default(),
+            hold: HoldPrompt::default(),
+            digits_sent: 0,
+            last_input_at: None,
         }
+    }
+
+    /// The conversation kept for replay.
+    pub fn conversation(&self) -> &Conversation {
+        &self.conversation
     }
 
     // ---- getters ----
@@ -476,15 +565,27 @@ impl CallEngine {
         if self.closed.is_some() {
             return Ok(());
         }
+        self.last_input_at = Some(now);
         match input {
             Input::Twilio(text) => self.on_twilio_text(now, text),
             Input::Model(text) => self.on_model_text(now, text),
             Input::Tick => {
                 self.pump_playback(now, None);
+                if let Some(step) = self.reconnector.due(now) {
+                    self.follow(now, step);
+                }
+                self.maybe_start_hold(now);
                 Ok(())
             }
-            Input::ContextResolved(session) => self.on_context_resolved(*session),
-            Input::ModelConnected => self.on_model_connected(),
+            Input::ContextResolved(session) => self.on_context_resolved(now, *session),
+            Input::ModelConnected => self.on_model_connected(now),
+            Input::ModelConnectFailed(failure) => {
+                if self.reconnector.is_waiting() {
+                    let step = self.reconnector.failed(now, failure);
+                    self.follow(now, step);
+                }
+                Ok(())
+            }
             Input::ToolResult { call_id, output } => {
                 if self.model.is_none() {
                     return Err(EngineError::NoModelSession);
@@ -493,7 +594,7 @@ impl CallEngine {
                 Ok(())
             }
             Input::ModelClosed(reason) => {
-                self.close(reason);
+                self.on_model_lost(now, reason);
                 Ok(())
             }
         }
@@ -504,9 +605,17 @@ impl CallEngine {
         self.outputs.pop_front()
     }
 
-    /// When [`Input::Tick`] is due next (the pacer's next send time).
+    /// When [`Input::Tick`] is due next: the pacer's next send, the next connect attempt, the
+    /// hold prompt.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.playback.poll_timeout()
+        [
+            self.playback.poll_timeout(),
+            self.reconnector.poll_timeout(),
+            self.hold.due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Hands back the text of a message the driver has written to the model, to carry a later
@@ -691,6 +800,9 @@ impl CallEngine {
         let protocol = model.session.protocol();
         let text = format!("The caller pressed the key \"{digit}\" on their phone keypad.");
         let user_text = protocol.user_text(&text);
+        self.digits_sent += 1;
+        self.conversation
+            .caller_said(&format!("voxrelay-dtmf-{}", self.digits_sent), &text);
         // A digit usually asks for a reaction; a response already in progress will see it.
         let respond = model
             .active_response
@@ -704,7 +816,11 @@ impl CallEngine {
 
     // ---- the model session ----
 
-    fn on_context_resolved(&mut self, mut session: ModelSession) -> Result<(), EngineError> {
+    fn on_context_resolved(
+        &mut self,
+        now: Instant,
+        mut session: ModelSession,
+    ) -> Result<(), EngineError> {
         if self.model.is_some() {
             return Err(EngineError::SessionAlreadyResolved);
         }
@@ -721,24 +837,56 @@ impl CallEngine {
             bytes_per_ms: model_bytes_per_ms(mode),
             active_response: None,
             response_owed: false,
+            successor: false,
+            respond_on_open: false,
         });
         if prewarmed {
+            self.reconnector.opened_prewarmed();
+            self.record_session_start(now, Vec::new());
             // Configured on the webhook's socket; what it held back (the greeting) goes first.
             for text in held_for_call {
                 self.push_model_control(text);
             }
             self.release_held();
+        } else {
+            let step = self.reconnector.start(now);
+            self.follow(now, step);
         }
         Ok(())
     }
 
-    fn on_model_connected(&mut self) -> Result<(), EngineError> {
+    fn on_model_connected(&mut self, now: Instant) -> Result<(), EngineError> {
+        if self.model.is_none() {
+            return Err(EngineError::NoModelSession);
+        }
+        let (gap, failed_attempts) = self.reconnector.connected(now);
+        self.record_session_start(now, failed_attempts);
         let Some(model) = self.model.as_mut() else {
             return Err(EngineError::NoModelSession);
         };
         let mut opening = std::mem::take(&mut self.scratch.follow_ups);
         opening.clear();
         model.session.open(&mut opening);
+        if std::mem::take(&mut model.successor) {
+            // The conversation so far, as the caller heard it, then an answer if one is owed.
+            let protocol = model.session.protocol();
+            let before = opening.len();
+            opening.extend(
+                self.conversation
+                    .replay()
+                    .iter()
+                    .map(|item| protocol.replay_item(item)),
+            );
+            self.stats.continuity.replayed_items += (opening.len() - before) as u64;
+            if std::mem::take(&mut model.respond_on_open) || self.conversation.awaits_answer() {
+                opening.push(protocol.create_response());
+            }
+            self.stats.continuity.reconnect_gap_ms += gap.as_millis() as u64;
+            self.hold.due = None;
+            self.outputs
+                .push_back(Output::Event(CallEvent::ModelRestored { gap }));
+            tracing::info!(gap_ms = gap.as_millis() as u64, "model session replaced");
+        }
         // Ahead of everything held: the session must be configured before the first audio or
         // command reaches it.
         for text in opening.drain(..) {
@@ -747,6 +895,148 @@ impl CallEngine {
         self.scratch.follow_ups = opening;
         self.release_held();
         Ok(())
+    }
+
+    /// The open session is gone: a response it was speaking is cut where the caller is (so
+    /// the replay says what was heard), and a successor is dialled, or the call falls back.
+    fn on_model_lost(&mut self, now: Instant, reason: EndReason) {
+        let Some(model) = self.model.as_mut() else {
+            self.close(reason);
+            return;
+        };
+        if !model.session.is_open() {
+            // No session to lose (a connect under way reports through ModelConnectFailed).
+            return;
+        }
+        let end = match reason {
+            EndReason::UpstreamIdle => SessionEnd::Idle,
+            EndReason::UpstreamStalled => SessionEnd::Stalled,
+            EndReason::UpstreamOversized => SessionEnd::Oversized,
+            _ => SessionEnd::Dropped,
+        };
+        self.record_session_end(now, end);
+        self.outputs
+            .push_back(Output::Event(CallEvent::ModelLost(end)));
+        let Some(model) = self.model.as_mut() else {
+            return;
+        };
+        let cut_response = model.active_response.is_some();
+        let respond_on_open = cut_response || model.response_owed;
+        let successor = model.session.successor();
+        let mode = successor.audio_mode();
+        *model = ModelLeg {
+            session: successor,
+            resamplers: Resamplers::for_mode(mode),
+            last_audio: None,
+            produced: std::mem::take(&mut model.produced),
+            bytes_per_ms: model.bytes_per_ms,
+            active_response: None,
+            response_owed: false,
+            successor: true,
+            respond_on_open,
+        };
+        if cut_response && let Some(interruption) = self.playback.on_speech_started(now) {
+            // The rest of the response will never come: what the caller heard is what was said.
+            self.send_clear(now);
+            self.note_interruption(&interruption);
+        }
+        if let Some(model) = self.model.as_mut() {
+            model.produced.clear();
+        }
+        self.hold.due = Some(now + self.reconnector.config().hold_after);
+        let step = self.reconnector.lost(now);
+        self.follow(now, step);
+    }
+
+    /// Does what the reconnect schedule says.
+    fn follow(&mut self, _now: Instant, step: Step) {
+        match step {
+            Step::Connect { deadline } => self.outputs.push_back(Output::ConnectModel { deadline }),
+            Step::Wait => {}
+            Step::GiveUp(reason) => {
+                tracing::warn!(reason = reason.as_str(), "no model session: falling back");
+                self.stats.continuity.fallback = Some(reason);
+                self.hold.due = None;
+                self.outputs
+                    .push_back(Output::Event(CallEvent::FellBack(reason)));
+                self.close(EndReason::ModelUnavailable);
+            }
+        }
+    }
+
+    fn record_session_start(&mut self, now: Instant, failed_attempts: Vec<ConnectFailure>) {
+        let started_ms = self.offset_ms(now);
+        let sessions = &mut self.stats.continuity.sessions;
+        if sessions.len() == MAX_SESSION_RECORDS {
+            self.stats.continuity.sessions_unrecorded += 1;
+            return;
+        }
+        sessions.push(SessionRecord {
+            started_ms,
+            ended_ms: None,
+            end: None,
+            failed_attempts,
+        });
+        self.stats.continuity.reconnects = self.reconnector.reconnects();
+    }
+
+    fn record_session_end(&mut self, now: Instant, end: SessionEnd) {
+        let ended_ms = self.offset_ms(now);
+        if let Some(record) = self.stats.continuity.sessions.last_mut()
+            && record.end.is_none()
+        {
+            record.ended_ms = Some(ended_ms);
+            record.end = Some(end);
+        }
+    }
+
+    fn offset_ms(&self, now: Instant) -> u64 {
+        self.started_at.map_or(0, |started| {
+            now.saturating_duration_since(started).as_millis() as u64
+        })
+    }
+
+    /// The caller has waited [`ContinuityConfig::hold_after`] in silence for a session: the
+    /// hold prompt plays, paced like model audio, once per wait.
+    fn maybe_start_hold(&mut self, now: Instant) {
+        let Some(due) = self.hold.due else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        if !self.reconnector.is_waiting() || self.stream.stream_sid().is_none() {
+            self.hold.due = None;
+            return;
+        }
+        let hold_after = self.reconnector.config().hold_after;
+        if self.playback.is_active(now) {
+            // The last of the lost session's audio is still playing: silence starts after it.
+            self.hold.due = Some(now + hold_after);
+            return;
+        }
+        self.hold.due = None;
+        let prompt = std::sync::Arc::clone(&self.reconnector.config().hold_prompt);
+        if prompt.is_empty() {
+            return;
+        }
+        self.hold.played += 1;
+        let id = format!("{HOLD_ITEM_PREFIX}{}", self.hold.played);
+        self.playback.on_response_created(&id);
+        self.playback.on_audio_delta(now, &id, &id, &prompt);
+        self.playback.on_response_done(&id);
+        self.hold.playing = true;
+        self.pump_playback(now, None);
+    }
+
+    /// The new session is answering: the hold prompt stops where it is.
+    fn stop_hold(&mut self, now: Instant) {
+        if std::mem::take(&mut self.hold.playing)
+            && self.playback.is_active(now)
+            && self.playback.on_speech_started(now).is_some()
+        {
+            self.send_clear(now);
+        }
     }
 
     /// The session is open: held caller audio and digits, in the order they came, in the
@@ -796,9 +1086,13 @@ impl CallEngine {
                 item_id,
                 audio_b64,
             } => self.on_model_audio(now, &response_id, &item_id, &audio_b64)?,
-            UpstreamEvent::SpeechStarted { .. } => self.on_speech_started(now),
+            UpstreamEvent::SpeechStarted { item_id, .. } => {
+                self.conversation.caller_started(&item_id);
+                self.on_speech_started(now);
+            }
             UpstreamEvent::SpeechStopped { .. } => {}
             UpstreamEvent::ResponseCreated { response_id } => {
+                self.stop_hold(now);
                 self.playback.on_response_created(&response_id);
                 if let Some(model) = self.model.as_mut() {
                     model.active_response = Some(response_id.into_owned());
@@ -808,11 +1102,16 @@ impl CallEngine {
                 response_id,
                 status,
             } => self.on_response_done(now, &response_id, &status),
-            UpstreamEvent::InputTranscript { text, .. } => {
+            UpstreamEvent::InputTranscript { item_id, text } => {
+                self.conversation.caller_said(&item_id, text.trim());
                 self.push_transcript(now, Speaker::Caller, text);
             }
-            UpstreamEvent::OutputTranscript { text, .. } => {
+            UpstreamEvent::OutputTranscript { item_id, text } => {
+                self.conversation.assistant_said(&item_id, text.trim());
                 self.push_transcript(now, Speaker::Assistant, text);
+            }
+            UpstreamEvent::OutputTranscriptDelta { item_id, delta } => {
+                self.conversation.assistant_text_delta(&item_id, &delta);
             }
             UpstreamEvent::FunctionCall {
                 name,
@@ -876,6 +1175,7 @@ impl CallEngine {
         arguments: Cow<'_, str>,
     ) {
         self.stats.tool_calls += 1;
+        self.conversation.tool_called(&call_id, &name, &arguments);
         let tools_enabled = self
             .model
             .as_ref()
@@ -909,9 +1209,15 @@ impl CallEngine {
     /// A tool's result (or error text) for the model, which is then asked to respond — at
     /// once, or when the response that made the call has ended.
     fn answer_tool(&mut self, call_id: &str, output: &str) {
+        self.conversation.tool_answered(call_id, output);
         let Some(model) = self.model.as_mut() else {
             return;
         };
+        if !model.session.is_open() {
+            // Between sessions: the successor gets it in the replay, and is asked to answer.
+            model.respond_on_open = true;
+            return;
+        }
         let protocol = model.session.protocol();
         let answer = protocol.function_output(call_id, output);
         let create = if model.active_response.is_none() {
@@ -976,20 +1282,17 @@ impl CallEngine {
         {
             model.last_audio = Some((response_id.to_owned(), item_id.to_owned()));
         }
-        let Scratch {
-            bytes,
-            pcm_in,
-            pcm_out,
-            mulaw,
-            ..
-        } = &mut self.scratch;
+        let bytes = &mut self.scratch.bytes;
         bytes.clear();
         BASE64
             .decode_vec(audio_b64.as_bytes(), bytes)
             .map_err(|_| EngineError::BadModelAudio)?;
         let produced_bytes = bytes.len() as u64;
-        match model.produced.iter_mut().find(|(id, _)| id == item_id) {
-            Some((_, total)) => *total += produced_bytes,
+        let before = match model.produced.iter_mut().find(|(id, _)| id == item_id) {
+            Some((_, total)) => {
+                *total += produced_bytes;
+                *total - produced_bytes
+            }
             None => {
                 if model.produced.len() == PRODUCED_ITEMS {
                     model.produced.pop_front();
@@ -997,8 +1300,23 @@ impl CallEngine {
                 model
                     .produced
                     .push_back((item_id.to_owned(), produced_bytes));
+                0
             }
-        }
+        };
+        let bytes_per_ms = model.bytes_per_ms;
+        let added_ms = (before + produced_bytes) / bytes_per_ms - before / bytes_per_ms;
+        self.conversation
+            .assistant_audio(item_id, u32::try_from(added_ms).unwrap_or(u32::MAX));
+        let Some(model) = self.model.as_mut() else {
+            return Err(EngineError::NoModelSession);
+        };
+        let Scratch {
+            bytes,
+            pcm_in,
+            pcm_out,
+            mulaw,
+            ..
+        } = &mut self.scratch;
         let audio: &[u8] = match &mut model.resamplers {
             None => bytes,
             Some(resamplers) => {
@@ -1046,24 +1364,16 @@ impl CallEngine {
     }
 
     fn on_speech_started(&mut self, now: Instant) {
+        let hold_playing = std::mem::take(&mut self.hold.playing);
         let Some(interruption) = self.playback.on_speech_started(now) else {
             return;
         };
-        self.stats.barge_ins += 1;
-        // The caller hears the clear: it goes first, and its write stops the barge-in clock.
-        if let Some(stream_sid) = self.stream.stream_sid() {
-            let mut text = String::with_capacity(64);
-            write_clear_json(&mut text, stream_sid);
-            // Anything not yet taken for Twilio is stale now.
-            self.outputs.retain(
-                |out| !matches!(out, Output::ToTwilio(message) if message.kind == OutKind::Audio),
-            );
-            self.outputs.push_back(Output::ToTwilio(Outgoing {
-                text,
-                kind: OutKind::Clear,
-                caused_at: Some(now),
-            }));
+        if !hold_playing {
+            self.stats.barge_ins += 1;
         }
+        // The caller hears the clear: it goes first, and its write stops the barge-in clock.
+        self.send_clear(now);
+        let heard = self.note_interruption(&interruption);
         let Some(model) = self.model.as_mut() else {
             return;
         };
@@ -1074,36 +1384,71 @@ impl CallEngine {
         }
         let protocol = model.session.protocol();
         let mut commands = Vec::with_capacity(2 + interruption.delete.len());
-        if let Some(truncate) = &interruption.truncate {
-            // The heard position counts the silence that padded the item's last chunk; the
-            // server only accepts positions within the audio it produced.
-            let produced_ms = model
-                .produced
-                .iter()
-                .find(|(id, _)| *id == truncate.item_id)
-                .map(|(_, bytes)| bytes / model.bytes_per_ms);
-            let audio_end_ms = match produced_ms {
-                Some(produced) => truncate
-                    .audio_end_ms
-                    .min(u32::try_from(produced).unwrap_or(u32::MAX)),
-                None => truncate.audio_end_ms,
-            };
+        if let Some((item_id, audio_end_ms)) = heard {
             tracing::info!(
-                item = %Untrusted(&truncate.item_id),
+                item = %Untrusted(&item_id),
                 audio_end_ms,
                 "barge-in: truncating"
             );
-            commands.push(protocol.truncate(&truncate.item_id, audio_end_ms));
+            commands.push(protocol.truncate(&item_id, audio_end_ms));
         }
-        for item_id in &interruption.delete {
+        // The hold prompt is the bridge's own audio: the model never heard of it.
+        for item_id in interruption.delete.iter().filter(|id| !is_hold_item(id)) {
             commands.push(protocol.delete_item(item_id));
         }
-        if interruption.cancel_response {
+        if interruption.cancel_response && !hold_playing {
             commands.push(protocol.cancel_response());
         }
         for text in commands {
             self.push_model_control(text);
         }
+    }
+
+    /// Twilio `clear`, ahead of any audio not yet taken for Twilio (stale now).
+    fn send_clear(&mut self, now: Instant) {
+        let Some(stream_sid) = self.stream.stream_sid() else {
+            return;
+        };
+        let mut text = String::with_capacity(64);
+        write_clear_json(&mut text, stream_sid);
+        self.outputs.retain(
+            |out| !matches!(out, Output::ToTwilio(message) if message.kind == OutKind::Audio),
+        );
+        self.outputs.push_back(Output::ToTwilio(Outgoing {
+            text,
+            kind: OutKind::Clear,
+            caused_at: Some(now),
+        }));
+    }
+
+    /// Records in the conversation what an interruption left heard and unheard, and returns
+    /// the model item to truncate with its heard position, if the model's item was cut. The
+    /// heard position counts the silence that padded the item's last chunk; the server only
+    /// accepts positions within the audio it produced, so it is clamped to that.
+    fn note_interruption(&mut self, interruption: &Interruption) -> Option<(String, u32)> {
+        for item_id in interruption.delete.iter().filter(|id| !is_hold_item(id)) {
+            self.conversation.assistant_unheard(item_id);
+        }
+        let truncate = interruption
+            .truncate
+            .as_ref()
+            .filter(|truncate| !is_hold_item(&truncate.item_id))?;
+        let produced_ms = self.model.as_ref().and_then(|model| {
+            model
+                .produced
+                .iter()
+                .find(|(id, _)| *id == truncate.item_id)
+                .map(|(_, bytes)| bytes / model.bytes_per_ms)
+        });
+        let audio_end_ms = match produced_ms {
+            Some(produced) => truncate
+                .audio_end_ms
+                .min(u32::try_from(produced).unwrap_or(u32::MAX)),
+            None => truncate.audio_end_ms,
+        };
+        self.conversation
+            .assistant_cut(&truncate.item_id, audio_end_ms);
+        Some((truncate.item_id.clone(), audio_end_ms))
     }
 
     /// Sends every chunk the pacer allows at `now`. `caused_at` marks chunks sent without
@@ -1127,6 +1472,10 @@ impl CallEngine {
                 transmit.payload.len().div_ceil(3) * 4 + stream_sid.len() + MEDIA_OVERHEAD,
             );
             write_media_json_from_mulaw(&mut media, stream_sid, transmit.payload);
+            if is_hold_item(transmit.item_id) {
+                // 8 bytes of μ-law per ms.
+                self.stats.continuity.hold_prompt_ms += transmit.payload.len() as u64 / 8;
+            }
             self.stats.frames_out += 1;
             self.stats.audio_bytes_out += transmit.payload.len() as u64;
             self.stats.marks_sent += 1;
@@ -1153,6 +1502,9 @@ impl CallEngine {
 
     fn close(&mut self, reason: EndReason) {
         if self.closed.is_none() {
+            if let Some(now) = self.last_input_at {
+                self.record_session_end(now, SessionEnd::CallEnded);
+            }
             self.closed = Some(reason);
             self.outputs.push_back(Output::Close(reason));
         }

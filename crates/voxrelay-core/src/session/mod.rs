@@ -4,6 +4,8 @@
 //! outbound buffer ([`queue`]). The bridge's call task drives them; nothing here reads a
 //! clock, opens a socket or spawns a task.
 
+pub mod continuity;
+pub mod conversation;
 pub mod engine;
 pub mod model;
 pub mod playback;

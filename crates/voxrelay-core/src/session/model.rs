@@ -18,6 +18,8 @@ use crate::upstream::{
 /// A model session for one call.
 pub struct ModelSession {
     protocol: Box<dyn RealtimeProtocol>,
+    /// What the session was built from, for its successor (the greeting taken out).
+    settings: SessionSettings,
     audio_mode: AudioMode,
     tools_enabled: bool,
     /// The configuration went out: the socket is open.
@@ -44,23 +46,26 @@ impl ModelSession {
     /// `tools_enabled`: whether this call runs the model's function calls (else each is
     /// answered with an error at once).
     pub fn new(settings: SessionSettings, tools_enabled: bool) -> Self {
-        Self::with_protocol(settings.audio_mode, protocol_for(settings), tools_enabled)
-    }
-
-    /// A session over a given protocol (the seam's other implementations, and tests).
-    pub fn with_protocol(
-        audio_mode: AudioMode,
-        protocol: Box<dyn RealtimeProtocol>,
-        tools_enabled: bool,
-    ) -> Self {
+        let protocol = protocol_for(settings.clone());
         Self {
             protocol,
-            audio_mode,
+            audio_mode: settings.audio_mode,
+            settings,
             tools_enabled,
             opened: false,
             ready: false,
             held_for_call: Vec::new(),
         }
+    }
+
+    /// A fresh session for the same agent, to replace this one mid-call: same instructions,
+    /// voice, tools and audio formats, no greeting (the caller was greeted), not yet open.
+    pub fn successor(&self) -> Self {
+        let settings = SessionSettings {
+            greeting: None,
+            ..self.settings.clone()
+        };
+        Self::new(settings, self.tools_enabled)
     }
 
     pub fn audio_mode(&self) -> AudioMode {
@@ -154,6 +159,18 @@ mod tests {
         assert_eq!(held.len(), 1);
         assert!(held[0].contains("response.create") && held[0].contains("Hello there"));
         assert!(session.take_held_for_call().is_empty());
+
+        let mut successor = session.successor();
+        assert!(!successor.is_open());
+        assert_eq!(successor.audio_mode(), session.audio_mode());
+        let mut out = Vec::new();
+        successor.open(&mut out);
+        assert_eq!(out.len(), 1);
+        successor.prewarm_message(READY).unwrap();
+        assert!(
+            successor.take_held_for_call().is_empty(),
+            "a successor does not greet again"
+        );
     }
 
     #[test]

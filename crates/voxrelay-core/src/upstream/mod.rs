@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 
 use crate::AudioMode;
+use crate::session::conversation::ReplayItem;
 
 pub mod openai;
 
@@ -109,6 +110,12 @@ pub enum UpstreamEvent<'a> {
         item_id: Cow<'a, str>,
         text: Cow<'a, str>,
     },
+    /// Part of an assistant item's transcript, as it is spoken (kept for a replay of what
+    /// the caller heard of a response cut short).
+    OutputTranscriptDelta {
+        item_id: Cow<'a, str>,
+        delta: Cow<'a, str>,
+    },
     FunctionCall {
         call_id: Cow<'a, str>,
         name: Cow<'a, str>,
@@ -175,6 +182,8 @@ pub trait RealtimeProtocol: Send {
     fn user_text(&self, text: &str) -> String;
     fn create_response(&self) -> String;
     fn function_output(&self, call_id: &str, output: &str) -> String;
+    /// One item of a conversation replayed into a new session (after a drop or a renewal).
+    fn replay_item(&self, item: &ReplayItem<'_>) -> String;
 }
 
 /// The provider factory: the realtime protocol that runs a session with `settings`. The one

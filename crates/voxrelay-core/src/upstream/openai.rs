@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{RealtimeProtocol, SessionSettings, UpstreamError, UpstreamEvent, push_json_str};
 use crate::AudioMode;
+use crate::session::conversation::ReplayItem;
 
 /// The longest item, response or call id (or function name) taken from a server event. The
 /// service's ids are about 30 characters and function names at most 64; the engine and
@@ -31,7 +32,8 @@ fn check_ids(event: &UpstreamEvent<'_>) -> Result<(), UpstreamError> {
         } => [response_id, item_id],
         UpstreamEvent::SpeechStarted { item_id, .. }
         | UpstreamEvent::InputTranscript { item_id, .. }
-        | UpstreamEvent::OutputTranscript { item_id, .. } => [item_id, ""],
+        | UpstreamEvent::OutputTranscript { item_id, .. }
+        | UpstreamEvent::OutputTranscriptDelta { item_id, .. } => [item_id, ""],
         UpstreamEvent::ResponseCreated { response_id }
         | UpstreamEvent::ResponseDone { response_id, .. } => [response_id, ""],
         UpstreamEvent::FunctionCall { call_id, name, .. } => [call_id, name],
@@ -200,6 +202,13 @@ impl RealtimeProtocol for OpenAiRealtime {
                     text: transcript.transcript,
                 }
             }
+            "response.output_audio_transcript.delta" => {
+                let delta: TranscriptDelta<'a> = serde_json::from_str(text)?;
+                UpstreamEvent::OutputTranscriptDelta {
+                    item_id: delta.item_id,
+                    delta: delta.delta,
+                }
+            }
             "response.function_call_arguments.done" => {
                 let call: FunctionCallDone<'a> = serde_json::from_str(text)?;
                 UpstreamEvent::FunctionCall {
@@ -266,6 +275,32 @@ impl RealtimeProtocol for OpenAiRealtime {
         to_json(&ClientEvent::ConversationItemCreate {
             item: Item::FunctionCallOutput { call_id, output },
         })
+    }
+
+    fn replay_item(&self, item: &ReplayItem<'_>) -> String {
+        let item = match item {
+            ReplayItem::UserText(text) => return self.user_text(text),
+            ReplayItem::AssistantText(text) => Item::Message {
+                role: "assistant",
+                content: [InputText {
+                    kind: "output_text",
+                    text,
+                }],
+            },
+            ReplayItem::FunctionCall {
+                call_id,
+                name,
+                arguments,
+            } => Item::FunctionCall {
+                call_id,
+                name,
+                arguments,
+            },
+            ReplayItem::FunctionOutput { call_id, output } => {
+                return self.function_output(call_id, output);
+            }
+        };
+        to_json(&ClientEvent::ConversationItemCreate { item })
     }
 }
 
@@ -394,6 +429,12 @@ enum Item<'a> {
         call_id: &'a str,
         output: &'a str,
     },
+    /// A replayed call: `arguments` is the JSON text the model produced.
+    FunctionCall {
+        call_id: &'a str,
+        name: &'a str,
+        arguments: &'a str,
+    },
 }
 
 #[derive(Serialize)]
@@ -454,6 +495,14 @@ struct Transcript<'a> {
     item_id: Cow<'a, str>,
     #[serde(borrow)]
     transcript: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct TranscriptDelta<'a> {
+    #[serde(borrow)]
+    item_id: Cow<'a, str>,
+    #[serde(borrow)]
+    delta: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -651,8 +700,11 @@ mod tests {
                 },
             ),
             (
-                r#"{"type":"response.output_audio_transcript.delta","delta":"Hel"}"#,
-                UpstreamEvent::Other,
+                r#"{"type":"response.output_audio_transcript.delta","event_id":"e7","response_id":"resp_1","item_id":"item_a","output_index":0,"content_index":0,"delta":"Hel"}"#,
+                UpstreamEvent::OutputTranscriptDelta {
+                    item_id: "item_a".into(),
+                    delta: "Hel".into(),
+                },
             ),
             (
                 r#"{"type":"some.future.event","x":[1,2]}"#,
@@ -838,6 +890,35 @@ mod tests {
         assert_eq!(parse(&protocol.user_text("DTMF: 5")), user);
         assert_eq!(
             parse(&protocol.function_output("call_123", "{\"open\": true}")),
+            fixture_line(CLIENT_FIXTURE, 7)
+        );
+    }
+
+    #[test]
+    fn replayed_items_have_the_ga_shape() {
+        use crate::session::conversation::ReplayItem;
+        let protocol = OpenAiRealtime::new(SessionSettings::default());
+        assert_eq!(
+            parse(&protocol.replay_item(&ReplayItem::AssistantText("We open at \"nine\"".into()))),
+            json!({"type":"conversation.item.create","item":{"type":"message","role":"assistant","content":[{"type":"output_text","text":"We open at \"nine\""}]}})
+        );
+        assert_eq!(
+            parse(&protocol.replay_item(&ReplayItem::UserText("Hi"))),
+            parse(&protocol.user_text("Hi"))
+        );
+        assert_eq!(
+            parse(&protocol.replay_item(&ReplayItem::FunctionCall {
+                call_id: "call_1",
+                name: "lookup",
+                arguments: "{\"id\":7}"
+            })),
+            json!({"type":"conversation.item.create","item":{"type":"function_call","call_id":"call_1","name":"lookup","arguments":"{\"id\":7}"}})
+        );
+        assert_eq!(
+            parse(&protocol.replay_item(&ReplayItem::FunctionOutput {
+                call_id: "call_123",
+                output: "{\"open\": true}"
+            })),
             fixture_line(CLIENT_FIXTURE, 7)
         );
     }

@@ -52,6 +52,10 @@ pub struct MockConfig {
     /// Held before answering each WebSocket handshake: stands in for the real service's TLS
     /// and handshake round trips, so pre-warm can be measured on loopback.
     pub connect_delay: Duration,
+    /// Send each response's audio no faster than it plays (a slow model), so a fault can
+    /// land while the caller is still hearing the response; by default audio goes as fast as
+    /// the socket takes it, as the real service sends it.
+    pub pace_deltas: bool,
     /// One session that misbehaves, for fault tests; every other session is well behaved.
     pub fault: Option<MockFault>,
 }
@@ -70,6 +74,9 @@ pub enum MockFaultKind {
     /// Once the session is configured (`session.updated` sent), never read (nor write) again,
     /// holding the socket open.
     StopReading,
+    /// Refuse the WebSocket handshake with this HTTP status (429: rate limited; 5xx) for
+    /// this session and the `count - 1` after it.
+    RejectHandshakes { status: u16, count: u64 },
     /// Once the session is configured, send one text message as a first frame and continuation
     /// frames of `fragment` bytes, up to `total` bytes, never the final frame; then wait for
     /// the peer to close. How much went out is in [`MockSessionRecord::fault_bytes_sent`].
@@ -93,6 +100,7 @@ impl Default for MockConfig {
             delta_ms: 100,
             tool_script: Vec::new(),
             connect_delay: Duration::ZERO,
+            pace_deltas: false,
             fault: None,
         }
     }
@@ -119,6 +127,8 @@ pub struct MockSessionRecord {
     pub function_calls: Vec<(String, Value)>,
     /// `(call_id, output)` of every `function_call_output` item received.
     pub function_outputs: Vec<(String, String)>,
+    /// Every item created by `conversation.item.create`, as sent (a replayed conversation).
+    pub items_created: Vec<Value>,
     /// The transcript of every response the mock completed or cancelled, in order.
     pub response_transcripts: Vec<String>,
     /// The `code` of every error event sent.
@@ -223,7 +233,12 @@ async fn accept_loop(
         let fault = config
             .fault
             .as_ref()
-            .filter(|fault| fault.session == next_session)
+            .filter(|fault| match fault.kind {
+                MockFaultKind::RejectHandshakes { count, .. } => {
+                    (fault.session..fault.session.saturating_add(count)).contains(&next_session)
+                }
+                _ => fault.session == next_session,
+            })
             .map(|fault| fault.kind.clone());
         tokio::spawn(serve_connection(
             stream,
@@ -262,9 +277,19 @@ async fn serve_connection(
         }
     }
     let mut beta_header = false;
+    let refuse_with = match fault {
+        Some(MockFaultKind::RejectHandshakes { status, .. }) => Some(status),
+        _ => None,
+    };
     // The callback's signature is tungstenite's; its error is the HTTP response itself.
     #[allow(clippy::result_large_err)]
     let check_handshake = |request: &Request, response: Response| {
+        if let Some(status) = refuse_with {
+            let mut refusal = ErrorResponse::new(Some("refused by the mock's fault".to_owned()));
+            *refusal.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+            return Err(refusal);
+        }
         check_realtime_handshake(request)?;
         beta_header = request.headers().contains_key("openai-beta");
         Ok(response)

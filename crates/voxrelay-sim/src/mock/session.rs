@@ -117,6 +117,10 @@ struct ActiveResponse {
     audio: Vec<i16>,
     sent: usize,
     transcript: String,
+    /// Bytes of `transcript` streamed in deltas so far (kept in step with the audio).
+    transcript_sent: usize,
+    /// When it started, for `pace_deltas`.
+    started_at: Duration,
 }
 
 /// An echo (or a scripted function call) waiting for the model's think time.
@@ -242,19 +246,32 @@ impl MockSession {
             if let Some(reply) = self.pending.take() {
                 match reply.tool {
                     Some(tool) => self.call_function(tool),
-                    None => self.start_response(reply.audio, reply.transcript),
+                    None => self.start_response(reply.audio, reply.transcript, now),
                 }
             }
             return self.outbox.pop_front();
         }
-        self.step_response();
+        self.step_response(now);
         self.outbox.pop_front()
+    }
+
+    /// With `pace_deltas`, when the active response's next delta is due.
+    fn next_delta_at(&self) -> Option<Duration> {
+        let active = self.active.as_ref()?;
+        if !self.config.pace_deltas {
+            return Some(Duration::ZERO);
+        }
+        let rate = self.output_format().rate() as u64;
+        Some(active.started_at + Duration::from_millis(active.sent as u64 * 1000 / rate.max(1)))
     }
 
     /// When `poll_transmit` will next have something, if nothing is ready now.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        if !self.outbox.is_empty() || self.active.is_some() {
+        if !self.outbox.is_empty() {
             return Some(Duration::ZERO);
+        }
+        if let Some(at) = self.next_delta_at() {
+            return Some(at);
         }
         self.pending.as_ref().map(|pending| pending.due)
     }
@@ -307,7 +324,7 @@ impl MockSession {
                     self.pending = None;
                     let audio = chime(self.config.greeting_ms, self.output_format().rate());
                     let transcript = self.response_transcript(&event);
-                    self.start_response(audio, transcript);
+                    self.start_response(audio, transcript, now);
                 }
             }
             "response.cancel" => {
@@ -640,7 +657,7 @@ impl MockSession {
         }));
     }
 
-    fn start_response(&mut self, audio: Vec<i16>, transcript: String) {
+    fn start_response(&mut self, audio: Vec<i16>, transcript: String, now: Duration) {
         let id = self.new_id("resp");
         let item_id = self.new_id("item");
         let previous = self.last_item.replace(item_id.clone());
@@ -666,11 +683,16 @@ impl MockSession {
             audio,
             sent: 0,
             transcript,
+            transcript_sent: 0,
+            started_at: now,
         });
     }
 
     /// Queues the next delta of the active response, or its closing events.
-    fn step_response(&mut self) {
+    fn step_response(&mut self, now: Duration) {
+        if self.next_delta_at().is_some_and(|at| at > now) {
+            return;
+        }
         let format = self.output_format();
         let rate = format.rate() as usize;
         let delta_len = (self.config.delta_ms.max(1) as usize * rate / 1000).max(1);
@@ -691,10 +713,23 @@ impl MockSession {
             if let Some(item) = self.items.get_mut(&item_id) {
                 item.1 = produced_ms;
             }
+            // The transcript streams in step with the audio, as the service's does.
+            let mut text_end = active.transcript.len() * end / active.audio.len().max(1);
+            while !active.transcript.is_char_boundary(text_end) {
+                text_end += 1;
+            }
+            let text = active.transcript[active.transcript_sent..text_end].to_owned();
+            active.transcript_sent = text_end;
             self.emit(json!({
                 "type": "response.output_audio.delta", "response_id": id, "item_id": item_id,
                 "output_index": 0, "content_index": 0, "delta": delta,
             }));
+            if !text.is_empty() {
+                self.emit(json!({
+                    "type": "response.output_audio_transcript.delta", "response_id": id,
+                    "item_id": item_id, "output_index": 0, "content_index": 0, "delta": text,
+                }));
+            }
             return;
         }
         let Some(done) = self.active.take() else {
@@ -753,8 +788,35 @@ impl MockSession {
             return;
         };
         let mut item = item.clone();
+        lock(&self.record)
+            .items_created
+            .push(Value::Object(item.clone()));
         match item.get("type").and_then(Value::as_str) {
             Some("message") => {
+                // As the service: a user's text is `input_text`, an assistant's `output_text`.
+                let role = item.get("role").and_then(Value::as_str).unwrap_or("");
+                let expected = if role == "assistant" {
+                    "output_text"
+                } else {
+                    "input_text"
+                };
+                let well_typed =
+                    item.get("content")
+                        .and_then(Value::as_array)
+                        .is_some_and(|parts| {
+                            parts.iter().all(|part| {
+                                part.get("type").and_then(Value::as_str) == Some(expected)
+                            })
+                        });
+                if !well_typed {
+                    self.error(
+                        "invalid_request_error",
+                        "invalid_value",
+                        "Invalid value for 'item.content[0].type'.",
+                        client_event_id,
+                    );
+                    return;
+                }
                 let texts: Vec<String> = item
                     .get("content")
                     .and_then(Value::as_array)

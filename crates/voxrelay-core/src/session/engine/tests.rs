@@ -147,13 +147,20 @@ struct Harness {
     tools: Vec<ToolCall>,
     started: Option<StartInfo>,
     closed: Option<EndReason>,
+    /// Deadlines of the connects the engine asked for.
+    connects: Vec<Instant>,
+    events: Vec<CallEvent>,
 }
 
 impl Harness {
     /// Engine only: no Twilio or upstream message yet.
     fn bare(mode: AudioMode) -> Self {
+        Self::bare_with(mode, ContinuityConfig::default())
+    }
+
+    fn bare_with(mode: AudioMode, continuity: ContinuityConfig) -> Self {
         Self {
-            engine: CallEngine::new(PlaybackConfig::default()),
+            engine: CallEngine::with_continuity(PlaybackConfig::default(), continuity),
             mode,
             t0: Instant::now(),
             to_twilio: Vec::new(),
@@ -161,6 +168,8 @@ impl Harness {
             tools: Vec::new(),
             started: None,
             closed: None,
+            connects: Vec::new(),
+            events: Vec::new(),
         }
     }
 
@@ -262,6 +271,8 @@ impl Harness {
                 Output::ToModel(out) => self.to_model.push(out),
                 Output::CallTool(call) => self.tools.push(call),
                 Output::Event(CallEvent::Started(info)) => self.started = Some(info),
+                Output::Event(event) => self.events.push(event),
+                Output::ConnectModel { deadline } => self.connects.push(deadline),
                 Output::Close(reason) => self.closed = Some(reason),
             }
         }
@@ -1092,14 +1103,28 @@ fn a_prewarmed_session_sends_its_pending_greeting_then_held_audio() {
 }
 
 #[test]
-fn input_after_close_is_ignored_and_the_model_closing_closes_the_call() {
-    let mut h = Harness::streaming(AudioMode::Pcmu);
+fn input_after_close_is_ignored_and_a_loss_past_the_cap_falls_back() {
+    let mut h = Harness::bare_with(
+        AudioMode::Pcmu,
+        ContinuityConfig {
+            max_reconnects: 0,
+            ..ContinuityConfig::default()
+        },
+    );
+    h.twilio(0, twilio_fixture("connected")).expect("connected");
+    h.twilio(0, twilio_fixture("start")).expect("start");
+    h.open_model();
+    h.upstream_out();
     h.engine
         .handle(h.at(10), Input::ModelClosed(EndReason::UpstreamClosed))
         .expect("closed");
     h.drain();
-    assert_eq!(h.closed, Some(EndReason::UpstreamClosed));
-    assert_eq!(h.engine.closed(), Some(EndReason::UpstreamClosed));
+    assert_eq!(h.closed, Some(EndReason::ModelUnavailable));
+    assert_eq!(h.engine.closed(), Some(EndReason::ModelUnavailable));
+    assert_eq!(
+        h.engine.stats().continuity.fallback,
+        Some(FallbackReason::TooManyDrops)
+    );
     h.twilio(20, &media_msg(&b64(&[1; 160]))).expect("ignored");
     assert!(h.upstream_out().is_empty());
     assert_eq!(h.engine.stats().frames_in, 0);
@@ -1496,4 +1521,289 @@ fn check_outputs(
             "truncate {item} at {end} > produced {produced}"
         );
     }
+}
+
+// ---- continuity: a lost session is replaced, told the conversation as heard ----
+
+fn transcript_done(item_id: &str, text: &str) -> String {
+    json!({"type": "response.output_audio_transcript.done", "response_id": "r", "item_id": item_id,
+           "output_index": 0, "content_index": 0, "transcript": text})
+    .to_string()
+}
+
+fn transcript_delta(item_id: &str, text: &str) -> String {
+    json!({"type": "response.output_audio_transcript.delta", "response_id": "r", "item_id": item_id,
+           "output_index": 0, "content_index": 0, "delta": text})
+    .to_string()
+}
+
+fn caller_turn(item_id: &str, text: &str) -> [String; 2] {
+    [
+        json!({"type": "input_audio_buffer.speech_started", "item_id": item_id, "audio_start_ms": 0})
+            .to_string(),
+        json!({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
+               "content_index": 0, "transcript": text})
+        .to_string(),
+    ]
+}
+
+impl Harness {
+    fn lose_model(&mut self, ms: u64) {
+        let now = self.at(ms);
+        self.engine
+            .handle(now, Input::ModelClosed(EndReason::UpstreamClosed))
+            .expect("loss");
+        self.drain();
+    }
+
+    fn reconnect(&mut self, ms: u64) {
+        let now = self.at(ms);
+        self.engine
+            .handle(now, Input::ModelConnected)
+            .expect("connected");
+        self.drain();
+    }
+
+    /// Ticks every 20 ms from `from` to `to` (inclusive), answering every mark as played.
+    fn play(&mut self, from: u64, to: u64) {
+        let mut ms = from;
+        while ms <= to {
+            self.tick(self.at(ms));
+            ms += 20;
+        }
+    }
+}
+
+#[test]
+fn a_lost_session_is_replaced_and_told_the_conversation_as_the_caller_heard_it() {
+    let mut h = Harness::streaming(AudioMode::Pcmu);
+    for text in caller_turn("u1", "When do you open?") {
+        h.upstream(0, &text).unwrap();
+    }
+    h.upstream(10, &response_created("r1")).unwrap();
+    h.upstream(10, &delta("r1", "a1", &[0x55; 4000])).unwrap(); // 500 ms
+    h.upstream(10, &transcript_done("a1", "At nine.")).unwrap();
+    h.upstream(10, &response_done("r1")).unwrap();
+    h.play(10, 600);
+    for text in caller_turn("u2", "And on Sundays?") {
+        h.upstream(700, &text).unwrap();
+    }
+    h.upstream(900, &response_created("r2")).unwrap();
+    // 2 s of audio produced; its transcript streams in as it is spoken.
+    h.upstream(900, &delta("r2", "a2", &[0x55; 16_000]))
+        .unwrap();
+    h.upstream(
+        900,
+        &transcript_delta("a2", "On Sundays we open at ten and close at four."),
+    )
+    .unwrap();
+    h.play(900, 1900);
+    h.twilio_out();
+    h.upstream_out();
+    let connects_before = h.connects.len();
+
+    // The socket drops mid-response, about 1 s into a2's 2 s.
+    h.lose_model(1900);
+    let twilio = h.twilio_out();
+    assert_eq!(
+        twilio.iter().map(Sent::event).collect::<Vec<_>>(),
+        ["clear"],
+        "the cut response stops where the caller is"
+    );
+    assert_eq!(h.connects.len(), connects_before + 1, "dialled at once");
+    assert_eq!(h.connects.last(), Some(&h.at(1900 + 3000)));
+    assert!(matches!(
+        h.events.last(),
+        Some(CallEvent::ModelLost(SessionEnd::Dropped))
+    ));
+    assert!(!h.engine.model_is_open());
+
+    // The caller keeps talking during the gap: held, then sent to the new session.
+    h.twilio(1920, &media_msg(&b64(&[7; 160]))).unwrap();
+    h.twilio(1940, &media_msg(&b64(&[8; 160]))).unwrap();
+    assert!(
+        h.upstream_out().is_empty(),
+        "nothing goes to a closed socket"
+    );
+
+    h.reconnect(2150);
+    let up = h.upstream_out();
+    let kinds: Vec<&str> = up.iter().map(Sent::kind_str).collect();
+    assert_eq!(
+        kinds,
+        [
+            "session.update",
+            "conversation.item.create",
+            "conversation.item.create",
+            "conversation.item.create",
+            "conversation.item.create",
+            "response.create",
+            "input_audio_buffer.append",
+            "input_audio_buffer.append",
+        ]
+    );
+    let item = |n: usize| &up[n].json["item"];
+    assert_eq!(item(1)["role"], "user");
+    assert_eq!(item(1)["content"][0]["text"], "When do you open?");
+    assert_eq!(item(2)["role"], "assistant");
+    assert_eq!(item(2)["content"][0]["text"], "At nine.");
+    assert_eq!(item(3)["content"][0]["text"], "And on Sundays?");
+    let cut = item(4)["content"][0]["text"].as_str().unwrap();
+    let full = "On Sundays we open at ten and close at four.";
+    assert!(
+        !cut.is_empty() && cut.len() < full.len() && full.starts_with(cut),
+        "the cut turn is a prefix of what was said: {cut:?}"
+    );
+    assert_eq!(up[6].json["audio"], b64(&[7; 160]));
+    assert!(
+        up[0].json["session"].get("instructions").is_some(),
+        "the same agent"
+    );
+    assert!(
+        !up.iter()
+            .any(|sent| sent.json.to_string().contains("Greet the caller")),
+        "no second greeting"
+    );
+    let continuity = &h.engine.stats().continuity;
+    assert_eq!(continuity.reconnects, 1);
+    assert_eq!(continuity.reconnect_gap_ms, 250);
+    assert_eq!(continuity.replayed_items, 4);
+    assert_eq!(continuity.sessions.len(), 2);
+    assert_eq!(continuity.sessions[0].end, Some(SessionEnd::Dropped));
+    assert_eq!(continuity.sessions[1].started_ms, 2150);
+    assert!(matches!(
+        h.events.last(),
+        Some(CallEvent::ModelRestored { gap }) if *gap == Duration::from_millis(250)
+    ));
+    assert_eq!(
+        continuity.hold_prompt_ms, 0,
+        "250 ms is under the hold threshold"
+    );
+    assert!(h.engine.model_is_open());
+}
+
+#[test]
+fn connect_failures_back_off_and_fall_back_within_the_budget() {
+    let mut h = Harness::started_unresolved(AudioMode::Pcmu);
+    h.resolve(false);
+    assert_eq!(h.connects.len(), 1, "a fresh session is dialled at once");
+    let mut now = h.at(0);
+    let mut attempts = 1;
+    while h.closed.is_none() {
+        h.engine
+            .handle(now, Input::ModelConnectFailed(ConnectFailure::RateLimited))
+            .unwrap();
+        h.drain();
+        if h.closed.is_some() {
+            break;
+        }
+        now = h
+            .engine
+            .poll_timeout()
+            .expect("the next attempt is scheduled");
+        h.tick(now);
+        assert_eq!(h.connects.len(), attempts + 1);
+        attempts += 1;
+        assert!(attempts < 40);
+    }
+    assert_eq!(h.closed, Some(EndReason::ModelUnavailable));
+    assert!(now < h.at(3000), "within the budget");
+    assert!(h.connects.iter().all(|deadline| *deadline <= h.at(3000)));
+    assert_eq!(
+        h.engine.stats().continuity.fallback,
+        Some(FallbackReason::ConnectFailed(ConnectFailure::RateLimited))
+    );
+    assert!(matches!(h.events.last(), Some(CallEvent::FellBack(_))));
+}
+
+#[test]
+fn the_hold_prompt_plays_after_the_silence_and_stops_when_the_new_session_answers() {
+    let prompt: std::sync::Arc<[u8]> = std::sync::Arc::from(vec![0x42_u8; 8 * 1000]);
+    let mut h = Harness::bare_with(
+        AudioMode::Pcmu,
+        ContinuityConfig {
+            hold_prompt: prompt,
+            ..ContinuityConfig::default()
+        },
+    );
+    h.twilio(0, twilio_fixture("connected")).unwrap();
+    h.twilio(0, twilio_fixture("start")).unwrap();
+    h.open_model();
+    h.upstream_out();
+    h.lose_model(100);
+    assert_eq!(h.engine.poll_timeout(), Some(h.at(800)));
+    h.play(100, 780);
+    assert!(h.twilio_out().is_empty(), "no prompt before the threshold");
+    h.play(800, 1200);
+    let held: Vec<Sent> = h.twilio_out();
+    assert!(held.iter().any(|sent| sent.event() == "media"));
+    assert!(
+        held.iter()
+            .filter(|sent| sent.event() == "media")
+            .all(|sent| sent.media_bytes().iter().all(|&b| b == 0x42))
+    );
+    h.reconnect(1200);
+    h.upstream_out();
+    h.upstream(1250, &response_created("r9")).unwrap();
+    let after = h.twilio_out();
+    assert_eq!(
+        after.first().map(Sent::event),
+        Some("clear"),
+        "stopped at once"
+    );
+    h.upstream(1260, &delta("r9", "a9", &[0x11; 800])).unwrap();
+    let answer = h.twilio_out();
+    assert!(
+        answer
+            .iter()
+            .filter(|sent| sent.event() == "media")
+            .any(|sent| sent.media_bytes().iter().all(|&b| b == 0x11)),
+        "the new session's audio plays"
+    );
+    let up = h.upstream_out();
+    assert!(
+        !up.iter()
+            .any(|sent| sent.json.to_string().contains(HOLD_ITEM_PREFIX)),
+        "the model never hears of the hold prompt"
+    );
+    let continuity = &h.engine.stats().continuity;
+    assert!(continuity.hold_prompt_ms >= 100, "{continuity:?}");
+    assert_eq!(h.engine.stats().barge_ins, 0);
+}
+
+#[test]
+fn a_tool_answered_between_sessions_is_replayed_and_answered_by_the_successor() {
+    let mut h = Harness::started_unresolved(AudioMode::Pcmu);
+    h.resolve(true);
+    h.open_model();
+    h.upstream_out();
+    h.upstream(
+        10,
+        &json!({"type": "response.function_call_arguments.done", "call_id": "c1", "name": "lookup",
+                "arguments": "{}", "item_id": "f1", "response_id": "r1"})
+        .to_string(),
+    )
+    .unwrap();
+    assert_eq!(h.take_tool_calls().len(), 1);
+    h.lose_model(20);
+    h.tool_result("c1", "{\"open\":true}");
+    assert!(h.upstream_out().is_empty());
+    h.reconnect(120);
+    let up = h.upstream_out();
+    let kinds: Vec<String> = up
+        .iter()
+        .map(|sent| match sent.json["item"]["type"].as_str() {
+            Some(item) => item.to_owned(),
+            None => sent.kind_str().to_owned(),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "session.update",
+            "function_call",
+            "function_call_output",
+            "response.create"
+        ]
+    );
 }
