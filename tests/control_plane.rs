@@ -219,6 +219,10 @@ fn report(call_sid: &str, tenant: &str, to: &str, started_at_ms: u64) -> CallRep
         ],
         transcript_dropped_lines: 0,
         transcript_cut_lines: 0,
+        model_sessions: Vec::new(),
+        reconnect_gap_ms: 0,
+        hold_prompt_ms: 0,
+        fallback: None,
     }
 }
 

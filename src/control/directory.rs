@@ -459,6 +459,8 @@ mod tests {
             tools: Vec::new(),
             memory_namespace: namespace.into(),
             max_call_seconds: 0,
+            fallback_number: None,
+            hold_prompt: None,
         }
     }
 

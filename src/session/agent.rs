@@ -5,11 +5,15 @@
 //! breaks the rule is corrected here, whatever its source); the fallback agent never carries a
 //! tenant, tools or a namespace, so a call answered by it can never reach a tenant's data.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 
 use crate::AudioMode;
 use crate::config::AgentDefaults;
-use crate::control::api::{TenantContext, memory_namespace};
+use crate::control::api::{MAX_HOLD_PROMPT_BYTES, TenantContext, is_e164, memory_namespace};
 use crate::upstream::SessionSettings;
 
 /// The agent one call gets.
@@ -31,6 +35,10 @@ pub struct CallAgent {
     /// Where the agent came from: `static` (no control plane), or the directory's source
     /// (`fresh`, `cached`, `stale`, `fallback`, `unknown_number`).
     pub source: &'static str,
+    /// Dialled when no model session can be had (E.164, checked); `None`: an apology.
+    pub fallback_number: Option<String>,
+    /// The tenant's hold prompt (8 kHz μ-law, checked and bounded); `None`: the built-in one.
+    pub hold_prompt: Option<Arc<[u8]>>,
 }
 
 impl CallAgent {
@@ -48,6 +56,8 @@ impl CallAgent {
             memory_namespace: None,
             max_call: None,
             source,
+            fallback_number: None,
+            hold_prompt: None,
         }
     }
 
@@ -78,6 +88,8 @@ impl CallAgent {
             max_call: (context.max_call_seconds > 0)
                 .then(|| Duration::from_secs(u64::from(context.max_call_seconds))),
             source,
+            fallback_number: checked_fallback_number(context),
+            hold_prompt: checked_hold_prompt(context),
         }
     }
 
@@ -100,6 +112,43 @@ impl CallAgent {
     }
 }
 
+/// The context's fallback number if it is E.164: it goes into TwiML, so nothing else does.
+fn checked_fallback_number(context: &TenantContext) -> Option<String> {
+    let number = context.fallback_number.as_deref()?.trim();
+    if number.is_empty() {
+        return None;
+    }
+    if is_e164(number) {
+        return Some(number.to_owned());
+    }
+    tracing::warn!(
+        tenant = %context.tenant_id,
+        "context's fallback_number is not E.164: callers get the apology instead"
+    );
+    None
+}
+
+/// The context's hold prompt decoded, if it is base64 of at most [`MAX_HOLD_PROMPT_BYTES`].
+fn checked_hold_prompt(context: &TenantContext) -> Option<Arc<[u8]>> {
+    let encoded = context.hold_prompt.as_deref()?.trim();
+    if encoded.is_empty() {
+        return None;
+    }
+    // Checked before decoding: the decoded size is known from the text's.
+    let fits = encoded.len() / 4 * 3 <= MAX_HOLD_PROMPT_BYTES;
+    match BASE64.decode(encoded) {
+        Ok(bytes) if fits && !bytes.is_empty() => Some(Arc::from(bytes)),
+        _ => {
+            tracing::warn!(
+                tenant = %context.tenant_id,
+                "context's hold_prompt is not base64 μ-law of at most {MAX_HOLD_PROMPT_BYTES} bytes: \
+                 callers hear the built-in one"
+            );
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +165,8 @@ mod tests {
             tools: vec![serde_json::json!({"type": "function", "name": "take_message"})],
             memory_namespace: "bistro_luna/+15550001111".into(),
             max_call_seconds: 300,
+            fallback_number: Some("+15550100999".into()),
+            hold_prompt: Some(BASE64.encode([0x7f_u8; 800])),
         }
     }
 
@@ -130,6 +181,36 @@ mod tests {
         assert_eq!(settings.greeting.as_deref(), Some("Buongiorno!"));
         assert_eq!(settings.language.as_deref(), Some("it"));
         assert_eq!(settings.tools.len(), 1);
+    }
+
+    #[test]
+    fn a_fallback_number_and_hold_prompt_are_taken_only_when_well_formed() {
+        let agent = CallAgent::from_context(&context(), "+1555", "fresh");
+        assert_eq!(agent.fallback_number.as_deref(), Some("+15550100999"));
+        assert_eq!(agent.hold_prompt.as_deref().map(<[u8]>::len), Some(800));
+        for bad in [
+            "15550100999",
+            "+1 555 0100",
+            "+0123456789",
+            "+1",
+            "</Dial><Play>x",
+            "",
+        ] {
+            let mut context = context();
+            context.fallback_number = Some(bad.into());
+            let agent = CallAgent::from_context(&context, "+1555", "fresh");
+            assert_eq!(agent.fallback_number, None, "{bad:?}");
+        }
+        for bad in [
+            "not base64!".to_owned(),
+            BASE64.encode(vec![0x7f_u8; MAX_HOLD_PROMPT_BYTES + 3]),
+            String::new(),
+        ] {
+            let mut context = context();
+            context.hold_prompt = Some(bad);
+            let agent = CallAgent::from_context(&context, "+1555", "fresh");
+            assert!(agent.hold_prompt.is_none());
+        }
     }
 
     #[test]

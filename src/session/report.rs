@@ -19,7 +19,8 @@ use std::time::SystemTime;
 use super::agent::CallAgent;
 use super::engine::CallStats;
 use crate::control::api::{
-    CallLatency, CallReport, LatencySummary, ReportBinding, TranscriptEntry,
+    CallLatency, CallReport, LatencySummary, ModelSessionReport, ReportBinding, ReportFallback,
+    TranscriptEntry,
 };
 pub use voxrelay_core::session::transcript::{
     MAX_TRANSCRIPT_BYTES, MAX_TRANSCRIPT_LINE_BYTES, Transcript,
@@ -118,6 +119,38 @@ pub fn call_report(
             .collect(),
         transcript_dropped_lines: stats.transcript.dropped_lines(),
         transcript_cut_lines: stats.transcript.cut_lines(),
+        model_sessions: stats
+            .continuity
+            .sessions
+            .iter()
+            .map(|session| ModelSessionReport {
+                started_ms: session.started_ms,
+                ended_ms: session.ended_ms,
+                end: session.end.map(|end| end.as_str().to_owned()),
+                failed_connects: session
+                    .failed_attempts
+                    .iter()
+                    .map(|failure| failure.as_str().to_owned())
+                    .collect(),
+            })
+            .collect(),
+        reconnect_gap_ms: stats.continuity.reconnect_gap_ms,
+        hold_prompt_ms: stats.continuity.hold_prompt_ms,
+        fallback: stats.continuity.fallback.map(|reason| ReportFallback {
+            reason: reason.as_str().to_owned(),
+            caller_got: fallback_twiml(identity.binding, agent).to_owned(),
+        }),
+    }
+}
+
+/// What a caller whose call fell back got from Twilio: the TwiML after `<Connect>` of this
+/// bridge's webhook (which named the same agent's fallback), or, for a stream our webhook did
+/// not answer, whatever its own TwiML says.
+pub fn fallback_twiml(binding: ReportBinding, agent: &CallAgent) -> &'static str {
+    match (binding, &agent.fallback_number) {
+        (ReportBinding::Unbound, _) => "stream_closed",
+        (ReportBinding::Bound, Some(_)) => "dial",
+        (ReportBinding::Bound, None) => "apology",
     }
 }
 
@@ -128,6 +161,9 @@ mod tests {
     use super::*;
     use crate::config::AgentDefaults;
     use crate::control::api::Speaker;
+    use crate::session::continuity::{
+        ConnectFailure, FallbackReason, MAX_SESSION_RECORDS, SessionEnd, SessionRecord,
+    };
     use crate::session::engine::TranscriptLine;
     use crate::testkit::Lcg;
 
@@ -190,6 +226,63 @@ mod tests {
         assert_eq!(json["end_reason"], "twilio_stop");
         assert_eq!(json["binding"], "bound");
         assert_eq!(json["transcript_dropped_lines"], 0);
+        assert_eq!(json["model_sessions"], serde_json::json!([]));
+        assert_eq!(json["fallback"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_report_names_every_model_session_and_what_a_fallback_gave_the_caller() {
+        let mut stats = CallStats::default();
+        stats.continuity.sessions = vec![
+            SessionRecord {
+                started_ms: 0,
+                ended_ms: Some(4_000),
+                end: Some(SessionEnd::Dropped),
+                failed_attempts: Vec::new(),
+            },
+            SessionRecord {
+                started_ms: 4_300,
+                ended_ms: Some(9_000),
+                end: Some(SessionEnd::CallEnded),
+                failed_attempts: vec![ConnectFailure::RateLimited],
+            },
+        ];
+        stats.continuity.reconnect_gap_ms = 300;
+        stats.continuity.hold_prompt_ms = 0;
+        let mut agent = CallAgent::from_defaults(&AgentDefaults::default(), "fresh");
+        let started = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
+        let json = |stats: &CallStats, agent: &CallAgent, binding| {
+            serde_json::to_value(call_report(
+                &identity(binding, started),
+                agent,
+                started,
+                "twilio_stop",
+                stats,
+                [(0, 0, 0, 0); 3],
+            ))
+            .unwrap()
+        };
+        let report = json(&stats, &agent, ReportBinding::Bound);
+        assert_eq!(report["model_sessions"][0]["end"], "drop");
+        assert_eq!(
+            report["model_sessions"][1]["failed_connects"][0],
+            "rate_limited"
+        );
+        assert_eq!(report["reconnect_gap_ms"], 300);
+        stats.continuity.fallback =
+            Some(FallbackReason::ConnectFailed(ConnectFailure::ServerError));
+        let report = json(&stats, &agent, ReportBinding::Bound);
+        assert_eq!(report["fallback"]["reason"], "server_error");
+        assert_eq!(report["fallback"]["caller_got"], "apology");
+        agent.fallback_number = Some("+15550100999".into());
+        assert_eq!(
+            json(&stats, &agent, ReportBinding::Bound)["fallback"]["caller_got"],
+            "dial"
+        );
+        assert_eq!(
+            json(&stats, &agent, ReportBinding::Unbound)["fallback"]["caller_got"],
+            "stream_closed"
+        );
     }
 
     #[test]
@@ -205,6 +298,18 @@ mod tests {
             tool_calls: u64::MAX,
             ..CallStats::default()
         };
+        // Every session record the engine keeps, each with every failed attempt it keeps.
+        stats.continuity.sessions = (0..MAX_SESSION_RECORDS)
+            .map(|_| SessionRecord {
+                started_ms: u64::MAX,
+                ended_ms: Some(u64::MAX),
+                end: Some(SessionEnd::Oversized),
+                failed_attempts: vec![ConnectFailure::ServerError; 8],
+            })
+            .collect();
+        stats.continuity.reconnect_gap_ms = u64::MAX;
+        stats.continuity.hold_prompt_ms = u64::MAX;
+        stats.continuity.fallback = Some(FallbackReason::TooManyDrops);
         let mut rng = Lcg(3);
         for _ in 0..300 {
             let length = rng.below(2 * MAX_TRANSCRIPT_LINE_BYTES as u64) as usize;

@@ -421,6 +421,8 @@ impl Store {
             audio_mode: tenant.audio_mode,
             language: tenant.language,
             max_call_seconds: tenant.max_call_seconds,
+            fallback_number: None,
+            hold_prompt: None,
         }))
     }
 
@@ -685,6 +687,10 @@ impl Store {
                     transcript: Vec::new(),
                     transcript_dropped_lines: unsigned(row.get(17)?),
                     transcript_cut_lines: unsigned(row.get(18)?),
+                    model_sessions: Vec::new(),
+                    reconnect_gap_ms: 0,
+                    hold_prompt_ms: 0,
+                    fallback: None,
                 });
             }
         }
@@ -1008,6 +1014,10 @@ mod tests {
             ],
             transcript_dropped_lines: 0,
             transcript_cut_lines: 0,
+            model_sessions: Vec::new(),
+            reconnect_gap_ms: 0,
+            hold_prompt_ms: 0,
+            fallback: None,
         }
     }
 

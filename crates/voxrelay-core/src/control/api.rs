@@ -97,6 +97,29 @@ pub struct TenantContext {
     pub memory_namespace: String,
     /// The bridge ends the call after this long; 0 means no limit.
     pub max_call_seconds: u32,
+    /// Where a call goes when no model session can be had (E.164, e.g. `+15550100999`): the
+    /// voice webhook's TwiML dials it after `<Connect>`. Absent: a spoken apology and a
+    /// hang-up. A value that is not E.164 is ignored (and logged) by the bridge.
+    #[serde(default)]
+    pub fallback_number: Option<String>,
+    /// What a caller hears while the bridge replaces a lost model session: base64 of 8 kHz
+    /// μ-law audio, at most [`MAX_HOLD_PROMPT_BYTES`] decoded. Absent: the bridge's built-in
+    /// chime. An invalid or oversized value is ignored (and logged) by the bridge.
+    #[serde(default)]
+    pub hold_prompt: Option<String>,
+}
+
+/// The longest tenant hold prompt, in bytes of 8 kHz μ-law (10 s).
+pub const MAX_HOLD_PROMPT_BYTES: usize = 80_000;
+
+/// Whether `number` is an E.164 telephone number (`+` and 8 to 15 digits, no leading 0).
+pub fn is_e164(number: &str) -> bool {
+    let Some(digits) = number.strip_prefix('+') else {
+        return false;
+    };
+    (8..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
 }
 
 /// `POST /v1/tools/{name}` request body.
@@ -215,6 +238,44 @@ pub struct CallReport {
     /// Lines of `transcript` whose text was cut short (their start kept; 0 normally).
     #[serde(default)]
     pub transcript_cut_lines: u64,
+    /// Every model session the call had, oldest first (more than one when a session was lost
+    /// and replaced); at most the bridge's `MAX_SESSION_RECORDS`.
+    #[serde(default)]
+    pub model_sessions: Vec<ModelSessionReport>,
+    /// Time the caller spent without a model session after losses, summed (0 normally).
+    #[serde(default)]
+    pub reconnect_gap_ms: u64,
+    /// Hold prompt audio the caller was sent while waiting for a session (0 normally).
+    #[serde(default)]
+    pub hold_prompt_ms: u64,
+    /// Set when no model session could be had and the call went to the fallback.
+    #[serde(default)]
+    pub fallback: Option<ReportFallback>,
+}
+
+/// One model session of a reported call, in ms since the stream's `start`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSessionReport {
+    pub started_ms: u64,
+    /// `null` for a session still open when the report was made (never, normally).
+    pub ended_ms: Option<u64>,
+    /// `drop`, `idle`, `stalled`, `oversized`, `renewal` or `call_ended`.
+    pub end: Option<String>,
+    /// Connect attempts that failed before this session opened, by kind (`rate_limited`,
+    /// `server_error`, `refused`, `timeout`, `network`), at most 8.
+    #[serde(default)]
+    pub failed_connects: Vec<String>,
+}
+
+/// Why a call went to the fallback, and what the caller got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportFallback {
+    /// `rate_limited`, `server_error`, `refused`, `timeout`, `network` (the last connect
+    /// attempt's failure) or `too_many_drops`.
+    pub reason: String,
+    /// `dial` (the tenant's `fallback_number`), `apology` (a spoken apology and a hang-up), or
+    /// `stream_closed` (a stream not from this bridge's webhook: its TwiML is not ours).
+    pub caller_got: String,
 }
 
 /// How a reported call's stream was tied to its call.
