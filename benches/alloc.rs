@@ -37,7 +37,7 @@ use voxrelay::bench::results::Epoch;
 use voxrelay::config::{AgentDefaults, UpstreamTarget};
 use voxrelay::session::binding::StreamTokens;
 use voxrelay::session::call::{CallServices, run_call};
-use voxrelay::session::engine::{CallEngine, Input, Output};
+use voxrelay::session::engine::{CallEngine, Input, Output, Resolved};
 use voxrelay::session::metrics::Metrics;
 use voxrelay::session::model::ModelSession;
 use voxrelay::session::playback::PlaybackConfig;
@@ -192,7 +192,7 @@ fn started_engine(mode: AudioMode, now: Instant) -> CallEngine {
     engine
         .handle(
             now,
-            Input::ContextResolved(Box::new(ModelSession::new(settings, false))),
+            Input::ContextResolved(Resolved::session(ModelSession::new(settings, false))),
         )
         .unwrap();
     engine.handle(now, Input::ModelConnected).unwrap();

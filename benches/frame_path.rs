@@ -12,7 +12,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use voxrelay::AudioMode;
-use voxrelay::session::engine::{CallEngine, Input, Output};
+use voxrelay::session::engine::{CallEngine, Input, Output, Resolved};
 use voxrelay::session::model::ModelSession;
 use voxrelay::session::playback::PlaybackConfig;
 use voxrelay::upstream::SessionSettings;
@@ -48,7 +48,7 @@ fn started_engine(mode: AudioMode, now: Instant) -> CallEngine {
     engine
         .handle(
             now,
-            Input::ContextResolved(Box::new(ModelSession::new(settings, false))),
+            Input::ContextResolved(Resolved::session(ModelSession::new(settings, false))),
         )
         .unwrap();
     engine.handle(now, Input::ModelConnected).unwrap();

@@ -16,6 +16,6 @@ mod server;
 mod warn_rate;
 
 pub use listener::STOP_GRACE;
-pub use routes::{AT_CAPACITY_MESSAGE, AppState, admin_router, router};
+pub use routes::{AT_CAPACITY_MESSAGE, AppState, FALLBACK_APOLOGY, admin_router, router};
 pub use server::{Bridge, DrainOutcome, shutdown_signal, stop_budget};
 pub use warn_rate::WARNINGS_PER_SECOND;

@@ -41,6 +41,11 @@ use crate::twilio::twiml;
 pub const SIGNATURE_HEADER: &str = "x-twilio-signature";
 
 /// What a caller hears when every call slot is taken.
+/// What a caller hears when the bridge ends the stream and the tenant named no fallback
+/// number: no model session could be had, the call reached its maximum length, or the bridge
+/// shut down past its drain time.
+pub const FALLBACK_APOLOGY: &str = "We're sorry, the assistant can't continue this call right now. Please call again later. Goodbye.";
+
 pub const AT_CAPACITY_MESSAGE: &str =
     "Sorry, all of our lines are busy right now. Please call again in a few minutes.";
 
@@ -341,9 +346,12 @@ async fn voice_webhook(
         return busy;
     }
     let (from, to) = (param(&params, "From"), param(&params, "To"));
-    // The tenant lookup and the model session start now, overlapping Twilio's stream set-up;
-    // the stream's `start` claims them by CallSid. Only the first webhook for a CallSid does:
-    // Twilio's retries and replays of a captured one are answered the same, at no cost.
+    // The tenant lookup comes first (within the directory's budget, a cache hit at once): the
+    // TwiML carries the tenant's fallback. The model session then starts, overlapping Twilio's
+    // stream set-up; the stream's `start` claims both by CallSid. Only the first webhook for a
+    // CallSid prepares: Twilio's retries and replays of a captured one are answered the same.
+    let (agent, lookup_took) = state.services.resolve_agent(to, from, call_sid).await;
+    let fallback_number = agent.fallback_number.clone();
     let services = Arc::clone(&state.services);
     let admission = state.services.pending.prepare(
         call_sid,
@@ -352,8 +360,8 @@ async fn voice_webhook(
         |with_prewarm| {
             prepare_call(
                 services,
-                to.to_owned(),
-                from.to_owned(),
+                agent,
+                lookup_took,
                 call_sid.to_owned(),
                 with_prewarm,
             )
@@ -396,6 +404,10 @@ async fn voice_webhook(
             (STREAM_TOKEN_PARAMETER, &token),
         ],
         Some(&status_url),
+        match &fallback_number {
+            Some(number) => twiml::AfterStream::Dial(number),
+            None => twiml::AfterStream::Apology(FALLBACK_APOLOGY),
+        },
     );
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
 }

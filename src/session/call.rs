@@ -39,7 +39,7 @@ use tracing::Instrument;
 use super::agent::CallAgent;
 use super::binding::{Binding, STREAM_TOKEN_PARAMETER, StreamTokens};
 use super::continuity::{ConnectFailure, SessionEnd};
-use super::engine::{CallEngine, CallEvent, Input, Output, ToolCall};
+use super::engine::{CallEngine, CallEvent, Input, Output, Resolved, ToolCall};
 use super::legs::{
     ModelRead, ModelWriter, PollOnWake, TwilioRead, TwilioWriter, model_reads, next_model_read,
     twilio_reads,
@@ -47,7 +47,7 @@ use super::legs::{
 use super::metrics::{CallLatencyRecorder, Leg, Metrics, PublishedStats, TwilioErrorKind};
 use super::model::ModelSession;
 use super::playback::PlaybackConfig;
-use super::prewarm::{PendingCalls, Prepared, prewarm};
+use super::prewarm::{PendingCalls, Prepared, PrewarmError, prewarm};
 use super::registry::{CallEntry, CallRegistry, Registration};
 use super::report::{CallIdentity, call_report};
 use crate::config::{
@@ -60,7 +60,7 @@ use crate::control::reports::{ReportHandover, ReportSender};
 use crate::control::tool_calls::{DEFAULT_TOOL_TIMEOUT, run_tool};
 use crate::logtext::Untrusted;
 use crate::twilio::stream::StartInfo;
-use crate::upstream::{UpstreamSocket, connect};
+use crate::upstream::{UpstreamError, UpstreamSocket, connect};
 
 pub use super::engine::EndReason;
 
@@ -150,17 +150,18 @@ impl CallServices {
     }
 }
 
-/// The voice webhook's head start on a call: the tenant lookup, then (when `with_prewarm`:
-/// enabled and under the cap) the upstream session opened and configured for that tenant's
-/// agent.
+/// The voice webhook's head start on a call whose agent it has found: (when `with_prewarm`:
+/// enabled and under the cap) the upstream session opened and configured for that agent.
+/// A pre-warm the model refuses with 429 is remembered, so the call falls back at once
+/// instead of trying again within its reconnect budget.
 pub async fn prepare_call(
     services: Arc<CallServices>,
-    to: String,
-    from: String,
+    agent: CallAgent,
+    lookup_took: Duration,
     call_sid: String,
     with_prewarm: bool,
 ) -> Prepared {
-    let (agent, lookup_took) = services.resolve_agent(&to, &from, &call_sid).await;
+    let mut prewarm_refused = None;
     let session = if with_prewarm {
         services.metrics.prewarm_started.fetch_add(1, Relaxed);
         let session = services.model_session(&agent);
@@ -171,7 +172,12 @@ pub async fn prepare_call(
             }
             Err(error) => {
                 services.metrics.prewarm_failed.fetch_add(1, Relaxed);
-                tracing::warn!(call_sid, %error, "pre-warm failed: the stream will connect cold");
+                if let PrewarmError::Upstream(UpstreamError::HandshakeRejected(429)) = error {
+                    tracing::warn!(call_sid, "pre-warm rate limited (429): the call falls back");
+                    prewarm_refused = Some(ConnectFailure::RateLimited);
+                } else {
+                    tracing::warn!(call_sid, %error, "pre-warm failed: the stream will connect cold");
+                }
                 None
             }
         }
@@ -182,6 +188,7 @@ pub async fn prepare_call(
         agent,
         lookup_took,
         session,
+        prewarm_refused,
     }
 }
 
@@ -217,6 +224,7 @@ async fn claim_or_resolve(
         agent: CallAgent::from_defaults(&services.agent, source),
         lookup_took: Duration::ZERO,
         session: None,
+        prewarm_refused: None,
     };
     if binding != Binding::Bound {
         return fallback(if services.control.is_some() {
@@ -239,6 +247,7 @@ async fn claim_or_resolve(
                 agent,
                 lookup_took,
                 session: None,
+                prewarm_refused: None,
             }
         }
         None => fallback("static"),
@@ -921,6 +930,8 @@ where
             self.timers.deadline_kind = Some(CallDeadline::MaxLength);
         }
         // A fresh session is dialled when the engine asks (`Output::ConnectModel`).
+        let hold_prompt = agent.hold_prompt.clone();
+        let refused = prepared.prewarm_refused;
         let session = match prepared.session {
             Some(prewarmed) => {
                 self.metrics.prewarm_claimed.fetch_add(1, Relaxed);
@@ -930,7 +941,14 @@ where
             None => self.services.model_session(&agent),
         };
         self.agent = Some(agent);
-        self.feed(now, Input::ContextResolved(Box::new(session)));
+        self.feed(
+            now,
+            Input::ContextResolved(Box::new(Resolved {
+                session,
+                hold_prompt,
+                refused,
+            })),
+        );
     }
 
     /// Dials the model, as a wait of this task; the answer comes back as `Wake::Connected`.

@@ -46,6 +46,8 @@ pub struct Prepared {
     pub lookup_took: Duration,
     /// `None` when pre-warm is off or failed: the stream then connects cold.
     pub session: Option<PrewarmedSession>,
+    /// The pre-warm was refused so (429): the call falls back without trying again.
+    pub prewarm_refused: Option<super::continuity::ConnectFailure>,
 }
 
 /// An upstream session already configured for a call's agent.
@@ -476,6 +478,7 @@ mod tests {
                 agent: CallAgent { source, ..agent() },
                 lookup_took: Duration::ZERO,
                 session: None,
+                prewarm_refused: None,
             })
         }
     }
@@ -579,6 +582,7 @@ mod tests {
                 )
                 .await
                 .ok(),
+                prewarm_refused: None,
             }
         });
         assert_eq!(admission, Admission::Preparing { prewarm: true });
@@ -652,6 +656,7 @@ mod tests {
                         agent: agent(),
                         lookup_took: Duration::ZERO,
                         session: None,
+                        prewarm_refused: None,
                     }
                 }
             }

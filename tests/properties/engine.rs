@@ -12,7 +12,7 @@ use voxrelay::session::continuity::ConnectFailure;
 use voxrelay::session::conversation::MAX_TURNS;
 use voxrelay::session::engine::{
     CallEngine, EndReason, EngineError, HELD_DTMF_DIGITS, Input, OutKind, Outgoing, Output,
-    ToolCall, TwilioErrorKind,
+    Resolved, ToolCall, TwilioErrorKind,
 };
 use voxrelay::session::model::ModelSession;
 use voxrelay::session::playback::PlaybackConfig;
@@ -98,13 +98,13 @@ fn mode(pcm16: bool) -> AudioMode {
     }
 }
 
-fn session(pcm16: bool, tools: bool) -> Box<ModelSession> {
+fn session(pcm16: bool, tools: bool) -> Box<Resolved> {
     let settings = SessionSettings {
         audio_mode: mode(pcm16),
         greeting: Some("Hello".to_owned()),
         ..SessionSettings::default()
     };
-    Box::new(ModelSession::new(settings, tools))
+    Resolved::session(ModelSession::new(settings, tools))
 }
 
 /// One step's outputs, sorted as the driver sorts them (a `clear` withdraws audio for Twilio

@@ -112,7 +112,20 @@ pub struct CallReport {
     pub clears_at: Vec<Duration>,
     /// The bridge closed the socket (rather than us hanging up).
     pub closed_by_bridge: bool,
+    /// The TwiML after `</Connect>`, which Twilio runs when the bridge ends the stream:
+    /// `dial:<number>` or `say:<text>` (`None` when there is none).
+    pub after_stream: Option<String>,
     pub duration: Duration,
+}
+
+impl CallReport {
+    /// What the caller got after the stream: the TwiML after `</Connect>` if the bridge ended
+    /// the stream (Twilio runs it then), else nothing (the caller hung up).
+    pub fn fallback_heard(&self) -> Option<&str> {
+        self.closed_by_bridge
+            .then_some(self.after_stream.as_deref())
+            .flatten()
+    }
 }
 
 impl CallReport {
@@ -228,6 +241,7 @@ pub async fn place_call(config: &CallerConfig) -> Result<CallReport, CallerError
     }
     let (stream_url, parameters) = parse_connect_stream(&response.body)
         .ok_or_else(|| CallerError::NoStream(response.body.clone()))?;
+    let after_stream = parse_after_stream(&response.body);
 
     // 2. The Media Streams handshake: signed over the TwiML's wss:// URL, sent to the bridge.
     if !config.twilio_gap.is_zero() {
@@ -256,6 +270,7 @@ pub async fn place_call(config: &CallerConfig) -> Result<CallReport, CallerError
         stream_sid: config.stream_sid.clone(),
         stream_url,
         parameters: parameters.clone(),
+        after_stream,
         ..CallReport::default()
     };
 
@@ -455,6 +470,29 @@ where
     Ok(())
 }
 
+/// The verbs after `</Connect>`: `dial:<number>` for `<Dial>`, `say:<text>` for `<Say>`.
+pub fn parse_after_stream(twiml: &str) -> Option<String> {
+    let after = &twiml[twiml.find("</Connect>")? + "</Connect>".len()..];
+    let element = |name: &str| {
+        let open = format!("<{name}>");
+        let start = after.find(&open)? + open.len();
+        let end = start + after[start..].find(&format!("</{name}>"))?;
+        Some(unescape(&after[start..end]))
+    };
+    if let Some(number) = element("Dial") {
+        return Some(format!("dial:{number}"));
+    }
+    element("Say").map(|text| format!("say:{text}"))
+}
+
+fn unescape(text: &str) -> String {
+    text.replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
 /// Extracts the `<Stream url>` and its `<Parameter>`s from `<Connect><Stream>` TwiML.
 pub fn parse_connect_stream(twiml: &str) -> Option<(String, Vec<(String, String)>)> {
     let stream_tag = &twiml[twiml.find("<Stream")?..];
@@ -479,14 +517,7 @@ fn xml_attribute(tag: &str, name: &str) -> Option<String> {
     let needle = format!(" {name}=\"");
     let start = tag.find(&needle)? + needle.len();
     let end = start + tag[start..].find('"')?;
-    Some(
-        tag[start..end]
-            .replace("&quot;", "\"")
-            .replace("&apos;", "'")
-            .replace("&lt;", "<")
-            .replace("&gt;", ">")
-            .replace("&amp;", "&"),
-    )
+    Some(unescape(&tag[start..end]))
 }
 
 #[cfg(test)]
@@ -499,6 +530,7 @@ mod tests {
             "wss://voice.example.com/twilio/media",
             &[("To", "+1555"), ("From", "a&b\"c")],
             Some("https://voice.example.com/twilio/status"),
+            voxrelay_core::twilio::twiml::AfterStream::Dial("+15550100999"),
         );
         let (url, parameters) = parse_connect_stream(&twiml).unwrap();
         assert_eq!(url, "wss://voice.example.com/twilio/media");
@@ -508,6 +540,20 @@ mod tests {
                 ("To".to_owned(), "+1555".to_owned()),
                 ("From".to_owned(), "a&b\"c".to_owned())
             ]
+        );
+        assert_eq!(
+            parse_after_stream(&twiml).as_deref(),
+            Some("dial:+15550100999")
+        );
+        let apology = voxrelay_core::twilio::twiml::connect_stream(
+            "wss://e/m",
+            &[],
+            None,
+            voxrelay_core::twilio::twiml::AfterStream::Apology("Sorry & bye"),
+        );
+        assert_eq!(
+            parse_after_stream(&apology).as_deref(),
+            Some("say:Sorry & bye")
         );
     }
 

@@ -234,6 +234,11 @@ impl Reconnector {
         &self.config
     }
 
+    /// The call's own hold prompt (its tenant's), in place of the configured one.
+    pub fn set_hold_prompt(&mut self, prompt: Arc<[u8]>) {
+        self.config.hold_prompt = prompt;
+    }
+
     /// Sessions replaced after a loss so far.
     pub fn reconnects(&self) -> u32 {
         self.reconnects

@@ -205,18 +205,21 @@ impl Conversation {
         });
     }
 
-    /// Whether the conversation ends with the caller (or a tool) waiting for the model: a
-    /// successor should then be asked to respond.
-    pub fn awaits_answer(&self) -> bool {
+    /// Whether a session that takes over this conversation should speak first: yes unless
+    /// the model had the last word and the caller heard all of it (then it is the caller's
+    /// turn), or a tool is still running (its output asks for the answer). An empty
+    /// conversation counts as unanswered: the lost session's greeting never reached the
+    /// caller, or a reset swallowed the events that would have shown it.
+    pub fn successor_should_answer(&self) -> bool {
         for turn in self.turns.iter().rev() {
             match turn {
                 Turn::Caller { text, .. } if text.is_empty() => continue,
                 Turn::Caller { .. } | Turn::ToolOutput { .. } => return true,
-                Turn::Assistant { heard_ms, .. } => return *heard_ms == Some(0),
+                Turn::Assistant { heard_ms, .. } => return heard_ms.is_some(),
                 Turn::ToolCall { .. } => return false,
             }
         }
-        false
+        true
     }
 
     /// The items that tell a new session this conversation, oldest first: empty caller turns
@@ -368,9 +371,16 @@ mod tests {
                 ReplayItem::AssistantText(Cow::Borrowed("Nine.")),
             ]
         );
-        assert!(!conversation.awaits_answer());
+        assert!(!conversation.successor_should_answer(), "the caller's turn");
         conversation.caller_said("u2", "Thanks");
-        assert!(conversation.awaits_answer());
+        assert!(conversation.successor_should_answer());
+        conversation.assistant_audio("a2", 800);
+        conversation.assistant_cut("a2", 300);
+        assert!(conversation.successor_should_answer(), "cut short");
+        assert!(
+            Conversation::default().successor_should_answer(),
+            "never heard"
+        );
     }
 
     #[test]
@@ -398,8 +408,13 @@ mod tests {
             ]
         );
         assert!(
-            conversation.awaits_answer(),
+            conversation.successor_should_answer(),
             "a tool output wants an answer"
+        );
+        conversation.tool_called("c2", "lookup", "{}");
+        assert!(
+            !conversation.successor_should_answer(),
+            "a tool still running"
         );
     }
 

@@ -98,9 +98,9 @@ pub enum Input<'a> {
     Model(&'a str),
     /// [`CallEngine::poll_timeout`] passed.
     Tick,
-    /// The call's agent is known: its model session, fresh (the driver opens a socket and
-    /// says [`Input::ModelConnected`]) or pre-warmed (already open and configured).
-    ContextResolved(Box<ModelSession>),
+    /// The call's agent is known: its model session, fresh (the engine asks for a socket with
+    /// [`Output::ConnectModel`]) or pre-warmed (already open and configured).
+    ContextResolved(Box<Resolved>),
     /// The model's socket is open (after [`Output::ConnectModel`]).
     ModelConnected,
     /// The connect asked for by [`Output::ConnectModel`] failed.
@@ -110,6 +110,28 @@ pub enum Input<'a> {
     /// The open model socket closed, failed, stalled or went silent; `reason` says which. The
     /// call goes on with a new session when one can be had ([`super::continuity`]).
     ModelClosed(EndReason),
+}
+
+/// What the engine learns when the call's agent is known.
+#[derive(Debug)]
+pub struct Resolved {
+    pub session: ModelSession,
+    /// The tenant's hold prompt (8 kHz μ-law); `None`: the continuity configuration's.
+    pub hold_prompt: Option<std::sync::Arc<[u8]>>,
+    /// The model already refused this call's session so (a pre-warm answered 429): the call
+    /// falls back at once rather than trying again within its budget.
+    pub refused: Option<ConnectFailure>,
+}
+
+impl Resolved {
+    /// A session and nothing else (the built-in hold prompt, no refusal).
+    pub fn session(session: ModelSession) -> Box<Self> {
+        Box::new(Self {
+            session,
+            hold_prompt: None,
+            refused: None,
+        })
+    }
 }
 
 /// Everything the engine asks of the driver, in order.
@@ -577,7 +599,7 @@ impl CallEngine {
                 self.maybe_start_hold(now);
                 Ok(())
             }
-            Input::ContextResolved(session) => self.on_context_resolved(now, *session),
+            Input::ContextResolved(resolved) => self.on_context_resolved(now, *resolved),
             Input::ModelConnected => self.on_model_connected(now),
             Input::ModelConnectFailed(failure) => {
                 if self.reconnector.is_waiting() {
@@ -816,13 +838,17 @@ impl CallEngine {
 
     // ---- the model session ----
 
-    fn on_context_resolved(
-        &mut self,
-        now: Instant,
-        mut session: ModelSession,
-    ) -> Result<(), EngineError> {
+    fn on_context_resolved(&mut self, now: Instant, resolved: Resolved) -> Result<(), EngineError> {
         if self.model.is_some() {
             return Err(EngineError::SessionAlreadyResolved);
+        }
+        let Resolved {
+            mut session,
+            hold_prompt,
+            refused,
+        } = resolved;
+        if let Some(prompt) = hold_prompt {
+            self.reconnector.set_hold_prompt(prompt);
         }
         self.playback
             .set_server_interrupts_response(session.protocol().server_interrupts_response());
@@ -849,7 +875,10 @@ impl CallEngine {
             }
             self.release_held();
         } else {
-            let step = self.reconnector.start(now);
+            let step = match refused {
+                Some(failure) => Step::GiveUp(FallbackReason::ConnectFailed(failure)),
+                None => self.reconnector.start(now),
+            };
             self.follow(now, step);
         }
         Ok(())
@@ -878,7 +907,9 @@ impl CallEngine {
                     .map(|item| protocol.replay_item(item)),
             );
             self.stats.continuity.replayed_items += (opening.len() - before) as u64;
-            if std::mem::take(&mut model.respond_on_open) || self.conversation.awaits_answer() {
+            if std::mem::take(&mut model.respond_on_open)
+                || self.conversation.successor_should_answer()
+            {
                 opening.push(protocol.create_response());
             }
             self.stats.continuity.reconnect_gap_ms += gap.as_millis() as u64;
@@ -943,6 +974,7 @@ impl CallEngine {
         if let Some(model) = self.model.as_mut() {
             model.produced.clear();
         }
+        self.playback.on_session_replaced();
         self.hold.due = Some(now + self.reconnector.config().hold_after);
         let step = self.reconnector.lost(now);
         self.follow(now, step);

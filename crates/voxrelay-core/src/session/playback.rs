@@ -584,6 +584,15 @@ impl Playback {
         self.items.iter().rposition(|item| item.has_started(now))
     }
 
+    /// The model session was replaced: what playback remembers of the old session's
+    /// responses goes, except for those whose audio is still tracked, so a new session that
+    /// reuses an id (ids are only unique within a session) starts clean.
+    pub fn on_session_replaced(&mut self) {
+        let items = &self.items;
+        self.responses
+            .retain(|response| items.iter().any(|item| item.response_id == response.id));
+    }
+
     fn response_mut(&mut self, response_id: &str) -> &mut ResponseState {
         let index = match self.responses.iter().position(|r| r.id == response_id) {
             Some(index) => index,

@@ -220,7 +220,7 @@ impl Harness {
     fn resolve_with(&mut self, session: ModelSession) {
         let now = self.at(0);
         self.engine
-            .handle(now, Input::ContextResolved(Box::new(session)))
+            .handle(now, Input::ContextResolved(Resolved::session(session)))
             .expect("the first context");
         self.drain();
     }
@@ -935,7 +935,7 @@ fn tool_calls_go_to_the_io_layer_and_the_response_waits_for_the_active_one() {
     assert!(
         matches!(
             h.engine
-                .handle(h.at(0), Input::ContextResolved(Box::new(again))),
+                .handle(h.at(0), Input::ContextResolved(Resolved::session(again))),
             Err(EngineError::SessionAlreadyResolved)
         ),
         "a call's session is resolved once"
@@ -1680,6 +1680,21 @@ fn a_lost_session_is_replaced_and_told_the_conversation_as_the_caller_heard_it()
         "250 ms is under the hold threshold"
     );
     assert!(h.engine.model_is_open());
+
+    // The successor's answer plays, though it reuses the ids of the response the drop cut
+    // (ids are unique only within a session).
+    h.twilio_out();
+    h.upstream(2200, &response_created("r2")).unwrap();
+    h.upstream(2200, &delta("r2", "a2", &[0x33; 1600])).unwrap();
+    h.play(2200, 2400);
+    let answer = h.twilio_out();
+    assert!(
+        answer
+            .iter()
+            .any(|sent| sent.event() == "media" && sent.media_bytes().iter().all(|&b| b == 0x33)),
+        "the successor is heard: {:?}",
+        answer.iter().map(Sent::event).collect::<Vec<_>>()
+    );
 }
 
 #[test]
