@@ -67,6 +67,11 @@ pub const DEFAULT_HOLD_PROMPT_AFTER: Duration = Duration::from_millis(700);
 /// A model that sends nothing, not even the pong to our ping, for this long is a lost session
 /// (`VOXRELAY_MODEL_IDLE_MS`).
 pub const DEFAULT_MODEL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A model session older than this is renewed, make-before-break, at a silent moment
+/// (`VOXRELAY_MODEL_SESSION_MAX_SECONDS`): OpenAI Realtime ends every session at 60 minutes,
+/// and this leaves five to find the moment (the switch is forced two minutes after the
+/// standby is ready).
+pub const DEFAULT_MODEL_SESSION_MAX: Duration = Duration::from_secs(3300);
 /// Sessions one call may lose and replace; one more loss is the fallback.
 pub const MAX_MODEL_RECONNECTS: u32 = 5;
 /// The built-in hold prompt (8 kHz μ-law; see `voxrelay_core::codec::chime`).
@@ -259,6 +264,7 @@ pub struct ContinuitySettings {
     pub hold_after: Duration,
     pub model_idle_timeout: Duration,
     pub hold_prompt: Arc<[u8]>,
+    pub session_max: Duration,
 }
 
 impl Default for ContinuitySettings {
@@ -268,6 +274,7 @@ impl Default for ContinuitySettings {
             hold_after: DEFAULT_HOLD_PROMPT_AFTER,
             model_idle_timeout: DEFAULT_MODEL_IDLE_TIMEOUT,
             hold_prompt: Arc::from(BUILTIN_HOLD_PROMPT),
+            session_max: DEFAULT_MODEL_SESSION_MAX,
         }
     }
 }
@@ -284,6 +291,7 @@ impl ContinuitySettings {
             hold_after: self.hold_after,
             hold_prompt: Arc::clone(&self.hold_prompt),
             seed: std::collections::hash_map::RandomState::new().hash_one(0_u8),
+            session_max: Some(self.session_max),
         }
     }
 }
@@ -512,6 +520,10 @@ pub struct RawConfig {
     /// (default 10000).
     #[arg(long, env = "VOXRELAY_MODEL_IDLE_MS")]
     pub model_idle_ms: Option<u64>,
+    /// Renew a model session (make-before-break, at a silent moment) once it is this old, in
+    /// seconds (default 3300, under OpenAI Realtime's 60-minute session limit).
+    #[arg(long, env = "VOXRELAY_MODEL_SESSION_MAX_SECONDS")]
+    pub model_session_max_seconds: Option<u64>,
     /// Concurrent calls; beyond it the webhook answers a busy message and streams get 503.
     #[arg(long, env = "VOXRELAY_MAX_CALLS")]
     pub max_calls: Option<usize>,
@@ -611,6 +623,18 @@ impl BridgeConfig {
                 3_000,
                 600_000,
             )?,
+            session_max: Duration::from_secs(match raw.model_session_max_seconds {
+                None => DEFAULT_MODEL_SESSION_MAX.as_secs(),
+                Some(seconds) if (5..=86_400).contains(&seconds) => seconds,
+                Some(value) => {
+                    return Err(ConfigError::OutOfRange {
+                        name: "VOXRELAY_MODEL_SESSION_MAX_SECONDS",
+                        value,
+                        min: 5,
+                        max: 86_400,
+                    });
+                }
+            }),
             ..ContinuitySettings::default()
         };
         let lead_ms = raw.playback_lead_ms.unwrap_or(120);

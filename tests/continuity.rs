@@ -138,3 +138,62 @@ async fn a_quick_reconnect_plays_no_hold_prompt() {
         "the greeting and the successor's answer were heard"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_at_its_age_limit_is_renewed_at_a_silent_moment_and_nothing_is_lost() {
+    let stack = start_stack_adjusted(
+        MockConfig::default(),
+        AudioMode::Pcmu,
+        Some("Hello"),
+        |config| config.continuity.session_max = Duration::from_secs(5),
+    )
+    .await;
+    // Silence through the greeting, a question, silence past the renewal, another question.
+    let mut audio = silence_mulaw(2_000);
+    audio.extend(tone_mulaw(440.0, 600));
+    audio.extend(silence_mulaw(3_900));
+    audio.extend(tone_mulaw(660.0, 600));
+    audio.extend(silence_mulaw(1_500));
+    let config = CallerConfig {
+        linger: Duration::from_millis(300),
+        ..CallerConfig::new(stack.url.clone(), stack.token.clone(), audio)
+    };
+    let report = place_call(&config).await.expect("a call");
+    assert!(!report.closed_by_bridge);
+    let metrics = stack.bridge.metrics();
+    assert_eq!(
+        metrics.model_renewals(false),
+        1,
+        "renewed at a silent moment"
+    );
+    assert_eq!(metrics.model_renewals(true), 0);
+    assert_eq!(
+        metrics.barge_ins.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let sessions = stack.mock.log().sessions();
+    assert_eq!(sessions.len(), 2, "the first session and its standby");
+    // Nothing the first session said was cut: no truncate, every response completed.
+    assert!(sessions[0].truncates.is_empty());
+    assert_eq!(
+        sessions[0].response_transcripts.len(),
+        2,
+        "greeting and first answer"
+    );
+    // The successor was told the conversation and answered the second question.
+    let replayed: Vec<&str> = sessions[1]
+        .items_created
+        .iter()
+        .filter_map(|item| item["role"].as_str())
+        .collect();
+    assert_eq!(replayed, ["assistant", "user", "assistant"]);
+    assert_eq!(sessions[1].response_transcripts.len(), 1);
+    // No caller audio was lost at the switch: every frame reached one session or the other
+    // (the last few may still be on their way when the caller hangs up).
+    let sent = report.frames_sent as usize * 160;
+    let heard = sessions[0].input_audio_8k.len() + sessions[1].input_audio_8k.len();
+    assert!(
+        heard <= sent && heard + 10 * 160 >= sent,
+        "the model heard {heard} of {sent} caller samples"
+    );
+}

@@ -329,6 +329,8 @@ enum Wake {
     Resolved(Box<Prepared>),
     /// Boxed: a socket is large, and arrives once per call.
     Connected(Box<ConnectResult>),
+    /// A renewal's standby socket (boxed, as `Connected`).
+    StandbyConnected(Box<ConnectResult>),
     ToolDone {
         call_id: String,
         output: String,
@@ -411,6 +413,8 @@ struct Waits {
     /// The claim of the webhook's preparation, or the tenant lookup.
     resolving: Option<BoxFuture<Prepared>>,
     connecting: Option<BoxFuture<ConnectResult>>,
+    /// A renewal's standby connect.
+    standby: Option<BoxFuture<ConnectResult>>,
     tools: FuturesUnordered<BoxFuture<(String, String)>>,
 }
 
@@ -452,6 +456,8 @@ struct Call<S> {
     agent: Option<CallAgent>,
     /// How the session being replaced ended, for the reconnect metric's label.
     lost_session: Option<SessionEnd>,
+    /// A renewal's standby socket, open and untouched until the switch.
+    standby: Option<UpstreamSocket>,
 }
 
 impl<S> Call<S>
@@ -496,6 +502,7 @@ where
             record: None,
             agent: None,
             lost_session: None,
+            standby: None,
         }
     }
 
@@ -539,6 +546,7 @@ where
                 if model_out.has_pending() => Wake::ModelWritten(written),
             prepared = maybe(&mut self.waits.resolving) => Wake::Resolved(Box::new(prepared)),
             connected = maybe(&mut self.waits.connecting) => Wake::Connected(Box::new(connected)),
+            standby = maybe(&mut self.waits.standby) => Wake::StandbyConnected(Box::new(standby)),
             Some((call_id, output)) = self.waits.tools.next(), if !self.waits.tools.is_empty() => {
                 Wake::ToolDone { call_id, output }
             }
@@ -602,6 +610,23 @@ where
                         "could not reach the model"
                     );
                     self.feed(now, Input::ModelConnectFailed(failure));
+                }
+            },
+            Wake::StandbyConnected(connected) => match *connected {
+                Ok((socket, took)) => {
+                    self.metrics.upstream_connect.observe(took);
+                    tracing::debug!(?took, "standby model socket open");
+                    self.standby = Some(socket);
+                    self.feed(now, Input::StandbyConnected);
+                }
+                Err((failure, error)) => {
+                    self.metrics.upstream_connect_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        kind = failure.as_str(),
+                        error = %Untrusted(&error),
+                        "could not open the standby model socket"
+                    );
+                    self.feed(now, Input::StandbyFailed(failure));
                 }
             },
             Wake::ToolDone { call_id, output } => {
@@ -773,7 +798,13 @@ where
                     }
                 },
                 Output::CallTool(call) => self.start_tool(now, call),
-                Output::ConnectModel { deadline } => self.connect_model(now, deadline),
+                Output::ConnectModel { deadline } => {
+                    self.waits.connecting = Some(self.dial_model(now, deadline));
+                }
+                Output::ConnectStandby { deadline } => {
+                    self.waits.standby = Some(self.dial_model(now, deadline));
+                }
+                Output::SwitchToStandby => self.switch_to_standby(now),
                 Output::Event(CallEvent::Started(info)) => {
                     if let Some(reason) = self.on_started(info) {
                         return Some(reason);
@@ -788,6 +819,9 @@ where
                     self.metrics.model_reconnected(end, gap);
                 }
                 Output::Event(CallEvent::FellBack(reason)) => self.metrics.call_fell_back(reason),
+                Output::Event(CallEvent::ModelRenewed { forced }) => {
+                    self.metrics.model_renewed(forced);
+                }
                 Output::Close(reason) => return Some(reason),
             }
         }
@@ -951,11 +985,29 @@ where
         );
     }
 
-    /// Dials the model, as a wait of this task; the answer comes back as `Wake::Connected`.
-    fn connect_model(&mut self, now: Instant, deadline: Instant) {
+    /// The renewal's switch: what the old socket can take now goes, with a close frame if it
+    /// fits, and the standby takes its place.
+    fn switch_to_standby(&mut self, now: Instant) {
+        let Some(standby) = self.standby.take() else {
+            // The engine asks only once the standby is open; without it this is a loss.
+            self.lose_model(now, EndReason::UpstreamClosed);
+            return;
+        };
+        let _ = self.model_out.write_now(now, &self.metrics, &self.latency);
+        if self.model_out.has_pending() {
+            tracing::info!("the renewed session's socket had not taken everything: dropped");
+        }
+        self.model_out.close_now();
+        self.model_out.detach(&mut self.engine);
+        self.model_reads = None;
+        self.attach_model(now, standby);
+    }
+
+    /// Dials the model, as a wait of this task (its answer wakes the task).
+    fn dial_model(&self, now: Instant, deadline: Instant) -> BoxFuture<ConnectResult> {
         let target = self.services.upstream.clone();
         let within = deadline.saturating_duration_since(now);
-        self.waits.connecting = Some(Box::pin(
+        Box::pin(
             async move {
                 let began = Instant::now();
                 let connecting = connect(&target.url, target.api_key.as_ref());
@@ -966,7 +1018,7 @@ where
                 }
             }
             .in_current_span(),
-        ));
+        )
     }
 
     fn attach_model(&mut self, now: Instant, socket: UpstreamSocket) {

@@ -599,6 +599,19 @@ impl ModelWriter {
         }
     }
 
+    /// Offers a close frame to the socket without waiting (a session being replaced: it is
+    /// dropped right after, taken or not).
+    pub fn close_now(&mut self) {
+        let Some(sink) = self.sink.as_mut() else {
+            return;
+        };
+        let close = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "session renewed".into(),
+        };
+        let _ = sink.send(Message::Close(Some(close))).now_or_never();
+    }
+
     /// Sends what is queued and a close frame; the caller bounds the wait.
     pub async fn close(&mut self, metrics: &Metrics, latency: &CallLatencyRecorder) {
         if self.sink.is_none() {

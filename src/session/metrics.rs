@@ -297,6 +297,7 @@ pub struct Metrics {
     call_fallbacks: [AtomicU64; FallbackReason::ALL.len()],
     /// A lost model session → its successor open (the caller's gap).
     pub model_reconnect_gap: Histogram,
+    model_renewals: [AtomicU64; 2],
     twilio_errors: [AtomicU64; TwilioErrorKind::ALL.len()],
     signature_failures: [AtomicU64; SignedRoute::ALL.len()],
     audio_dropped_uplink: AtomicU64,
@@ -588,6 +589,15 @@ impl Metrics {
     pub fn model_reconnected(&self, end: SessionEnd, gap: Duration) {
         self.model_reconnects[end as usize].fetch_add(1, Relaxed);
         self.model_reconnect_gap.observe(gap);
+    }
+
+    /// A session was renewed by its standby (`forced`: no silent moment came in time).
+    pub fn model_renewed(&self, forced: bool) {
+        self.model_renewals[usize::from(forced)].fetch_add(1, Relaxed);
+    }
+
+    pub fn model_renewals(&self, forced: bool) -> u64 {
+        self.model_renewals[usize::from(forced)].load(Relaxed)
     }
 
     pub fn call_fell_back(&self, reason: FallbackReason) {
@@ -907,6 +917,16 @@ impl Metrics {
             "Lost model sessions replaced within the reconnect budget, by how the lost one ended.",
             "reason",
             SessionEnd::ALL.map(|end| (end.as_str(), self.model_reconnects(end))),
+        );
+        write_labelled_counter(
+            &mut out,
+            "voxrelay_model_renewals_total",
+            "Model sessions renewed make-before-break before their age limit, at a silent moment or forced.",
+            "at",
+            [
+                ("silence", self.model_renewals(false)),
+                ("forced", self.model_renewals(true)),
+            ],
         );
         write_labelled_counter(
             &mut out,

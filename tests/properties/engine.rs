@@ -8,7 +8,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use proptest::prelude::*;
 use voxrelay::AudioMode;
-use voxrelay::session::continuity::ConnectFailure;
+use voxrelay::session::continuity::{ConnectFailure, ContinuityConfig};
 use voxrelay::session::conversation::MAX_TURNS;
 use voxrelay::session::engine::{
     CallEngine, EndReason, EngineError, HELD_DTMF_DIGITS, Input, OutKind, Outgoing, Output,
@@ -44,6 +44,8 @@ enum Op {
     Lose,
     /// The connect the engine asked for fails.
     ConnectFails,
+    /// A renewal's standby socket opened.
+    Standby,
 }
 
 fn op(numbers: Numbers) -> impl Strategy<Value = Op> {
@@ -55,6 +57,7 @@ fn op(numbers: Numbers) -> impl Strategy<Value = Op> {
         1 => (any::<bool>(), any::<bool>()).prop_map(|(pcm16, tools)| Op::Resolve { pcm16, tools }),
         1 => Just(Op::Lose),
         1 => Just(Op::ConnectFails),
+        1 => Just(Op::Standby),
     ]
 }
 
@@ -114,6 +117,8 @@ struct Step {
     to_twilio: Vec<Outgoing>,
     to_model: Vec<Outgoing>,
     tools: Vec<ToolCall>,
+    /// The step switched to a renewal's standby (a successor's configuration and replay).
+    switched: bool,
 }
 
 fn take_outputs(engine: &mut CallEngine) -> Step {
@@ -128,7 +133,11 @@ fn take_outputs(engine: &mut CallEngine) -> Step {
             }
             Output::ToModel(out) => step.to_model.push(out),
             Output::CallTool(call) => step.tools.push(call),
-            Output::Event(_) | Output::Close(_) | Output::ConnectModel { .. } => {}
+            Output::SwitchToStandby => step.switched = true,
+            Output::Event(_)
+            | Output::Close(_)
+            | Output::ConnectModel { .. }
+            | Output::ConnectStandby { .. } => {}
         }
     }
     step
@@ -151,7 +160,14 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
     };
     let chunks_per_step = (setup.lead_ms / u64::from(setup.chunk_ms)).max(1) as usize;
     let twilio_step_bound = 2 * chunks_per_step + 1;
-    let mut engine = CallEngine::new(playback);
+    // Sessions renew every 2 s of the script's clock, so renewals happen in every long run.
+    let mut engine = CallEngine::with_continuity(
+        playback,
+        ContinuityConfig {
+            session_max: Some(Duration::from_secs(2)),
+            ..ContinuityConfig::default()
+        },
+    );
     let t0 = Instant::now();
     let mut now = t0;
     let mut observed = Observed::default();
@@ -194,6 +210,9 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
             Op::Lose => {
                 let _ = engine.handle(now, Input::ModelClosed(EndReason::UpstreamClosed));
             }
+            Op::Standby => {
+                let _ = engine.handle(now, Input::StandbyConnected);
+            }
             Op::ConnectFails => {
                 let _ = engine.handle(now, Input::ModelConnectFailed(ConnectFailure::ServerError));
             }
@@ -223,6 +242,7 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
             let more = take_outputs(&mut engine);
             step.to_twilio.extend(more.to_twilio);
             step.to_model.extend(more.to_model);
+            step.switched |= more.switched;
         }
 
         let to_twilio = step.to_twilio;
@@ -241,6 +261,7 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
             prop_assert!(matches!(event, "media" | "mark" | "clear"), "{}", out.text);
             prop_assert_eq!(value["streamSid"].as_str(), engine.stream().stream_sid());
         }
+        let step_switched = step.switched;
         let to_upstream = step.to_model;
         for out in &to_upstream {
             let value: serde_json::Value = serde_json::from_str(&out.text).map_err(|e| {
@@ -261,7 +282,9 @@ fn run(setup: &Setup, ops: &[Op]) -> Result<Observed, TestCaseError> {
             let bound = match op {
                 Op::Twilio(_) => 2,
                 _ => MODEL_STEP_UPSTREAM_BOUND,
-            } + 2 * calls.len();
+            } + 2 * calls.len()
+                // A renewal's switch: the successor's configuration, replay and answer.
+                + if step_switched { 3 + MAX_TURNS } else { 0 };
             prop_assert!(
                 to_upstream.len() <= bound,
                 "{} messages to the model in one step (bound {}) after {:?}",

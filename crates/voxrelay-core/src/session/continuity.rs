@@ -11,6 +11,15 @@
 //! the engine closes the stream with [`super::engine::EndReason::ModelUnavailable`], and
 //! Twilio goes on to the TwiML after `<Connect>` (a person, or an apology).
 //!
+//! Renewal is make-before-break: a session older than [`ContinuityConfig::session_max`] gets
+//! a standby socket, opened while it still serves; the call switches to it at the first moment
+//! nobody speaks (no assistant audio playing or due, no caller speech), and the successor is
+//! configured and told the conversation then, so it knows everything said up to the switch.
+//! No silent moment within [`RENEWAL_FORCE_AFTER`] and the switch happens regardless, as a
+//! drop would. A standby that cannot be had is tried again [`STANDBY_RETRY`] later, at most
+//! [`STANDBY_ATTEMPTS`] times; the session then serves until its provider ends it, and the
+//! drop path takes over.
+//!
 //! Invariants: no wait is sized by anything a peer sent (backoffs are ours, capped); every
 //! attempt has a deadline inside the episode's budget; the session records are bounded
 //! ([`MAX_SESSION_RECORDS`], later ones counted); jitter comes from a seed the driver gives,
@@ -22,6 +31,13 @@ use std::time::{Duration, Instant};
 /// Session records kept per call; a call that needs more is already in trouble, and the
 /// count of the rest is kept.
 pub const MAX_SESSION_RECORDS: usize = 16;
+/// A standby waits this long for a silent moment before the switch is forced.
+pub const RENEWAL_FORCE_AFTER: Duration = Duration::from_secs(120);
+/// A failed standby is tried again after this long.
+pub const STANDBY_RETRY: Duration = Duration::from_secs(5);
+/// Standby attempts per renewal.
+pub const STANDBY_ATTEMPTS: u32 = 5;
+
 /// First backoff after a failed attempt; doubled per failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_millis(800);
@@ -41,6 +57,10 @@ pub struct ContinuityConfig {
     pub hold_prompt: Arc<[u8]>,
     /// Seeds the backoff jitter.
     pub seed: u64,
+    /// A session older than this is renewed, make-before-break, at the first moment both
+    /// sides are silent (the provider's session cap, with room to find that moment); `None`:
+    /// never.
+    pub session_max: Option<Duration>,
 }
 
 impl Default for ContinuityConfig {
@@ -52,6 +72,7 @@ impl Default for ContinuityConfig {
             hold_after: Duration::from_millis(700),
             hold_prompt: Arc::from(Vec::new()),
             seed: 0x5EED,
+            session_max: None,
         }
     }
 }

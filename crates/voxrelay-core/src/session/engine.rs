@@ -33,8 +33,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::continuity::{
-    ConnectFailure, ContinuityConfig, FallbackReason, MAX_SESSION_RECORDS, Reconnector, SessionEnd,
-    SessionRecord, Step,
+    ConnectFailure, ContinuityConfig, FallbackReason, MAX_SESSION_RECORDS, RENEWAL_FORCE_AFTER,
+    Reconnector, STANDBY_ATTEMPTS, STANDBY_RETRY, SessionEnd, SessionRecord, Step,
 };
 use super::conversation::Conversation;
 use super::model::ModelSession;
@@ -105,6 +105,10 @@ pub enum Input<'a> {
     ModelConnected,
     /// The connect asked for by [`Output::ConnectModel`] failed.
     ModelConnectFailed(ConnectFailure),
+    /// The standby socket asked for by [`Output::ConnectStandby`] is open (and kept aside).
+    StandbyConnected,
+    /// The standby connect failed.
+    StandbyFailed(ConnectFailure),
     /// A tool's answer (or error text) for a [`Output::CallTool`].
     ToolResult { call_id: &'a str, output: &'a str },
     /// The open model socket closed, failed, stalled or went silent; `reason` says which. The
@@ -146,6 +150,14 @@ pub enum Output {
     ConnectModel {
         deadline: Instant,
     },
+    /// Open a second socket to the model and keep it aside, unread and unwritten, while the
+    /// current one serves; say [`Input::StandbyConnected`] or [`Input::StandbyFailed`].
+    ConnectStandby {
+        deadline: Instant,
+    },
+    /// Make the standby socket the model's socket now (closing the current one); what follows
+    /// for the model goes to it.
+    SwitchToStandby,
     Event(CallEvent),
     /// The call is over: the driver sends what is already out, then closes both sockets.
     Close(EndReason),
@@ -161,6 +173,9 @@ pub enum CallEvent {
     ModelLost(SessionEnd),
     /// A new session replaced a lost one after `gap` (the caller's wait).
     ModelRestored { gap: Duration },
+    /// A session near its age limit was replaced by its standby at a silent moment
+    /// (`forced`: none came in time).
+    ModelRenewed { forced: bool },
     /// No session could be had: the stream closes so Twilio goes on to the fallback TwiML.
     FellBack(FallbackReason),
 }
@@ -346,6 +361,8 @@ pub struct ContinuityStats {
     pub sessions_unrecorded: u64,
     /// Lost sessions replaced.
     pub reconnects: u32,
+    /// Sessions renewed before their age limit.
+    pub renewals: u32,
     /// Time the caller spent without a model session after losses, summed.
     pub reconnect_gap_ms: u64,
     /// Hold prompt audio sent to the caller.
@@ -492,6 +509,28 @@ pub struct CallEngine {
     digits_sent: u64,
     /// The time of the latest input, for records made without one (the call's end).
     last_input_at: Option<Instant>,
+    renewal: Renewal,
+    /// Between the model's `speech_started` and `speech_stopped`.
+    caller_speaking: bool,
+}
+
+/// Where the open session's make-before-break renewal stands.
+#[derive(Default)]
+struct Renewal {
+    /// When the open session is due for renewal.
+    due: Option<Instant>,
+    standby: Standby,
+    attempts: u32,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Standby {
+    #[default]
+    None,
+    Connecting,
+    RetryAt(Instant),
+    /// Open, waiting for a silent moment (since when).
+    Ready(Instant),
 }
 
 /// The prompt a caller hears while the call waits for a model session.
@@ -536,6 +575,8 @@ impl CallEngine {
             hold: HoldPrompt::default(),
             digits_sent: 0,
             last_input_at: None,
+            renewal: Renewal::default(),
+            caller_speaking: false,
         }
     }
 
@@ -588,7 +629,7 @@ impl CallEngine {
             return Ok(());
         }
         self.last_input_at = Some(now);
-        match input {
+        let result = match input {
             Input::Twilio(text) => self.on_twilio_text(now, text),
             Input::Model(text) => self.on_model_text(now, text),
             Input::Tick => {
@@ -608,6 +649,26 @@ impl CallEngine {
                 }
                 Ok(())
             }
+            Input::StandbyConnected => {
+                if self.renewal.standby == Standby::Connecting {
+                    self.renewal.standby = Standby::Ready(now);
+                }
+                Ok(())
+            }
+            Input::StandbyFailed(failure) => {
+                if self.renewal.standby == Standby::Connecting {
+                    if self.renewal.attempts < STANDBY_ATTEMPTS {
+                        self.renewal.standby = Standby::RetryAt(now + STANDBY_RETRY);
+                    } else {
+                        tracing::warn!(
+                            kind = failure.as_str(),
+                            "no standby session for the renewal: the session serves until it ends"
+                        );
+                        self.renewal = Renewal::default();
+                    }
+                }
+                Ok(())
+            }
             Input::ToolResult { call_id, output } => {
                 if self.model.is_none() {
                     return Err(EngineError::NoModelSession);
@@ -619,7 +680,9 @@ impl CallEngine {
                 self.on_model_lost(now, reason);
                 Ok(())
             }
-        }
+        };
+        self.advance_renewal(now);
+        result
     }
 
     /// The next thing for the driver to do, in the order the inputs caused them.
@@ -630,10 +693,17 @@ impl CallEngine {
     /// When [`Input::Tick`] is due next: the pacer's next send, the next connect attempt, the
     /// hold prompt.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let renewal = match self.renewal.standby {
+            Standby::None => self.renewal.due,
+            Standby::RetryAt(at) => Some(at),
+            Standby::Ready(since) => Some(since + RENEWAL_FORCE_AFTER),
+            Standby::Connecting => None,
+        };
         [
             self.playback.poll_timeout(),
             self.reconnector.poll_timeout(),
             self.hold.due,
+            renewal,
         ]
         .into_iter()
         .flatten()
@@ -869,6 +939,7 @@ impl CallEngine {
         if prewarmed {
             self.reconnector.opened_prewarmed();
             self.record_session_start(now, Vec::new());
+            self.arm_renewal(now);
             // Configured on the webhook's socket; what it held back (the greeting) goes first.
             for text in held_for_call {
                 self.push_model_control(text);
@@ -890,14 +961,30 @@ impl CallEngine {
         }
         let (gap, failed_attempts) = self.reconnector.connected(now);
         self.record_session_start(now, failed_attempts);
+        let replaced = self.model.as_ref().is_some_and(|model| model.successor);
+        self.open_session(now);
+        if replaced {
+            self.stats.continuity.reconnect_gap_ms += gap.as_millis() as u64;
+            self.hold.due = None;
+            self.outputs
+                .push_back(Output::Event(CallEvent::ModelRestored { gap }));
+            tracing::info!(gap_ms = gap.as_millis() as u64, "model session replaced");
+        }
+        self.release_held();
+        Ok(())
+    }
+
+    /// Configures the session whose socket just opened (a successor is then told the
+    /// conversation so far, as the caller heard it, and asked to answer if one is owed), and
+    /// arms its renewal.
+    fn open_session(&mut self, now: Instant) {
         let Some(model) = self.model.as_mut() else {
-            return Err(EngineError::NoModelSession);
+            return;
         };
         let mut opening = std::mem::take(&mut self.scratch.follow_ups);
         opening.clear();
         model.session.open(&mut opening);
         if std::mem::take(&mut model.successor) {
-            // The conversation so far, as the caller heard it, then an answer if one is owed.
             let protocol = model.session.protocol();
             let before = opening.len();
             opening.extend(
@@ -912,11 +999,6 @@ impl CallEngine {
             {
                 opening.push(protocol.create_response());
             }
-            self.stats.continuity.reconnect_gap_ms += gap.as_millis() as u64;
-            self.hold.due = None;
-            self.outputs
-                .push_back(Output::Event(CallEvent::ModelRestored { gap }));
-            tracing::info!(gap_ms = gap.as_millis() as u64, "model session replaced");
         }
         // Ahead of everything held: the session must be configured before the first audio or
         // command reaches it.
@@ -924,8 +1006,93 @@ impl CallEngine {
             self.push_model_control(text);
         }
         self.scratch.follow_ups = opening;
-        self.release_held();
-        Ok(())
+        self.arm_renewal(now);
+    }
+
+    fn arm_renewal(&mut self, now: Instant) {
+        self.renewal = Renewal {
+            due: self.reconnector.config().session_max.map(|max| now + max),
+            ..Renewal::default()
+        };
+    }
+
+    /// Moves the renewal on: the standby dialled when the session is due (or its retry is),
+    /// and the switch made at the first silent moment (or forced when none came in time).
+    fn advance_renewal(&mut self, now: Instant) {
+        if self.closed.is_some() || !self.model_is_open() {
+            return;
+        }
+        match self.renewal.standby {
+            Standby::None | Standby::RetryAt(_) => {
+                let due = match self.renewal.standby {
+                    Standby::RetryAt(at) => Some(at),
+                    _ => self.renewal.due,
+                };
+                if due.is_some_and(|due| now >= due) {
+                    self.renewal.attempts += 1;
+                    self.renewal.standby = Standby::Connecting;
+                    let deadline = now + self.reconnector.config().connect_timeout;
+                    self.outputs.push_back(Output::ConnectStandby { deadline });
+                }
+            }
+            Standby::Connecting => {}
+            Standby::Ready(since) => {
+                let forced = now >= since + RENEWAL_FORCE_AFTER;
+                if forced || self.is_silent(now) {
+                    self.switch_to_standby(now, forced);
+                }
+            }
+        }
+    }
+
+    /// Nobody is speaking: no assistant audio playing or due, no response running, no caller
+    /// speech, no hold prompt.
+    fn is_silent(&self, now: Instant) -> bool {
+        !self.caller_speaking
+            && !self.hold.playing
+            && !self.playback.is_active(now)
+            && self
+                .model
+                .as_ref()
+                .is_some_and(|model| model.active_response.is_none() && !model.response_owed)
+    }
+
+    /// The renewal's switch: the standby becomes the call's session, configured and told the
+    /// conversation up to now.
+    fn switch_to_standby(&mut self, now: Instant, forced: bool) {
+        self.record_session_end(now, SessionEnd::Renewed);
+        self.outputs.push_back(Output::SwitchToStandby);
+        if forced {
+            // Like a drop: whatever is playing stops where the caller is.
+            if let Some(interruption) = self.playback.on_speech_started(now) {
+                self.send_clear(now);
+                self.note_interruption(&interruption);
+            }
+        }
+        if let Some(model) = self.model.as_mut() {
+            let respond_on_open = model.active_response.is_some() || model.response_owed;
+            let successor = model.session.successor();
+            let mode = successor.audio_mode();
+            *model = ModelLeg {
+                session: successor,
+                resamplers: Resamplers::for_mode(mode),
+                last_audio: None,
+                produced: VecDeque::new(),
+                bytes_per_ms: model.bytes_per_ms,
+                active_response: None,
+                response_owed: false,
+                successor: true,
+                respond_on_open,
+            };
+        }
+        self.playback.on_session_replaced();
+        self.caller_speaking = false;
+        self.stats.continuity.renewals += 1;
+        self.record_session_start(now, Vec::new());
+        self.open_session(now);
+        self.outputs
+            .push_back(Output::Event(CallEvent::ModelRenewed { forced }));
+        tracing::info!(forced, "model session renewed");
     }
 
     /// The open session is gone: a response it was speaking is cut where the caller is (so
@@ -976,6 +1143,8 @@ impl CallEngine {
         }
         self.playback.on_session_replaced();
         self.hold.due = Some(now + self.reconnector.config().hold_after);
+        self.renewal = Renewal::default();
+        self.caller_speaking = false;
         let step = self.reconnector.lost(now);
         self.follow(now, step);
     }
@@ -1119,10 +1288,11 @@ impl CallEngine {
                 audio_b64,
             } => self.on_model_audio(now, &response_id, &item_id, &audio_b64)?,
             UpstreamEvent::SpeechStarted { item_id, .. } => {
+                self.caller_speaking = true;
                 self.conversation.caller_started(&item_id);
                 self.on_speech_started(now);
             }
-            UpstreamEvent::SpeechStopped { .. } => {}
+            UpstreamEvent::SpeechStopped { .. } => self.caller_speaking = false,
             UpstreamEvent::ResponseCreated { response_id } => {
                 self.stop_hold(now);
                 self.playback.on_response_created(&response_id);

@@ -149,6 +149,9 @@ struct Harness {
     closed: Option<EndReason>,
     /// Deadlines of the connects the engine asked for.
     connects: Vec<Instant>,
+    /// Standby connects asked for, and switches to the standby.
+    standby_connects: usize,
+    switches: usize,
     events: Vec<CallEvent>,
 }
 
@@ -169,6 +172,8 @@ impl Harness {
             started: None,
             closed: None,
             connects: Vec::new(),
+            standby_connects: 0,
+            switches: 0,
             events: Vec::new(),
         }
     }
@@ -273,6 +278,16 @@ impl Harness {
                 Output::Event(CallEvent::Started(info)) => self.started = Some(info),
                 Output::Event(event) => self.events.push(event),
                 Output::ConnectModel { deadline } => self.connects.push(deadline),
+                Output::ConnectStandby { .. } => self.standby_connects += 1,
+                Output::SwitchToStandby => {
+                    self.switches += 1;
+                    // As the driver: the new socket takes what follows.
+                    self.to_model.push(Outgoing {
+                        text: r#"{"type":"voxrelay.switch"}"#.to_owned(),
+                        kind: OutKind::Control,
+                        caused_at: None,
+                    });
+                }
                 Output::Close(reason) => self.closed = Some(reason),
             }
         }
@@ -1537,9 +1552,11 @@ fn transcript_delta(item_id: &str, text: &str) -> String {
     .to_string()
 }
 
-fn caller_turn(item_id: &str, text: &str) -> [String; 2] {
+fn caller_turn(item_id: &str, text: &str) -> [String; 3] {
     [
         json!({"type": "input_audio_buffer.speech_started", "item_id": item_id, "audio_start_ms": 0})
+            .to_string(),
+        json!({"type": "input_audio_buffer.speech_stopped", "item_id": item_id, "audio_end_ms": 900})
             .to_string(),
         json!({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
                "content_index": 0, "transcript": text})
@@ -1821,4 +1838,119 @@ fn a_tool_answered_between_sessions_is_replayed_and_answered_by_the_successor() 
             "response.create"
         ]
     );
+}
+
+#[test]
+fn an_old_session_is_renewed_make_before_break_at_a_silent_moment() {
+    let mut h = Harness::bare_with(
+        AudioMode::Pcmu,
+        ContinuityConfig {
+            session_max: Some(Duration::from_secs(5)),
+            ..ContinuityConfig::default()
+        },
+    );
+    h.twilio(0, twilio_fixture("connected")).unwrap();
+    h.twilio(0, twilio_fixture("start")).unwrap();
+    h.open_model();
+    h.upstream_out();
+    for text in caller_turn("u1", "Are you open?") {
+        h.upstream(100, &text).unwrap();
+    }
+    h.upstream(4_900, &response_created("r1")).unwrap();
+    h.upstream(4_900, &delta("r1", "a1", &[0x21; 4000]))
+        .unwrap(); // 500 ms
+    h.upstream(4_900, &transcript_done("a1", "Yes, until nine."))
+        .unwrap();
+    assert_eq!(
+        h.engine.poll_timeout().map(|at| at <= h.at(5_000)),
+        Some(true)
+    );
+    h.play(4_900, 5_000);
+    assert_eq!(
+        h.standby_connects, 1,
+        "the standby is dialled when the session is due"
+    );
+    h.engine
+        .handle(h.at(5_020), Input::StandbyConnected)
+        .unwrap();
+    h.drain();
+    assert_eq!(h.switches, 0, "the assistant is still speaking");
+    h.upstream(5_040, &response_done("r1")).unwrap();
+    h.play(5_040, 5_300);
+    assert_eq!(h.switches, 0, "its audio is still playing");
+    h.upstream_out();
+    h.play(5_320, 5_600);
+    assert_eq!(h.switches, 1, "switched once nobody speaks");
+    let up = h.upstream_out();
+    let kinds: Vec<&str> = up.iter().map(Sent::kind_str).collect();
+    assert_eq!(
+        kinds,
+        [
+            "voxrelay.switch",
+            "session.update",
+            "conversation.item.create",
+            "conversation.item.create"
+        ],
+        "the successor is configured and told everything, and not asked to speak"
+    );
+    assert_eq!(up[3].json["item"]["content"][0]["text"], "Yes, until nine.");
+    // Caller audio after the switch goes to the successor, after its configuration.
+    h.twilio(5_620, &media_msg(&b64(&[9; 160]))).unwrap();
+    assert_eq!(h.upstream_out()[0].kind_str(), "input_audio_buffer.append");
+    let continuity = &h.engine.stats().continuity;
+    assert_eq!(continuity.renewals, 1);
+    assert_eq!(continuity.sessions[0].end, Some(SessionEnd::Renewed));
+    assert_eq!(continuity.sessions.len(), 2);
+    assert_eq!(continuity.reconnect_gap_ms, 0);
+    assert_eq!(h.engine.stats().barge_ins, 0);
+    assert!(matches!(
+        h.events.last(),
+        Some(CallEvent::ModelRenewed { forced: false })
+    ));
+    // And the successor is due in its turn.
+    h.play(10_000, 10_700);
+    assert_eq!(h.standby_connects, 2);
+}
+
+#[test]
+fn a_renewal_with_no_silent_moment_is_forced_and_a_failed_standby_retried() {
+    let mut h = Harness::bare_with(
+        AudioMode::Pcmu,
+        ContinuityConfig {
+            session_max: Some(Duration::from_secs(5)),
+            ..ContinuityConfig::default()
+        },
+    );
+    h.twilio(0, twilio_fixture("connected")).unwrap();
+    h.twilio(0, twilio_fixture("start")).unwrap();
+    h.open_model();
+    h.upstream_out();
+    h.tick(h.at(5_000));
+    assert_eq!(h.standby_connects, 1);
+    h.engine
+        .handle(
+            h.at(5_100),
+            Input::StandbyFailed(ConnectFailure::ServerError),
+        )
+        .unwrap();
+    h.drain();
+    let retry = h.engine.poll_timeout().expect("a retry");
+    assert_eq!(retry, h.at(5_100) + STANDBY_RETRY);
+    h.tick(retry);
+    assert_eq!(h.standby_connects, 2);
+    // The caller talks without pause.
+    h.upstream(
+        retry.duration_since(h.t0).as_millis() as u64,
+        speech_started(),
+    )
+    .unwrap();
+    h.engine.handle(retry, Input::StandbyConnected).unwrap();
+    h.drain();
+    assert_eq!(h.switches, 0);
+    h.tick(retry + RENEWAL_FORCE_AFTER);
+    assert_eq!(h.switches, 1);
+    assert!(matches!(
+        h.events.last(),
+        Some(CallEvent::ModelRenewed { forced: true })
+    ));
 }
