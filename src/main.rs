@@ -23,6 +23,8 @@ use voxrelay::http::{Bridge, shutdown_signal};
 #[cfg(feature = "sim")]
 use voxrelay::in_process::InProcessLauncher;
 #[cfg(feature = "control-plane")]
+use voxrelay_control_plane::seed::SeedSource;
+#[cfg(feature = "control-plane")]
 use voxrelay_control_plane::server::{ControlPlane, ControlPlaneConfig};
 #[cfg(feature = "control-plane")]
 use voxrelay_control_plane::store::DbLocation;
@@ -307,9 +309,10 @@ async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
         })
         .collect::<Vec<_>>()
         .join(",");
+    // The files the seed names are read relative to its directory, when the seed is parsed.
     let seed = match &args.seed {
         Some(path) => Some(
-            std::fs::read_to_string(path)
+            SeedSource::read(path)
                 .with_context(|| format!("reading the seed file {}", path.display()))?,
         ),
         None => None,

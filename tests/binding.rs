@@ -202,9 +202,8 @@ mod unbound {
     use voxrelay::control::api::{CallReport, ReportBinding};
     use voxrelay::control::signing::{SigningKey, Verifier};
     use voxrelay::session::binding::{STREAM_TOKEN_PARAMETER, StreamTokens, TOKEN_LIFETIME};
-    use voxrelay_control_plane::server::{
-        ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
-    };
+    use voxrelay_control_plane::seed::SeedSource;
+    use voxrelay_control_plane::server::{ControlPlane, ControlPlaneConfig, RunningControlPlane};
     use voxrelay_control_plane::store::DbLocation;
     use voxrelay_sim::caller::{CallerConfig, place_call};
 
@@ -245,7 +244,7 @@ mod unbound {
         ControlPlane::start(ControlPlaneConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             db: DbLocation::InMemory,
-            seed: Some(seed_toml().to_owned()),
+            seed: Some(SeedSource::shipped()),
             verifier: Verifier::from_key_list(&format!("{CP_KEY_ID}:{CP_SECRET}")).unwrap(),
         })
         .await

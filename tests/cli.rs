@@ -270,9 +270,8 @@ mod drain {
     use url::Url;
     use voxrelay::control::signing::Verifier;
     use voxrelay::twilio::signature::compute_signature;
-    use voxrelay_control_plane::server::{
-        ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
-    };
+    use voxrelay_control_plane::seed::SeedSource;
+    use voxrelay_control_plane::server::{ControlPlane, ControlPlaneConfig, RunningControlPlane};
     use voxrelay_control_plane::store::DbLocation;
     use voxrelay_sim::mock::{MockConfig, MockRealtimeServer};
 
@@ -368,7 +367,7 @@ mod drain {
         ControlPlane::start(ControlPlaneConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             db: DbLocation::File(db.to_path_buf()),
-            seed: Some(seed_toml().to_owned()),
+            seed: Some(SeedSource::shipped()),
             verifier: Verifier::from_key_list(&format!("{CP_KEY_ID}:{CP_SECRET}")).unwrap(),
         })
         .await

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
@@ -17,14 +19,16 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use voxrelay::Secret;
 use voxrelay::control::api::{
-    self, CallHistory, CallLatency, CallReport, ReportBinding, Speaker, TenantContext,
-    TranscriptEntry,
+    self, CallHistory, CallLatency, CallReport, ModelSessionReport, ReportBinding, ReportFallback,
+    Speaker, TenantContext, TranscriptEntry,
 };
 use voxrelay::control::signing::{SignedHeaders, SigningKey, Verifier, sign};
-use voxrelay_control_plane::server::{
-    ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
-};
+use voxrelay_control_plane::seed::{SeedFiles, SeedSource};
+use voxrelay_control_plane::server::{ControlPlane, ControlPlaneConfig, RunningControlPlane};
 use voxrelay_control_plane::store::DbLocation;
+
+/// The hold prompt `fixtures/tenants.toml` gives bistro_luna.
+const HOLD_PROMPT_FIXTURE: &[u8] = include_bytes!("../fixtures/hold-prompt-8k-mulaw.raw");
 
 const KEYS: &str =
     "cp-2025-06:old secret,cp-2025-09:new secret: with a colon,ops-2025-09:ops secret:operator";
@@ -59,7 +63,7 @@ async fn start(db: DbLocation, listen: SocketAddr) -> RunningControlPlane {
     ControlPlane::start(ControlPlaneConfig {
         listen,
         db,
-        seed: Some(seed_toml().to_owned()),
+        seed: Some(SeedSource::shipped()),
         verifier: Verifier::from_key_list(KEYS).expect("keys"),
     })
     .await
@@ -351,6 +355,8 @@ async fn context_for_both_tenants() {
                 .collect()
         };
         assert_eq!(names(&acme), ["lookup_business_hours", "take_message"]);
+        assert_eq!(acme.fallback_number.as_deref(), Some("+15550100999"));
+        assert_eq!(acme.hold_prompt, None);
 
         // bistro_luna has two numbers; both reach it.
         for to in ["+15550100002", "+15550100003"] {
@@ -365,6 +371,12 @@ async fn context_for_both_tenants() {
             assert_eq!(luna.max_call_seconds, 300);
             assert_eq!(luna.memory_namespace, "bistro_luna/client_alice");
             assert_eq!(names(&luna), ["lookup_business_hours"]);
+            assert_eq!(luna.fallback_number, None);
+            let prompt = luna.hold_prompt.as_deref().map(|text| BASE64.decode(text));
+            assert_eq!(
+                prompt.transpose().expect("base64").as_deref(),
+                Some(HOLD_PROMPT_FIXTURE)
+            );
         }
         // No caller number: still inside the tenant.
         let reply = context(addr, "+15550100002", "", "").await;
@@ -895,6 +907,80 @@ async fn a_report_sent_twice_is_one_call_and_history_is_per_tenant() {
 }
 
 #[tokio::test]
+async fn a_report_with_two_model_sessions_and_a_fallback_comes_back_in_history() {
+    bounded(async {
+        let cp = start_in_memory().await;
+        let addr = cp.local_addr();
+        let looked_up = context(addr, "+15550100001", "+15551230000", "CA-cont").await;
+        assert_eq!(looked_up.status, 200, "{}", looked_up.body);
+        let mut sent = report("CA-cont", "acme_dental", "+15550100001", 1_750_000_000_000);
+        sent.model_sessions = vec![
+            ModelSessionReport {
+                started_ms: 0,
+                ended_ms: Some(20_000),
+                end: Some("drop".into()),
+                failed_connects: Vec::new(),
+            },
+            ModelSessionReport {
+                started_ms: 21_200,
+                ended_ms: Some(42_000),
+                end: Some("call_ended".into()),
+                failed_connects: vec!["server_error".into()],
+            },
+        ];
+        sent.reconnect_gap_ms = 1_200;
+        sent.hold_prompt_ms = 500;
+        sent.fallback = Some(ReportFallback {
+            reason: "too_many_drops".into(),
+            caller_got: "dial".into(),
+        });
+        let stored = post_report(addr, &sent).await;
+        assert_eq!(stored.status, 200, "{}", stored.body);
+
+        let reply = send_as(
+            &ops_key(),
+            addr,
+            "GET",
+            "/v1/calls?tenant_id=acme_dental",
+            None,
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        // The JSON keys as documented, not only what serde reads back.
+        let call = &reply.body["calls"][0];
+        assert_eq!(call["model_sessions"][0]["end"], "drop");
+        assert_eq!(
+            call["model_sessions"][1]["failed_connects"],
+            json!(["server_error"])
+        );
+        assert_eq!(call["reconnect_gap_ms"], 1_200);
+        assert_eq!(call["hold_prompt_ms"], 500);
+        assert_eq!(
+            call["fallback"],
+            json!({"reason": "too_many_drops", "caller_got": "dial"})
+        );
+        let history: CallHistory = serde_json::from_value(reply.body).expect("history");
+        assert_eq!(history.calls, vec![sent.clone()]);
+
+        // A report that changes only a session is another report: refused, nothing replaced.
+        let mut other = sent.clone();
+        other.model_sessions.truncate(1);
+        let refused = post_report(addr, &other).await;
+        assert_eq!(
+            (refused.status, error_code(&refused)),
+            (409, "report_conflict")
+        );
+        assert_eq!(history_of(addr, "acme_dental").await, vec![sent]);
+        cp.stop().await;
+    })
+    .await;
+}
+
+async fn history_of(addr: SocketAddr, tenant: &str) -> Vec<CallReport> {
+    history(addr, tenant).await.calls
+}
+
+#[tokio::test]
 async fn tools_read_and_write_the_database_and_never_cross_tenants() {
     bounded(async {
         let cp = start_in_memory().await;
@@ -1044,7 +1130,7 @@ async fn start_refuses_a_bad_seed_and_an_empty_key_list() {
         let bad_seed = ControlPlane::start(ControlPlaneConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             db: DbLocation::InMemory,
-            seed: Some("[[tenants]]\nid = \"x\"".into()),
+            seed: Some(SeedSource::with_shipped_files("[[tenants]]\nid = \"x\"")),
             verifier: Verifier::from_key_list(KEYS).expect("keys"),
         })
         .await;
@@ -1052,6 +1138,39 @@ async fn start_refuses_a_bad_seed_and_an_empty_key_list() {
             bad_seed.map(|_| ()),
             Err(voxrelay_control_plane::server::ControlPlaneError::Seed(_))
         ));
+        // A fallback number the bridge would ignore, and a hold prompt over the limit.
+        let dir = TempDir::new("bad-seed");
+        std::fs::write(
+            dir.0.join("long.raw"),
+            vec![0xff_u8; api::MAX_HOLD_PROMPT_BYTES + 1],
+        )
+        .expect("write");
+        let shipped = voxrelay_control_plane::server::seed_toml();
+        let bad_number = shipped.replace("\"+15550100999\"", "\"+1555\"");
+        let long_prompt = shipped.replace("\"hold-prompt-8k-mulaw.raw\"", "\"long.raw\"");
+        assert!(bad_number != shipped && long_prompt != shipped);
+        for text in [bad_number, long_prompt] {
+            let refused = ControlPlane::start(ControlPlaneConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                db: DbLocation::InMemory,
+                seed: Some(SeedSource {
+                    text,
+                    files: SeedFiles::Dir(dir.0.clone()),
+                }),
+                verifier: Verifier::from_key_list(KEYS).expect("keys"),
+            })
+            .await;
+            match refused.map(|_| ()) {
+                Err(voxrelay_control_plane::server::ControlPlaneError::Seed(error)) => {
+                    let text = error.to_string();
+                    assert!(
+                        text.contains("(acme_dental)") || text.contains("(bistro_luna)"),
+                        "{text}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
         let no_keys = ControlPlane::start(ControlPlaneConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             db: DbLocation::InMemory,
@@ -1175,6 +1294,13 @@ async fn the_command_serves_signed_requests_from_its_seeded_database() {
     };
     assert_eq!(context.status, 200, "{}", context.body);
     assert_eq!(context.body["tenant_id"], "acme_dental");
+    assert_eq!(context.body["fallback_number"], "+15550100999");
+    // The seed's hold_prompt_file was read beside the seed file the command was given.
+    let luna = bounded(self::context(addr, "+15550100002", "", "")).await;
+    assert_eq!(
+        luna.body["hold_prompt"].as_str(),
+        Some(BASE64.encode(HOLD_PROMPT_FIXTURE).as_str())
+    );
     let unsigned = bounded(send_raw(
         addr,
         "GET",

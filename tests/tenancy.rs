@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use voxrelay::config::{ControlPlaneTarget, DEFAULT_GREETING, DEFAULT_INSTRUCTIONS};
 use voxrelay::control::signing::{SigningKey, Verifier};
 use voxrelay::{AudioMode, Secret};
+use voxrelay_control_plane::seed::SeedSource;
 use voxrelay_control_plane::server::{
     ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
 };
@@ -63,7 +64,7 @@ async fn start_control_plane_seeded(
     ControlPlane::start(ControlPlaneConfig {
         listen,
         db: DbLocation::File(db.to_path_buf()),
-        seed: Some(seed.to_owned()),
+        seed: Some(SeedSource::with_shipped_files(seed)),
         verifier: Verifier::from_key_list(&format!("{KEY_ID}:{KEY_SECRET}")).unwrap(),
     })
     .await

@@ -1,23 +1,124 @@
-//! The reference control plane's seed file: tenants, their numbers, tools and business hours,
-//! parsed from TOML and validated before anything touches the database.
+//! The reference control plane's seed file: tenants, their numbers, tools, business hours and
+//! call-continuity settings, parsed from TOML and validated before anything touches the
+//! database.
 //!
-//! Owns the seed format (see `fixtures/tenants.toml` and `docs/control-plane-api.md`, part 3)
-//! and its rules. Invariants of a [`Seed`] that parsed: tenant ids are unique and safe as a
-//! memory-namespace prefix (`[A-Za-z0-9_-]`, so never a `/`); every number is E.164 and belongs
-//! to exactly one tenant; every tool is one of [`tools::TOOL_NAMES`](super::tools::TOOL_NAMES)
-//! and listed once; opening hours are `HH:MM-HH:MM` with the opening before the closing. Errors
+//! Owns the seed format (see `fixtures/tenants.toml` and `docs/control-plane-api.md`, part 3),
+//! its rules, and the reading of the files a seed names ([`SeedFiles`]: the seed file's
+//! directory, or the shipped fixtures compiled in). Invariants of a [`Seed`] that parsed: tenant
+//! ids are unique and safe as a memory-namespace prefix (`[A-Za-z0-9_-]`, so never a `/`); every
+//! number is E.164 and belongs to exactly one tenant; every tool is one of
+//! [`tools::TOOL_NAMES`](super::tools::TOOL_NAMES) and listed once; opening hours are
+//! `HH:MM-HH:MM` with the opening before the closing; a fallback number passes the bridge's own
+//! E.164 check ([`api::is_e164`]); a hold prompt is 1 to [`MAX_HOLD_PROMPT_BYTES`] bytes, read
+//! whole at parse time (a file never costs more than that limit plus one byte to read). Errors
 //! name the tenant (by index and id) and the field, never a whole value.
 
 use std::collections::HashSet;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 pub use super::hours::{BusinessHours, OpenHours, WEEKDAYS};
 use super::tools::Tool;
 use voxrelay_core::AudioMode;
+use voxrelay_core::control::api::{self, MAX_HOLD_PROMPT_BYTES};
 
 /// Longest tenant id accepted: it prefixes every memory namespace.
 const MAX_TENANT_ID_LEN: usize = 64;
+
+/// The seed the repository ships (`fixtures/tenants.toml`).
+pub const SHIPPED_SEED: &str = include_str!("../../../fixtures/tenants.toml");
+
+/// The files beside the shipped seed that it names, by the name it uses, compiled in with it.
+const SHIPPED_FILES: [(&str, &[u8]); 1] = [(
+    "hold-prompt-8k-mulaw.raw",
+    include_bytes!("../../../fixtures/hold-prompt-8k-mulaw.raw"),
+)];
+
+/// A seed's text and where the files it names (`hold_prompt_file`) are read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeedSource {
+    pub text: String,
+    pub files: SeedFiles,
+}
+
+impl SeedSource {
+    /// The shipped seed with its files, compiled in (the demo, the benchmark, tests).
+    pub fn shipped() -> Self {
+        Self::with_shipped_files(SHIPPED_SEED)
+    }
+
+    /// Seed text whose `hold_prompt_file`s are the shipped fixtures (the shipped seed, edited).
+    pub fn with_shipped_files(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            files: SeedFiles::Shipped,
+        }
+    }
+
+    /// Reads a seed file; the files it names are relative to its directory.
+    pub fn read(path: &Path) -> io::Result<Self> {
+        let text = std::fs::read_to_string(path)?;
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Ok(Self {
+            text,
+            files: SeedFiles::Dir(dir),
+        })
+    }
+
+    /// Parses and validates the seed, reading the files it names.
+    pub fn parse(&self) -> Result<Seed, SeedError> {
+        Seed::parse(&self.text, &self.files)
+    }
+}
+
+/// Where the files a seed names come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SeedFiles {
+    /// Paths relative to this directory (the seed file's); an absolute path is refused, so a
+    /// seed and its files move together.
+    Dir(PathBuf),
+    /// The fixtures the shipped seed names, compiled in: the shipped seed then works from any
+    /// working directory and in a binary far from the checkout. Other names are not found.
+    Shipped,
+}
+
+impl SeedFiles {
+    /// The file's bytes, or the first `limit + 1` of them when it is longer (enough for the
+    /// caller to tell it is too long without reading, or holding, the rest).
+    fn read(&self, relative: &str, limit: usize) -> io::Result<Vec<u8>> {
+        match self {
+            SeedFiles::Dir(dir) => {
+                let relative = Path::new(relative);
+                if relative.is_absolute() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "the path must be relative to the seed file's directory",
+                    ));
+                }
+                let mut bytes = Vec::new();
+                std::fs::File::open(dir.join(relative))?
+                    .take(limit as u64 + 1)
+                    .read_to_end(&mut bytes)?;
+                Ok(bytes)
+            }
+            SeedFiles::Shipped => SHIPPED_FILES
+                .iter()
+                .find(|(name, _)| *name == relative)
+                .map(|(_, bytes)| bytes[..bytes.len().min(limit + 1)].to_vec())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "not one of the files shipped with the seed",
+                    )
+                }),
+        }
+    }
+}
 
 /// A validated seed file.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,6 +142,11 @@ pub struct SeedTenant {
     pub business_hours: BusinessHours,
     /// E.164 numbers that reach this tenant.
     pub numbers: Vec<String>,
+    /// Where callers go when no model session can be had (E.164, as the bridge checks it).
+    pub fallback_number: Option<String>,
+    /// What callers hear while a lost model session is replaced: 8 kHz μ-law, 1 to
+    /// [`MAX_HOLD_PROMPT_BYTES`] bytes, read from the seed's `hold_prompt_file`.
+    pub hold_prompt: Option<Vec<u8>>,
 }
 
 /// Why a seed file was refused. Validation errors do not echo values (a seed may carry long or
@@ -101,6 +207,20 @@ pub enum SeedError {
         tenant: String,
         day: &'static str,
     },
+    #[error(
+        "tenant {index} ({tenant}): `fallback_number` is not E.164 (`+` and 8 to 15 digits, the first not 0)"
+    )]
+    InvalidFallbackNumber { index: usize, tenant: String },
+    #[error("tenant {index} ({tenant}): `hold_prompt_file` cannot be read: {source}")]
+    HoldPromptUnreadable {
+        index: usize,
+        tenant: String,
+        source: io::Error,
+    },
+    #[error(
+        "tenant {index} ({tenant}): `hold_prompt_file` must hold 1 to {MAX_HOLD_PROMPT_BYTES} bytes of 8 kHz μ-law"
+    )]
+    HoldPromptSize { index: usize, tenant: String },
 }
 
 #[derive(Deserialize)]
@@ -129,6 +249,11 @@ struct RawTenant {
     numbers: Vec<String>,
     #[serde(default)]
     business_hours: RawBusinessHours,
+    #[serde(default)]
+    fallback_number: Option<String>,
+    /// Relative to the seed file's directory.
+    #[serde(default)]
+    hold_prompt_file: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -146,8 +271,8 @@ struct RawBusinessHours {
 }
 
 impl Seed {
-    /// Parses and validates a seed file's text.
-    pub fn parse(text: &str) -> Result<Self, SeedError> {
+    /// Parses and validates a seed file's text, reading the files it names from `files`.
+    pub fn parse(text: &str, files: &SeedFiles) -> Result<Self, SeedError> {
         let raw: RawSeed = toml::from_str(text)?;
         if raw.tenants.is_empty() {
             return Err(SeedError::NoTenants);
@@ -156,7 +281,7 @@ impl Seed {
         let mut numbers = HashSet::new();
         let mut tenants = Vec::with_capacity(raw.tenants.len());
         for (position, raw_tenant) in raw.tenants.into_iter().enumerate() {
-            let tenant = validate_tenant(position + 1, raw_tenant, &mut numbers)?;
+            let tenant = validate_tenant(position + 1, raw_tenant, &mut numbers, files)?;
             if !tenant_ids.insert(tenant.id.clone()) {
                 return Err(SeedError::DuplicateTenant {
                     index: position + 1,
@@ -173,6 +298,7 @@ fn validate_tenant(
     index: usize,
     raw: RawTenant,
     numbers_seen: &mut HashSet<String>,
+    files: &SeedFiles,
 ) -> Result<SeedTenant, SeedError> {
     let id = raw.id.trim().to_owned();
     if !is_valid_tenant_id(&id) {
@@ -272,6 +398,24 @@ fn validate_tenant(
         };
     }
 
+    let fallback_number = match raw.fallback_number {
+        None => None,
+        Some(number) => {
+            let number = number.trim();
+            if !api::is_e164(number) {
+                return Err(SeedError::InvalidFallbackNumber {
+                    index,
+                    tenant: tenant.clone(),
+                });
+            }
+            Some(number.to_owned())
+        }
+    };
+    let hold_prompt = match raw.hold_prompt_file {
+        None => None,
+        Some(path) => Some(read_hold_prompt(index, &tenant, path.trim(), files)?),
+    };
+
     Ok(SeedTenant {
         id,
         agent_name,
@@ -287,7 +431,38 @@ fn validate_tenant(
             days,
         },
         numbers,
+        fallback_number,
+        hold_prompt,
     })
+}
+
+fn read_hold_prompt(
+    index: usize,
+    tenant: &str,
+    path: &str,
+    files: &SeedFiles,
+) -> Result<Vec<u8>, SeedError> {
+    if path.is_empty() {
+        return Err(SeedError::EmptyField {
+            index,
+            tenant: tenant.to_owned(),
+            field: "hold_prompt_file",
+        });
+    }
+    let bytes = files.read(path, MAX_HOLD_PROMPT_BYTES).map_err(|source| {
+        SeedError::HoldPromptUnreadable {
+            index,
+            tenant: tenant.to_owned(),
+            source,
+        }
+    })?;
+    if bytes.is_empty() || bytes.len() > MAX_HOLD_PROMPT_BYTES {
+        return Err(SeedError::HoldPromptSize {
+            index,
+            tenant: tenant.to_owned(),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Tenant ids become the first segment of every memory namespace and appear in URLs, so they
@@ -337,6 +512,7 @@ fn minutes_of(time: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TempDir;
 
     const MINIMAL: &str = r#"
         [[tenants]]
@@ -348,13 +524,16 @@ mod tests {
         language = "en-US"
     "#;
 
+    /// Text whose files (if it names any) are the shipped ones.
+    fn parse(text: &str) -> Result<Seed, SeedError> {
+        Seed::parse(text, &SeedFiles::Shipped)
+    }
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures");
+
     #[test]
     fn the_fixture_parses_with_two_tenants_and_their_numbers() {
-        let seed = Seed::parse(include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../fixtures/tenants.toml"
-        )))
-        .expect("fixture");
+        let seed = SeedSource::shipped().parse().expect("fixture");
         assert!(seed.tenants.len() >= 2);
         for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
             assert!(seed.tenants.iter().any(|t| t.audio_mode == mode), "{mode}");
@@ -363,8 +542,115 @@ mod tests {
     }
 
     #[test]
+    fn the_fixture_names_a_fallback_and_a_hold_prompt_read_alike_from_disk_and_compiled_in() {
+        let shipped = SeedSource::shipped().parse().expect("shipped");
+        let on_disk = SeedSource::read(&Path::new(FIXTURES).join("tenants.toml"))
+            .expect("read")
+            .parse()
+            .expect("on disk");
+        assert_eq!(shipped, on_disk);
+        let file = std::fs::read(Path::new(FIXTURES).join("hold-prompt-8k-mulaw.raw"))
+            .expect("prompt fixture");
+        assert!(
+            shipped
+                .tenants
+                .iter()
+                .any(|t| t.hold_prompt.as_deref() == Some(&file[..]))
+        );
+        assert!(
+            shipped
+                .tenants
+                .iter()
+                .filter_map(|t| t.fallback_number.as_deref())
+                .any(api::is_e164)
+        );
+    }
+
+    #[test]
+    fn a_bad_fallback_number_is_refused_naming_the_tenant() {
+        // Seed numbers may be as short as 2 digits; a fallback must pass the bridge's check.
+        for bad in ["5550100999", "+0550100999", "+1555", "+1 555 0100", ""] {
+            let text = format!("{MINIMAL}\nfallback_number = \"{bad}\"");
+            let error = parse(&text).expect_err(bad);
+            assert!(
+                matches!(&error, SeedError::InvalidFallbackNumber { index: 1, tenant } if tenant == "t1"),
+                "{bad:?} => {error:?}"
+            );
+            assert!(error.to_string().contains("(t1)"), "{error}");
+        }
+        let seed = parse(&format!("{MINIMAL}\nfallback_number = \" +15550100999 \""))
+            .expect("good number");
+        assert_eq!(
+            seed.tenants[0].fallback_number.as_deref(),
+            Some("+15550100999")
+        );
+    }
+
+    #[test]
+    fn hold_prompt_files_are_read_beside_the_seed_and_bounded() {
+        let dir = TempDir::new("hold-prompt");
+        let write = |name: &str, len: usize| {
+            std::fs::write(dir.0.join(name), vec![0x7f_u8; len]).expect("write");
+        };
+        write("full.raw", MAX_HOLD_PROMPT_BYTES);
+        write("over.raw", MAX_HOLD_PROMPT_BYTES + 1);
+        write("empty.raw", 0);
+        std::fs::create_dir(dir.0.join("sub")).expect("mkdir");
+        write("sub/short.raw", 800);
+        let seed_path = dir.0.join("tenants.toml");
+        let with_file = |name: &str| {
+            std::fs::write(
+                &seed_path,
+                format!("{MINIMAL}\nhold_prompt_file = \"{name}\""),
+            )
+            .expect("write seed");
+            SeedSource::read(&seed_path).expect("read seed").parse()
+        };
+        let prompt = |seed: Seed| seed.tenants[0].hold_prompt.as_ref().map(Vec::len);
+        assert_eq!(
+            with_file("full.raw").map(prompt).expect("at the limit"),
+            Some(MAX_HOLD_PROMPT_BYTES)
+        );
+        assert_eq!(
+            with_file("sub/short.raw").map(prompt).expect("below"),
+            Some(800)
+        );
+        for name in ["over.raw", "empty.raw"] {
+            assert!(
+                matches!(
+                    with_file(name),
+                    Err(SeedError::HoldPromptSize { index: 1, ref tenant }) if tenant == "t1"
+                ),
+                "{name}"
+            );
+        }
+        let absolute = dir.0.join("full.raw");
+        for name in ["missing.raw", "sub", absolute.to_str().expect("utf-8")] {
+            assert!(
+                matches!(
+                    with_file(name),
+                    Err(SeedError::HoldPromptUnreadable { index: 1, .. })
+                ),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            with_file(" "),
+            Err(SeedError::EmptyField {
+                field: "hold_prompt_file",
+                ..
+            })
+        ));
+        // Compiled-in files are the shipped ones only.
+        assert!(matches!(
+            parse(&format!("{MINIMAL}\nhold_prompt_file = \"full.raw\"")),
+            Err(SeedError::HoldPromptUnreadable { .. })
+        ));
+    }
+
+    #[test]
     fn a_minimal_tenant_has_no_greeting_tools_numbers_or_hours() {
-        let seed = Seed::parse(MINIMAL).expect("minimal");
+        let seed = parse(MINIMAL).expect("minimal");
         let tenant = &seed.tenants[0];
         assert_eq!(tenant.greeting, None);
         assert!(tenant.tools.is_empty() && tenant.numbers.is_empty());
@@ -380,7 +666,7 @@ mod tests {
         let text = format!(
             "{MINIMAL}\n[tenants.business_hours]\ntimezone = \"Europe/Rome\"\nmonday = \"09:00-17:30\"\nsunday = \"closed\"\nfriday = \"00:00-24:00\""
         );
-        let seed = Seed::parse(&text).expect("hours");
+        let seed = parse(&text).expect("hours");
         let hours = &seed.tenants[0].business_hours;
         assert_eq!(hours.timezone, "Europe/Rome");
         assert_eq!(
@@ -403,7 +689,7 @@ mod tests {
             let text = format!("{MINIMAL}\n[tenants.business_hours]\ntuesday = \"{bad}\"");
             assert!(
                 matches!(
-                    Seed::parse(&text),
+                    parse(&text),
                     Err(SeedError::InvalidHours { day: "tuesday", .. })
                 ),
                 "{bad}"
@@ -459,7 +745,7 @@ mod tests {
             }),
         ];
         for (text, expected) in cases {
-            let error = Seed::parse(&text).expect_err(&text);
+            let error = parse(&text).expect_err(&text);
             assert!(expected(&error), "{text}\n=> {error:?}");
         }
     }
@@ -467,7 +753,7 @@ mod tests {
     #[test]
     fn errors_do_not_echo_values() {
         let text = MINIMAL.replace("\"pcmu\"", "\"secret-ish value\"");
-        let error = Seed::parse(&text).expect_err("bad mode");
+        let error = parse(&text).expect_err("bad mode");
         assert!(!error.to_string().contains("secret-ish"), "{error}");
     }
 

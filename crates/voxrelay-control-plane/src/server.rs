@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use url::Url;
 
-use super::seed::{Seed, SeedError};
+use super::seed::{SHIPPED_SEED, SeedError, SeedSource};
 use super::store::{DbLocation, Refusal, SeedOutcome, Store, StoreError};
 use voxrelay_core::control::api::{
     self, CallReport, ErrorBody, ReportAck, ToolRequest, ToolResponse,
@@ -69,9 +69,9 @@ pub const STOP_GRACE: Duration = Duration::from_secs(2);
 /// spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// The seed the repository ships (`fixtures/tenants.toml`), for demos and tests.
 /// A control plane for one process (the demo, the benchmark): loopback, SQLite in memory,
-/// the shipped seed, and a fresh random key, returned so the bridge can sign with it.
+/// the shipped seed (its hold prompt compiled in with it), and a fresh random key, returned so
+/// the bridge can sign with it.
 pub async fn start_embedded() -> Result<(RunningControlPlane, SigningKey), ControlPlaneError> {
     let key = SigningKey::new(
         "embedded",
@@ -80,15 +80,17 @@ pub async fn start_embedded() -> Result<(RunningControlPlane, SigningKey), Contr
     let running = ControlPlane::start(ControlPlaneConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         db: DbLocation::InMemory,
-        seed: Some(seed_toml().to_owned()),
+        seed: Some(SeedSource::shipped()),
         verifier: Verifier::new(vec![key.clone()]),
     })
     .await?;
     Ok((running, key))
 }
 
+/// The seed the repository ships (`fixtures/tenants.toml`), for demos and tests; the files it
+/// names come with [`SeedSource::with_shipped_files`].
 pub fn seed_toml() -> &'static str {
-    include_str!("../../../fixtures/tenants.toml")
+    SHIPPED_SEED
 }
 
 /// How to run a control plane.
@@ -97,8 +99,9 @@ pub struct ControlPlaneConfig {
     /// Port 0 picks a free port; see [`RunningControlPlane::local_addr`].
     pub listen: SocketAddr,
     pub db: DbLocation,
-    /// Seed file text (TOML), applied on every start; `None` serves the database as it is.
-    pub seed: Option<String>,
+    /// The seed (TOML, and where the files it names are read), applied on every start; `None`
+    /// serves the database as it is.
+    pub seed: Option<SeedSource>,
     /// Holds the keys that may sign (e.g. from [`Verifier::from_key_list`]).
     pub verifier: Verifier,
 }
@@ -134,13 +137,15 @@ impl ControlPlane {
         if config.verifier.key_ids().is_empty() {
             return Err(ControlPlaneError::NoKeys);
         }
-        // Parse before touching the database, so a bad seed changes nothing.
-        let seed = config.seed.as_deref().map(Seed::parse).transpose()?;
         let db = config.db.clone();
+        let seed = config.seed;
+        // On the blocking pool: parsing reads the hold prompt files the seed names.
         let (store, seed_outcome) = tokio::task::spawn_blocking(move || {
+            // Parse before touching the database, so a bad seed changes nothing.
+            let seed = seed.as_ref().map(SeedSource::parse).transpose()?;
             let store = Store::open(&db)?;
             let outcome = seed.map(|seed| store.apply_seed(&seed)).transpose()?;
-            Ok::<_, StoreError>((store, outcome))
+            Ok::<_, ControlPlaneError>((store, outcome))
         })
         .await
         .map_err(|_| ControlPlaneError::StoreTask)??;

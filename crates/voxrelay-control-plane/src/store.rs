@@ -20,19 +20,22 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::seed::{BusinessHours, Seed};
 use super::tools::{Tool, ToolArguments, business_hours_output};
 use voxrelay_core::AudioMode;
 use voxrelay_core::control::api::{
-    CallHistory, CallLatency, CallReport, ReportBinding, Speaker, TenantContext, ToolRequest,
-    TranscriptEntry, memory_namespace,
+    CallHistory, CallLatency, CallReport, ModelSessionReport, ReportBinding, ReportFallback,
+    Speaker, TenantContext, ToolRequest, TranscriptEntry, memory_namespace,
 };
 
 /// The schema this build creates and understands (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// How long a statement waits for another process's lock on the file before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,7 +53,12 @@ CREATE TABLE IF NOT EXISTS tenants (
     -- JSON array of the enabled tools' names, in the order the context lists them.
     tools            TEXT NOT NULL,
     -- JSON {\"timezone\": …, \"days\": [7 × null | {\"opens\": \"HH:MM\", \"closes\": \"HH:MM\"}]}, Monday first.
-    business_hours   TEXT NOT NULL
+    business_hours   TEXT NOT NULL,
+    -- Schema 3. E.164, where callers go when no model session can be had; NULL: an apology.
+    fallback_number  TEXT,
+    -- Schema 3. 8 kHz mu-law played while a lost model session is replaced, 1 to
+    -- MAX_HOLD_PROMPT_BYTES; NULL: the bridge's built-in prompt.
+    hold_prompt      BLOB
 ) STRICT;
 
 CREATE TABLE IF NOT EXISTS numbers (
@@ -88,7 +96,11 @@ CREATE TABLE IF NOT EXISTS calls (
     -- SHA-256 (hex) of the stored report: an identical retry is acknowledged, any other refused.
     report_sha256     TEXT,
     transcript_dropped_lines INTEGER,
-    transcript_cut_lines     INTEGER
+    transcript_cut_lines     INTEGER,
+    -- Schema 3. JSON {\"model_sessions\": […], \"reconnect_gap_ms\": …, \"hold_prompt_ms\": …,
+    -- \"fallback\": null | {\"reason\": …, \"caller_got\": …}}, as the report has them (NULL:
+    -- reported before schema 3, read as one session's worth of nothing).
+    continuity        TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS calls_by_tenant ON calls (tenant_id, started_at_ms);
 
@@ -134,6 +146,16 @@ ALTER TABLE calls ADD COLUMN binding TEXT;
 ALTER TABLE calls ADD COLUMN report_sha256 TEXT;
 ALTER TABLE calls ADD COLUMN transcript_dropped_lines INTEGER;
 ALTER TABLE calls ADD COLUMN transcript_cut_lines INTEGER;
+COMMIT;
+";
+
+/// Schema 2 → 3: the tenants' continuity settings and the calls' continuity record (schema 1
+/// runs [`MIGRATE_1_TO_2`] first).
+const MIGRATE_2_TO_3: &str = "
+BEGIN;
+ALTER TABLE tenants ADD COLUMN fallback_number TEXT;
+ALTER TABLE tenants ADD COLUMN hold_prompt BLOB;
+ALTER TABLE calls ADD COLUMN continuity TEXT;
 COMMIT;
 ";
 
@@ -253,10 +275,12 @@ struct TenantRow {
     max_call_seconds: u32,
     tools: Vec<Tool>,
     business_hours: BusinessHours,
+    fallback_number: Option<String>,
 }
 
+/// Every column but `hold_prompt`, which only the context answer reads (up to 80 KB a row).
 const TENANT_COLUMNS: &str = "id, agent_name, voice, greeting, instructions, audio_mode, language, \
-     max_call_seconds, tools, business_hours";
+     max_call_seconds, tools, business_hours, fallback_number";
 
 impl Store {
     /// Opens (creating if needed) the database and its schema.
@@ -279,8 +303,12 @@ impl Store {
             return Err(StoreError::NewerSchema { found: version });
         }
         conn.execute_batch(SCHEMA)?;
+        // Version 0 is a new database, which SCHEMA just created whole.
         if version == 1 {
             conn.execute_batch(MIGRATE_1_TO_2)?;
+        }
+        if (1..=2).contains(&version) {
+            conn.execute_batch(MIGRATE_2_TO_3)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self {
@@ -314,19 +342,23 @@ impl Store {
                 })?;
             outcome.tenants_written += tx.execute(
                 "INSERT INTO tenants (id, agent_name, voice, greeting, instructions, audio_mode,
-                     language, max_call_seconds, tools, business_hours)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     language, max_call_seconds, tools, business_hours, fallback_number,
+                     hold_prompt)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (id) DO UPDATE SET
                      agent_name = excluded.agent_name, voice = excluded.voice,
                      greeting = excluded.greeting, instructions = excluded.instructions,
                      audio_mode = excluded.audio_mode, language = excluded.language,
                      max_call_seconds = excluded.max_call_seconds, tools = excluded.tools,
-                     business_hours = excluded.business_hours
+                     business_hours = excluded.business_hours,
+                     fallback_number = excluded.fallback_number,
+                     hold_prompt = excluded.hold_prompt
                  WHERE (agent_name, voice, greeting, instructions, audio_mode, language,
-                        max_call_seconds, tools, business_hours)
+                        max_call_seconds, tools, business_hours, fallback_number, hold_prompt)
                     IS NOT (excluded.agent_name, excluded.voice, excluded.greeting,
                         excluded.instructions, excluded.audio_mode, excluded.language,
-                        excluded.max_call_seconds, excluded.tools, excluded.business_hours)",
+                        excluded.max_call_seconds, excluded.tools, excluded.business_hours,
+                        excluded.fallback_number, excluded.hold_prompt)",
                 params![
                     tenant.id,
                     tenant.agent_name,
@@ -338,6 +370,8 @@ impl Store {
                     tenant.max_call_seconds,
                     tools,
                     hours,
+                    tenant.fallback_number,
+                    tenant.hold_prompt,
                 ],
             )?;
         }
@@ -391,6 +425,11 @@ impl Store {
             // The foreign key makes this unreachable; answer as for a number nobody owns.
             return Ok(Err(Refusal::UnknownNumber));
         };
+        let hold_prompt: Option<Vec<u8>> = tx.query_row(
+            "SELECT hold_prompt FROM tenants WHERE id = ?1",
+            [&tenant.id],
+            |row| row.get(0),
+        )?;
         if !call_sid.is_empty() {
             match call_binding(&tx, call_sid)? {
                 Some(Some(bound)) if bound != tenant.id => {
@@ -421,8 +460,8 @@ impl Store {
             audio_mode: tenant.audio_mode,
             language: tenant.language,
             max_call_seconds: tenant.max_call_seconds,
-            fallback_number: None,
-            hold_prompt: None,
+            fallback_number: tenant.fallback_number,
+            hold_prompt: hold_prompt.map(|bytes| BASE64.encode(bytes)),
         }))
     }
 
@@ -460,6 +499,11 @@ impl Store {
             table: "calls",
             column: "latency",
         })?;
+        let continuity =
+            serde_json::to_string(&Continuity::of(report)).map_err(|_| StoreError::Corrupt {
+                table: "calls",
+                column: "continuity",
+            })?;
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let stored: Option<(Option<i64>, Option<String>)> = tx
@@ -504,9 +548,9 @@ impl Store {
                  stream_sid, agent_name, started_at_ms, ended_at_ms, end_reason, context_source,
                  audio_seconds_in, audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
                  memory_namespace, binding, report_sha256, transcript_dropped_lines,
-                 transcript_cut_lines)
+                 transcript_cut_lines, continuity)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, 'bound', ?19, ?20, ?21)
+                 ?18, 'bound', ?19, ?20, ?21, ?22)
              ON CONFLICT (call_sid) DO UPDATE SET
                  tenant_id = excluded.tenant_id, from_number = excluded.from_number,
                  to_number = excluded.to_number, reported_at_ms = excluded.reported_at_ms,
@@ -519,7 +563,8 @@ impl Store {
                  latency = excluded.latency, memory_namespace = excluded.memory_namespace,
                  binding = excluded.binding, report_sha256 = excluded.report_sha256,
                  transcript_dropped_lines = excluded.transcript_dropped_lines,
-                 transcript_cut_lines = excluded.transcript_cut_lines",
+                 transcript_cut_lines = excluded.transcript_cut_lines,
+                 continuity = excluded.continuity",
             params![
                 report.call_sid,
                 tenant_id,
@@ -542,6 +587,7 @@ impl Store {
                 digest,
                 ints.transcript_dropped_lines,
                 ints.transcript_cut_lines,
+                continuity,
             ],
         )?;
         // Lines a lookup-only row cannot have; cleared so the report's are the only ones.
@@ -647,7 +693,7 @@ impl Store {
                 "SELECT call_sid, stream_sid, tenant_id, agent_name, from_number, to_number,
                      started_at_ms, ended_at_ms, end_reason, context_source, audio_seconds_in,
                      audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
-                     memory_namespace, transcript_dropped_lines, transcript_cut_lines
+                     memory_namespace, transcript_dropped_lines, transcript_cut_lines, continuity
                  FROM calls
                  WHERE tenant_id = ?1 AND reported_at_ms IS NOT NULL
                  ORDER BY started_at_ms DESC, call_sid DESC
@@ -662,6 +708,14 @@ impl Store {
                         column: "latency",
                     })?,
                     None => CallLatency::default(),
+                };
+                let continuity: Option<String> = row.get(19)?;
+                let continuity: Continuity = match continuity {
+                    Some(text) => serde_json::from_str(&text).map_err(|_| StoreError::Corrupt {
+                        table: "calls",
+                        column: "continuity",
+                    })?,
+                    None => Continuity::default(),
                 };
                 calls.push(CallReport {
                     call_sid: row.get(0)?,
@@ -687,10 +741,10 @@ impl Store {
                     transcript: Vec::new(),
                     transcript_dropped_lines: unsigned(row.get(17)?),
                     transcript_cut_lines: unsigned(row.get(18)?),
-                    model_sessions: Vec::new(),
-                    reconnect_gap_ms: 0,
-                    hold_prompt_ms: 0,
-                    fallback: None,
+                    model_sessions: continuity.model_sessions,
+                    reconnect_gap_ms: continuity.reconnect_gap_ms,
+                    hold_prompt_ms: continuity.hold_prompt_ms,
+                    fallback: continuity.fallback,
                 });
             }
         }
@@ -831,6 +885,7 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
                     row.get::<_, i64>(7)?,
                     row.get::<_, String>(8)?,
                     row.get::<_, String>(9)?,
+                    row.get::<_, Option<String>>(10)?,
                 ))
             },
         )
@@ -846,6 +901,7 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
         max_call_seconds,
         tools,
         hours,
+        fallback_number,
     )) = raw
     else {
         return Ok(None);
@@ -876,6 +932,7 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
         max_call_seconds,
         tools,
         business_hours,
+        fallback_number,
     }))
 }
 
@@ -899,6 +956,32 @@ fn call_binding(
             |row| row.get(0),
         )
         .optional()?)
+}
+
+/// The `calls.continuity` column: the report's model-session fields as one JSON object, so a
+/// field added to a session record needs no new column. A key left out reads as the report's
+/// own default.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Continuity {
+    #[serde(default)]
+    model_sessions: Vec<ModelSessionReport>,
+    #[serde(default)]
+    reconnect_gap_ms: u64,
+    #[serde(default)]
+    hold_prompt_ms: u64,
+    #[serde(default)]
+    fallback: Option<ReportFallback>,
+}
+
+impl Continuity {
+    fn of(report: &CallReport) -> Self {
+        Self {
+            model_sessions: report.model_sessions.clone(),
+            reconnect_gap_ms: report.reconnect_gap_ms,
+            hold_prompt_ms: report.hold_prompt_ms,
+            fallback: report.fallback.clone(),
+        }
+    }
 }
 
 /// The report's integers as SQLite's signed 64-bit ones; `Err` if any does not fit.
@@ -929,6 +1012,17 @@ impl ReportInts {
                 .map(|line| i64::try_from(line.offset_ms))
                 .collect::<Result<_, _>>()?,
         })
+        .and_then(|ints| {
+            // Stored as JSON text, which would carry them, but held to the rule every report
+            // integer follows (docs/control-plane-api.md), so any control plane can use SQL.
+            i64::try_from(report.reconnect_gap_ms)?;
+            i64::try_from(report.hold_prompt_ms)?;
+            for session in &report.model_sessions {
+                i64::try_from(session.started_ms)?;
+                session.ended_ms.map(i64::try_from).transpose()?;
+            }
+            Ok(ints)
+        })
     }
 }
 
@@ -956,6 +1050,8 @@ fn finite(value: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seed::SeedFiles;
+    use crate::test_dir::TempDir;
     use voxrelay_core::control::api::LatencySummary;
 
     const FIXTURE: &str = include_str!(concat!(
@@ -967,7 +1063,7 @@ mod tests {
     fn seeded() -> Store {
         let store = Store::open(&DbLocation::InMemory).expect("open");
         store
-            .apply_seed(&Seed::parse(FIXTURE).expect("fixture"))
+            .apply_seed(&Seed::parse(FIXTURE, &SeedFiles::Shipped).expect("fixture"))
             .expect("seed");
         store
     }
@@ -1029,33 +1125,10 @@ mod tests {
         }
     }
 
-    /// A scratch directory removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(label: &str) -> Self {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let path = std::env::temp_dir().join(format!(
-                "voxrelay-store-{label}-{}-{nanos}",
-                std::process::id()
-            ));
-            std::fs::create_dir_all(&path).expect("temp dir");
-            Self(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     #[test]
     fn seeding_twice_writes_nothing_the_second_time() {
         let store = Store::open(&DbLocation::InMemory).expect("open");
-        let seed = Seed::parse(FIXTURE).expect("fixture");
+        let seed = Seed::parse(FIXTURE, &SeedFiles::Shipped).expect("fixture");
         let first = store.apply_seed(&seed).expect("seed");
         assert_eq!(first.tenants_written, seed.tenants.len());
         assert!(first.numbers_written >= 2);
@@ -1075,7 +1148,7 @@ mod tests {
             .replacen("\"+15550100003\"", "\"+15550100009\"", 1);
         assert_ne!(changed, FIXTURE, "the fixture names Ava and +15550100003");
         let outcome = store
-            .apply_seed(&Seed::parse(&changed).expect("changed"))
+            .apply_seed(&Seed::parse(&changed, &SeedFiles::Shipped).expect("changed"))
             .expect("seed");
         assert_eq!(
             outcome,
@@ -1255,19 +1328,7 @@ mod tests {
         let path = dir.0.join("cp.sqlite3");
         {
             // The calls table as schema 1 created it, with one reported call.
-            let conn = Connection::open(&path).expect("open");
-            let v1 = SCHEMA
-                .replace(
-                    "latency           TEXT,\n    -- Schema 2.",
-                    "latency           TEXT\n) STRICT;\n-- Schema 2.",
-                )
-                .replace(
-                    "    binding           TEXT,\n    -- SHA-256 (hex) of the stored report: an identical retry is acknowledged, any other refused.\n    report_sha256     TEXT,\n    transcript_dropped_lines INTEGER,\n    transcript_cut_lines     INTEGER\n) STRICT;\nCREATE INDEX IF NOT EXISTS calls_by_tenant",
-                    "CREATE INDEX IF NOT EXISTS calls_by_tenant",
-                );
-            assert_ne!(v1, SCHEMA, "the schema-1 shape was rebuilt");
-            conn.execute_batch(&v1).expect("schema 1");
-            conn.pragma_update(None, "user_version", 1).expect("pragma");
+            let conn = database_at_schema(&path, 1);
             conn.execute(
                 "INSERT INTO calls (call_sid, from_number, to_number, reported_at_ms, stream_sid)
                  VALUES ('CA1', '+1', '+2', 5, 'MZ1')",
@@ -1281,8 +1342,9 @@ mod tests {
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .expect("pragma");
         assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(columns(&store.lock()), columns(&seeded().lock()));
         store
-            .apply_seed(&Seed::parse(FIXTURE).expect("fixture"))
+            .apply_seed(&Seed::parse(FIXTURE, &SeedFiles::Shipped).expect("fixture"))
             .expect("seed");
         // A report stored before the upgrade is final too.
         assert_eq!(
@@ -1296,6 +1358,243 @@ mod tests {
                 .record_report(&report("CA2", Some("acme_dental"), NOW_MS), NOW_MS)
                 .expect("store"),
             Ok(2)
+        );
+    }
+
+    /// A database file shaped as schema `version` (1 or 2) left it: today's schema without
+    /// what later versions added, columns in the order the migrations append them.
+    fn database_at_schema(path: &std::path::Path, version: i64) -> Connection {
+        let conn = Connection::open(path).expect("open");
+        conn.execute_batch(SCHEMA).expect("schema");
+        let mut undo = vec![
+            "ALTER TABLE tenants DROP COLUMN fallback_number",
+            "ALTER TABLE tenants DROP COLUMN hold_prompt",
+            "ALTER TABLE calls DROP COLUMN continuity",
+        ];
+        if version < 2 {
+            undo.extend([
+                "ALTER TABLE calls DROP COLUMN binding",
+                "ALTER TABLE calls DROP COLUMN report_sha256",
+                "ALTER TABLE calls DROP COLUMN transcript_dropped_lines",
+                "ALTER TABLE calls DROP COLUMN transcript_cut_lines",
+                "DROP TABLE unbound_reports",
+            ]);
+        }
+        for statement in undo {
+            conn.execute_batch(statement).expect(statement);
+        }
+        conn.pragma_update(None, "user_version", version)
+            .expect("pragma");
+        conn
+    }
+
+    /// Every table's columns with their declared types, in order.
+    fn columns(conn: &Connection) -> Vec<(String, String, String)> {
+        let mut select = conn
+            .prepare(
+                "SELECT m.name, c.name, c.type FROM sqlite_schema AS m, pragma_table_info(m.name) AS c
+                 WHERE m.type = 'table' ORDER BY m.name, c.cid",
+            )
+            .expect("prepare");
+        select
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
+    #[test]
+    fn a_schema_2_database_is_migrated_and_keeps_its_rows() {
+        let dir = TempDir::new("migrate-2");
+        let path = dir.0.join("cp.sqlite3");
+        let old_report = report("CA1", Some("acme_dental"), NOW_MS);
+        {
+            let conn = database_at_schema(&path, 2);
+            assert!(
+                !columns(&conn)
+                    .iter()
+                    .any(|(_, column, _)| column == "continuity" || column == "hold_prompt")
+            );
+            conn.execute(
+                "INSERT INTO tenants (id, agent_name, voice, instructions, audio_mode, language,
+                     max_call_seconds, tools, business_hours)
+                 VALUES ('old_tenant', 'Olga', 'marin', 'x', 'pcmu', 'en', 0, '[]',
+                     '{\"timezone\":\"\",\"days\":[null,null,null,null,null,null,null]}')",
+                [],
+            )
+            .expect("tenant");
+            conn.execute(
+                "INSERT INTO numbers (number, tenant_id) VALUES ('+15550100077', 'old_tenant')",
+                [],
+            )
+            .expect("number");
+            // A call reported under schema 2, as that build wrote it.
+            let encoded = serde_json::to_string(&old_report).expect("json");
+            conn.execute(
+                "INSERT INTO calls (call_sid, tenant_id, from_number, to_number, reported_at_ms,
+                     stream_sid, agent_name, started_at_ms, ended_at_ms, end_reason,
+                     context_source, audio_seconds_in, audio_seconds_out, barge_ins,
+                     dtmf_digits, tool_calls, latency, binding, report_sha256,
+                     transcript_dropped_lines, transcript_cut_lines)
+                 VALUES ('CA1', 'old_tenant', '+15551230000', '+15550100001', 5, 'MZCA1', 'Ava',
+                     ?1, ?2, 'twilio_stop', 'fresh', 30.0, 12.5, 2, 1, 0, ?3, 'bound', ?4, 0, 0)",
+                params![
+                    clamp_i64(old_report.started_at_ms),
+                    clamp_i64(old_report.ended_at_ms),
+                    serde_json::to_string(&old_report.latency).expect("json"),
+                    sha256_hex(encoded.as_bytes()),
+                ],
+            )
+            .expect("call");
+        }
+        let store = Store::open(&DbLocation::File(path.clone())).expect("migrated");
+        let version: i64 = store
+            .lock()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("pragma");
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(columns(&store.lock()), columns(&seeded().lock()));
+        // The old tenant answers, with no fallback or prompt, and its call is history with no
+        // continuity record: the report's defaults.
+        let context = store
+            .context_for_call("+15550100077", "", "", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!(
+            (
+                context.agent_name.as_str(),
+                context.fallback_number,
+                context.hold_prompt
+            ),
+            ("Olga", None, None)
+        );
+        let history = store
+            .call_history("old_tenant", 50)
+            .expect("store")
+            .expect("tenant");
+        let mut expected = old_report.clone();
+        expected.tenant_id = Some("old_tenant".into());
+        expected.transcript.clear();
+        assert_eq!(history.calls, vec![expected]);
+        // Its report is as final as before: the identical retry acknowledged, no other.
+        assert_eq!(
+            store.record_report(&old_report, NOW_MS).expect("store"),
+            Ok(0)
+        );
+        let mut other = old_report.clone();
+        other.reconnect_gap_ms = 900;
+        assert_eq!(
+            store.record_report(&other, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        // Opening again migrates nothing twice.
+        drop(store);
+        Store::open(&DbLocation::File(path)).expect("reopen");
+    }
+
+    #[test]
+    fn the_context_carries_the_fallback_number_and_the_hold_prompt_as_base64() {
+        let store = seeded();
+        let seed = Seed::parse(FIXTURE, &SeedFiles::Shipped).expect("fixture");
+        for tenant in &seed.tenants {
+            let number = &tenant.numbers[0];
+            let context = store
+                .context_for_call(number, "", "", NOW_MS)
+                .expect("store")
+                .expect("known");
+            assert_eq!(context.fallback_number, tenant.fallback_number);
+            let prompt = context
+                .hold_prompt
+                .map(|text| BASE64.decode(text).expect("base64"));
+            assert_eq!(prompt, tenant.hold_prompt);
+        }
+        assert!(seed.tenants.iter().any(|t| t.fallback_number.is_some()));
+        assert!(seed.tenants.iter().any(|t| t.hold_prompt.is_some()));
+        // A seed that drops them clears them; the same seed again writes nothing.
+        let mut cleared = seed.clone();
+        for tenant in &mut cleared.tenants {
+            tenant.fallback_number = None;
+            tenant.hold_prompt = None;
+        }
+        assert_eq!(store.apply_seed(&cleared).expect("seed").tenants_written, 2);
+        assert_eq!(
+            store.apply_seed(&cleared).expect("seed"),
+            SeedOutcome::default()
+        );
+        let context = store
+            .context_for_call(&seed.tenants[1].numbers[0], "", "", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!((context.fallback_number, context.hold_prompt), (None, None));
+    }
+
+    #[test]
+    fn a_report_with_two_sessions_and_a_fallback_round_trips() {
+        let store = seeded();
+        let mut sent = report("CA1", Some("acme_dental"), NOW_MS);
+        sent.model_sessions = vec![
+            ModelSessionReport {
+                started_ms: 0,
+                ended_ms: Some(41_000),
+                end: Some("drop".into()),
+                failed_connects: Vec::new(),
+            },
+            ModelSessionReport {
+                started_ms: 41_900,
+                ended_ms: None,
+                end: None,
+                failed_connects: vec!["rate_limited".into(), "timeout".into()],
+            },
+        ];
+        sent.reconnect_gap_ms = 900;
+        sent.hold_prompt_ms = 200;
+        sent.fallback = Some(ReportFallback {
+            reason: "too_many_drops".into(),
+            caller_got: "dial".into(),
+        });
+        assert_eq!(store.record_report(&sent, NOW_MS).expect("store"), Ok(2));
+        let history = store
+            .call_history("acme_dental", 50)
+            .expect("store")
+            .expect("tenant");
+        assert_eq!(history.calls, vec![sent.clone()]);
+        let stored: String = store
+            .lock()
+            .query_row(
+                "SELECT continuity FROM calls WHERE call_sid = 'CA1'",
+                [],
+                |row| row.get(0),
+            )
+            .expect("column");
+        let stored: Value = serde_json::from_str(&stored).expect("json");
+        assert_eq!(
+            stored["model_sessions"][1]["failed_connects"][0],
+            "rate_limited"
+        );
+        assert_eq!(stored["fallback"]["caller_got"], "dial");
+        // The identical retry is acknowledged; one differing only in continuity is not.
+        assert_eq!(store.record_report(&sent, NOW_MS).expect("store"), Ok(2));
+        let mut other = sent.clone();
+        other.model_sessions[1].failed_connects.pop();
+        assert_eq!(
+            store.record_report(&other, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        // Past i64 is refused here as for every report integer.
+        let mut huge = report("CA2", Some("acme_dental"), NOW_MS);
+        huge.model_sessions = vec![ModelSessionReport {
+            ended_ms: Some(u64::MAX),
+            ..sent.model_sessions[0].clone()
+        }];
+        assert_eq!(
+            store.record_report(&huge, NOW_MS).expect("store"),
+            Err(Refusal::OutOfRange)
+        );
+        huge.model_sessions.clear();
+        huge.reconnect_gap_ms = u64::MAX;
+        assert_eq!(
+            store.record_report(&huge, NOW_MS).expect("store"),
+            Err(Refusal::OutOfRange)
         );
     }
 
@@ -1478,7 +1777,7 @@ mod tests {
         {
             let store = Store::open(&location).expect("open");
             store
-                .apply_seed(&Seed::parse(FIXTURE).expect("fixture"))
+                .apply_seed(&Seed::parse(FIXTURE, &SeedFiles::Shipped).expect("fixture"))
                 .expect("seed");
             store
                 .record_report(&report("CA1", Some("acme_dental"), NOW_MS), NOW_MS)
