@@ -23,7 +23,7 @@ use voxrelay_control_plane::server::{
 };
 use voxrelay_control_plane::store::DbLocation;
 use voxrelay_sim::caller::{CallReport as CallerReport, CallerConfig, place_call};
-use voxrelay_sim::mock::{MockConfig, MockSessionRecord, MockToolCall};
+use voxrelay_sim::mock::{MockConfig, MockFault, MockFaultKind, MockSessionRecord, MockToolCall};
 
 const KEY_ID: &str = "bridge-test";
 const KEY_SECRET: &str = "tenancy-test-secret";
@@ -600,5 +600,84 @@ async fn a_call_with_an_oversized_transcript_still_delivers_its_report_with_the_
     );
     assert_eq!(metrics.control_reports_rejected.load(Relaxed), 0);
     model.abort();
+    cp.stop().await;
+}
+
+/// The model refuses the first session (429, the pre-warm of Acme's call) and resets the
+/// next one mid-greeting (Luna's): Acme's caller is dialled through to the tenant's
+/// `fallback_number` (the TwiML after `</Connect>`), Luna's call goes on with a second
+/// session, and both reports say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_tenant_gets_its_fallback_and_a_dropped_session_is_reported() {
+    let dir = Scratch::new("continuity");
+    let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &dir.0.join("cp.db")).await;
+    let refused = bridge_against(
+        MockConfig {
+            fault: Some(MockFault {
+                session: 1,
+                kind: MockFaultKind::RejectHandshakes {
+                    status: 429,
+                    count: 1,
+                },
+            }),
+            ..MockConfig::default()
+        },
+        control_target(cp.url(), &dir.0.join("spool-a")),
+    )
+    .await;
+    let acme = call(&refused, ACME, "+15557770011", silence_mulaw(2_000)).await;
+    assert_eq!(acme.fallback_heard(), Some("dial:+15550100999"));
+    assert!(
+        acme.duration < Duration::from_secs(2),
+        "{:?}",
+        acme.duration
+    );
+    // Another tenant's call on the same bridge is answered.
+    let luna = call(&refused, LUNA, "+15557770012", silence_mulaw(1_000)).await;
+    assert!(luna.first_audio_after_start.is_some());
+    assert_eq!(luna.fallback_heard(), None);
+    assert!(
+        eventually(Duration::from_secs(5), || reported(&cp, "acme_dental")
+            .first()
+            .is_some_and(|c| c.fallback.is_some()))
+        .await
+    );
+    let report = reported(&cp, "acme_dental").remove(0);
+    assert_eq!(report.end_reason, "model_unavailable");
+    let fallback = report.fallback.expect("the fallback is reported");
+    assert_eq!(
+        (fallback.reason.as_str(), fallback.caller_got.as_str()),
+        ("rate_limited", "dial")
+    );
+
+    // A session reset mid-greeting: the call goes on, and its report lists both sessions.
+    let dropped = bridge_against(
+        MockConfig {
+            fault: Some(MockFault {
+                session: 1,
+                kind: MockFaultKind::ResetAfterDeltas(3),
+            }),
+            ..MockConfig::default()
+        },
+        control_target(cp.url(), &dir.0.join("spool-b")),
+    )
+    .await;
+    let survived = call(&dropped, LUNA, "+15557770013", silence_mulaw(2_500)).await;
+    assert!(!survived.closed_by_bridge);
+    assert!(
+        eventually(Duration::from_secs(5), || reported(&cp, "bistro_luna")
+            .iter()
+            .any(|c| c.model_sessions.len() == 2))
+        .await
+    );
+    let report = reported(&cp, "bistro_luna")
+        .into_iter()
+        .find(|c| c.model_sessions.len() == 2)
+        .unwrap();
+    assert_eq!(report.model_sessions[0].end.as_deref(), Some("drop"));
+    assert_eq!(report.model_sessions[1].end.as_deref(), Some("call_ended"));
+    assert!(report.model_sessions[1].started_ms >= report.model_sessions[0].ended_ms.unwrap());
+    assert_eq!(report.fallback, None);
+    assert_eq!(report.end_reason, "twilio_stop");
     cp.stop().await;
 }

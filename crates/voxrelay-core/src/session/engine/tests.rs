@@ -1954,3 +1954,39 @@ fn a_renewal_with_no_silent_moment_is_forced_and_a_failed_standby_retried() {
         Some(CallEvent::ModelRenewed { forced: true })
     ));
 }
+
+#[test]
+fn a_tenants_hold_prompt_replaces_the_built_in_one() {
+    let mut h = Harness::bare_with(
+        AudioMode::Pcmu,
+        ContinuityConfig {
+            hold_prompt: std::sync::Arc::from(vec![0x42_u8; 8 * 500]),
+            ..ContinuityConfig::default()
+        },
+    );
+    h.twilio(0, twilio_fixture("connected")).unwrap();
+    h.twilio(0, twilio_fixture("start")).unwrap();
+    let session = h.session(false);
+    h.engine
+        .handle(
+            h.at(0),
+            Input::ContextResolved(Box::new(Resolved {
+                session,
+                hold_prompt: Some(std::sync::Arc::from(vec![0x55_u8; 8 * 500])),
+                refused: None,
+            })),
+        )
+        .unwrap();
+    h.open_model();
+    h.upstream_out();
+    h.lose_model(100);
+    h.play(800, 1_000);
+    let held: Vec<Sent> = h.twilio_out();
+    let media: Vec<&Sent> = held.iter().filter(|sent| sent.event() == "media").collect();
+    assert!(!media.is_empty());
+    assert!(
+        media
+            .iter()
+            .all(|sent| sent.media_bytes().iter().all(|&b| b == 0x55))
+    );
+}
