@@ -10,7 +10,8 @@ use voxrelay_sim::demo::{DemoOptions, run_demo};
 use voxrelay_sim::first_audio::{FirstAudioOptions, LOOKUPS, run};
 
 /// The README's main job, end to end: every seeded tenant's call gets its agent and is
-/// reported to it; the unknown number gets the fallback and no tenant.
+/// reported to it; the unknown number gets the fallback and no tenant; the last call survives
+/// its model session's reset and its report lists both sessions.
 #[tokio::test]
 async fn the_demo_answers_each_tenant_with_its_own_agent_and_reports_it() {
     let report = run_demo(
@@ -32,7 +33,22 @@ async fn the_demo_answers_each_tenant_with_its_own_agent_and_reports_it() {
             .collect()
     };
     assert_eq!(reported("acme_dental"), ["+15550100001"]);
-    assert_eq!(reported("bistro_luna"), ["+15550100002"]);
+    assert_eq!(reported("bistro_luna"), ["+15550100002", "+15550100002"]);
+    let survivor = report
+        .history
+        .iter()
+        .flat_map(|(_, calls)| calls)
+        .find(|call| call.model_sessions.len() == 2)
+        .unwrap_or_else(|| panic!("no call survived its model:\n{}", report.text));
+    assert_eq!(survivor.model_sessions[0].end.as_deref(), Some("drop"));
+    assert_eq!(survivor.end_reason, "twilio_stop");
+    assert!(
+        report
+            .calls
+            .last()
+            .is_some_and(|call| call.as_ref().is_ok_and(|call| !call.closed_by_bridge))
+    );
+    assert!(report.text.contains("model sessions:"), "{}", report.text);
     let greetings: Vec<&str> = report
         .mock_sessions
         .iter()

@@ -6,9 +6,12 @@
 //! on, one to a number no tenant owns, which the fallback agent answers. Each caller stays
 //! quiet for a moment (the tenant's greeting starts), then speaks over the greeting (a
 //! barge-in: Twilio `clear`, model-side truncate), pauses (the mock model calls the tenant's
-//! `lookup_business_hours` tool, then answers), and listens before hanging up. The report
-//! shows each call's tenant, agent, voice and greeting as the model received them, and the
-//! call history the control plane stored from the bridge's reports.
+//! `lookup_business_hours` tool, then answers), and listens before hanging up. A last call,
+//! placed after the others, has its model session reset 3 s in: the bridge opens a new
+//! session, tells it the conversation, and the call goes on. The report shows each call's
+//! tenant, agent, voice and greeting as the model received them, and the call history the
+//! control plane stored from the bridge's reports (with every model session a call had and
+//! the gap between them).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -20,7 +23,7 @@ use super::caller::{CallReport, CallerConfig, place_call};
 use crate::launcher::{
     BridgeFigures, BridgeLauncher, BridgeSettings, ControlPlaneAccess, InProcessBridge,
 };
-use crate::mock::{MockConfig, MockRealtimeServer, MockSessionRecord, MockToolCall};
+use crate::mock::{MockConfig, MockFaultKind, MockRealtimeServer, MockSessionRecord, MockToolCall};
 use voxrelay_control_plane::server::{ControlPlaneError, start_embedded};
 use voxrelay_core::control::api::CallReport as ControlReport;
 use voxrelay_core::{AudioMode, Secret};
@@ -131,10 +134,20 @@ pub async fn run_demo(
             place_call(&caller).await.map_err(|e| e.to_string())
         }));
     }
-    let mut reports = Vec::with_capacity(calls.len());
+    let mut reports = Vec::with_capacity(calls.len() + 1);
     for call in calls {
         reports.push(call.await.unwrap_or_else(|e| Err(e.to_string())));
     }
+    // The call that survives its model: the session resets 3 s in, while the caller speaks.
+    let survivor = DEMO_NUMBERS[1].to_owned();
+    mock.fail_next_session(MockFaultKind::ResetAt(Duration::from_secs(3)));
+    let mut caller = CallerConfig::new(bridge_url.clone(), token.clone(), audio.clone());
+    caller.linger = Duration::from_millis(3_000);
+    caller.to = survivor.clone();
+    caller.from = "+15550209999".to_owned();
+    reports.push(place_call(&caller).await.map_err(|e| e.to_string()));
+    let mut numbers = numbers;
+    numbers.push(survivor);
     // The drain waits for the calls' reports (or spools them).
     let figures = bridge.stop(Duration::from_secs(5)).await;
     let sessions = mock.log().sessions();
@@ -286,6 +299,33 @@ fn render(
                 call.context_source,
                 call.memory_namespace.as_deref().unwrap_or("-"),
             );
+            if call.model_sessions.len() > 1 || call.fallback.is_some() {
+                let sessions: Vec<String> = call
+                    .model_sessions
+                    .iter()
+                    .map(|session| {
+                        format!(
+                            "{:.1}–{} s ({})",
+                            session.started_ms as f64 / 1e3,
+                            session
+                                .ended_ms
+                                .map_or("?".to_owned(), |end| format!("{:.1}", end as f64 / 1e3)),
+                            session.end.as_deref().unwrap_or("open")
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "      model sessions: {}; reconnect gap {} ms, hold prompt {} ms{}",
+                    sessions.join(", "),
+                    call.reconnect_gap_ms,
+                    call.hold_prompt_ms,
+                    call.fallback.as_ref().map_or(String::new(), |f| format!(
+                        ", fallback: {} ({})",
+                        f.caller_got, f.reason
+                    )),
+                );
+            }
             for line in &call.transcript {
                 let _ = writeln!(
                     out,

@@ -994,9 +994,7 @@ impl CallEngine {
                     .map(|item| protocol.replay_item(item)),
             );
             self.stats.continuity.replayed_items += (opening.len() - before) as u64;
-            if std::mem::take(&mut model.respond_on_open)
-                || self.conversation.successor_should_answer()
-            {
+            if std::mem::take(&mut model.respond_on_open) {
                 opening.push(protocol.create_response());
             }
         }
@@ -1069,8 +1067,10 @@ impl CallEngine {
                 self.note_interruption(&interruption);
             }
         }
+        let should_answer = self.conversation.successor_should_answer();
         if let Some(model) = self.model.as_mut() {
-            let respond_on_open = model.active_response.is_some() || model.response_owed;
+            let respond_on_open =
+                model.active_response.is_some() || model.response_owed || should_answer;
             let successor = model.session.successor();
             let mode = successor.audio_mode();
             *model = ModelLeg {
@@ -1119,7 +1119,11 @@ impl CallEngine {
             return;
         };
         let cut_response = model.active_response.is_some();
-        let respond_on_open = cut_response || model.response_owed;
+        // Asked to speak when it was answering, owes an answer, or the caller waits for one;
+        // never into a caller who is still talking (their held audio tells the successor).
+        let respond_on_open = cut_response
+            || model.response_owed
+            || (!self.caller_speaking && self.conversation.successor_should_answer());
         let successor = model.session.successor();
         let mode = successor.audio_mode();
         *model = ModelLeg {

@@ -71,6 +71,8 @@ pub struct MockFault {
 pub enum MockFaultKind {
     /// After sending this many audio deltas, reset the TCP connection (RST, no close frame).
     ResetAfterDeltas(u32),
+    /// This long after the socket opened, reset the TCP connection, whatever is under way.
+    ResetAt(Duration),
     /// Once the session is configured (`session.updated` sent), never read (nor write) again,
     /// holding the socket open.
     StopReading,
@@ -180,6 +182,7 @@ pub struct MockRealtimeServer {
     addr: SocketAddr,
     log: Arc<MockLog>,
     cancel: CancellationToken,
+    next_fault: Arc<Mutex<Option<MockFaultKind>>>,
 }
 
 impl MockRealtimeServer {
@@ -189,8 +192,26 @@ impl MockRealtimeServer {
         let addr = listener.local_addr()?;
         let log = Arc::new(MockLog::default());
         let cancel = CancellationToken::new();
-        tokio::spawn(accept_loop(listener, config, log.clone(), cancel.clone()));
-        Ok(Self { addr, log, cancel })
+        let next_fault = Arc::new(Mutex::new(None));
+        tokio::spawn(accept_loop(
+            listener,
+            config,
+            log.clone(),
+            Arc::clone(&next_fault),
+            cancel.clone(),
+        ));
+        Ok(Self {
+            addr,
+            log,
+            cancel,
+            next_fault,
+        })
+    }
+
+    /// The next session to connect misbehaves so (the demo's dropped call), whatever
+    /// [`MockConfig::fault`] says.
+    pub fn fail_next_session(&self, kind: MockFaultKind) {
+        *lock(&self.next_fault) = Some(kind);
     }
 
     pub fn url(&self) -> String {
@@ -217,6 +238,7 @@ async fn accept_loop(
     listener: TcpListener,
     config: MockConfig,
     log: Arc<MockLog>,
+    next_fault: Arc<Mutex<Option<MockFaultKind>>>,
     cancel: CancellationToken,
 ) {
     let mut next_session = 0u64;
@@ -240,6 +262,7 @@ async fn accept_loop(
                 _ => fault.session == next_session,
             })
             .map(|fault| fault.kind.clone());
+        let fault = lock(&next_fault).take().or(fault);
         tokio::spawn(serve_connection(
             stream,
             session_id,
@@ -324,9 +347,18 @@ async fn serve_connection(
     let started = tokio::time::Instant::now();
     session.open();
     let mut deltas_sent = 0u32;
+    let reset_at = match fault {
+        Some(MockFaultKind::ResetAt(after)) => Some(started + after),
+        _ => None,
+    };
     loop {
         if cancel.is_cancelled() {
             let _ = socket.close(None).await;
+            break;
+        }
+        if reset_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            // An abortive close: the peer sees a reset, not a close frame.
+            let _ = socket.get_ref().set_zero_linger();
             break;
         }
         // Client messages already waiting go first, so a barge-in lands between two deltas.
@@ -367,7 +399,10 @@ async fn serve_connection(
             }
             continue;
         }
-        let wake_at = session.poll_timeout().map(|due| started + due);
+        let wake_at = match (session.poll_timeout().map(|due| started + due), reset_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         tokio::select! {
             _ = cancel.cancelled() => {}
             incoming = socket.next() => {

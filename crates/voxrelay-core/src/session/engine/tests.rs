@@ -1990,3 +1990,28 @@ fn a_tenants_hold_prompt_replaces_the_built_in_one() {
             .all(|sent| sent.media_bytes().iter().all(|&b| b == 0x55))
     );
 }
+
+#[test]
+fn a_successor_never_speaks_into_a_caller_who_is_still_talking() {
+    let mut h = Harness::streaming(AudioMode::Pcmu);
+    h.upstream(100, speech_started()).unwrap();
+    h.lose_model(200);
+    h.reconnect(300);
+    let kinds: Vec<String> = h
+        .upstream_out()
+        .iter()
+        .map(|sent| sent.kind_str().to_owned())
+        .collect();
+    assert!(
+        !kinds.iter().any(|kind| kind == "response.create"),
+        "{kinds:?}"
+    );
+    // Lost while silent and never heard from: the successor speaks first.
+    h.lose_model(400);
+    h.reconnect(500);
+    assert!(
+        h.upstream_out()
+            .iter()
+            .any(|sent| sent.kind_str() == "response.create")
+    );
+}
