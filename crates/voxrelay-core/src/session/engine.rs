@@ -9,6 +9,12 @@
 //! The engine never writes process-wide metrics: its counters are a [`CallStats`] snapshot the
 //! driver publishes.
 //!
+//! The model session is the engine's to replace: it asks the driver for sockets
+//! ([`Output::ConnectModel`], [`Output::ConnectStandby`]) as the reconnect and renewal schedule
+//! of [`super::continuity`] says, tells a successor the [`Conversation`] as the caller heard
+//! it, plays the hold prompt while the caller waits, and closes the stream as
+//! [`EndReason::ModelUnavailable`] when no session can be had (Twilio then runs the fallback).
+//!
 //! Invariants:
 //! - there is no placeholder session: the model session arrives with the call's agent
 //!   ([`Input::ContextResolved`]); caller audio and digits that come before it is open are

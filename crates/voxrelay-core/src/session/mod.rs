@@ -1,8 +1,9 @@
 //! One call's protocol logic, sans-IO: the call engine ([`engine::CallEngine`]) with its
-//! single input and output surface, the model session it runs ([`model`]), playback pacing and
-//! barge-in ([`playback`]), the transcript a call keeps ([`transcript`]), and each leg's bounded
-//! outbound buffer ([`queue`]). The bridge's call task drives them; nothing here reads a
-//! clock, opens a socket or spawns a task.
+//! single input and output surface, the model session it runs ([`model`]) and how it is
+//! replaced when lost or old ([`continuity`]) with the conversation a successor is told
+//! ([`conversation`]), playback pacing and barge-in ([`playback`]), the transcript a call
+//! keeps ([`transcript`]), and each leg's bounded outbound buffer ([`queue`]). The bridge's
+//! call task drives them; nothing here reads a clock, opens a socket or spawns a task.
 
 pub mod continuity;
 pub mod conversation;
