@@ -1119,6 +1119,10 @@ impl CallEngine {
             _ => SessionEnd::Dropped,
         };
         self.record_session_end(now, end);
+        // Messages for the lost session not yet taken by the driver must not reach its
+        // successor (which is told the conversation instead).
+        self.outputs
+            .retain(|output| !matches!(output, Output::ToModel(_)));
         self.outputs
             .push_back(Output::Event(CallEvent::ModelLost(end)));
         let Some(model) = self.model.as_mut() else {

@@ -2015,3 +2015,20 @@ fn a_successor_never_speaks_into_a_caller_who_is_still_talking() {
             .any(|sent| sent.kind_str() == "response.create")
     );
 }
+
+#[test]
+fn messages_for_a_lost_session_not_yet_taken_never_reach_its_successor() {
+    let mut h = Harness::streaming(AudioMode::Pcmu);
+    // The driver has not taken this append when the loss is reported.
+    h.engine
+        .handle(h.at(20), Input::Twilio(&media_msg(&b64(&[3; 160]))))
+        .unwrap();
+    h.engine
+        .handle(h.at(20), Input::ModelClosed(EndReason::UpstreamClosed))
+        .unwrap();
+    h.drain();
+    assert!(
+        h.upstream_out().is_empty(),
+        "the lost session's append is withdrawn"
+    );
+}
