@@ -47,9 +47,12 @@ const RING_ENTRIES: u32 = 4096;
 /// Unsent bytes on either socket of a call past which neither socket is read until the
 /// kernel takes them: a peer that stops reading stalls its own call, never grows a buffer.
 const BACKLOG_HIGH_WATER: usize = 64 * 1024;
-/// Completions handled per turn are copied out of the ring first (so the handlers can queue
-/// submissions); this many fit without the copy growing.
-const COMPLETIONS_PER_TURN: usize = 1024;
+/// Completions handled per turn, copied out of the ring first (so the handlers can queue
+/// submissions). A turn's sends leave when the turn ends, so a backlog of completions (after
+/// the thread was descheduled) is worked off in turns of this many rather than one long turn
+/// that holds every reply until its end: it bounds the latency batching adds, at one more
+/// system call per this many completions.
+const COMPLETIONS_PER_TURN: usize = 64;
 
 /// Why the io_uring floor could not start.
 #[derive(Debug, thiserror::Error)]
@@ -391,6 +394,7 @@ impl Driver {
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_coop_taskrun()
+            .setup_cqsize(RING_ENTRIES * 4)
             .build(RING_ENTRIES)
             .or_else(|_| IoUring::new(RING_ENTRIES))?;
         Ok(Self {
@@ -440,15 +444,21 @@ impl Driver {
             if self.stopping && self.listener.is_none() && self.calls.iter().all(Option::is_none) {
                 return Ok(());
             }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(error) if error.raw_os_error() == Some(libc::EINTR) => continue,
-                // The completion queue is full: reap it below, then submit again.
-                Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {}
-                Err(error) => return Err(error),
+            // Wait only when nothing is left from the last turn; enter the kernel only to wait
+            // or to submit.
+            let wait = usize::from(self.ring.completion().is_empty());
+            if wait > 0 || !self.ring.submission().is_empty() {
+                match self.ring.submit_and_wait(wait) {
+                    Ok(_) => {}
+                    Err(error) if error.raw_os_error() == Some(libc::EINTR) => continue,
+                    // The completion queue is full: reap it below, then submit again.
+                    Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {}
+                    Err(error) => return Err(error),
+                }
             }
             self.completions.clear();
-            self.completions.extend(self.ring.completion());
+            self.completions
+                .extend(self.ring.completion().take(COMPLETIONS_PER_TURN));
             for at in 0..self.completions.len() {
                 let entry = self.completions[at].clone();
                 self.complete(&entry)?;
