@@ -184,11 +184,11 @@ impl Drop for BaselineRelay {
 /// How a floor relay moves its bytes (`bench --floor-driver`, `baseline-relay --driver`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum FloorDriver {
-    /// [`BaselineRelay`]: hyper and fastwebsockets, tokio-tungstenite, one task per call.
+    /// hyper and fastwebsockets, tokio-tungstenite, one task per call (`BaselineRelay`)
     #[default]
     Tokio,
-    /// `uring::UringRelay`: one thread, one io_uring, every call (the `io-uring` feature,
-    /// Linux, plain `ws://` models only).
+    /// one thread, one io_uring, every call (`uring::UringRelay`; the `io-uring` feature,
+    /// Linux, plain ws:// models only)
     Uring,
 }
 
