@@ -16,6 +16,11 @@
 //! `stop`, either socket closing, or [`BaselineRelay::shutdown`], and every ending sends a close
 //! frame on both sockets that are still open.
 //!
+//! The protocol work per message is `work::CallWork`, which holds no socket: this relay feeds
+//! it, and so does the same floor on io_uring (`uring`, the `io-uring` feature, Linux), so the
+//! two floors differ only in how bytes move. [`FloorRelay`] starts either ([`FloorDriver`],
+//! `bench --floor-driver`, `baseline-relay --driver`).
+//!
 //! [`Fault`] plants one known fault for the harness's own tests (`baseline-relay --fault`): a
 //! benchmark that does not catch it is broken. The bridge has no such knob.
 
