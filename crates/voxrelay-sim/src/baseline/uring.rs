@@ -140,6 +140,9 @@ impl UringRelay {
                     let _ = ready_tx.send(Ok(()));
                     if let Err(error) = driver.run() {
                         tracing::warn!(%error, "io_uring floor: the ring failed");
+                        // Operations may still be in flight into buffers the driver owns:
+                        // leak them rather than free memory the kernel may still write.
+                        std::mem::forget(driver);
                     }
                 }
                 Err(error) => {
