@@ -31,7 +31,7 @@ use voxrelay_control_plane::store::DbLocation;
 #[cfg(feature = "control-plane")]
 use voxrelay_core::control::signing::Verifier;
 #[cfg(feature = "sim")]
-use voxrelay_sim::baseline::BaselineRelay;
+use voxrelay_sim::baseline::FloorRelay;
 #[cfg(feature = "sim")]
 use voxrelay_sim::caller::{CallerConfig, place_call};
 #[cfg(feature = "sim")]
@@ -112,6 +112,11 @@ struct BaselineRelayArgs {
     /// Plant a fault (the harness's own tests check that each is caught).
     #[arg(long, value_enum, hide = true)]
     fault: Option<voxrelay::bench::baseline::Fault>,
+    /// How the relay moves bytes: tokio (hyper, fastwebsockets, tokio-tungstenite, a task per
+    /// call) or uring (one thread, one io_uring, every call; needs a build with `--features
+    /// io-uring`, Linux, and a plain ws:// upstream).
+    #[arg(long, value_enum, default_value = "tokio")]
+    driver: voxrelay::bench::baseline::FloorDriver,
 }
 
 #[cfg(feature = "sim")]
@@ -142,6 +147,18 @@ struct BenchArgs {
     /// Also measure the built-in do-nothing relay (the machine's floor) and report it beside the bridge.
     #[arg(long)]
     baseline: bool,
+    /// With --baseline: the floor's driver, or several, comma-separated, each measured at
+    /// every step of the same run in this order (the first is the one the bridge is compared
+    /// with): tokio (the default), uring (one thread, one io_uring, every call; needs a build
+    /// with `--features io-uring`, Linux, and no --model-tls).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "tokio",
+        requires = "baseline"
+    )]
+    floor_driver: Vec<voxrelay::bench::baseline::FloorDriver>,
     /// Raise the call count until p99 added latency passes --budget-ms or frames go late.
     #[arg(long)]
     ramp: bool,
@@ -533,8 +550,15 @@ async fn get_status(url: &Url) -> anyhow::Result<u16> {
 
 /// Runs the baseline relay until SIGTERM/SIGINT on a current-thread runtime of its own thread,
 /// as the floor it measures is "one core, no cross-thread hops"; `main`'s runtime only waits.
+/// The io_uring driver runs its calls on a thread of its own; this runtime then only waits.
 #[cfg(feature = "sim")]
 async fn baseline_relay(args: BaselineRelayArgs) -> anyhow::Result<()> {
+    if args.driver == voxrelay::bench::baseline::FloorDriver::Uring && args.model_ca_file.is_some()
+    {
+        bail!(
+            "--driver uring speaks plain ws:// to the model; --model-ca-file needs --driver tokio"
+        );
+    }
     let relay_thread = std::thread::Builder::new()
         .name("baseline-relay".to_owned())
         .spawn(move || -> anyhow::Result<()> {
@@ -548,9 +572,9 @@ async fn baseline_relay(args: BaselineRelayArgs) -> anyhow::Result<()> {
                     voxrelay_sim::dial::trust_extra_roots(ca.certificates())?;
                 }
                 let relay =
-                    BaselineRelay::start_with_fault(args.listen, args.upstream_url, args.fault)
+                    FloorRelay::start(args.driver, args.listen, args.upstream_url, args.fault)
                         .await
-                        .with_context(|| format!("listening on {}", args.listen))?;
+                        .with_context(|| format!("starting the floor on {}", args.listen))?;
                 // The first line on stdout (log lines follow it there), so a harness that
                 // passed port 0 learns the port.
                 println!("{}", relay.local_addr());
@@ -594,6 +618,15 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.baseline && args.target.is_some() {
         bail!("--baseline starts its own relay; it cannot be combined with --target");
     }
+    if args.model_tls
+        && args
+            .floor_driver
+            .contains(&voxrelay::bench::baseline::FloorDriver::Uring)
+    {
+        bail!(
+            "--floor-driver uring speaks plain ws:// to the model; --model-tls needs the tokio floor"
+        );
+    }
     let options = BenchOptions {
         calls: args.calls.max(1),
         seconds: args.seconds.max(1.0),
@@ -603,6 +636,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         floor: args.baseline,
         floor_only: false,
         floor_fault: None,
+        floor_drivers: args.floor_driver.clone(),
         ramp_up: Duration::from_secs_f64(args.ramp_up_seconds.max(0.0)),
         jitter: Duration::from_secs_f64(args.jitter_ms.max(0.0) / 1e3),
         model_delay: Duration::from_secs_f64(args.model_delay_ms.max(0.0) / 1e3),
@@ -634,6 +668,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(floor) = &result.floor {
         println!("{}", harness::summary(floor));
         println!("{}", harness::comparison(&result, floor));
+        for other in &result.other_floors {
+            let name = |run: &voxrelay_sim::results::BenchResult| {
+                format!("{} floor", run.floor_driver.as_deref().unwrap_or("tokio"))
+            };
+            println!("{}", harness::summary(other));
+            println!(
+                "{}",
+                harness::comparison_of(&name(other), other, &name(floor), floor)
+            );
+        }
     }
     if let Some(path) = &args.json {
         harness::write_json(path, &result)
@@ -643,6 +687,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.report {
         let mut runs = vec![result.clone()];
         runs.extend(result.floor.as_deref().cloned());
+        runs.extend(result.other_floors.iter().cloned());
         let command = std::env::args().collect::<Vec<_>>().join(" ");
         let page = voxrelay_sim::report::write_report_with_command(dir, &runs, &command)
             .with_context(|| format!("writing the report into {}", dir.display()))?;

@@ -16,10 +16,14 @@
 //! `stop`, either socket closing, or [`BaselineRelay::shutdown`], and every ending sends a close
 //! frame on both sockets that are still open.
 //!
+//! The protocol work per message is `work::CallWork`, which holds no socket: this relay feeds
+//! it, and so does the same floor on io_uring (`uring`, the `io-uring` feature, Linux), so the
+//! two floors differ only in how bytes move. [`FloorRelay`] starts either ([`FloorDriver`],
+//! `bench --floor-driver`, `baseline-relay --driver`).
+//!
 //! [`Fault`] plants one known fault for the harness's own tests (`baseline-relay --fault`): a
 //! benchmark that does not catch it is broken. The bridge has no such knob.
 
-use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,18 +39,19 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::dial::{DialError, ModelSocket, connect};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use voxrelay_core::Secret;
-use voxrelay_core::json::push_json_str;
 use voxrelay_core::twilio::MAX_TWILIO_MESSAGE_BYTES;
+use work::{CallWork, Mixer, OUT_CAPACITY, TwilioOutcome};
+
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+pub mod uring;
+mod work;
 
 /// The bearer token sent upstream: the benchmark's mock accepts any non-empty token.
 pub const UPSTREAM_KEY: &str = "baseline";
@@ -63,8 +68,6 @@ pub const SESSION_UPDATE: &str = concat!(
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// Room for one `media` or `append` message with a 100 ms delta without regrowing.
-const OUT_CAPACITY: usize = 2048;
 
 /// A fault the relay plants on purpose, so the harness's tests can check it is caught.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -79,12 +82,6 @@ pub enum Fault {
     /// is another call: two calls' audio mixed.
     MixCalls,
 }
-
-/// Frames after which [`Fault::HangUpEarly`] hangs up.
-const HANG_UP_AFTER_FRAMES: u64 = 50;
-/// Marks a call keeps track of; beyond it the oldest is forgotten (its echo then matches
-/// nothing, which is counted, not an error): a caller that never echoes cannot grow the list.
-const MAX_OUTSTANDING_MARKS: usize = 64;
 
 /// Why a call could not go on (peer faults, not the ordinary ways a call ends).
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +122,7 @@ struct Shared {
     key: Secret,
     live_calls: Arc<AtomicUsize>,
     fault: Option<Fault>,
-    /// [`Fault::MixCalls`]: the last delta relayed, and the call it came from.
-    mixer: std::sync::Mutex<Option<(u64, String)>>,
+    mixer: Mixer,
     next_call: std::sync::atomic::AtomicU64,
 }
 
@@ -151,7 +147,7 @@ impl BaselineRelay {
             key: Secret::new(UPSTREAM_KEY),
             live_calls: Arc::clone(&live_calls),
             fault,
-            mixer: std::sync::Mutex::new(None),
+            mixer: Mixer::default(),
             next_call: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(accept_loop(listener, shared, cancel.clone()));
@@ -187,6 +183,97 @@ impl BaselineRelay {
 impl Drop for BaselineRelay {
     fn drop(&mut self) {
         self.cancel.cancel();
+    }
+}
+
+/// How a floor relay moves its bytes (`bench --floor-driver`, `baseline-relay --driver`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FloorDriver {
+    /// hyper and fastwebsockets, tokio-tungstenite, one task per call (`BaselineRelay`)
+    #[default]
+    Tokio,
+    /// one thread, one io_uring, every call (`uring::UringRelay`; the `io-uring` feature,
+    /// Linux, plain ws:// models only)
+    Uring,
+}
+
+impl FloorDriver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tokio => "tokio",
+            Self::Uring => "uring",
+        }
+    }
+}
+
+/// Why a floor relay could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FloorError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    #[error(transparent)]
+    Uring(#[from] uring::UringError),
+    #[error("this build has no io_uring floor: build with `--features io-uring` (Linux only)")]
+    UringNotBuilt,
+}
+
+/// A running floor relay of either driver.
+#[derive(Debug)]
+pub enum FloorRelay {
+    Tokio(BaselineRelay),
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    Uring(uring::UringRelay),
+}
+
+impl FloorRelay {
+    /// Starts the floor of `driver` on `listen`, relaying to `upstream_url`.
+    pub async fn start(
+        driver: FloorDriver,
+        listen: SocketAddr,
+        upstream_url: String,
+        fault: Option<Fault>,
+    ) -> Result<Self, FloorError> {
+        match driver {
+            FloorDriver::Tokio => Ok(Self::Tokio(
+                BaselineRelay::start_with_fault(listen, upstream_url, fault).await?,
+            )),
+            #[cfg(all(feature = "io-uring", target_os = "linux"))]
+            FloorDriver::Uring => Ok(Self::Uring(uring::UringRelay::start(
+                listen,
+                &upstream_url,
+                fault,
+            )?)),
+            #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
+            FloorDriver::Uring => Err(FloorError::UringNotBuilt),
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        match self {
+            Self::Tokio(relay) => relay.local_addr(),
+            #[cfg(all(feature = "io-uring", target_os = "linux"))]
+            Self::Uring(relay) => relay.local_addr(),
+        }
+    }
+
+    /// Stops accepting and ends every live call; returns at once.
+    pub fn shutdown(&self) {
+        match self {
+            Self::Tokio(relay) => relay.shutdown(),
+            #[cfg(all(feature = "io-uring", target_os = "linux"))]
+            Self::Uring(relay) => relay.shutdown(),
+        }
+    }
+
+    /// Calls whose Twilio WebSocket is open.
+    pub fn live_calls(&self) -> usize {
+        match self {
+            Self::Tokio(relay) => relay.live_calls(),
+            #[cfg(all(feature = "io-uring", target_os = "linux"))]
+            Self::Uring(relay) => relay.live_calls(),
+        }
     }
 }
 
@@ -277,73 +364,6 @@ impl Drop for LiveCall {
     }
 }
 
-/// The fields of a Twilio message the relay uses; serde skips the rest. `Cow` borrows from
-/// the frame unless a string contains a JSON escape.
-#[derive(Deserialize)]
-struct TwilioIn<'a> {
-    #[serde(borrow)]
-    event: Cow<'a, str>,
-    #[serde(borrow, default)]
-    start: Option<StartIn<'a>>,
-    #[serde(borrow, default)]
-    media: Option<MediaIn<'a>>,
-    #[serde(borrow, default)]
-    dtmf: Option<DtmfIn<'a>>,
-    #[serde(borrow, default)]
-    mark: Option<MarkIn<'a>>,
-}
-
-#[derive(Deserialize)]
-struct StartIn<'a> {
-    #[serde(borrow, rename = "streamSid")]
-    stream_sid: Cow<'a, str>,
-}
-
-#[derive(Deserialize)]
-struct MediaIn<'a> {
-    #[serde(borrow)]
-    payload: Cow<'a, str>,
-}
-
-#[derive(Deserialize)]
-struct DtmfIn<'a> {
-    #[serde(borrow)]
-    digit: Cow<'a, str>,
-}
-
-#[derive(Deserialize)]
-struct MarkIn<'a> {
-    #[serde(borrow)]
-    name: Cow<'a, str>,
-}
-
-/// The fields of a server event the relay uses.
-#[derive(Deserialize)]
-struct UpstreamIn<'a> {
-    #[serde(borrow, rename = "type")]
-    kind: Cow<'a, str>,
-    #[serde(borrow, default)]
-    delta: Option<Cow<'a, str>>,
-}
-
-/// What one call holds between messages.
-struct Call {
-    number: u64,
-    stream_sid: String,
-    upstream: Option<ModelSocket>,
-    /// The next outgoing message, rebuilt in place for every message in either direction.
-    out: String,
-    /// Every payload is decoded here to validate it.
-    decoded: Vec<u8>,
-    /// Marks sent to Twilio and not yet echoed, oldest first (numbers; the name is `m<n>`).
-    marks: std::collections::VecDeque<u64>,
-    next_mark: u64,
-    /// Echoes that matched no outstanding mark.
-    unmatched_marks: u64,
-    media_in: u64,
-    deltas_out: u64,
-}
-
 /// Runs one call to its end, then closes both sockets.
 async fn run_call<S>(
     mut ws: WebSocket<S>,
@@ -385,20 +405,11 @@ where
     );
     let mut frames = std::pin::pin!(frames);
 
-    let mut call = Call {
-        number: shared
-            .next_call
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        stream_sid: String::new(),
-        upstream: None,
-        out: String::with_capacity(OUT_CAPACITY),
-        decoded: Vec::with_capacity(OUT_CAPACITY),
-        marks: std::collections::VecDeque::with_capacity(MAX_OUTSTANDING_MARKS),
-        next_mark: 0,
-        unmatched_marks: 0,
-        media_in: 0,
-        deltas_out: 0,
-    };
+    let number = shared
+        .next_call
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut work = CallWork::new(number, shared.fault);
+    let mut upstream: Option<ModelSocket> = None;
     // No `biased;`: the model's deltas can arrive in bursts, and a burst must not hold back
     // the caller's frames (nor the reverse).
     let ended = loop {
@@ -416,7 +427,7 @@ where
                         let Ok(text) = std::str::from_utf8(&frame.payload) else {
                             continue;
                         };
-                        match on_twilio(&mut call, text, shared, cancel).await {
+                        match on_twilio(&mut work, &mut upstream, text, shared, cancel).await {
                             Ok(None) => {}
                             Ok(Some(reason)) => break Ok(reason),
                             Err(error) => break Err(error),
@@ -435,7 +446,7 @@ where
                     OpCode::Binary | OpCode::Pong | OpCode::Continuation => {}
                 }
             }
-            message = next_upstream(&mut call.upstream) => {
+            message = next_upstream(&mut upstream) => {
                 let text = match message {
                     Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Close(_))) | None => break Ok(EndReason::UpstreamClosed),
@@ -443,11 +454,9 @@ where
                     Some(Ok(_)) => continue,
                     Some(Err(error)) => break Err(error.into()),
                 };
-                if let Err(error) = on_upstream(&mut call, text.as_str(), shared, &mut twilio_tx).await {
+                work.on_model(text.as_str(), &shared.mixer);
+                if let Err(error) = write_to_twilio(&work, &mut twilio_tx).await {
                     break Err(error);
-                }
-                if let Err(error) = twilio_tx.flush().await {
-                    break Err(error.into());
                 }
             }
         }
@@ -459,7 +468,7 @@ where
         twilio_tx.flush().await
     })
     .await;
-    if let Some(mut upstream) = call.upstream.take() {
+    if let Some(mut upstream) = upstream.take() {
         let _ = tokio::time::timeout(CLOSE_GRACE, upstream.close(None)).await;
     }
     ended
@@ -475,234 +484,57 @@ async fn next_upstream(
     }
 }
 
-/// Handles one Twilio text message; `Some` ends the call.
+/// Handles one Twilio text message; `Some` ends the call. A `start` dials the model here, so
+/// Twilio's later messages wait in the socket until it is open.
 async fn on_twilio(
-    call: &mut Call,
+    work: &mut CallWork,
+    upstream: &mut Option<ModelSocket>,
     text: &str,
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> Result<Option<EndReason>, BaselineError> {
-    let message: TwilioIn<'_> = match serde_json::from_str(text) {
-        Ok(message) => message,
-        Err(error) => {
-            tracing::debug!(%error, "baseline relay: skipped a malformed twilio message");
-            return Ok(None);
+    match work.on_twilio(text) {
+        TwilioOutcome::Nothing => {}
+        TwilioOutcome::ToModel => {
+            if let Some(socket) = upstream.as_mut() {
+                // tungstenite takes ownership of a message's payload (it masks it into its own
+                // buffer), so the reused String is copied once into the frame.
+                socket.send(Message::text(work.to_model())).await?;
+            }
         }
-    };
-    match message.event.as_ref() {
-        "media" => {
-            let (Some(upstream), Some(media)) = (call.upstream.as_mut(), message.media) else {
-                return Ok(None);
-            };
-            call.decoded.clear();
-            if BASE64
-                .decode_vec(media.payload.as_bytes(), &mut call.decoded)
-                .is_err()
-            {
-                tracing::debug!("baseline relay: dropped a media frame that is not base64");
-                return Ok(None);
-            }
-            call.media_in += 1;
-            if shared.fault == Some(Fault::HangUpEarly) && call.media_in >= HANG_UP_AFTER_FRAMES {
-                return Ok(Some(EndReason::Fault));
-            }
-            call.out.clear();
-            call.out
-                .push_str(r#"{"type":"input_audio_buffer.append","audio":"#);
-            push_json_str(&mut call.out, &media.payload);
-            call.out.push('}');
-            // tungstenite takes ownership of a message's payload (it masks it into its own
-            // buffer), so the reused String is copied once into the frame.
-            upstream.send(Message::text(call.out.as_str())).await?;
-        }
-        "start" => {
-            let Some(start) = message.start else {
-                return Ok(None);
-            };
-            if call.upstream.is_some() {
-                tracing::debug!("baseline relay: second `start` ignored");
-                return Ok(None);
-            }
-            call.stream_sid.push_str(&start.stream_sid);
+        TwilioOutcome::Dial => {
             let dial = connect(&shared.upstream_url, Some(&shared.key));
-            let mut upstream = tokio::select! {
+            let mut socket = tokio::select! {
                 () = cancel.cancelled() => return Ok(Some(EndReason::Shutdown)),
                 dialled = dial => dialled?,
             };
-            upstream.send(Message::text(SESSION_UPDATE)).await?;
-            call.upstream = Some(upstream);
+            socket.send(Message::text(SESSION_UPDATE)).await?;
+            *upstream = Some(socket);
+            work.model_opened();
         }
-        "dtmf" => {
-            let (Some(upstream), Some(dtmf)) = (call.upstream.as_mut(), message.dtmf) else {
-                return Ok(None);
-            };
-            // The bridge's wording, so whatever reads the digit from the bridge's
-            // user text reads it from the baseline's too.
-            let note = format!(
-                "The caller pressed the key \"{}\" on their phone keypad.",
-                dtmf.digit
-            );
-            call.out.clear();
-            call.out.push_str(
-                r#"{"type":"conversation.item.create","item":{"type":"message","role":"user","content":[{"type":"input_text","text":"#,
-            );
-            push_json_str(&mut call.out, &note);
-            call.out.push_str("}]}}");
-            upstream.send(Message::text(call.out.as_str())).await?;
-        }
-        "mark" => {
-            let Some(number) = message
-                .mark
-                .and_then(|mark| mark.name.strip_prefix('m')?.parse::<u64>().ok())
-            else {
-                call.unmatched_marks += 1;
-                return Ok(None);
-            };
-            // Twilio echoes marks in the order they were sent (all at once after a clear).
-            match call.marks.iter().position(|&sent| sent == number) {
-                Some(at) => {
-                    call.marks.drain(..=at);
-                }
-                None => call.unmatched_marks += 1,
-            }
-        }
-        "stop" => return Ok(Some(EndReason::TwilioStop)),
-        // `connected` and events Twilio may add: nothing to relay.
-        _ => {}
+        TwilioOutcome::End(reason) => return Ok(Some(reason)),
     }
     Ok(None)
 }
 
-/// Handles one upstream text message.
-async fn on_upstream<S>(
-    call: &mut Call,
-    text: &str,
-    shared: &Shared,
-    twilio_tx: &mut fastwebsockets::WebSocketWrite<S>,
-) -> Result<(), BaselineError>
-where
-    S: AsyncWrite + Unpin,
-{
-    let event: UpstreamIn<'_> = match serde_json::from_str(text) {
-        Ok(event) => event,
-        Err(error) => {
-            tracing::debug!(%error, "baseline relay: skipped a malformed upstream message");
-            return Ok(());
-        }
-    };
-    match event.kind.as_ref() {
-        "response.output_audio.delta" => {
-            let Some(delta) = event.delta else {
-                return Ok(());
-            };
-            call.decoded.clear();
-            if BASE64
-                .decode_vec(delta.as_bytes(), &mut call.decoded)
-                .is_err()
-            {
-                tracing::debug!("baseline relay: dropped a delta that is not base64");
-                return Ok(());
-            }
-            call.deltas_out += 1;
-            if let Some(fault) = shared.fault {
-                return relay_with_fault(call, fault, &delta, shared, twilio_tx).await;
-            }
-            write_media(call, &delta, twilio_tx).await?;
-            return write_mark(call, twilio_tx).await;
-        }
-        "input_audio_buffer.speech_started" => {
-            call.out.clear();
-            call.out.push_str(r#"{"event":"clear","streamSid":"#);
-            push_json_str(&mut call.out, &call.stream_sid);
-            call.out.push('}');
-        }
-        "error" => {
-            tracing::debug!(event = text, "baseline relay: upstream error event");
-            return Ok(());
-        }
-        _ => return Ok(()),
-    }
-    // A server-side frame is not masked, so fastwebsockets writes straight from the buffer.
-    twilio_tx
-        .write_frame(Frame::text(Payload::Borrowed(call.out.as_bytes())))
-        .await?;
-    Ok(())
-}
-
-/// Twilio `media` carrying `payload` (base64), one frame.
-async fn write_media<S: AsyncWrite + Unpin>(
-    call: &mut Call,
-    payload: &str,
+/// Writes what the last model event composed for Twilio, then flushes: a `media` and its
+/// `mark` leave in one system call. A server-side frame is not masked, so fastwebsockets
+/// writes straight from the buffer.
+async fn write_to_twilio<S: AsyncWrite + Unpin>(
+    work: &CallWork,
     twilio_tx: &mut fastwebsockets::WebSocketWrite<S>,
 ) -> Result<(), BaselineError> {
-    call.out.clear();
-    call.out.push_str(r#"{"event":"media","streamSid":"#);
-    push_json_str(&mut call.out, &call.stream_sid);
-    call.out.push_str(r#","media":{"payload":"#);
-    push_json_str(&mut call.out, payload);
-    call.out.push_str("}}");
-    twilio_tx
-        .write_frame(Frame::text(Payload::Borrowed(call.out.as_bytes())))
-        .await?;
-    Ok(())
-}
-
-/// A `mark` after the audio, to learn when Twilio has played it (as any relay must, to know
-/// what a barge-in cut).
-async fn write_mark<S: AsyncWrite + Unpin>(
-    call: &mut Call,
-    twilio_tx: &mut fastwebsockets::WebSocketWrite<S>,
-) -> Result<(), BaselineError> {
-    use std::fmt::Write as _;
-    if call.marks.len() == MAX_OUTSTANDING_MARKS {
-        call.marks.pop_front();
+    let mut wrote = false;
+    for message in work.to_twilio() {
+        twilio_tx
+            .write_frame(Frame::text(Payload::Borrowed(message.as_bytes())))
+            .await?;
+        wrote = true;
     }
-    call.marks.push_back(call.next_mark);
-    call.out.clear();
-    call.out.push_str(r#"{"event":"mark","streamSid":"#);
-    push_json_str(&mut call.out, &call.stream_sid);
-    let _ = write!(call.out, r#","mark":{{"name":"m{}"}}}}"#, call.next_mark);
-    call.next_mark += 1;
-    twilio_tx
-        .write_frame(Frame::text(Payload::Borrowed(call.out.as_bytes())))
-        .await?;
-    Ok(())
-}
-
-/// Relays one validated delta (its bytes in `call.decoded`) with `fault` planted.
-async fn relay_with_fault<S: AsyncWrite + Unpin>(
-    call: &mut Call,
-    fault: Fault,
-    delta: &str,
-    shared: &Shared,
-    twilio_tx: &mut fastwebsockets::WebSocketWrite<S>,
-) -> Result<(), BaselineError> {
-    match fault {
-        Fault::DropDownlink if call.deltas_out.is_multiple_of(100) => return Ok(()),
-        Fault::DropDownlink | Fault::HangUpEarly => write_media(call, delta, twilio_tx).await?,
-        Fault::Rechunk => {
-            let bytes = std::mem::take(&mut call.decoded);
-            let (first, second) = bytes.split_at(bytes.len() / 2);
-            for half in [first, second] {
-                let payload = BASE64.encode(half);
-                write_media(call, &payload, twilio_tx).await?;
-            }
-            call.decoded = bytes;
-        }
-        Fault::MixCalls => {
-            let other = {
-                let mut mixer = crate::lock(&shared.mixer);
-                let other = mixer
-                    .as_ref()
-                    .filter(|(from, _)| *from != call.number && call.deltas_out.is_multiple_of(10))
-                    .map(|(_, payload)| payload.clone());
-                *mixer = Some((call.number, delta.to_owned()));
-                other
-            };
-            write_media(call, other.as_deref().unwrap_or(delta), twilio_tx).await?;
-        }
+    if wrote {
+        twilio_tx.flush().await?;
     }
-    write_mark(call, twilio_tx).await
+    Ok(())
 }
 
 #[cfg(test)]
@@ -710,6 +542,8 @@ mod tests {
     use super::*;
     use crate::mock::test_support::tone;
     use crate::mock::{MockConfig, MockRealtimeServer};
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as BASE64;
     use serde_json::{Value, json};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio_tungstenite::tungstenite::handshake::server::{
@@ -726,13 +560,13 @@ mod tests {
     const SID: &str = "MZ00000000000000000000000000000001";
     const LOCALHOST: &str = "127.0.0.1:0";
 
-    async fn start_relay(upstream_url: String) -> BaselineRelay {
-        BaselineRelay::start(LOCALHOST.parse().expect("addr"), upstream_url)
+    async fn start_relay(driver: FloorDriver, upstream_url: String) -> FloorRelay {
+        FloorRelay::start(driver, LOCALHOST.parse().expect("addr"), upstream_url, None)
             .await
             .expect("relay starts")
     }
 
-    async fn dial(relay: &BaselineRelay) -> Client {
+    async fn dial(relay: &FloorRelay) -> Client {
         let url = format!("ws://{}/any/path", relay.local_addr());
         let (client, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
             .await
@@ -813,8 +647,7 @@ mod tests {
 
     /// Start, caller audio, a key press, the model's echo and barge-in, and `stop`, through
     /// the relay against the conversational mock.
-    #[tokio::test]
-    async fn relays_a_call_through_the_mock() {
+    async fn relays_a_call_through_the_mock(driver: FloorDriver) {
         let mock = MockRealtimeServer::start(MockConfig {
             reply_delay: Duration::from_millis(10),
             silence_ms: 200,
@@ -823,7 +656,7 @@ mod tests {
         .await
         .expect("mock");
         let log = mock.log();
-        let relay = start_relay(mock.url()).await;
+        let relay = start_relay(driver, mock.url()).await;
         let mut client = dial(&relay).await;
         send_start(&mut client).await;
 
@@ -991,8 +824,7 @@ mod tests {
 
     /// The downlink path byte for byte (escaped deltas included), malformed input skipped,
     /// and the upstream closing ending the call.
-    #[tokio::test]
-    async fn deltas_and_speech_started_reach_twilio_exactly() {
+    async fn deltas_and_speech_started_reach_twilio_exactly(driver: FloorDriver) {
         let events = vec![
             "not json".to_owned(),
             r#"{"type":"rate_limits.updated","rate_limits":[]}"#.to_owned(),
@@ -1001,7 +833,7 @@ mod tests {
             r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":0,"item_id":"item_2"}"#.to_owned(),
         ];
         let (url, upstream) = fake_upstream(events, 2).await;
-        let relay = start_relay(url).await;
+        let relay = start_relay(driver, url).await;
         let mut client = dial(&relay).await;
         // Before `start` there is no upstream: these go nowhere and break nothing.
         send(&mut client, "not json").await;
@@ -1065,13 +897,12 @@ mod tests {
     }
 
     /// The caller hanging up closes the model's socket; an unreachable model ends the call.
-    #[tokio::test]
-    async fn either_side_failing_ends_the_call() {
+    async fn either_side_failing_ends_the_call(driver: FloorDriver) {
         let mock = MockRealtimeServer::start(MockConfig::default())
             .await
             .expect("mock");
         let log = mock.log();
-        let relay = start_relay(mock.url()).await;
+        let relay = start_relay(driver, mock.url()).await;
         let mut client = dial(&relay).await;
         send_start(&mut client).await;
         assert!(eventually(|| log.active_sessions() == 1).await);
@@ -1086,7 +917,7 @@ mod tests {
         let unused = std::net::TcpListener::bind(LOCALHOST).expect("bind");
         let dead = format!("ws://{}/v1/realtime", unused.local_addr().expect("addr"));
         drop(unused);
-        let relay = start_relay(dead).await;
+        let relay = start_relay(driver, dead).await;
         let mut client = dial(&relay).await;
         send_start(&mut client).await;
         assert_eq!(next_text(&mut client).await, None, "the relay hangs up");
@@ -1094,13 +925,12 @@ mod tests {
     }
 
     /// Plain HTTP gets 400; shutdown closes live calls and stops accepting.
-    #[tokio::test]
-    async fn refuses_plain_http_and_shuts_down_cleanly() {
+    async fn refuses_plain_http_and_shuts_down_cleanly(driver: FloorDriver) {
         let mock = MockRealtimeServer::start(MockConfig::default())
             .await
             .expect("mock");
         let log = mock.log();
-        let relay = start_relay(mock.url()).await;
+        let relay = start_relay(driver, mock.url()).await;
 
         let mut plain = TcpStream::connect(relay.local_addr()).await.expect("tcp");
         plain
@@ -1133,4 +963,37 @@ mod tests {
             "the listener is closed"
         );
     }
+
+    /// The relay's checks, each against the floor of one driver.
+    macro_rules! relay_checks {
+        ($module:ident, $driver:expr) => {
+            mod $module {
+                use super::*;
+
+                #[tokio::test]
+                async fn relays_a_call_through_the_mock() {
+                    super::relays_a_call_through_the_mock($driver).await;
+                }
+
+                #[tokio::test]
+                async fn deltas_and_speech_started_reach_twilio_exactly() {
+                    super::deltas_and_speech_started_reach_twilio_exactly($driver).await;
+                }
+
+                #[tokio::test]
+                async fn either_side_failing_ends_the_call() {
+                    super::either_side_failing_ends_the_call($driver).await;
+                }
+
+                #[tokio::test]
+                async fn refuses_plain_http_and_shuts_down_cleanly() {
+                    super::refuses_plain_http_and_shuts_down_cleanly($driver).await;
+                }
+            }
+        };
+    }
+
+    relay_checks!(tokio_floor, FloorDriver::Tokio);
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    relay_checks!(uring_floor, FloorDriver::Uring);
 }

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::baseline::{BaselineRelay, Fault};
+use super::baseline::{Fault, FloorDriver, FloorRelay};
 use super::echo_model::{
     EchoFormat, EchoModel, EchoModelConfig, EchoResponse, EchoSessionRecord, EchoTls,
 };
@@ -69,8 +69,19 @@ pub enum BridgeUnderTest {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     Bridge,
-    /// The baseline relay: the machine's floor.
-    Floor,
+    /// The baseline relay on one of its drivers: the machine's floor.
+    Floor(FloorDriver),
+}
+
+impl Side {
+    /// How the progress lines name it.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Bridge => "bridge",
+            Self::Floor(FloorDriver::Tokio) => "floor",
+            Self::Floor(FloorDriver::Uring) => "floor-uring",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -85,6 +96,9 @@ pub struct BenchOptions {
     pub floor_only: bool,
     /// Plant a fault in the baseline relay (the harness's own tests).
     pub floor_fault: Option<Fault>,
+    /// The floor's drivers, each measured at every step in this order (`--floor-driver`);
+    /// the first is `floor` in the result, the others `other_floors`.
+    pub floor_drivers: Vec<FloorDriver>,
     /// Spread call starts over this long.
     pub ramp_up: Duration,
     pub jitter: Duration,
@@ -112,6 +126,7 @@ impl Default for BenchOptions {
             floor: false,
             floor_only: false,
             floor_fault: None,
+            floor_drivers: vec![FloorDriver::Tokio],
             ramp_up: Duration::from_secs(1),
             jitter: Duration::ZERO,
             model_delay: Duration::from_millis(200),
@@ -144,7 +159,7 @@ enum RunningBridge<B> {
         pid: u32,
     },
     InProcess(B),
-    InProcessFloor(BaselineRelay),
+    InProcessFloor(FloorRelay),
     Remote,
 }
 
@@ -229,13 +244,34 @@ impl Rig {
 
 /// The sides a run measures, in the order each step measures them.
 fn sides(options: &BenchOptions) -> Vec<Side> {
+    let mut drivers = options.floor_drivers.clone();
+    if drivers.is_empty() {
+        drivers.push(FloorDriver::Tokio);
+    }
+    let floors = drivers.into_iter().map(Side::Floor);
     if options.floor_only {
-        vec![Side::Floor]
+        floors.collect()
     } else if options.floor {
-        vec![Side::Bridge, Side::Floor]
+        std::iter::once(Side::Bridge).chain(floors).collect()
     } else {
         vec![Side::Bridge]
     }
+}
+
+/// One result from a run's sides, in order: the first, with the second as its `floor` (and
+/// `ratios`, first ÷ second), and any later ones as `other_floors` (each ÷ the second).
+fn combine(results: Vec<BenchResult>) -> BenchResult {
+    let mut results = results.into_iter();
+    let mut result = results.next().unwrap_or_default();
+    if let Some(floor) = results.next() {
+        result.ratios = Some(ratios(&result, &floor));
+        for other in results {
+            result.other_floor_ratios.push(ratios(&other, &floor));
+            result.other_floors.push(other);
+        }
+        result.floor = Some(Box::new(floor));
+    }
+    result
 }
 
 /// Runs one fixed-size benchmark: `calls` callers for `seconds` (with `floor`, then the same
@@ -254,13 +290,7 @@ pub async fn run(
         );
     }
     rig.stop();
-    let mut results = results.into_iter();
-    let mut result = results.next().unwrap_or_default();
-    if let Some(floor) = results.next() {
-        result.ratios = Some(ratios(&result, &floor));
-        result.floor = Some(Box::new(floor));
-    }
-    Ok(result)
+    Ok(combine(results))
 }
 
 /// Whether a step stayed within `budget` with every frame on time and accounted for.
@@ -341,10 +371,7 @@ pub async fn run_ramp(
             if options.progress {
                 eprintln!(
                     "ramp: {:<6} {calls} calls: uplink p99 {:.0} µs, downlink p99 {:.0} µs, late {}, lost {}, errors {}, CPU {} ms per call-second → {}",
-                    match side {
-                        Side::Bridge => "bridge",
-                        Side::Floor => "floor",
-                    },
+                    side.label(),
                     result.uplink_us.p99,
                     result.downlink_us.p99,
                     result.late_frames,
@@ -364,13 +391,7 @@ pub async fn run_ramp(
         calls = (calls + step).min(max_calls);
     }
     rig.stop();
-    let mut ramps = ramps.into_iter().map(SideRamp::finish);
-    let mut result = ramps.next().unwrap_or_default();
-    if let Some(floor) = ramps.next() {
-        result.ratios = Some(ratios(&result, &floor));
-        result.floor = Some(Box::new(floor));
-    }
-    Ok(result)
+    Ok(combine(ramps.into_iter().map(SideRamp::finish).collect()))
 }
 
 /// Bridge ÷ floor. With ramps: capacity from the held counts, CPU at the largest count both
@@ -508,12 +529,15 @@ async fn start_bridge<L: BridgeLauncher>(
     model_ca: Option<&std::path::Path>,
 ) -> Result<(RunningBridge<L::Bridge>, Endpoint), BenchError> {
     let token = Secret::new(format!("{:032x}", rand::random::<u128>()));
-    match &options.bridge {
-        BridgeUnderTest::Target {
-            url,
-            public_url,
-            auth_token,
-        } => {
+    match (&options.bridge, side) {
+        (
+            BridgeUnderTest::Target {
+                url,
+                public_url,
+                auth_token,
+            },
+            _,
+        ) => {
             let ws_scheme = if url.scheme() == "https" { "wss" } else { "ws" };
             let connect_url = format!("{ws_scheme}://{}/twilio/media", authority(url));
             let signed_scheme = if public_url.scheme() == "https" {
@@ -532,8 +556,9 @@ async fn start_bridge<L: BridgeLauncher>(
                 },
             ))
         }
-        BridgeUnderTest::InProcess if side == Side::Floor => {
-            let relay = BaselineRelay::start_with_fault(
+        (BridgeUnderTest::InProcess, Side::Floor(driver)) => {
+            let relay = FloorRelay::start(
+                driver,
                 SocketAddr::from(([127, 0, 0, 1], 0)),
                 model_url.to_owned(),
                 options.floor_fault,
@@ -550,7 +575,7 @@ async fn start_bridge<L: BridgeLauncher>(
                 },
             ))
         }
-        BridgeUnderTest::InProcess => {
+        (BridgeUnderTest::InProcess, Side::Bridge) => {
             let settings = BridgeSettings {
                 audio_mode: options.audio_mode,
                 greeting: Some(String::new()),
@@ -571,7 +596,7 @@ async fn start_bridge<L: BridgeLauncher>(
                 },
             ))
         }
-        BridgeUnderTest::Child => {
+        (BridgeUnderTest::Child, _) => {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .map_err(|e| BenchError::Bridge(e.to_string()))?
@@ -579,7 +604,7 @@ async fn start_bridge<L: BridgeLauncher>(
             let listen = format!("127.0.0.1:{port}");
             let exe = std::env::current_exe().map_err(|e| BenchError::Bridge(e.to_string()))?;
             let mut command = tokio::process::Command::new(exe);
-            if side == Side::Floor {
+            if let Side::Floor(driver) = side {
                 command.args([
                     "baseline-relay",
                     "--listen",
@@ -587,6 +612,9 @@ async fn start_bridge<L: BridgeLauncher>(
                     "--upstream-url",
                     model_url,
                 ]);
+                if driver != FloorDriver::Tokio {
+                    command.args(["--driver", driver.as_str()]);
+                }
                 if let Some(ca) = model_ca {
                     command.arg("--model-ca-file").arg(ca);
                 }
@@ -928,14 +956,27 @@ async fn measure(
     result.calls = calls;
     result.seconds = duration.as_secs_f64();
     result.audio_mode = options.audio_mode.as_str().to_owned();
-    result.baseline = side == Side::Floor;
+    result.baseline = matches!(side, Side::Floor(_));
     result.target = match (&options.bridge, side) {
         (BridgeUnderTest::Target { url, .. }, _) => url.to_string(),
         (BridgeUnderTest::InProcess, Side::Bridge) => "in-process".to_owned(),
-        (BridgeUnderTest::InProcess, Side::Floor) => "in-process (baseline relay)".to_owned(),
+        (BridgeUnderTest::InProcess, Side::Floor(FloorDriver::Tokio)) => {
+            "in-process (baseline relay)".to_owned()
+        }
+        (BridgeUnderTest::InProcess, Side::Floor(FloorDriver::Uring)) => {
+            "in-process (baseline relay, io_uring)".to_owned()
+        }
         (BridgeUnderTest::Child, Side::Bridge) => "child".to_owned(),
-        (BridgeUnderTest::Child, Side::Floor) => "child (baseline relay)".to_owned(),
+        (BridgeUnderTest::Child, Side::Floor(FloorDriver::Tokio)) => {
+            "child (baseline relay)".to_owned()
+        }
+        (BridgeUnderTest::Child, Side::Floor(FloorDriver::Uring)) => {
+            "child (baseline relay, io_uring)".to_owned()
+        }
     };
+    if let Side::Floor(driver) = side {
+        result.floor_driver = Some(driver.as_str().to_owned());
+    }
     result.load_cpu_utilisation = load_cpu;
     result.calls_up = call_seconds / window.as_secs_f64().max(1e-9);
     if let Some(cpu) = cpu_window {
@@ -1495,6 +1536,17 @@ pub fn summary(result: &BenchResult) -> String {
 /// one run): with ramps, the steps at the largest count both held (or, if none held in both,
 /// the largest both measured); otherwise the run's one count.
 pub fn comparison(bridge: &BenchResult, floor: &BenchResult) -> String {
+    comparison_of("bridge", bridge, "floor", floor)
+}
+
+/// [`comparison`] of any two results of one run, named `a_name` and `b_name` (e.g. the
+/// io_uring floor against the tokio floor).
+pub fn comparison_of(
+    a_name: &str,
+    bridge: &BenchResult,
+    b_name: &str,
+    floor: &BenchResult,
+) -> String {
     let ratio = |a: f64, b: f64| {
         if b > 0.0 {
             format!("{:.2}×", a / b)
@@ -1522,7 +1574,7 @@ pub fn comparison(bridge: &BenchResult, floor: &BenchResult) -> String {
     };
     let mut line = match pair(true).or_else(|| pair(false)) {
         Some((a, b)) => format!(
-            "bridge ÷ floor at {} calls: uplink p50 {} p99 {}, downlink p50 {} p99 {}, CPU per call-second {}",
+            "{a_name} ÷ {b_name} at {} calls: uplink p50 {} p99 {}, downlink p50 {} p99 {}, CPU per call-second {}",
             a.calls,
             ratio(a.uplink_us.p50, b.uplink_us.p50),
             ratio(a.uplink_us.p99, b.uplink_us.p99),
@@ -1531,7 +1583,7 @@ pub fn comparison(bridge: &BenchResult, floor: &BenchResult) -> String {
             cpu(a.cpu_ms_per_call_second, b.cpu_ms_per_call_second),
         ),
         None => format!(
-            "bridge ÷ floor at {} calls: uplink p50 {} p99 {}, downlink p50 {} p99 {}, CPU per call-second {}",
+            "{a_name} ÷ {b_name} at {} calls: uplink p50 {} p99 {}, downlink p50 {} p99 {}, CPU per call-second {}",
             bridge.calls,
             ratio(bridge.uplink_us.p50, floor.uplink_us.p50),
             ratio(bridge.uplink_us.p99, floor.uplink_us.p99),
@@ -1832,15 +1884,20 @@ mod tests {
         }
     }
 
-    /// The harness against the baseline relay in this process, two calls of 2.5 s, with
-    /// `fault` planted.
-    async fn planted(fault: Option<Fault>, barge_in_every: Option<Duration>) -> BenchResult {
+    /// The harness against the baseline relay on `driver` in this process, two calls of
+    /// 2.5 s, with `fault` planted.
+    async fn planted(
+        driver: FloorDriver,
+        fault: Option<Fault>,
+        barge_in_every: Option<Duration>,
+    ) -> BenchResult {
         let options = BenchOptions {
             calls: 2,
             seconds: 2.5,
             bridge: BridgeUnderTest::InProcess,
             floor_only: true,
             floor_fault: fault,
+            floor_drivers: vec![driver],
             ramp_up: Duration::ZERO,
             model_delay: Duration::from_millis(40),
             barge_in_every,
@@ -1856,9 +1913,9 @@ mod tests {
             .expect("the run starts")
     }
 
-    #[tokio::test]
-    async fn a_clean_relay_has_every_frame_accounted_for() {
-        let result = planted(None, Some(Duration::from_millis(900))).await;
+    async fn a_clean_relay_has_every_frame_accounted_for(driver: FloorDriver) {
+        let result = planted(driver, None, Some(Duration::from_millis(900))).await;
+        assert_eq!(result.floor_driver.as_deref(), Some(driver.as_str()));
         assert!(result.frames_identified);
         assert_eq!(result.frames_sent, 2 * 125);
         assert_eq!(
@@ -1872,33 +1929,134 @@ mod tests {
         assert!(result.barge_in_us.count >= 2, "{:?}", result.barge_in_us);
     }
 
-    #[tokio::test]
-    async fn a_relay_that_drops_one_downlink_frame_in_a_hundred_is_caught() {
-        let result = planted(Some(Fault::DropDownlink), None).await;
+    async fn a_relay_that_drops_one_downlink_frame_in_a_hundred_is_caught(driver: FloorDriver) {
+        let result = planted(driver, Some(Fault::DropDownlink), None).await;
         assert_eq!(result.downlink_lost_frames, 2, "{result:?}");
         assert_eq!(result.uplink_lost_frames, 0);
         assert_eq!(result.lost_frames, 2);
     }
 
-    #[tokio::test]
-    async fn a_relay_that_hangs_up_early_is_caught() {
-        let result = planted(Some(Fault::HangUpEarly), None).await;
+    async fn a_relay_that_hangs_up_early_is_caught(driver: FloorDriver) {
+        let result = planted(driver, Some(Fault::HangUpEarly), None).await;
         assert_eq!(result.early_hangups, 2, "{result:?}");
         assert!(result.errors >= 2);
     }
 
-    #[tokio::test]
-    async fn a_relay_that_rechunks_is_caught() {
-        let result = planted(Some(Fault::Rechunk), None).await;
+    async fn a_relay_that_rechunks_is_caught(driver: FloorDriver) {
+        let result = planted(driver, Some(Fault::Rechunk), None).await;
         assert!(result.split_frames > 100, "{result:?}");
         assert_eq!(result.frame_faults(), 0, "split, yet whole: {result:?}");
     }
 
-    #[tokio::test]
-    async fn a_relay_that_mixes_two_calls_is_caught() {
-        let result = planted(Some(Fault::MixCalls), None).await;
+    async fn a_relay_that_mixes_two_calls_is_caught(driver: FloorDriver) {
+        let result = planted(driver, Some(Fault::MixCalls), None).await;
         assert!(result.foreign_frames > 0, "{result:?}");
         assert!(result.errors > 0);
+    }
+
+    /// The harness's own checks, each against the floor of one driver.
+    macro_rules! floor_checks {
+        ($module:ident, $driver:expr) => {
+            mod $module {
+                use super::*;
+
+                #[tokio::test]
+                async fn a_clean_relay_has_every_frame_accounted_for() {
+                    super::a_clean_relay_has_every_frame_accounted_for($driver).await;
+                }
+
+                #[tokio::test]
+                async fn a_relay_that_drops_one_downlink_frame_in_a_hundred_is_caught() {
+                    super::a_relay_that_drops_one_downlink_frame_in_a_hundred_is_caught($driver)
+                        .await;
+                }
+
+                #[tokio::test]
+                async fn a_relay_that_hangs_up_early_is_caught() {
+                    super::a_relay_that_hangs_up_early_is_caught($driver).await;
+                }
+
+                #[tokio::test]
+                async fn a_relay_that_rechunks_is_caught() {
+                    super::a_relay_that_rechunks_is_caught($driver).await;
+                }
+
+                #[tokio::test]
+                async fn a_relay_that_mixes_two_calls_is_caught() {
+                    super::a_relay_that_mixes_two_calls_is_caught($driver).await;
+                }
+            }
+        };
+    }
+
+    floor_checks!(tokio_floor, FloorDriver::Tokio);
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    floor_checks!(uring_floor, FloorDriver::Uring);
+
+    /// Without the feature the io_uring floor is refused by name, not silently replaced.
+    #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
+    #[tokio::test]
+    async fn the_uring_floor_says_when_it_is_not_built() {
+        let options = BenchOptions {
+            calls: 1,
+            seconds: 1.0,
+            bridge: BridgeUnderTest::InProcess,
+            floor_only: true,
+            floor_drivers: vec![FloorDriver::Uring],
+            progress: false,
+            ..BenchOptions::default()
+        };
+        let error = run(&options, &FloorOnly)
+            .await
+            .expect_err("no io_uring floor");
+        assert!(error.to_string().contains("--features io-uring"), "{error}");
+    }
+
+    /// Every side of a run with two floor drivers is measured, and the second floor is
+    /// compared with the first.
+    #[test]
+    fn a_second_floor_is_compared_with_the_first() {
+        let floor = |driver: FloorDriver, cpu| BenchResult {
+            baseline: true,
+            floor_driver: Some(driver.as_str().to_owned()),
+            bridge_cpu_ms_per_call_second: Some(cpu),
+            ..BenchResult::default()
+        };
+        let options = BenchOptions {
+            floor: true,
+            floor_drivers: vec![FloorDriver::Tokio, FloorDriver::Uring],
+            ..BenchOptions::default()
+        };
+        assert_eq!(
+            sides(&options),
+            [
+                Side::Bridge,
+                Side::Floor(FloorDriver::Tokio),
+                Side::Floor(FloorDriver::Uring)
+            ]
+        );
+        let bridge = BenchResult {
+            bridge_cpu_ms_per_call_second: Some(3.0),
+            ..BenchResult::default()
+        };
+        let result = combine(vec![
+            bridge,
+            floor(FloorDriver::Tokio, 2.0),
+            floor(FloorDriver::Uring, 1.0),
+        ]);
+        assert_eq!(
+            result.ratios.as_ref().and_then(|r| r.cpu_per_call_second),
+            Some(1.5)
+        );
+        assert_eq!(result.other_floors.len(), 1);
+        assert_eq!(
+            result.other_floor_ratios[0].cpu_per_call_second,
+            Some(0.5),
+            "uring ÷ tokio"
+        );
+        let json = serde_json::to_value(&result).unwrap();
+        assert_eq!(json["floor"]["floor_driver"], "tokio");
+        assert_eq!(json["other_floors"][0]["floor_driver"], "uring");
     }
 
     #[test]

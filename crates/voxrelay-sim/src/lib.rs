@@ -11,7 +11,7 @@
 //! frames carry ids, [`watermark`]), a lock-free progress board ([`live`]), [`results`] and
 //! [`report`] (`voxrelay bench`),
 //! [`first_audio`] (`bench --first-audio`) and [`baseline`] (the do-nothing relay that measures
-//! the machine's floor). [`dial`] dials a model with the bridge's settings; [`http_client`] is
+//! the machine's floor, on tokio or, with the `io-uring` feature, on one io_uring). [`dial`] dials a model with the bridge's settings; [`http_client`] is
 //! a minimal HTTP/1 client for webhooks and scrapes.
 //!
 //! The simulator depends on `voxrelay-core` and `voxrelay-control-plane`, never on the bridge:

@@ -4,7 +4,9 @@
 //! `uplink_us`, `downlink_us`, `barge_in_us`, `setup_us` (each `{p50, p90, p99, max, count}`,
 //! in microseconds), `late_frames`, `lost_frames`, `errors`, `bridge_cpu_ms_per_call_second`,
 //! `bridge_rss_kib_per_call`, `load_cpu_utilisation`. Add keys; never rename these. A
-//! `--baseline` run adds `floor` (the baseline relay's result, same shape) and `ratios`.
+//! `--baseline` run adds `floor` (the baseline relay's result, same shape) and `ratios`; with
+//! `--floor-driver tokio,uring` the later floors follow as `other_floors` with
+//! `other_floor_ratios` (each ÷ `floor`), and every floor names its `floor_driver`.
 
 use std::time::Instant;
 
@@ -203,6 +205,16 @@ pub struct BenchResult {
     /// With `--baseline`: bridge ÷ floor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratios: Option<Ratios>,
+    /// A floor's result: its driver (`tokio` or `uring`, `--floor-driver`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor_driver: Option<String>,
+    /// With `--floor-driver` naming more than one: the floors after the first (which is
+    /// `floor`), measured interleaved in the same run, same shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_floors: Vec<BenchResult>,
+    /// Each of `other_floors` ÷ `floor` (e.g. the io_uring floor ÷ the tokio floor), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_floor_ratios: Vec<Ratios>,
 }
 
 impl BenchResult {
