@@ -172,7 +172,8 @@ pub struct BenchResult {
     /// Calls the bridge hung up before the caller did (each also counts in `errors`).
     #[serde(default)]
     pub early_hangups: u64,
-    /// Frames were counted by the ids they carry (`pcmu`), not joined by byte offset (`pcm16`).
+    /// Frames were counted by the ids they carry (both modes now; runs from before the tone
+    /// ids joined `pcm16` frames by byte offset and say `false`).
     #[serde(default)]
     pub frames_identified: bool,
     /// Calls streaming, averaged over the window CPU was measured in.
