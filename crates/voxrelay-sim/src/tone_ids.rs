@@ -6,30 +6,32 @@
 //! window on the frame the 28 Goertzel filters are exact DFT bins and do not see each other,
 //! and a tone that stays on across frames stays continuous. Which 14 are on encodes 25 bits
 //! (C(28,14) ≈ 40.1 M codes): the frame number modulo 2^12 (82 s), the call number modulo 2^8
-//! and a 5-bit check, scrambled so consecutive frames share few tones. The band sits inside the
-//! resampler's flat passband (flat to 3.4 kHz) and away from its 4 kHz edge; μ-law leaves each
-//! bin about 40 dB above its quantisation noise. Neighbouring tones are adjacent bins, so a
-//! tone cut short inside the window spills into them. A window reads as an id only when its 14
-//! strongest bins stand [`MARGIN`] (12 dB) above the other 14 and the check holds: on the
-//! frame they stand 35 dB above; a window a quarter into the next frame (half of it, or half a
-//! frame beside silence, speech or a resampler's lead-in) reads as no id. Nearer the frame it
-//! can still read, when the next frame shares most of its tones: an id read means at least
-//! most of the frame arrived in place, and the search climbs to the offset where the margin
-//! peaks. The reader takes the frame's full number as the value
-//! nearest a hint the caller gives (frames sent so far, or input received so far), and the
-//! call's low 8 bits as read ([`call_code`]).
+//! and a 5-bit check, scrambled so consecutive frames' tone sets are unrelated. Exactly 14 on
+//! means the reader needs no absolute level (it takes the 14 strongest), so gain anywhere in
+//! the chain does not matter. The band sits inside the resampler's flat passband (flat to
+//! 3.4 kHz) and away from its 4 kHz edge; μ-law leaves each bin about 40 dB above its
+//! quantisation noise. Neighbouring tones are adjacent bins, so a tone cut short inside the
+//! window spills into them. A window reads as an id only when its 14 strongest bins stand
+//! [`MARGIN`] (12 dB) above the other 14 and the check holds: on the frame they stand 35 dB
+//! above; a window a quarter into the next frame (half of it, or half a frame beside silence,
+//! speech or a resampler's lead-in) reads as no id. Nearer the frame it can still read when
+//! the next frame shares most of its tones: an id read means most of the frame arrived in
+//! place, and the search climbs to the offset where the margin peaks. The reader takes the
+//! frame's full number as the value nearest a hint the caller gives (frames sent so far, or
+//! input received so far), and the call's low 8 bits as read ([`call_code`]).
 //!
 //! [`ToneScanner`] reads ids out of a stream of samples (8 kHz μ-law decoded, or the model's
 //! 24 kHz PCM16) delivered in pieces of any size. The resampler adds a constant delay per
 //! stream, so frame boundaries are found, not assumed: unlocked, it tries offsets every two
-//! 8 kHz samples until a window decodes, climbs to the offset where the margin peaks and
-//! refines it to one 8 kHz sample; locked, it reads one window per frame and drops the lock on the first window
-//! that does not decode (a lost or damaged frame, or a new response whose resampler starts
-//! afresh), searching again from there. A frame is reported split when a message boundary fell
-//! inside it off the stream's 20 ms grid (the grid from the stream's start, on which a relay
-//! that does not re-chunk delivers audio; the resampler's delay puts frame boundaries off it,
-//! which is not a split). Buffers are fixed at construction (three frames), the Goertzel state
-//! lives on the stack, and the 24 kHz reader filters every third sample (the model's audio is
+//! 8 kHz samples until a window decodes, takes the offset where the margin peaks nearby and
+//! refines it to one 8 kHz sample; locked, it reads one window per frame and drops the lock on
+//! the first window that does not decode (a lost or damaged frame, or a new response whose
+//! resampler starts afresh), searching again from there. A frame is reported split when a
+//! message boundary fell inside it off the stream's 20 ms grid (the grid from the stream's
+//! start, on which a relay that does not re-chunk delivers audio; the resampler's delay puts
+//! frame boundaries off it, which is not a split), and timed by the message that carried its
+//! first sample. Buffers are fixed at construction (three frames), the Goertzel state lives on
+//! the stack, and the 24 kHz reader filters every third sample (the model's audio is
 //! band-limited to 4 kHz by the bridge's resampler): nothing is allocated per frame.
 
 use std::sync::OnceLock;
