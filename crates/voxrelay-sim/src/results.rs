@@ -166,7 +166,8 @@ pub struct BenchResult {
     /// Frames that arrived on another call's socket (identified frames only).
     #[serde(default)]
     pub foreign_frames: u64,
-    /// Audio bytes that carried no frame id where one was expected (identified frames only).
+    /// Audio bytes that carried no frame id where one was expected (identified frames only; in
+    /// `pcm16` the resamplers' lead-in and each response's first partial frame among them).
     #[serde(default)]
     pub unidentified_bytes: u64,
     /// Calls the bridge hung up before the caller did (each also counts in `errors`).
