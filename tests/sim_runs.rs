@@ -95,3 +95,41 @@ fn the_simulator_dials_with_the_bridges_settings() {
         connect::MAX_UPSTREAM_MESSAGE_BYTES
     );
 }
+
+/// `bench` against the real bridge in this process, in both audio modes: every frame is
+/// identified by the id it carries (in `pcm16` the tones, through the bridge's μ-law ⇄ PCM16
+/// and 8 ⇄ 24 kHz both ways), and a clean bridge has every frame accounted for.
+#[tokio::test]
+async fn bench_identifies_every_frame_through_the_bridge_in_both_modes() {
+    use voxrelay_sim::harness::{BenchOptions, BridgeUnderTest, run as bench};
+    for audio_mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
+        let options = BenchOptions {
+            calls: 2,
+            seconds: 2.5,
+            audio_mode,
+            bridge: BridgeUnderTest::InProcess,
+            ramp_up: Duration::ZERO,
+            model_delay: Duration::from_millis(40),
+            barge_in_every: Some(Duration::from_millis(900)),
+            // Nothing here asserts on latency; frames this close to the hang-up are in flight.
+            late_threshold: Duration::from_millis(100),
+            progress: false,
+            ..BenchOptions::default()
+        };
+        let result =
+            tokio::time::timeout(Duration::from_secs(60), bench(&options, &InProcessLauncher))
+                .await
+                .expect("the run ends in time")
+                .expect("the run starts");
+        assert!(result.frames_identified);
+        assert_eq!(result.frames_sent, 2 * 125, "{audio_mode}");
+        assert_eq!(
+            (result.errors, result.frame_faults(), result.split_frames),
+            (0, 0, 0),
+            "{audio_mode}: {result:?}"
+        );
+        assert!(result.uplink_us.count > 200, "{audio_mode}: {result:?}");
+        assert!(result.downlink_us.count > 100, "{audio_mode}: {result:?}");
+        assert!(result.barge_in_us.count >= 2, "{audio_mode}: {result:?}");
+    }
+}

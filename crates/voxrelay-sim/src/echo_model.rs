@@ -5,9 +5,11 @@
 //! `response.output_audio.delta` after a fixed model delay, emits
 //! `input_audio_buffer.speech_started` on a per-session schedule to exercise barge-in, answers
 //! the other client events the bridge sends, and timestamps everything on the run's [`Epoch`]
-//! so the harness can join its records with the callers': by frame id in `audio/pcmu` (it
-//! decodes each append into a reused buffer to read the ids, see `watermark`), by byte offset
-//! in `pcm16`. Unlike the conversational mock in `crate::mock` it keeps no audio and runs no
+//! so the harness can join its records with the callers' by frame id: it decodes each append
+//! into reused buffers and reads the ids out of it, from the μ-law bits in `audio/pcmu` (see
+//! `watermark`) or from the tones in 24 kHz `audio/pcm` (see `tone_ids`). A frame whose audio
+//! began in an earlier response than the delta that completed it (the resampler's 5 ms put
+//! `pcm16` frames across appends) is counted in the response its head went out in. Unlike the conversational mock in `crate::mock` it keeps no audio and runs no
 //! VAD: it is built to serve hundreds of sessions from one core. Invariants: one task per
 //! session and no timer per append (a queue of pending echoes drives one re-armed `Sleep`);
 //! incoming JSON is parsed borrowed; due echoes are written as one batch and flushed once;
@@ -33,8 +35,10 @@ use tokio_util::sync::CancellationToken;
 use super::live::LiveBoard;
 use super::load::ID_DIGITS;
 use super::results::Epoch;
+use super::tone_ids::{self, ToneScanner};
 use super::watermark::{FRAME_BYTES, FrameId, FrameScanner};
 use crate::mock::check_realtime_handshake;
+use voxrelay_core::codec::pcm;
 use voxrelay_core::json::push_json_str;
 
 /// tungstenite zero-fills its read buffer on every read and keeps it per connection: 4 KiB
@@ -43,6 +47,8 @@ const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Frames are buffered until an explicit flush below this size, so a batch of due echoes
 /// leaves in one write.
 const WRITE_BUFFER_BYTES: usize = 32 * 1024;
+/// Echoed appends remembered, to time a frame by the delta that carried its first sample.
+const ECHOED_APPENDS: usize = 8;
 /// Recycled echo buffers kept per session (a 200 ms delay holds about ten 20 ms appends).
 const SPARE_BUFFERS: usize = 64;
 /// How long a session waits for its peer to take the close frame at shutdown.
@@ -132,12 +138,13 @@ pub struct EchoSessionRecord {
     /// Protocol errors this peer sent back (e.g. a truncate beyond produced audio, unknown event).
     pub errors_sent: u64,
     pub closed_at_us: Option<u64>,
-    /// `audio/pcmu` sessions: every frame id read from the appends, with its arrival µs and
-    /// whether its bytes came in more than one append.
+    /// Every frame id read from the appends, with its arrival µs and whether it was split
+    /// across appends. In `audio/pcm` sessions the call is the caller's `tone_ids::call_code`.
     pub uplink: Vec<(FrameId, u64, bool)>,
-    /// `audio/pcmu` sessions: appended bytes that held no frame id.
+    /// Appended bytes that held no frame id (in `audio/pcm`, the bridge resampler's lead-in
+    /// among them).
     pub uplink_skipped_bytes: u64,
-    /// `audio/pcmu` sessions: every frame id sent back in a delta.
+    /// Every frame id sent back in a delta.
     pub echoed: Vec<EchoedFrame>,
 }
 
@@ -145,6 +152,7 @@ pub struct EchoSessionRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EchoedFrame {
     pub id: FrameId,
+    /// When the delta that carried its first sample was sent.
     pub at_us: u64,
     /// Index into the session's `responses`.
     pub response: u32,
@@ -542,6 +550,8 @@ struct PendingEcho {
     due_us: u64,
     audio: String,
     bytes: u64,
+    /// The session's input bytes before this append.
+    input_start: u64,
     /// The frame ids this append completed (`EchoSession::ids`).
     ids: std::ops::Range<usize>,
 }
@@ -551,6 +561,8 @@ struct CurrentResponse {
     response_id: String,
     item_id: String,
     bytes: u64,
+    /// Where its audio starts in the session's input, in bytes.
+    input_start: u64,
 }
 
 /// One session's protocol logic, sans-IO: text in, messages out, time (epoch µs) as input.
@@ -575,10 +587,17 @@ struct EchoSession {
     /// The reused buffer every server event is written into.
     out: String,
     outbox: Vec<Message>,
-    /// `audio/pcmu`: appends decoded (into a reused buffer) to read frame ids, in order.
+    /// Appends decoded (into reused buffers) to read frame ids, in order: the μ-law bits in
+    /// `audio/pcmu`, the tones in `audio/pcm`.
     scanner: FrameScanner,
+    tones: ToneScanner,
     decoded: Vec<u8>,
-    ids: Vec<FrameId>,
+    linear: Vec<i16>,
+    /// Every frame id read, with where it starts in the input (bytes).
+    ids: Vec<(FrameId, u64)>,
+    /// (input start, input end, send µs) of the latest echoes, a ring.
+    echoed_appends: [(u64, u64, u64); ECHOED_APPENDS],
+    echoed_next: usize,
     board: Option<Arc<LiveBoard>>,
     /// The caller's number once its digits are in (for live figures of `audio/pcm` sessions).
     caller: Option<usize>,
@@ -609,8 +628,12 @@ impl EchoSession {
             out: String::with_capacity(512),
             outbox: Vec::new(),
             scanner: FrameScanner::default(),
+            tones: ToneScanner::new(24_000).expect("24 kHz is a tone rate"),
             decoded: Vec::with_capacity(4 * FRAME_BYTES),
+            linear: Vec::with_capacity(FRAME_BYTES * 3),
             ids: Vec::new(),
+            echoed_appends: [(u64::MAX, 0, 0); ECHOED_APPENDS],
+            echoed_next: 0,
             board: None,
             caller: None,
         }
@@ -687,38 +710,46 @@ impl EchoSession {
             .ok_or(EventError::MissingField("audio"))?
             .0;
         let bytes = decoded_len(audio).ok_or(EventError::InvalidAudio)?;
+        let input_start = self.input_bytes;
         self.input_bytes += bytes;
         let first_id = self.ids.len();
-        if self.format == EchoFormat::Pcmu {
+        {
             use base64::Engine as _;
             self.decoded.clear();
             base64::engine::general_purpose::STANDARD
                 .decode_vec(audio.as_bytes(), &mut self.decoded)
                 .map_err(|_| EventError::InvalidAudio)?;
             let mut record = lock(&self.record);
-            let (ids, board) = (&mut self.ids, &self.board);
-            self.scanner.push(&self.decoded, |scanned| {
-                ids.push(scanned.id);
-                record.uplink.push((scanned.id, now_us, scanned.split));
-                if let Some(board) = board {
-                    board.arrived_at_model(
-                        usize::from(scanned.id.call),
-                        scanned.id.frame as usize,
-                        now_us,
-                    );
+            let (ids, board, caller) = (&mut self.ids, &self.board, self.caller);
+            let mut found = |id: FrameId, start: u64, split: bool, at: u64, call: Option<usize>| {
+                ids.push((id, start));
+                record.uplink.push((id, at, split));
+                if let (Some(board), Some(call)) = (board, call) {
+                    board.arrived_at_model(call, id.frame as usize, at);
                 }
-            });
-            record.uplink_skipped_bytes = self.scanner.skipped_bytes;
-            record.appends.push((self.input_bytes, now_us));
-        } else {
-            lock(&self.record).appends.push((self.input_bytes, now_us));
-            // 20 ms at 24 kHz PCM16: the frame this append completed, by offset.
-            let frame_bytes = 20 * self.format.bytes_per_ms();
-            if let (Some(board), Some(caller)) = (&self.board, self.caller) {
-                if let Some(frame) = (self.input_bytes / frame_bytes).checked_sub(1) {
-                    board.arrived_at_model(caller, frame as usize, now_us);
-                }
+            };
+            if self.format == EchoFormat::Pcmu {
+                self.scanner.push(&self.decoded, |scanned| {
+                    let call = Some(usize::from(scanned.id.call));
+                    found(scanned.id, scanned.start, scanned.split, now_us, call);
+                });
+                record.uplink_skipped_bytes = self.scanner.skipped_bytes;
+            } else {
+                self.linear.clear();
+                pcm::pcm16le_to_samples(&self.decoded, &mut self.linear);
+                // The frames received so far: the numbers the tones' 12 bits are read near.
+                let hint = self.input_bytes / (20 * self.format.bytes_per_ms());
+                let hint = u32::try_from(hint).unwrap_or(u32::MAX);
+                self.tones.push(&self.linear, hint, now_us, |frame| {
+                    // The live board knows callers by number: the tones carry its low 8 bits.
+                    let call = caller.filter(|&c| {
+                        u32::try_from(c).is_ok_and(|c| tone_ids::call_code(c) == frame.id.call)
+                    });
+                    found(frame.id, 2 * frame.start, frame.split, frame.first_at, call);
+                });
+                record.uplink_skipped_bytes = 2 * self.tones.skipped_samples;
             }
+            record.appends.push((self.input_bytes, now_us));
         }
         if self.first_append {
             self.first_append = false;
@@ -733,6 +764,7 @@ impl EchoSession {
                 due_us: now_us.saturating_add(self.model_delay_us),
                 audio: copy,
                 bytes,
+                input_start,
                 ids: first_id..self.ids.len(),
             });
         }
@@ -744,13 +776,17 @@ impl EchoSession {
             return;
         };
         if self.current.is_none() {
-            self.start_response(now_us);
+            self.start_response(now_us, echo.input_start);
         }
         let Some(current) = self.current.as_mut() else {
             return;
         };
         current.bytes += echo.bytes;
         let total = current.bytes;
+        let response_input_start = current.input_start;
+        self.echoed_appends[self.echoed_next] =
+            (echo.input_start, echo.input_start + echo.bytes, now_us);
+        self.echoed_next = (self.echoed_next + 1) % ECHOED_APPENDS;
         self.begin("response.output_audio.delta");
         if let Some(current) = &self.current {
             push_field(&mut self.out, "response_id", &current.response_id);
@@ -768,14 +804,32 @@ impl EchoSession {
             if let Some(last) = record.responses.last_mut() {
                 last.deltas.push((total, now_us));
             }
-            for &id in self.ids.get(echo.ids.clone()).unwrap_or_default() {
+            for &(id, start) in self.ids.get(echo.ids.clone()).unwrap_or_default() {
+                // Its head went out in the response before (which a barge-in cut).
+                let response = if start < response_input_start {
+                    response.saturating_sub(1)
+                } else {
+                    response
+                };
+                // Timed by the delta that carried its first sample, as the caller times it.
+                let at_us = self
+                    .echoed_appends
+                    .iter()
+                    .find(|&&(from, to, _)| from <= start && start < to)
+                    .map_or(now_us, |&(_, _, at)| at);
                 record.echoed.push(EchoedFrame {
                     id,
-                    at_us: now_us,
+                    at_us,
                     response,
                 });
-                if let Some(board) = &self.board {
-                    board.echoed(usize::from(id.call), id.frame as usize, now_us);
+                let call = match self.format {
+                    EchoFormat::Pcmu => Some(usize::from(id.call)),
+                    EchoFormat::Pcm24k => self.caller.filter(|&c| {
+                        u32::try_from(c).is_ok_and(|c| tone_ids::call_code(c) == id.call)
+                    }),
+                };
+                if let (Some(board), Some(call)) = (&self.board, call) {
+                    board.echoed(call, id.frame as usize, at_us);
                 }
             }
         }
@@ -785,7 +839,7 @@ impl EchoSession {
         }
     }
 
-    fn start_response(&mut self, now_us: u64) {
+    fn start_response(&mut self, now_us: u64, input_start: u64) {
         let response_id = self.new_id("resp");
         let item_id = self.new_id("item");
         self.begin("response.created");
@@ -813,6 +867,7 @@ impl EchoSession {
             response_id,
             item_id,
             bytes: 0,
+            input_start,
         });
     }
 

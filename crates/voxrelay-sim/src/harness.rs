@@ -8,16 +8,14 @@
 //! every step of the same run, interleaved (bridge, floor, bridge, floor, …), so each ratio
 //! compares the same call count under the same noise.
 //!
-//! Afterwards every measurement is joined per frame. In `pcmu` mode frames are identified:
-//! each carries its call and frame number in the audio (see `watermark`), so the harness
-//! counts exactly which frames reached the model and the caller, once, twice, split, on the
-//! wrong call, or never; model frames that never reached the caller are lost unless a
-//! barge-in cleared them (the tail of an interrupted response) or the caller had hung up. In
-//! `pcm16` mode no id survives the transcoding, so frames are joined by byte offset: caller
-//! frame k reached the model when the model's cumulative input passed k+1 frames; model frame
-//! k reached the caller when the caller's cumulative audio in the same response generation
-//! did (a frame lost on the way shifts the later ones there; the counts stay right). A call the
-//! bridge hangs up before the caller does is an error. Nothing is guessed from averages.
+//! Afterwards every measurement is joined per frame, by the ids the frames carry in the audio:
+//! the call and frame number in the μ-law bits in `pcmu` mode (see `watermark`), a chord of
+//! tones in `pcm16` mode, where the bridge transcodes and resamples both ways (see
+//! `tone_ids`). So the harness counts exactly which frames reached the model and the caller,
+//! once, twice, split, on the wrong call, or never, in either mode; model frames that never
+//! reached the caller are lost unless a barge-in cleared them (the tail of an interrupted
+//! response) or the caller had hung up. A call the bridge hangs up before the caller does is
+//! an error. Nothing is guessed from averages or byte offsets.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -30,11 +28,9 @@ use std::time::Duration;
 use url::Url;
 
 use super::baseline::{Fault, FloorDriver, FloorRelay};
-use super::echo_model::{
-    EchoFormat, EchoModel, EchoModelConfig, EchoResponse, EchoSessionRecord, EchoTls,
-};
+use super::echo_model::{EchoModel, EchoModelConfig, EchoSessionRecord, EchoTls};
 use super::live::LiveBoard;
-use super::load::{LoadCallConfig, LoadCallRecord, run_load_call};
+use super::load::{LoadCallConfig, LoadCallRecord, call_in_ids, run_load_call};
 use super::model_tls::ModelTls;
 use super::results::{
     BenchResult, Epoch, Machine, Percentiles, RampStep, Ratios, Samples, SoakSample,
@@ -43,8 +39,6 @@ use super::{SPEECH_FIXTURE, http_client};
 use crate::launcher::{BridgeLauncher, BridgeSettings, InProcessBridge};
 use voxrelay_core::{AudioMode, Secret};
 
-/// μ-law bytes per 20 ms frame at 8 kHz.
-const CALLER_FRAME_BYTES: u64 = 160;
 /// Samples of plots kept per direction.
 const MAX_SAMPLES: usize = 20_000;
 /// How often the calls up are sampled in the CPU window.
@@ -852,7 +846,12 @@ async fn measure(
     let board = Arc::new(LiveBoard::new(calls, frames_per_call));
     model.set_board(Some(Arc::clone(&board)));
     let started_at = epoch.us();
-    let identify = options.audio_mode == AudioMode::Pcmu;
+    // The floor relays μ-law untouched whatever the run's mode, so its frames carry the
+    // watermark; the bridge's carry what survives its mode.
+    let ids = match side {
+        Side::Floor(_) => AudioMode::Pcmu,
+        Side::Bridge => options.audio_mode,
+    };
 
     let mut handles = Vec::with_capacity(calls);
     for index in 0..calls {
@@ -864,7 +863,7 @@ async fn measure(
             duration,
             jitter: options.jitter,
             epoch,
-            identify,
+            audio_mode: ids,
             board: Arc::clone(&board),
         };
         let delay = options.ramp_up.mul_f64(index as f64 / calls.max(1) as f64);
@@ -952,7 +951,7 @@ async fn measure(
     model.set_board(None);
     let sessions: Vec<EchoSessionRecord> =
         model.records().into_iter().skip(sessions_before).collect();
-    let mut result = join(options, &records, &sessions);
+    let mut result = join(options, ids, &records, &sessions);
     result.calls = calls;
     result.seconds = duration.as_secs_f64();
     result.audio_mode = options.audio_mode.as_str().to_owned();
@@ -1023,15 +1022,15 @@ impl Tally {
     }
 }
 
-/// Joins callers' and the model's records by call number, then frame by frame: by the ids
-/// the frames carry (`pcmu`), or by byte offset (`pcm16`).
+/// Joins callers' and the model's records by call number, then frame by frame by the ids the
+/// frames carry (as `ids` carries them).
 fn join(
     options: &BenchOptions,
+    ids: AudioMode,
     records: &[LoadCallRecord],
     sessions: &[EchoSessionRecord],
 ) -> BenchResult {
     let late_us = options.late_threshold.as_secs_f64() * 1e6;
-    let identified = options.audio_mode == AudioMode::Pcmu;
     let mut tally = Tally::default();
     let mut barge_in = Vec::new();
     let mut setup = Vec::new();
@@ -1059,11 +1058,8 @@ fn join(
             setup.push(update.saturating_sub(open) as f64);
         }
         let foreign_before = tally.foreign;
-        if identified {
-            join_identified(record, session, late_us as u64, &mut tally);
-        } else {
-            join_by_offset(record, session, late_us as u64, &mut tally);
-        }
+        let own = call_in_ids(ids, record.index);
+        join_identified(record, session, own, late_us as u64, &mut tally);
         if tally.foreign > foreign_before {
             // Another call's audio on this one: the call itself went wrong.
             errors += 1;
@@ -1101,7 +1097,7 @@ fn join(
         foreign_frames: tally.foreign,
         unidentified_bytes: tally.unidentified_bytes,
         early_hangups,
-        frames_identified: identified,
+        frames_identified: true,
         errors: errors + early_hangups,
         frames_sent: sent,
         frames_received: tally.received,
@@ -1113,16 +1109,17 @@ fn join(
     }
 }
 
-/// One call's frames by the ids they carry. Uplink: each frame the caller sent should reach
-/// the model once. Downlink: each frame the model echoed should reach the caller once, unless
-/// it was the tail of a response a barge-in cleared, or was sent around the hang-up.
+/// One call's frames by the ids they carry (`own` is the call as they carry it). Uplink: each
+/// frame the caller sent should reach the model once. Downlink: each frame the model echoed
+/// should reach the caller once, unless it was the tail of a response a barge-in cleared, or
+/// was sent around the hang-up.
 fn join_identified(
     record: &LoadCallRecord,
     session: &EchoSessionRecord,
+    own: u16,
     late_us: u64,
     tally: &mut Tally,
 ) {
-    let own = record.index as u16;
     let sent = &record.frames_sent_us;
     let configured = session.session_update_at_us.unwrap_or(u64::MAX);
     tally.unidentified_bytes += session.uplink_skipped_bytes + record.skipped_bytes;
@@ -1148,7 +1145,20 @@ fn join_identified(
             tally.uplink.push(at.saturating_sub(sent_at) as f64);
         }
     }
-    tally.uplink_lost += arrivals.iter().filter(|&&n| n == 0).count() as u64;
+    // A frame sent at the hang-up may still be in the relay (in `pcm16` the resampler holds
+    // the last 5 ms of the last frame for input that never comes): counted apart, as on the
+    // downlink.
+    for (&count, &sent_at) in arrivals.iter().zip(sent) {
+        if count > 0 {
+            continue;
+        }
+        let stop = record.stop_sent_us;
+        if stop.is_some_and(|stop| sent_at.saturating_add(late_us) >= stop) {
+            tally.after_hangup += 1;
+        } else {
+            tally.uplink_lost += 1;
+        }
+    }
 
     // Downlink: the first arrival of each of this call's frames.
     let mut heard: Vec<Option<u64>> = vec![None; sent.len()];
@@ -1214,29 +1224,6 @@ fn join_identified(
     }
 }
 
-/// One call's frames by byte offset (`pcm16`: no id survives the transcoding).
-fn join_by_offset(
-    record: &LoadCallRecord,
-    session: &EchoSessionRecord,
-    late_us: u64,
-    tally: &mut Tally,
-) {
-    let mut call = CallJoin::default();
-    let (uplink, downlink) = (&mut tally.uplink, &mut tally.downlink);
-    call.advance(
-        record,
-        session,
-        true,
-        |latency| uplink.push(latency),
-        |latency| downlink.push(latency),
-    );
-    tally.received += call.frame as u64;
-    tally.uplink_lost += record.frames_sent_us.len().saturating_sub(call.frame) as u64;
-    for &(sent_at, cleared) in &call.unreceived {
-        tally.unreceived(sent_at, record.stop_sent_us, late_us, cleared);
-    }
-}
-
 /// A pause longer than this between two `media` messages is a gap between responses.
 const JITTER_GAP_US: u64 = 100_000;
 
@@ -1255,144 +1242,6 @@ fn outbound_jitter(media: &[(u32, u64, u64)], out: &mut Vec<f64>) {
             continue;
         }
         out.push((spacing as f64 - carried as f64 * 125.0).abs());
-    }
-}
-
-/// One call's byte-offset join, resumable: advancing it again after its records grew
-/// continues where it stopped. The final result advances a fresh one once over the complete
-/// records (`done`); the live progress line advances one per call every second on the records
-/// as they are written, so both use the same join and the live one costs only the frames that
-/// arrived since the last tick.
-#[derive(Clone, Debug, Default)]
-struct CallJoin {
-    /// Uplink: the next model append to look at, and the next caller frame to time (at the
-    /// end: how many of the caller's frames reached the model).
-    append: usize,
-    frame: usize,
-    /// Downlink: the response (among those with audio; the n-th is the caller's generation n,
-    /// the audio between its (n-1)-th and n-th `clear`), its next delta and model frame, and
-    /// the next caller `media` arrival to compare.
-    response: usize,
-    delta: usize,
-    model_frame: u64,
-    arrival: usize,
-    /// Model frames that never reached the caller (send µs, and whether the caller had
-    /// moved on past a `clear` rather than the run ending).
-    unreceived: Vec<(u64, bool)>,
-}
-
-impl CallJoin {
-    /// Notes every frame of `response` from the current one on as never received.
-    fn skip_response(&mut self, response: &EchoResponse, frame_bytes: u64, cleared: bool) {
-        let mut frame = self.model_frame;
-        for &(cumulative, sent_at) in response.deltas.get(self.delta..).unwrap_or_default() {
-            while frame < cumulative / frame_bytes {
-                self.unreceived.push((sent_at, cleared));
-                frame += 1;
-            }
-        }
-    }
-
-    /// Joins what the records hold beyond the last call. With `done` false, whatever may still
-    /// change (the caller's record lagging the model's, a response still receiving audio, a
-    /// generation the caller has not left) is left for the next call; with `done` true the
-    /// records are final and frames that never arrived are skipped.
-    fn advance(
-        &mut self,
-        record: &LoadCallRecord,
-        session: &EchoSessionRecord,
-        done: bool,
-        mut uplink: impl FnMut(f64),
-        mut downlink: impl FnMut(f64),
-    ) {
-        let model_frame_bytes: u64 = match session.format {
-            EchoFormat::Pcmu => 160,
-            EchoFormat::Pcm24k => 960,
-        };
-
-        // Uplink: caller frame k is complete at the model once its cumulative input covers
-        // k+1 frames. Frames sent before the session existed waited for set-up, which is
-        // measured apart.
-        let configured = session.session_update_at_us.unwrap_or(u64::MAX);
-        let sent = &record.frames_sent_us;
-        while let Some(&(cumulative, at)) = session.appends.get(self.append) {
-            let complete = (cumulative / model_frame_bytes) as usize;
-            while self.frame < complete && self.frame < sent.len() {
-                let sent_at = sent[self.frame];
-                if sent_at >= configured {
-                    uplink(at.saturating_sub(sent_at) as f64);
-                }
-                self.frame += 1;
-            }
-            if self.frame < complete {
-                // The caller's record is behind the model's (only while live).
-                break;
-            }
-            self.append += 1;
-        }
-
-        // Downlink: model frame k of the n-th audio response reached the caller with the first
-        // `media` of generation n whose cumulative audio covers k+1 caller frames.
-        let caller_generation = record.clears_us.len();
-        loop {
-            let Some(response) = session
-                .responses
-                .iter()
-                .filter(|r| !r.deltas.is_empty())
-                .nth(self.response)
-            else {
-                return;
-            };
-            let generation = self.response as u32;
-            // Only the newest response still receives audio.
-            let more_deltas = !done
-                && session
-                    .responses
-                    .last()
-                    .is_some_and(|last| std::ptr::eq(last, response));
-            let mut next_response = false;
-            'deltas: while let Some(&(cumulative, sent_at)) = response.deltas.get(self.delta) {
-                let complete = cumulative / model_frame_bytes;
-                while self.model_frame < complete {
-                    let needed = (self.model_frame + 1) * CALLER_FRAME_BYTES;
-                    while record
-                        .media
-                        .get(self.arrival)
-                        .is_some_and(|&(g, c, _)| g < generation || (g == generation && c < needed))
-                    {
-                        self.arrival += 1;
-                    }
-                    match record.media.get(self.arrival) {
-                        Some(&(g, _, at)) if g == generation => {
-                            downlink(at.saturating_sub(sent_at) as f64);
-                            self.model_frame += 1;
-                        }
-                        // The rest of this response never reached the caller (a barge-in
-                        // cleared it), or the run is over.
-                        Some(_) => {
-                            self.skip_response(response, model_frame_bytes, true);
-                            next_response = true;
-                            break 'deltas;
-                        }
-                        None if done || caller_generation > self.response => {
-                            let cleared = caller_generation > self.response;
-                            self.skip_response(response, model_frame_bytes, cleared);
-                            next_response = true;
-                            break 'deltas;
-                        }
-                        // Still on its way.
-                        None => return,
-                    }
-                }
-                self.delta += 1;
-            }
-            if !next_response && more_deltas && caller_generation <= self.response {
-                return;
-            }
-            self.response += 1;
-            self.delta = 0;
-            self.model_frame = 0;
-        }
     }
 }
 
@@ -1620,33 +1469,70 @@ pub fn write_json(path: &PathBuf, result: &BenchResult) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::echo_model::EchoResponse;
+    use crate::echo_model::{EchoFormat, EchoResponse, EchoedFrame};
+    use crate::load::DownlinkFrame;
+    use crate::watermark::FrameId;
 
-    /// Options whose join is by byte offset (`pcm16`), as the scripted records below are.
-    fn options() -> BenchOptions {
+    fn options(audio_mode: AudioMode) -> BenchOptions {
         BenchOptions {
             late_threshold: Duration::from_millis(40),
-            audio_mode: AudioMode::Pcm16,
+            audio_mode,
             ..BenchOptions::default()
         }
     }
 
-    #[test]
-    fn joins_uplink_downlink_and_barge_in_by_offset() {
-        let record = LoadCallRecord {
-            index: 3,
+    /// Call 259 (in `pcm16` its frames carry 259's low 8 bits, 3): ten frames up, frame 4
+    /// lost on the way; the first response echoes 0-3 and is cut by a barge-in, the second
+    /// echoes 6-9, and frame 5, whose head went out in the first, counts there. The caller
+    /// hears 0-3, then after the clear 6, 7 twice, 8, and a frame of another call.
+    fn scripted_call(audio_mode: AudioMode) -> (LoadCallRecord, EchoSessionRecord) {
+        let own = call_in_ids(audio_mode, 259);
+        let id = |frame| FrameId { call: own, frame };
+        let mut record = LoadCallRecord {
+            index: 259,
             ws_open_us: Some(1_000),
-            frames_sent_us: vec![10_000, 30_000, 50_000],
+            frames_sent_us: (0..10).map(|k| 10_000 + 20_000 * k).collect(),
             media: vec![(0, 160, 300_500), (0, 320, 320_700), (1, 160, 900_300)],
             clears_us: vec![800_050],
             ..LoadCallRecord::default()
         };
+        let heard = |frame, generation, at_us| DownlinkFrame {
+            id: id(frame),
+            generation,
+            at_us,
+            split: false,
+        };
+        record.downlink = vec![
+            heard(0, 0, 300_500),
+            heard(1, 0, 320_700),
+            heard(2, 0, 340_700),
+            heard(3, 0, 360_700),
+            heard(6, 1, 900_300),
+            heard(7, 1, 920_300),
+            heard(7, 1, 920_400),
+            heard(8, 1, 940_300),
+            DownlinkFrame {
+                id: FrameId {
+                    call: own + 1,
+                    frame: 8,
+                },
+                ..heard(8, 1, 940_400)
+            },
+        ];
+        let echoed = |frame, response, at_us| EchoedFrame {
+            id: id(frame),
+            at_us,
+            response,
+        };
         let session = EchoSessionRecord {
-            digits: LoadCallRecord::id_digits(3),
+            digits: LoadCallRecord::id_digits(259),
             connected_at_us: 1_500,
             session_update_at_us: Some(5_000),
             format: EchoFormat::Pcmu,
-            appends: vec![(160, 10_100), (320, 30_200), (480, 50_050)],
+            uplink: (0..10)
+                .filter(|&k| k != 4)
+                .map(|k| (id(k), 10_200 + 20_000 * u64::from(k), false))
+                .collect(),
             responses: vec![
                 EchoResponse {
                     response_id: "r1".into(),
@@ -1661,26 +1547,66 @@ mod tests {
                     deltas: vec![(160, 900_000)],
                 },
             ],
+            echoed: vec![
+                echoed(0, 0, 300_000),
+                echoed(1, 0, 320_000),
+                echoed(2, 0, 340_000),
+                echoed(3, 0, 360_000),
+                echoed(5, 0, 900_000),
+                echoed(6, 1, 900_000),
+                echoed(7, 1, 920_000),
+                echoed(8, 1, 940_000),
+                echoed(9, 1, 960_000),
+            ],
             speech_started_at_us: vec![800_000],
-            truncates: vec![],
-            errors_sent: 0,
-            closed_at_us: None,
             ..EchoSessionRecord::default()
         };
-        let result = join(&options(), &[record], &[session]);
-        assert_eq!(result.uplink_us.count, 3);
-        assert_eq!(result.uplink_us.max, 200.0);
-        assert_eq!(result.downlink_us.count, 3);
-        assert_eq!(result.downlink_us.max, 700.0);
-        assert_eq!(result.barge_in_us.max, 50.0);
-        assert_eq!(result.setup_us.max, 4_000.0);
-        // 160 bytes (20 ms) then the next message 20.2 ms later; the third is after a clear.
-        assert_eq!(result.outbound_jitter_us.count, 1);
-        assert_eq!(result.outbound_jitter_us.max, 200.0);
-        assert_eq!(
-            (result.lost_frames, result.errors, result.late_frames),
-            (0, 0, 0)
+        (record, session)
+    }
+
+    #[test]
+    fn joins_uplink_downlink_and_barge_in_by_id_in_both_modes() {
+        for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
+            let (record, session) = scripted_call(mode);
+            let result = join(&options(mode), mode, &[record], &[session]);
+            assert!(result.frames_identified);
+            assert_eq!(result.uplink_us.count, 9, "{mode}");
+            assert_eq!(result.uplink_us.max, 200.0);
+            assert_eq!(result.uplink_lost_frames, 1);
+            assert_eq!(result.downlink_us.count, 7);
+            assert_eq!(result.downlink_us.max, 700.0);
+            assert_eq!(result.frames_received, 7);
+            // Frame 5 went out at the barge-in; frame 9 was never heard.
+            assert_eq!(result.barge_in_dropped_frames, 1);
+            assert_eq!(result.downlink_lost_frames, 1);
+            assert_eq!(result.lost_frames, 2);
+            assert_eq!((result.duplicate_frames, result.foreign_frames), (1, 1));
+            // Another call's audio on this one makes the call an error.
+            assert_eq!(result.errors, 1);
+            assert_eq!(result.barge_in_us.max, 50.0);
+            assert_eq!(result.setup_us.max, 4_000.0);
+        }
+        // Had the caller hung up 30 ms after sending frame 4, it and the unheard echoes would
+        // have been in flight at the hang-up, not lost.
+        let (mut record, session) = scripted_call(AudioMode::Pcm16);
+        record.stop_sent_us = Some(120_000);
+        let result = join(
+            &options(AudioMode::Pcm16),
+            AudioMode::Pcm16,
+            &[record],
+            &[session],
         );
+        assert_eq!((result.lost_frames, result.after_hangup_frames), (0, 3));
+        // Counted in the second response instead, frame 5 would be lost.
+        let (record, mut session) = scripted_call(AudioMode::Pcm16);
+        session.echoed[4].response = 1;
+        let result = join(
+            &options(AudioMode::Pcm16),
+            AudioMode::Pcm16,
+            &[record],
+            &[session],
+        );
+        assert_eq!(result.downlink_lost_frames, 2);
     }
 
     #[test]
@@ -1699,136 +1625,6 @@ mod tests {
         assert_eq!(jitter, [1_000.0, 1_000.0]);
     }
 
-    /// A call with two audio responses, the first cut short by a barge-in after 6 of its 10
-    /// frames reached the caller, and downlink media that carry two frames at once.
-    fn scripted_call() -> (LoadCallRecord, EchoSessionRecord) {
-        let mut record = LoadCallRecord {
-            index: 0,
-            ws_open_us: Some(1_000),
-            ..LoadCallRecord::default()
-        };
-        let mut session = EchoSessionRecord {
-            digits: LoadCallRecord::id_digits(0),
-            connected_at_us: 1_500,
-            session_update_at_us: Some(5_000),
-            format: EchoFormat::Pcmu,
-            appends: Vec::new(),
-            responses: Vec::new(),
-            speech_started_at_us: vec![429_000],
-            truncates: vec![],
-            errors_sent: 0,
-            closed_at_us: None,
-            ..EchoSessionRecord::default()
-        };
-        for k in 0..50u64 {
-            let at = 2_000 + 20_000 * k;
-            record.frames_sent_us.push(at);
-            session.appends.push((160 * (k + 1), at + 150 + k * 7));
-        }
-        let mut first = EchoResponse {
-            response_id: "r1".into(),
-            item_id: "i1".into(),
-            started_at_us: 300_000,
-            deltas: Vec::new(),
-        };
-        for k in 0..10u64 {
-            first.deltas.push((160 * (k + 1), 300_000 + 20_000 * k));
-        }
-        // The caller hears the first 6 frames, two per message, then the clear.
-        for k in 0..3u64 {
-            record.media.push((0, 320 * (k + 1), 320_600 + 40_000 * k));
-        }
-        record.clears_us.push(430_000);
-        let mut second = EchoResponse {
-            response_id: "r2".into(),
-            item_id: "i2".into(),
-            started_at_us: 600_000,
-            deltas: Vec::new(),
-        };
-        for k in 0..8u64 {
-            second.deltas.push((160 * (k + 1), 600_000 + 20_000 * k));
-            record
-                .media
-                .push((1, 160 * (k + 1), 600_400 + 20_000 * k + 30 * k));
-        }
-        session.responses = vec![first, second];
-        (record, session)
-    }
-
-    /// What each record held at `t` µs.
-    fn as_of(
-        record: &LoadCallRecord,
-        session: &EchoSessionRecord,
-        t: u64,
-    ) -> (LoadCallRecord, EchoSessionRecord) {
-        let mut record = record.clone();
-        record.frames_sent_us.retain(|&at| at <= t);
-        record.media.retain(|&(_, _, at)| at <= t);
-        record.clears_us.retain(|&at| at <= t);
-        let mut session = session.clone();
-        session.appends.retain(|&(_, at)| at <= t);
-        session.responses.retain(|r| r.started_at_us <= t);
-        for response in &mut session.responses {
-            response.deltas.retain(|&(_, at)| at <= t);
-        }
-        (record, session)
-    }
-
-    #[test]
-    fn the_live_join_finds_what_the_final_join_finds() {
-        let (record, session) = scripted_call();
-        let result = join(
-            &options(),
-            std::slice::from_ref(&record),
-            std::slice::from_ref(&session),
-        );
-        // The first frame was sent before the session was configured: set-up, not uplink.
-        assert_eq!(result.uplink_us.count, 49);
-        assert_eq!(result.downlink_us.count, 6 + 8);
-        // The 4 frames of the first response the barge-in cut are counted apart, not lost.
-        assert_eq!(result.barge_in_dropped_frames, 4);
-        assert_eq!((result.lost_frames, result.after_hangup_frames), (0, 0));
-        // Had the caller heard none of the second response, it would all be lost.
-        let mut deaf = record.clone();
-        deaf.media.retain(|&(generation, _, _)| generation == 0);
-        let deaf = join(&options(), &[deaf], std::slice::from_ref(&session));
-        assert_eq!(deaf.downlink_lost_frames, 8);
-
-        for step in [1_000, 7_000, 20_000, 45_000] {
-            let mut live = CallJoin::default();
-            let (mut uplink, mut downlink) = (Vec::new(), Vec::new());
-            let mut t = 0;
-            while t <= 1_100_000 {
-                let (record, session) = as_of(&record, &session, t);
-                live.advance(
-                    &record,
-                    &session,
-                    false,
-                    |us| uplink.push(us),
-                    |us| downlink.push(us),
-                );
-                t += step;
-            }
-            live.advance(
-                &record,
-                &session,
-                true,
-                |us| uplink.push(us),
-                |us| downlink.push(us),
-            );
-            assert_eq!(
-                Percentiles::of(&mut uplink),
-                result.uplink_us,
-                "step {step}"
-            );
-            assert_eq!(
-                Percentiles::of(&mut downlink),
-                result.downlink_us,
-                "step {step}"
-            );
-        }
-    }
-
     #[test]
     fn an_unidentified_caller_is_an_error_and_its_frames_are_lost() {
         let record = LoadCallRecord {
@@ -1836,7 +1632,7 @@ mod tests {
             frames_sent_us: vec![1, 2],
             ..LoadCallRecord::default()
         };
-        let result = join(&options(), &[record], &[]);
+        let result = join(&options(AudioMode::Pcm16), AudioMode::Pcm16, &[record], &[]);
         assert_eq!((result.errors, result.lost_frames), (1, 2));
     }
 

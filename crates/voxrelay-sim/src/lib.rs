@@ -8,7 +8,7 @@
 //! (`serve --mock-model`, the demo, the tests); [`echo_model`] is the benchmark's model, which
 //! echoes caller audio and records when each byte arrived (optionally over TLS,
 //! [`model_tls`]). The runs: [`demo`] (`voxrelay demo`), [`harness`] with [`load`] (whose
-//! frames carry ids, [`watermark`]), a lock-free progress board ([`live`]), [`results`] and
+//! frames carry ids: [`watermark`] in `pcmu`, [`tone_ids`] in `pcm16`), a lock-free progress board ([`live`]), [`results`] and
 //! [`report`] (`voxrelay bench`),
 //! [`first_audio`] (`bench --first-audio`) and [`baseline`] (the do-nothing relay that measures
 //! the machine's floor, on tokio or, with the `io-uring` feature, on one io_uring). [`dial`] dials a model with the bridge's settings; [`http_client`] is
@@ -33,6 +33,7 @@ pub mod mock;
 pub mod model_tls;
 pub mod report;
 pub mod results;
+pub mod tone_ids;
 pub mod watermark;
 
 /// A few seconds of synthetic speech, G.711 μ-law 8 kHz (see `fixtures/make-speech.sh`).

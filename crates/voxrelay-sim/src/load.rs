@@ -6,11 +6,13 @@
 //! `media` frames on a real-time schedule (optionally jittered, never reordered). It echoes
 //! marks as Twilio's playback buffer would, and timestamps everything it sends and receives on
 //! the run's shared [`Epoch`] so the harness can join its records with the model's. Every frame
-//! it sends carries its [`FrameId`] (see `watermark`); with `identify` (`pcmu`, where the ids
-//! come back intact) it decodes each `media` payload into a reused buffer and reads the ids
-//! out of it, so the harness counts frames exactly; otherwise only the audio's length is kept
-//! and the harness joins by byte offset. The record is the caller's own until the call ends
-//! (no lock); what the live progress line shows goes through the lock-free [`LiveBoard`].
+//! it sends carries its [`FrameId`], as the call's audio mode lets it survive the bridge: in
+//! `pcmu` (passed through byte for byte) a watermark in the low bits of the speech fixture (see
+//! `watermark`), in `pcm16` (decoded, resampled and re-encoded both ways) the frame itself is a
+//! chord of tones that codes the id (see `tone_ids`). It decodes each `media` payload into
+//! reused buffers and reads the ids out of it, so the harness counts frames exactly. The record
+//! is the caller's own until the call ends (no lock); what the live progress line shows goes
+//! through the lock-free [`LiveBoard`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,9 +25,11 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use super::caller::{FRAME_BYTES, PlaybackBuffer};
 use super::live::LiveBoard;
 use super::results::Epoch;
+use super::tone_ids::{self, ToneScanner};
 use super::watermark::{self, FrameId, FrameScanner};
-use voxrelay_core::Secret;
+use voxrelay_core::codec::g711;
 use voxrelay_core::twilio::signature::compute_signature;
+use voxrelay_core::{AudioMode, Secret};
 
 const FRAME: Duration = Duration::from_millis(20);
 /// Digits pressed at call start: the call number, zero-padded.
@@ -46,8 +50,8 @@ pub struct LoadCallConfig {
     /// Each frame is sent up to this much after its slot (uniformly), like real network jitter.
     pub jitter: Duration,
     pub epoch: Epoch,
-    /// Read frame ids out of the audio that comes back (`pcmu`).
-    pub identify: bool,
+    /// The bridge's audio mode, which decides how frames carry their ids.
+    pub audio_mode: AudioMode,
     pub board: Arc<LiveBoard>,
 }
 
@@ -62,10 +66,11 @@ pub struct LoadCallRecord {
     /// `media`; the generation is the number of `clear`s received before it.
     pub media: Vec<(u32, u64, u64)>,
     pub clears_us: Vec<u64>,
-    /// With `identify`: every frame read from the `media` received, with the generation it
-    /// came in, its arrival µs, and whether its bytes came in more than one message.
+    /// Every frame read from the `media` received, with the generation it came in, its
+    /// arrival µs, and whether it was split across messages.
     pub downlink: Vec<DownlinkFrame>,
-    /// With `identify`: received audio bytes that held no frame id.
+    /// Received audio bytes that held no frame id (in `pcm16` these include the resamplers'
+    /// lead-in and the partial frames at each response's start).
     pub skipped_bytes: u64,
     pub marks_received: u64,
     pub marks_echoed: u64,
@@ -75,7 +80,7 @@ pub struct LoadCallRecord {
     pub closed_by_bridge: bool,
 }
 
-/// One identified frame the caller heard.
+/// One identified frame the caller heard (`at_us`: when its first sample arrived).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DownlinkFrame {
     pub id: FrameId,
@@ -88,6 +93,73 @@ impl LoadCallRecord {
     /// The digits this caller presses.
     pub fn id_digits(index: u32) -> String {
         format!("{index:0width$}", width = ID_DIGITS)
+    }
+}
+
+/// Reads the ids out of the audio that comes back, as the audio mode carries them.
+enum IdReader {
+    Watermark(FrameScanner),
+    /// Tones, read from the μ-law decoded into a reused buffer.
+    Tones(ToneScanner, Vec<i16>),
+}
+
+impl IdReader {
+    fn new(mode: AudioMode) -> Self {
+        match mode {
+            AudioMode::Pcmu => Self::Watermark(FrameScanner::default()),
+            AudioMode::Pcm16 => Self::Tones(
+                ToneScanner::new(8_000).expect("8 kHz is a tone rate"),
+                Vec::with_capacity(4 * FRAME_BYTES),
+            ),
+        }
+    }
+
+    /// Reads one message's μ-law, which arrived at `at_us`; `sent` (frames sent so far) places
+    /// the tone ids' numbers. `on_frame` gets each frame's id, whether it was split, and when
+    /// its first sample arrived.
+    fn push(
+        &mut self,
+        mulaw: &[u8],
+        sent: usize,
+        at_us: u64,
+        mut on_frame: impl FnMut(FrameId, bool, u64),
+    ) {
+        match self {
+            Self::Watermark(scanner) => {
+                scanner.push(mulaw, |scanned| on_frame(scanned.id, scanned.split, at_us));
+            }
+            Self::Tones(scanner, linear) => {
+                linear.clear();
+                linear.extend(mulaw.iter().map(|&code| g711::mulaw_decode(code)));
+                let hint = u32::try_from(sent).unwrap_or(u32::MAX);
+                scanner.push(linear, hint, at_us, |frame| {
+                    on_frame(frame.id, frame.split, frame.first_at);
+                });
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        match self {
+            Self::Watermark(scanner) => scanner.reset(),
+            Self::Tones(scanner, _) => scanner.reset(),
+        }
+    }
+
+    fn skipped_bytes(&self) -> u64 {
+        match self {
+            Self::Watermark(scanner) => scanner.skipped_bytes,
+            // One μ-law byte per sample.
+            Self::Tones(scanner, _) => scanner.skipped_samples,
+        }
+    }
+}
+
+/// The call number as this mode's ids carry it (tones keep its low 8 bits).
+pub fn call_in_ids(mode: AudioMode, index: u32) -> u16 {
+    match mode {
+        AudioMode::Pcmu => index as u16,
+        AudioMode::Pcm16 => tone_ids::call_code(index),
     }
 }
 
@@ -216,7 +288,8 @@ async fn drive(
     let call = config.index as usize;
     let mut frame = [0u8; FRAME_BYTES];
     let mut decoded = Vec::with_capacity(4 * FRAME_BYTES);
-    let mut scanner = FrameScanner::default();
+    let mut reader = IdReader::new(config.audio_mode);
+    let own_call = call_in_ids(config.audio_mode, config.index);
     let mut jitter = Jitter(0x9E37_79B9_7F4A_7C15 ^ (u64::from(config.index) + 1));
     let jitter_for = |jitter: &mut Jitter| config.jitter.mul_f64(jitter.next_fraction());
     let mut next_frame = 0usize;
@@ -250,26 +323,24 @@ async fn drive(
                                 received_in_generation += bytes;
                                 record.media.push((generation, received_in_generation, now_us));
                                 playback.push_audio(Instant::now(), bytes as usize);
-                                if config.identify {
-                                    use base64::Engine as _;
-                                    decoded.clear();
-                                    base64::engine::general_purpose::STANDARD
-                                        .decode_vec(media.payload, &mut decoded)
-                                        .map_err(|e| format!("media payload is not base64: {e}"))?;
-                                    let board = &config.board;
-                                    let downlink = &mut record.downlink;
-                                    scanner.push(&decoded, |scanned| {
-                                        if usize::from(scanned.id.call) == call {
-                                            board.arrived_at_caller(call, scanned.id.frame as usize, now_us);
-                                        }
-                                        downlink.push(DownlinkFrame {
-                                            id: scanned.id,
-                                            generation,
-                                            at_us: now_us,
-                                            split: scanned.split,
-                                        });
+                                use base64::Engine as _;
+                                decoded.clear();
+                                base64::engine::general_purpose::STANDARD
+                                    .decode_vec(media.payload, &mut decoded)
+                                    .map_err(|e| format!("media payload is not base64: {e}"))?;
+                                let board = &config.board;
+                                let downlink = &mut record.downlink;
+                                reader.push(&decoded, next_frame, now_us, |id, split, at_us| {
+                                    if id.call == own_call {
+                                        board.arrived_at_caller(call, id.frame as usize, at_us);
+                                    }
+                                    downlink.push(DownlinkFrame {
+                                        id,
+                                        generation,
+                                        at_us,
+                                        split,
                                     });
-                                }
+                                });
                             }
                             ("mark", _, Some(mark)) => {
                                 record.marks_received += 1;
@@ -279,7 +350,7 @@ async fn drive(
                                 record.clears_us.push(now_us);
                                 generation += 1;
                                 received_in_generation = 0;
-                                scanner.reset();
+                                reader.reset();
                                 marks_due = playback.clear(Instant::now());
                             }
                             (event, _, _) => return Err(format!("unexpected `{event}` from the bridge")),
@@ -287,7 +358,7 @@ async fn drive(
                     }
                     Some(Ok(Message::Close(_))) | None => {
                         record.closed_by_bridge = true;
-                        record.skipped_bytes = scanner.skipped_bytes;
+                        record.skipped_bytes = reader.skipped_bytes();
                         return Err(format!(
                             "the bridge hung up after {next_frame} of {frames_total} frames"
                         ));
@@ -300,9 +371,15 @@ async fn drive(
                 let now = Instant::now();
                 marks_due.extend(playback.due_marks(now));
                 while next_frame < frames_total && next_due <= now {
-                    let offset = (next_frame % audio_frames) * FRAME_BYTES;
-                    frame.copy_from_slice(audio.get(offset..offset + FRAME_BYTES).unwrap_or(&silence));
-                    watermark::stamp(&mut frame, FrameId { call: config.index as u16, frame: next_frame as u32 });
+                    let id = FrameId { call: own_call, frame: next_frame as u32 };
+                    match config.audio_mode {
+                        AudioMode::Pcmu => {
+                            let offset = (next_frame % audio_frames) * FRAME_BYTES;
+                            frame.copy_from_slice(audio.get(offset..offset + FRAME_BYTES).unwrap_or(&silence));
+                            watermark::stamp(&mut frame, id);
+                        }
+                        AudioMode::Pcm16 => tone_ids::synthesize_mulaw(id, &mut frame),
+                    }
                     sequence += 1;
                     write_media(&mut text, &stream_sid, sequence, next_frame, &frame);
                     let sent_us = epoch.us();
@@ -336,7 +413,7 @@ async fn drive(
         .up
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     *streaming = false;
-    record.skipped_bytes = scanner.skipped_bytes;
+    record.skipped_bytes = reader.skipped_bytes();
     sequence += 1;
     let stop = format!(
         r#"{{"event":"stop","sequenceNumber":"{sequence}","stop":{{"accountSid":"{BENCH_ACCOUNT_SID}","callSid":"{call_sid}"}},"streamSid":"{stream_sid}"}}"#

@@ -168,13 +168,15 @@ pub struct BenchResult {
     /// Frames that arrived on another call's socket (identified frames only).
     #[serde(default)]
     pub foreign_frames: u64,
-    /// Audio bytes that carried no frame id where one was expected (identified frames only).
+    /// Audio bytes that carried no frame id where one was expected (identified frames only; in
+    /// `pcm16` the resamplers' lead-in and each response's first partial frame among them).
     #[serde(default)]
     pub unidentified_bytes: u64,
     /// Calls the bridge hung up before the caller did (each also counts in `errors`).
     #[serde(default)]
     pub early_hangups: u64,
-    /// Frames were counted by the ids they carry (`pcmu`), not joined by byte offset (`pcm16`).
+    /// Frames were counted by the ids they carry (both modes now; runs from before the tone
+    /// ids joined `pcm16` frames by byte offset and say `false`).
     #[serde(default)]
     pub frames_identified: bool,
     /// Calls streaming, averaged over the window CPU was measured in.

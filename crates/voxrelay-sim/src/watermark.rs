@@ -10,7 +10,8 @@
 //! mode the bridge passes caller audio to the model byte for byte and the echo model sends it
 //! back byte for byte, so the same id names the frame on the uplink, in the echo and on the
 //! downlink. `pcm16` transcodes and resamples both ways, which no bit-level mark survives:
-//! there the harness keeps joining by byte offset (see `harness`).
+//! there the frames carry their ids as tones instead (see `tone_ids`), read into the same
+//! [`FrameId`]s.
 //!
 //! [`FrameScanner`] reads ids out of a byte stream delivered in messages of any size:
 //! frames are read on 160-byte boundaries from the start of the stream; a window that holds
@@ -83,6 +84,8 @@ pub struct ScannedFrame {
     pub id: FrameId,
     /// Its bytes came in more than one message.
     pub split: bool,
+    /// Where it starts, in bytes since the stream's start (or its last reset).
+    pub start: u64,
 }
 
 /// Reads ids out of one stream of audio (a direction of a call, or one response generation).
@@ -90,6 +93,8 @@ pub struct ScannedFrame {
 pub struct FrameScanner {
     buffer: [u8; 2 * FRAME_BYTES],
     len: usize,
+    /// Stream position of `buffer[0]`.
+    base: u64,
     /// Bytes skipped while looking for the next id.
     pub skipped_bytes: u64,
 }
@@ -99,6 +104,7 @@ impl Default for FrameScanner {
         Self {
             buffer: [0; 2 * FRAME_BYTES],
             len: 0,
+            base: 0,
             skipped_bytes: 0,
         }
     }
@@ -121,6 +127,7 @@ impl FrameScanner {
                         on_frame(ScannedFrame {
                             id,
                             split: start < carried,
+                            start: self.base + start as u64,
                         });
                         start += FRAME_BYTES;
                     }
@@ -132,6 +139,7 @@ impl FrameScanner {
             }
             self.buffer.copy_within(start..self.len, 0);
             self.len -= start;
+            self.base += start as u64;
             carried = carried.saturating_sub(start);
         }
     }
@@ -140,6 +148,7 @@ impl FrameScanner {
     pub fn reset(&mut self) {
         self.skipped_bytes += self.len as u64;
         self.len = 0;
+        self.base = 0;
     }
 
     /// Bytes held that do not make a frame yet.
@@ -203,8 +212,11 @@ mod tests {
         let (a, b, c) = (stamped(1, 0), stamped(1, 1), stamped(1, 2));
         let merged: Vec<u8> = [a, b].concat();
         let (frames, scanner) = scan(&[&merged, &c[..80], &c[80..]]);
-        let ids: Vec<(u32, bool)> = frames.iter().map(|f| (f.id.frame, f.split)).collect();
-        assert_eq!(ids, [(0, false), (1, false), (2, true)]);
+        let ids: Vec<(u32, bool, u64)> = frames
+            .iter()
+            .map(|f| (f.id.frame, f.split, f.start))
+            .collect();
+        assert_eq!(ids, [(0, false, 0), (1, false, 160), (2, true, 320)]);
         assert_eq!((scanner.skipped_bytes, scanner.pending()), (0, 0));
     }
 
@@ -213,8 +225,8 @@ mod tests {
         let (a, b, c) = (stamped(2, 0), stamped(2, 1), stamped(2, 2));
         // 40 bytes of frame 0 are lost: the rest of it is skipped, frames 1 and 2 are found.
         let (frames, scanner) = scan(&[&a[40..], &b, &c]);
-        let ids: Vec<u32> = frames.iter().map(|f| f.id.frame).collect();
-        assert_eq!(ids, [1, 2]);
+        let ids: Vec<(u32, u64)> = frames.iter().map(|f| (f.id.frame, f.start)).collect();
+        assert_eq!(ids, [(1, 120), (2, 280)]);
         assert_eq!(scanner.skipped_bytes, 120);
     }
 
