@@ -195,6 +195,10 @@ struct BenchArgs {
     /// A frame later than this (ms) counts as late.
     #[arg(long, default_value_t = 40.0)]
     late_ms: f64,
+    /// Drop this share of the echo model's sessions (0–1) at a random moment each, to measure
+    /// how calls survive: reconnect gaps, the gap each caller heard, calls lost.
+    #[arg(long, value_parser = parse_fraction)]
+    model_faults: Option<f64>,
     /// Where the echo model listens.
     #[arg(long, default_value = "127.0.0.1:0")]
     model_listen: SocketAddr,
@@ -647,6 +651,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         model_listen: args.model_listen,
         model_tls: args.model_tls,
         progress: !args.quiet,
+        model_faults: args.model_faults,
     };
     let budget = Duration::from_secs_f64(args.budget_ms.max(0.0) / 1e3);
     let launcher = InProcessLauncher;
@@ -753,4 +758,12 @@ async fn bench_first_audio(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("{} calls heard no greeting", result.no_audio);
     }
     Ok(())
+}
+
+/// A share between 0 and 1.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!("{text:?} is not a share between 0 and 1")),
+    }
 }

@@ -133,3 +133,41 @@ async fn bench_identifies_every_frame_through_the_bridge_in_both_modes() {
         assert!(result.barge_in_us.count >= 2, "{audio_mode}: {result:?}");
     }
 }
+
+/// `bench --model-faults` against the real bridge in this process: every model session drops
+/// at a random moment, and no call is lost; each drop is measured from the model's side (the
+/// successor's configuration) and the caller's (the gap in the echo).
+#[tokio::test]
+async fn bench_model_faults_drop_sessions_and_every_call_survives() {
+    use voxrelay_sim::harness::{BenchOptions, BridgeUnderTest, run as bench};
+    let options = BenchOptions {
+        calls: 3,
+        seconds: 4.0,
+        bridge: BridgeUnderTest::InProcess,
+        ramp_up: Duration::ZERO,
+        model_delay: Duration::from_millis(40),
+        barge_in_every: None,
+        late_threshold: Duration::from_millis(100),
+        progress: false,
+        model_faults: Some(1.0),
+        ..BenchOptions::default()
+    };
+    let result = tokio::time::timeout(Duration::from_secs(60), bench(&options, &InProcessLauncher))
+        .await
+        .expect("the run ends in time")
+        .expect("the run starts");
+    let faults = result
+        .model_faults
+        .clone()
+        .expect("the faults are reported");
+    assert!(faults.sessions_dropped >= 3, "{faults:?}");
+    assert!(faults.sessions_replaced >= 1, "{faults:?}");
+    assert_eq!(faults.calls_lost, 0, "{result:?}");
+    assert_eq!(result.errors, 0, "{result:?}");
+    assert_eq!(
+        result.foreign_frames, 0,
+        "no frame of another call: {result:?}"
+    );
+    assert!(faults.reconnect_gap_us.count >= 1 && faults.reconnect_gap_us.p50 < 1e6);
+    assert!(faults.caller_gap_us.count >= 1, "{faults:?}");
+}

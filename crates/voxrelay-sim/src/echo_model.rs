@@ -67,6 +67,24 @@ pub struct EchoModelConfig {
     pub listen: SocketAddr,
     /// Serve `wss://` with this acceptor (`bench --model-tls`); `None` serves `ws://`.
     pub tls: Option<EchoTls>,
+    /// Drop some sessions mid-call (`bench --model-faults`); `None`: never.
+    pub faults: Option<ModelFaults>,
+}
+
+/// Sessions that drop: each session, with probability `fraction`, ends at a uniformly random
+/// moment within `within` of its start by closing its socket without a close frame (the peer
+/// sees the stream end, as when a model's connection is cut).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelFaults {
+    pub fraction: f64,
+    pub within: Duration,
+}
+
+impl ModelFaults {
+    /// When a new session drops, if it does (drawn per session).
+    fn draw(&self) -> Option<Duration> {
+        (rand::random::<f64>() < self.fraction).then(|| self.within.mul_f64(rand::random::<f64>()))
+    }
 }
 
 /// The TLS acceptor of a `wss://` echo model.
@@ -87,6 +105,7 @@ impl Default for EchoModelConfig {
             barge_in_every: Some(Duration::from_secs(5)),
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             tls: None,
+            faults: None,
         }
     }
 }
@@ -138,6 +157,8 @@ pub struct EchoSessionRecord {
     /// Protocol errors this peer sent back (e.g. a truncate beyond produced audio, unknown event).
     pub errors_sent: u64,
     pub closed_at_us: Option<u64>,
+    /// When the session dropped itself (`--model-faults`).
+    pub dropped_at_us: Option<u64>,
     /// Every frame id read from the appends, with its arrival µs and whether it was split
     /// across appends. In `audio/pcm` sessions the call is the caller's `tone_ids::call_code`.
     pub uplink: Vec<(FrameId, u64, bool)>,
@@ -368,6 +389,14 @@ async fn serve_connection<S>(
     let mut armed: Option<u64> = None;
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
+    let drop_at = config.faults.and_then(|faults| faults.draw());
+    let dropped = async {
+        match drop_at {
+            Some(after) => tokio::time::sleep(after).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(dropped);
     let mut outbox = Vec::new();
     loop {
         // Everything produced since the last flush leaves in one write.
@@ -396,6 +425,11 @@ async fn serve_connection<S>(
             biased;
             _ = &mut cancelled => {
                 let _ = tokio::time::timeout(CLOSE_GRACE, socket.close(None)).await;
+                break;
+            }
+            () = &mut dropped => {
+                // No close frame: the socket is dropped as a cut connection would end.
+                lock(&record).dropped_at_us = Some(epoch.us());
                 break;
             }
             _ = &mut sleep, if armed.is_some() => {

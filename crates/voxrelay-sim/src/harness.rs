@@ -28,12 +28,13 @@ use std::time::Duration;
 use url::Url;
 
 use super::baseline::{Fault, FloorDriver, FloorRelay};
-use super::echo_model::{EchoModel, EchoModelConfig, EchoSessionRecord, EchoTls};
+use super::echo_model::{EchoModel, EchoModelConfig, EchoSessionRecord, EchoTls, ModelFaults};
 use super::live::LiveBoard;
 use super::load::{LoadCallConfig, LoadCallRecord, call_in_ids, run_load_call};
 use super::model_tls::ModelTls;
 use super::results::{
-    BenchResult, Epoch, Machine, Percentiles, RampStep, Ratios, Samples, SoakSample,
+    BenchResult, Epoch, Machine, ModelFaultResult, Percentiles, RampStep, Ratios, Samples,
+    SoakSample,
 };
 use super::{SPEECH_FIXTURE, http_client};
 use crate::launcher::{BridgeLauncher, BridgeSettings, InProcessBridge};
@@ -108,6 +109,8 @@ pub struct BenchOptions {
     pub model_tls: bool,
     /// Print a progress line every second.
     pub progress: bool,
+    /// The share of model sessions the echo model drops at a random moment (`--model-faults`).
+    pub model_faults: Option<f64>,
 }
 
 impl Default for BenchOptions {
@@ -130,6 +133,7 @@ impl Default for BenchOptions {
             model_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             model_tls: false,
             progress: true,
+            model_faults: None,
         }
     }
 }
@@ -194,6 +198,10 @@ impl Rig {
                 barge_in_every: every,
                 listen: options.model_listen,
                 tls: tls.as_ref().map(|tls| EchoTls(tls.acceptor())),
+                faults: options.model_faults.map(|fraction| ModelFaults {
+                    fraction,
+                    within: Duration::from_secs_f64(options.seconds.max(1.0)),
+                }),
             },
             epoch,
         )
@@ -1032,6 +1040,7 @@ fn join(
 ) -> BenchResult {
     let late_us = options.late_threshold.as_secs_f64() * 1e6;
     let mut tally = Tally::default();
+    let mut faults = FaultTally::default();
     let mut barge_in = Vec::new();
     let mut setup = Vec::new();
     let mut jitter = Vec::new();
@@ -1047,12 +1056,31 @@ fn join(
             early_hangups += 1;
         }
         let digits = LoadCallRecord::id_digits(record.index);
-        let Some(session) = sessions.iter().find(|s| s.digits.starts_with(&digits)) else {
-            // The model never learned who this caller was: nothing of it can be joined.
-            errors += 1;
-            tally.uplink_lost += record.frames_sent_us.len() as u64;
-            continue;
+        // A call has more than one session when the model dropped one (`--model-faults`): the
+        // successor learns the caller's digits from the replayed conversation.
+        let mut own_sessions: Vec<&EchoSessionRecord> = sessions
+            .iter()
+            .filter(|s| s.digits.starts_with(&digits))
+            .collect();
+        own_sessions.sort_by_key(|s| s.connected_at_us);
+        let merged;
+        let session = match own_sessions.as_slice() {
+            [] => {
+                // The model never learned who this caller was: nothing of it can be joined.
+                errors += 1;
+                tally.uplink_lost += record.frames_sent_us.len() as u64;
+                continue;
+            }
+            [only] => *only,
+            several => {
+                faults.note(record, several);
+                merged = merge_sessions(several);
+                &merged
+            }
         };
+        if own_sessions.len() == 1 && session.dropped_at_us.is_some() {
+            faults.note(record, &own_sessions);
+        }
         errors += session.errors_sent;
         if let (Some(open), Some(update)) = (record.ws_open_us, session.session_update_at_us) {
             setup.push(update.saturating_sub(open) as f64);
@@ -1105,8 +1133,109 @@ fn join(
             uplink_us: thin(tally.uplink),
             downlink_us: thin(tally.downlink),
         },
+        model_faults: options.model_faults.map(|fraction| ModelFaultResult {
+            fraction,
+            sessions_dropped: sessions
+                .iter()
+                .filter(|s| s.dropped_at_us.is_some())
+                .count() as u64,
+            sessions_replaced: faults.reconnect_gaps.len() as u64,
+            calls_affected: faults.calls_affected,
+            calls_lost: faults.calls_lost,
+            frames_swallowed: faults.frames_swallowed,
+            calls_with_gap_over_1s: faults.caller_gaps.iter().filter(|&&gap| gap > 1e6).count()
+                as u64,
+            reconnect_gap_us: Percentiles::of(&mut faults.reconnect_gaps),
+            caller_gap_us: Percentiles::of(&mut faults.caller_gaps),
+        }),
         ..BenchResult::default()
     }
+}
+
+/// What `--model-faults` adds up: per drop, the reconnect gap the model saw and the gap in the
+/// echo the caller heard.
+#[derive(Default)]
+struct FaultTally {
+    reconnect_gaps: Vec<f64>,
+    caller_gaps: Vec<f64>,
+    calls_affected: u64,
+    calls_lost: u64,
+    /// Caller frames a dropped session had received but not yet echoed.
+    frames_swallowed: u64,
+}
+
+impl FaultTally {
+    /// A call that had a session dropped: its sessions in connection order.
+    fn note(&mut self, record: &LoadCallRecord, sessions: &[&EchoSessionRecord]) {
+        let mut affected = false;
+        for (index, session) in sessions.iter().enumerate() {
+            let Some(dropped) = session.dropped_at_us else {
+                continue;
+            };
+            affected = true;
+            self.frames_swallowed += session
+                .uplink
+                .iter()
+                .filter(|(id, _, _)| {
+                    !sessions
+                        .iter()
+                        .any(|s| s.echoed.iter().any(|echoed| echoed.id == *id))
+                })
+                .count() as u64;
+            if let Some(configured) = sessions
+                .get(index + 1)
+                .and_then(|next| next.session_update_at_us)
+            {
+                self.reconnect_gaps
+                    .push(configured.saturating_sub(dropped) as f64);
+            }
+            // The silence the caller heard around the drop: the last echoed frame before it,
+            // the first after (none after: the call ended first, nothing to measure).
+            let before = record
+                .downlink
+                .iter()
+                .map(|frame| frame.at_us)
+                .filter(|&at| at <= dropped)
+                .max();
+            let after = record
+                .downlink
+                .iter()
+                .map(|frame| frame.at_us)
+                .filter(|&at| at > dropped)
+                .min();
+            if let (Some(before), Some(after)) = (before, after) {
+                self.caller_gaps.push(after.saturating_sub(before) as f64);
+            }
+        }
+        if affected {
+            self.calls_affected += 1;
+            if record.error.is_some() || record.closed_by_bridge {
+                self.calls_lost += 1;
+            }
+        }
+    }
+}
+
+/// One call's sessions as one: what each saw, in order (response indices moved along).
+fn merge_sessions(sessions: &[&EchoSessionRecord]) -> EchoSessionRecord {
+    let mut merged = sessions[0].clone();
+    for session in &sessions[1..] {
+        let offset = merged.responses.len() as u32;
+        merged.responses.extend(session.responses.iter().cloned());
+        merged.echoed.extend(session.echoed.iter().map(|echoed| {
+            let mut echoed = *echoed;
+            echoed.response += offset;
+            echoed
+        }));
+        merged.uplink.extend_from_slice(&session.uplink);
+        merged.uplink_skipped_bytes += session.uplink_skipped_bytes;
+        merged
+            .speech_started_at_us
+            .extend_from_slice(&session.speech_started_at_us);
+        merged.truncates.extend(session.truncates.iter().cloned());
+        merged.errors_sent += session.errors_sent;
+    }
+    merged
 }
 
 /// One call's frames by the ids they carry (`own` is the call as they carry it). Uplink: each
@@ -1365,6 +1494,24 @@ pub fn summary(result: &BenchResult) -> String {
         let _ = writeln!(
             out,
             "  ramp: largest call count that held the budget: {max}"
+        );
+    }
+    if let Some(faults) = &result.model_faults {
+        let _ = writeln!(
+            out,
+            "  model faults ({:.0}% of sessions dropped at random): {} sessions dropped, {} replaced; {} calls affected, {} lost; reconnect gap p50 {:.0} ms p99 {:.0} ms max {:.0} ms; caller's gap p50 {:.0} ms p99 {:.0} ms, above 1 s in {} calls; {} caller frames went down with their session",
+            faults.fraction * 100.0,
+            faults.sessions_dropped,
+            faults.sessions_replaced,
+            faults.calls_affected,
+            faults.calls_lost,
+            faults.reconnect_gap_us.p50 / 1e3,
+            faults.reconnect_gap_us.p99 / 1e3,
+            faults.reconnect_gap_us.max / 1e3,
+            faults.caller_gap_us.p50 / 1e3,
+            faults.caller_gap_us.p99 / 1e3,
+            faults.calls_with_gap_over_1s,
+            faults.frames_swallowed,
         );
     }
     if !result.soak.is_empty() {

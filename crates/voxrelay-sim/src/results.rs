@@ -6,7 +6,8 @@
 //! `bridge_rss_kib_per_call`, `load_cpu_utilisation`. Add keys; never rename these. A
 //! `--baseline` run adds `floor` (the baseline relay's result, same shape) and `ratios`; with
 //! `--floor-driver tokio,uring` the later floors follow as `other_floors` with
-//! `other_floor_ratios` (each ÷ `floor`), and every floor names its `floor_driver`.
+//! `other_floor_ratios` (each ÷ `floor`), and every floor names its `floor_driver`. A
+//! `--model-faults` run adds `model_faults`.
 
 use std::time::Instant;
 
@@ -217,6 +218,34 @@ pub struct BenchResult {
     /// Each of `other_floors` ÷ `floor` (e.g. the io_uring floor ÷ the tokio floor), in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_floor_ratios: Vec<Ratios>,
+    /// With `--model-faults`: the sessions the model dropped and what the callers went through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_faults: Option<ModelFaultResult>,
+}
+
+/// A `--model-faults` run: model sessions dropped at random times, and how the calls fared.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelFaultResult {
+    /// The share of sessions told to drop.
+    pub fraction: f64,
+    /// Sessions that dropped.
+    pub sessions_dropped: u64,
+    /// Drops followed by a new session for the same call.
+    pub sessions_replaced: u64,
+    /// Calls that had a session dropped.
+    pub calls_affected: u64,
+    /// Calls that ended early or in error (the relay lost the call): 0 is the target.
+    pub calls_lost: u64,
+    /// From a drop to the new session's configuration, as the model saw it (µs).
+    pub reconnect_gap_us: Percentiles,
+    /// What the caller heard: the silence in the echo around each drop, from the last frame
+    /// before it to the first after (µs; includes the echo's own delay).
+    pub caller_gap_us: Percentiles,
+    /// Calls whose caller heard a gap above 1 s.
+    pub calls_with_gap_over_1s: u64,
+    /// Caller frames a dropped session had received but not yet echoed: what went down with it
+    /// (the caller's words the model never answered; its successor did not hear them either).
+    pub frames_swallowed: u64,
 }
 
 impl BenchResult {
