@@ -36,13 +36,7 @@ fn heard_hold_prompt(report: &CallReport) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limited_prewarm_sends_the_caller_to_the_fallback_and_the_next_call_is_answered() {
     let mock = MockConfig {
-        fault: Some(MockFault {
-            session: 1,
-            kind: MockFaultKind::RejectHandshakes {
-                status: 429,
-                count: 1,
-            },
-        }),
+        fault: Some(MockFault::refuse_first(1, 429)),
         ..MockConfig::default()
     };
     let stack = start_stack_adjusted(mock, AudioMode::Pcmu, Some("Hello"), |_| {}).await;

@@ -613,13 +613,7 @@ async fn a_rate_limited_tenant_gets_its_fallback_and_a_dropped_session_is_report
     let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &dir.0.join("cp.db")).await;
     let refused = bridge_against(
         MockConfig {
-            fault: Some(MockFault {
-                session: 1,
-                kind: MockFaultKind::RejectHandshakes {
-                    status: 429,
-                    count: 1,
-                },
-            }),
+            fault: Some(MockFault::refuse_first(1, 429)),
             ..MockConfig::default()
         },
         control_target(cp.url(), &dir.0.join("spool-a")),

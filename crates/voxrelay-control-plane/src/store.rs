@@ -701,22 +701,8 @@ impl Store {
             )?;
             let mut rows = select.query(params![tenant_id, clamp_i64(limit as u64)])?;
             while let Some(row) = rows.next()? {
-                let latency: Option<String> = row.get(15)?;
-                let latency: CallLatency = match latency {
-                    Some(text) => serde_json::from_str(&text).map_err(|_| StoreError::Corrupt {
-                        table: "calls",
-                        column: "latency",
-                    })?,
-                    None => CallLatency::default(),
-                };
-                let continuity: Option<String> = row.get(19)?;
-                let continuity: Continuity = match continuity {
-                    Some(text) => serde_json::from_str(&text).map_err(|_| StoreError::Corrupt {
-                        table: "calls",
-                        column: "continuity",
-                    })?,
-                    None => Continuity::default(),
-                };
+                let latency: CallLatency = json_column(row.get(15)?, "latency")?;
+                let continuity: Continuity = json_column(row.get(19)?, "continuity")?;
                 calls.push(CallReport {
                     call_sid: row.get(0)?,
                     stream_sid: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
@@ -981,6 +967,20 @@ impl Continuity {
             hold_prompt_ms: report.hold_prompt_ms,
             fallback: report.fallback.clone(),
         }
+    }
+}
+
+/// A JSON column of `calls` read back (NULL: a row from before the column, its default).
+fn json_column<T: serde::de::DeserializeOwned + Default>(
+    text: Option<String>,
+    column: &'static str,
+) -> Result<T, StoreError> {
+    match text {
+        Some(text) => serde_json::from_str(&text).map_err(|_| StoreError::Corrupt {
+            table: "calls",
+            column,
+        }),
+        None => Ok(T::default()),
     }
 }
 

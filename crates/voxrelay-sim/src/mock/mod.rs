@@ -67,6 +67,16 @@ pub struct MockFault {
     pub kind: MockFaultKind,
 }
 
+impl MockFault {
+    /// The first `count` handshakes refused with HTTP `status` (429: rate limited).
+    pub fn refuse_first(count: u64, status: u16) -> Self {
+        Self {
+            session: 1,
+            kind: MockFaultKind::RejectHandshakes { status, count },
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MockFaultKind {
     /// After sending this many audio deltas, reset the TCP connection (RST, no close frame).

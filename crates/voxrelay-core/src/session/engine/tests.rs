@@ -192,6 +192,17 @@ impl Harness {
         h
     }
 
+    /// Streaming and the model open (its `session.update` drained), keeping model sessions
+    /// as `continuity` says.
+    fn streaming_with(mode: AudioMode, continuity: ContinuityConfig) -> Self {
+        let mut h = Self::bare_with(mode, continuity);
+        h.twilio(0, twilio_fixture("connected")).unwrap();
+        h.twilio(0, twilio_fixture("start")).unwrap();
+        h.open_model();
+        h.upstream_out();
+        h
+    }
+
     /// Started, its agent known (a fresh session without tools), the socket not open.
     fn started_only(mode: AudioMode) -> Self {
         let mut h = Self::started_unresolved(mode);
@@ -1119,17 +1130,13 @@ fn a_prewarmed_session_sends_its_pending_greeting_then_held_audio() {
 
 #[test]
 fn input_after_close_is_ignored_and_a_loss_past_the_cap_falls_back() {
-    let mut h = Harness::bare_with(
+    let mut h = Harness::streaming_with(
         AudioMode::Pcmu,
         ContinuityConfig {
             max_reconnects: 0,
             ..ContinuityConfig::default()
         },
     );
-    h.twilio(0, twilio_fixture("connected")).expect("connected");
-    h.twilio(0, twilio_fixture("start")).expect("start");
-    h.open_model();
-    h.upstream_out();
     h.engine
         .handle(h.at(10), Input::ModelClosed(EndReason::UpstreamClosed))
         .expect("closed");
@@ -1751,17 +1758,13 @@ fn connect_failures_back_off_and_fall_back_within_the_budget() {
 #[test]
 fn the_hold_prompt_plays_after_the_silence_and_stops_when_the_new_session_answers() {
     let prompt: std::sync::Arc<[u8]> = std::sync::Arc::from(vec![0x42_u8; 8 * 1000]);
-    let mut h = Harness::bare_with(
+    let mut h = Harness::streaming_with(
         AudioMode::Pcmu,
         ContinuityConfig {
             hold_prompt: prompt,
             ..ContinuityConfig::default()
         },
     );
-    h.twilio(0, twilio_fixture("connected")).unwrap();
-    h.twilio(0, twilio_fixture("start")).unwrap();
-    h.open_model();
-    h.upstream_out();
     h.lose_model(100);
     assert_eq!(h.engine.poll_timeout(), Some(h.at(800)));
     h.play(100, 780);
@@ -1842,17 +1845,13 @@ fn a_tool_answered_between_sessions_is_replayed_and_answered_by_the_successor() 
 
 #[test]
 fn an_old_session_is_renewed_make_before_break_at_a_silent_moment() {
-    let mut h = Harness::bare_with(
+    let mut h = Harness::streaming_with(
         AudioMode::Pcmu,
         ContinuityConfig {
             session_max: Some(Duration::from_secs(5)),
             ..ContinuityConfig::default()
         },
     );
-    h.twilio(0, twilio_fixture("connected")).unwrap();
-    h.twilio(0, twilio_fixture("start")).unwrap();
-    h.open_model();
-    h.upstream_out();
     for text in caller_turn("u1", "Are you open?") {
         h.upstream(100, &text).unwrap();
     }
@@ -1914,17 +1913,13 @@ fn an_old_session_is_renewed_make_before_break_at_a_silent_moment() {
 
 #[test]
 fn a_renewal_with_no_silent_moment_is_forced_and_a_failed_standby_retried() {
-    let mut h = Harness::bare_with(
+    let mut h = Harness::streaming_with(
         AudioMode::Pcmu,
         ContinuityConfig {
             session_max: Some(Duration::from_secs(5)),
             ..ContinuityConfig::default()
         },
     );
-    h.twilio(0, twilio_fixture("connected")).unwrap();
-    h.twilio(0, twilio_fixture("start")).unwrap();
-    h.open_model();
-    h.upstream_out();
     h.tick(h.at(5_000));
     assert_eq!(h.standby_connects, 1);
     h.engine
