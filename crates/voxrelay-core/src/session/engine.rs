@@ -1296,6 +1296,12 @@ impl CallEngine {
         let event = result?;
         match event {
             UpstreamEvent::SessionReady => tracing::debug!("model session configured"),
+            UpstreamEvent::SessionEnding => {
+                tracing::info!("the model will end this session soon: renewing it now");
+                if self.renewal.standby == Standby::None {
+                    self.renewal.due = Some(now);
+                }
+            }
             UpstreamEvent::AudioDelta {
                 response_id,
                 item_id,

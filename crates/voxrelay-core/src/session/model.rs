@@ -58,6 +58,24 @@ impl ModelSession {
         }
     }
 
+    /// A session over a given protocol (tests of what no shipped provider sends yet).
+    #[cfg(test)]
+    pub(crate) fn with_protocol(
+        settings: SessionSettings,
+        protocol: Box<dyn RealtimeProtocol>,
+        tools_enabled: bool,
+    ) -> Self {
+        Self {
+            protocol,
+            audio_mode: settings.audio_mode,
+            settings,
+            tools_enabled,
+            opened: false,
+            ready: false,
+            held_for_call: Vec::new(),
+        }
+    }
+
     /// A fresh session for the same agent, to replace this one mid-call: same instructions,
     /// voice, tools and audio formats, no greeting (the caller was greeted), not yet open.
     pub fn successor(&self) -> Self {

@@ -121,6 +121,9 @@ pub enum UpstreamEvent<'a> {
         name: Cow<'a, str>,
         arguments: Cow<'a, str>,
     },
+    /// The provider will end this session soon (Gemini Live's `goAway`): the engine renews it
+    /// now, make-before-break, as it does at the session's age limit.
+    SessionEnding,
     /// Most errors leave the session open; the engine decides what is fatal.
     Error {
         error_type: Cow<'a, str>,

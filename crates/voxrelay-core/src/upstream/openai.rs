@@ -38,6 +38,7 @@ fn check_ids(event: &UpstreamEvent<'_>) -> Result<(), UpstreamError> {
         | UpstreamEvent::ResponseDone { response_id, .. } => [response_id, ""],
         UpstreamEvent::FunctionCall { call_id, name, .. } => [call_id, name],
         UpstreamEvent::SessionReady
+        | UpstreamEvent::SessionEnding
         | UpstreamEvent::SpeechStopped { .. }
         | UpstreamEvent::Error { .. }
         | UpstreamEvent::Other => return Ok(()),

@@ -2027,3 +2027,77 @@ fn messages_for_a_lost_session_not_yet_taken_never_reach_its_successor() {
         "the lost session's append is withdrawn"
     );
 }
+
+/// OpenAI Realtime plus one event no shipped provider sends yet: `test.going_away` says the
+/// session ends soon (as Gemini Live's `goAway` will).
+struct GoingAway(crate::upstream::OpenAiRealtime);
+
+impl crate::upstream::RealtimeProtocol for GoingAway {
+    fn server_interrupts_response(&self) -> bool {
+        self.0.server_interrupts_response()
+    }
+    fn on_open(&mut self, out: &mut Vec<String>) {
+        self.0.on_open(out)
+    }
+    fn on_message<'a>(
+        &mut self,
+        text: &'a str,
+        out: &mut Vec<String>,
+    ) -> Result<crate::upstream::UpstreamEvent<'a>, crate::upstream::UpstreamError> {
+        if text.contains("test.going_away") {
+            return Ok(crate::upstream::UpstreamEvent::SessionEnding);
+        }
+        self.0.on_message(text, out)
+    }
+    fn write_audio_append(&self, audio_b64: &str, buf: &mut String) {
+        self.0.write_audio_append(audio_b64, buf)
+    }
+    fn truncate(&self, item_id: &str, audio_end_ms: u32) -> String {
+        self.0.truncate(item_id, audio_end_ms)
+    }
+    fn delete_item(&self, item_id: &str) -> String {
+        self.0.delete_item(item_id)
+    }
+    fn cancel_response(&self) -> String {
+        self.0.cancel_response()
+    }
+    fn user_text(&self, text: &str) -> String {
+        self.0.user_text(text)
+    }
+    fn create_response(&self) -> String {
+        self.0.create_response()
+    }
+    fn function_output(&self, call_id: &str, output: &str) -> String {
+        self.0.function_output(call_id, output)
+    }
+    fn replay_item(&self, item: &crate::session::conversation::ReplayItem<'_>) -> String {
+        self.0.replay_item(item)
+    }
+}
+
+#[test]
+fn a_providers_warning_that_the_session_ends_starts_the_renewal_at_once() {
+    let mut h = Harness::started_unresolved(AudioMode::Pcmu);
+    let settings = SessionSettings::default();
+    let protocol = Box::new(GoingAway(crate::upstream::OpenAiRealtime::new(
+        settings.clone(),
+    )));
+    h.resolve_with(ModelSession::with_protocol(settings, protocol, false));
+    h.open_model();
+    h.upstream_out();
+    assert_eq!(h.standby_connects, 0, "no age limit configured");
+    h.upstream(1_000, r#"{"type":"test.going_away"}"#).unwrap();
+    assert_eq!(
+        h.standby_connects, 1,
+        "the standby is dialled at the warning"
+    );
+    h.engine
+        .handle(h.at(1_100), Input::StandbyConnected)
+        .unwrap();
+    h.drain();
+    assert_eq!(h.switches, 1, "and switched to at the first silent moment");
+    assert_eq!(
+        h.engine.stats().continuity.sessions[0].end,
+        Some(SessionEnd::Renewed)
+    );
+}
