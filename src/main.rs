@@ -761,6 +761,7 @@ async fn bench_first_audio(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 /// A share between 0 and 1.
+#[cfg(feature = "sim")]
 fn parse_fraction(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
