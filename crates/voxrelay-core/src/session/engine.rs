@@ -481,6 +481,24 @@ struct ModelLeg {
     respond_on_open: bool,
 }
 
+impl ModelLeg {
+    /// A leg for `session`, not yet open; `successor`: it replaces a lost or old session.
+    fn new(session: ModelSession, successor: bool, respond_on_open: bool) -> Self {
+        let mode = session.audio_mode();
+        Self {
+            session,
+            resamplers: Resamplers::for_mode(mode),
+            last_audio: None,
+            produced: VecDeque::new(),
+            bytes_per_ms: model_bytes_per_ms(mode),
+            active_response: None,
+            response_owed: false,
+            successor,
+            respond_on_open,
+        }
+    }
+}
+
 /// Caller audio waiting for the model session: raw μ-law (the session's format is not known
 /// until the agent is), in one buffer, with each frame's length and read time.
 #[derive(Default)]

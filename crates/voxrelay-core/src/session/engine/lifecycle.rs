@@ -4,7 +4,6 @@
 //! silent moment, and the hold prompt a caller hears while waiting. The schedule itself is
 //! [`super::super::continuity::Reconnector`]'s; this is where the engine follows it.
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::*;
@@ -28,20 +27,9 @@ impl CallEngine {
         }
         self.playback
             .set_server_interrupts_response(session.protocol().server_interrupts_response());
-        let mode = session.audio_mode();
         let prewarmed = session.is_open();
         let held_for_call = session.take_held_for_call();
-        self.model = Some(ModelLeg {
-            session,
-            resamplers: Resamplers::for_mode(mode),
-            last_audio: None,
-            produced: VecDeque::new(),
-            bytes_per_ms: model_bytes_per_ms(mode),
-            active_response: None,
-            response_owed: false,
-            successor: false,
-            respond_on_open: false,
-        });
+        self.model = Some(ModelLeg::new(session, false, false));
         if prewarmed {
             self.reconnector.opened_prewarmed();
             self.record_session_start(now, Vec::new());
@@ -174,24 +162,12 @@ impl CallEngine {
             }
         }
         let should_answer = self.conversation.successor_should_answer();
-        if let Some(model) = self.model.as_mut() {
-            let respond_on_open =
-                model.active_response.is_some() || model.response_owed || should_answer;
-            let successor = model.session.successor();
-            let mode = successor.audio_mode();
-            *model = ModelLeg {
-                session: successor,
-                resamplers: Resamplers::for_mode(mode),
-                last_audio: None,
-                produced: VecDeque::new(),
-                bytes_per_ms: model.bytes_per_ms,
-                active_response: None,
-                response_owed: false,
-                successor: true,
-                respond_on_open,
-            };
-        }
-        self.playback.on_session_replaced();
+        let respond_on_open = should_answer
+            || self
+                .model
+                .as_ref()
+                .is_some_and(|model| model.active_response.is_some() || model.response_owed);
+        self.replace_model_leg(respond_on_open);
         self.caller_speaking = false;
         self.stats.continuity.renewals += 1;
         self.record_session_start(now, Vec::new());
@@ -225,7 +201,7 @@ impl CallEngine {
             .retain(|output| !matches!(output, Output::ToModel(_)));
         self.outputs
             .push_back(Output::Event(CallEvent::ModelLost(end)));
-        let Some(model) = self.model.as_mut() else {
+        let Some(model) = self.model.as_ref() else {
             return;
         };
         let cut_response = model.active_response.is_some();
@@ -234,33 +210,27 @@ impl CallEngine {
         let respond_on_open = cut_response
             || model.response_owed
             || (!self.caller_speaking && self.conversation.successor_should_answer());
-        let successor = model.session.successor();
-        let mode = successor.audio_mode();
-        *model = ModelLeg {
-            session: successor,
-            resamplers: Resamplers::for_mode(mode),
-            last_audio: None,
-            produced: std::mem::take(&mut model.produced),
-            bytes_per_ms: model.bytes_per_ms,
-            active_response: None,
-            response_owed: false,
-            successor: true,
-            respond_on_open,
-        };
         if cut_response && let Some(interruption) = self.playback.on_speech_started(now) {
             // The rest of the response will never come: what the caller heard is what was said.
             self.send_clear(now);
             self.note_interruption(&interruption);
         }
-        if let Some(model) = self.model.as_mut() {
-            model.produced.clear();
-        }
-        self.playback.on_session_replaced();
+        self.replace_model_leg(respond_on_open);
         self.hold.due = Some(now + self.reconnector.config().hold_after);
         self.renewal = Renewal::default();
         self.caller_speaking = false;
         let step = self.reconnector.lost(now);
         self.follow(now, step);
+    }
+
+    /// The model leg starts over with its session's successor (not yet open; it will be told
+    /// the conversation, and asked to speak when `respond_on_open`), and playback forgets the
+    /// old session's responses.
+    fn replace_model_leg(&mut self, respond_on_open: bool) {
+        if let Some(model) = self.model.as_mut() {
+            *model = ModelLeg::new(model.session.successor(), true, respond_on_open);
+        }
+        self.playback.on_session_replaced();
     }
 
     /// Does what the reconnect schedule says.
