@@ -1168,19 +1168,23 @@ impl FaultTally {
     /// A call that had a session dropped: its sessions in connection order.
     fn note(&mut self, record: &LoadCallRecord, sessions: &[&EchoSessionRecord]) {
         let mut affected = false;
+        let mut echoed = None;
         for (index, session) in sessions.iter().enumerate() {
             let Some(dropped) = session.dropped_at_us else {
                 continue;
             };
             affected = true;
+            // One set per call, not a scan per frame: a long call has tens of thousands.
+            let echoed = echoed.get_or_insert_with(|| {
+                sessions
+                    .iter()
+                    .flat_map(|s| s.echoed.iter().map(|echoed| echoed.id))
+                    .collect::<std::collections::HashSet<_>>()
+            });
             self.frames_swallowed += session
                 .uplink
                 .iter()
-                .filter(|(id, _, _)| {
-                    !sessions
-                        .iter()
-                        .any(|s| s.echoed.iter().any(|echoed| echoed.id == *id))
-                })
+                .filter(|(id, _, _)| !echoed.contains(id))
                 .count() as u64;
             if let Some(configured) = sessions
                 .get(index + 1)
