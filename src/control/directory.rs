@@ -461,6 +461,8 @@ mod tests {
             max_call_seconds: 0,
             fallback_number: None,
             hold_prompt: None,
+            provider: None,
+            model: None,
         }
     }
 

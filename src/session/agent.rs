@@ -167,6 +167,8 @@ mod tests {
             max_call_seconds: 300,
             fallback_number: Some("+15550100999".into()),
             hold_prompt: Some(BASE64.encode([0x7f_u8; 800])),
+            provider: None,
+            model: None,
         }
     }
 

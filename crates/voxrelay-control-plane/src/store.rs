@@ -462,6 +462,8 @@ impl Store {
             max_call_seconds: tenant.max_call_seconds,
             fallback_number: tenant.fallback_number,
             hold_prompt: hold_prompt.map(|bytes| BASE64.encode(bytes)),
+            provider: None,
+            model: None,
         }))
     }
 

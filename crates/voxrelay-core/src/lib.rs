@@ -6,7 +6,7 @@
 //! and its protocols with their factory ([`upstream`]), one call's engine, model session,
 //! playback and barge-in, outbound buffers and transcript ([`session`]), the control-plane API
 //! types and request signing ([`control`]), text safe for log lines ([`logtext`]), the audio
-//! mode spoken with the model ([`AudioMode`]), secrets that never print ([`Secret`]), and the
+//! mode spoken with the model ([`AudioMode`]), the provider that answers ([`Provider`]), secrets that never print ([`Secret`]), and the
 //! small shared pieces: the one JSON string writer ([`json`]), unix time from a clock reading
 //! ([`time`]) and lowercase hex ([`lowerhex`]). Time is always a parameter (`now`, a
 //! `SystemTime` the caller read) and randomness is passed in (nonces), so every state machine
@@ -19,6 +19,7 @@ pub mod control;
 pub mod json;
 pub mod logtext;
 pub mod lowerhex;
+pub mod provider;
 pub mod secret;
 pub mod session;
 pub mod testkit;
@@ -27,4 +28,5 @@ pub mod twilio;
 pub mod upstream;
 
 pub use audio_mode::AudioMode;
+pub use provider::Provider;
 pub use secret::Secret;

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::AudioMode;
+use crate::{AudioMode, Provider};
 
 pub const CONTEXT_PATH: &str = "/v1/context";
 pub const CALLS_PATH: &str = "/v1/calls";
@@ -107,6 +107,15 @@ pub struct TenantContext {
     /// chime. An invalid or oversized value is ignored (and logged) by the bridge.
     #[serde(default)]
     pub hold_prompt: Option<String>,
+    /// The realtime provider that answers this tenant's calls (`openai` or `gemini`). Absent:
+    /// the bridge's `VOXRELAY_PROVIDER`. Changing it takes effect at the next call, with no
+    /// restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<Provider>,
+    /// The provider's model id (`gpt-realtime`, `gemini-3.8-live`). Absent: the bridge's
+    /// default for the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// The longest tenant hold prompt, in bytes of 8 kHz μ-law (10 s).
