@@ -70,6 +70,7 @@ fn take_outputs(
             Output::CallTool(call) => tools.push(call.call_id),
             Output::SwitchToStandby => switched = true,
             Output::Event(_)
+            | Output::CancelTool { .. }
             | Output::Close(_)
             | Output::ConnectModel { .. }
             | Output::ConnectStandby { .. } => {}

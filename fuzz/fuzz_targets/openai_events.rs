@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let mut greeted = false;
     for line in text.split('\n') {
         follow_ups.clear();
-        let result = protocol.on_message(line, &mut follow_ups);
+        let result = protocol.parse_event(line, &mut follow_ups);
         if matches!(result, Ok(UpstreamEvent::SessionReady)) && !greeted {
             greeted = true;
             assert_eq!(follow_ups.len(), 1);

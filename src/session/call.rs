@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use fastwebsockets::{WebSocket, WebSocketError};
 use futures_util::StreamExt;
+use futures_util::future::{AbortHandle, Abortable};
 use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -335,6 +336,8 @@ enum Wake {
         call_id: String,
         output: String,
     },
+    /// A tool the model cancelled was aborted: nothing to answer.
+    ToolCancelled,
     Pacer,
     Deadline,
     IdleCheck,
@@ -415,7 +418,10 @@ struct Waits {
     connecting: Option<BoxFuture<ConnectResult>>,
     /// A renewal's standby connect.
     standby: Option<BoxFuture<ConnectResult>>,
-    tools: FuturesUnordered<BoxFuture<(String, String)>>,
+    /// Running tools; one the model cancels is aborted (it then yields `None`).
+    tools: FuturesUnordered<BoxFuture<Option<(String, String)>>>,
+    /// Abort handles of the running tools by call id (at most [`MAX_TOOL_CALLS_IN_FLIGHT`]).
+    tool_aborts: Vec<(String, AbortHandle)>,
 }
 
 /// Awaits the future in `slot`, then empties it; never completes while `slot` is empty.
@@ -547,9 +553,10 @@ where
             prepared = maybe(&mut self.waits.resolving) => Wake::Resolved(Box::new(prepared)),
             connected = maybe(&mut self.waits.connecting) => Wake::Connected(Box::new(connected)),
             standby = maybe(&mut self.waits.standby) => Wake::StandbyConnected(Box::new(standby)),
-            Some((call_id, output)) = self.waits.tools.next(), if !self.waits.tools.is_empty() => {
-                Wake::ToolDone { call_id, output }
-            }
+            Some(done) = self.waits.tools.next(), if !self.waits.tools.is_empty() => match done {
+                Some((call_id, output)) => Wake::ToolDone { call_id, output },
+                None => Wake::ToolCancelled,
+            },
             () = self.timers.pacer.as_mut(), if self.timers.pacer_at.is_some() => Wake::Pacer,
             () = self.timers.deadline.as_mut(), if self.timers.deadline_kind.is_some() => Wake::Deadline,
             () = self.timers.idle.as_mut() => Wake::IdleCheck,
@@ -629,7 +636,9 @@ where
                     self.feed(now, Input::StandbyFailed(failure));
                 }
             },
+            Wake::ToolCancelled => {}
             Wake::ToolDone { call_id, output } => {
+                self.waits.tool_aborts.retain(|(id, _)| *id != call_id);
                 self.feed(
                     now,
                     Input::ToolResult {
@@ -798,6 +807,7 @@ where
                     }
                 },
                 Output::CallTool(call) => self.start_tool(now, call),
+                Output::CancelTool { call_id } => self.cancel_tool(&call_id),
                 Output::ConnectModel { deadline } => {
                     self.waits.connecting = Some(self.dial_model(now, deadline));
                 }
@@ -1073,7 +1083,11 @@ where
         }
         let client = control.client.clone();
         let call_sid = record.identity.call_sid.clone();
-        self.waits.tools.push(Box::pin(
+        let (abort, registration) = AbortHandle::new_pair();
+        self.waits
+            .tool_aborts
+            .push((tool_call.call_id.clone(), abort));
+        let running = Abortable::new(
             async move {
                 let output = run_tool(
                     &client,
@@ -1085,9 +1099,26 @@ where
                 )
                 .await;
                 (tool_call.call_id, output)
-            }
-            .in_current_span(),
+            },
+            registration,
+        );
+        self.waits.tools.push(Box::pin(
+            async move { running.await.ok() }.in_current_span(),
         ));
+    }
+
+    /// The model withdrew a tool call: its request is abandoned and its answer never sent.
+    fn cancel_tool(&mut self, call_id: &str) {
+        if let Some(at) = self
+            .waits
+            .tool_aborts
+            .iter()
+            .position(|(id, _)| id == call_id)
+        {
+            let (_, abort) = self.waits.tool_aborts.swap_remove(at);
+            abort.abort();
+            self.metrics.tools_cancelled.fetch_add(1, Relaxed);
+        }
     }
 
     /// The call is over: the report first, then both sockets get [`CLOSE_GRACE`] to take what

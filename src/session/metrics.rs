@@ -331,6 +331,8 @@ pub struct Metrics {
     pub control_tool_calls: AtomicU64,
     /// Tool calls answered with an error output (bad arguments, timeout, control-plane failure).
     pub control_tool_failures: AtomicU64,
+    /// Tool calls the model withdrew while they ran (Gemini's `toolCallCancellation`).
+    pub tools_cancelled: AtomicU64,
     /// The public listener's caps and timeouts.
     pub listener: ListenerMetrics,
     /// Streams without a binding token let through by `VOXRELAY_REQUIRE_STREAM_TOKEN=0` (each
@@ -1068,6 +1070,11 @@ impl Metrics {
                 "voxrelay_control_tool_failures_total",
                 "Tool calls answered with an error output (the call went on).",
                 &self.control_tool_failures,
+            ),
+            (
+                "voxrelay_control_tools_cancelled_total",
+                "Tool calls the model withdrew while they ran: abandoned, never answered.",
+                &self.tools_cancelled,
             ),
             (
                 "voxrelay_streams_unbound_total",

@@ -400,7 +400,7 @@ mod tests {
                         panic!("socket ended early");
                     };
                     match protocol
-                        .on_message(text.as_str(), &mut out)
+                        .parse_event(text.as_str(), &mut out)
                         .expect("parses")
                     {
                         UpstreamEvent::SessionReady => ready = true,

@@ -135,6 +135,7 @@ fn take_outputs(engine: &mut CallEngine) -> Step {
             Output::CallTool(call) => step.tools.push(call),
             Output::SwitchToStandby => step.switched = true,
             Output::Event(_)
+            | Output::CancelTool { .. }
             | Output::Close(_)
             | Output::ConnectModel { .. }
             | Output::ConnectStandby { .. } => {}

@@ -2,7 +2,7 @@
 //! strings the model or a caller controls.
 
 use proptest::prelude::*;
-use voxrelay::upstream::{OpenAiRealtime, RealtimeProtocol, SessionSettings, UpstreamEvent};
+use voxrelay::upstream::{OpenAiRealtime, SessionSettings, UpstreamEvent};
 
 use crate::config;
 use crate::grammar;
@@ -42,7 +42,7 @@ proptest! {
         let mut session_updated_seen = false;
         for text in &texts {
             follow_ups.clear();
-            let result = protocol.on_message(text, &mut follow_ups);
+            let result = protocol.parse_event(text, &mut follow_ups);
             let first_session_updated =
                 matches!(result, Ok(UpstreamEvent::SessionReady)) && !session_updated_seen;
             if matches!(result, Ok(UpstreamEvent::SessionReady)) {
@@ -84,7 +84,7 @@ proptest! {
             "item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta,
         })
         .to_string();
-        match protocol.on_message(&text, &mut out) {
+        match protocol.parse_event(&text, &mut out) {
             Ok(UpstreamEvent::AudioDelta { response_id: r, item_id: i, audio_b64 }) => {
                 prop_assert_eq!(&*r, response_id.as_str());
                 prop_assert_eq!(&*i, item_id.as_str());
@@ -99,7 +99,7 @@ proptest! {
             "audio_start_ms": audio_start_ms,
         })
         .to_string();
-        match protocol.on_message(&text, &mut out) {
+        match protocol.parse_event(&text, &mut out) {
             Ok(event) => prop_assert_eq!(
                 event,
                 UpstreamEvent::SpeechStarted { item_id: item_id.as_str().into(), audio_start_ms }
@@ -111,7 +111,7 @@ proptest! {
             "transcript": transcript,
         })
         .to_string();
-        match protocol.on_message(&text, &mut out) {
+        match protocol.parse_event(&text, &mut out) {
             Ok(event) => prop_assert_eq!(
                 event,
                 UpstreamEvent::OutputTranscript {
@@ -171,7 +171,7 @@ fn deeply_nested_server_events_are_refused_without_overflowing_the_stack() {
                 format!(r#"{{"type":"rate_limits.updated","rate_limits":{nested}}}"#),
                 format!(r#"{{"type":"session.updated","session":{nested}}}"#),
             ] {
-                let _ = protocol.on_message(&text, &mut out);
+                let _ = protocol.parse_event(&text, &mut out);
             }
         }
     }

@@ -89,6 +89,9 @@ pub enum ConnectFailure {
     Timeout,
     /// DNS, TCP, TLS, or the socket closing during the handshake.
     Network,
+    /// The session's provider has no key on this bridge (a tenant moved to a provider the
+    /// deployment does not run): nothing to dial, and retrying will not help.
+    NotConfigured,
 }
 
 impl ConnectFailure {
@@ -108,6 +111,7 @@ impl ConnectFailure {
             Self::Refused => "refused",
             Self::Timeout => "timeout",
             Self::Network => "network",
+            Self::NotConfigured => "provider_not_configured",
         }
     }
 }
@@ -123,19 +127,20 @@ pub enum FallbackReason {
 
 impl FallbackReason {
     /// Every reason, in the order of [`FallbackReason::index`].
-    pub const ALL: [FallbackReason; 6] = [
+    pub const ALL: [FallbackReason; 7] = [
         Self::ConnectFailed(ConnectFailure::RateLimited),
         Self::ConnectFailed(ConnectFailure::ServerError),
         Self::ConnectFailed(ConnectFailure::Refused),
         Self::ConnectFailed(ConnectFailure::Timeout),
         Self::ConnectFailed(ConnectFailure::Network),
+        Self::ConnectFailed(ConnectFailure::NotConfigured),
         Self::TooManyDrops,
     ];
 
     pub fn index(self) -> usize {
         match self {
             Self::ConnectFailed(failure) => failure as usize,
-            Self::TooManyDrops => 5,
+            Self::TooManyDrops => 6,
         }
     }
 
@@ -303,7 +308,10 @@ impl Reconnector {
             self.failed_attempts.push(failure);
         }
         let give_up = Step::GiveUp(FallbackReason::ConnectFailed(failure));
-        if failure == ConnectFailure::Refused {
+        if matches!(
+            failure,
+            ConnectFailure::Refused | ConnectFailure::NotConfigured
+        ) {
             self.link = Link::GaveUp;
             return give_up;
         }

@@ -46,12 +46,11 @@ use super::conversation::Conversation;
 use super::model::ModelSession;
 use super::playback::{Interruption, MarkOutcome, Playback, PlaybackConfig};
 use super::transcript::{MAX_TRANSCRIPT_LINE_BYTES, Transcript};
-use crate::AudioMode;
 use crate::codec::{StreamResampler, g711, pcm};
 use crate::logtext::{Untrusted, WarnBudget};
 use crate::twilio::events::{write_clear_json, write_mark_json, write_media_json_from_mulaw};
 use crate::twilio::stream::{StartInfo, StreamError, StreamEvent, StreamMachine};
-use crate::upstream::{UpstreamError, UpstreamEvent};
+use crate::upstream::{ModelAudio, ModelAudioFormat, UpstreamError, UpstreamEvent};
 
 /// Caller audio held until the model session is open: 2 s of 20 ms frames. Beyond it the
 /// oldest frame is dropped (counted in `uplink_dropped`): stale speech is worth less than a
@@ -151,6 +150,10 @@ pub enum Output {
     ToModel(Outgoing),
     /// Run this function on the control plane and answer with [`Input::ToolResult`].
     CallTool(ToolCall),
+    /// The model withdrew this call: stop running it, and answer nothing.
+    CancelTool {
+        call_id: String,
+    },
     /// Open a socket to the model, and say [`Input::ModelConnected`] or
     /// [`Input::ModelConnectFailed`] (a timeout when not done by `deadline`).
     ConnectModel {
@@ -351,11 +354,23 @@ pub struct CallStats {
     /// Caller frames dropped from the hold before the model session opened.
     pub uplink_dropped: u64,
     pub tool_calls: u64,
+    /// Tokens the model reported using.
+    pub usage: TokenUsage,
     /// Bad Twilio input by [`TwilioErrorKind::index`].
     pub twilio_errors: [u64; TwilioErrorKind::COUNT],
     /// Bounded: the most recent lines within the report's budget.
     pub transcript: Transcript,
     pub continuity: ContinuityStats,
+}
+
+/// Tokens a call's model sessions reported (OpenAI's `response.done` usage, Gemini's
+/// `usageMetadata`), summed over the call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Usage reports received (0: the provider reported none).
+    pub reports: u64,
 }
 
 /// What keeping the model session cost the call, for its report.
@@ -431,38 +446,40 @@ fn keep_spare(spares: &mut Vec<String>, mut text: String, count: usize, max_byte
     }
 }
 
-/// PCM16 mode's per-direction resampler state (absent in μ-law passthrough mode).
+/// The codec work between Twilio's 8 kHz μ-law and the session's formats, one state per
+/// direction: `None` where the session speaks μ-law (passed through untouched), else a
+/// streaming resampler between 8 kHz and the session's PCM rate (8 → 24 kHz up and 24 → 8 down
+/// for OpenAI's `pcm16`; 8 → 16 up and 24 → 8 down for Gemini).
 struct Resamplers {
-    uplink: StreamResampler,
-    downlink: StreamResampler,
+    uplink: Option<StreamResampler>,
+    downlink: Option<StreamResampler>,
 }
 
 impl Resamplers {
-    fn for_mode(mode: AudioMode) -> Option<Self> {
-        match mode {
-            AudioMode::Pcmu => None,
-            // 8 ⇄ 24 kHz is a supported pair by construction; failure here is a bug.
-            AudioMode::Pcm16 => Some(Self {
-                uplink: StreamResampler::new(8_000, 24_000).expect("8 kHz to 24 kHz is supported"),
-                downlink: StreamResampler::new(24_000, 8_000)
-                    .expect("24 kHz to 8 kHz is supported"),
-            }),
+    fn for_audio(audio: ModelAudio) -> Self {
+        Self {
+            uplink: match audio.input {
+                ModelAudioFormat::Mulaw8k => None,
+                ModelAudioFormat::Pcm16 { rate } => Some(resampler(8_000, rate)),
+            },
+            downlink: match audio.output {
+                ModelAudioFormat::Mulaw8k => None,
+                ModelAudioFormat::Pcm16 { rate } => Some(resampler(rate, 8_000)),
+            },
         }
     }
 }
 
-/// Model audio bytes per millisecond: 8 for μ-law 8 kHz, 48 for PCM16 24 kHz.
-fn model_bytes_per_ms(mode: AudioMode) -> u64 {
-    match mode {
-        AudioMode::Pcmu => 8,
-        AudioMode::Pcm16 => 48,
-    }
+/// A resampler for a pair the providers use (8 kHz to and from 16 or 24 kHz). A provider
+/// declaring another rate is a bug in its protocol module, caught by its tests.
+fn resampler(from_hz: u32, to_hz: u32) -> StreamResampler {
+    StreamResampler::new(from_hz, to_hz).expect("the providers' rates are supported pairs")
 }
 
 /// The model side of a call, from the moment its agent is known.
 struct ModelLeg {
     session: ModelSession,
-    resamplers: Option<Resamplers>,
+    resamplers: Resamplers,
     /// The response and item of the latest model audio, so the resampler's tail can be
     /// flushed into the right item when it ends.
     last_audio: Option<(String, String)>,
@@ -484,13 +501,13 @@ struct ModelLeg {
 impl ModelLeg {
     /// A leg for `session`, not yet open; `successor`: it replaces a lost or old session.
     fn new(session: ModelSession, successor: bool, respond_on_open: bool) -> Self {
-        let mode = session.audio_mode();
+        let audio = session.protocol().audio();
         Self {
             session,
-            resamplers: Resamplers::for_mode(mode),
+            resamplers: Resamplers::for_audio(audio),
             last_audio: None,
             produced: VecDeque::new(),
-            bytes_per_ms: model_bytes_per_ms(mode),
+            bytes_per_ms: audio.output.bytes_per_ms(),
             active_response: None,
             response_owed: false,
             successor,
@@ -853,7 +870,7 @@ impl CallEngine {
             ..
         } = &mut self.scratch;
         let protocol = model.session.protocol();
-        match &mut model.resamplers {
+        match &mut model.resamplers.uplink {
             None => {
                 let payload = match payload_b64 {
                     Some(payload) => payload,
@@ -866,11 +883,11 @@ impl CallEngine {
                 text.reserve_exact(payload.len() + APPEND_OVERHEAD);
                 protocol.write_audio_append(payload, &mut text);
             }
-            Some(resamplers) => {
+            Some(uplink) => {
                 pcm_in.clear();
                 pcm_in.extend(bytes.iter().map(|&code| g711::mulaw_decode(code)));
                 pcm_out.clear();
-                resamplers.uplink.process(pcm_in, pcm_out);
+                uplink.process(pcm_in, pcm_out);
                 if pcm_out.is_empty() {
                     self.scratch.spare_appends.push(text);
                     return;
@@ -973,7 +990,22 @@ impl CallEngine {
             self.push_model_control(text);
         }
         self.scratch.follow_ups = follow_ups;
-        let event = result?;
+        // Every event of the message is taken; the first refusal is the message's.
+        let mut outcome = Ok(());
+        for event in result? {
+            let handled = self.on_model_event(now, event);
+            if outcome.is_ok() {
+                outcome = handled;
+            }
+        }
+        outcome
+    }
+
+    fn on_model_event(
+        &mut self,
+        now: Instant,
+        event: UpstreamEvent<'_>,
+    ) -> Result<(), EngineError> {
         match event {
             UpstreamEvent::SessionReady => tracing::debug!("model session configured"),
             UpstreamEvent::SessionEnding => {
@@ -1020,6 +1052,22 @@ impl CallEngine {
                 call_id,
                 arguments,
             } => self.on_function_call(name, call_id, arguments),
+            UpstreamEvent::FunctionCallCancelled { call_id } => {
+                tracing::info!(call_id = %Untrusted(&call_id), "model cancelled a tool call");
+                self.conversation
+                    .tool_answered(&call_id, "(cancelled by the model before it answered)");
+                self.outputs.push_back(Output::CancelTool {
+                    call_id: call_id.into_owned(),
+                });
+            }
+            UpstreamEvent::Usage {
+                input_tokens,
+                output_tokens,
+            } => {
+                self.stats.usage.input_tokens += input_tokens;
+                self.stats.usage.output_tokens += output_tokens;
+                self.stats.usage.reports += 1;
+            }
             UpstreamEvent::Error {
                 error_type,
                 code,
@@ -1122,7 +1170,9 @@ impl CallEngine {
         }
         let protocol = model.session.protocol();
         let answer = protocol.function_output(call_id, output);
-        let create = if model.active_response.is_none() {
+        let create = if protocol.answers_tool_output_itself() {
+            None
+        } else if model.active_response.is_none() {
             Some(protocol.create_response())
         } else {
             model.response_owed = true;
@@ -1166,7 +1216,7 @@ impl CallEngine {
         let Some(model) = self.model.as_mut() else {
             return Err(EngineError::NoModelSession);
         };
-        if model.resamplers.is_some()
+        if model.resamplers.downlink.is_some()
             && model
                 .last_audio
                 .as_ref()
@@ -1219,13 +1269,13 @@ impl CallEngine {
             mulaw,
             ..
         } = &mut self.scratch;
-        let audio: &[u8] = match &mut model.resamplers {
+        let audio: &[u8] = match &mut model.resamplers.downlink {
             None => bytes,
-            Some(resamplers) => {
+            Some(downlink) => {
                 pcm_in.clear();
                 pcm::pcm16le_to_samples(bytes, pcm_in);
                 pcm_out.clear();
-                resamplers.downlink.process(pcm_in, pcm_out);
+                downlink.process(pcm_in, pcm_out);
                 mulaw.clear();
                 mulaw.extend(pcm_out.iter().map(|&sample| g711::mulaw_encode(sample)));
                 mulaw
@@ -1248,14 +1298,14 @@ impl CallEngine {
         let Some(model) = self.model.as_mut() else {
             return;
         };
-        let (Some(resamplers), Some((response_id, item_id))) =
-            (&mut model.resamplers, model.last_audio.take())
+        let (Some(downlink), Some((response_id, item_id))) =
+            (&mut model.resamplers.downlink, model.last_audio.take())
         else {
             return;
         };
         let Scratch { pcm_out, mulaw, .. } = &mut self.scratch;
         pcm_out.clear();
-        resamplers.downlink.flush(pcm_out);
+        downlink.flush(pcm_out);
         if pcm_out.is_empty() {
             return;
         }
@@ -1279,9 +1329,9 @@ impl CallEngine {
         let Some(model) = self.model.as_mut() else {
             return;
         };
-        if let Some(resamplers) = &mut model.resamplers {
+        if let Some(downlink) = &mut model.resamplers.downlink {
             // The interrupted response's tail must not leak into the next one.
-            resamplers.downlink.reset();
+            downlink.reset();
             model.last_audio = None;
         }
         let protocol = model.session.protocol();
@@ -1290,16 +1340,17 @@ impl CallEngine {
             tracing::info!(
                 item = %Untrusted(&item_id),
                 audio_end_ms,
-                "barge-in: truncating"
+                "barge-in: cut at what the caller heard"
             );
-            commands.push(protocol.truncate(&item_id, audio_end_ms));
+            // Without a truncate (Gemini) the cut lives in the conversation and the report.
+            commands.extend(protocol.truncate(&item_id, audio_end_ms));
         }
         // The hold prompt is the bridge's own audio: the model never heard of it.
         for item_id in interruption.delete.iter().filter(|id| !is_hold_item(id)) {
-            commands.push(protocol.delete_item(item_id));
+            commands.extend(protocol.delete_item(item_id));
         }
         if interruption.cancel_response && !hold_playing {
-            commands.push(protocol.cancel_response());
+            commands.extend(protocol.cancel_response());
         }
         for text in commands {
             self.push_model_control(text);

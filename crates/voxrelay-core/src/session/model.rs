@@ -58,29 +58,13 @@ impl ModelSession {
         }
     }
 
-    /// A session over a given protocol (tests of what no shipped provider sends yet).
-    #[cfg(test)]
-    pub(crate) fn with_protocol(
-        settings: SessionSettings,
-        protocol: Box<dyn RealtimeProtocol>,
-        tools_enabled: bool,
-    ) -> Self {
-        Self {
-            protocol,
-            audio_mode: settings.audio_mode,
-            settings,
-            tools_enabled,
-            opened: false,
-            ready: false,
-            held_for_call: Vec::new(),
-        }
-    }
-
     /// A fresh session for the same agent, to replace this one mid-call: same instructions,
     /// voice, tools and audio formats, no greeting (the caller was greeted), not yet open.
     pub fn successor(&self) -> Self {
         let settings = SessionSettings {
             greeting: None,
+            // Gemini: resume on the provider's record while it holds a valid handle.
+            resumption_handle: self.protocol.resumption_handle().map(str::to_owned),
             ..self.settings.clone()
         };
         Self::new(settings, self.tools_enabled)
@@ -111,16 +95,22 @@ impl ModelSession {
     /// for (the greeting) are held for the call ([`ModelSession::take_held_for_call`]).
     pub fn prewarm_message(&mut self, text: &str) -> Result<PrewarmStep, UpstreamError> {
         let mut follow_ups = std::mem::take(&mut self.held_for_call);
-        let event = self.protocol.on_message(text, &mut follow_ups);
+        let events = self.protocol.on_message(text, &mut follow_ups);
         self.held_for_call = follow_ups;
-        Ok(match event? {
-            UpstreamEvent::SessionReady => {
-                self.ready = true;
-                PrewarmStep::Ready
+        let mut step = PrewarmStep::Pending;
+        for event in events? {
+            match event {
+                UpstreamEvent::SessionReady => {
+                    self.ready = true;
+                    step = PrewarmStep::Ready;
+                }
+                UpstreamEvent::Error { message, .. } => {
+                    return Ok(PrewarmStep::Refused(message.into_owned()));
+                }
+                _ => {}
             }
-            UpstreamEvent::Error { message, .. } => PrewarmStep::Refused(message.into_owned()),
-            _ => PrewarmStep::Pending,
-        })
+        }
+        Ok(step)
     }
 
     /// The server confirmed the configuration while pre-warming.

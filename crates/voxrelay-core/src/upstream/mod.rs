@@ -1,8 +1,10 @@
-//! Realtime voice APIs behind one seam: OpenAI Realtime first, Gemini Live later.
+//! Realtime voice APIs behind one seam: OpenAI Realtime and Gemini Live.
 //!
 //! This module owns the [`RealtimeProtocol`] trait, the provider-neutral [`UpstreamEvent`]s the
-//! call engine reacts to, the session settings every provider is configured from, and the
-//! provider factory ([`protocol_for`]); dialling the model is the bridge's
+//! call engine reacts to, the session settings every provider is configured from, the audio
+//! formats a session speaks each way ([`ModelAudio`]), and the provider factory
+//! ([`protocol_for`]), the one place that chooses a protocol by [`Provider`]; dialling the
+//! model is the bridge's
 //! (`voxrelay::upstream::connect`), the mock server the simulator's. Invariants: a
 //! protocol implementation never touches a socket or the clock; parsing a server message never
 //! panics and borrows from the message wherever the text allows; every message it produces is
@@ -10,16 +12,68 @@
 
 use std::borrow::Cow;
 
-use crate::AudioMode;
-use crate::session::conversation::ReplayItem;
+use smallvec::SmallVec;
 
+use crate::session::conversation::ReplayItem;
+use crate::{AudioMode, Provider};
+
+pub mod gemini;
 pub mod openai;
 
+pub use gemini::GeminiLive;
 pub use openai::OpenAiRealtime;
 
-/// How the model should run a call: persona, voice, audio format, turn detection.
+/// What one server message means: usually one event, sometimes several (a Gemini message can
+/// carry audio, a transcript and the turn's end), in the order they happened. Inline up to two,
+/// so the audio path allocates nothing per message.
+pub type UpstreamEvents<'a> = SmallVec<[UpstreamEvent<'a>; 2]>;
+
+/// Audio as a model session takes or sends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelAudioFormat {
+    /// G.711 μ-law at 8 kHz: Twilio's payload, passed through.
+    Mulaw8k,
+    /// 16-bit little-endian mono PCM at `rate` Hz (16000 or 24000).
+    Pcm16 { rate: u32 },
+}
+
+impl ModelAudioFormat {
+    /// Bytes of this format per millisecond of audio.
+    pub fn bytes_per_ms(self) -> u64 {
+        match self {
+            ModelAudioFormat::Mulaw8k => 8,
+            ModelAudioFormat::Pcm16 { rate } => u64::from(rate) * 2 / 1000,
+        }
+    }
+}
+
+/// The formats a session speaks: caller audio in, model audio out. They differ by direction
+/// for Gemini (16 kHz in, 24 kHz out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelAudio {
+    pub input: ModelAudioFormat,
+    pub output: ModelAudioFormat,
+}
+
+impl ModelAudio {
+    /// What an OpenAI session speaks in `mode`: the same format both ways.
+    pub fn for_mode(mode: AudioMode) -> Self {
+        let format = match mode {
+            AudioMode::Pcmu => ModelAudioFormat::Mulaw8k,
+            AudioMode::Pcm16 => ModelAudioFormat::Pcm16 { rate: 24_000 },
+        };
+        Self {
+            input: format,
+            output: format,
+        }
+    }
+}
+
+/// How the model should run a call: provider, persona, voice, audio format, turn detection.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SessionSettings {
+    /// Who runs the session; [`protocol_for`] builds that provider's protocol.
+    pub provider: Provider,
     pub instructions: String,
     pub voice: String,
     pub audio_mode: AudioMode,
@@ -28,17 +82,22 @@ pub struct SessionSettings {
     /// Caller-side transcription; `None` turns it off.
     pub transcription_model: Option<String>,
     pub vad: VadSettings,
-    /// Sent as `session.model` when set; the model is normally chosen by the connect URL.
+    /// The provider's model id; `None`: [`Provider::default_model`]. OpenAI takes it in the
+    /// connect URL (the bridge's dial target), Gemini in its `setup`.
     pub model: Option<String>,
     /// Function definitions the model may call (OpenAI's `{"type":"function",…}` shape).
     pub tools: Vec<serde_json::Value>,
     /// The caller's language as an ISO-639-1 code (`en`), a hint for input transcription.
     pub language: Option<String>,
+    /// A provider's own handle to resume an earlier session's context (Gemini's session
+    /// resumption); set only for a successor, never by a tenant.
+    pub resumption_handle: Option<String>,
 }
 
 impl Default for SessionSettings {
     fn default() -> Self {
         Self {
+            provider: Provider::OpenAi,
             instructions: String::new(),
             voice: "marin".to_owned(),
             audio_mode: AudioMode::default(),
@@ -48,6 +107,7 @@ impl Default for SessionSettings {
             model: None,
             tools: Vec::new(),
             language: None,
+            resumption_handle: None,
         }
     }
 }
@@ -121,6 +181,15 @@ pub enum UpstreamEvent<'a> {
         name: Cow<'a, str>,
         arguments: Cow<'a, str>,
     },
+    /// The model no longer wants the answer to this call (Gemini's `toolCallCancellation`).
+    FunctionCallCancelled {
+        call_id: Cow<'a, str>,
+    },
+    /// Tokens a response (or turn) used, for the call's report.
+    Usage {
+        input_tokens: u64,
+        output_tokens: u64,
+    },
     /// The provider will end this session soon (Gemini Live's `goAway`): the engine renews it
     /// now, make-before-break, as it does at the session's age limit.
     SessionEnding,
@@ -140,6 +209,12 @@ pub enum UpstreamError {
     /// The server sent something that is not the JSON we expect for its `type`.
     #[error("malformed upstream message: {0}")]
     Malformed(#[from] serde_json::Error),
+    /// A server message that is not a JSON object.
+    #[error("upstream message is not a JSON object")]
+    NotAnObject,
+    /// Model audio in a format the session did not ask for (a rate we would play wrong).
+    #[error("model audio in an unexpected format")]
+    UnexpectedAudioFormat,
     /// An id or function name over [`openai::MAX_ID_BYTES`]: refused rather than remembered.
     #[error("an id of {0} bytes in an upstream message (at most {max})", max = openai::MAX_ID_BYTES)]
     IdTooLong(usize),
@@ -160,39 +235,93 @@ pub enum UpstreamError {
     Tls(String),
 }
 
-/// The seam every realtime provider implements (OpenAI first; Gemini Live later). Output
-/// messages are text frames.
+/// The seam every realtime provider implements. Output messages are text frames. A provider
+/// without some command (Gemini has no truncate) returns `None` for it; the engine keeps its
+/// own account of what the caller heard either way.
 pub trait RealtimeProtocol: Send {
+    fn provider(&self) -> Provider;
+    /// The audio formats this session speaks each way.
+    fn audio(&self) -> ModelAudio;
     /// Whether the server cancels the response in progress itself when the caller starts
     /// talking (so barge-in must not send its own `response.cancel`).
     fn server_interrupts_response(&self) -> bool;
+    /// Whether the model answers a tool's output on its own (Gemini), so the engine must not
+    /// ask for a response after it.
+    fn answers_tool_output_itself(&self) -> bool {
+        false
+    }
+    /// Whether this session was opened on the provider's own record of an earlier session
+    /// (a resumption handle), so it must not be told the conversation again.
+    fn resumes_context(&self) -> bool {
+        false
+    }
+    /// The provider's handle to resume this session's context, while one is valid.
+    fn resumption_handle(&self) -> Option<&str> {
+        None
+    }
     /// Messages to send right after the socket opens (e.g. session.update).
     fn on_open(&mut self, out: &mut Vec<String>);
-    /// Parse one server message; may push follow-ups into `out` (e.g. the greeting's
-    /// response.create once the session is ready).
+    /// Parse one server message into what it means, in order; may push follow-ups into `out`
+    /// (e.g. the greeting's request once the session is ready).
     fn on_message<'a>(
         &mut self,
         text: &'a str,
         out: &mut Vec<String>,
-    ) -> Result<UpstreamEvent<'a>, UpstreamError>;
+    ) -> Result<UpstreamEvents<'a>, UpstreamError>;
     /// Caller audio, already base64 in the session's input format, written as one append
     /// message into `buf` (cleared first). No allocation: write straight into buf.
     fn write_audio_append(&self, audio_b64: &str, buf: &mut String);
-    fn truncate(&self, item_id: &str, audio_end_ms: u32) -> String;
-    fn delete_item(&self, item_id: &str) -> String;
-    fn cancel_response(&self) -> String;
+    /// Cut the model's record of an assistant item at what the caller heard.
+    fn truncate(&self, item_id: &str, audio_end_ms: u32) -> Option<String>;
+    fn delete_item(&self, item_id: &str) -> Option<String>;
+    fn cancel_response(&self) -> Option<String>;
     /// A user text message (used for DTMF digits).
     fn user_text(&self, text: &str) -> String;
+    /// Asks the model to respond now.
     fn create_response(&self) -> String;
     fn function_output(&self, call_id: &str, output: &str) -> String;
     /// One item of a conversation replayed into a new session (after a drop or a renewal).
     fn replay_item(&self, item: &ReplayItem<'_>) -> String;
 }
 
-/// The provider factory: the realtime protocol that runs a session with `settings`. The one
-/// place that names a provider; the call engine, the driver and pre-warm take what it builds.
+/// The provider factory: the realtime protocol that runs a session with `settings`, chosen by
+/// `settings.provider`. The one place that names a provider's protocol; the call engine, the
+/// driver and pre-warm take what it builds.
 pub fn protocol_for(settings: SessionSettings) -> Box<dyn RealtimeProtocol> {
-    Box::new(OpenAiRealtime::new(settings))
+    match settings.provider {
+        Provider::OpenAi => Box::new(OpenAiRealtime::new(settings)),
+        Provider::Gemini => Box::new(GeminiLive::new(settings)),
+    }
+}
+
+/// Refuses an event carrying an id (or function name) over [`openai::MAX_ID_BYTES`]: the
+/// engine and playback remember dozens per call.
+pub(crate) fn check_ids(event: &UpstreamEvent<'_>) -> Result<(), UpstreamError> {
+    let ids: [&str; 2] = match event {
+        UpstreamEvent::AudioDelta {
+            response_id,
+            item_id,
+            ..
+        } => [response_id, item_id],
+        UpstreamEvent::SpeechStarted { item_id, .. }
+        | UpstreamEvent::InputTranscript { item_id, .. }
+        | UpstreamEvent::OutputTranscript { item_id, .. }
+        | UpstreamEvent::OutputTranscriptDelta { item_id, .. } => [item_id, ""],
+        UpstreamEvent::ResponseCreated { response_id }
+        | UpstreamEvent::ResponseDone { response_id, .. } => [response_id, ""],
+        UpstreamEvent::FunctionCall { call_id, name, .. } => [call_id, name],
+        UpstreamEvent::FunctionCallCancelled { call_id } => [call_id, ""],
+        UpstreamEvent::SessionReady
+        | UpstreamEvent::SessionEnding
+        | UpstreamEvent::SpeechStopped { .. }
+        | UpstreamEvent::Usage { .. }
+        | UpstreamEvent::Error { .. }
+        | UpstreamEvent::Other => return Ok(()),
+    };
+    match ids.iter().map(|id| id.len()).max() {
+        Some(len) if len > openai::MAX_ID_BYTES => Err(UpstreamError::IdTooLong(len)),
+        _ => Ok(()),
+    }
 }
 
 // The one JSON string writer (the Twilio messages and the simulator write with it too).

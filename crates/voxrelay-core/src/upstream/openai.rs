@@ -13,41 +13,17 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use super::{RealtimeProtocol, SessionSettings, UpstreamError, UpstreamEvent, push_json_str};
-use crate::AudioMode;
+use super::{
+    ModelAudio, RealtimeProtocol, SessionSettings, UpstreamError, UpstreamEvent, UpstreamEvents,
+    check_ids, push_json_str,
+};
 use crate::session::conversation::ReplayItem;
+use crate::{AudioMode, Provider};
 
 /// The longest item, response or call id (or function name) taken from a server event. The
 /// service's ids are about 30 characters and function names at most 64; the engine and
 /// playback remember dozens of ids per call, so a longer one is refused, not stored.
 pub const MAX_ID_BYTES: usize = 128;
-
-/// Refuses an event carrying an id (or function name) over [`MAX_ID_BYTES`].
-fn check_ids(event: &UpstreamEvent<'_>) -> Result<(), UpstreamError> {
-    let ids: [&str; 2] = match event {
-        UpstreamEvent::AudioDelta {
-            response_id,
-            item_id,
-            ..
-        } => [response_id, item_id],
-        UpstreamEvent::SpeechStarted { item_id, .. }
-        | UpstreamEvent::InputTranscript { item_id, .. }
-        | UpstreamEvent::OutputTranscript { item_id, .. }
-        | UpstreamEvent::OutputTranscriptDelta { item_id, .. } => [item_id, ""],
-        UpstreamEvent::ResponseCreated { response_id }
-        | UpstreamEvent::ResponseDone { response_id, .. } => [response_id, ""],
-        UpstreamEvent::FunctionCall { call_id, name, .. } => [call_id, name],
-        UpstreamEvent::SessionReady
-        | UpstreamEvent::SessionEnding
-        | UpstreamEvent::SpeechStopped { .. }
-        | UpstreamEvent::Error { .. }
-        | UpstreamEvent::Other => return Ok(()),
-    };
-    match ids.iter().map(|id| id.len()).max() {
-        Some(len) if len > MAX_ID_BYTES => Err(UpstreamError::IdTooLong(len)),
-        _ => Ok(()),
-    }
-}
 
 /// OpenAI Realtime (GA) for one call.
 #[derive(Debug)]
@@ -130,16 +106,11 @@ impl OpenAiRealtime {
     }
 }
 
-impl RealtimeProtocol for OpenAiRealtime {
-    fn server_interrupts_response(&self) -> bool {
-        self.settings.vad.interrupt_response
-    }
-
-    fn on_open(&mut self, out: &mut Vec<String>) {
-        out.push(self.session_update());
-    }
-
-    fn on_message<'a>(
+// The commands OpenAI always has are inherent methods returning their message; the trait
+// (where another provider may lack them) wraps them.
+impl OpenAiRealtime {
+    /// Parses one server event (OpenAI sends one event per message).
+    pub fn parse_event<'a>(
         &mut self,
         text: &'a str,
         out: &mut Vec<String>,
@@ -232,7 +203,7 @@ impl RealtimeProtocol for OpenAiRealtime {
         Ok(event)
     }
 
-    fn write_audio_append(&self, audio_b64: &str, buf: &mut String) {
+    pub fn write_audio_append(&self, audio_b64: &str, buf: &mut String) {
         buf.clear();
         buf.push_str(r#"{"type":"input_audio_buffer.append","audio":"#);
         // Base64 never needs escaping; push_json_str only pays for a scan.
@@ -240,7 +211,7 @@ impl RealtimeProtocol for OpenAiRealtime {
         buf.push('}');
     }
 
-    fn truncate(&self, item_id: &str, audio_end_ms: u32) -> String {
+    pub fn truncate(&self, item_id: &str, audio_end_ms: u32) -> String {
         to_json(&ClientEvent::ConversationItemTruncate {
             item_id,
             content_index: 0,
@@ -248,15 +219,15 @@ impl RealtimeProtocol for OpenAiRealtime {
         })
     }
 
-    fn delete_item(&self, item_id: &str) -> String {
+    pub fn delete_item(&self, item_id: &str) -> String {
         to_json(&ClientEvent::ConversationItemDelete { item_id })
     }
 
-    fn cancel_response(&self) -> String {
+    pub fn cancel_response(&self) -> String {
         to_json(&ClientEvent::ResponseCancel {})
     }
 
-    fn user_text(&self, text: &str) -> String {
+    pub fn user_text(&self, text: &str) -> String {
         to_json(&ClientEvent::ConversationItemCreate {
             item: Item::Message {
                 role: "user",
@@ -268,17 +239,17 @@ impl RealtimeProtocol for OpenAiRealtime {
         })
     }
 
-    fn create_response(&self) -> String {
+    pub fn create_response(&self) -> String {
         to_json(&ClientEvent::ResponseCreate { response: None })
     }
 
-    fn function_output(&self, call_id: &str, output: &str) -> String {
+    pub fn function_output(&self, call_id: &str, output: &str) -> String {
         to_json(&ClientEvent::ConversationItemCreate {
             item: Item::FunctionCallOutput { call_id, output },
         })
     }
 
-    fn replay_item(&self, item: &ReplayItem<'_>) -> String {
+    pub fn replay_item(&self, item: &ReplayItem<'_>) -> String {
         let item = match item {
             ReplayItem::UserText(text) => return self.user_text(text),
             ReplayItem::AssistantText(text) => Item::Message {
@@ -302,6 +273,66 @@ impl RealtimeProtocol for OpenAiRealtime {
             }
         };
         to_json(&ClientEvent::ConversationItemCreate { item })
+    }
+}
+
+impl RealtimeProtocol for OpenAiRealtime {
+    fn provider(&self) -> Provider {
+        Provider::OpenAi
+    }
+
+    fn audio(&self) -> ModelAudio {
+        ModelAudio::for_mode(self.settings.audio_mode)
+    }
+
+    fn server_interrupts_response(&self) -> bool {
+        self.settings.vad.interrupt_response
+    }
+
+    fn on_open(&mut self, out: &mut Vec<String>) {
+        out.push(self.session_update());
+    }
+
+    fn on_message<'a>(
+        &mut self,
+        text: &'a str,
+        out: &mut Vec<String>,
+    ) -> Result<UpstreamEvents<'a>, UpstreamError> {
+        let mut events = UpstreamEvents::new();
+        events.push(self.parse_event(text, out)?);
+        Ok(events)
+    }
+
+    fn write_audio_append(&self, audio_b64: &str, buf: &mut String) {
+        OpenAiRealtime::write_audio_append(self, audio_b64, buf);
+    }
+
+    fn truncate(&self, item_id: &str, audio_end_ms: u32) -> Option<String> {
+        Some(OpenAiRealtime::truncate(self, item_id, audio_end_ms))
+    }
+
+    fn delete_item(&self, item_id: &str) -> Option<String> {
+        Some(OpenAiRealtime::delete_item(self, item_id))
+    }
+
+    fn cancel_response(&self) -> Option<String> {
+        Some(OpenAiRealtime::cancel_response(self))
+    }
+
+    fn user_text(&self, text: &str) -> String {
+        OpenAiRealtime::user_text(self, text)
+    }
+
+    fn create_response(&self) -> String {
+        OpenAiRealtime::create_response(self)
+    }
+
+    fn function_output(&self, call_id: &str, output: &str) -> String {
+        OpenAiRealtime::function_output(self, call_id, output)
+    }
+
+    fn replay_item(&self, item: &ReplayItem<'_>) -> String {
+        OpenAiRealtime::replay_item(self, item)
     }
 }
 
@@ -570,7 +601,11 @@ mod tests {
         let events: Vec<UpstreamEvent<'_>> = SERVER_FIXTURE
             .lines()
             .filter(|line| !line.trim().is_empty())
-            .map(|line| protocol.on_message(line, &mut out).expect("fixture parses"))
+            .map(|line| {
+                protocol
+                    .parse_event(line, &mut out)
+                    .expect("fixture parses")
+            })
             .collect();
         assert_eq!(
             events,
@@ -611,7 +646,7 @@ mod tests {
             .lines()
             .find(|line| line.contains("response.output_audio.delta"))
             .expect("delta line");
-        let event = protocol.on_message(line, &mut Vec::new()).expect("parses");
+        let event = protocol.parse_event(line, &mut Vec::new()).expect("parses");
         match event {
             UpstreamEvent::AudioDelta { audio_b64, .. } => {
                 assert!(matches!(audio_b64, Cow::Borrowed(_)))
@@ -638,7 +673,7 @@ mod tests {
         };
         for event in events(&long) {
             let error = protocol
-                .on_message(&event.to_string(), &mut Vec::new())
+                .parse_event(&event.to_string(), &mut Vec::new())
                 .expect_err("refused");
             assert!(
                 matches!(error, UpstreamError::IdTooLong(n) if n == MAX_ID_BYTES + 1),
@@ -647,7 +682,7 @@ mod tests {
         }
         for event in events(&fits) {
             protocol
-                .on_message(&event.to_string(), &mut Vec::new())
+                .parse_event(&event.to_string(), &mut Vec::new())
                 .unwrap_or_else(|e| panic!("{event}: {e}"));
         }
     }
@@ -713,7 +748,7 @@ mod tests {
             ),
         ];
         for (text, expected) in cases {
-            assert_eq!(protocol.on_message(text, &mut out).expect(text), expected);
+            assert_eq!(protocol.parse_event(text, &mut out).expect(text), expected);
         }
         assert!(out.is_empty());
     }
@@ -808,7 +843,7 @@ mod tests {
         });
         let mut out = Vec::new();
         let created = SERVER_FIXTURE.lines().next().expect("session.created");
-        protocol.on_message(created, &mut out).expect("parses");
+        protocol.parse_event(created, &mut out).expect("parses");
         assert!(
             out.is_empty(),
             "session.created must not trigger the greeting"
@@ -816,7 +851,7 @@ mod tests {
 
         let updated = r#"{"type":"session.updated","event_id":"e","session":{"type":"realtime"}}"#;
         assert_eq!(
-            protocol.on_message(updated, &mut out).expect("parses"),
+            protocol.parse_event(updated, &mut out).expect("parses"),
             UpstreamEvent::SessionReady
         );
         assert_eq!(out.len(), 1);
@@ -828,7 +863,7 @@ mod tests {
         assert!(instructions.contains("Thanks for calling \"Acme\"!"));
         assert!(instructions.starts_with("You are a helpful receptionist."));
 
-        protocol.on_message(updated, &mut out).expect("parses");
+        protocol.parse_event(updated, &mut out).expect("parses");
         assert_eq!(
             out.len(),
             1,
@@ -841,7 +876,7 @@ mod tests {
         let mut protocol = OpenAiRealtime::new(receptionist());
         let mut out = Vec::new();
         protocol
-            .on_message(r#"{"type":"session.updated","session":{}}"#, &mut out)
+            .parse_event(r#"{"type":"session.updated","session":{}}"#, &mut out)
             .expect("parses");
         assert!(out.is_empty());
     }
@@ -945,7 +980,7 @@ mod tests {
             "{\"type\":\"error\",\"error\":{\"type\":\"x\",\"message\":\"\u{0}",
         ] {
             assert!(
-                protocol.on_message(garbage, &mut out).is_err(),
+                protocol.parse_event(garbage, &mut out).is_err(),
                 "{garbage:?} should be rejected"
             );
         }

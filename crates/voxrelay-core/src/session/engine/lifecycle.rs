@@ -81,10 +81,13 @@ impl CallEngine {
         if std::mem::take(&mut model.successor) {
             let protocol = model.session.protocol();
             let before = opening.len();
+            // A session resumed on the provider's own record already holds the conversation.
+            let replay = !protocol.resumes_context();
             opening.extend(
                 self.conversation
                     .replay()
                     .iter()
+                    .filter(|_| replay)
                     .map(|item| protocol.replay_item(item)),
             );
             self.stats.continuity.replayed_items += (opening.len() - before) as u64;

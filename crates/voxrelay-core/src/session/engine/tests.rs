@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::AudioMode;
 use crate::session::transcript::MAX_TRANSCRIPT_BYTES;
 use crate::upstream::SessionSettings;
 
@@ -145,6 +146,7 @@ struct Harness {
     to_twilio: Vec<Outgoing>,
     to_model: Vec<Outgoing>,
     tools: Vec<ToolCall>,
+    cancelled_tools: Vec<String>,
     started: Option<StartInfo>,
     closed: Option<EndReason>,
     /// Deadlines of the connects the engine asked for.
@@ -169,6 +171,7 @@ impl Harness {
             to_twilio: Vec::new(),
             to_model: Vec::new(),
             tools: Vec::new(),
+            cancelled_tools: Vec::new(),
             started: None,
             closed: None,
             connects: Vec::new(),
@@ -286,6 +289,7 @@ impl Harness {
                 }
                 Output::ToModel(out) => self.to_model.push(out),
                 Output::CallTool(call) => self.tools.push(call),
+                Output::CancelTool { call_id } => self.cancelled_tools.push(call_id),
                 Output::Event(CallEvent::Started(info)) => self.started = Some(info),
                 Output::Event(event) => self.events.push(event),
                 Output::ConnectModel { deadline } => self.connects.push(deadline),
@@ -2028,65 +2032,19 @@ fn messages_for_a_lost_session_not_yet_taken_never_reach_its_successor() {
     );
 }
 
-/// OpenAI Realtime plus one event no shipped provider sends yet: `test.going_away` says the
-/// session ends soon (as Gemini Live's `goAway` will).
-struct GoingAway(crate::upstream::OpenAiRealtime);
-
-impl crate::upstream::RealtimeProtocol for GoingAway {
-    fn server_interrupts_response(&self) -> bool {
-        self.0.server_interrupts_response()
-    }
-    fn on_open(&mut self, out: &mut Vec<String>) {
-        self.0.on_open(out)
-    }
-    fn on_message<'a>(
-        &mut self,
-        text: &'a str,
-        out: &mut Vec<String>,
-    ) -> Result<crate::upstream::UpstreamEvent<'a>, crate::upstream::UpstreamError> {
-        if text.contains("test.going_away") {
-            return Ok(crate::upstream::UpstreamEvent::SessionEnding);
-        }
-        self.0.on_message(text, out)
-    }
-    fn write_audio_append(&self, audio_b64: &str, buf: &mut String) {
-        self.0.write_audio_append(audio_b64, buf)
-    }
-    fn truncate(&self, item_id: &str, audio_end_ms: u32) -> String {
-        self.0.truncate(item_id, audio_end_ms)
-    }
-    fn delete_item(&self, item_id: &str) -> String {
-        self.0.delete_item(item_id)
-    }
-    fn cancel_response(&self) -> String {
-        self.0.cancel_response()
-    }
-    fn user_text(&self, text: &str) -> String {
-        self.0.user_text(text)
-    }
-    fn create_response(&self) -> String {
-        self.0.create_response()
-    }
-    fn function_output(&self, call_id: &str, output: &str) -> String {
-        self.0.function_output(call_id, output)
-    }
-    fn replay_item(&self, item: &crate::session::conversation::ReplayItem<'_>) -> String {
-        self.0.replay_item(item)
-    }
-}
-
 #[test]
 fn a_providers_warning_that_the_session_ends_starts_the_renewal_at_once() {
     let mut h = Harness::started_unresolved(AudioMode::Pcmu);
-    let settings = SessionSettings::default();
-    let protocol = Box::new(GoingAway(crate::upstream::OpenAiRealtime::new(
-        settings.clone(),
-    )));
-    h.resolve_with(ModelSession::with_protocol(settings, protocol, false));
+    let settings = SessionSettings {
+        provider: crate::Provider::Gemini,
+        ..SessionSettings::default()
+    };
+    h.resolve_with(ModelSession::new(settings, false));
     h.open_model();
     h.upstream_out();
     assert_eq!(h.standby_connects, 0, "no age limit configured");
-    h.upstream(1_000, r#"{"type":"test.going_away"}"#).unwrap();
+    h.upstream(1_000, r#"{"goAway":{"timeLeft":"10s"}}"#)
+        .unwrap();
     assert_eq!(
         h.standby_connects, 1,
         "the standby is dialled at the warning"
