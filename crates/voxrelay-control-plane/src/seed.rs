@@ -592,7 +592,7 @@ mod tests {
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures");
 
     #[test]
-    fn the_fixture_parses_with_two_tenants_and_their_numbers() {
+    fn the_fixture_parses_with_both_audio_modes_and_every_tenant_numbered() {
         let seed = SeedSource::shipped().parse().expect("fixture");
         assert!(seed.tenants.len() >= 2);
         for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
