@@ -417,6 +417,38 @@ async fn context_for_both_tenants() {
 }
 
 #[tokio::test]
+async fn the_context_names_a_tenants_provider_and_model_only_when_it_has_them() {
+    bounded(async {
+        let cp = start_in_memory().await;
+        let addr = cp.local_addr();
+
+        // The shipped seed's third tenant is on Gemini, with its model and one of its voices.
+        let reply = context(addr, "+15550100004", "+15551230000", "CA-harbor-1").await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.body["provider"], "gemini");
+        assert_eq!(reply.body["model"], "gemini-3.8-live");
+        let harbor: TenantContext = serde_json::from_value(reply.body).expect("context");
+        assert_eq!(harbor.tenant_id, "harbor_florist");
+        assert_eq!(harbor.provider, Some(voxrelay_core::Provider::Gemini));
+        assert_eq!(harbor.voice, "Kore");
+        assert_eq!(harbor.fallback_number.as_deref(), Some("+15550100998"));
+
+        // The others name neither, and the keys are left out rather than sent as null: the
+        // context of a tenant on the bridge's defaults is what it was before the fields.
+        let reply = context(addr, "+15550100001", "+15551230000", "CA-acme-2").await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let keys = reply.body.as_object().expect("object");
+        assert!(
+            !keys.contains_key("provider") && !keys.contains_key("model"),
+            "{}",
+            reply.body
+        );
+        cp.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn every_signature_failure_is_a_bare_401_with_its_reason() {
     bounded(async {
         let cp = start_in_memory().await;

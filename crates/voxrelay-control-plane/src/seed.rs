@@ -10,8 +10,10 @@
 //! [`tools::TOOL_NAMES`](super::tools::TOOL_NAMES) and listed once; opening hours are
 //! `HH:MM-HH:MM` with the opening before the closing; a fallback number passes the bridge's own
 //! E.164 check ([`api::is_e164`]); a hold prompt is 1 to [`MAX_HOLD_PROMPT_BYTES`] bytes, read
-//! whole at parse time (a file never costs more than that limit plus one byte to read). Errors
-//! name the tenant (by index and id) and the field, never a whole value.
+//! whole at parse time (a file never costs more than that limit plus one byte to read); a
+//! `provider` is one the bridge knows ([`Provider`]) and a `model` a plausible model id
+//! ([`is_valid_model_id`]), both optional (absent: the bridge's defaults). Errors name the
+//! tenant (by index and id) and the field, never a whole value.
 
 use std::collections::HashSet;
 use std::io::{self, Read};
@@ -21,11 +23,15 @@ use serde::Deserialize;
 
 pub use super::hours::{BusinessHours, OpenHours, WEEKDAYS};
 use super::tools::Tool;
-use voxrelay_core::AudioMode;
 use voxrelay_core::control::api::{self, MAX_HOLD_PROMPT_BYTES};
+use voxrelay_core::{AudioMode, Provider};
 
 /// Longest tenant id accepted: it prefixes every memory namespace.
 const MAX_TENANT_ID_LEN: usize = 64;
+
+/// Longest model id accepted. Real ids are far shorter (`gemini-3.8-live`); the bound keeps a
+/// typo'd paste from reaching the bridge and the provider's connect URL.
+pub const MAX_MODEL_ID_LEN: usize = 128;
 
 /// The seed the repository ships (`fixtures/tenants.toml`).
 pub const SHIPPED_SEED: &str = include_str!("../../../fixtures/tenants.toml");
@@ -147,6 +153,10 @@ pub struct SeedTenant {
     /// What callers hear while a lost model session is replaced: 8 kHz μ-law, 1 to
     /// [`MAX_HOLD_PROMPT_BYTES`] bytes, read from the seed's `hold_prompt_file`.
     pub hold_prompt: Option<Vec<u8>>,
+    /// The realtime provider for this tenant's calls; `None`: the bridge's `VOXRELAY_PROVIDER`.
+    pub provider: Option<Provider>,
+    /// The provider's model id; `None`: the bridge's default model for the provider.
+    pub model: Option<String>,
 }
 
 /// Why a seed file was refused. Validation errors do not echo values (a seed may carry long or
@@ -221,6 +231,12 @@ pub enum SeedError {
         "tenant {index} ({tenant}): `hold_prompt_file` must hold 1 to {MAX_HOLD_PROMPT_BYTES} bytes of 8 kHz μ-law"
     )]
     HoldPromptSize { index: usize, tenant: String },
+    #[error("tenant {index} ({tenant}): `provider` must be `openai` or `gemini`")]
+    UnknownProvider { index: usize, tenant: String },
+    #[error(
+        "tenant {index} ({tenant}): `model` must be 1 to {MAX_MODEL_ID_LEN} characters of A-Z, a-z, 0-9, `.`, `_` or `-`"
+    )]
+    InvalidModel { index: usize, tenant: String },
 }
 
 #[derive(Deserialize)]
@@ -254,6 +270,10 @@ struct RawTenant {
     /// Relative to the seed file's directory.
     #[serde(default)]
     hold_prompt_file: Option<String>,
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -415,6 +435,32 @@ fn validate_tenant(
         None => None,
         Some(path) => Some(read_hold_prompt(index, &tenant, path.trim(), files)?),
     };
+    // The core's parser, so the seed accepts exactly the names the bridge does (`OpenAI` as
+    // well as `openai`); the store keeps the canonical lowercase name. An empty value is a
+    // mistake, not "the default": leaving the key out says that.
+    let provider = match raw.provider {
+        None => None,
+        Some(name) => Some(
+            name.parse::<Provider>()
+                .map_err(|_| SeedError::UnknownProvider {
+                    index,
+                    tenant: tenant.clone(),
+                })?,
+        ),
+    };
+    let model = match raw.model {
+        None => None,
+        Some(model) => {
+            let model = model.trim();
+            if !is_valid_model_id(model) {
+                return Err(SeedError::InvalidModel {
+                    index,
+                    tenant: tenant.clone(),
+                });
+            }
+            Some(model.to_owned())
+        }
+    };
 
     Ok(SeedTenant {
         id,
@@ -433,6 +479,8 @@ fn validate_tenant(
         numbers,
         fallback_number,
         hold_prompt,
+        provider,
+        model,
     })
 }
 
@@ -473,6 +521,18 @@ pub fn is_valid_tenant_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A model id as providers spell them (`gpt-realtime`, `gemini-3.8-live`,
+/// `gpt-realtime-2025-08-28`): 1 to [`MAX_MODEL_ID_LEN`] characters of `[A-Za-z0-9._-]`. The
+/// bridge puts it in a connect URL or a setup message, so nothing there needs escaping; whether
+/// the provider knows the model is for the provider to say at the next call.
+pub fn is_valid_model_id(model: &str) -> bool {
+    !model.is_empty()
+        && model.len() <= MAX_MODEL_ID_LEN
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// `+`, then 2 to 15 digits, the first not 0 (ITU-T E.164).
@@ -532,7 +592,7 @@ mod tests {
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures");
 
     #[test]
-    fn the_fixture_parses_with_two_tenants_and_their_numbers() {
+    fn the_fixture_parses_with_both_audio_modes_and_every_tenant_numbered() {
         let seed = SeedSource::shipped().parse().expect("fixture");
         assert!(seed.tenants.len() >= 2);
         for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
@@ -748,6 +808,81 @@ mod tests {
             let error = parse(&text).expect_err(&text);
             assert!(expected(&error), "{text}\n=> {error:?}");
         }
+    }
+
+    #[test]
+    fn the_fixture_has_a_tenant_on_gemini_with_its_own_number() {
+        let seed = SeedSource::shipped().parse().expect("fixture");
+        let gemini: Vec<&SeedTenant> = seed
+            .tenants
+            .iter()
+            .filter(|t| t.provider == Some(Provider::Gemini))
+            .collect();
+        assert_eq!(gemini.len(), 1);
+        let tenant = gemini[0];
+        assert_eq!(tenant.model.as_deref(), Some("gemini-3.8-live"));
+        assert_eq!(tenant.voice, "Kore");
+        assert!(!tenant.numbers.is_empty() && tenant.fallback_number.is_some());
+        // The others stay on the bridge's defaults.
+        assert!(
+            seed.tenants
+                .iter()
+                .filter(|t| t.id != tenant.id)
+                .all(|t| t.provider.is_none() && t.model.is_none())
+        );
+    }
+
+    #[test]
+    fn provider_and_model_are_optional_and_checked() {
+        let with = |lines: &str| parse(&format!("{MINIMAL}\n{lines}"));
+        let tenant = |seed: Seed| {
+            let tenant = seed.tenants.into_iter().next().expect("one tenant");
+            (tenant.provider, tenant.model)
+        };
+        assert_eq!(tenant(parse(MINIMAL).expect("minimal")), (None, None));
+        assert_eq!(
+            tenant(with("provider = \"gemini\"\nmodel = \" gemini-3.8-live \"").expect("gemini")),
+            (Some(Provider::Gemini), Some("gemini-3.8-live".into()))
+        );
+        // The bridge's own parser: the names it accepts in VOXRELAY_PROVIDER.
+        assert_eq!(
+            tenant(with("provider = \"OpenAI\"").expect("openai")),
+            (Some(Provider::OpenAi), None)
+        );
+        // A model without a provider is the bridge's default provider's.
+        assert_eq!(
+            tenant(with("model = \"gpt-realtime-2025-08-28\"").expect("model")),
+            (None, Some("gpt-realtime-2025-08-28".into()))
+        );
+        for bad in ["anthropic", "", "open ai"] {
+            let error = with(&format!("provider = \"{bad}\"")).expect_err(bad);
+            assert!(
+                matches!(&error, SeedError::UnknownProvider { index: 1, tenant } if tenant == "t1"),
+                "{bad:?} => {error:?}"
+            );
+            assert!(error.to_string().contains("(t1)"), "{error}");
+        }
+        let too_long = "m".repeat(MAX_MODEL_ID_LEN + 1);
+        for bad in [
+            "",
+            " ",
+            "gpt realtime",
+            "models/gemini-3.8-live",
+            "gpt?x=1",
+            &too_long,
+        ] {
+            let error = with(&format!("model = \"{bad}\"")).expect_err(bad);
+            assert!(
+                matches!(&error, SeedError::InvalidModel { index: 1, tenant } if tenant == "t1"),
+                "{bad:?} => {error:?}"
+            );
+            assert!(error.to_string().contains("(t1)"), "{error}");
+            assert!(
+                !error.to_string().contains("gpt"),
+                "no value echoed: {error}"
+            );
+        }
+        assert!(with(&format!("model = \"{}\"", "m".repeat(MAX_MODEL_ID_LEN))).is_ok());
     }
 
     #[test]

@@ -13,8 +13,10 @@
 //! first tool call), and no later lookup, tool call or report can move it to another tenant; a
 //! call's record comes only from a bound report (its stream proved it is the call) and, once
 //! stored, is final (the identical report again is acknowledged, any other refused); unbound
-//! reports are kept apart (`unbound_reports`) and belong to no tenant; every request that is
-//! refused changes nothing (its transaction is rolled back).
+//! reports are kept apart (`unbound_reports`) and belong to no tenant; a tenant's provider and
+//! model are read from its row at every context lookup (nothing here caches them, so a change
+//! reaches the tenant's next call); every request that is refused changes nothing (its
+//! transaction is rolled back).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -28,14 +30,14 @@ use serde_json::{Value, json};
 
 use super::seed::{BusinessHours, Seed};
 use super::tools::{Tool, ToolArguments, business_hours_output};
-use voxrelay_core::AudioMode;
 use voxrelay_core::control::api::{
     CallHistory, CallLatency, CallReport, ModelSessionReport, ReportBinding, ReportFallback,
     Speaker, TenantContext, ToolRequest, TranscriptEntry, memory_namespace,
 };
+use voxrelay_core::{AudioMode, Provider};
 
 /// The schema this build creates and understands (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// How long a statement waits for another process's lock on the file before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,7 +60,15 @@ CREATE TABLE IF NOT EXISTS tenants (
     fallback_number  TEXT,
     -- Schema 3. 8 kHz mu-law played while a lost model session is replaced, 1 to
     -- MAX_HOLD_PROMPT_BYTES; NULL: the bridge's built-in prompt.
-    hold_prompt      BLOB
+    hold_prompt      BLOB,
+    -- Schema 4. The realtime provider for the tenant's calls; NULL: the bridge's
+    -- VOXRELAY_PROVIDER.
+    provider         TEXT CHECK (provider IN ('openai', 'gemini')),
+    -- Schema 4. The provider's model id (1 to 128 of [A-Za-z0-9._-], as the seed checks it);
+    -- NULL: the bridge's default model for the provider. Checked here too, so a row edited by
+    -- hand cannot hand the bridge a value the seed would have refused.
+    model            TEXT CHECK (length(model) BETWEEN 1 AND 128
+                                 AND model NOT GLOB '*[^A-Za-z0-9._-]*')
 ) STRICT;
 
 CREATE TABLE IF NOT EXISTS numbers (
@@ -156,6 +166,18 @@ BEGIN;
 ALTER TABLE tenants ADD COLUMN fallback_number TEXT;
 ALTER TABLE tenants ADD COLUMN hold_prompt BLOB;
 ALTER TABLE calls ADD COLUMN continuity TEXT;
+COMMIT;
+";
+
+/// Schema 3 → 4: the tenants' provider and model, NULL (the bridge's defaults) for every
+/// existing tenant, so an upgraded database answers exactly as before until it is re-seeded.
+/// The checks are `SCHEMA`'s; SQLite tests an added column's CHECK against the existing rows,
+/// which NULL passes.
+const MIGRATE_3_TO_4: &str = "
+BEGIN;
+ALTER TABLE tenants ADD COLUMN provider TEXT CHECK (provider IN ('openai', 'gemini'));
+ALTER TABLE tenants ADD COLUMN model TEXT CHECK (length(model) BETWEEN 1 AND 128
+                                 AND model NOT GLOB '*[^A-Za-z0-9._-]*');
 COMMIT;
 ";
 
@@ -276,11 +298,13 @@ struct TenantRow {
     tools: Vec<Tool>,
     business_hours: BusinessHours,
     fallback_number: Option<String>,
+    provider: Option<Provider>,
+    model: Option<String>,
 }
 
 /// Every column but `hold_prompt`, which only the context answer reads (up to 80 KB a row).
 const TENANT_COLUMNS: &str = "id, agent_name, voice, greeting, instructions, audio_mode, language, \
-     max_call_seconds, tools, business_hours, fallback_number";
+     max_call_seconds, tools, business_hours, fallback_number, provider, model";
 
 impl Store {
     /// Opens (creating if needed) the database and its schema.
@@ -309,6 +333,9 @@ impl Store {
         }
         if (1..=2).contains(&version) {
             conn.execute_batch(MIGRATE_2_TO_3)?;
+        }
+        if (1..=3).contains(&version) {
+            conn.execute_batch(MIGRATE_3_TO_4)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self {
@@ -343,8 +370,8 @@ impl Store {
             outcome.tenants_written += tx.execute(
                 "INSERT INTO tenants (id, agent_name, voice, greeting, instructions, audio_mode,
                      language, max_call_seconds, tools, business_hours, fallback_number,
-                     hold_prompt)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                     hold_prompt, provider, model)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                  ON CONFLICT (id) DO UPDATE SET
                      agent_name = excluded.agent_name, voice = excluded.voice,
                      greeting = excluded.greeting, instructions = excluded.instructions,
@@ -352,13 +379,16 @@ impl Store {
                      max_call_seconds = excluded.max_call_seconds, tools = excluded.tools,
                      business_hours = excluded.business_hours,
                      fallback_number = excluded.fallback_number,
-                     hold_prompt = excluded.hold_prompt
+                     hold_prompt = excluded.hold_prompt,
+                     provider = excluded.provider, model = excluded.model
                  WHERE (agent_name, voice, greeting, instructions, audio_mode, language,
-                        max_call_seconds, tools, business_hours, fallback_number, hold_prompt)
+                        max_call_seconds, tools, business_hours, fallback_number, hold_prompt,
+                        provider, model)
                     IS NOT (excluded.agent_name, excluded.voice, excluded.greeting,
                         excluded.instructions, excluded.audio_mode, excluded.language,
                         excluded.max_call_seconds, excluded.tools, excluded.business_hours,
-                        excluded.fallback_number, excluded.hold_prompt)",
+                        excluded.fallback_number, excluded.hold_prompt, excluded.provider,
+                        excluded.model)",
                 params![
                     tenant.id,
                     tenant.agent_name,
@@ -372,6 +402,8 @@ impl Store {
                     hours,
                     tenant.fallback_number,
                     tenant.hold_prompt,
+                    tenant.provider.map(Provider::as_str),
+                    tenant.model,
                 ],
             )?;
         }
@@ -462,8 +494,10 @@ impl Store {
             max_call_seconds: tenant.max_call_seconds,
             fallback_number: tenant.fallback_number,
             hold_prompt: hold_prompt.map(|bytes| BASE64.encode(bytes)),
-            provider: None,
-            model: None,
+            // Read from the row on every lookup, never cached here: a tenant moved to another
+            // provider gets it at its next call.
+            provider: tenant.provider,
+            model: tenant.model,
         }))
     }
 
@@ -874,6 +908,8 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
                     row.get::<_, String>(8)?,
                     row.get::<_, String>(9)?,
                     row.get::<_, Option<String>>(10)?,
+                    row.get::<_, Option<String>>(11)?,
+                    row.get::<_, Option<String>>(12)?,
                 ))
             },
         )
@@ -890,6 +926,8 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
         tools,
         hours,
         fallback_number,
+        provider,
+        model,
     )) = raw
     else {
         return Ok(None);
@@ -909,6 +947,12 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
         .map(|name| Tool::from_name(name).ok_or_else(|| corrupt("tools")))
         .collect::<Result<_, _>>()?;
     let business_hours = serde_json::from_str(&hours).map_err(|_| corrupt("business_hours"))?;
+    // The CHECK allows only the two names this build parses; a newer build's third provider
+    // would come with a newer schema version, which `open` refuses.
+    let provider = provider
+        .map(|name| name.parse::<Provider>())
+        .transpose()
+        .map_err(|_| corrupt("provider"))?;
     Ok(Some(TenantRow {
         id,
         agent_name,
@@ -921,6 +965,8 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
         tools,
         business_hours,
         fallback_number,
+        provider,
+        model,
     }))
 }
 
@@ -1363,16 +1409,22 @@ mod tests {
         );
     }
 
-    /// A database file shaped as schema `version` (1 or 2) left it: today's schema without
+    /// A database file shaped as schema `version` (1 to 3) left it: today's schema without
     /// what later versions added, columns in the order the migrations append them.
     fn database_at_schema(path: &std::path::Path, version: i64) -> Connection {
         let conn = Connection::open(path).expect("open");
         conn.execute_batch(SCHEMA).expect("schema");
         let mut undo = vec![
-            "ALTER TABLE tenants DROP COLUMN fallback_number",
-            "ALTER TABLE tenants DROP COLUMN hold_prompt",
-            "ALTER TABLE calls DROP COLUMN continuity",
+            "ALTER TABLE tenants DROP COLUMN provider",
+            "ALTER TABLE tenants DROP COLUMN model",
         ];
+        if version < 3 {
+            undo.extend([
+                "ALTER TABLE tenants DROP COLUMN fallback_number",
+                "ALTER TABLE tenants DROP COLUMN hold_prompt",
+                "ALTER TABLE calls DROP COLUMN continuity",
+            ]);
+        }
         if version < 2 {
             undo.extend([
                 "ALTER TABLE calls DROP COLUMN binding",
@@ -1518,7 +1570,15 @@ mod tests {
             tenant.fallback_number = None;
             tenant.hold_prompt = None;
         }
-        assert_eq!(store.apply_seed(&cleared).expect("seed").tenants_written, 2);
+        let with_either = seed
+            .tenants
+            .iter()
+            .filter(|t| t.fallback_number.is_some() || t.hold_prompt.is_some())
+            .count();
+        assert_eq!(
+            store.apply_seed(&cleared).expect("seed").tenants_written,
+            with_either
+        );
         assert_eq!(
             store.apply_seed(&cleared).expect("seed"),
             SeedOutcome::default()
@@ -1798,6 +1858,209 @@ mod tests {
             .expect("tenant");
         assert_eq!(history.calls.len(), 1);
         assert_eq!(history.calls[0].transcript.len(), 2);
+    }
+
+    #[test]
+    fn a_schema_3_database_is_migrated_and_keeps_its_rows() {
+        let dir = TempDir::new("migrate-3");
+        let path = dir.0.join("cp.sqlite3");
+        {
+            let conn = database_at_schema(&path, 3);
+            assert!(
+                !columns(&conn)
+                    .iter()
+                    .any(|(_, column, _)| column == "provider" || column == "model")
+            );
+            // A tenant with schema 3's continuity settings, its number, and a looked-up call.
+            conn.execute(
+                "INSERT INTO tenants (id, agent_name, voice, instructions, audio_mode, language,
+                     max_call_seconds, tools, business_hours, fallback_number, hold_prompt)
+                 VALUES ('old_tenant', 'Olga', 'marin', 'x', 'pcmu', 'en', 0, '[]',
+                     '{\"timezone\":\"\",\"days\":[null,null,null,null,null,null,null]}',
+                     '+15550100999', x'7f7f7f')",
+                [],
+            )
+            .expect("tenant");
+            conn.execute(
+                "INSERT INTO numbers (number, tenant_id) VALUES ('+15550100077', 'old_tenant')",
+                [],
+            )
+            .expect("number");
+            conn.execute(
+                "INSERT INTO calls (call_sid, tenant_id, looked_up_at_ms)
+                 VALUES ('CA1', 'old_tenant', 5)",
+                [],
+            )
+            .expect("call");
+        }
+        let store = Store::open(&DbLocation::File(path.clone())).expect("migrated");
+        let version: i64 = store
+            .lock()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("pragma");
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(columns(&store.lock()), columns(&seeded().lock()));
+        // The tenant answers as before, on the bridge's default provider and model.
+        let context = store
+            .context_for_call("+15550100077", "", "", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!(
+            (
+                context.agent_name.as_str(),
+                context.fallback_number.as_deref(),
+                context.hold_prompt.as_deref(),
+                context.provider,
+                context.model,
+            ),
+            ("Olga", Some("+15550100999"), Some("f39/"), None, None)
+        );
+        // The call is still bound to it.
+        let bound: (Option<String>, Option<i64>) = store
+            .lock()
+            .query_row(
+                "SELECT tenant_id, looked_up_at_ms FROM calls WHERE call_sid = 'CA1'",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .expect("call");
+        assert_eq!(bound, (Some("old_tenant".into()), Some(5)));
+        // The new columns work on the migrated table, their checks included.
+        {
+            let conn = store.lock();
+            conn.execute(
+                "UPDATE tenants SET provider = 'gemini', model = 'gemini-3.8-live'
+                 WHERE id = 'old_tenant'",
+                [],
+            )
+            .expect("provider");
+            assert!(
+                conn.execute(
+                    "UPDATE tenants SET provider = 'anthropic' WHERE id = 'old_tenant'",
+                    []
+                )
+                .is_err()
+            );
+        }
+        let context = store
+            .context_for_call("+15550100077", "", "", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!(
+            (context.provider, context.model.as_deref()),
+            (Some(Provider::Gemini), Some("gemini-3.8-live"))
+        );
+        // Opening again migrates nothing twice.
+        drop(store);
+        Store::open(&DbLocation::File(path)).expect("reopen");
+    }
+
+    #[test]
+    fn the_context_carries_each_tenants_provider_and_model() {
+        let store = seeded();
+        let seed = Seed::parse(FIXTURE, &SeedFiles::Shipped).expect("fixture");
+        for tenant in &seed.tenants {
+            let context = store
+                .context_for_call(&tenant.numbers[0], "", "", NOW_MS)
+                .expect("store")
+                .expect("known");
+            assert_eq!(
+                (context.provider, context.model.as_ref()),
+                (tenant.provider, tenant.model.as_ref()),
+                "{}",
+                tenant.id
+            );
+        }
+        assert!(
+            seed.tenants
+                .iter()
+                .any(|t| t.provider == Some(Provider::Gemini) && t.model.is_some()),
+            "the fixture has a tenant on Gemini"
+        );
+        assert!(seed.tenants.iter().any(|t| t.provider.is_none()));
+    }
+
+    #[test]
+    fn a_tenant_switches_provider_at_its_next_lookup() {
+        let store = seeded();
+        let lookup = |call_sid: &str| {
+            let context = store
+                .context_for_call("+15550100001", "+15551230000", call_sid, NOW_MS)
+                .expect("store")
+                .expect("known");
+            (context.provider, context.model)
+        };
+        assert_eq!(lookup("CA1"), (None, None));
+        // The operator edits the seed (the service applies it at its next start).
+        let on_gemini = FIXTURE.replacen(
+            "voice = \"marin\"",
+            "voice = \"Kore\"\nprovider = \"gemini\"",
+            1,
+        );
+        assert_ne!(on_gemini, FIXTURE, "the fixture gives acme_dental marin");
+        let outcome = store
+            .apply_seed(&Seed::parse(&on_gemini, &SeedFiles::Shipped).expect("edited"))
+            .expect("seed");
+        assert_eq!(outcome.tenants_written, 1);
+        assert_eq!(lookup("CA2"), (Some(Provider::Gemini), None));
+        // Or edits the row in place, with the service running: the next lookup sees it.
+        store
+            .lock()
+            .execute(
+                "UPDATE tenants SET provider = 'openai', model = 'gpt-realtime'
+                 WHERE id = 'acme_dental'",
+                [],
+            )
+            .expect("update");
+        assert_eq!(
+            lookup("CA3"),
+            (Some(Provider::OpenAi), Some("gpt-realtime".into()))
+        );
+        // The shipped seed again puts it back on the bridge's defaults.
+        assert_eq!(
+            store
+                .apply_seed(&Seed::parse(FIXTURE, &SeedFiles::Shipped).expect("fixture"))
+                .expect("seed")
+                .tenants_written,
+            1
+        );
+        assert_eq!(lookup("CA4"), (None, None));
+    }
+
+    #[test]
+    fn the_schema_refuses_a_provider_or_model_the_seed_would() {
+        use crate::seed::{MAX_MODEL_ID_LEN, is_valid_model_id};
+        let store = seeded();
+        let conn = store.lock();
+        let set = |column: &str, value: &str| {
+            conn.execute(
+                &format!("UPDATE tenants SET {column} = ?1 WHERE id = 'acme_dental'"),
+                [value],
+            )
+        };
+        let too_long = "m".repeat(MAX_MODEL_ID_LEN + 1);
+        for provider in ["anthropic", "OpenAI", "gemini ", ""] {
+            assert!(set("provider", provider).is_err(), "{provider:?}");
+        }
+        for model in [
+            "",
+            "gpt realtime",
+            "models/gemini",
+            "gémini",
+            "a*",
+            &too_long,
+        ] {
+            assert!(set("model", model).is_err(), "{model:?}");
+            assert!(!is_valid_model_id(model), "{model:?}");
+        }
+        let longest = "m".repeat(MAX_MODEL_ID_LEN);
+        for model in ["gpt-realtime", "gemini-3.8-live", "A_b.9-z", &longest] {
+            assert_eq!(set("model", model).expect(model), 1);
+            assert!(is_valid_model_id(model), "{model:?}");
+        }
+        for provider in ["openai", "gemini"] {
+            assert_eq!(set("provider", provider).expect(provider), 1);
+        }
     }
 
     #[test]
