@@ -659,3 +659,542 @@ impl GeminiMockSession {
             .push_back(GeminiTransmit::Text(message.to_string()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::super::test_support::tone;
+
+    struct Harness {
+        session: GeminiMockSession,
+        record: Arc<Mutex<MockSessionRecord>>,
+    }
+
+    fn harness(config: MockConfig) -> Harness {
+        harness_on(1, config, Arc::new(GeminiResumptions::default()))
+    }
+
+    fn harness_on(number: u64, config: MockConfig, resumptions: Arc<GeminiResumptions>) -> Harness {
+        let record = Arc::new(Mutex::new(MockSessionRecord::default()));
+        let session = GeminiMockSession::new(
+            number,
+            format!("sess_mock_{number}"),
+            config,
+            Arc::clone(&record),
+            resumptions,
+        );
+        Harness { session, record }
+    }
+
+    fn setup(extra: Value) -> String {
+        let mut setup = json!({"setup": {
+            "model": "models/gemini-3.8-live",
+            "generationConfig": {"responseModalities": ["AUDIO"], "speechConfig":
+                {"voiceConfig": {"prebuiltVoiceConfig": {"voiceName": "Kore"}}}},
+            "systemInstruction": {"parts": [{"text": "Be kind."}]},
+            "inputAudioTranscription": {}, "outputAudioTranscription": {},
+            "sessionResumption": {},
+        }});
+        if let (Value::Object(target), Value::Object(extra)) = (&mut setup["setup"], extra) {
+            target.extend(extra);
+        }
+        setup.to_string()
+    }
+
+    fn audio(samples: &[i16]) -> String {
+        let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+        json!({"realtimeInput": {"audio": {"data": BASE64.encode(bytes), "mimeType": GEMINI_INPUT_MIME}}})
+            .to_string()
+    }
+
+    /// Every frame ready at `now`.
+    fn drain(session: &mut GeminiMockSession, now: Duration) -> Vec<GeminiTransmit> {
+        std::iter::from_fn(|| session.poll_transmit(now)).collect()
+    }
+
+    fn messages(frames: &[GeminiTransmit]) -> Vec<Value> {
+        frames
+            .iter()
+            .filter_map(|frame| match frame {
+                GeminiTransmit::Text(text) => Some(serde_json::from_str(text).expect("json")),
+                GeminiTransmit::Close { .. } => None,
+            })
+            .collect()
+    }
+
+    /// A message's kind: its top-level key, and for `serverContent` the key inside.
+    fn kind(message: &Value) -> String {
+        let Some((key, body)) = message.as_object().and_then(|m| m.iter().next()) else {
+            return String::new();
+        };
+        match body.as_object().and_then(|b| b.keys().next()) {
+            Some(inner) if key == "serverContent" => format!("serverContent.{inner}"),
+            _ => key.clone(),
+        }
+    }
+
+    fn kinds(frames: &[GeminiTransmit]) -> Vec<String> {
+        messages(frames).iter().map(kind).collect()
+    }
+
+    fn closed_with(frames: &[GeminiTransmit]) -> Option<(u16, String)> {
+        frames.iter().find_map(|frame| match frame {
+            GeminiTransmit::Close { code, reason } => Some((*code, reason.clone())),
+            GeminiTransmit::Text(_) => None,
+        })
+    }
+
+    fn model_audio(frames: &[GeminiTransmit]) -> Vec<i16> {
+        messages(frames)
+            .iter()
+            .filter_map(|m| {
+                m["serverContent"]["modelTurn"]["parts"][0]["inlineData"]["data"].as_str()
+            })
+            .flat_map(|data| {
+                let bytes = BASE64.decode(data).expect("base64");
+                bytes
+                    .chunks_exact(2)
+                    .map(|p| i16::from_le_bytes([p[0], p[1]]))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn output_transcript(frames: &[GeminiTransmit]) -> String {
+        messages(frames)
+            .iter()
+            .filter_map(|m| m["serverContent"]["outputTranscription"]["text"].as_str())
+            .collect()
+    }
+
+    const T0: Duration = Duration::ZERO;
+
+    fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn setup_is_answered_with_setup_complete_and_a_handle() {
+        let mut h = harness(MockConfig::default());
+        h.session.open();
+        assert!(
+            drain(&mut h.session, T0).is_empty(),
+            "Gemini waits for setup"
+        );
+        h.session.handle_text(&setup(json!({})), T0);
+        let frames = drain(&mut h.session, T0);
+        let messages = messages(&frames);
+        assert_eq!(messages[0], json!({"setupComplete": {}}));
+        assert_eq!(
+            messages[1],
+            json!({"sessionResumptionUpdate": {"newHandle": "h-1-1", "resumable": true}})
+        );
+        assert_eq!(messages.len(), 2);
+        assert_eq!(h.session.poll_timeout(), None, "nothing more to say");
+        let record = lock(&h.record);
+        assert_eq!(record.provider, "gemini");
+        assert_eq!(record.session["model"], "models/gemini-3.8-live");
+        assert_eq!((record.input_rate, record.output_rate), (16_000, 24_000));
+        assert_eq!(record.client_event_types, ["setup"]);
+        assert_eq!(record.resumed_from, None);
+    }
+
+    #[test]
+    fn an_utterance_is_echoed_as_a_turn_with_transcription_and_usage() {
+        let mut h = harness(MockConfig {
+            reply_delay: ms(200),
+            ..MockConfig::default()
+        });
+        h.session.handle_text(&setup(json!({})), T0);
+        drain(&mut h.session, T0);
+        let mut input: Vec<i16> = vec![0; 400 * 16];
+        input.extend(tone(600, 16_000, 8000.0));
+        input.extend(vec![0; 700 * 16]);
+        h.session.handle_text(&audio(&input), ms(2000));
+        let heard = drain(&mut h.session, ms(2000));
+        assert_eq!(kinds(&heard), ["serverContent.inputTranscription"]);
+        assert_eq!(h.session.poll_timeout(), Some(ms(2200)), "the reply delay");
+        assert!(drain(&mut h.session, ms(2199)).is_empty());
+
+        let turn = drain(&mut h.session, ms(2200));
+        let kinds = kinds(&turn);
+        let deltas = kinds
+            .iter()
+            .filter(|k| *k == "serverContent.modelTurn")
+            .count();
+        assert_eq!(
+            deltas, 9,
+            "900 ms (300 ms prefix + 600 ms speech) in 100 ms parts"
+        );
+        assert_eq!(
+            kinds[kinds.len() - 4..],
+            [
+                "serverContent.generationComplete",
+                "serverContent.turnComplete",
+                "usageMetadata",
+                "sessionResumptionUpdate"
+            ]
+        );
+        assert!(
+            kinds
+                .iter()
+                .filter(|k| *k == "serverContent.outputTranscription")
+                .count()
+                > 1,
+            "the transcript comes in chunks: {kinds:?}"
+        );
+        assert_eq!(output_transcript(&turn), "(0.9 s of speech)");
+        let messages = messages(&turn);
+        assert_eq!(
+            messages[0]["serverContent"]["modelTurn"]["parts"][0]["inlineData"]["mimeType"],
+            GEMINI_OUTPUT_MIME
+        );
+        let usage = &messages[messages.len() - 2]["usageMetadata"];
+        let (prompt, response) = (
+            usage["promptTokenCount"].as_u64().expect("prompt"),
+            usage["responseTokenCount"].as_u64().expect("response"),
+        );
+        assert_eq!(prompt, 54, "1.7 s of input at 32 tokens a second");
+        assert_eq!(response, 28, "0.9 s of output");
+        assert_eq!(usage["totalTokenCount"], prompt + response);
+        assert_eq!(
+            messages.last().expect("update")["sessionResumptionUpdate"]["newHandle"],
+            "h-1-2"
+        );
+
+        let echo = model_audio(&turn);
+        let expected = convert_rate(&input[100 * 16..1000 * 16], 16_000, 24_000);
+        assert_eq!(echo.len(), 900 * 24);
+        assert!(echo == expected, "the echo is the utterance at 24 kHz");
+        let record = lock(&h.record);
+        assert!(record.output_audio == echo);
+        assert_eq!(record.input_audio_8k.len(), input.len());
+        assert_eq!(record.response_transcripts, ["(0.9 s of speech)"]);
+        assert_eq!(record.client_event_types, ["setup", "realtimeInput"]);
+    }
+
+    #[test]
+    fn caller_speech_mid_turn_interrupts_it_but_not_after_all_audio_was_sent() {
+        let config = MockConfig {
+            greeting_ms: 2000,
+            delta_ms: 20,
+            ..MockConfig::default()
+        };
+        let greet =
+            json!({"clientContent": {"turns": [{"role": "user", "parts": [{"text": "Greet"}]}],
+                           "turnComplete": true}})
+            .to_string();
+        let mut h = harness(config.clone());
+        h.session.handle_text(&setup(json!({})), T0);
+        drain(&mut h.session, T0);
+        h.session.handle_text(&greet, T0);
+        // Part of the turn goes out, then the caller speaks.
+        let before: Vec<GeminiTransmit> = (0..6)
+            .filter_map(|_| h.session.poll_transmit(ms(10)))
+            .collect();
+        assert!(kinds(&before).contains(&"serverContent.modelTurn".to_owned()));
+        h.session
+            .handle_text(&audio(&tone(100, 16_000, 12000.0)), ms(20));
+        let after = drain(&mut h.session, ms(20));
+        let after_kinds = kinds(&after);
+        assert_eq!(
+            after_kinds.first().map(String::as_str),
+            Some("serverContent.interrupted")
+        );
+        for stopped in ["serverContent.modelTurn", "serverContent.turnComplete"] {
+            assert!(
+                !after_kinds.contains(&stopped.to_owned()),
+                "{after_kinds:?}"
+            );
+        }
+        {
+            let record = lock(&h.record);
+            assert_eq!(record.interruptions, 1);
+            assert!(record.output_audio.len() < 2000 * 24);
+            assert_eq!(record.response_transcripts, ["(chime)"]);
+        }
+
+        // All of a short turn's audio sent: speech now interrupts nothing.
+        let mut h = harness(MockConfig {
+            greeting_ms: 40,
+            ..config
+        });
+        h.session.handle_text(&setup(json!({})), T0);
+        drain(&mut h.session, T0);
+        h.session.handle_text(&greet, T0);
+        let mut parts = 0;
+        while parts < 2 {
+            let frame = h.session.poll_transmit(ms(10)).expect("the turn's audio");
+            parts += usize::from(kinds(&[frame]) == ["serverContent.modelTurn"]);
+        }
+        h.session
+            .handle_text(&audio(&tone(100, 16_000, 12000.0)), ms(20));
+        let rest = kinds(&drain(&mut h.session, ms(20)));
+        assert!(
+            !rest.contains(&"serverContent.interrupted".to_owned()),
+            "{rest:?}"
+        );
+        assert!(
+            rest.contains(&"serverContent.turnComplete".to_owned()),
+            "{rest:?}"
+        );
+        assert_eq!(lock(&h.record).interruptions, 0);
+    }
+
+    #[test]
+    fn a_greeting_request_is_answered_with_a_chime_and_the_requested_text() {
+        let mut h = harness(MockConfig {
+            greeting_ms: 300,
+            ..MockConfig::default()
+        });
+        h.session.handle_text(&setup(json!({})), T0);
+        drain(&mut h.session, T0);
+        let history = json!({"clientContent": {"turns": [
+            {"role": "user", "parts": [{"text": "What time is it?"}]},
+            {"role": "model", "parts": [{"text": "Noon."}]},
+        ], "turnComplete": false}});
+        h.session.handle_text(&history.to_string(), T0);
+        assert!(
+            drain(&mut h.session, T0).is_empty(),
+            "history alone is not a turn"
+        );
+        let greet = json!({"clientContent": {"turns": [{"role": "user", "parts": [{"text":
+            "The call has just connected. Greet the caller now by saying exactly this: Welcome to Luna!"}]}],
+            "turnComplete": true}});
+        h.session.handle_text(&greet.to_string(), ms(5));
+        let turn = drain(&mut h.session, ms(5));
+        assert_eq!(output_transcript(&turn), "Welcome to Luna!");
+        let chime = model_audio(&turn);
+        assert_eq!(chime.len(), 300 * 24);
+        assert!(super::super::voice::rms_dbfs(&chime) > -30.0, "audible");
+        assert!(kinds(&turn).contains(&"serverContent.turnComplete".to_owned()));
+
+        // Empty turns with turnComplete also make the model answer.
+        h.session.handle_text(
+            r#"{"clientContent":{"turns":[],"turnComplete":true}}"#,
+            ms(10),
+        );
+        assert_eq!(output_transcript(&drain(&mut h.session, ms(10))), "(chime)");
+        let record = lock(&h.record);
+        assert_eq!(
+            record.user_texts,
+            [
+                "What time is it?",
+                "The call has just connected. Greet the caller now by saying exactly this: Welcome to Luna!"
+            ]
+        );
+        assert_eq!(record.items_created.len(), 3);
+        assert_eq!(record.items_created[1]["role"], "model");
+        assert_eq!(record.response_transcripts, ["Welcome to Luna!", "(chime)"]);
+    }
+
+    fn tool_harness(cancel: bool) -> Harness {
+        let mut h = harness(MockConfig {
+            reply_delay: ms(50),
+            tool_script: vec![MockToolCall {
+                name: "lookup_business_hours".into(),
+                arguments: json!({"day": "monday"}),
+            }],
+            gemini_cancel_tools: cancel,
+            ..MockConfig::default()
+        });
+        let tools = json!({"tools": [{"functionDeclarations": [{"name": "lookup_business_hours",
+            "description": "Opening hours", "parameters": {"type": "OBJECT"}}]}]});
+        h.session.handle_text(&setup(tools), T0);
+        drain(&mut h.session, T0);
+        let mut input = tone(300, 16_000, 8000.0);
+        input.extend(vec![0; 8000]);
+        h.session.handle_text(&audio(&input), ms(1000));
+        drain(&mut h.session, ms(1000));
+        h
+    }
+
+    #[test]
+    fn a_scripted_tool_call_replaces_the_echo_and_its_response_is_spoken() {
+        let mut h = tool_harness(false);
+        let call = messages(&drain(&mut h.session, ms(1050)));
+        assert_eq!(
+            call,
+            [json!({"toolCall": {"functionCalls": [
+                {"id": "fc-1", "name": "lookup_business_hours", "args": {"day": "monday"}}
+            ]}})]
+        );
+        assert!(
+            drain(&mut h.session, ms(1500)).is_empty(),
+            "no echo, no cancellation"
+        );
+        let response = json!({"toolResponse": {"functionResponses": [
+            {"id": "fc-1", "name": "lookup_business_hours", "response": {"result": "open 9-5"}}
+        ]}});
+        h.session.handle_text(&response.to_string(), ms(1500));
+        assert_eq!(
+            h.session.poll_timeout(),
+            Some(ms(1550)),
+            "answers on its own"
+        );
+        let answer = drain(&mut h.session, ms(1550));
+        assert_eq!(
+            output_transcript(&answer),
+            r#"(tool said: {"result":"open 9-5"})"#
+        );
+        assert!(kinds(&answer).contains(&"serverContent.turnComplete".to_owned()));
+        let record = lock(&h.record);
+        assert_eq!(
+            record.function_calls,
+            [("lookup_business_hours".to_owned(), json!({"day": "monday"}))]
+        );
+        assert_eq!(
+            record.function_outputs,
+            [("fc-1".to_owned(), r#"{"result":"open 9-5"}"#.to_owned())]
+        );
+        assert!(record.tool_cancellations.is_empty());
+    }
+
+    #[test]
+    fn a_cancelled_tool_call_ignores_its_late_response() {
+        let mut h = tool_harness(true);
+        assert_eq!(kinds(&drain(&mut h.session, ms(1050))), ["toolCall"]);
+        assert_eq!(h.session.poll_timeout(), Some(ms(1150)));
+        assert!(drain(&mut h.session, ms(1149)).is_empty());
+        assert_eq!(
+            messages(&drain(&mut h.session, ms(1150))),
+            [json!({"toolCallCancellation": {"ids": ["fc-1"]}})]
+        );
+        let late = json!({"toolResponse": {"functionResponses": [
+            {"id": "fc-1", "name": "lookup_business_hours", "response": {"result": "late"}}
+        ]}});
+        h.session.handle_text(&late.to_string(), ms(1200));
+        assert!(
+            drain(&mut h.session, ms(5000)).is_empty(),
+            "ignored, not spoken"
+        );
+        assert_eq!(h.session.poll_timeout(), None);
+        let record = lock(&h.record);
+        assert_eq!(record.tool_cancellations, ["fc-1"]);
+        assert_eq!(record.function_outputs.len(), 1, "recorded as received");
+        assert_eq!(record.close_code, None);
+
+        // Answered in time, a call is not cancelled.
+        let mut h = tool_harness(true);
+        drain(&mut h.session, ms(1050));
+        let response = late.to_string().replace("late", "on time");
+        h.session.handle_text(&response, ms(1100));
+        let answer = drain(&mut h.session, ms(1200));
+        assert!(!kinds(&answer).contains(&"toolCallCancellation".to_owned()));
+        assert_eq!(
+            output_transcript(&answer),
+            r#"(tool said: {"result":"on time"})"#
+        );
+    }
+
+    #[test]
+    fn go_away_then_close_after_the_grace() {
+        let mut h = harness(MockConfig {
+            go_away_after: Some(ms(1000)),
+            go_away_grace: ms(200),
+            ..MockConfig::default()
+        });
+        h.session.handle_text(&setup(json!({})), ms(10));
+        drain(&mut h.session, ms(10));
+        assert_eq!(h.session.poll_timeout(), Some(ms(1010)));
+        assert_eq!(
+            messages(&drain(&mut h.session, ms(1010))),
+            [json!({"goAway": {"timeLeft": "0.2s"}})]
+        );
+        assert_eq!(h.session.poll_timeout(), Some(ms(1210)));
+        let frames = drain(&mut h.session, ms(1210));
+        assert_eq!(closed_with(&frames).map(|(code, _)| code), Some(1000));
+        h.session.handle_text(&audio(&[0; 320]), ms(1300));
+        assert!(
+            drain(&mut h.session, ms(1300)).is_empty(),
+            "closed for good"
+        );
+        let record = lock(&h.record);
+        assert_eq!(record.go_aways_sent, 1);
+        assert_eq!(record.close_code, Some(1000));
+    }
+
+    #[test]
+    fn a_known_handle_resumes_and_an_unknown_one_closes_1008() {
+        let resumptions = Arc::new(GeminiResumptions::default());
+        let mut first = harness_on(1, MockConfig::default(), Arc::clone(&resumptions));
+        first.session.handle_text(&setup(json!({})), T0);
+        drain(&mut first.session, T0);
+        assert_eq!(resumptions.issuer("h-1-1").as_deref(), Some("sess_mock_1"));
+
+        let mut second = harness_on(2, MockConfig::default(), Arc::clone(&resumptions));
+        second.session.handle_text(
+            &setup(json!({"sessionResumption": {"handle": "h-1-1"}})),
+            T0,
+        );
+        assert_eq!(
+            messages(&drain(&mut second.session, T0)),
+            [
+                json!({"setupComplete": {}}),
+                json!({"sessionResumptionUpdate": {"newHandle": "h-2-1", "resumable": true}})
+            ]
+        );
+        assert_eq!(lock(&second.record).resumed_from.as_deref(), Some("h-1-1"));
+        // Old handles stay valid.
+        let mut third = harness_on(3, MockConfig::default(), Arc::clone(&resumptions));
+        third.session.handle_text(
+            &setup(json!({"sessionResumption": {"handle": "h-1-1"}})),
+            T0,
+        );
+        assert_eq!(kinds(&drain(&mut third.session, T0))[0], "setupComplete");
+
+        let mut stranger = harness_on(4, MockConfig::default(), resumptions);
+        stranger.session.handle_text(
+            &setup(json!({"sessionResumption": {"handle": "h-9-9"}})),
+            T0,
+        );
+        let frames = drain(&mut stranger.session, T0);
+        assert_eq!(
+            closed_with(&frames),
+            Some((1008, "invalid session resumption handle".to_owned()))
+        );
+        assert!(messages(&frames).is_empty(), "no setupComplete");
+        assert_eq!(lock(&stranger.record).close_code, Some(1008));
+    }
+
+    #[test]
+    fn malformed_messages_close_1007() {
+        let wrong_rate = json!({"realtimeInput": {"audio": {"data": "AAAA",
+            "mimeType": "audio/pcm;rate=24000"}}})
+        .to_string();
+        let unknown_call = json!({"toolResponse": {"functionResponses": [
+            {"id": "fc-7", "name": "x", "response": {}}]}})
+        .to_string();
+        let no_model = json!({"setup": {"generationConfig": {}}}).to_string();
+        let cases: [(&str, Vec<String>); 7] = [
+            ("before setup", vec![audio(&[0; 320])]),
+            ("second setup", vec![setup(json!({})), setup(json!({}))]),
+            ("setup without model", vec![no_model]),
+            ("bad mimeType", vec![setup(json!({})), wrong_rate]),
+            ("not JSON", vec![setup(json!({})), "nope".to_owned()]),
+            (
+                "two top-level fields",
+                vec![
+                    setup(json!({})),
+                    r#"{"clientContent":{},"toolResponse":{}}"#.to_owned(),
+                ],
+            ),
+            ("unknown call id", vec![setup(json!({})), unknown_call]),
+        ];
+        for (case, texts) in cases {
+            let mut h = harness(MockConfig::default());
+            for text in &texts {
+                h.session.handle_text(text, T0);
+            }
+            let frames = drain(&mut h.session, T0);
+            let (code, reason) = closed_with(&frames).unwrap_or_else(|| panic!("{case}: no close"));
+            assert_eq!(code, 1007, "{case}: {reason}");
+            assert!(
+                matches!(frames.last(), Some(GeminiTransmit::Close { .. })),
+                "{case}"
+            );
+            assert_eq!(lock(&h.record).close_code, Some(1007), "{case}");
+        }
+    }
+}
