@@ -1211,4 +1211,218 @@ mod tests {
             "the response stopped early ({deltas} deltas)"
         );
     }
+
+    async fn dial_gemini(
+        url: String,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .insert(*name, HeaderValue::from_str(value).expect("header"));
+        }
+        let (socket, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake in time")?;
+        Ok(socket)
+    }
+
+    /// The next Gemini message, or the close code if the server closed.
+    async fn next_gemini(client: &mut Client) -> Result<Value, Option<u16>> {
+        loop {
+            let message = tokio::time::timeout(STEP, client.next())
+                .await
+                .expect("message in time");
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    return Ok(serde_json::from_str(text.as_str()).expect("server JSON"));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(frame.map(|frame| u16::from(frame.code)));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Err(None),
+            }
+        }
+    }
+
+    fn gemini_setup(extra: Value) -> Message {
+        let mut setup = json!({"setup": {"model": "models/gemini-3.8-live",
+            "generationConfig": {"responseModalities": ["AUDIO"]}, "sessionResumption": {}}});
+        if let (Value::Object(target), Value::Object(extra)) = (&mut setup["setup"], extra) {
+            target.extend(extra);
+        }
+        Message::text(setup.to_string())
+    }
+
+    /// Dials Gemini with a key, sends setup and returns the client and its first handle.
+    async fn gemini_ready(server: &MockRealtimeServer, extra: Value) -> (Client, String) {
+        let mut client = dial_gemini(server.gemini_url(), &[("x-goog-api-key", "AIza-test")])
+            .await
+            .expect("dial");
+        client.send(gemini_setup(extra)).await.expect("send");
+        assert_eq!(
+            next_gemini(&mut client).await,
+            Ok(json!({"setupComplete": {}}))
+        );
+        let update = next_gemini(&mut client).await.expect("resumption update");
+        let handle = update["sessionResumptionUpdate"]["newHandle"]
+            .as_str()
+            .expect("handle")
+            .to_owned();
+        (client, handle)
+    }
+
+    #[tokio::test]
+    async fn gemini_handshake_needs_a_key_and_a_bad_mime_type_closes_1007() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        for (url, headers) in [
+            (server.gemini_url(), &[][..]),
+            (server.gemini_url(), &[("x-goog-api-key", " ")][..]),
+            (format!("{}?key=", server.gemini_url()), &[][..]),
+            // An OpenAI key does not open Gemini.
+            (
+                server.gemini_url(),
+                &[("authorization", "Bearer sk-test")][..],
+            ),
+        ] {
+            match dial_gemini(url.clone(), headers).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                    assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
+                }
+                other => panic!(
+                    "{url} {headers:?}: expected 401, got {:?}",
+                    other.map(|_| ())
+                ),
+            }
+        }
+        assert!(
+            server.log().sessions().is_empty(),
+            "no session without a key"
+        );
+
+        let by_query = dial_gemini(format!("{}?key=AIza-test", server.gemini_url()), &[])
+            .await
+            .expect("a key in the query is accepted");
+        drop(by_query);
+        let (mut client, handle) = gemini_ready(&server, json!({})).await;
+        // Connections are numbered as they are accepted, refused handshakes included.
+        assert_eq!(handle, "h-6-1", "the sixth connection");
+        let audio = json!({"realtimeInput": {"audio": {"data": "AAAA",
+            "mimeType": "audio/pcm;rate=8000"}}});
+        client
+            .send(Message::text(audio.to_string()))
+            .await
+            .expect("send");
+        assert_eq!(next_gemini(&mut client).await, Err(Some(1007)));
+        let record = &server.log().sessions()[1];
+        assert_eq!(record.provider, "gemini");
+        assert_eq!(record.close_code, Some(1007));
+        assert_eq!(record.client_event_types, ["setup", "realtimeInput"]);
+    }
+
+    #[tokio::test]
+    async fn gemini_echo_over_a_socket_beside_an_openai_session() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        // Sessions are numbered across both protocols.
+        let openai = dial_ok(&server).await;
+        let (mut client, handle) = gemini_ready(&server, json!({})).await;
+        assert_eq!(handle, "h-2-1");
+
+        let mut input: Vec<i16> = vec![0; 400 * 16];
+        input.extend(tone(600, 16_000, 8000.0));
+        input.extend(vec![0; 700 * 16]);
+        for frame in input.chunks(320) {
+            let bytes: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let message = json!({"realtimeInput": {"audio": {"data": BASE64.encode(bytes),
+                "mimeType": "audio/pcm;rate=16000"}}});
+            client
+                .send(Message::text(message.to_string()))
+                .await
+                .expect("send");
+        }
+        let mut messages = Vec::new();
+        loop {
+            let message = next_gemini(&mut client).await.expect("open");
+            let done = message["serverContent"]["turnComplete"] == true;
+            messages.push(message);
+            if done {
+                break;
+            }
+        }
+        let usage = next_gemini(&mut client).await.expect("usage");
+        assert!(usage["usageMetadata"]["totalTokenCount"].as_u64() > Some(0));
+        assert_eq!(
+            next_gemini(&mut client).await.expect("update")["sessionResumptionUpdate"]["newHandle"],
+            "h-2-2"
+        );
+        assert_eq!(
+            messages[0]["serverContent"]["inputTranscription"]["text"],
+            "(caller audio)"
+        );
+        let parts = messages
+            .iter()
+            .filter(|m| m["serverContent"]["modelTurn"].is_object())
+            .count();
+        assert_eq!(parts, 9, "900 ms in 100 ms parts");
+        assert_eq!(
+            messages[messages.len() - 2]["serverContent"]["generationComplete"],
+            true
+        );
+
+        let sessions = server.log().sessions();
+        assert_eq!(
+            sessions.iter().map(|s| s.provider).collect::<Vec<_>>(),
+            ["openai", "gemini"]
+        );
+        assert_eq!(sessions[1].id, "sess_mock_2");
+        assert_eq!(sessions[1].output_audio.len(), 900 * 24);
+        assert_eq!(sessions[1].input_audio_8k.len(), input.len());
+        drop(openai);
+    }
+
+    #[tokio::test]
+    async fn gemini_go_away_closes_and_the_handle_resumes() {
+        let server = MockRealtimeServer::start(MockConfig {
+            go_away_after: Some(Duration::from_millis(100)),
+            go_away_grace: Duration::from_millis(100),
+            ..fast_config()
+        })
+        .await
+        .expect("start");
+        let (mut client, handle) = gemini_ready(&server, json!({})).await;
+        let go_away = next_gemini(&mut client).await.expect("goAway");
+        assert_eq!(go_away, json!({"goAway": {"timeLeft": "0.1s"}}));
+        assert_eq!(next_gemini(&mut client).await, Err(Some(1000)));
+
+        let (mut resumed, _) =
+            gemini_ready(&server, json!({"sessionResumption": {"handle": handle}})).await;
+        let mut stranger = dial_gemini(server.gemini_url(), &[("x-goog-api-key", "AIza-test")])
+            .await
+            .expect("dial");
+        stranger
+            .send(gemini_setup(
+                json!({"sessionResumption": {"handle": "h-bogus"}}),
+            ))
+            .await
+            .expect("send");
+        assert_eq!(next_gemini(&mut stranger).await, Err(Some(1008)));
+
+        let sessions = server.log().sessions();
+        assert_eq!(sessions[0].go_aways_sent, 1);
+        assert_eq!(sessions[0].close_code, Some(1000));
+        assert_eq!(sessions[1].resumed_from.as_deref(), Some("h-1-1"));
+        assert_eq!(sessions[2].close_code, Some(1008));
+        // The resumed session is told to go away too.
+        assert!(
+            next_gemini(&mut resumed)
+                .await
+                .is_ok_and(|m| m["goAway"].is_object())
+        );
+    }
 }
