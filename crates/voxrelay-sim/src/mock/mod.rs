@@ -1,17 +1,23 @@
-//! An in-process mock of the OpenAI Realtime API (GA shape) on 127.0.0.1.
+//! An in-process mock realtime model on 127.0.0.1 that speaks both OpenAI Realtime (GA shape,
+//! path `/v1/realtime`) and Gemini Live (`BidiGenerateContent`, path [`GEMINI_PATH`]), chosen by
+//! the request path.
 //!
-//! Owns a tiny realtime "model" used by `voxrelay serve` without an API key, by the demo and by
-//! tests: it checks the handshake like the real service (Bearer required, `OpenAI-Beta`
-//! answered with `beta_api_shape_disabled` and close 4000), merges `session.update`s, runs an
-//! energy VAD over appended audio, and answers each utterance by echoing it back (and
-//! `response.create` with a chime). Invariants: every server event carries an `event_id`;
-//! audio deltas are sent as fast as the socket takes them, with client messages read between
-//! any two deltas so an interruption lands mid-response like on the real service; a truncate
-//! past the audio produced for an item is rejected; everything a session saw is recorded in
-//! [`MockLog`]. The session logic ([`MockSession`]) is sans-IO and takes time as an input;
-//! only the driver touches sockets and the clock. For fault tests one session can be told to
-//! misbehave ([`MockFault`]): reset its TCP connection mid-response, stop reading, or send a
-//! fragmented message that never ends.
+//! Owns a tiny realtime "model" used by `voxrelay serve` without an API key, by the demo, the
+//! bench and by tests, and the driver that runs it on sockets. Both protocols check the
+//! handshake like the real services (OpenAI: a Bearer key, and `OpenAI-Beta` answered with
+//! `beta_api_shape_disabled` and close 4000; Gemini: `x-goog-api-key` or `?key=`, else 401), run
+//! an energy VAD over appended audio, and answer each utterance by echoing it back (a greeting
+//! request with a chime). The OpenAI session ([`MockSession`]) reports errors as events; the
+//! Gemini one ([`GeminiMockSession`]) closes the socket as Gemini does, issues resumption
+//! handles that stay valid for the server's life ([`GeminiResumptions`]), and can be told to
+//! cancel its tool calls or send `goAway`. Invariants: audio is sent as fast as the socket takes
+//! it (or paced, [`MockConfig::pace_deltas`]), with client messages read between any two
+//! messages so an interruption lands mid-response like on the real services; sessions are
+//! numbered across both protocols, and the same [`MockConfig`], faults ([`MockFault`],
+//! [`MockRealtimeServer::fail_next_session`]) and [`MockLog`] apply to both. The session logic is
+//! sans-IO and takes time as an input; only the driver touches sockets and the clock. For fault
+//! tests one session can be told to misbehave ([`MockFault`]): reset its TCP connection
+//! mid-response, stop reading, or send a fragmented message that never ends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,9 +35,16 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
+mod gemini;
 mod session;
+mod voice;
 
+pub use gemini::{GeminiMockSession, GeminiResumptions, GeminiTransmit};
 pub use session::MockSession;
+
+/// The Gemini Live endpoint's path, which selects the Gemini protocol.
+pub const GEMINI_PATH: &str =
+    "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
 
 /// How the mock "model" behaves.
 #[derive(Clone, Debug)]
@@ -58,6 +71,14 @@ pub struct MockConfig {
     pub pace_deltas: bool,
     /// One session that misbehaves, for fault tests; every other session is well behaved.
     pub fault: Option<MockFault>,
+    /// Gemini only: cancel every tool call (`toolCallCancellation`) 100 ms after making it,
+    /// and ignore a late `toolResponse` for it.
+    pub gemini_cancel_tools: bool,
+    /// Gemini only: this long after `setupComplete`, send `goAway` and close the socket (1000)
+    /// [`MockConfig::go_away_grace`] later.
+    pub go_away_after: Option<Duration>,
+    /// Gemini only: the `timeLeft` a `goAway` announces, and keeps.
+    pub go_away_grace: Duration,
 }
 
 /// A misbehaving session: the `session`-th connection (counting from 1) does `kind`.
@@ -114,6 +135,9 @@ impl Default for MockConfig {
             connect_delay: Duration::ZERO,
             pace_deltas: false,
             fault: None,
+            gemini_cancel_tools: false,
+            go_away_after: None,
+            go_away_grace: Duration::from_secs(5),
         }
     }
 }
@@ -122,24 +146,32 @@ impl Default for MockConfig {
 #[derive(Clone, Debug, Default)]
 pub struct MockSessionRecord {
     pub id: String,
-    /// The merged session configuration.
+    /// Which protocol the session spoke: `"openai"` or `"gemini"`.
+    pub provider: &'static str,
+    /// The merged session configuration (OpenAI), or the `setup` message's body (Gemini).
     pub session: Value,
-    /// Every appended sample, decoded to PCM at `input_rate` (8 kHz for G.711, 24 kHz for PCM).
+    /// Every appended sample, decoded to PCM at `input_rate` (8 kHz for G.711, 24 kHz for PCM;
+    /// 16 kHz for Gemini).
     pub input_audio_8k: Vec<i16>,
     pub input_rate: u32,
     /// Every sample sent in audio deltas, at `output_rate`.
     pub output_audio: Vec<i16>,
     pub output_rate: u32,
+    /// Each client message's `type` (OpenAI) or its one top-level field (Gemini: `setup`,
+    /// `realtimeInput`, `clientContent`, `toolResponse`).
     pub client_event_types: Vec<String>,
     /// `(item_id, audio_end_ms)` of every truncate received, accepted or not.
     pub truncates: Vec<(String, u32)>,
     pub deletes: Vec<String>,
+    /// The text of every user message (Gemini: of every user-role `clientContent` turn).
     pub user_texts: Vec<String>,
     /// `(name, arguments)` of every function call the mock made.
     pub function_calls: Vec<(String, Value)>,
-    /// `(call_id, output)` of every `function_call_output` item received.
+    /// `(call_id, output)` of every `function_call_output` item received (Gemini: `(id,
+    /// response JSON text)` of every function response, a late one for a cancelled call too).
     pub function_outputs: Vec<(String, String)>,
-    /// Every item created by `conversation.item.create`, as sent (a replayed conversation).
+    /// Every item created by `conversation.item.create`, as sent (a replayed conversation);
+    /// Gemini: every `clientContent` turn, as sent.
     pub items_created: Vec<Value>,
     /// The transcript of every response the mock completed or cancelled, in order.
     pub response_transcripts: Vec<String>,
@@ -147,6 +179,16 @@ pub struct MockSessionRecord {
     pub errors_sent: Vec<String>,
     /// Bytes of an [`MockFaultKind::EndlessFragments`] message the socket took.
     pub fault_bytes_sent: usize,
+    /// Gemini: the resumption handle the session's setup resumed from.
+    pub resumed_from: Option<String>,
+    /// Gemini: model turns stopped by caller speech (`interrupted`).
+    pub interruptions: u32,
+    /// Gemini: `goAway` messages sent.
+    pub go_aways_sent: u32,
+    /// Gemini: the ids of tool calls the mock cancelled.
+    pub tool_cancellations: Vec<String>,
+    /// The close code of a close the mock initiated (not one the client did).
+    pub close_code: Option<u16>,
     pub closed: bool,
 }
 
@@ -171,9 +213,10 @@ impl MockLog {
         self.active.load(Ordering::SeqCst)
     }
 
-    fn new_session(&self, id: String) -> Arc<Mutex<MockSessionRecord>> {
+    fn new_session(&self, id: String, provider: &'static str) -> Arc<Mutex<MockSessionRecord>> {
         let record = Arc::new(Mutex::new(MockSessionRecord {
             id,
+            provider,
             ..MockSessionRecord::default()
         }));
         lock(&self.sessions).push(record.clone());
@@ -193,6 +236,7 @@ pub struct MockRealtimeServer {
     log: Arc<MockLog>,
     cancel: CancellationToken,
     next_fault: Arc<Mutex<Option<MockFaultKind>>>,
+    resumptions: Arc<GeminiResumptions>,
 }
 
 impl MockRealtimeServer {
@@ -203,11 +247,15 @@ impl MockRealtimeServer {
         let log = Arc::new(MockLog::default());
         let cancel = CancellationToken::new();
         let next_fault = Arc::new(Mutex::new(None));
+        let resumptions = Arc::new(GeminiResumptions::default());
         tokio::spawn(accept_loop(
             listener,
             config,
-            log.clone(),
-            Arc::clone(&next_fault),
+            Shared {
+                log: log.clone(),
+                next_fault: Arc::clone(&next_fault),
+                resumptions: Arc::clone(&resumptions),
+            },
             cancel.clone(),
         ));
         Ok(Self {
@@ -215,6 +263,7 @@ impl MockRealtimeServer {
             log,
             cancel,
             next_fault,
+            resumptions,
         })
     }
 
@@ -224,8 +273,19 @@ impl MockRealtimeServer {
         *lock(&self.next_fault) = Some(kind);
     }
 
+    /// The OpenAI Realtime endpoint.
     pub fn url(&self) -> String {
         format!("ws://{}/v1/realtime?model=gpt-realtime", self.addr)
+    }
+
+    /// The Gemini Live endpoint.
+    pub fn gemini_url(&self) -> String {
+        format!("ws://{}{GEMINI_PATH}", self.addr)
+    }
+
+    /// Every Gemini resumption handle this server issued.
+    pub fn gemini_resumptions(&self) -> Arc<GeminiResumptions> {
+        Arc::clone(&self.resumptions)
     }
 
     pub fn log(&self) -> Arc<MockLog> {
@@ -244,11 +304,18 @@ impl Drop for MockRealtimeServer {
     }
 }
 
+/// What every connection of one server shares.
+#[derive(Clone)]
+struct Shared {
+    log: Arc<MockLog>,
+    next_fault: Arc<Mutex<Option<MockFaultKind>>>,
+    resumptions: Arc<GeminiResumptions>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     config: MockConfig,
-    log: Arc<MockLog>,
-    next_fault: Arc<Mutex<Option<MockFaultKind>>>,
+    shared: Shared,
     cancel: CancellationToken,
 ) {
     let mut next_session = 0u64;
@@ -272,13 +339,13 @@ async fn accept_loop(
                 _ => fault.session == next_session,
             })
             .map(|fault| fault.kind.clone());
-        let fault = lock(&next_fault).take().or(fault);
+        let fault = lock(&shared.next_fault).take().or(fault);
         tokio::spawn(serve_connection(
             stream,
-            session_id,
+            (next_session, session_id),
             config.clone(),
             fault,
-            log.clone(),
+            shared.clone(),
             cancel.child_token(),
         ));
     }
@@ -293,12 +360,126 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Which protocol a connection speaks, chosen by its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    OpenAi,
+    Gemini,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::OpenAi => "openai",
+            Protocol::Gemini => "gemini",
+        }
+    }
+}
+
+/// A session of either protocol, as the driver sees it.
+enum DriverSession {
+    OpenAi(MockSession),
+    Gemini(GeminiMockSession),
+}
+
+/// What the driver sends next.
+enum Outgoing {
+    /// A text frame; `configured` marks the end of the session's setup and `delta` a message
+    /// carrying model audio, which the fault hooks count on.
+    Text {
+        text: String,
+        configured: bool,
+        delta: bool,
+    },
+    /// A close the mock initiates; nothing follows.
+    Close { code: u16, reason: String },
+}
+
+impl DriverSession {
+    fn open(&mut self) {
+        match self {
+            DriverSession::OpenAi(session) => session.open(),
+            DriverSession::Gemini(session) => session.open(),
+        }
+    }
+
+    fn handle_text(&mut self, text: &str, now: Duration) {
+        match self {
+            DriverSession::OpenAi(session) => session.handle_text(text, now),
+            DriverSession::Gemini(session) => session.handle_text(text, now),
+        }
+    }
+
+    /// OpenAI's protocol is text only (a binary frame is an invalid event); Gemini's JSON may
+    /// come in either kind of frame.
+    fn handle_binary(&mut self, bytes: &[u8], now: Duration) {
+        match self {
+            DriverSession::OpenAi(session) => session.handle_text("", now),
+            DriverSession::Gemini(session) => {
+                session.handle_text(&String::from_utf8_lossy(bytes), now)
+            }
+        }
+    }
+
+    fn poll_transmit(&mut self, now: Duration) -> Option<Outgoing> {
+        match self {
+            DriverSession::OpenAi(session) => {
+                let text = session.poll_transmit(now)?;
+                Some(Outgoing::Text {
+                    configured: text.contains(r#""type":"session.updated""#),
+                    delta: text.contains(r#""type":"response.output_audio.delta""#),
+                    text,
+                })
+            }
+            DriverSession::Gemini(session) => match session.poll_transmit(now)? {
+                GeminiTransmit::Text(text) => Some(Outgoing::Text {
+                    configured: text.starts_with(r#"{"setupComplete""#),
+                    delta: text.contains(r#""inlineData""#),
+                    text,
+                }),
+                GeminiTransmit::Close { code, reason } => Some(Outgoing::Close { code, reason }),
+            },
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        match self {
+            DriverSession::OpenAi(session) => session.poll_timeout(),
+            DriverSession::Gemini(session) => session.poll_timeout(),
+        }
+    }
+}
+
+/// Sends a close frame and lets the client's close reply arrive, so the close handshake
+/// completes (bounded: a client that never answers is left after a second).
+async fn close_socket(
+    socket: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
+    code: u16,
+    reason: &str,
+) {
+    // A close frame's reason is at most 123 bytes.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let _ = socket
+        .close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from(&reason[..end]),
+        }))
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while socket.next().await.is_some() {}
+    })
+    .await;
+}
+
 async fn serve_connection(
     stream: TcpStream,
-    session_id: String,
+    (number, session_id): (u64, String),
     config: MockConfig,
     fault: Option<MockFaultKind>,
-    log: Arc<MockLog>,
+    shared: Shared,
     cancel: CancellationToken,
 ) {
     // Best effort: without it the mock is only slower.
@@ -310,6 +491,7 @@ async fn serve_connection(
         }
     }
     let mut beta_header = false;
+    let mut protocol = Protocol::OpenAi;
     let refuse_with = match fault {
         Some(MockFaultKind::RejectHandshakes { status, .. }) => Some(status),
         _ => None,
@@ -323,36 +505,44 @@ async fn serve_connection(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
             return Err(refusal);
         }
-        check_realtime_handshake(request)?;
-        beta_header = request.headers().contains_key("openai-beta");
+        if request.uri().path() == GEMINI_PATH {
+            check_gemini_handshake(request)?;
+            protocol = Protocol::Gemini;
+        } else {
+            check_realtime_handshake(request)?;
+            beta_header = request.headers().contains_key("openai-beta");
+        }
         Ok(response)
     };
     let Ok(mut socket) = tokio_tungstenite::accept_hdr_async(stream, check_handshake).await else {
         return;
     };
 
+    let log = &shared.log;
     log.active.fetch_add(1, Ordering::SeqCst);
     let _active = ActiveGuard(log.clone());
-    let record = log.new_session(session_id.clone());
-    let mut session = MockSession::new(session_id, config, record.clone());
-
-    if beta_header {
-        let error = session.beta_rejection();
-        let _ = socket.send(Message::text(error)).await;
-        let _ = socket
-            .close(Some(CloseFrame {
-                code: CloseCode::from(4000),
-                reason: Utf8Bytes::from_static("beta_api_shape_disabled"),
-            }))
-            .await;
-        // Let the client's close reply arrive so the close handshake completes.
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while socket.next().await.is_some() {}
-        })
-        .await;
-        lock(&record).closed = true;
-        return;
-    }
+    let record = log.new_session(session_id.clone(), protocol.name());
+    let mut session = match protocol {
+        Protocol::OpenAi => {
+            let mut session = MockSession::new(session_id, config, record.clone());
+            if beta_header {
+                let error = session.beta_rejection();
+                let _ = socket.send(Message::text(error)).await;
+                lock(&record).close_code = Some(4000);
+                close_socket(&mut socket, 4000, "beta_api_shape_disabled").await;
+                lock(&record).closed = true;
+                return;
+            }
+            DriverSession::OpenAi(session)
+        }
+        Protocol::Gemini => DriverSession::Gemini(GeminiMockSession::new(
+            number,
+            session_id,
+            config,
+            record.clone(),
+            Arc::clone(&shared.resumptions),
+        )),
+    };
 
     let started = tokio::time::Instant::now();
     session.open();
@@ -378,9 +568,18 @@ async fn serve_connection(
             }
             continue;
         }
-        if let Some(frame) = session.poll_transmit(started.elapsed()) {
-            let configured = frame.contains(r#""type":"session.updated""#);
-            let delta = frame.contains(r#""type":"response.output_audio.delta""#);
+        if let Some(outgoing) = session.poll_transmit(started.elapsed()) {
+            let (frame, configured, delta) = match outgoing {
+                Outgoing::Text {
+                    text,
+                    configured,
+                    delta,
+                } => (text, configured, delta),
+                Outgoing::Close { code, reason } => {
+                    close_socket(&mut socket, code, &reason).await;
+                    break;
+                }
+            };
             if socket.send(Message::text(frame)).await.is_err() {
                 break;
             }
@@ -456,7 +655,7 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 
 /// Returns false when the connection is over.
 fn handle_incoming(
-    session: &mut MockSession,
+    session: &mut DriverSession,
     incoming: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
     now: Duration,
 ) -> bool {
@@ -465,8 +664,8 @@ fn handle_incoming(
             session.handle_text(text.as_str(), now);
             true
         }
-        Some(Ok(Message::Binary(_))) => {
-            session.handle_text("", now);
+        Some(Ok(Message::Binary(bytes))) => {
+            session.handle_binary(&bytes, now);
             true
         }
         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => true,
@@ -495,6 +694,27 @@ pub(crate) fn check_realtime_handshake(request: &Request) -> Result<(), ErrorRes
             StatusCode::UNAUTHORIZED,
             "missing bearer token",
         ))
+    }
+}
+
+/// What the Gemini Live endpoint checks at the handshake: a non-empty API key, in the
+/// `x-goog-api-key` header or the `key` query parameter.
+// tungstenite's callback error is the HTTP response itself.
+#[allow(clippy::result_large_err)]
+fn check_gemini_handshake(request: &Request) -> Result<(), ErrorResponse> {
+    let header_key = request
+        .headers()
+        .get("x-goog-api-key")
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|key| !key.trim().is_empty());
+    let query_key = request.uri().query().is_some_and(|query| {
+        url::form_urlencoded::parse(query.as_bytes())
+            .any(|(name, value)| name == "key" && !value.trim().is_empty())
+    });
+    if header_key || query_key {
+        Ok(())
+    } else {
+        Err(error_response(StatusCode::UNAUTHORIZED, "missing API key"))
     }
 }
 
@@ -527,7 +747,8 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
-    use super::session::{Format, rms_dbfs};
+    use super::session::Format;
+    use super::voice::rms_dbfs;
     use super::*;
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as BASE64;
@@ -988,6 +1209,220 @@ mod tests {
         assert!(
             deltas < 1000,
             "the response stopped early ({deltas} deltas)"
+        );
+    }
+
+    async fn dial_gemini(
+        url: String,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .insert(*name, HeaderValue::from_str(value).expect("header"));
+        }
+        let (socket, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake in time")?;
+        Ok(socket)
+    }
+
+    /// The next Gemini message, or the close code if the server closed.
+    async fn next_gemini(client: &mut Client) -> Result<Value, Option<u16>> {
+        loop {
+            let message = tokio::time::timeout(STEP, client.next())
+                .await
+                .expect("message in time");
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    return Ok(serde_json::from_str(text.as_str()).expect("server JSON"));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(frame.map(|frame| u16::from(frame.code)));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Err(None),
+            }
+        }
+    }
+
+    fn gemini_setup(extra: Value) -> Message {
+        let mut setup = json!({"setup": {"model": "models/gemini-3.8-live",
+            "generationConfig": {"responseModalities": ["AUDIO"]}, "sessionResumption": {}}});
+        if let (Value::Object(target), Value::Object(extra)) = (&mut setup["setup"], extra) {
+            target.extend(extra);
+        }
+        Message::text(setup.to_string())
+    }
+
+    /// Dials Gemini with a key, sends setup and returns the client and its first handle.
+    async fn gemini_ready(server: &MockRealtimeServer, extra: Value) -> (Client, String) {
+        let mut client = dial_gemini(server.gemini_url(), &[("x-goog-api-key", "AIza-test")])
+            .await
+            .expect("dial");
+        client.send(gemini_setup(extra)).await.expect("send");
+        assert_eq!(
+            next_gemini(&mut client).await,
+            Ok(json!({"setupComplete": {}}))
+        );
+        let update = next_gemini(&mut client).await.expect("resumption update");
+        let handle = update["sessionResumptionUpdate"]["newHandle"]
+            .as_str()
+            .expect("handle")
+            .to_owned();
+        (client, handle)
+    }
+
+    #[tokio::test]
+    async fn gemini_handshake_needs_a_key_and_a_bad_mime_type_closes_1007() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        for (url, headers) in [
+            (server.gemini_url(), &[][..]),
+            (server.gemini_url(), &[("x-goog-api-key", " ")][..]),
+            (format!("{}?key=", server.gemini_url()), &[][..]),
+            // An OpenAI key does not open Gemini.
+            (
+                server.gemini_url(),
+                &[("authorization", "Bearer sk-test")][..],
+            ),
+        ] {
+            match dial_gemini(url.clone(), headers).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                    assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
+                }
+                other => panic!(
+                    "{url} {headers:?}: expected 401, got {:?}",
+                    other.map(|_| ())
+                ),
+            }
+        }
+        assert!(
+            server.log().sessions().is_empty(),
+            "no session without a key"
+        );
+
+        let by_query = dial_gemini(format!("{}?key=AIza-test", server.gemini_url()), &[])
+            .await
+            .expect("a key in the query is accepted");
+        drop(by_query);
+        let (mut client, handle) = gemini_ready(&server, json!({})).await;
+        // Connections are numbered as they are accepted, refused handshakes included.
+        assert_eq!(handle, "h-6-1", "the sixth connection");
+        let audio = json!({"realtimeInput": {"audio": {"data": "AAAA",
+            "mimeType": "audio/pcm;rate=8000"}}});
+        client
+            .send(Message::text(audio.to_string()))
+            .await
+            .expect("send");
+        assert_eq!(next_gemini(&mut client).await, Err(Some(1007)));
+        let record = &server.log().sessions()[1];
+        assert_eq!(record.provider, "gemini");
+        assert_eq!(record.close_code, Some(1007));
+        assert_eq!(record.client_event_types, ["setup", "realtimeInput"]);
+    }
+
+    #[tokio::test]
+    async fn gemini_echo_over_a_socket_beside_an_openai_session() {
+        let server = MockRealtimeServer::start(fast_config())
+            .await
+            .expect("start");
+        // Sessions are numbered across both protocols.
+        let openai = dial_ok(&server).await;
+        let (mut client, handle) = gemini_ready(&server, json!({})).await;
+        assert_eq!(handle, "h-2-1");
+
+        let mut input: Vec<i16> = vec![0; 400 * 16];
+        input.extend(tone(600, 16_000, 8000.0));
+        input.extend(vec![0; 700 * 16]);
+        for frame in input.chunks(320) {
+            let bytes: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let message = json!({"realtimeInput": {"audio": {"data": BASE64.encode(bytes),
+                "mimeType": "audio/pcm;rate=16000"}}});
+            client
+                .send(Message::text(message.to_string()))
+                .await
+                .expect("send");
+        }
+        let mut messages = Vec::new();
+        loop {
+            let message = next_gemini(&mut client).await.expect("open");
+            let done = message["serverContent"]["turnComplete"] == true;
+            messages.push(message);
+            if done {
+                break;
+            }
+        }
+        let usage = next_gemini(&mut client).await.expect("usage");
+        assert!(usage["usageMetadata"]["totalTokenCount"].as_u64() > Some(0));
+        assert_eq!(
+            next_gemini(&mut client).await.expect("update")["sessionResumptionUpdate"]["newHandle"],
+            "h-2-2"
+        );
+        assert_eq!(
+            messages[0]["serverContent"]["inputTranscription"]["text"],
+            "(caller audio)"
+        );
+        let parts = messages
+            .iter()
+            .filter(|m| m["serverContent"]["modelTurn"].is_object())
+            .count();
+        assert_eq!(parts, 9, "900 ms in 100 ms parts");
+        assert_eq!(
+            messages[messages.len() - 2]["serverContent"]["generationComplete"],
+            true
+        );
+
+        let sessions = server.log().sessions();
+        assert_eq!(
+            sessions.iter().map(|s| s.provider).collect::<Vec<_>>(),
+            ["openai", "gemini"]
+        );
+        assert_eq!(sessions[1].id, "sess_mock_2");
+        assert_eq!(sessions[1].output_audio.len(), 900 * 24);
+        assert_eq!(sessions[1].input_audio_8k.len(), input.len());
+        drop(openai);
+    }
+
+    #[tokio::test]
+    async fn gemini_go_away_closes_and_the_handle_resumes() {
+        let server = MockRealtimeServer::start(MockConfig {
+            go_away_after: Some(Duration::from_millis(100)),
+            go_away_grace: Duration::from_millis(100),
+            ..fast_config()
+        })
+        .await
+        .expect("start");
+        let (mut client, handle) = gemini_ready(&server, json!({})).await;
+        let go_away = next_gemini(&mut client).await.expect("goAway");
+        assert_eq!(go_away, json!({"goAway": {"timeLeft": "0.1s"}}));
+        assert_eq!(next_gemini(&mut client).await, Err(Some(1000)));
+
+        let (mut resumed, _) =
+            gemini_ready(&server, json!({"sessionResumption": {"handle": handle}})).await;
+        let mut stranger = dial_gemini(server.gemini_url(), &[("x-goog-api-key", "AIza-test")])
+            .await
+            .expect("dial");
+        stranger
+            .send(gemini_setup(
+                json!({"sessionResumption": {"handle": "h-bogus"}}),
+            ))
+            .await
+            .expect("send");
+        assert_eq!(next_gemini(&mut stranger).await, Err(Some(1008)));
+
+        let sessions = server.log().sessions();
+        assert_eq!(sessions[0].go_aways_sent, 1);
+        assert_eq!(sessions[0].close_code, Some(1000));
+        assert_eq!(sessions[1].resumed_from.as_deref(), Some("h-1-1"));
+        assert_eq!(sessions[2].close_code, Some(1008));
+        // The resumed session is told to go away too.
+        assert!(
+            next_gemini(&mut resumed)
+                .await
+                .is_ok_and(|m| m["goAway"].is_object())
         );
     }
 }

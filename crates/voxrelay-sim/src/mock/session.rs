@@ -14,6 +14,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value, json};
 
+use super::voice::{EnergyVad, VadEvent, chime, convert_rate, greeting_text, pcm16_samples};
 use super::{MockConfig, MockSessionRecord, MockToolCall, lock};
 use voxrelay_core::codec::g711::{alaw_decode, alaw_encode, mulaw_decode, mulaw_encode};
 
@@ -64,52 +65,6 @@ impl Format {
     }
 }
 
-/// Naive rate conversion between 8 and 24 kHz: good enough for a mock's echo.
-fn convert_rate(samples: &[i16], from: u32, to: u32) -> Vec<i16> {
-    if from == to {
-        samples.to_vec()
-    } else if to > from {
-        let factor = (to / from.max(1)).max(1) as usize;
-        samples
-            .iter()
-            .flat_map(|&sample| std::iter::repeat_n(sample, factor))
-            .collect()
-    } else {
-        let step = (from / to.max(1)).max(1) as usize;
-        samples.iter().step_by(step).copied().collect()
-    }
-}
-
-/// A two-note chime (E5 then A5, bell-like decay) at `rate`.
-fn chime(duration_ms: u32, rate: u32) -> Vec<i16> {
-    let total = (duration_ms as u64 * rate as u64 / 1000) as usize;
-    let half = total.div_ceil(2).max(1);
-    (0..total)
-        .map(|index| {
-            let (frequency, local) = if index < half {
-                (659.25, index)
-            } else {
-                (880.0, index - half)
-            };
-            let t = local as f32 / rate as f32;
-            let attack = (local as f32 / (rate as f32 * 0.01)).min(1.0);
-            let envelope = attack * (-3.0 * t).exp();
-            let tone = (2.0 * std::f32::consts::PI * frequency * t).sin()
-                + 0.3 * (2.0 * std::f32::consts::PI * 2.0 * frequency * t).sin();
-            (tone * envelope * 7000.0) as i16
-        })
-        .collect()
-}
-
-pub(crate) fn rms_dbfs(window: &[i16]) -> f32 {
-    if window.is_empty() {
-        return f32::NEG_INFINITY;
-    }
-    let energy: f64 = window.iter().map(|&s| (s as f64) * (s as f64)).sum();
-    let rms = (energy / window.len() as f64).sqrt();
-    (20.0 * (rms / 32768.0).log10()) as f32
-}
-
 /// A response being spoken.
 struct ActiveResponse {
     id: String,
@@ -131,16 +86,10 @@ struct PendingReply {
     tool: Option<MockToolCall>,
 }
 
-#[derive(Default)]
+/// The energy VAD and the utterance it is in.
 struct VadState {
-    /// Samples not yet forming a whole 20 ms window.
-    window: Vec<i16>,
-    /// Samples of input analysed so far (whole windows).
-    analysed: usize,
-    in_speech: bool,
+    vad: EnergyVad,
     utterance_start: usize,
-    speech_end: usize,
-    silence_ms: u32,
     item_id: String,
 }
 
@@ -199,6 +148,11 @@ impl MockSession {
             record.output_rate = 24_000;
         }
         Self {
+            vad: VadState {
+                vad: EnergyVad::new(config.vad_threshold_dbfs, config.silence_ms, 0),
+                utterance_start: 0,
+                item_id: String::new(),
+            },
             config,
             record,
             session,
@@ -207,7 +161,6 @@ impl MockSession {
             next_id: 0,
             items: HashMap::new(),
             last_item: None,
-            vad: VadState::default(),
             carry: None,
             pending: None,
             active: None,
@@ -305,7 +258,7 @@ impl MockSession {
             "session.update" => self.session_update(&event, client_event_id),
             "input_audio_buffer.append" => self.append(&event, client_event_id, now),
             "input_audio_buffer.clear" => {
-                self.vad = VadState::default();
+                self.vad.vad.reset();
                 self.pending = None;
                 self.emit(json!({"type": "input_audio_buffer.cleared"}));
             }
@@ -467,16 +420,7 @@ impl MockSession {
         let samples: Vec<i16> = match self.input_format() {
             Format::Pcmu => bytes.iter().map(|&code| mulaw_decode(code)).collect(),
             Format::Pcma => bytes.iter().map(|&code| alaw_decode(code)).collect(),
-            Format::Pcm24k => {
-                let mut joined = Vec::with_capacity(bytes.len() + 1);
-                joined.extend(self.carry.take());
-                joined.extend_from_slice(&bytes);
-                let pairs = joined.chunks_exact(2);
-                self.carry = pairs.remainder().first().copied();
-                pairs
-                    .map(|pair| i16::from_le_bytes([pair[0], pair[1]]))
-                    .collect()
-            }
+            Format::Pcm24k => pcm16_samples(&mut self.carry, &bytes),
         };
         lock(&self.record)
             .input_audio_8k
@@ -488,24 +432,14 @@ impl MockSession {
 
     fn run_vad(&mut self, samples: &[i16], now: Duration) {
         let rate = self.input_format().rate() as usize;
-        let window_len = rate / 50;
         let prefix_ms = self.session["audio"]["input"]["turn_detection"]["prefix_padding_ms"]
             .as_u64()
             .unwrap_or(300) as usize;
         let prefix_samples = prefix_ms * rate / 1000;
         let to_ms = |sample: usize| (sample * 1000 / rate) as u64;
-        for &sample in samples {
-            self.vad.window.push(sample);
-            if self.vad.window.len() < window_len {
-                continue;
-            }
-            let loud = rms_dbfs(&self.vad.window) > self.config.vad_threshold_dbfs;
-            self.vad.window.clear();
-            let window_start = self.vad.analysed;
-            self.vad.analysed += window_len;
-            if loud {
-                if !self.vad.in_speech {
-                    self.vad.in_speech = true;
+        for event in self.vad.vad.feed(samples, rate as u32) {
+            match event {
+                VadEvent::Started { window_start } => {
                     self.vad.utterance_start = window_start.saturating_sub(prefix_samples);
                     self.vad.item_id = self.new_id("item");
                     self.pending = None;
@@ -519,21 +453,17 @@ impl MockSession {
                         self.cancel_active("turn_detected");
                     }
                 }
-                self.vad.speech_end = self.vad.analysed;
-                self.vad.silence_ms = 0;
-            } else if self.vad.in_speech {
-                self.vad.silence_ms += 20;
-                if self.vad.silence_ms >= self.config.silence_ms {
-                    self.end_utterance(to_ms(self.vad.speech_end), rate, now);
+                VadEvent::Sustained => {}
+                VadEvent::Stopped { speech_end } => {
+                    self.end_utterance(speech_end, to_ms(speech_end), rate, now);
                 }
             }
         }
     }
 
-    fn end_utterance(&mut self, audio_end_ms: u64, rate: usize, now: Duration) {
-        self.vad.in_speech = false;
+    fn end_utterance(&mut self, end: usize, audio_end_ms: u64, rate: usize, now: Duration) {
         let item_id = self.vad.item_id.clone();
-        let (start, end) = (self.vad.utterance_start, self.vad.speech_end);
+        let start = self.vad.utterance_start;
         let audio: Vec<i16> = {
             let record = lock(&self.record);
             record
@@ -591,13 +521,12 @@ impl MockSession {
     /// What a `response.create` makes the mock "say": the greeting the bridge asked for
     /// (its instructions end with the text to say), the latest tool output, or a chime.
     fn response_transcript(&mut self, event: &Map<String, Value>) -> String {
-        const GREETING_MARK: &str = "by saying exactly this: ";
         let instructions = event
             .get("response")
             .and_then(|response| response.get("instructions"))
             .and_then(Value::as_str)
             .unwrap_or("");
-        if let Some((_, greeting)) = instructions.rsplit_once(GREETING_MARK) {
+        if let Some(greeting) = greeting_text(instructions) {
             return greeting.to_owned();
         }
         match self.last_tool_output.take() {
@@ -1111,9 +1040,7 @@ mod tests {
     }
 
     #[test]
-    fn rate_conversion_and_merge() {
-        assert_eq!(convert_rate(&[1, 2], 8000, 24000), [1, 1, 1, 2, 2, 2]);
-        assert_eq!(convert_rate(&[1, 1, 1, 2, 2, 2], 24000, 8000), [1, 2]);
+    fn merge_is_deep() {
         let mut target = json!({"a": {"b": 1, "c": 2}, "d": 3});
         merge(&mut target, &json!({"a": {"b": 5}, "e": null}));
         assert_eq!(target, json!({"a": {"b": 5, "c": 2}, "d": 3, "e": null}));
