@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use voxrelay::AudioMode;
 use voxrelay::bench::echo_model::{EchoModel, EchoModelConfig};
 use voxrelay::bench::results::Epoch;
-use voxrelay::config::{AgentDefaults, UpstreamTarget};
+use voxrelay::config::{AgentDefaults, ModelTargets, UpstreamTarget};
 use voxrelay::session::binding::StreamTokens;
 use voxrelay::session::call::{CallServices, run_call};
 use voxrelay::session::engine::{CallEngine, Input, Output, Resolved};
@@ -315,10 +315,10 @@ impl CallRig {
             prewarm: false,
             twilio_account_sid: None,
             control: None,
-            upstream: UpstreamTarget {
+            models: ModelTargets::openai(UpstreamTarget {
                 url: model.url(),
                 api_key: Some(Secret::new("bench")),
-            },
+            }),
             agent: AgentDefaults {
                 audio_mode: mode,
                 greeting: None,

@@ -15,10 +15,13 @@ use url::{Host, Url};
 use crate::control::signing::SigningKey;
 use crate::session::continuity::ContinuityConfig;
 use crate::twilio::ids::is_account_sid;
-use crate::{AudioMode, Secret};
+use crate::upstream::connect::ModelDial;
+use crate::{AudioMode, Provider, Secret};
 
 /// The default OpenAI Realtime endpoint (GA protocol).
 pub const DEFAULT_OPENAI_URL: &str = "wss://api.openai.com/v1/realtime?model=gpt-realtime";
+/// Gemini Live's endpoint (the Gemini API, v1beta); the key goes in `x-goog-api-key`.
+pub const DEFAULT_GEMINI_URL: &str = "wss://generativelanguage.googleapis.com/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
 pub const DEFAULT_VOICE: &str = "marin";
 pub const DEFAULT_INSTRUCTIONS: &str = "You are a friendly, concise voice assistant answering a phone call. \
 Speak naturally and keep answers short; the caller is on a phone line.";
@@ -130,6 +133,13 @@ pub enum ConfigError {
     #[error("VOXRELAY_OPENAI_URL {0:?} is not a ws:// or wss:// URL")]
     BadUpstreamUrl(String),
     #[error(
+        "GEMINI_API_KEY is not set but VOXRELAY_PROVIDER is gemini: the bridge refuses to start \
+         without the default provider's key (or pass --mock-model)"
+    )]
+    MissingGeminiKey,
+    #[error("VOXRELAY_GEMINI_URL {0:?} is not a wss:// URL (ws:// only to a loopback host)")]
+    BadGeminiUrl(String),
+    #[error(
         "VOXRELAY_OPENAI_URL {0:?} is plain ws:// to a host that is not loopback: the API key \
          would cross the network in clear (use wss://)"
     )]
@@ -225,7 +235,8 @@ pub struct BridgeConfig {
     pub twilio_auth_token: Secret,
     /// When set, webhooks and streams from any other Twilio account are refused.
     pub twilio_account_sid: Option<String>,
-    pub upstream: UpstreamTarget,
+    /// Where each provider's sessions are dialled, and which answers by default.
+    pub models: ModelTargets,
     /// Extra trust anchors for the model connection (`VOXRELAY_MODEL_CA_FILE`), read and
     /// checked here. The binary hands them to [`crate::upstream::connect::trust_model_ca`]
     /// before the bridge starts: the model's TLS roots are built once per process.
@@ -385,12 +396,79 @@ impl ControlPlaneTarget {
     }
 }
 
-/// Where the model is.
+/// Where one provider's model is.
 #[derive(Clone, Debug)]
 pub struct UpstreamTarget {
     pub url: String,
-    /// `None` means "use the built-in mock realtime server".
+    /// `None`: the handshake carries no key (a local mock in tests).
     pub api_key: Option<Secret>,
+}
+
+/// Every provider this bridge can dial, and the one calls get when their tenant names none
+/// (`VOXRELAY_PROVIDER`). A provider without a target has no key here: a tenant on it gets
+/// its fallback (`provider_not_configured`), never another provider's voice.
+#[derive(Clone, Debug)]
+pub struct ModelTargets {
+    pub default_provider: Provider,
+    /// OpenAI Realtime's endpoint (its `?model=` is replaced by a tenant's model).
+    pub openai: Option<UpstreamTarget>,
+    /// Gemini Live's endpoint.
+    pub gemini: Option<UpstreamTarget>,
+}
+
+impl ModelTargets {
+    /// OpenAI only, by default: what tests and the local bridge start from.
+    pub fn openai(target: UpstreamTarget) -> Self {
+        Self {
+            default_provider: Provider::OpenAi,
+            openai: Some(target),
+            gemini: None,
+        }
+    }
+
+    /// What to dial for a session on `provider` running `model` (`None`: the endpoint's own
+    /// default), or `None` when this bridge has no key for the provider.
+    pub fn dial(&self, provider: Provider, model: Option<&str>) -> Option<ModelDial> {
+        match provider {
+            Provider::OpenAi => {
+                let target = self.openai.as_ref()?;
+                Some(ModelDial {
+                    provider,
+                    url: with_model_query(&target.url, model),
+                    api_key: target.api_key.clone(),
+                })
+            }
+            Provider::Gemini => {
+                let target = self.gemini.as_ref()?;
+                Some(ModelDial {
+                    provider,
+                    url: target.url.clone(),
+                    api_key: target.api_key.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// `url` with its `model` query parameter set to `model` (OpenAI chooses the model by URL).
+fn with_model_query(url: &str, model: Option<&str>) -> String {
+    let Some(model) = model.filter(|model| !model.trim().is_empty()) else {
+        return url.to_owned();
+    };
+    let Ok(mut parsed) = Url::parse(url) else {
+        return url.to_owned();
+    };
+    let kept: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter(|(key, _)| key != "model")
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect();
+    parsed
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(kept)
+        .append_pair("model", model);
+    parsed.into()
 }
 
 /// The agent every call gets until a control plane supplies one per tenant.
@@ -400,11 +478,14 @@ pub struct AgentDefaults {
     pub instructions: String,
     pub greeting: Option<String>,
     pub audio_mode: AudioMode,
+    /// `VOXRELAY_PROVIDER`: the provider of calls whose tenant names none.
+    pub provider: Provider,
 }
 
 impl Default for AgentDefaults {
     fn default() -> Self {
         Self {
+            provider: Provider::OpenAi,
             voice: DEFAULT_VOICE.to_owned(),
             instructions: DEFAULT_INSTRUCTIONS.to_owned(),
             greeting: Some(DEFAULT_GREETING.to_owned()),
@@ -442,6 +523,17 @@ pub struct RawConfig {
     /// Realtime endpoint, including ?model=.
     #[arg(long, env = "VOXRELAY_OPENAI_URL")]
     pub openai_url: Option<String>,
+    /// The realtime provider of calls whose tenant names none: openai (default) or gemini. Its
+    /// key is required; the other provider is used only by tenants that name it, and only when
+    /// its key is set.
+    #[arg(long, env = "VOXRELAY_PROVIDER")]
+    pub provider: Option<Provider>,
+    /// Gemini API key (required when the provider is gemini; else it enables gemini tenants).
+    #[arg(long, env = "GEMINI_API_KEY", hide_env_values = true)]
+    pub gemini_api_key: Option<String>,
+    /// Gemini Live endpoint (the BidiGenerateContent WebSocket); for tests and proxies.
+    #[arg(long, env = "VOXRELAY_GEMINI_URL")]
+    pub gemini_url: Option<String>,
     /// A PEM file of CA certificates the model connection trusts besides the webpki roots
     /// (a private CA in front of the model; the benchmark's `--model-tls`).
     #[arg(long, env = "VOXRELAY_MODEL_CA_FILE")]
@@ -570,6 +662,7 @@ impl BridgeConfig {
             }
         }
         let mock_model = raw.mock_model.unwrap_or(false);
+        let provider = raw.provider.unwrap_or_default();
         let upstream_url = raw
             .openai_url
             .filter(|u| !u.trim().is_empty())
@@ -579,18 +672,43 @@ impl BridgeConfig {
             _ => return Err(ConfigError::BadUpstreamUrl(upstream_url)),
         };
         // The mock model needs no key, and the key is never sent to it.
-        let api_key = if mock_model {
-            None
+        let openai_key = raw.openai_api_key.filter(|k| !k.trim().is_empty());
+        let openai = if mock_model {
+            Some(None)
         } else {
-            let key = raw
-                .openai_api_key
-                .filter(|k| !k.trim().is_empty())
-                .ok_or(ConfigError::MissingOpenAiKey)?;
-            if parsed_upstream.scheme() == "ws" && !is_loopback_host(&parsed_upstream) {
-                return Err(ConfigError::PlaintextUpstream(upstream_url));
+            match openai_key {
+                Some(key) => {
+                    if parsed_upstream.scheme() == "ws" && !is_loopback_host(&parsed_upstream) {
+                        return Err(ConfigError::PlaintextUpstream(upstream_url));
+                    }
+                    Some(Some(Secret::new(key)))
+                }
+                None if provider == Provider::OpenAi => {
+                    return Err(ConfigError::MissingOpenAiKey);
+                }
+                None => None,
             }
-            Some(Secret::new(key))
         };
+        let gemini_url = raw
+            .gemini_url
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_GEMINI_URL.to_owned());
+        // Plain ws:// would carry the key in clear: only to a loopback proxy or test server.
+        match Url::parse(&gemini_url) {
+            Ok(u) if u.scheme() == "wss" || (u.scheme() == "ws" && is_loopback_host(&u)) => {}
+            _ => return Err(ConfigError::BadGeminiUrl(gemini_url)),
+        }
+        let gemini_key = raw.gemini_api_key.filter(|k| !k.trim().is_empty());
+        let gemini = if mock_model {
+            Some(None)
+        } else {
+            match gemini_key {
+                Some(key) => Some(Some(Secret::new(key))),
+                None if provider == Provider::Gemini => return Err(ConfigError::MissingGeminiKey),
+                None => None,
+            }
+        };
+
         let model_ca = raw
             .model_ca_file
             .filter(|path| !path.as_os_str().is_empty())
@@ -647,17 +765,26 @@ impl BridgeConfig {
             public_url: PublicUrl::Origin(public_url),
             twilio_auth_token: Secret::new(token),
             twilio_account_sid,
-            upstream: UpstreamTarget {
-                url: upstream_url,
-                api_key,
+            models: ModelTargets {
+                default_provider: provider,
+                openai: openai.map(|api_key| UpstreamTarget {
+                    url: upstream_url,
+                    api_key,
+                }),
+                gemini: gemini.map(|api_key| UpstreamTarget {
+                    url: gemini_url,
+                    api_key,
+                }),
             },
             model_ca,
             mock_model,
             agent: AgentDefaults {
+                provider,
+                // Voice names are the provider's own.
                 voice: raw
                     .voice
                     .filter(|v| !v.is_empty())
-                    .unwrap_or(defaults.voice),
+                    .unwrap_or_else(|| provider.default_voice().to_owned()),
                 instructions: raw
                     .instructions
                     .filter(|v| !v.is_empty())
@@ -698,7 +825,7 @@ impl BridgeConfig {
             public_url: PublicUrl::Listener,
             twilio_auth_token,
             twilio_account_sid: None,
-            upstream,
+            models: ModelTargets::openai(upstream),
             model_ca: None,
             mock_model: false,
             agent: AgentDefaults::default(),
@@ -918,9 +1045,20 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let config = BridgeConfig::from_raw(raw_with_token()).unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
-        assert_eq!(config.upstream.url, DEFAULT_OPENAI_URL);
         assert_eq!(
-            config.upstream.api_key.as_ref().unwrap().expose(),
+            config.models.openai.as_ref().unwrap().url,
+            DEFAULT_OPENAI_URL
+        );
+        assert_eq!(
+            config
+                .models
+                .openai
+                .as_ref()
+                .unwrap()
+                .api_key
+                .as_ref()
+                .unwrap()
+                .expose(),
             "sk-test"
         );
         assert!(!config.mock_model);
@@ -1114,6 +1252,86 @@ mod tests {
     }
 
     #[test]
+    fn the_default_provider_needs_its_key_and_the_other_is_optional() {
+        // OpenAI by default; Gemini tenants are served only when its key is set.
+        let openai_only = BridgeConfig::from_raw(raw_with_token()).unwrap();
+        assert_eq!(openai_only.models.default_provider, Provider::OpenAi);
+        assert_eq!(openai_only.agent.voice, "marin");
+        assert!(openai_only.models.gemini.is_none());
+        assert!(openai_only.models.dial(Provider::Gemini, None).is_none());
+
+        let gemini_without_key = RawConfig {
+            provider: Some(Provider::Gemini),
+            ..raw_with_token()
+        };
+        assert!(matches!(
+            BridgeConfig::from_raw(gemini_without_key.clone()),
+            Err(ConfigError::MissingGeminiKey)
+        ));
+        let gemini = BridgeConfig::from_raw(RawConfig {
+            openai_api_key: None,
+            gemini_api_key: Some("g-key".into()),
+            ..gemini_without_key
+        })
+        .unwrap();
+        assert_eq!(gemini.agent.provider, Provider::Gemini);
+        assert_eq!(gemini.agent.voice, "Kore", "a Gemini voice by default");
+        assert!(
+            gemini.models.openai.is_none(),
+            "no OpenAI key: OpenAI tenants fall back"
+        );
+        let dial = gemini.models.dial(Provider::Gemini, Some("x")).unwrap();
+        assert_eq!(
+            dial.url, DEFAULT_GEMINI_URL,
+            "Gemini's model goes in its setup"
+        );
+        assert_eq!(dial.api_key.unwrap().expose(), "g-key");
+
+        for bad in [
+            "https://example.com",
+            "ws://proxy.example.com/live",
+            "not a url",
+        ] {
+            let result = BridgeConfig::from_raw(RawConfig {
+                gemini_url: Some(bad.into()),
+                gemini_api_key: Some("g-key".into()),
+                ..raw_with_token()
+            });
+            assert!(matches!(result, Err(ConfigError::BadGeminiUrl(_))), "{bad}");
+        }
+        let local = BridgeConfig::from_raw(RawConfig {
+            gemini_url: Some("ws://127.0.0.1:9/live".into()),
+            gemini_api_key: Some("g-key".into()),
+            ..raw_with_token()
+        })
+        .unwrap();
+        assert_eq!(local.models.gemini.unwrap().url, "ws://127.0.0.1:9/live");
+        let flags =
+            parse_flags(&["--provider", "gemini", "--gemini-url", "wss://proxy/live"]).unwrap();
+        assert_eq!(flags.provider, Some(Provider::Gemini));
+        assert!(parse_flags(&["--provider", "anthropic"]).is_err());
+    }
+
+    #[test]
+    fn a_tenants_openai_model_replaces_the_urls_model() {
+        let targets = ModelTargets::openai(UpstreamTarget {
+            url: "wss://api.openai.com/v1/realtime?model=gpt-realtime&x=1".into(),
+            api_key: None,
+        });
+        let dial = targets
+            .dial(Provider::OpenAi, Some("gpt-realtime-mini"))
+            .unwrap();
+        assert_eq!(
+            dial.url,
+            "wss://api.openai.com/v1/realtime?x=1&model=gpt-realtime-mini"
+        );
+        assert_eq!(
+            targets.dial(Provider::OpenAi, None).unwrap().url,
+            "wss://api.openai.com/v1/realtime?model=gpt-realtime&x=1"
+        );
+    }
+
+    #[test]
     fn the_mock_model_must_be_asked_for() {
         let no_key = RawConfig {
             openai_api_key: None,
@@ -1136,14 +1354,22 @@ mod tests {
             ..no_key
         })
         .unwrap();
-        assert!(mock.mock_model && mock.upstream.api_key.is_none());
+        assert!(mock.mock_model && mock.models.openai.as_ref().unwrap().api_key.is_none());
         // A key given alongside the mock is never sent anywhere.
         let mock_with_key = BridgeConfig::from_raw(RawConfig {
             mock_model: Some(true),
             ..raw_with_token()
         })
         .unwrap();
-        assert!(mock_with_key.upstream.api_key.is_none());
+        assert!(
+            mock_with_key
+                .models
+                .openai
+                .as_ref()
+                .unwrap()
+                .api_key
+                .is_none()
+        );
     }
 
     #[test]

@@ -26,8 +26,8 @@ pub use voxrelay_sim as bench;
 
 // The sans-IO modules live in `voxrelay-core`; re-exported under their old paths so
 // `crate::codec::g711`, `voxrelay::twilio::…` and the like keep resolving.
-pub use voxrelay_core::{AudioMode, Secret};
-pub use voxrelay_core::{audio_mode, codec, logtext, secret, twilio};
+pub use voxrelay_core::{AudioMode, Provider, Secret};
+pub use voxrelay_core::{audio_mode, codec, logtext, provider, secret, twilio};
 
 #[cfg(test)]
 mod testkit {

@@ -18,7 +18,7 @@ use url::Url;
 use voxrelay::AudioMode;
 #[cfg(feature = "sim")]
 use voxrelay::Secret;
-use voxrelay::config::{BridgeConfig, RawConfig};
+use voxrelay::config::{BridgeConfig, RawConfig, UpstreamTarget};
 use voxrelay::http::{Bridge, shutdown_signal};
 #[cfg(feature = "sim")]
 use voxrelay::in_process::InProcessLauncher;
@@ -416,8 +416,15 @@ async fn start_mock_model(
         .await
         .context("starting the built-in mock model")?;
     tracing::warn!(mock = %server.url(), "--mock-model: calls go to the built-in mock realtime model, not OpenAI");
-    config.upstream.url = server.url();
-    config.upstream.api_key = Some(Secret::new("voxrelay-mock"));
+    // Both providers' sessions go to the mock: it speaks each one's protocol on its own path.
+    config.models.openai = Some(UpstreamTarget {
+        url: server.url(),
+        api_key: Some(Secret::new("voxrelay-mock")),
+    });
+    config.models.gemini = Some(UpstreamTarget {
+        url: server.gemini_url(),
+        api_key: Some(Secret::new("voxrelay-mock")),
+    });
     Ok((config, Some(server)))
 }
 

@@ -131,7 +131,7 @@ impl Bridge {
         let services = Arc::new(CallServices {
             metrics: Arc::clone(&metrics),
             registry: CallRegistry::new(Arc::clone(&metrics)),
-            upstream: config.upstream.clone(),
+            models: config.models.clone(),
             agent: config.agent.clone(),
             playback: PlaybackConfig {
                 lead: config.playback_lead,

@@ -11,10 +11,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use crate::AudioMode;
 use crate::config::AgentDefaults;
 use crate::control::api::{MAX_HOLD_PROMPT_BYTES, TenantContext, is_e164, memory_namespace};
 use crate::upstream::SessionSettings;
+use crate::{AudioMode, Provider};
 
 /// The agent one call gets.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +39,11 @@ pub struct CallAgent {
     pub fallback_number: Option<String>,
     /// The tenant's hold prompt (8 kHz μ-law, checked and bounded); `None`: the built-in one.
     pub hold_prompt: Option<Arc<[u8]>>,
+    /// Who answers: the tenant's provider, else the bridge's `VOXRELAY_PROVIDER`.
+    pub provider: Provider,
+    /// The provider's model id; `None`: the endpoint's default (OpenAI's URL, Gemini's
+    /// [`Provider::default_model`]).
+    pub model: Option<String>,
 }
 
 impl CallAgent {
@@ -58,11 +63,18 @@ impl CallAgent {
             source,
             fallback_number: None,
             hold_prompt: None,
+            provider: defaults.provider,
+            model: None,
         }
     }
 
-    /// A tenant's agent for one caller (`from`).
-    pub fn from_context(context: &TenantContext, from: &str, source: &'static str) -> Self {
+    /// A tenant's agent for one caller (`from`); `default_provider` when the tenant names none.
+    pub fn from_context(
+        context: &TenantContext,
+        from: &str,
+        source: &'static str,
+        default_provider: Provider,
+    ) -> Self {
         let prefix = format!("{}/", context.tenant_id);
         let namespace = if context.memory_namespace.starts_with(&prefix)
             && context.memory_namespace.len() > prefix.len()
@@ -90,12 +102,16 @@ impl CallAgent {
             source,
             fallback_number: checked_fallback_number(context),
             hold_prompt: checked_hold_prompt(context),
+            provider: context.provider.unwrap_or(default_provider),
+            model: checked_model(context),
         }
     }
 
     /// The model session this agent runs.
     pub fn session_settings(&self) -> SessionSettings {
         SessionSettings {
+            provider: self.provider,
+            model: self.model.clone(),
             instructions: self.instructions.clone(),
             voice: self.voice.clone(),
             audio_mode: self.audio_mode,
@@ -110,6 +126,27 @@ impl CallAgent {
             ..SessionSettings::default()
         }
     }
+}
+
+/// The context's model id if it looks like one (it goes into a URL or a setup message): 1 to
+/// 128 characters of `[A-Za-z0-9._-]`, as the reference control plane also checks.
+fn checked_model(context: &TenantContext) -> Option<String> {
+    let model = context.model.as_deref()?.trim();
+    if model.is_empty() {
+        return None;
+    }
+    let well_formed = model.len() <= 128
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if well_formed {
+        return Some(model.to_owned());
+    }
+    tracing::warn!(
+        tenant = %context.tenant_id,
+        "context's model is not a model id: the provider's default model answers"
+    );
+    None
 }
 
 /// The context's fallback number if it is E.164: it goes into TwiML, so nothing else does.
@@ -174,7 +211,7 @@ mod tests {
 
     #[test]
     fn a_tenant_agent_carries_its_context_into_the_session() {
-        let agent = CallAgent::from_context(&context(), "+15550001111", "fresh");
+        let agent = CallAgent::from_context(&context(), "+15550001111", "fresh", Provider::OpenAi);
         assert_eq!(agent.tenant_id.as_deref(), Some("bistro_luna"));
         assert_eq!(agent.max_call, Some(Duration::from_secs(300)));
         let settings = agent.session_settings();
@@ -187,7 +224,7 @@ mod tests {
 
     #[test]
     fn a_fallback_number_and_hold_prompt_are_taken_only_when_well_formed() {
-        let agent = CallAgent::from_context(&context(), "+1555", "fresh");
+        let agent = CallAgent::from_context(&context(), "+1555", "fresh", Provider::OpenAi);
         assert_eq!(agent.fallback_number.as_deref(), Some("+15550100999"));
         assert_eq!(agent.hold_prompt.as_deref().map(<[u8]>::len), Some(800));
         for bad in [
@@ -200,7 +237,7 @@ mod tests {
         ] {
             let mut context = context();
             context.fallback_number = Some(bad.into());
-            let agent = CallAgent::from_context(&context, "+1555", "fresh");
+            let agent = CallAgent::from_context(&context, "+1555", "fresh", Provider::OpenAi);
             assert_eq!(agent.fallback_number, None, "{bad:?}");
         }
         for bad in [
@@ -210,7 +247,7 @@ mod tests {
         ] {
             let mut context = context();
             context.hold_prompt = Some(bad);
-            let agent = CallAgent::from_context(&context, "+1555", "fresh");
+            let agent = CallAgent::from_context(&context, "+1555", "fresh", Provider::OpenAi);
             assert!(agent.hold_prompt.is_none());
         }
     }
@@ -226,7 +263,8 @@ mod tests {
         ] {
             let mut context = context();
             context.memory_namespace = bad.into();
-            let agent = CallAgent::from_context(&context, "+15550002222", "fresh");
+            let agent =
+                CallAgent::from_context(&context, "+15550002222", "fresh", Provider::OpenAi);
             assert_eq!(
                 agent.memory_namespace.as_deref(),
                 Some("bistro_luna/+15550002222"),

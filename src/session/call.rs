@@ -52,7 +52,7 @@ use super::prewarm::{PendingCalls, Prepared, PrewarmError, prewarm};
 use super::registry::{CallEntry, CallRegistry, Registration};
 use super::report::{CallIdentity, call_report};
 use crate::config::{
-    AgentDefaults, ContinuitySettings, MAX_TWILIO_MESSAGE_BYTES, START_TIMEOUT, UpstreamTarget,
+    AgentDefaults, ContinuitySettings, MAX_TWILIO_MESSAGE_BYTES, ModelTargets, START_TIMEOUT,
 };
 use crate::control::api::ReportBinding;
 use crate::control::client::ControlPlaneClient;
@@ -61,7 +61,8 @@ use crate::control::reports::{ReportHandover, ReportSender};
 use crate::control::tool_calls::{DEFAULT_TOOL_TIMEOUT, run_tool};
 use crate::logtext::Untrusted;
 use crate::twilio::stream::StartInfo;
-use crate::upstream::{UpstreamError, UpstreamSocket, connect};
+use crate::upstream::connect::connect_model;
+use crate::upstream::{UpstreamError, UpstreamSocket};
 
 pub use super::engine::EndReason;
 
@@ -94,7 +95,8 @@ const CLAIM_WAIT: Duration = Duration::from_secs(3);
 pub struct CallServices {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<CallRegistry>,
-    pub upstream: UpstreamTarget,
+    /// Where each provider's sessions are dialled.
+    pub models: ModelTargets,
     /// The environment's agent: every call's without a control plane, the fallback with one.
     pub agent: AgentDefaults,
     pub playback: PlaybackConfig,
@@ -144,7 +146,7 @@ impl CallServices {
         let resolution = control.directory.resolve(to, from, call_sid).await;
         let source = resolution.source.as_str();
         let agent = match &resolution.context {
-            Some(context) => CallAgent::from_context(context, from, source),
+            Some(context) => CallAgent::from_context(context, from, source, self.agent.provider),
             None => CallAgent::from_defaults(&self.agent, source),
         };
         (agent, resolution.took)
@@ -163,10 +165,19 @@ pub async fn prepare_call(
     with_prewarm: bool,
 ) -> Prepared {
     let mut prewarm_refused = None;
-    let session = if with_prewarm {
+    let dial = services.models.dial(agent.provider, agent.model.as_deref());
+    if dial.is_none() {
+        tracing::warn!(
+            call_sid,
+            provider = agent.provider.as_str(),
+            "the tenant's provider has no key on this bridge: the call falls back"
+        );
+        prewarm_refused = Some(ConnectFailure::NotConfigured);
+    }
+    let session = if let (true, Some(dial)) = (with_prewarm, dial) {
         services.metrics.prewarm_started.fetch_add(1, Relaxed);
         let session = services.model_session(&agent);
-        match prewarm(&services.upstream, session, PREWARM_WITHIN).await {
+        match prewarm(&dial, session, PREWARM_WITHIN).await {
             Ok(session) => {
                 services.metrics.upstream_connect.observe(session.took);
                 Some(session)
@@ -1015,12 +1026,21 @@ where
 
     /// Dials the model, as a wait of this task (its answer wakes the task).
     fn dial_model(&self, now: Instant, deadline: Instant) -> BoxFuture<ConnectResult> {
-        let target = self.services.upstream.clone();
+        let (provider, model) = match &self.agent {
+            Some(agent) => (agent.provider, agent.model.as_deref()),
+            None => (self.services.agent.provider, None),
+        };
+        let Some(dial) = self.services.models.dial(provider, model) else {
+            return Box::pin(std::future::ready(Err((
+                ConnectFailure::NotConfigured,
+                format!("no {provider} key on this bridge"),
+            ))));
+        };
         let within = deadline.saturating_duration_since(now);
         Box::pin(
             async move {
                 let began = Instant::now();
-                let connecting = connect(&target.url, target.api_key.as_ref());
+                let connecting = connect_model(&dial);
                 match tokio::time::timeout(within, connecting).await {
                     Ok(Ok(socket)) => Ok((socket, began.elapsed())),
                     Ok(Err(error)) => Err((classify_connect_error(&error), error.to_string())),

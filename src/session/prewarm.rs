@@ -36,8 +36,9 @@ use tokio_util::task::TaskTracker;
 use super::agent::CallAgent;
 use super::metrics::Metrics;
 use super::model::{ModelSession, PrewarmStep};
-use crate::config::{DEFAULT_MAX_PREWARMS, UpstreamTarget};
-use crate::upstream::{UpstreamError, UpstreamSocket, connect};
+use crate::config::DEFAULT_MAX_PREWARMS;
+use crate::upstream::connect::{ModelDial, connect_model};
+use crate::upstream::{UpstreamError, UpstreamSocket};
 
 /// What the webhook prepared for one call.
 pub struct Prepared {
@@ -108,13 +109,13 @@ pub enum PrewarmError {
 /// Opens the upstream socket and configures `session` on it through the session's own code
 /// (the engine's), holding back the greeting until the call claims it.
 pub async fn prewarm(
-    target: &UpstreamTarget,
+    dial: &ModelDial,
     mut session: ModelSession,
     within: Duration,
 ) -> Result<PrewarmedSession, PrewarmError> {
     let began = Instant::now();
     let work = async {
-        let mut socket = connect(&target.url, target.api_key.as_ref()).await?;
+        let mut socket = connect_model(dial).await?;
         let mut out = Vec::new();
         session.open(&mut out);
         for text in out.drain(..) {
@@ -488,7 +489,8 @@ mod tests {
         let mock = MockRealtimeServer::start(MockConfig::default())
             .await
             .expect("mock");
-        let target = UpstreamTarget {
+        let target = ModelDial {
+            provider: crate::Provider::OpenAi,
             url: mock.url(),
             api_key: Some(crate::Secret::new("sk-test")),
         };
@@ -525,7 +527,11 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("ws://{}/v1/realtime", listener.local_addr().unwrap());
         drop(listener);
-        let target = UpstreamTarget { url, api_key: None };
+        let target = ModelDial {
+            provider: crate::Provider::OpenAi,
+            url,
+            api_key: None,
+        };
         let session = ModelSession::new(SessionSettings::default(), false);
         let result = prewarm(&target, session, Duration::from_secs(5)).await;
         assert!(result.is_err());
@@ -564,7 +570,8 @@ mod tests {
         let mock = MockRealtimeServer::start(MockConfig::default())
             .await
             .expect("mock");
-        let target = UpstreamTarget {
+        let target = ModelDial {
+            provider: crate::Provider::OpenAi,
             url: mock.url(),
             api_key: Some(crate::Secret::new("sk-test")),
         };

@@ -1,7 +1,9 @@
 //! Opening the upstream WebSocket: TLS, auth header, timeout.
 //!
 //! Owns the one place voxrelay dials a realtime provider. Invariants: the only extra header is
-//! `Authorization: Bearer <key>` (never `OpenAI-Beta`), marked sensitive and never logged; TLS
+//! the key, as the provider takes it (`Authorization: Bearer <key>` for OpenAI, never
+//! `OpenAI-Beta`; `x-goog-api-key` for Gemini, never `?key=` in the URL), marked sensitive and
+//! never logged; TLS
 //! is rustls with the ring provider and the webpki root set, built explicitly so no
 //! process-wide crypto provider has to be installed; Nagle is off (20 ms audio frames must not
 //! wait for ACKs); the whole dial, TCP + TLS + HTTP upgrade, is bounded by a timeout; a message
@@ -18,12 +20,12 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream, tungstenite};
 
 use super::UpstreamError;
-use crate::Secret;
+use crate::{Provider, Secret};
 
 pub type UpstreamSocket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -31,25 +33,59 @@ pub type UpstreamSocket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>
 /// silence wondering whether anyone is there.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// One model session's dial: the provider (which says how the key is carried), its URL and
+/// key. Built by the bridge's `ModelTargets` from the call's agent.
+#[derive(Clone, Debug)]
+pub struct ModelDial {
+    pub provider: Provider,
+    pub url: String,
+    pub api_key: Option<Secret>,
+}
+
 /// Dials `url` (`wss://…` or, for the mock, `ws://…`) with `Authorization: Bearer <key>` when a
-/// key is given.
+/// key is given (OpenAI's handshake).
 pub async fn connect(url: &str, api_key: Option<&Secret>) -> Result<UpstreamSocket, UpstreamError> {
-    connect_with_timeout(url, api_key, CONNECT_TIMEOUT).await
+    connect_with_timeout(url, api_key, KeyHeader::Bearer, CONNECT_TIMEOUT).await
+}
+
+/// Dials a model session the way its provider takes its key.
+pub async fn connect_model(dial: &ModelDial) -> Result<UpstreamSocket, UpstreamError> {
+    let header = match dial.provider {
+        Provider::OpenAi => KeyHeader::Bearer,
+        Provider::Gemini => KeyHeader::GoogApiKey,
+    };
+    connect_with_timeout(&dial.url, dial.api_key.as_ref(), header, CONNECT_TIMEOUT).await
+}
+
+/// Where the handshake carries the key. Never the URL: URLs end up in proxy logs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum KeyHeader {
+    /// `Authorization: Bearer <key>` (OpenAI).
+    Bearer,
+    /// `x-goog-api-key: <key>` (the Gemini API; it also takes `?key=`, which we never use).
+    GoogApiKey,
 }
 
 pub(crate) async fn connect_with_timeout(
     url: &str,
     api_key: Option<&Secret>,
+    header: KeyHeader,
     timeout: Duration,
 ) -> Result<UpstreamSocket, UpstreamError> {
     let mut request = url
         .into_client_request()
         .map_err(|error| UpstreamError::InvalidUrl(error.to_string()))?;
     if let Some(key) = api_key {
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-            .map_err(|_| UpstreamError::InvalidApiKey)?;
+        let (name, text) = match header {
+            KeyHeader::Bearer => (AUTHORIZATION, format!("Bearer {}", key.expose())),
+            KeyHeader::GoogApiKey => (
+                HeaderName::from_static("x-goog-api-key"),
+                key.expose().to_owned(),
+            ),
+        };
+        let mut value = HeaderValue::from_str(&text).map_err(|_| UpstreamError::InvalidApiKey)?;
         value.set_sensitive(true);
-        request.headers_mut().insert(AUTHORIZATION, value);
+        request.headers_mut().insert(name, value);
     }
     let connector = Connector::Rustls(tls_config()?);
     dial_with(request, connector, timeout).await
@@ -335,7 +371,9 @@ mod tests {
             let url = format!("ws://{}/v1/realtime", listener.local_addr().expect("addr"));
             // Accept the TCP connection but never answer the upgrade.
             let hold = tokio::spawn(async move { listener.accept().await.map(|(s, _)| s) });
-            let result = connect_with_timeout(&url, None, Duration::from_millis(100)).await;
+            let result =
+                connect_with_timeout(&url, None, KeyHeader::Bearer, Duration::from_millis(100))
+                    .await;
             assert!(matches!(result, Err(UpstreamError::ConnectTimeout(_))));
             hold.abort();
         });
