@@ -14,7 +14,7 @@ use voxrelay::codec::g711;
 use voxrelay::config::{AgentDefaults, BridgeConfig, UpstreamTarget};
 use voxrelay::http::Bridge;
 use voxrelay::twilio::signature::compute_signature;
-use voxrelay::{AudioMode, Secret};
+use voxrelay::{AudioMode, Provider, Secret};
 use voxrelay_sim::mock::{MockConfig, MockRealtimeServer};
 
 pub const TOKEN: &str = "e2e-test-auth-token";
@@ -71,6 +71,36 @@ pub async fn start_stack_adjusted(
         api_key: Some(Secret::new("test-key")),
     };
     start_stack_configured(mock, upstream, mode, greeting, adjust).await
+}
+
+/// A bridge whose calls go to `provider` by default, both providers served by one mock (each
+/// on its own path), with a last word on the bridge's configuration.
+pub async fn start_stack_for(
+    provider: Provider,
+    mock_config: MockConfig,
+    greeting: Option<&str>,
+    adjust: impl FnOnce(&mut BridgeConfig),
+) -> Stack {
+    let mock = MockRealtimeServer::start(mock_config)
+        .await
+        .expect("mock model");
+    let openai = UpstreamTarget {
+        url: mock.url(),
+        api_key: Some(Secret::new("test-key")),
+    };
+    let gemini = UpstreamTarget {
+        url: mock.gemini_url(),
+        api_key: Some(Secret::new("test-key")),
+    };
+    // OpenAI in μ-law passthrough; Gemini has one format each way whatever the mode says.
+    start_stack_configured(mock, openai, AudioMode::Pcmu, greeting, move |config| {
+        config.models.gemini = Some(gemini);
+        config.models.default_provider = provider;
+        config.agent.provider = provider;
+        config.agent.voice = provider.default_voice().to_owned();
+        adjust(config);
+    })
+    .await
 }
 
 /// Like [`start_stack_with`], with a last word on the bridge's configuration.

@@ -65,6 +65,7 @@ impl ModelSession {
             greeting: None,
             // Gemini: resume on the provider's record while it holds a valid handle.
             resumption_handle: self.protocol.resumption_handle().map(str::to_owned),
+            generation: self.settings.generation.wrapping_add(1),
             ..self.settings.clone()
         };
         Self::new(settings, self.tools_enabled)

@@ -4,7 +4,8 @@
 //! turns, `toolResponse`) and the borrowed parsing of the server messages into the engine's
 //! provider-neutral events. Gemini's shape differs from OpenAI's in ways this module absorbs:
 //! - **No ids.** Responses and items are not named, so each model turn is named here
-//!   (`gemini-turn-N`, one item per turn) and each caller turn too (`gemini-caller-N`).
+//!   (`gemini-G-turn-N`, one item per turn) and each caller turn too (`gemini-G-caller-N`),
+//!   `G` the session's place in the call, so names stay unique across a call's sessions.
 //! - **One message, several events.** A `serverContent` can carry audio, transcripts, the
 //!   interruption and the turn's end at once; they are returned in that order.
 //! - **No voice-activity events.** The server detects speech itself and says only
@@ -178,11 +179,14 @@ impl GeminiLive {
     }
 
     fn turn_id(&self) -> String {
-        format!("gemini-turn-{}", self.turns)
+        format!("gemini-{}-turn-{}", self.settings.generation, self.turns)
     }
 
     fn caller_id(&self) -> String {
-        format!("gemini-caller-{}", self.caller_turns)
+        format!(
+            "gemini-{}-caller-{}",
+            self.settings.generation, self.caller_turns
+        )
     }
 
     /// A caller turn starts (speech seen): reported as the caller starting to speak.

@@ -92,6 +92,10 @@ pub struct SessionSettings {
     /// A provider's own handle to resume an earlier session's context (Gemini's session
     /// resumption); set only for a successor, never by a tenant.
     pub resumption_handle: Option<String>,
+    /// Which of the call's sessions this is (0 for the first, one more for each successor):
+    /// a provider that names turns itself (Gemini) keeps the names unique across the call, as
+    /// the call's conversation and playback remember them.
+    pub generation: u32,
 }
 
 impl Default for SessionSettings {
@@ -108,6 +112,7 @@ impl Default for SessionSettings {
             tools: Vec::new(),
             language: None,
             resumption_handle: None,
+            generation: 0,
         }
     }
 }

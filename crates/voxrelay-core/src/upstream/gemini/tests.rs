@@ -155,11 +155,11 @@ fn a_model_turn_is_named_and_ends_with_its_transcript() {
         events(&mut protocol, &first),
         vec![
             UpstreamEvent::ResponseCreated {
-                response_id: "gemini-turn-1".into()
+                response_id: "gemini-0-turn-1".into()
             },
             UpstreamEvent::AudioDelta {
-                response_id: "gemini-turn-1".into(),
-                item_id: "gemini-turn-1".into(),
+                response_id: "gemini-0-turn-1".into(),
+                item_id: "gemini-0-turn-1".into(),
                 audio_b64: "AAAA".into(),
             },
         ]
@@ -175,7 +175,7 @@ fn a_model_turn_is_named_and_ends_with_its_transcript() {
     assert_eq!(
         events(&mut protocol, words),
         vec![UpstreamEvent::OutputTranscriptDelta {
-            item_id: "gemini-turn-1".into(),
+            item_id: "gemini-0-turn-1".into(),
             delta: "Hello, ".into()
         }]
     );
@@ -195,11 +195,11 @@ fn a_model_turn_is_named_and_ends_with_its_transcript() {
         ),
         vec![
             UpstreamEvent::OutputTranscript {
-                item_id: "gemini-turn-1".into(),
+                item_id: "gemini-0-turn-1".into(),
                 text: "Hello, Bistro Luna.".into()
             },
             UpstreamEvent::ResponseDone {
-                response_id: "gemini-turn-1".into(),
+                response_id: "gemini-0-turn-1".into(),
                 status: "completed".into()
             },
             UpstreamEvent::Usage {
@@ -211,7 +211,7 @@ fn a_model_turn_is_named_and_ends_with_its_transcript() {
     let next = audio("CCCC");
     assert!(matches!(
         &events(&mut protocol, &next)[0],
-        UpstreamEvent::ResponseCreated { response_id } if response_id == "gemini-turn-2"
+        UpstreamEvent::ResponseCreated { response_id } if response_id == "gemini-0-turn-2"
     ));
 }
 
@@ -222,7 +222,7 @@ fn caller_speech_is_placed_at_its_first_transcript_and_ends_when_the_model_answe
     assert_eq!(
         events(&mut protocol, heard),
         vec![UpstreamEvent::SpeechStarted {
-            item_id: "gemini-caller-1".into(),
+            item_id: "gemini-0-caller-1".into(),
             audio_start_ms: 0
         }]
     );
@@ -235,11 +235,11 @@ fn caller_speech_is_placed_at_its_first_transcript_and_ends_when_the_model_answe
         [
             UpstreamEvent::SpeechStopped { audio_end_ms: 0 },
             UpstreamEvent::InputTranscript {
-                item_id: "gemini-caller-1".into(),
+                item_id: "gemini-0-caller-1".into(),
                 text: "I'd like a table.".into()
             },
             UpstreamEvent::ResponseCreated {
-                response_id: "gemini-turn-1".into()
+                response_id: "gemini-0-turn-1".into()
             },
         ]
     );
@@ -260,15 +260,15 @@ fn an_interruption_barges_in_and_cancels_the_turn() {
         events(&mut protocol, r#"{"serverContent":{"interrupted":true}}"#),
         vec![
             UpstreamEvent::SpeechStarted {
-                item_id: "gemini-caller-1".into(),
+                item_id: "gemini-0-caller-1".into(),
                 audio_start_ms: 0
             },
             UpstreamEvent::OutputTranscript {
-                item_id: "gemini-turn-1".into(),
+                item_id: "gemini-0-turn-1".into(),
                 text: "We open at".into()
             },
             UpstreamEvent::ResponseDone {
-                response_id: "gemini-turn-1".into(),
+                response_id: "gemini-0-turn-1".into(),
                 status: "cancelled".into()
             },
         ]
@@ -287,7 +287,7 @@ fn an_interruption_barges_in_and_cancels_the_turn() {
         vec![
             UpstreamEvent::SpeechStopped { audio_end_ms: 0 },
             UpstreamEvent::InputTranscript {
-                item_id: "gemini-caller-1".into(),
+                item_id: "gemini-0-caller-1".into(),
                 text: "wait".into()
             },
         ]
@@ -381,8 +381,8 @@ fn client_messages_have_the_live_api_shape() {
     let capacity = append.capacity();
     protocol.write_audio_append("AAEC", &mut append);
     assert_eq!(append.capacity(), capacity, "the buffer is reused");
-    assert_eq!(protocol.truncate("gemini-turn-1", 400), None);
-    assert_eq!(protocol.delete_item("gemini-turn-1"), None);
+    assert_eq!(protocol.truncate("gemini-0-turn-1", 400), None);
+    assert_eq!(protocol.delete_item("gemini-0-turn-1"), None);
     assert_eq!(protocol.cancel_response(), None);
     assert_eq!(
         parse(&protocol.user_text("The caller pressed 5.")),
@@ -452,4 +452,28 @@ fn garbage_and_wrong_audio_are_errors_never_panics() {
     assert!(is_output_audio("audio/pcm"));
     assert!(is_output_audio("audio/pcm; rate=24000"));
     assert!(!is_output_audio("audio/wav"));
+}
+
+#[test]
+fn a_successors_turns_have_names_of_their_own() {
+    // The call's conversation and playback outlive a session: a successor's first turn must
+    // not be taken for its predecessor's.
+    let first_audio = audio("AAAA");
+    let mut first = GeminiLive::new(receptionist());
+    let mut successor = GeminiLive::new(SessionSettings {
+        generation: 1,
+        ..receptionist()
+    });
+    let named = |events: Vec<UpstreamEvent<'_>>| match &events[0] {
+        UpstreamEvent::ResponseCreated { response_id } => response_id.to_string(),
+        other => panic!("{other:?}"),
+    };
+    let a = named(events(&mut first, &first_audio));
+    let b = named(events(&mut successor, &first_audio));
+    assert_ne!(a, b);
+    let successor_session = crate::session::model::ModelSession::new(receptionist(), false);
+    let mut next = successor_session.successor();
+    let mut out = Vec::new();
+    next.open(&mut out);
+    assert_eq!(parse(&out[0])["setup"]["model"], "models/gemini-3.8-live");
 }
