@@ -139,6 +139,21 @@ async fn greeting_two_way_audio_and_barge_in_on_buffered_audio(provider: Provide
         reaction <= Duration::from_millis(1),
         "speech to Twilio clear took up to {reaction:?}"
     );
+    // The provider's own families count the call once it has ended.
+    assert!(
+        eventually(Duration::from_secs(5), || metrics
+            .provider(provider)
+            .calls
+            .load(Relaxed)
+            == 1)
+        .await
+    );
+    let own = metrics.provider(provider);
+    assert_eq!(own.barge_in.count(), 1);
+    assert!(own.uplink.count() > 0 && own.downlink.count() > 0);
+    let text = metrics.render();
+    let line = format!("voxrelay_provider_calls_total{{provider=\"{provider}\"}} 1");
+    assert!(text.contains(&line), "{line} missing");
     stack.bridge.drain_and_stop(Duration::from_secs(1)).await;
 }
 

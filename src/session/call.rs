@@ -1154,6 +1154,11 @@ where
             warnings_suppressed = self.engine.warnings_suppressed(),
             "call summary"
         );
+        if let Some(agent) = &self.agent {
+            self.metrics
+                .provider(agent.provider)
+                .record_call(stats, &self.latency);
+        }
         if let Some(record) = self.record.take() {
             // A call that ended before its agent was known is reported with the fallback's.
             let agent = self

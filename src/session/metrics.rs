@@ -13,6 +13,7 @@ use super::continuity::{FallbackReason, SessionEnd};
 use super::engine::CallStats;
 // From the core crate, not `crate::control`: metrics sits below the control-plane client,
 // which records into it, so it must not import from it.
+use voxrelay_core::Provider;
 use voxrelay_core::control::api::ContextSource;
 
 /// Upper bounds of the latency buckets, in microseconds.
@@ -64,6 +65,48 @@ impl Histogram {
             }
         }
         Some(Duration::MAX)
+    }
+
+    /// Adds every observation of `other` (a call's own histogram) to this one.
+    pub fn absorb(&self, other: &Histogram) {
+        for (mine, theirs) in self.buckets.iter().zip(&other.buckets) {
+            let count = theirs.load(Relaxed);
+            if count > 0 {
+                mine.fetch_add(count, Relaxed);
+            }
+        }
+        self.count.fetch_add(other.count(), Relaxed);
+        self.sum_ns.fetch_add(other.sum_ns.load(Relaxed), Relaxed);
+    }
+
+    /// The family `name` with one series per `(label value, histogram)`.
+    fn render_labelled<'a>(
+        out: &mut String,
+        name: &str,
+        help: &str,
+        label: &str,
+        series: impl IntoIterator<Item = (&'a str, &'a Histogram)>,
+    ) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (value, histogram) in series {
+            let mut cumulative = 0;
+            for (bucket, &bound) in histogram.buckets.iter().zip(&BUCKETS_US) {
+                cumulative += bucket.load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{{label}=\"{value}\",le=\"{}\"}} {cumulative}",
+                    bound as f64 / 1e6
+                );
+            }
+            let count = histogram.count();
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{label}=\"{value}\",le=\"+Inf\"}} {count}"
+            );
+            let sum = histogram.sum_ns.load(Relaxed) as f64 / 1e9;
+            let _ = writeln!(out, "{name}_sum{{{label}=\"{value}\"}} {sum}");
+            let _ = writeln!(out, "{name}_count{{{label}=\"{value}\"}} {count}");
+        }
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
@@ -131,6 +174,72 @@ impl CallLatencyRecorder {
 }
 
 pub use super::engine::TwilioErrorKind;
+
+/// What one provider's calls did, recorded once per call when it ends (never on the media
+/// path): the `voxrelay_provider_*{provider}` families, so operators compare providers on the
+/// same bridge. Twilio-side and listener families carry no provider: they happen before a
+/// call's provider is known, or do not depend on it.
+#[derive(Default)]
+pub struct ProviderMetrics {
+    pub calls: AtomicU64,
+    /// Model sessions opened (first ones, successors and renewals).
+    pub sessions: AtomicU64,
+    /// Sessions lost mid-call (closed, silent, stalled, oversized).
+    pub sessions_lost: AtomicU64,
+    /// Connect attempts that failed before a session opened.
+    pub failed_connects: AtomicU64,
+    pub upstream_errors: AtomicU64,
+    pub fallbacks: AtomicU64,
+    pub input_tokens: AtomicU64,
+    pub output_tokens: AtomicU64,
+    pub uplink: Histogram,
+    pub downlink: Histogram,
+    pub barge_in: Histogram,
+}
+
+impl ProviderMetrics {
+    /// Adds one ended call: its counters and its own latency histograms.
+    pub fn record_call(&self, stats: &CallStats, latency: &CallLatencyRecorder) {
+        self.calls.fetch_add(1, Relaxed);
+        let continuity = &stats.continuity;
+        let recorded = continuity.sessions.len() as u64 + continuity.sessions_unrecorded;
+        self.sessions.fetch_add(recorded, Relaxed);
+        let lost = continuity
+            .sessions
+            .iter()
+            .filter(|session| {
+                matches!(
+                    session.end,
+                    Some(
+                        SessionEnd::Dropped
+                            | SessionEnd::Idle
+                            | SessionEnd::Stalled
+                            | SessionEnd::Oversized
+                    )
+                )
+            })
+            .count() as u64;
+        self.sessions_lost.fetch_add(lost, Relaxed);
+        let failed: usize = continuity
+            .sessions
+            .iter()
+            .map(|session| session.failed_attempts.len())
+            .sum();
+        self.failed_connects.fetch_add(failed as u64, Relaxed);
+        self.upstream_errors
+            .fetch_add(stats.upstream_errors, Relaxed);
+        if continuity.fallback.is_some() {
+            self.fallbacks.fetch_add(1, Relaxed);
+        }
+        self.input_tokens
+            .fetch_add(stats.usage.input_tokens, Relaxed);
+        self.output_tokens
+            .fetch_add(stats.usage.output_tokens, Relaxed);
+        self.uplink.absorb(&latency.uplink);
+        self.downlink.absorb(&latency.downlink);
+        self.barge_in.absorb(&latency.barge_in);
+    }
+}
 
 /// Routes whose Twilio signature is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,6 +350,8 @@ impl ControlEndpoint {
 
 #[derive(Default)]
 pub struct Metrics {
+    /// Per provider, by [`Provider`] order (`openai`, `gemini`).
+    providers: [ProviderMetrics; 2],
     pub calls_active: AtomicI64,
     pub calls_started: AtomicU64,
     pub calls_ended: AtomicU64,
@@ -578,6 +689,99 @@ impl Metrics {
                 counter,
                 stats.twilio_errors[index],
                 &mut published.twilio_errors[index],
+            );
+        }
+    }
+
+    /// One provider's figures.
+    pub fn provider(&self, provider: Provider) -> &ProviderMetrics {
+        &self.providers[match provider {
+            Provider::OpenAi => 0,
+            Provider::Gemini => 1,
+        }]
+    }
+
+    fn render_providers(&self, out: &mut String) {
+        let counters: [(&str, &str, fn(&ProviderMetrics) -> &AtomicU64); 8] = [
+            (
+                "voxrelay_provider_calls_total",
+                "Calls ended, by the provider that answered.",
+                |m| &m.calls,
+            ),
+            (
+                "voxrelay_provider_model_sessions_total",
+                "Model sessions opened, successors and renewals included.",
+                |m| &m.sessions,
+            ),
+            (
+                "voxrelay_provider_model_sessions_lost_total",
+                "Model sessions lost mid-call (closed, silent, stalled, oversized).",
+                |m| &m.sessions_lost,
+            ),
+            (
+                "voxrelay_provider_connect_failures_total",
+                "Failed connect attempts before a session opened.",
+                |m| &m.failed_connects,
+            ),
+            (
+                "voxrelay_provider_upstream_errors_total",
+                "Error events (or malformed messages) from the model.",
+                |m| &m.upstream_errors,
+            ),
+            (
+                "voxrelay_provider_fallbacks_total",
+                "Calls sent to their tenant's fallback for want of a model session.",
+                |m| &m.fallbacks,
+            ),
+            (
+                "voxrelay_provider_input_tokens_total",
+                "Input tokens the provider reported using.",
+                |m| &m.input_tokens,
+            ),
+            (
+                "voxrelay_provider_output_tokens_total",
+                "Output tokens the provider reported using.",
+                |m| &m.output_tokens,
+            ),
+        ];
+        for (name, help, field) in counters {
+            write_labelled_counter(
+                out,
+                name,
+                help,
+                "provider",
+                Provider::ALL.map(|provider| {
+                    (
+                        provider.as_str(),
+                        field(self.provider(provider)).load(Relaxed),
+                    )
+                }),
+            );
+        }
+        let histograms: [(&str, &str, fn(&ProviderMetrics) -> &Histogram); 3] = [
+            (
+                "voxrelay_provider_uplink_added_seconds",
+                "Caller frame read to model append written, by provider.",
+                |m| &m.uplink,
+            ),
+            (
+                "voxrelay_provider_downlink_added_seconds",
+                "Model audio read to Twilio media written, by provider.",
+                |m| &m.downlink,
+            ),
+            (
+                "voxrelay_provider_barge_in_reaction_seconds",
+                "Caller speech signal read to Twilio clear written, by provider.",
+                |m| &m.barge_in,
+            ),
+        ];
+        for (name, help, field) in histograms {
+            Histogram::render_labelled(
+                out,
+                name,
+                help,
+                "provider",
+                Provider::ALL.map(|provider| (provider.as_str(), field(self.provider(provider)))),
             );
         }
     }
@@ -1003,6 +1207,7 @@ impl Metrics {
             "voxrelay_barge_in_reaction_seconds",
             "speech_started read to Twilio clear written.",
         );
+        self.render_providers(&mut out);
         self.render_control(&mut out);
         self.listener.render(&mut out);
         out
