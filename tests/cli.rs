@@ -25,6 +25,9 @@ fn clean_command(args: &[&str]) -> Command {
         .env_remove("VOXRELAY_PUBLIC_URL")
         .env_remove("VOXRELAY_MOCK_MODEL")
         .env_remove("VOXRELAY_OPENAI_URL")
+        .env_remove("VOXRELAY_PROVIDER")
+        .env_remove("GEMINI_API_KEY")
+        .env_remove("VOXRELAY_GEMINI_URL")
         .env_remove("VOXRELAY_CONTROL_PLANE_URL")
         .env_remove("VOXRELAY_TWILIO_ACCOUNT_SID")
         .env("RUST_LOG", "info")
@@ -116,6 +119,21 @@ fn serve_refuses_to_fall_back_to_the_mock_model_or_send_secrets_in_clear() {
         &[("VOXRELAY_TWILIO_ACCOUNT_SID", "AC123")],
     ));
     assert!(reason.contains("VOXRELAY_TWILIO_ACCOUNT_SID"), "{reason}");
+    // The default provider's key is the one required.
+    let reason = serve_refusal(&base_with(None, &[("VOXRELAY_PROVIDER", "gemini")]));
+    assert!(
+        reason.contains("GEMINI_API_KEY is not set") && reason.contains("--mock-model"),
+        "{reason}"
+    );
+    let reason = serve_refusal(&base_with(
+        None,
+        &[
+            ("GEMINI_API_KEY", "gemini-cli-secret"),
+            ("VOXRELAY_GEMINI_URL", "ws://10.0.0.5:9000/live"),
+        ],
+    ));
+    assert!(reason.contains("VOXRELAY_GEMINI_URL"), "{reason}");
+    assert!(!reason.contains("gemini-cli-secret"), "{reason}");
 }
 
 #[test]

@@ -47,11 +47,11 @@ pub const OUTPUT_RATE: u32 = 24_000;
 const INPUT_MIME: &str = "audio/pcm;rate=16000";
 
 /// Transcript text kept for the turn in progress (each side); the start is kept.
-const MAX_TURN_TEXT_BYTES: usize = 4 * 1024;
+pub const MAX_TURN_TEXT_BYTES: usize = 4 * 1024;
 /// Tool calls whose names are remembered for their answers (`toolResponse` names the function).
-const PENDING_TOOL_NAMES: usize = 16;
+pub const PENDING_TOOL_NAMES: usize = 16;
 /// The longest resumption handle kept; the service's are a few hundred bytes.
-const MAX_HANDLE_BYTES: usize = 2 * 1024;
+pub const MAX_HANDLE_BYTES: usize = 2 * 1024;
 
 /// Gemini Live for one call.
 #[derive(Debug)]
