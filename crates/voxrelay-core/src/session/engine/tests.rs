@@ -2059,3 +2059,105 @@ fn a_providers_warning_that_the_session_ends_starts_the_renewal_at_once() {
         Some(SessionEnd::Renewed)
     );
 }
+
+fn gemini_settings() -> SessionSettings {
+    SessionSettings {
+        provider: crate::Provider::Gemini,
+        tools: vec![json!({"type": "function", "name": "take_message"})],
+        ..SessionSettings::default()
+    }
+}
+
+#[test]
+fn a_gemini_tool_call_is_run_answered_without_a_response_request_and_can_be_cancelled() {
+    let mut h = Harness::started_unresolved(AudioMode::Pcmu);
+    h.resolve_with(ModelSession::new(gemini_settings(), true));
+    h.open_model();
+    h.upstream_out();
+    h.upstream(
+        100,
+        r#"{"toolCall":{"functionCalls":[{"id":"fc-1","name":"take_message","args":{"text":"hi"}},{"id":"fc-2","name":"take_message","args":{}}]}}"#,
+    )
+    .unwrap();
+    let tools = h.take_tool_calls();
+    assert_eq!(tools.len(), 2, "both calls run");
+    assert_eq!(tools[0].arguments, r#"{"text":"hi"}"#);
+    h.upstream(150, r#"{"toolCallCancellation":{"ids":["fc-2"]}}"#)
+        .unwrap();
+    assert_eq!(
+        h.cancelled_tools,
+        ["fc-2"],
+        "the driver is told to abort it"
+    );
+    h.engine
+        .handle(
+            h.at(200),
+            Input::ToolResult {
+                call_id: "fc-1",
+                output: r#"{"saved":true}"#,
+            },
+        )
+        .unwrap();
+    h.drain();
+    let sent = h.upstream_out();
+    assert_eq!(
+        sent.len(),
+        1,
+        "only the answer: Gemini responds to it by itself"
+    );
+    assert_eq!(
+        sent[0].json["toolResponse"]["functionResponses"][0],
+        json!({"id": "fc-1", "name": "take_message", "response": {"saved": true}})
+    );
+}
+
+#[test]
+fn gemini_audio_is_resampled_each_way_and_usage_is_summed() {
+    let mut h = Harness::started_unresolved(AudioMode::Pcmu);
+    h.resolve_with(ModelSession::new(gemini_settings(), false));
+    h.open_model();
+    h.upstream_out();
+    // 20 ms of caller μ-law becomes 20 ms of 16 kHz PCM16 (640 bytes) at once: each 10 ms
+    // block yields 10 ms (the filter's 5 ms delay is inside it, not held back).
+    h.twilio(120, &media_msg(&b64(&[0x55; 160]))).unwrap();
+    let appends = h.upstream_out();
+    assert_eq!(appends.len(), 1);
+    let audio = &appends[0].json["realtimeInput"]["audio"];
+    assert_eq!(audio["mimeType"], "audio/pcm;rate=16000");
+    let bytes = BASE64.decode(audio["data"].as_str().unwrap()).unwrap();
+    assert_eq!(bytes.len(), 640, "20 ms at 16 kHz");
+    // 100 ms of 24 kHz model audio comes out as 100 ms of 8 kHz μ-law for Twilio.
+    let model_audio = BASE64.encode(vec![0u8; 4_800]);
+    h.upstream(
+        140,
+        &json!({"serverContent": {"modelTurn": {"parts": [{"inlineData":
+            {"mimeType": "audio/pcm;rate=24000", "data": model_audio}}]}}})
+        .to_string(),
+    )
+    .unwrap();
+    h.upstream(
+        150,
+        r#"{"serverContent":{"turnComplete":true},"usageMetadata":{"promptTokenCount":30,"responseTokenCount":12}}"#,
+    )
+    .unwrap();
+    h.upstream(
+        160,
+        r#"{"usageMetadata":{"promptTokenCount":5,"responseTokenCount":1}}"#,
+    )
+    .unwrap();
+    let usage = h.engine.stats().usage;
+    assert_eq!(
+        (usage.input_tokens, usage.output_tokens, usage.reports),
+        (35, 13, 2)
+    );
+    h.run_until(400);
+    let played: usize = h
+        .twilio_out()
+        .iter()
+        .filter(|out| out.event() == "media")
+        .map(|out| out.media_bytes().len())
+        .sum();
+    // The turn's end flushes the resampler: all 100 ms reach the caller, with the filter's
+    // 5 ms tail, padded to whole 20 ms chunks (6 × 160 bytes).
+    assert_eq!(played, 960, "100 ms at 8 kHz and its tail");
+}
