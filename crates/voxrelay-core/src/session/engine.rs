@@ -326,6 +326,8 @@ pub enum EngineError {
     BadBase64,
     #[error("model audio delta is not valid base64")]
     BadModelAudio,
+    #[error("model audio that names no response, with none in progress")]
+    AudioOutsideResponse,
     #[error("the call already has its model session")]
     SessionAlreadyResolved,
     #[error("the call has no model session yet")]
@@ -420,6 +422,8 @@ struct Scratch {
     mulaw: Vec<u8>,
     b64: String,
     follow_ups: Vec<String>,
+    /// The response in progress, for deltas that do not name it.
+    current_response: String,
     /// Spent model message buffers handed back by the driver, for the next appends.
     spare_appends: Vec<String>,
     /// Spent Twilio message buffers handed back by the driver, for the next `media` and
@@ -1013,6 +1017,30 @@ impl CallEngine {
                 if self.renewal.standby == Standby::None {
                     self.renewal.due = Some(now);
                 }
+            }
+            UpstreamEvent::AudioDelta {
+                response_id,
+                item_id,
+                audio_b64,
+            } if response_id.is_empty() => {
+                // The response in progress, copied into a kept buffer (no allocation per
+                // delta); audio outside any response is refused.
+                let mut current = std::mem::take(&mut self.scratch.current_response);
+                current.clear();
+                if let Some(active) = self
+                    .model
+                    .as_ref()
+                    .and_then(|m| m.active_response.as_deref())
+                {
+                    current.push_str(active);
+                }
+                let result = if current.is_empty() || !item_id.is_empty() {
+                    Err(EngineError::AudioOutsideResponse)
+                } else {
+                    self.on_model_audio(now, &current, &current, &audio_b64)
+                };
+                self.scratch.current_response = current;
+                result?
             }
             UpstreamEvent::AudioDelta {
                 response_id,

@@ -278,10 +278,11 @@ impl GeminiLive {
                     return Err(UpstreamError::UnexpectedAudioFormat);
                 }
                 self.open_model_turn(events);
-                let id = self.turn_id();
+                // Unnamed: the turn just opened (the engine knows it from `ResponseCreated`),
+                // so a delta costs no allocation.
                 events.push(UpstreamEvent::AudioDelta {
-                    response_id: Cow::Owned(id.clone()),
-                    item_id: Cow::Owned(id),
+                    response_id: Cow::Borrowed(""),
+                    item_id: Cow::Borrowed(""),
                     audio_b64: blob.data,
                 });
             }

@@ -147,6 +147,8 @@ impl Default for VadSettings {
 pub enum UpstreamEvent<'a> {
     /// `session.updated`: the configuration we sent is in force.
     SessionReady,
+    /// Model audio. Empty ids mean the response in progress, its one item named as the
+    /// response (a provider that names no turns per message: Gemini).
     AudioDelta {
         response_id: Cow<'a, str>,
         item_id: Cow<'a, str>,

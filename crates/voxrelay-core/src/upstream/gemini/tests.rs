@@ -158,8 +158,8 @@ fn a_model_turn_is_named_and_ends_with_its_transcript() {
                 response_id: "gemini-0-turn-1".into()
             },
             UpstreamEvent::AudioDelta {
-                response_id: "gemini-0-turn-1".into(),
-                item_id: "gemini-0-turn-1".into(),
+                response_id: "".into(),
+                item_id: "".into(),
                 audio_b64: "AAAA".into(),
             },
         ]
