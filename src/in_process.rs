@@ -65,13 +65,19 @@ fn bridge_config(settings: BridgeSettings) -> BridgeConfig {
         Some(text) if text.is_empty() => None,
         Some(text) => Some(text),
     };
-    let local = BridgeConfig::local(
+    let mut local = BridgeConfig::local(
         settings.twilio_auth_token,
         UpstreamTarget {
             url: settings.model_url,
-            api_key: Some(settings.model_api_key),
+            api_key: Some(settings.model_api_key.clone()),
         },
     );
+    // A Gemini tenant's calls dial this; without it they get their fallback, as on a bridge
+    // with no Gemini key.
+    local.models.gemini = settings.gemini_model_url.map(|url| UpstreamTarget {
+        url,
+        api_key: Some(settings.model_api_key),
+    });
     BridgeConfig {
         agent: AgentDefaults {
             audio_mode: settings.audio_mode,

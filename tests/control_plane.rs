@@ -17,12 +17,12 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
-use voxrelay::Secret;
 use voxrelay::control::api::{
     self, CallHistory, CallLatency, CallReport, ModelSessionReport, ReportBinding, ReportFallback,
-    Speaker, TenantContext, TranscriptEntry,
+    ReportUsage, Speaker, TenantContext, TranscriptEntry,
 };
 use voxrelay::control::signing::{SignedHeaders, SigningKey, Verifier, sign};
+use voxrelay::{Provider, Secret};
 use voxrelay_control_plane::seed::{SeedFiles, SeedSource};
 use voxrelay_control_plane::server::{ControlPlane, ControlPlaneConfig, RunningControlPlane};
 use voxrelay_control_plane::store::DbLocation;
@@ -227,6 +227,9 @@ fn report(call_sid: &str, tenant: &str, to: &str, started_at_ms: u64) -> CallRep
         reconnect_gap_ms: 0,
         hold_prompt_ms: 0,
         fallback: None,
+        provider: Provider::OpenAi,
+        model: None,
+        usage: None,
     }
 }
 
@@ -1003,6 +1006,72 @@ async fn a_report_with_two_model_sessions_and_a_fallback_comes_back_in_history()
             (409, "report_conflict")
         );
         assert_eq!(history_of(addr, "acme_dental").await, vec![sent]);
+        cp.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_gemini_calls_provider_model_and_usage_come_back_in_history() {
+    bounded(async {
+        let cp = start_in_memory().await;
+        let addr = cp.local_addr();
+        let looked_up = context(addr, "+15550100004", "+15551230000", "CA-gem").await;
+        assert_eq!(looked_up.status, 200, "{}", looked_up.body);
+        assert_eq!(looked_up.body["provider"], "gemini");
+        let mut sent = report(
+            "CA-gem",
+            "harbor_florist",
+            "+15550100004",
+            1_750_000_000_000,
+        );
+        sent.provider = Provider::Gemini;
+        sent.model = Some("gemini-3.8-live".into());
+        sent.usage = Some(ReportUsage {
+            input_tokens: 2_048,
+            output_tokens: 512,
+        });
+        let stored = post_report(addr, &sent).await;
+        assert_eq!(stored.status, 200, "{}", stored.body);
+        // A report from a bridge before these fields: OpenAI, default model, no usage.
+        let looked_up = context(addr, "+15550100004", "+15551230000", "CA-old").await;
+        assert_eq!(looked_up.status, 200, "{}", looked_up.body);
+        let mut old = serde_json::to_value(report(
+            "CA-old",
+            "harbor_florist",
+            "+15550100004",
+            1_750_000_100_000,
+        ))
+        .expect("json");
+        for field in ["provider", "model", "usage"] {
+            old.as_object_mut().expect("object").remove(field);
+        }
+        let reply = send(addr, "POST", &api::report_path("CA-old"), Some(&old)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+
+        let reply = send_as(
+            &ops_key(),
+            addr,
+            "GET",
+            "/v1/calls?tenant_id=harbor_florist",
+            None,
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        // The JSON keys as documented; newest first.
+        let calls = &reply.body["calls"];
+        assert_eq!(calls[0]["call_sid"], "CA-old");
+        assert_eq!(calls[0]["provider"], "openai");
+        assert_eq!(calls[0]["model"], Value::Null);
+        assert!(calls[0].get("usage").is_none(), "{}", calls[0]);
+        assert_eq!(calls[1]["provider"], "gemini");
+        assert_eq!(calls[1]["model"], "gemini-3.8-live");
+        assert_eq!(
+            calls[1]["usage"],
+            json!({"input_tokens": 2_048, "output_tokens": 512})
+        );
+        let history: CallHistory = serde_json::from_value(reply.body).expect("history");
+        assert_eq!(history.calls[1], sent);
         cp.stop().await;
     })
     .await;

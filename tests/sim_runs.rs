@@ -10,8 +10,9 @@ use voxrelay_sim::demo::{DemoOptions, run_demo};
 use voxrelay_sim::first_audio::{FirstAudioOptions, LOOKUPS, run};
 
 /// The README's main job, end to end: every seeded tenant's call gets its agent and is
-/// reported to it; the unknown number gets the fallback and no tenant; the last call survives
-/// its model session's reset and its report lists both sessions.
+/// reported to it; the unknown number gets the fallback and no tenant; the Gemini tenant's call
+/// is answered on Gemini Live and its stored report says so, with the model and the tokens;
+/// the last call survives its model session's reset and its report lists both sessions.
 #[tokio::test]
 async fn the_demo_answers_each_tenant_with_its_own_agent_and_reports_it() {
     let report = run_demo(
@@ -34,6 +35,46 @@ async fn the_demo_answers_each_tenant_with_its_own_agent_and_reports_it() {
     };
     assert_eq!(reported("acme_dental"), ["+15550100001"]);
     assert_eq!(reported("bistro_luna"), ["+15550100002", "+15550100002"]);
+    assert_eq!(reported("harbor_florist"), ["+15550100004"]);
+    // Every call has its stored report, and each names the provider that answered it.
+    let providers: Vec<(&str, Option<voxrelay::Provider>)> = report
+        .numbers
+        .iter()
+        .zip(&report.stored)
+        .map(|(number, stored)| (number.as_str(), stored.as_ref().map(|r| r.provider)))
+        .collect();
+    use voxrelay::Provider::{Gemini, OpenAi};
+    assert_eq!(
+        providers,
+        [
+            ("+15550100001", Some(OpenAi)),
+            ("+15550100002", Some(OpenAi)),
+            ("+15550100099", Some(OpenAi)),
+            ("+15550100004", Some(Gemini)),
+            ("+15550100002", Some(OpenAi)),
+        ],
+        "{}",
+        report.text
+    );
+    let gemini = report.stored[3].as_ref().expect("stored");
+    assert_eq!(gemini.tenant_id.as_deref(), Some("harbor_florist"));
+    assert_eq!(gemini.model.as_deref(), Some("gemini-3.8-live"));
+    assert!(
+        gemini.usage.is_some_and(|usage| usage.output_tokens > 0),
+        "the mock's usageMetadata reaches the report: {gemini:?}"
+    );
+    assert!(
+        gemini.model_sessions.len() == 1 && gemini.fallback.is_none(),
+        "answered by its model, not its fallback: {gemini:?}"
+    );
+    assert_eq!(report.mock_sessions[3].provider, "gemini");
+    // OpenAI's usage (response.done) reaches the report as Gemini's does.
+    let acme = report.stored[0].as_ref().expect("stored");
+    assert!(
+        acme.usage.is_some_and(|usage| usage.output_tokens > 0),
+        "the mock's response.done usage reaches the report: {acme:?}"
+    );
+    assert!(report.text.contains("provider: gemini"), "{}", report.text);
     let survivor = report
         .history
         .iter()
@@ -57,6 +98,7 @@ async fn the_demo_answers_each_tenant_with_its_own_agent_and_reports_it() {
     assert!(greetings[0].contains("Acme Dental"), "{greetings:?}");
     assert!(greetings[1].contains("Bistro Luna"), "{greetings:?}");
     assert_eq!(greetings[2], voxrelay::config::DEFAULT_GREETING);
+    assert!(greetings[3].contains("Harbor Florist"), "{greetings:?}");
     assert!(report.text.contains("(fallback)"), "{}", report.text);
 }
 

@@ -1146,7 +1146,14 @@ where
     async fn finish(mut self, reason: EndReason) {
         let stats = self.engine.stats();
         self.metrics.publish_call_stats(stats, &mut self.published);
+        // The provider the call's agent ran on; a call that ended before its agent was known
+        // would have had the environment's (as its report says).
+        let provider = self
+            .agent
+            .as_ref()
+            .map_or(self.services.agent.provider, |agent| agent.provider);
         tracing::info!(
+            provider = provider.as_str(),
             frames_in = stats.frames_in,
             frames_out = stats.frames_out,
             barge_ins = stats.barge_ins,

@@ -11,8 +11,8 @@
 //! request was) and counted in `transcript_dropped_lines`; a single line longer than
 //! [`MAX_TRANSCRIPT_LINE_BYTES`] keeps its start and is counted in `transcript_cut_lines`. The
 //! other strings a peer or a control plane can make long (ids, numbers, agent and tenant names,
-//! the memory namespace) are cut at [`MAX_REPORT_FIELD_BYTES`]. The whole report is then at
-//! most [`MAX_REPORT_BYTES`] (the worst case is built and measured in the tests).
+//! the memory namespace, the model id) are cut at [`MAX_REPORT_FIELD_BYTES`]. The whole report
+//! is then at most [`MAX_REPORT_BYTES`] (the worst case is built and measured in the tests).
 
 use std::time::SystemTime;
 
@@ -20,7 +20,7 @@ use super::agent::CallAgent;
 use super::engine::CallStats;
 use crate::control::api::{
     CallLatency, CallReport, LatencySummary, ModelSessionReport, ReportBinding, ReportFallback,
-    TranscriptEntry,
+    ReportUsage, TranscriptEntry,
 };
 pub use voxrelay_core::session::transcript::{
     MAX_TRANSCRIPT_BYTES, MAX_TRANSCRIPT_LINE_BYTES, Transcript,
@@ -29,9 +29,9 @@ pub use voxrelay_core::session::transcript::{
 /// μ-law 8 kHz: one byte per sample.
 const MULAW_BYTES_PER_SECOND: f64 = 8_000.0;
 
-/// Longest id, number, agent name, tenant id or memory namespace a report carries.
+/// Longest id, number, agent name, tenant id, memory namespace or model id a report carries.
 pub const MAX_REPORT_FIELD_BYTES: usize = 256;
-/// The largest report [`call_report`] can build, encoded: the transcript budget, seven cut
+/// The largest report [`call_report`] can build, encoded: the transcript budget, eight cut
 /// fields at their worst JSON escaping (six bytes per byte), and the rest of the document with
 /// every number at its widest. Under a third of the control plane's 1 MiB body limit.
 pub const MAX_REPORT_BYTES: usize = 272 * 1024;
@@ -140,6 +140,12 @@ pub fn call_report(
             reason: reason.as_str().to_owned(),
             caller_got: fallback_twiml(identity.binding, agent).to_owned(),
         }),
+        provider: agent.provider,
+        model: agent.model.as_deref().map(bounded),
+        usage: (stats.usage.reports > 0).then_some(ReportUsage {
+            input_tokens: stats.usage.input_tokens,
+            output_tokens: stats.usage.output_tokens,
+        }),
     }
 }
 
@@ -164,8 +170,9 @@ mod tests {
     use crate::session::continuity::{
         ConnectFailure, FallbackReason, MAX_SESSION_RECORDS, SessionEnd, SessionRecord,
     };
-    use crate::session::engine::TranscriptLine;
+    use crate::session::engine::{TokenUsage, TranscriptLine};
     use crate::testkit::Lcg;
+    use voxrelay_core::Provider;
 
     fn identity(binding: ReportBinding, started_at: SystemTime) -> CallIdentity {
         CallIdentity {
@@ -228,6 +235,47 @@ mod tests {
         assert_eq!(json["transcript_dropped_lines"], 0);
         assert_eq!(json["model_sessions"], serde_json::json!([]));
         assert_eq!(json["fallback"], serde_json::Value::Null);
+        assert_eq!(json["provider"], "openai");
+        assert_eq!(json["model"], serde_json::Value::Null);
+        assert!(
+            json.get("usage").is_none(),
+            "no usage reported: the field is absent"
+        );
+    }
+
+    #[test]
+    fn a_report_names_the_provider_model_and_usage() {
+        let mut stats = CallStats::default();
+        let mut agent = CallAgent::from_defaults(&AgentDefaults::default(), "fresh");
+        agent.provider = Provider::Gemini;
+        agent.model = Some("gemini-3.8-live".into());
+        let started = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
+        let report = |stats: &CallStats| {
+            call_report(
+                &identity(ReportBinding::Bound, started),
+                &agent,
+                started,
+                "twilio_stop",
+                stats,
+                [(0, 0, 0, 0); 3],
+            )
+        };
+        assert_eq!(report(&stats).usage, None);
+        // A provider that reported zero tokens still reported: the usage is present.
+        stats.usage.reports = 1;
+        assert_eq!(report(&stats).usage, Some(ReportUsage::default()));
+        stats.usage = TokenUsage {
+            input_tokens: 301,
+            output_tokens: 111,
+            reports: 2,
+        };
+        let json = serde_json::to_value(report(&stats)).unwrap();
+        assert_eq!(json["provider"], "gemini");
+        assert_eq!(json["model"], "gemini-3.8-live");
+        assert_eq!(
+            json["usage"],
+            serde_json::json!({"input_tokens": 301, "output_tokens": 111})
+        );
     }
 
     #[test]
@@ -323,6 +371,12 @@ mod tests {
         agent.tenant_id = Some(hostile.clone());
         agent.agent_name = hostile.clone();
         agent.memory_namespace = Some(hostile.clone());
+        agent.model = Some(hostile.clone());
+        stats.usage = TokenUsage {
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+            reports: u64::MAX,
+        };
         let report = call_report(
             &CallIdentity {
                 call_sid: hostile.clone(),

@@ -32,7 +32,7 @@ use super::seed::{BusinessHours, Seed};
 use super::tools::{Tool, ToolArguments, business_hours_output};
 use voxrelay_core::control::api::{
     CallHistory, CallLatency, CallReport, ModelSessionReport, ReportBinding, ReportFallback,
-    Speaker, TenantContext, ToolRequest, TranscriptEntry, memory_namespace,
+    ReportUsage, Speaker, TenantContext, ToolRequest, TranscriptEntry, memory_namespace,
 };
 use voxrelay_core::{AudioMode, Provider};
 
@@ -110,7 +110,17 @@ CREATE TABLE IF NOT EXISTS calls (
     -- Schema 3. JSON {\"model_sessions\": […], \"reconnect_gap_ms\": …, \"hold_prompt_ms\": …,
     -- \"fallback\": null | {\"reason\": …, \"caller_got\": …}}, as the report has them (NULL:
     -- reported before schema 3, read as one session's worth of nothing).
-    continuity        TEXT
+    continuity        TEXT,
+    -- Schema 4. The realtime provider the call ran on (NULL: reported before schema 4, when
+    -- every call ran on OpenAI, and read so).
+    provider          TEXT CHECK (provider IN ('openai', 'gemini')),
+    -- Schema 4. The model id the call ran, as the bridge reported it (NULL: the endpoint's
+    -- default model). Not checked like a tenant's: it is the bridge's word, already bounded.
+    model             TEXT,
+    -- Schema 4. Tokens the provider reported for the call, both set or both NULL (none
+    -- reported). Columns rather than JSON so usage can be summed in SQL.
+    input_tokens      INTEGER CHECK (input_tokens >= 0),
+    output_tokens     INTEGER CHECK (output_tokens >= 0)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS calls_by_tenant ON calls (tenant_id, started_at_ms);
 
@@ -170,14 +180,20 @@ COMMIT;
 ";
 
 /// Schema 3 → 4: the tenants' provider and model, NULL (the bridge's defaults) for every
-/// existing tenant, so an upgraded database answers exactly as before until it is re-seeded.
-/// The checks are `SCHEMA`'s; SQLite tests an added column's CHECK against the existing rows,
-/// which NULL passes.
+/// existing tenant, so an upgraded database answers exactly as before until it is re-seeded;
+/// and the calls' provider, model and token usage, NULL for every call already reported
+/// (read as OpenAI, its default model, no usage reported: what those calls had). The checks
+/// are `SCHEMA`'s; SQLite tests an added column's CHECK against the existing rows, which NULL
+/// passes.
 const MIGRATE_3_TO_4: &str = "
 BEGIN;
 ALTER TABLE tenants ADD COLUMN provider TEXT CHECK (provider IN ('openai', 'gemini'));
 ALTER TABLE tenants ADD COLUMN model TEXT CHECK (length(model) BETWEEN 1 AND 128
                                  AND model NOT GLOB '*[^A-Za-z0-9._-]*');
+ALTER TABLE calls ADD COLUMN provider TEXT CHECK (provider IN ('openai', 'gemini'));
+ALTER TABLE calls ADD COLUMN model TEXT;
+ALTER TABLE calls ADD COLUMN input_tokens INTEGER CHECK (input_tokens >= 0);
+ALTER TABLE calls ADD COLUMN output_tokens INTEGER CHECK (output_tokens >= 0);
 COMMIT;
 ";
 
@@ -584,9 +600,9 @@ impl Store {
                  stream_sid, agent_name, started_at_ms, ended_at_ms, end_reason, context_source,
                  audio_seconds_in, audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
                  memory_namespace, binding, report_sha256, transcript_dropped_lines,
-                 transcript_cut_lines, continuity)
+                 transcript_cut_lines, continuity, provider, model, input_tokens, output_tokens)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, 'bound', ?19, ?20, ?21, ?22)
+                 ?18, 'bound', ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)
              ON CONFLICT (call_sid) DO UPDATE SET
                  tenant_id = excluded.tenant_id, from_number = excluded.from_number,
                  to_number = excluded.to_number, reported_at_ms = excluded.reported_at_ms,
@@ -600,7 +616,9 @@ impl Store {
                  binding = excluded.binding, report_sha256 = excluded.report_sha256,
                  transcript_dropped_lines = excluded.transcript_dropped_lines,
                  transcript_cut_lines = excluded.transcript_cut_lines,
-                 continuity = excluded.continuity",
+                 continuity = excluded.continuity, provider = excluded.provider,
+                 model = excluded.model, input_tokens = excluded.input_tokens,
+                 output_tokens = excluded.output_tokens",
             params![
                 report.call_sid,
                 tenant_id,
@@ -624,6 +642,10 @@ impl Store {
                 ints.transcript_dropped_lines,
                 ints.transcript_cut_lines,
                 continuity,
+                report.provider.as_str(),
+                report.model,
+                ints.usage.map(|(input, _)| input),
+                ints.usage.map(|(_, output)| output),
             ],
         )?;
         // Lines a lookup-only row cannot have; cleared so the report's are the only ones.
@@ -723,82 +745,24 @@ impl Store {
         if !tenant_exists(&tx, tenant_id)? {
             return Ok(Err(Refusal::UnknownTenant));
         }
-        let mut calls = Vec::new();
-        {
-            let mut select = tx.prepare(
-                "SELECT call_sid, stream_sid, tenant_id, agent_name, from_number, to_number,
-                     started_at_ms, ended_at_ms, end_reason, context_source, audio_seconds_in,
-                     audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
-                     memory_namespace, transcript_dropped_lines, transcript_cut_lines, continuity
-                 FROM calls
-                 WHERE tenant_id = ?1 AND reported_at_ms IS NOT NULL
-                 ORDER BY started_at_ms DESC, call_sid DESC
-                 LIMIT ?2",
-            )?;
-            let mut rows = select.query(params![tenant_id, clamp_i64(limit as u64)])?;
-            while let Some(row) = rows.next()? {
-                let latency: CallLatency = json_column(row.get(15)?, "latency")?;
-                let continuity: Continuity = json_column(row.get(19)?, "continuity")?;
-                calls.push(CallReport {
-                    call_sid: row.get(0)?,
-                    stream_sid: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                    tenant_id: row.get(2)?,
-                    agent_name: row.get::<_, Option<String>>(3)?.unwrap_or_default(),
-                    from: row.get(4)?,
-                    to: row.get(5)?,
-                    started_at_ms: unsigned(row.get(6)?),
-                    ended_at_ms: unsigned(row.get(7)?),
-                    end_reason: row.get::<_, Option<String>>(8)?.unwrap_or_default(),
-                    context_source: row.get::<_, Option<String>>(9)?.unwrap_or_default(),
-                    memory_namespace: row.get(16)?,
-                    audio_seconds_in: row.get::<_, Option<f64>>(10)?.unwrap_or_default(),
-                    audio_seconds_out: row.get::<_, Option<f64>>(11)?.unwrap_or_default(),
-                    barge_ins: unsigned(row.get(12)?),
-                    dtmf_digits: unsigned(row.get(13)?),
-                    tool_calls: unsigned(row.get(14)?),
-                    latency,
-                    // Only bound reports are stored here; rows from before schema 2 were
-                    // attributed by the rules of their time.
-                    binding: ReportBinding::Bound,
-                    transcript: Vec::new(),
-                    transcript_dropped_lines: unsigned(row.get(17)?),
-                    transcript_cut_lines: unsigned(row.get(18)?),
-                    model_sessions: continuity.model_sessions,
-                    reconnect_gap_ms: continuity.reconnect_gap_ms,
-                    hold_prompt_ms: continuity.hold_prompt_ms,
-                    fallback: continuity.fallback,
-                });
-            }
-        }
-        {
-            let mut lines = tx.prepare(
-                "SELECT speaker, offset_ms, text FROM transcript_lines
-                 WHERE call_sid = ?1 ORDER BY seq",
-            )?;
-            for call in &mut calls {
-                let mut rows = lines.query([&call.call_sid])?;
-                while let Some(row) = rows.next()? {
-                    let speaker: String = row.get(0)?;
-                    let speaker = match speaker.as_str() {
-                        "caller" => Speaker::Caller,
-                        "assistant" => Speaker::Assistant,
-                        _ => {
-                            return Err(StoreError::Corrupt {
-                                table: "transcript_lines",
-                                column: "speaker",
-                            });
-                        }
-                    };
-                    call.transcript.push(TranscriptEntry {
-                        speaker,
-                        offset_ms: unsigned(row.get(1)?),
-                        text: row.get(2)?,
-                    });
-                }
-            }
-        }
+        let calls = reported_calls(
+            &tx,
+            "tenant_id = ?1 ORDER BY started_at_ms DESC, call_sid DESC LIMIT ?2",
+            params![tenant_id, clamp_i64(limit as u64)],
+        )?;
         tx.commit()?;
         Ok(Ok(CallHistory { calls }))
+    }
+
+    /// The stored (bound) report of one call, whatever its tenant, a call the fallback agent
+    /// answered included (no tenant's history lists those); `None` until it is reported. For
+    /// operators, tests and the demo; not an endpoint.
+    pub fn reported_call(&self, call_sid: &str) -> Result<Option<CallReport>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let mut calls = reported_calls(&tx, "call_sid = ?1", params![call_sid])?;
+        tx.commit()?;
+        Ok(calls.pop())
     }
 
     /// `POST /v1/tools/{name}`: checks, in this order, that the tool exists, the tenant exists,
@@ -970,6 +934,113 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
     }))
 }
 
+/// The reported calls of `calls` that `filter` (SQL after `WHERE … AND`, with its order and
+/// limit) selects, each with its transcript, read in the caller's transaction so the calls and
+/// their transcripts are one snapshot.
+fn reported_calls(
+    tx: &Transaction<'_>,
+    filter: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<CallReport>, StoreError> {
+    let mut calls = Vec::new();
+    {
+        let mut select = tx.prepare(&format!(
+            "SELECT call_sid, stream_sid, tenant_id, agent_name, from_number, to_number,
+                 started_at_ms, ended_at_ms, end_reason, context_source, audio_seconds_in,
+                 audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
+                 memory_namespace, transcript_dropped_lines, transcript_cut_lines, continuity,
+                 provider, model, input_tokens, output_tokens
+             FROM calls
+             WHERE reported_at_ms IS NOT NULL AND {filter}"
+        ))?;
+        let mut rows = select.query(params)?;
+        while let Some(row) = rows.next()? {
+            let latency: CallLatency = json_column(row.get(15)?, "latency")?;
+            let continuity: Continuity = json_column(row.get(19)?, "continuity")?;
+            let corrupt = |column| StoreError::Corrupt {
+                table: "calls",
+                column,
+            };
+            // NULL: reported before schema 4, when every call ran on OpenAI.
+            let provider = row
+                .get::<_, Option<String>>(20)?
+                .map(|name| name.parse::<Provider>())
+                .transpose()
+                .map_err(|_| corrupt("provider"))?
+                .unwrap_or(Provider::OpenAi);
+            let usage = match (row.get::<_, Option<i64>>(22)?, row.get(23)?) {
+                (Some(input), Some(output)) => Some(ReportUsage {
+                    input_tokens: unsigned(Some(input)),
+                    output_tokens: unsigned(Some(output)),
+                }),
+                (None, None) => None,
+                (Some(_), None) => return Err(corrupt("output_tokens")),
+                (None, Some(_)) => return Err(corrupt("input_tokens")),
+            };
+            calls.push(CallReport {
+                call_sid: row.get(0)?,
+                stream_sid: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                tenant_id: row.get(2)?,
+                agent_name: row.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                from: row.get(4)?,
+                to: row.get(5)?,
+                started_at_ms: unsigned(row.get(6)?),
+                ended_at_ms: unsigned(row.get(7)?),
+                end_reason: row.get::<_, Option<String>>(8)?.unwrap_or_default(),
+                context_source: row.get::<_, Option<String>>(9)?.unwrap_or_default(),
+                memory_namespace: row.get(16)?,
+                audio_seconds_in: row.get::<_, Option<f64>>(10)?.unwrap_or_default(),
+                audio_seconds_out: row.get::<_, Option<f64>>(11)?.unwrap_or_default(),
+                barge_ins: unsigned(row.get(12)?),
+                dtmf_digits: unsigned(row.get(13)?),
+                tool_calls: unsigned(row.get(14)?),
+                latency,
+                // Only bound reports are stored here; rows from before schema 2 were
+                // attributed by the rules of their time.
+                binding: ReportBinding::Bound,
+                transcript: Vec::new(),
+                transcript_dropped_lines: unsigned(row.get(17)?),
+                transcript_cut_lines: unsigned(row.get(18)?),
+                model_sessions: continuity.model_sessions,
+                reconnect_gap_ms: continuity.reconnect_gap_ms,
+                hold_prompt_ms: continuity.hold_prompt_ms,
+                fallback: continuity.fallback,
+                provider,
+                model: row.get(21)?,
+                usage,
+            });
+        }
+    }
+    {
+        let mut lines = tx.prepare(
+            "SELECT speaker, offset_ms, text FROM transcript_lines
+             WHERE call_sid = ?1 ORDER BY seq",
+        )?;
+        for call in &mut calls {
+            let mut rows = lines.query([&call.call_sid])?;
+            while let Some(row) = rows.next()? {
+                let speaker: String = row.get(0)?;
+                let speaker = match speaker.as_str() {
+                    "caller" => Speaker::Caller,
+                    "assistant" => Speaker::Assistant,
+                    _ => {
+                        return Err(StoreError::Corrupt {
+                            table: "transcript_lines",
+                            column: "speaker",
+                        });
+                    }
+                };
+                call.transcript.push(TranscriptEntry {
+                    speaker,
+                    offset_ms: unsigned(row.get(1)?),
+                    text: row.get(2)?,
+                });
+            }
+        }
+    }
+    Ok(calls)
+}
+
 fn tenant_exists(tx: &Transaction<'_>, id: &str) -> Result<bool, StoreError> {
     Ok(tx
         .query_row("SELECT 1 FROM tenants WHERE id = ?1", [id], |_| Ok(()))
@@ -1042,6 +1113,8 @@ struct ReportInts {
     transcript_dropped_lines: i64,
     transcript_cut_lines: i64,
     offsets: Vec<i64>,
+    /// `(input_tokens, output_tokens)`, when the report has usage.
+    usage: Option<(i64, i64)>,
 }
 
 impl ReportInts {
@@ -1059,6 +1132,15 @@ impl ReportInts {
                 .iter()
                 .map(|line| i64::try_from(line.offset_ms))
                 .collect::<Result<_, _>>()?,
+            usage: report
+                .usage
+                .map(|usage| {
+                    Ok::<_, std::num::TryFromIntError>((
+                        i64::try_from(usage.input_tokens)?,
+                        i64::try_from(usage.output_tokens)?,
+                    ))
+                })
+                .transpose()?,
         })
         .and_then(|ints| {
             // Stored as JSON text, which would carry them, but held to the rule every report
@@ -1162,6 +1244,9 @@ mod tests {
             reconnect_gap_ms: 0,
             hold_prompt_ms: 0,
             fallback: None,
+            provider: Provider::OpenAi,
+            model: None,
+            usage: None,
         }
     }
 
@@ -1417,6 +1502,10 @@ mod tests {
         let mut undo = vec![
             "ALTER TABLE tenants DROP COLUMN provider",
             "ALTER TABLE tenants DROP COLUMN model",
+            "ALTER TABLE calls DROP COLUMN provider",
+            "ALTER TABLE calls DROP COLUMN model",
+            "ALTER TABLE calls DROP COLUMN input_tokens",
+            "ALTER TABLE calls DROP COLUMN output_tokens",
         ];
         if version < 3 {
             undo.extend([
@@ -1588,6 +1677,107 @@ mod tests {
             .expect("store")
             .expect("known");
         assert_eq!((context.fallback_number, context.hold_prompt), (None, None));
+    }
+
+    #[test]
+    fn a_reports_provider_model_and_usage_round_trip() {
+        let store = seeded();
+        let mut gemini = report("CA1", Some("harbor_florist"), NOW_MS);
+        gemini.to = "+15550100004".into();
+        gemini.provider = Provider::Gemini;
+        gemini.model = Some("gemini-3.8-live".into());
+        gemini.usage = Some(ReportUsage {
+            input_tokens: 1_204,
+            output_tokens: 388,
+        });
+        assert_eq!(store.record_report(&gemini, NOW_MS).expect("store"), Ok(2));
+        // On OpenAI with the endpoint's default model and no usage reported.
+        let plain = report("CA2", Some("harbor_florist"), NOW_MS + 1);
+        assert_eq!(store.record_report(&plain, NOW_MS).expect("store"), Ok(2));
+        let history = store
+            .call_history("harbor_florist", 50)
+            .expect("store")
+            .expect("tenant");
+        assert_eq!(history.calls, vec![plain.clone(), gemini.clone()]);
+        let json = serde_json::to_value(&history).expect("json");
+        assert_eq!(json["calls"][1]["provider"], "gemini");
+        assert_eq!(
+            json["calls"][1]["usage"],
+            json!({"input_tokens": 1_204, "output_tokens": 388})
+        );
+        assert_eq!(json["calls"][0]["provider"], "openai");
+        assert_eq!(json["calls"][0]["model"], Value::Null);
+        assert!(json["calls"][0].get("usage").is_none());
+        // One call's report, whatever its tenant: a call the fallback agent answered too,
+        // which no tenant's history lists.
+        assert_eq!(
+            store.reported_call("CA1").expect("store"),
+            Some(gemini.clone())
+        );
+        let mut fallback = report("CA9", None, NOW_MS);
+        fallback.provider = Provider::Gemini;
+        assert_eq!(
+            store.record_report(&fallback, NOW_MS).expect("store"),
+            Ok(2)
+        );
+        assert_eq!(store.reported_call("CA9").expect("store"), Some(fallback));
+        assert_eq!(store.reported_call("CA-none").expect("store"), None);
+        store
+            .context_for_call("+15550100004", "+15551230000", "CA-looked-up", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!(store.reported_call("CA-looked-up").expect("store"), None);
+        // The columns hold them, for SQL.
+        let stored: (String, Option<String>, Option<i64>, Option<i64>) = store
+            .lock()
+            .query_row(
+                "SELECT provider, model, input_tokens, output_tokens FROM calls
+                 WHERE call_sid = 'CA1'",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .expect("row");
+        assert_eq!(
+            stored,
+            (
+                "gemini".into(),
+                Some("gemini-3.8-live".into()),
+                Some(1_204),
+                Some(388)
+            )
+        );
+        // A retry differing only in usage is another report.
+        let mut other = gemini.clone();
+        other.usage = None;
+        assert_eq!(
+            store.record_report(&other, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        // Token counts past i64 are refused as every report integer is.
+        let mut huge = report("CA3", Some("harbor_florist"), NOW_MS);
+        huge.usage = Some(ReportUsage {
+            input_tokens: 1,
+            output_tokens: u64::MAX,
+        });
+        assert_eq!(
+            store.record_report(&huge, NOW_MS).expect("store"),
+            Err(Refusal::OutOfRange)
+        );
+        // Half a usage in a row edited by hand is reported, not read as something else.
+        store
+            .lock()
+            .execute(
+                "UPDATE calls SET output_tokens = NULL WHERE call_sid = 'CA1'",
+                [],
+            )
+            .expect("edit");
+        assert!(matches!(
+            store.call_history("harbor_florist", 50),
+            Err(StoreError::Corrupt {
+                column: "output_tokens",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -1892,6 +2082,14 @@ mod tests {
                 [],
             )
             .expect("call");
+            // A call schema 3 stored a report for (the columns history needs).
+            conn.execute(
+                "INSERT INTO calls (call_sid, tenant_id, reported_at_ms, started_at_ms,
+                     stream_sid, agent_name, end_reason, context_source)
+                 VALUES ('CA0', 'old_tenant', 6, 1, 'MZ0', 'Olga', 'twilio_stop', 'fresh')",
+                [],
+            )
+            .expect("reported call");
         }
         let store = Store::open(&DbLocation::File(path.clone())).expect("migrated");
         let version: i64 = store
@@ -1925,6 +2123,23 @@ mod tests {
             )
             .expect("call");
         assert_eq!(bound, (Some("old_tenant".into()), Some(5)));
+        // The report stored before schema 4 reads as what it was: OpenAI, the default model,
+        // no usage reported.
+        let history = store
+            .call_history("old_tenant", 50)
+            .expect("store")
+            .expect("tenant");
+        assert_eq!(history.calls.len(), 1);
+        let old = &history.calls[0];
+        assert_eq!(
+            (
+                old.call_sid.as_str(),
+                old.provider,
+                old.model.as_deref(),
+                old.usage
+            ),
+            ("CA0", Provider::OpenAi, None, None)
+        );
         // The new columns work on the migrated table, their checks included.
         {
             let conn = store.lock();
@@ -1937,6 +2152,20 @@ mod tests {
             assert!(
                 conn.execute(
                     "UPDATE tenants SET provider = 'anthropic' WHERE id = 'old_tenant'",
+                    []
+                )
+                .is_err()
+            );
+            assert!(
+                conn.execute(
+                    "UPDATE calls SET provider = 'anthropic' WHERE call_sid = 'CA0'",
+                    []
+                )
+                .is_err()
+            );
+            assert!(
+                conn.execute(
+                    "UPDATE calls SET input_tokens = -1 WHERE call_sid = 'CA0'",
                     []
                 )
                 .is_err()

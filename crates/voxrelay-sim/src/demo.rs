@@ -3,15 +3,18 @@
 //! through them, all in one process on 127.0.0.1, with a short report.
 //!
 //! Calls go to the seeded numbers in turn (Acme Dental, Bistro Luna, …) and, from the third
-//! on, one to a number no tenant owns, which the fallback agent answers. Each caller stays
+//! on, one to a number no tenant owns, which the fallback agent answers; beside them, one call
+//! goes to Harbor Florist, a tenant on Gemini Live (the mock speaks both providers' protocols,
+//! and the bridge dials each on its own path). Each caller stays
 //! quiet for a moment (the tenant's greeting starts), then speaks over the greeting (a
 //! barge-in: Twilio `clear`, model-side truncate), pauses (the mock model calls the tenant's
 //! `lookup_business_hours` tool, then answers), and listens before hanging up. A last call,
 //! placed after the others, has its model session reset 3 s in: the bridge opens a new
 //! session, tells it the conversation, and the call goes on. The report shows each call's
-//! tenant, agent, voice and greeting as the model received them, and the call history the
-//! control plane stored from the bridge's reports (with every model session a call had and
-//! the gap between them).
+//! tenant, agent, the provider that answered (from the report the control plane stored), voice
+//! and greeting as the model received them, and the call history the control plane stored
+//! from the bridge's reports (with every model session a call had, the gap between them, and
+//! the model and tokens each call used).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -31,7 +34,9 @@ use voxrelay_core::{AudioMode, Secret};
 /// The seeded numbers the demo dials, in order, and one nobody owns.
 const DEMO_NUMBERS: [&str; 3] = ["+15550100001", "+15550100002", "+15550100003"];
 const UNKNOWN_NUMBER: &str = "+15550100099";
-const DEMO_TENANTS: [&str; 2] = ["acme_dental", "bistro_luna"];
+/// Harbor Florist's number: the seeded tenant on Gemini Live.
+const GEMINI_NUMBER: &str = "+15550100004";
+const DEMO_TENANTS: [&str; 3] = ["acme_dental", "bistro_luna", "harbor_florist"];
 
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -62,6 +67,9 @@ pub struct DemoReport {
     pub calls: Vec<Result<CallReport, String>>,
     /// The number each call dialled.
     pub numbers: Vec<String>,
+    /// The report the control plane stored for each call (`None`: none arrived), a call the
+    /// fallback agent answered included.
+    pub stored: Vec<Option<ControlReport>>,
     pub mock_sessions: Vec<MockSessionRecord>,
     /// What the control plane stored from the bridge's reports, per seeded tenant.
     pub history: Vec<(String, Vec<ControlReport>)>,
@@ -109,6 +117,8 @@ pub async fn run_demo(
             key,
             report_spool_dir: spool.clone(),
         }),
+        // Harbor Florist's calls go to the mock's Gemini Live endpoint.
+        gemini_model_url: Some(mock.gemini_url()),
         ..BridgeSettings::new(mock.url(), Secret::new("voxrelay-demo"), token.clone())
     };
     let bridge = launcher.launch(settings).await.map_err(DemoError::Bridge)?;
@@ -118,8 +128,11 @@ pub async fn run_demo(
 
     let audio = demo_caller_audio();
     let mut calls = Vec::with_capacity(options.calls);
+    // The Gemini tenant's call goes last of this batch, so the mock's sessions stay in call
+    // order (each opens on its call's webhook, and the calls are staggered).
     let numbers: Vec<String> = (0..options.calls)
         .map(|index| demo_number(index).to_owned())
+        .chain([GEMINI_NUMBER.to_owned()])
         .collect();
     for (index, number) in numbers.iter().enumerate() {
         let mut caller = CallerConfig::new(bridge_url.clone(), token.clone(), audio.clone());
@@ -163,9 +176,16 @@ pub async fn run_demo(
             .unwrap_or_default();
         history.push((tenant.to_owned(), calls));
     }
+    let stored: Vec<Option<ControlReport>> = reports
+        .iter()
+        .map(|report| {
+            let call_sid = report.as_ref().ok()?.call_sid.as_str();
+            control_plane.store().reported_call(call_sid).ok().flatten()
+        })
+        .collect();
     control_plane.stop().await;
     let _ = std::fs::remove_dir_all(&spool);
-    let mut text = render(&reports, &numbers, &sessions, &history, &figures);
+    let mut text = render(&reports, &numbers, &stored, &sessions, &history, &figures);
     let _ = writeln!(
         text,
         "drain: {} calls live at shutdown, {} cancelled",
@@ -174,6 +194,7 @@ pub async fn run_demo(
     Ok(DemoReport {
         calls: reports,
         numbers,
+        stored,
         mock_sessions: sessions,
         history,
         text,
@@ -195,9 +216,30 @@ fn us(duration: Option<Duration>) -> String {
     }
 }
 
+/// The voice and the audio format a mock session was configured with, in its provider's shape
+/// (Gemini Live's audio is always PCM16).
+fn session_voice_and_mode(session: &MockSessionRecord) -> (Option<&str>, &'static str) {
+    if session.provider == "gemini" {
+        let voice = session.session["generationConfig"]["speechConfig"]["voiceConfig"]
+            ["prebuiltVoiceConfig"]["voiceName"]
+            .as_str();
+        return (voice, "pcm16");
+    }
+    let output = &session.session["audio"]["output"];
+    let mode = output["format"]["type"].as_str().map_or("-", |format| {
+        if format == "audio/pcmu" {
+            "pcmu"
+        } else {
+            "pcm16"
+        }
+    });
+    (output["voice"].as_str(), mode)
+}
+
 fn render(
     reports: &[Result<CallReport, String>],
     numbers: &[String],
+    stored: &[Option<ControlReport>],
     sessions: &[MockSessionRecord],
     history: &[(String, Vec<ControlReport>)],
     figures: &BridgeFigures,
@@ -208,41 +250,30 @@ fn render(
         "\nvoxrelay demo: {} simulated calls through the bridge, the reference control plane and the mock model\n",
         reports.len(),
     );
-    let reported: Vec<&ControlReport> = history.iter().flat_map(|(_, calls)| calls).collect();
     let _ = writeln!(
         out,
-        "{:<4} {:<13} {:<12} {:<6} {:<6} {:<6} greeting",
-        "call", "dialled", "tenant", "agent", "voice", "mode"
+        "{:<4} {:<13} {:<14} {:<7} {:<8} {:<6} {:<6} greeting",
+        "call", "dialled", "tenant", "agent", "provider", "voice", "mode"
     );
     for (index, (report, number)) in reports.iter().zip(numbers).enumerate() {
-        let call_sid = report.as_ref().map(|r| r.call_sid.as_str()).unwrap_or("");
-        let stored = reported.iter().find(|r| r.call_sid == call_sid);
+        let stored = stored.get(index).and_then(Option::as_ref);
         let session = sessions.get(index);
-        let voice = session
-            .and_then(|s| s.session["audio"]["output"]["voice"].as_str())
-            .unwrap_or("-");
-        let mode = session
-            .and_then(|s| s.session["audio"]["output"]["format"]["type"].as_str())
-            .map_or("-", |format| {
-                if format == "audio/pcmu" {
-                    "pcmu"
-                } else {
-                    "pcm16"
-                }
-            });
+        let (voice, mode) = session.map_or((None, "-"), session_voice_and_mode);
         let greeting = session
             .and_then(|s| s.response_transcripts.first())
             .map_or("-", String::as_str);
         let _ = writeln!(
             out,
-            "{:<4} {:<13} {:<12} {:<6} {:<6} {:<6} {}",
+            "{:<4} {:<13} {:<14} {:<7} {:<8} {:<6} {:<6} {}",
             index + 1,
             number,
-            stored
-                .and_then(|r| r.tenant_id.as_deref())
-                .unwrap_or("(fallback)"),
-            stored.map_or("default", |r| r.agent_name.as_str()),
-            voice,
+            match (report, stored) {
+                (Ok(_), Some(stored)) => stored.tenant_id.as_deref().unwrap_or("(fallback)"),
+                _ => "(no report)",
+            },
+            stored.map_or("-", |r| r.agent_name.as_str()),
+            stored.map_or("-", |r| r.provider.as_str()),
+            voice.unwrap_or("-"),
             mode,
             greeting
         );
@@ -288,7 +319,7 @@ fn render(
         for call in calls {
             let _ = writeln!(
                 out,
-                "  {tenant:<12} {} {:<8} {:>5.1}s in {:>5.1}s out, {} barge-ins, {} tool calls, end: {}, context: {}, memory: {}",
+                "  {tenant:<14} {} {:<8} {:>5.1}s in {:>5.1}s out, {} barge-ins, {} tool calls, end: {}, context: {}, memory: {}",
                 call.to,
                 call.agent_name,
                 call.audio_seconds_in,
@@ -298,6 +329,17 @@ fn render(
                 call.end_reason,
                 call.context_source,
                 call.memory_namespace.as_deref().unwrap_or("-"),
+            );
+            let _ = writeln!(
+                out,
+                "      provider: {}, model: {}, tokens: {}",
+                call.provider,
+                call.model.as_deref().unwrap_or("(endpoint default)"),
+                call.usage
+                    .map_or("none reported".to_owned(), |usage| format!(
+                        "{} in / {} out",
+                        usage.input_tokens, usage.output_tokens
+                    )),
             );
             if call.model_sessions.len() > 1 || call.fallback.is_some() {
                 let sessions: Vec<String> = call

@@ -3,7 +3,7 @@
 //! on the bridge crate (the bridge binary depends on the simulator, not the reverse).
 //!
 //! The binary implements [`BridgeLauncher`] with `voxrelay::http::Bridge` and passes it in.
-//! The simulator says what to run ([`BridgeSettings`]: the model, the Twilio token its callers
+//! The simulator says what to run ([`BridgeSettings`]: the models, the Twilio token its callers
 //! sign with, the agent's audio mode and greeting, pre-warm, the control plane, the call cap),
 //! gets back a running bridge ([`InProcessBridge`]: its address; stopping it drains and returns
 //! the figures the demo prints) and, for the first-audio probe, the bridge's own tenant lookup
@@ -22,9 +22,13 @@ use voxrelay_core::{AudioMode, Secret};
 /// local bridge (127.0.0.1, port 0, the admin listener on port 0 too).
 #[derive(Clone, Debug)]
 pub struct BridgeSettings {
-    /// The realtime model's URL (`ws://` for the simulator's models) and the key sent to it.
+    /// The realtime model's URL (`ws://` for the simulator's models) and the key sent to it:
+    /// OpenAI Realtime's endpoint, the bridge's default provider.
     pub model_url: String,
     pub model_api_key: Secret,
+    /// Gemini Live's endpoint (the mock's `gemini_url`), dialled with the same key for
+    /// tenants on Gemini; `None`: the bridge has no Gemini target, so such tenants fall back.
+    pub gemini_model_url: Option<String>,
     /// The Twilio auth token the simulated callers sign with.
     pub twilio_auth_token: Secret,
     /// The fallback agent's audio mode.
@@ -47,6 +51,7 @@ impl BridgeSettings {
         Self {
             model_url,
             model_api_key,
+            gemini_model_url: None,
             twilio_auth_token,
             audio_mode: AudioMode::default(),
             greeting: None,

@@ -260,6 +260,25 @@ pub struct CallReport {
     /// Set when no model session could be had and the call went to the fallback.
     #[serde(default)]
     pub fallback: Option<ReportFallback>,
+    /// The realtime provider the call ran on (`openai` or `gemini`). Absent (a bridge from
+    /// before the field, which only spoke OpenAI) reads as `openai`.
+    #[serde(default)]
+    pub provider: Provider,
+    /// The provider's model id the call ran; `null` for the endpoint's default model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Tokens the model reported using, summed over the call's sessions; absent when the
+    /// provider reported none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ReportUsage>,
+}
+
+/// A call's token usage as the provider reported it (OpenAI's `response.done` usage,
+/// Gemini's `usageMetadata`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
 }
 
 /// One model session of a reported call, in ms since the stream's `start`.
@@ -464,6 +483,40 @@ mod tests {
             assert!(!namespace_within_tenant("t1", outside), "{outside:?}");
         }
         assert!(!namespace_within_tenant("", "/x"));
+    }
+
+    #[test]
+    fn a_report_from_before_provider_and_usage_still_reads() {
+        let old = r#"{"call_sid":"CA1","stream_sid":"MZ1","tenant_id":"t1","agent_name":"Ada",
+            "from":"+1555","to":"+1666","started_at_ms":1,"ended_at_ms":2,"end_reason":"twilio_stop",
+            "context_source":"fresh","audio_seconds_in":1.0,"audio_seconds_out":0.5,"barge_ins":0,
+            "dtmf_digits":0,"tool_calls":0,"latency":{
+                "uplink_us":{"count":0,"p50":0,"p99":0,"max":0},
+                "downlink_us":{"count":0,"p50":0,"p99":0,"max":0},
+                "barge_in_us":{"count":0,"p50":0,"p99":0,"max":0}},
+            "transcript":[]}"#;
+        let report: CallReport = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (report.provider, report.model.as_deref(), report.usage),
+            (Provider::OpenAi, None, None)
+        );
+        // And a new one carries them; `usage` is left out when there is none.
+        let mut json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["provider"], "openai");
+        assert!(json.get("usage").is_none());
+        json["provider"] = "gemini".into();
+        json["model"] = "gemini-3.8-live".into();
+        json["usage"] = serde_json::json!({"input_tokens": 10, "output_tokens": 4});
+        let report: CallReport = serde_json::from_value(json).unwrap();
+        assert_eq!(report.provider, Provider::Gemini);
+        assert_eq!(report.model.as_deref(), Some("gemini-3.8-live"));
+        assert_eq!(
+            report.usage,
+            Some(ReportUsage {
+                input_tokens: 10,
+                output_tokens: 4
+            })
+        );
     }
 
     #[test]

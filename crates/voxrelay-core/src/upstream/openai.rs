@@ -2,7 +2,8 @@
 //!
 //! Owns the client messages voxrelay sends (`session.update`, `input_audio_buffer.append`,
 //! truncate/delete/cancel, user text, function output, `response.create`) and the borrowed
-//! parsing of the server events the call engine needs. Invariants: only the GA shape is ever
+//! parsing of the server events the call engine needs (a `response.done` also yields the
+//! tokens its `response.usage` reports). Invariants: only the GA shape is ever
 //! produced (no `OpenAI-Beta`, no `input_audio_format`, no `response.audio.delta`); the
 //! greeting's `response.create` is sent exactly once, and only after the first
 //! `session.updated`; unknown server event types are [`UpstreamEvent::Other`], never errors;
@@ -109,13 +110,45 @@ impl OpenAiRealtime {
 // The commands OpenAI always has are inherent methods returning their message; the trait
 // (where another provider may lack them) wraps them.
 impl OpenAiRealtime {
-    /// Parses one server event (OpenAI sends one event per message).
+    /// Parses one server event (OpenAI sends one event per message) into what it means. The
+    /// tokens a `response.done` reports are left out here: [`Self::parse_events`] adds them.
     pub fn parse_event<'a>(
         &mut self,
         text: &'a str,
         out: &mut Vec<String>,
     ) -> Result<UpstreamEvent<'a>, UpstreamError> {
+        self.parse_message(text, out).map(|(event, _)| event)
+    }
+
+    /// Everything one server message means, in order: its event, then for a `response.done`
+    /// that carries `response.usage` an [`UpstreamEvent::Usage`] (the engine sums them for
+    /// the call's report).
+    pub fn parse_events<'a>(
+        &mut self,
+        text: &'a str,
+        out: &mut Vec<String>,
+    ) -> Result<UpstreamEvents<'a>, UpstreamError> {
+        let (event, usage) = self.parse_message(text, out)?;
+        let mut events = UpstreamEvents::new();
+        events.push(event);
+        if let Some(usage) = usage {
+            events.push(UpstreamEvent::Usage {
+                input_tokens: usage.input_tokens,
+                output_tokens: usage.output_tokens,
+            });
+        }
+        Ok(events)
+    }
+
+    /// One server event and, for a `response.done`, the usage it reported (if any). One
+    /// parse serves both, so a `response.done` is not read twice.
+    fn parse_message<'a>(
+        &mut self,
+        text: &'a str,
+        out: &mut Vec<String>,
+    ) -> Result<(UpstreamEvent<'a>, Option<ResponseUsage>), UpstreamError> {
         let envelope: Envelope<'a> = serde_json::from_str(text)?;
+        let mut usage = None;
         let event = match envelope.kind.as_ref() {
             "session.updated" => {
                 if !self.greeting_sent {
@@ -155,6 +188,7 @@ impl OpenAiRealtime {
             }
             "response.done" => {
                 let done: ResponseEvent<'a> = serde_json::from_str(text)?;
+                usage = done.response.usage;
                 UpstreamEvent::ResponseDone {
                     response_id: done.response.id,
                     status: done.response.status,
@@ -200,7 +234,7 @@ impl OpenAiRealtime {
             _ => UpstreamEvent::Other,
         };
         check_ids(&event)?;
-        Ok(event)
+        Ok((event, usage))
     }
 
     pub fn write_audio_append(&self, audio_b64: &str, buf: &mut String) {
@@ -298,9 +332,7 @@ impl RealtimeProtocol for OpenAiRealtime {
         text: &'a str,
         out: &mut Vec<String>,
     ) -> Result<UpstreamEvents<'a>, UpstreamError> {
-        let mut events = UpstreamEvents::new();
-        events.push(self.parse_event(text, out)?);
-        Ok(events)
+        self.parse_events(text, out)
     }
 
     fn write_audio_append(&self, audio_b64: &str, buf: &mut String) {
@@ -519,6 +551,30 @@ struct ResponseObject<'a> {
     /// Only informative (the bridge acts on `id`), so a response without one still counts.
     #[serde(borrow, default)]
     status: Cow<'a, str>,
+    /// Present (non-null) on a finished `response.done`; null on `response.created` and on
+    /// some cancelled responses.
+    #[serde(default, deserialize_with = "lenient_usage")]
+    usage: Option<ResponseUsage>,
+}
+
+/// `response.usage`: the totals the call report needs (the service also sends
+/// `total_tokens` and per-modality details, which are ignored).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+struct ResponseUsage {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+}
+
+/// Usage is bookkeeping for the report: a usage object of an unexpected shape is dropped
+/// rather than failing the whole `response.done`, whose id and status the engine acts on.
+fn lenient_usage<'de, D>(deserializer: D) -> Result<Option<ResponseUsage>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
+    Ok(value.and_then(|value| ResponseUsage::deserialize(value).ok()))
 }
 
 #[derive(Deserialize)]
@@ -751,6 +807,79 @@ mod tests {
             assert_eq!(protocol.parse_event(text, &mut out).expect(text), expected);
         }
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn response_done_with_usage_also_yields_the_usage() {
+        let mut protocol = OpenAiRealtime::new(SessionSettings::default());
+        let mut out = Vec::new();
+        // A GA `response.done` as the service sends it (the fixtures hold none).
+        let done = r#"{"type":"response.done","event_id":"event_9","response":{"object":"realtime.response","id":"resp_7","status":"completed","status_details":null,"output":[{"id":"item_a","type":"message","status":"completed","role":"assistant","content":[{"type":"output_audio","transcript":"Hi."}]}],"conversation_id":"conv_1","output_modalities":["audio"],"max_output_tokens":"inf","audio":{"output":{"format":{"type":"audio/pcmu"},"voice":"marin"}},"usage":{"total_tokens":412,"input_tokens":301,"output_tokens":111,"input_token_details":{"text_tokens":280,"audio_tokens":21,"image_tokens":0,"cached_tokens":192,"cached_tokens_details":{"text_tokens":192,"audio_tokens":0,"image_tokens":0}},"output_token_details":{"text_tokens":30,"audio_tokens":81}},"metadata":null}}"#;
+        let events = protocol.on_message(done, &mut out).expect("parses");
+        assert_eq!(
+            events.as_slice(),
+            [
+                UpstreamEvent::ResponseDone {
+                    response_id: "resp_7".into(),
+                    status: "completed".into(),
+                },
+                UpstreamEvent::Usage {
+                    input_tokens: 301,
+                    output_tokens: 111,
+                },
+            ]
+        );
+        // parse_event keeps returning the main event alone.
+        assert_eq!(
+            protocol.parse_event(done, &mut out).expect("parses"),
+            events[0]
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn response_done_without_usable_usage_yields_only_the_done() {
+        let mut protocol = OpenAiRealtime::new(SessionSettings::default());
+        let mut out = Vec::new();
+        for done in [
+            r#"{"type":"response.done","response":{"id":"r1","status":"cancelled","usage":null}}"#,
+            r#"{"type":"response.done","response":{"id":"r1","status":"cancelled"}}"#,
+            r#"{"type":"response.done","response":{"id":"r1","status":"cancelled","usage":"n/a"}}"#,
+            r#"{"type":"response.done","response":{"id":"r1","status":"cancelled","usage":{"input_tokens":-1}}}"#,
+        ] {
+            let events = protocol.on_message(done, &mut out).expect(done);
+            assert_eq!(
+                events.as_slice(),
+                [UpstreamEvent::ResponseDone {
+                    response_id: "r1".into(),
+                    status: "cancelled".into(),
+                }],
+                "{done}"
+            );
+        }
+        // Missing counts are zero, not a refusal: the report still learns a response ran.
+        let events = protocol
+            .on_message(
+                r#"{"type":"response.done","response":{"id":"r2","usage":{"output_tokens":5}}}"#,
+                &mut out,
+            )
+            .expect("parses");
+        assert_eq!(
+            events.get(1),
+            Some(&UpstreamEvent::Usage {
+                input_tokens: 0,
+                output_tokens: 5
+            })
+        );
+        // Other events never carry usage, even when they mention it.
+        let created = r#"{"type":"response.created","response":{"id":"r3","usage":{"input_tokens":9,"output_tokens":9}}}"#;
+        assert_eq!(
+            protocol
+                .on_message(created, &mut out)
+                .expect("parses")
+                .len(),
+            1
+        );
     }
 
     #[test]

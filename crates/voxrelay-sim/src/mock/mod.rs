@@ -1049,6 +1049,15 @@ mod tests {
         );
         let done = events.last().expect("response.done");
         assert_eq!(done["response"]["status"], "completed");
+        // Usage as the GA service reports it: the echo's ~0.9 s of audio is ~28 tokens.
+        let usage = &done["response"]["usage"];
+        let output = usage["output_tokens"].as_u64().expect("output_tokens");
+        assert!((20..=40).contains(&output), "{usage}");
+        assert!(usage["input_tokens"].as_u64() > Some(0), "{usage}");
+        assert_eq!(
+            usage["total_tokens"].as_u64(),
+            Some(output + usage["input_tokens"].as_u64().unwrap_or(0))
+        );
 
         let echoed = decode_deltas(&events, format);
         let start = (100 * rate / 1000) as usize;

@@ -18,6 +18,10 @@ use super::voice::{EnergyVad, VadEvent, chime, convert_rate, greeting_text, pcm1
 use super::{MockConfig, MockSessionRecord, MockToolCall, lock};
 use voxrelay_core::codec::g711::{alaw_decode, alaw_encode, mulaw_decode, mulaw_encode};
 
+/// Tokens the mock bills per second of audio, either way (the order of the real service's
+/// audio tokens; the Gemini mock uses the same rate).
+const AUDIO_TOKENS_PER_SECOND: u64 = 32;
+
 /// Audio formats the GA API accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Format {
@@ -699,10 +703,24 @@ impl MockSession {
                          "output_index": 0, "item": item}),
         );
         let details = reason.map(|reason| json!({"type": status, "reason": reason}));
+        // GA-shaped usage: input is all the caller audio the session has had (the service
+        // bills the conversation so far with every response), output the audio this response
+        // actually sent.
+        let input_samples = lock(&self.record).input_audio_8k.len() as u64;
+        let input_tokens = (input_samples * AUDIO_TOKENS_PER_SECOND
+            / u64::from(self.input_format().rate()))
+        .max(1);
+        let output_tokens = (response.sent as u64 * AUDIO_TOKENS_PER_SECOND
+            / u64::from(self.output_format().rate()))
+        .max(1);
         self.emit(json!({
             "type": "response.done",
             "response": {"object": "realtime.response", "id": response.id, "status": status,
-                         "status_details": details, "output": [item], "usage": null},
+                         "status_details": details, "output": [item],
+                         "usage": {"total_tokens": input_tokens + output_tokens,
+                                   "input_tokens": input_tokens, "output_tokens": output_tokens,
+                                   "input_token_details": {"audio_tokens": input_tokens},
+                                   "output_token_details": {"audio_tokens": output_tokens}}},
         }));
     }
 
