@@ -3,8 +3,8 @@
 //! on the bridge crate (the bridge binary depends on the simulator, not the reverse).
 //!
 //! The binary implements [`BridgeLauncher`] with `voxrelay::http::Bridge` and passes it in.
-//! The simulator says what to run ([`BridgeSettings`]: the model, the Twilio token its callers
-//! sign with, the agent's audio mode and greeting, pre-warm, the control plane, the call cap),
+//! The simulator says what to run ([`BridgeSettings`]: the model and its provider, the Twilio
+//! token its callers sign with, the agent's audio mode, voice and greeting, pre-warm, the control plane, the call cap),
 //! gets back a running bridge ([`InProcessBridge`]: its address; stopping it drains and returns
 //! the figures the demo prints) and, for the first-audio probe, the bridge's own tenant lookup
 //! ([`TenantLookups`]) so the lookup is timed as a call pays it.
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use url::Url;
 use voxrelay_core::control::signing::SigningKey;
-use voxrelay_core::{AudioMode, Secret};
+use voxrelay_core::{AudioMode, Provider, Secret};
 
 /// How the simulator wants the bridge configured; everything else is the bridge's default for a
 /// local bridge (127.0.0.1, port 0, the admin listener on port 0 too).
@@ -25,6 +25,11 @@ pub struct BridgeSettings {
     /// The realtime model's URL (`ws://` for the simulator's models) and the key sent to it.
     pub model_url: String,
     pub model_api_key: Secret,
+    /// Which API the model at `model_url` speaks: the bridge's only provider and the fallback
+    /// agent's.
+    pub provider: Provider,
+    /// The fallback agent's voice; `None` keeps the provider's default.
+    pub voice: Option<String>,
     /// The Twilio auth token the simulated callers sign with.
     pub twilio_auth_token: Secret,
     /// The fallback agent's audio mode.
@@ -47,6 +52,8 @@ impl BridgeSettings {
         Self {
             model_url,
             model_api_key,
+            provider: Provider::OpenAi,
+            voice: None,
             twilio_auth_token,
             audio_mode: AudioMode::default(),
             greeting: None,
