@@ -3,7 +3,8 @@
 //!
 //! The simulator (`voxrelay-sim`) cannot depend on this crate, as this crate's binary depends
 //! on it; it states what it needs in `voxrelay_sim::launcher`, and [`InProcessLauncher`] is the
-//! one implementation: a [`Bridge`] on [`BridgeConfig::local`] with the simulator's settings,
+//! one implementation: a [`Bridge`] on [`BridgeConfig::local`] with the simulator's settings
+//! (its one model on the settings' provider, OpenAI or Gemini),
 //! its figures read from the bridge's own [`Metrics`] when it stops, and the tenant lookup the
 //! bridge's calls use ([`TenantDirectory`]) for the first-audio probe.
 
@@ -17,12 +18,13 @@ use voxrelay_sim::launcher::{
 };
 
 use crate::config::{
-    AgentDefaults, BridgeConfig, ControlPlaneTarget, ListenerLimits, UpstreamTarget,
+    AgentDefaults, BridgeConfig, ControlPlaneTarget, ListenerLimits, ModelTargets, UpstreamTarget,
 };
 use crate::control::client::{ControlPlaneClient, ControlPlaneSettings};
 use crate::control::directory::{DirectorySettings, TenantDirectory};
 use crate::http::Bridge;
 use crate::session::metrics::{Histogram, Metrics};
+use voxrelay_core::Provider;
 
 /// Starts [`Bridge`]s in this process for the simulator.
 #[derive(Clone, Copy, Debug, Default)]
@@ -65,23 +67,38 @@ fn bridge_config(settings: BridgeSettings) -> BridgeConfig {
         Some(text) if text.is_empty() => None,
         Some(text) => Some(text),
     };
-    let mut local = BridgeConfig::local(
-        settings.twilio_auth_token,
-        UpstreamTarget {
-            url: settings.model_url,
-            api_key: Some(settings.model_api_key.clone()),
+    let target = UpstreamTarget {
+        url: settings.model_url,
+        api_key: Some(settings.model_api_key.clone()),
+    };
+    let models = match settings.provider {
+        // A Gemini tenant's calls dial the Gemini endpoint when there is one; without it they
+        // get their fallback, as on a bridge with no Gemini key.
+        Provider::OpenAi => ModelTargets {
+            default_provider: Provider::OpenAi,
+            openai: Some(target.clone()),
+            gemini: settings.gemini_model_url.map(|url| UpstreamTarget {
+                url,
+                api_key: Some(settings.model_api_key),
+            }),
         },
-    );
-    // A Gemini tenant's calls dial this; without it they get their fallback, as on a bridge
-    // with no Gemini key.
-    local.models.gemini = settings.gemini_model_url.map(|url| UpstreamTarget {
-        url,
-        api_key: Some(settings.model_api_key),
-    });
+        // The one model the simulator runs speaks Gemini: the bridge dials only it.
+        Provider::Gemini => ModelTargets {
+            default_provider: Provider::Gemini,
+            openai: None,
+            gemini: Some(target.clone()),
+        },
+    };
+    let local = BridgeConfig::local(settings.twilio_auth_token, target);
     BridgeConfig {
+        models,
         agent: AgentDefaults {
             audio_mode: settings.audio_mode,
             greeting,
+            provider: settings.provider,
+            voice: settings
+                .voice
+                .unwrap_or_else(|| settings.provider.default_voice().to_owned()),
             ..defaults
         },
         prewarm: settings.prewarm,

@@ -28,6 +28,8 @@ use voxrelay_control_plane::seed::SeedSource;
 use voxrelay_control_plane::server::{ControlPlane, ControlPlaneConfig};
 #[cfg(feature = "control-plane")]
 use voxrelay_control_plane::store::DbLocation;
+#[cfg(feature = "sim")]
+use voxrelay_core::Provider;
 #[cfg(feature = "control-plane")]
 use voxrelay_core::control::signing::Verifier;
 #[cfg(feature = "sim")]
@@ -128,11 +130,17 @@ struct BenchArgs {
     /// How long each call streams, in seconds (with --ramp: each step).
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
-    /// pcmu or pcm16.
+    /// pcmu or pcm16 (the OpenAI side's; Gemini has no mode: PCM16 16 kHz in, 24 kHz out).
     #[arg(long, default_value = "pcmu")]
     audio_mode: AudioMode,
+    /// The model API the bridge speaks to the echo model: openai (the default) or gemini, or
+    /// both, comma-separated, each measured at every step of the same run in this order (the
+    /// first is the result, the others follow it as `other_providers`).
+    #[arg(long, value_delimiter = ',', default_value = "openai")]
+    provider: Vec<Provider>,
     /// Benchmark a running bridge at this base URL instead of starting one; it must use the
-    /// harness's echo model as VOXRELAY_OPENAI_URL (printed at start; see --model-listen).
+    /// harness's echo model as VOXRELAY_OPENAI_URL, or with --provider gemini as
+    /// VOXRELAY_GEMINI_URL (printed at start; see --model-listen).
     #[arg(long)]
     target: Option<Url>,
     /// With --target: the public origin the bridge checks signatures against (default: --target).
@@ -611,6 +619,9 @@ async fn baseline_relay(args: BaselineRelayArgs) -> anyhow::Result<()> {
 
 #[cfg(feature = "sim")]
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.first_audio && args.provider != [Provider::OpenAi] {
+        bail!("--first-audio measures the OpenAI greeting path; it takes no other --provider");
+    }
     if args.first_audio {
         return bench_first_audio(&args).await;
     }
@@ -629,6 +640,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.baseline && args.target.is_some() {
         bail!("--baseline starts its own relay; it cannot be combined with --target");
     }
+    if args.provider.len() > 1 && args.target.is_some() {
+        bail!("--target is one bridge on one provider; name one --provider");
+    }
+    if args.provider.len() > 1 && args.soak_minutes.is_some() {
+        bail!("--soak-minutes keeps one bridge on one provider; name one --provider");
+    }
     if args.model_tls
         && args
             .floor_driver
@@ -642,6 +659,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         calls: args.calls.max(1),
         seconds: args.seconds.max(1.0),
         audio_mode: args.audio_mode,
+        providers: args.provider.clone(),
         bridge,
         // Interleaved with the bridge at every step of the same run.
         floor: args.baseline,
@@ -677,6 +695,18 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         harness::run(&options, &launcher).await?
     };
     println!("{}", harness::summary(&result));
+    for other in &result.other_providers {
+        println!("{}", harness::summary(other));
+        println!(
+            "{}",
+            harness::comparison_of(
+                &format!("bridge ({})", other.audio_mode),
+                other,
+                &format!("bridge ({})", result.audio_mode),
+                &result
+            )
+        );
+    }
     if let Some(floor) = &result.floor {
         println!("{}", harness::summary(floor));
         println!("{}", harness::comparison(&result, floor));
@@ -698,6 +728,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = &args.report {
         let mut runs = vec![result.clone()];
+        runs.extend(result.other_providers.iter().cloned());
         runs.extend(result.floor.as_deref().cloned());
         runs.extend(result.other_floors.iter().cloned());
         let command = std::env::args().collect::<Vec<_>>().join(" ");

@@ -1,4 +1,5 @@
-//! The benchmark's model: a light OpenAI Realtime (GA) peer that echoes caller audio back.
+//! The benchmark's model: a light OpenAI Realtime (GA) and Gemini Live peer that echoes caller
+//! audio back.
 //!
 //! Owns the load-test upstream of `voxrelay bench`: it accepts many realtime sessions (Bearer
 //! required, like the real service), echoes every `input_audio_buffer.append` back verbatim as a
@@ -15,6 +16,20 @@
 //! incoming JSON is parsed borrowed; due echoes are written as one batch and flushed once;
 //! every server event carries an `event_id`; echoed audio is sent byte for byte as received
 //! (the base64 text itself, never re-encoded), so it is correct in both formats.
+//!
+//! The request path chooses the protocol, as on the mock: [`GEMINI_PATH`]
+//! ([`EchoModel::gemini_url`], key in `x-goog-api-key` or `?key=`) speaks Gemini Live. There
+//! `setup` is answered with `setupComplete`, and each `realtimeInput.audio` (PCM16 at 16 kHz)
+//! comes back after the model delay as `serverContent.modelTurn` audio at 24 kHz, resampled by
+//! the bridge's own [`StreamResampler`] as one continuous stream per session (so the tones of
+//! `tone_ids` survive; a frame is timed by where its first sample lands in the output, 5 ms
+//! later than in the input). A scheduled barge-in is the server's `interrupted` while a turn
+//! is open (the turn ends, the next echo opens another), or, between turns, an input
+//! transcription (how Gemini shows caller speech when it is not generating). User
+//! `clientContent` turns name the caller like OpenAI's text items; a `turnComplete` asking
+//! for an answer gets an empty turn. Gemini has no error event: a bad message closes the
+//! session with 1007, as the service does. The session record is the same for both
+//! protocols (`format` says which), without truncates, which Gemini does not have.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -29,7 +44,8 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::live::LiveBoard;
@@ -37,8 +53,8 @@ use super::load::ID_DIGITS;
 use super::results::Epoch;
 use super::tone_ids::{self, ToneScanner};
 use super::watermark::{FRAME_BYTES, FrameId, FrameScanner};
-use crate::mock::check_realtime_handshake;
-use voxrelay_core::codec::pcm;
+use crate::mock::{GEMINI_PATH, check_gemini_handshake, check_realtime_handshake};
+use voxrelay_core::codec::{StreamResampler, pcm};
 use voxrelay_core::json::push_json_str;
 
 /// tungstenite zero-fills its read buffer on every read and keeps it per connection: 4 KiB
@@ -53,6 +69,14 @@ const ECHOED_APPENDS: usize = 8;
 const SPARE_BUFFERS: usize = 64;
 /// How long a session waits for its peer to take the close frame at shutdown.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Caller audio a Gemini session takes, and the rate it is at.
+const GEMINI_INPUT_MIME: &str = "audio/pcm;rate=16000";
+const GEMINI_INPUT_RATE: u32 = 16_000;
+/// Model audio a Gemini session sends, and the rate it is at.
+const GEMINI_OUTPUT_MIME: &str = "audio/pcm;rate=24000";
+const GEMINI_OUTPUT_RATE: u32 = 24_000;
+/// The longest close reason WebSocket allows (a control frame's payload, less the code).
+const MAX_CLOSE_REASON_BYTES: usize = 123;
 
 #[derive(Clone, Debug)]
 pub struct EchoModelConfig {
@@ -110,8 +134,8 @@ impl Default for EchoModelConfig {
     }
 }
 
-/// The session's audio format, from `session.update` `audio.input.format` (the output is the
-/// same bytes, so it is the same format).
+/// The session's audio format: OpenAI's from `session.update` `audio.input.format` (the output
+/// is the same bytes, so it is the same format); Gemini's is fixed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum EchoFormat {
     /// `audio/pcmu`: 8 bytes per millisecond.
@@ -119,6 +143,8 @@ pub enum EchoFormat {
     /// `audio/pcm` at 24 kHz (the API's default): 48 bytes per millisecond.
     #[default]
     Pcm24k,
+    /// A Gemini Live session: PCM16 at 16 kHz in (32 bytes per millisecond), 24 kHz out.
+    Gemini,
 }
 
 impl EchoFormat {
@@ -126,13 +152,16 @@ impl EchoFormat {
         match self {
             Self::Pcmu => 8,
             Self::Pcm24k => 48,
+            Self::Gemini => 32,
         }
     }
 
+    /// OpenAI's description of the format (a Gemini session never sends one).
     fn json(&self) -> &'static str {
         match self {
             Self::Pcmu => r#"{"type":"audio/pcmu"}"#,
             Self::Pcm24k => r#"{"type":"audio/pcm","rate":24000}"#,
+            Self::Gemini => r#"{"type":"audio/pcm","rate":16000}"#,
         }
     }
 }
@@ -145,16 +174,18 @@ pub struct EchoSessionRecord {
     /// this names the caller.
     pub digits: String,
     pub connected_at_us: u64,
-    /// The first `session.update`.
+    /// The first `session.update` (Gemini: the `setup`).
     pub session_update_at_us: Option<u64>,
     pub format: EchoFormat,
-    /// (cumulative decoded input audio bytes after this append, arrival time µs) for every append.
+    /// (cumulative decoded input audio bytes after this append, arrival time µs) for every append
+    /// (Gemini: every `realtimeInput` audio).
     pub appends: Vec<(u64, u64)>,
     pub responses: Vec<EchoResponse>,
     pub speech_started_at_us: Vec<u64>,
-    /// `(item_id, audio_end_ms)` of every truncate received, accepted or not.
+    /// `(item_id, audio_end_ms)` of every truncate received, accepted or not (OpenAI only).
     pub truncates: Vec<(String, u32)>,
-    /// Protocol errors this peer sent back (e.g. a truncate beyond produced audio, unknown event).
+    /// Protocol errors this peer sent back (e.g. a truncate beyond produced audio, unknown event;
+    /// Gemini: the one error that closed the session).
     pub errors_sent: u64,
     pub closed_at_us: Option<u64>,
     /// When the session dropped itself (`--model-faults`).
@@ -236,9 +267,19 @@ impl EchoModel {
         })
     }
 
+    /// The OpenAI Realtime endpoint.
     pub fn url(&self) -> String {
+        format!("{}/v1/realtime?model=gpt-realtime", self.origin())
+    }
+
+    /// The Gemini Live endpoint.
+    pub fn gemini_url(&self) -> String {
+        format!("{}{GEMINI_PATH}", self.origin())
+    }
+
+    fn origin(&self) -> String {
         let scheme = if self.tls { "wss" } else { "ws" };
-        format!("{scheme}://{}/v1/realtime?model=gpt-realtime", self.addr)
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -354,10 +395,17 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let mut protocol = EchoProtocol::OpenAi;
     // The callback's signature is tungstenite's; its error is the HTTP response itself.
     #[allow(clippy::result_large_err)]
     let check_handshake = |request: &Request, response: Response| {
-        check_realtime_handshake(request).map(|()| response)
+        if request.uri().path() == GEMINI_PATH {
+            check_gemini_handshake(request)?;
+            protocol = EchoProtocol::Gemini;
+        } else {
+            check_realtime_handshake(request)?;
+        }
+        Ok(response)
     };
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
@@ -379,7 +427,7 @@ async fn serve_connection<S>(
         ..EchoSessionRecord::default()
     }));
     lock(&shared.sessions).push(record.clone());
-    let mut session = EchoSession::new(number, &config, record.clone());
+    let mut session = EchoSession::new(number, &config, record.clone(), protocol);
     session.board = lock(&shared.board).clone();
     session.open();
 
@@ -413,6 +461,10 @@ async fn serve_connection<S>(
                 break;
             }
         }
+        if session.closed {
+            // The close frame went out with the last batch (a Gemini refusal).
+            break;
+        }
         let deadline = session.poll_timeout();
         if deadline != armed {
             if let Some(due) = deadline {
@@ -439,7 +491,7 @@ async fn serve_connection<S>(
             }
             incoming = socket.next() => match incoming {
                 Some(Ok(Message::Text(text))) => session.handle_text(text.as_str(), epoch.us()),
-                Some(Ok(Message::Binary(_))) => session.reject(EventError::Binary, None),
+                Some(Ok(Message::Binary(data))) => session.handle_binary(&data, epoch.us()),
                 // Pings are answered by tungstenite itself.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Close(_)) | Err(_)) | None => break,
@@ -470,6 +522,16 @@ enum EventError {
     UnknownItem(String),
     #[error("Audio content of {produced_ms}ms is already shorter than {audio_end_ms}ms")]
     TruncateBeyond { produced_ms: u64, audio_end_ms: u64 },
+    #[error("a message has exactly one of setup, realtimeInput, clientContent, toolResponse")]
+    NotOneField,
+    #[error("the first message must be setup")]
+    NotSetUp,
+    #[error("setup may be sent only once")]
+    SecondSetup,
+    #[error("setup.model is required, as models/<id>")]
+    MissingModel,
+    #[error("unsupported audio mimeType {0:?}, expected audio/pcm;rate=16000")]
+    MimeType(String),
 }
 
 impl EventError {
@@ -481,8 +543,20 @@ impl EventError {
                 "invalid_value"
             }
             Self::UnknownItem(_) => "item_truncate_invalid_item_id",
+            Self::NotOneField
+            | Self::NotSetUp
+            | Self::SecondSetup
+            | Self::MissingModel
+            | Self::MimeType(_) => "invalid_value",
         }
     }
+}
+
+/// Which API a session speaks, chosen by the request path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EchoProtocol {
+    OpenAi,
+    Gemini,
 }
 
 // ---- client events, parsed borrowed in one pass ----
@@ -555,6 +629,69 @@ struct ContentIn<'a> {
     text: Option<Text<'a>>,
 }
 
+// ---- Gemini client messages, parsed borrowed in one pass ----
+
+/// Every Gemini client message this peer reads: exactly one field is set. Unknown fields are
+/// refused, as the service refuses them.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct GeminiMessage<'a> {
+    #[serde(borrow, default)]
+    setup: Option<GeminiSetup<'a>>,
+    #[serde(borrow, default)]
+    realtime_input: Option<RealtimeInput<'a>>,
+    #[serde(borrow, default)]
+    client_content: Option<ClientContent<'a>>,
+    /// The echo model calls no tools; an answer is taken and ignored.
+    #[serde(default)]
+    tool_response: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct GeminiSetup<'a> {
+    #[serde(borrow, default)]
+    model: Option<Text<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RealtimeInput<'a> {
+    /// Other inputs (text, activity signals, the end of the stream) carry no audio to echo.
+    #[serde(borrow, default)]
+    audio: Option<Blob<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Blob<'a> {
+    #[serde(borrow)]
+    data: Text<'a>,
+    #[serde(borrow)]
+    mime_type: Text<'a>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClientContent<'a> {
+    #[serde(borrow, default)]
+    turns: Option<Vec<Turn<'a>>>,
+    #[serde(default)]
+    turn_complete: bool,
+}
+
+#[derive(Deserialize)]
+struct Turn<'a> {
+    #[serde(borrow, default)]
+    role: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    parts: Vec<Part<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(borrow, default)]
+    text: Option<Text<'a>>,
+}
+
 /// Bytes that `audio` decodes to, from its length and padding alone (no decoding), or `None`
 /// when it is not base64.
 fn decoded_len(audio: &str) -> Option<u64> {
@@ -579,35 +716,54 @@ fn decoded_len(audio: &str) -> Option<u64> {
     }
 }
 
-/// Caller audio waiting for the model delay.
+/// Caller audio waiting for the model delay, as it will be sent: base64 of the output audio.
+/// Positions are in the session's output stream, in bytes (for OpenAI it is the input stream
+/// itself; for Gemini the 24 kHz resampled one).
 struct PendingEcho {
     due_us: u64,
     audio: String,
     bytes: u64,
-    /// The session's input bytes before this append.
-    input_start: u64,
-    /// The frame ids this append completed (`EchoSession::ids`).
+    /// The session's output bytes before this echo.
+    output_start: u64,
+    /// The frame ids found since the previous echo was queued (`EchoSession::ids`).
     ids: std::ops::Range<usize>,
 }
 
-/// The response whose item the echoes currently go to.
+/// The response (Gemini: the model turn) the echoes currently go to.
 struct CurrentResponse {
     response_id: String,
     item_id: String,
     bytes: u64,
-    /// Where its audio starts in the session's input, in bytes.
-    input_start: u64,
+    /// Where its audio starts in the session's output, in bytes.
+    output_start: u64,
+}
+
+/// A Gemini session's resampling of what it hears (16 kHz) to what it says (24 kHz), with its
+/// reused buffers.
+struct GeminiOutput {
+    resampler: StreamResampler,
+    samples: Vec<i16>,
+    bytes: Vec<u8>,
 }
 
 /// One session's protocol logic, sans-IO: text in, messages out, time (epoch µs) as input.
 struct EchoSession {
     number: u64,
+    protocol: EchoProtocol,
+    /// Gemini: `setup` was received.
+    set_up: bool,
+    /// Gemini: the session refused a message and queued its close; nothing follows.
+    closed: bool,
+    /// Gemini: the 16 → 24 kHz echo path.
+    gemini: Option<GeminiOutput>,
     model_delay_us: u64,
     barge_in_first_after_us: u64,
     barge_in_every_us: Option<u64>,
     record: Arc<Mutex<EchoSessionRecord>>,
     format: EchoFormat,
     input_bytes: u64,
+    /// Bytes of echo audio produced (queued or sent): equal to `input_bytes` for OpenAI.
+    output_bytes: u64,
     first_append: bool,
     pending: VecDeque<PendingEcho>,
     /// Emptied echo buffers, reused so steady-state echoing allocates no buffers of its own.
@@ -627,9 +783,11 @@ struct EchoSession {
     tones: ToneScanner,
     decoded: Vec<u8>,
     linear: Vec<i16>,
-    /// Every frame id read, with where it starts in the input (bytes).
+    /// Every frame id read, with where its first sample is in the output (bytes).
     ids: Vec<(FrameId, u64)>,
-    /// (input start, input end, send µs) of the latest echoes, a ring.
+    /// `ids` before this index went with an echo already queued.
+    ids_queued: usize,
+    /// (output start, output end, send µs) of the latest echoes, a ring.
     echoed_appends: [(u64, u64, u64); ECHOED_APPENDS],
     echoed_next: usize,
     board: Option<Arc<LiveBoard>>,
@@ -642,15 +800,39 @@ fn duration_us(duration: Duration) -> u64 {
 }
 
 impl EchoSession {
-    fn new(number: u64, config: &EchoModelConfig, record: Arc<Mutex<EchoSessionRecord>>) -> Self {
+    fn new(
+        number: u64,
+        config: &EchoModelConfig,
+        record: Arc<Mutex<EchoSessionRecord>>,
+        protocol: EchoProtocol,
+    ) -> Self {
+        let (format, tone_rate, gemini) = match protocol {
+            EchoProtocol::OpenAi => (EchoFormat::Pcm24k, 24_000, None),
+            EchoProtocol::Gemini => (
+                EchoFormat::Gemini,
+                GEMINI_INPUT_RATE,
+                Some(GeminiOutput {
+                    resampler: StreamResampler::new(GEMINI_INPUT_RATE, GEMINI_OUTPUT_RATE)
+                        .expect("16 -> 24 kHz is a supported pair"),
+                    samples: Vec::with_capacity(FRAME_BYTES * 6),
+                    bytes: Vec::with_capacity(FRAME_BYTES * 12),
+                }),
+            ),
+        };
+        lock(&record).format = format.clone();
         Self {
             number,
+            protocol,
+            set_up: false,
+            closed: false,
+            gemini,
             model_delay_us: duration_us(config.model_delay),
             barge_in_first_after_us: duration_us(config.barge_in_first_after),
             barge_in_every_us: config.barge_in_every.map(duration_us),
             record,
-            format: EchoFormat::Pcm24k,
+            format,
             input_bytes: 0,
+            output_bytes: 0,
             first_append: true,
             pending: VecDeque::new(),
             spare: Vec::new(),
@@ -662,10 +844,11 @@ impl EchoSession {
             out: String::with_capacity(512),
             outbox: Vec::new(),
             scanner: FrameScanner::default(),
-            tones: ToneScanner::new(24_000).expect("24 kHz is a tone rate"),
+            tones: ToneScanner::new(tone_rate).expect("16 and 24 kHz are tone rates"),
             decoded: Vec::with_capacity(4 * FRAME_BYTES),
             linear: Vec::with_capacity(FRAME_BYTES * 3),
             ids: Vec::new(),
+            ids_queued: 0,
             echoed_appends: [(u64::MAX, 0, 0); ECHOED_APPENDS],
             echoed_next: 0,
             board: None,
@@ -678,15 +861,20 @@ impl EchoSession {
         into.append(&mut self.outbox);
     }
 
-    /// Queues `session.created`.
+    /// Queues `session.created` (OpenAI; Gemini speaks first only after `setup`).
     fn open(&mut self) {
-        self.begin("session.created");
-        self.push_session();
-        self.finish();
+        if self.protocol == EchoProtocol::OpenAi {
+            self.begin("session.created");
+            self.push_session();
+            self.finish();
+        }
     }
 
     /// The next epoch time (µs) at which [`Self::on_timer`] has work.
     fn poll_timeout(&self) -> Option<u64> {
+        if self.closed {
+            return None;
+        }
         let echo = self.pending.front().map(|echo| echo.due_us);
         match (echo, self.next_barge_in_us) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -696,7 +884,7 @@ impl EchoSession {
 
     /// Sends every echo and barge-in due by `now_us`, in due order.
     fn on_timer(&mut self, now_us: u64) {
-        loop {
+        while !self.closed {
             let echo_due = self
                 .pending
                 .front()
@@ -713,6 +901,115 @@ impl EchoSession {
     }
 
     fn handle_text(&mut self, text: &str, now_us: u64) {
+        match self.protocol {
+            EchoProtocol::OpenAi => self.handle_openai(text, now_us),
+            EchoProtocol::Gemini => self.handle_gemini(text, now_us),
+        }
+    }
+
+    /// OpenAI takes text only; Gemini takes its JSON in binary frames too.
+    fn handle_binary(&mut self, data: &[u8], now_us: u64) {
+        match (self.protocol, std::str::from_utf8(data)) {
+            (EchoProtocol::Gemini, Ok(text)) => self.handle_gemini(text, now_us),
+            (EchoProtocol::Gemini, Err(error)) => {
+                self.refuse(EventError::InvalidJson(error.to_string()))
+            }
+            (EchoProtocol::OpenAi, _) => self.reject(EventError::Binary, None),
+        }
+    }
+
+    fn handle_gemini(&mut self, text: &str, now_us: u64) {
+        if self.closed {
+            return;
+        }
+        let outcome = match serde_json::from_str::<GeminiMessage<'_>>(text) {
+            Ok(message) => self.gemini_message(message, now_us),
+            Err(error) => Err(EventError::InvalidJson(error.to_string())),
+        };
+        if let Err(error) = outcome {
+            self.refuse(error);
+        }
+    }
+
+    fn gemini_message(
+        &mut self,
+        message: GeminiMessage<'_>,
+        now_us: u64,
+    ) -> Result<(), EventError> {
+        let fields = [
+            message.setup.is_some(),
+            message.realtime_input.is_some(),
+            message.client_content.is_some(),
+            message.tool_response.is_some(),
+        ];
+        if fields.iter().filter(|&&set| set).count() != 1 {
+            return Err(EventError::NotOneField);
+        }
+        if let Some(setup) = message.setup {
+            if std::mem::replace(&mut self.set_up, true) {
+                return Err(EventError::SecondSetup);
+            }
+            let named = setup
+                .model
+                .as_ref()
+                .and_then(|model| model.0.strip_prefix("models/"))
+                .is_some_and(|id| !id.is_empty());
+            if !named {
+                return Err(EventError::MissingModel);
+            }
+            lock(&self.record)
+                .session_update_at_us
+                .get_or_insert(now_us);
+            self.push_raw(r#"{"setupComplete":{}}"#);
+            return Ok(());
+        }
+        if !self.set_up {
+            return Err(EventError::NotSetUp);
+        }
+        if let Some(input) = message.realtime_input {
+            let Some(audio) = input.audio else {
+                return Ok(());
+            };
+            if audio.mime_type.0 != GEMINI_INPUT_MIME {
+                return Err(EventError::MimeType(audio.mime_type.0.into_owned()));
+            }
+            return self.take_audio(&audio.data.0, now_us);
+        }
+        if let Some(content) = message.client_content {
+            for turn in content.turns.iter().flatten() {
+                // A turn without a role is the user's.
+                if turn.role.as_ref().is_none_or(|role| role.0 == "user") {
+                    self.note_user_text(turn.parts.iter().filter_map(|part| part.text.as_ref()));
+                }
+            }
+            // Asked for an answer between turns: an empty turn (the echo speaks only echoes);
+            // during one, the turn in progress is the answer.
+            if content.turn_complete && self.current.is_none() {
+                self.push_raw(r#"{"serverContent":{"turnComplete":true}}"#);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gemini's way to report an error: close the session (1007) with the reason.
+    fn refuse(&mut self, error: EventError) {
+        lock(&self.record).errors_sent += 1;
+        let mut reason = error.to_string();
+        let mut end = reason.len().min(MAX_CLOSE_REASON_BYTES);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        self.outbox.push(Message::Close(Some(CloseFrame {
+            code: CloseCode::Invalid,
+            reason: reason.into(),
+        })));
+        self.closed = true;
+        self.pending.clear();
+        self.next_barge_in_us = None;
+    }
+
+    fn handle_openai(&mut self, text: &str, now_us: u64) {
         let event: ClientEvent<'_> = match serde_json::from_str(text) {
             Ok(event) => event,
             Err(error) => return self.reject(EventError::InvalidJson(error.to_string()), None),
@@ -743,10 +1040,26 @@ impl EchoSession {
             .as_ref()
             .ok_or(EventError::MissingField("audio"))?
             .0;
+        self.take_audio(audio, now_us)
+    }
+
+    /// Caller audio (base64) arrived: reads the frame ids in it and queues its echo.
+    fn take_audio(&mut self, audio: &str, now_us: u64) -> Result<(), EventError> {
         let bytes = decoded_len(audio).ok_or(EventError::InvalidAudio)?;
-        let input_start = self.input_bytes;
         self.input_bytes += bytes;
-        let first_id = self.ids.len();
+        // Where an input sample lands in the output, in bytes: Gemini's echo is resampled to
+        // 24 kHz, after the resampler's lead-in.
+        let lead_in = self
+            .gemini
+            .as_ref()
+            .map(|gemini| gemini.resampler.delay_output_frames() as u64);
+        let output_position = move |sample: u64| match lead_in {
+            Some(lead_in) => {
+                2 * (sample * u64::from(GEMINI_OUTPUT_RATE) / u64::from(GEMINI_INPUT_RATE)
+                    + lead_in)
+            }
+            None => 2 * sample,
+        };
         {
             use base64::Engine as _;
             self.decoded.clear();
@@ -779,7 +1092,8 @@ impl EchoSession {
                     let call = caller.filter(|&c| {
                         u32::try_from(c).is_ok_and(|c| tone_ids::call_code(c) == frame.id.call)
                     });
-                    found(frame.id, 2 * frame.start, frame.split, frame.first_at, call);
+                    let start = output_position(frame.start);
+                    found(frame.id, start, frame.split, frame.first_at, call);
                 });
                 record.uplink_skipped_bytes = 2 * self.tones.skipped_samples;
             }
@@ -791,16 +1105,41 @@ impl EchoSession {
                 self.next_barge_in_us = Some(now_us.saturating_add(self.barge_in_first_after_us));
             }
         }
-        if bytes > 0 {
-            let mut copy = self.spare.pop().unwrap_or_default();
-            copy.push_str(audio);
+        let mut copy = self.spare.pop().unwrap_or_default();
+        let out_bytes = match &mut self.gemini {
+            None => {
+                copy.push_str(audio);
+                bytes
+            }
+            Some(gemini) => {
+                use base64::Engine as _;
+                gemini.samples.clear();
+                gemini.resampler.process(&self.linear, &mut gemini.samples);
+                gemini.bytes.clear();
+                gemini.bytes.extend(
+                    gemini
+                        .samples
+                        .iter()
+                        .flat_map(|sample| sample.to_le_bytes()),
+                );
+                base64::engine::general_purpose::STANDARD.encode_string(&gemini.bytes, &mut copy);
+                gemini.bytes.len() as u64
+            }
+        };
+        if out_bytes > 0 {
+            let output_start = self.output_bytes;
+            self.output_bytes += out_bytes;
             self.pending.push_back(PendingEcho {
                 due_us: now_us.saturating_add(self.model_delay_us),
                 audio: copy,
-                bytes,
-                input_start,
-                ids: first_id..self.ids.len(),
+                bytes: out_bytes,
+                output_start,
+                ids: self.ids_queued..self.ids.len(),
             });
+            self.ids_queued = self.ids.len();
+        } else if self.spare.len() < SPARE_BUFFERS {
+            // Input that filled no resampler block yet: its ids go with the next echo.
+            self.spare.push(copy);
         }
         Ok(())
     }
@@ -810,28 +1149,44 @@ impl EchoSession {
             return;
         };
         if self.current.is_none() {
-            self.start_response(now_us, echo.input_start);
+            self.start_response(now_us, echo.output_start);
         }
         let Some(current) = self.current.as_mut() else {
             return;
         };
         current.bytes += echo.bytes;
         let total = current.bytes;
-        let response_input_start = current.input_start;
+        let response_output_start = current.output_start;
         self.echoed_appends[self.echoed_next] =
-            (echo.input_start, echo.input_start + echo.bytes, now_us);
+            (echo.output_start, echo.output_start + echo.bytes, now_us);
         self.echoed_next = (self.echoed_next + 1) % ECHOED_APPENDS;
-        self.begin("response.output_audio.delta");
-        if let Some(current) = &self.current {
-            push_field(&mut self.out, "response_id", &current.response_id);
-            push_field(&mut self.out, "item_id", &current.item_id);
+        match self.protocol {
+            EchoProtocol::OpenAi => {
+                self.begin("response.output_audio.delta");
+                if let Some(current) = &self.current {
+                    push_field(&mut self.out, "response_id", &current.response_id);
+                    push_field(&mut self.out, "item_id", &current.item_id);
+                }
+                self.out
+                    .push_str(r#","output_index":0,"content_index":0,"delta":""#);
+                // Validated base64 at append: nothing to escape.
+                self.out.push_str(&echo.audio);
+                self.out.push('"');
+                self.finish();
+            }
+            EchoProtocol::Gemini => {
+                self.out.clear();
+                self.out.push_str(
+                    r#"{"serverContent":{"modelTurn":{"parts":[{"inlineData":{"mimeType":""#,
+                );
+                self.out.push_str(GEMINI_OUTPUT_MIME);
+                self.out.push_str(r#"","data":""#);
+                // Our own base64: nothing to escape.
+                self.out.push_str(&echo.audio);
+                self.out.push_str(r#""}}]}}}"#);
+                self.outbox.push(Message::text(self.out.as_str()));
+            }
         }
-        self.out
-            .push_str(r#","output_index":0,"content_index":0,"delta":""#);
-        // Validated base64 at append: nothing to escape.
-        self.out.push_str(&echo.audio);
-        self.out.push('"');
-        self.finish();
         {
             let mut record = lock(&self.record);
             let response = record.responses.len().saturating_sub(1) as u32;
@@ -840,7 +1195,7 @@ impl EchoSession {
             }
             for &(id, start) in self.ids.get(echo.ids.clone()).unwrap_or_default() {
                 // Its head went out in the response before (which a barge-in cut).
-                let response = if start < response_input_start {
+                let response = if start < response_output_start {
                     response.saturating_sub(1)
                 } else {
                     response
@@ -858,7 +1213,7 @@ impl EchoSession {
                 });
                 let call = match self.format {
                     EchoFormat::Pcmu => Some(usize::from(id.call)),
-                    EchoFormat::Pcm24k => self.caller.filter(|&c| {
+                    EchoFormat::Pcm24k | EchoFormat::Gemini => self.caller.filter(|&c| {
                         u32::try_from(c).is_ok_and(|c| tone_ids::call_code(c) == id.call)
                     }),
                 };
@@ -873,7 +1228,24 @@ impl EchoSession {
         }
     }
 
-    fn start_response(&mut self, now_us: u64, input_start: u64) {
+    fn start_response(&mut self, now_us: u64, output_start: u64) {
+        if self.protocol == EchoProtocol::Gemini {
+            // A Gemini turn is not announced (nor named): its first audio opens it.
+            let turn_id = self.new_id("turn");
+            lock(&self.record).responses.push(EchoResponse {
+                response_id: turn_id.clone(),
+                item_id: turn_id.clone(),
+                started_at_us: now_us,
+                deltas: Vec::new(),
+            });
+            self.current = Some(CurrentResponse {
+                response_id: turn_id.clone(),
+                item_id: turn_id,
+                bytes: 0,
+                output_start,
+            });
+            return;
+        }
         let response_id = self.new_id("resp");
         let item_id = self.new_id("item");
         self.begin("response.created");
@@ -901,12 +1273,30 @@ impl EchoSession {
             response_id,
             item_id,
             bytes: 0,
-            input_start,
+            output_start,
         });
     }
 
     /// The scheduled barge-in due at `due_us`, sent at `now_us`.
     fn barge_in(&mut self, due_us: u64, now_us: u64) {
+        if self.protocol == EchoProtocol::Gemini {
+            lock(&self.record).speech_started_at_us.push(now_us);
+            match self.current.take() {
+                // Speech over a turn being generated: the server stops it and says so.
+                Some(current) => {
+                    self.push_raw(r#"{"serverContent":{"interrupted":true}}"#);
+                    self.items.push((current.item_id, current.bytes));
+                }
+                // Between turns the server says nothing but what it heard.
+                None => self.push_raw(
+                    r#"{"serverContent":{"inputTranscription":{"text":"(caller speech)"}}}"#,
+                ),
+            }
+            self.next_barge_in_us = self
+                .barge_in_every_us
+                .map(|every| due_us.saturating_add(every.max(1)));
+            return;
+        }
         let item_id = self.new_id("item");
         let audio_start_ms = self.input_bytes / self.format.bytes_per_ms();
         self.begin("input_audio_buffer.speech_started");
@@ -967,22 +1357,12 @@ impl EchoSession {
         let is_user = item.role.as_ref().is_some_and(|role| role.0 == "user");
         let role = if is_user { "user" } else { "assistant" };
         if is_user {
-            let mut record = lock(&self.record);
-            for part in &item.content {
-                if part.kind.0 == "input_text"
-                    && let Some(text) = &part.text
-                {
-                    record
-                        .digits
-                        .extend(text.0.chars().filter(char::is_ascii_digit));
-                }
-            }
-            if self.caller.is_none() {
-                self.caller = record
-                    .digits
-                    .get(..ID_DIGITS)
-                    .and_then(|digits| digits.parse().ok());
-            }
+            self.note_user_text(
+                item.content
+                    .iter()
+                    .filter(|part| part.kind.0 == "input_text")
+                    .filter_map(|part| part.text.as_ref()),
+            );
         }
         let item_id = match &item.id {
             Some(id) => id.0.clone().into_owned(),
@@ -998,6 +1378,22 @@ impl EchoSession {
         self.out.push_str(r#"","status":"completed","content":[]}"#);
         self.finish();
         Ok(())
+    }
+
+    /// The digits in the caller's text (the keys the harness pressed) name the caller.
+    fn note_user_text<'t>(&mut self, texts: impl Iterator<Item = &'t Text<'t>>) {
+        let mut record = lock(&self.record);
+        for text in texts {
+            record
+                .digits
+                .extend(text.0.chars().filter(char::is_ascii_digit));
+        }
+        if self.caller.is_none() {
+            self.caller = record
+                .digits
+                .get(..ID_DIGITS)
+                .and_then(|digits| digits.parse().ok());
+        }
     }
 
     fn truncate(&mut self, event: &ClientEvent<'_>) -> Result<(), EventError> {
@@ -1120,6 +1516,11 @@ impl EchoSession {
         self.out.push('}');
         self.outbox.push(Message::text(self.out.as_str()));
     }
+
+    /// Queues a message written whole (Gemini's carry no event id).
+    fn push_raw(&mut self, text: &str) {
+        self.outbox.push(Message::text(text));
+    }
 }
 
 /// Appends `,"key":"value"` for a value known to need no escaping (our own ids).
@@ -1143,6 +1544,7 @@ mod tests {
     use tokio::net::TcpStream;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     use tokio_tungstenite::tungstenite::http::HeaderValue;
+    use voxrelay_core::codec::pcm;
 
     type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
@@ -1234,6 +1636,292 @@ mod tests {
         .expect("sessions end after their clients leave");
     }
 
+    async fn dial_gemini(
+        url: &str,
+        key: Option<&str>,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        if let Some(key) = key {
+            request.headers_mut().insert(
+                "x-goog-api-key",
+                HeaderValue::from_str(key).expect("header"),
+            );
+        }
+        let (socket, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake in time")?;
+        Ok(socket)
+    }
+
+    /// The next Gemini message (they carry no event id), or the close code.
+    async fn next_gemini(client: &mut Client) -> Result<Value, Option<u16>> {
+        loop {
+            let message = tokio::time::timeout(STEP, client.next())
+                .await
+                .expect("message in time");
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    return Ok(serde_json::from_str(text.as_str()).expect("server JSON"));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(frame.map(|frame| u16::from(frame.code)));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Err(None),
+            }
+        }
+    }
+
+    fn gemini_setup() -> Value {
+        json!({"setup": {"model": "models/gemini-3.8-live",
+            "generationConfig": {"responseModalities": ["AUDIO"]}}})
+    }
+
+    fn gemini_audio(samples: &[i16]) -> Value {
+        let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+        json!({"realtimeInput": {"audio": {"data": BASE64.encode(bytes),
+            "mimeType": "audio/pcm;rate=16000"}}})
+    }
+
+    /// What a sans-IO session queued: each text message as JSON, a close as its code.
+    fn drain(session: &mut EchoSession) -> Vec<Result<Value, u16>> {
+        let mut out = Vec::new();
+        session.take_outbox(&mut out);
+        out.into_iter()
+            .map(|message| match message {
+                Message::Text(text) => Ok(serde_json::from_str(text.as_str()).expect("json")),
+                Message::Close(Some(frame)) => Err(u16::from(frame.code)),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    /// Gemini end to end: `setup`, the caller's digits as `clientContent` turns, an empty turn
+    /// for `turnComplete`, then tone-id frames at 16 kHz (8 kHz resampled as the bridge does)
+    /// come back once each, at 24 kHz, with every id readable in the echo.
+    #[tokio::test]
+    async fn gemini_echoes_16khz_audio_at_24khz_and_the_tone_ids_survive() {
+        const FRAMES: u32 = 12;
+        let model = EchoModel::start(config(30), Epoch::now())
+            .await
+            .expect("start");
+        let mut client = dial_gemini(&model.gemini_url(), Some("AIza-test"))
+            .await
+            .expect("dial");
+        send(&mut client, gemini_setup()).await;
+        assert_eq!(
+            next_gemini(&mut client).await,
+            Ok(json!({"setupComplete": {}}))
+        );
+        for digit in "00007".chars() {
+            let text = format!("The caller pressed the key \"{digit}\" on their phone keypad.");
+            send(
+                &mut client,
+                json!({"clientContent": {"turns": [{"role": "user",
+                "parts": [{"text": text}]}], "turnComplete": false}}),
+            )
+            .await;
+        }
+        send(
+            &mut client,
+            json!({"clientContent": {"turnComplete": true}}),
+        )
+        .await;
+        assert_eq!(
+            next_gemini(&mut client).await,
+            Ok(json!({"serverContent": {"turnComplete": true}})),
+            "an empty turn: the echo speaks only echoes"
+        );
+
+        let call = tone_ids::call_code(7);
+        let mut up = StreamResampler::new(8_000, 16_000).expect("pair");
+        let mut frame = [0i16; tone_ids::FRAME_SAMPLES];
+        let mut input = Vec::new();
+        // Two frames of silence after the ids push the resamplers' last 10 ms through.
+        for index in 0..FRAMES + 2 {
+            if index < FRAMES {
+                tone_ids::synthesize(FrameId { call, frame: index }, &mut frame);
+            } else {
+                frame = [0; tone_ids::FRAME_SAMPLES];
+            }
+            input.clear();
+            up.process(&frame, &mut input);
+            assert_eq!(input.len(), 320, "20 ms at 16 kHz");
+            send(&mut client, gemini_audio(&input)).await;
+        }
+
+        let mut scanner = ToneScanner::new(24_000).expect("rate");
+        let mut heard = Vec::new();
+        let mut received = 0u32;
+        while received < FRAMES + 2 {
+            let message = next_gemini(&mut client).await.expect("open");
+            let part = &message["serverContent"]["modelTurn"]["parts"][0]["inlineData"];
+            assert_eq!(part["mimeType"], "audio/pcm;rate=24000", "{message}");
+            let bytes = BASE64
+                .decode(part["data"].as_str().expect("data"))
+                .expect("base64");
+            assert_eq!(bytes.len(), 960, "20 ms at 24 kHz");
+            let mut samples = Vec::new();
+            pcm::pcm16le_to_samples(&bytes, &mut samples);
+            scanner.push(&samples, received, 0, |found| heard.push(found.id));
+            received += 1;
+        }
+        let sent: Vec<FrameId> = (0..FRAMES).map(|frame| FrameId { call, frame }).collect();
+        assert_eq!(heard, sent, "every id, once, in order, at 24 kHz");
+
+        client.close(None).await.expect("close");
+        wait_closed(&model).await;
+        let record = &model.records()[0];
+        assert_eq!(record.format, EchoFormat::Gemini);
+        assert_eq!(record.digits, "00007");
+        assert!(record.session_update_at_us.is_some());
+        assert_eq!(record.appends.len(), FRAMES as usize + 2);
+        assert_eq!(record.appends[0].0, 640);
+        let uplink: Vec<FrameId> = record.uplink.iter().map(|(id, _, _)| *id).collect();
+        assert_eq!(uplink, sent);
+        let echoed: Vec<FrameId> = record.echoed.iter().map(|echoed| echoed.id).collect();
+        assert_eq!(echoed, sent);
+        assert!(record.echoed.iter().all(|echoed| echoed.response == 0));
+        assert_eq!(record.responses.len(), 1, "one turn, never interrupted");
+        assert_eq!(record.responses[0].deltas.len(), FRAMES as usize + 2);
+        // Each frame is timed by the message that carried its first sample: 5 ms into the
+        // frame's own 20 ms of output, after the echo resampler's lead-in.
+        let deltas = &record.responses[0].deltas;
+        for (index, echoed) in record.echoed.iter().enumerate() {
+            assert_eq!(echoed.at_us, deltas[index].1, "frame {index}");
+        }
+        assert!(record.truncates.is_empty());
+        assert_eq!(record.errors_sent, 0);
+        assert!(record.closed_at_us.is_some());
+    }
+
+    /// A scheduled barge-in over a turn is Gemini's `interrupted` (the turn ends; the next
+    /// echo opens another); between turns it is caller speech heard (an input transcription).
+    #[test]
+    fn gemini_barge_in_interrupts_a_turn_and_is_heard_between_turns() {
+        let record = Arc::new(Mutex::new(EchoSessionRecord::default()));
+        let config = EchoModelConfig {
+            model_delay: Duration::from_millis(10),
+            barge_in_first_after: Duration::from_millis(50),
+            barge_in_every: Some(Duration::from_millis(100)),
+            ..EchoModelConfig::default()
+        };
+        let mut session = EchoSession::new(3, &config, record.clone(), EchoProtocol::Gemini);
+        session.open();
+        assert!(drain(&mut session).is_empty(), "Gemini speaks after setup");
+        session.handle_text(&gemini_setup().to_string(), 500);
+        assert_eq!(drain(&mut session), [Ok(json!({"setupComplete": {}}))]);
+
+        let silence = gemini_audio(&[0; 320]).to_string();
+        session.handle_text(&silence, 1_000);
+        assert_eq!(session.poll_timeout(), Some(11_000));
+        session.on_timer(11_000);
+        let out = drain(&mut session);
+        assert_eq!(out.len(), 1);
+        let audio = &out[0].as_ref().expect("text")["serverContent"]["modelTurn"]["parts"][0];
+        assert_eq!(audio["inlineData"]["mimeType"], "audio/pcm;rate=24000");
+        assert_eq!(session.poll_timeout(), Some(51_000));
+        session.on_timer(51_000);
+        assert_eq!(
+            drain(&mut session),
+            [Ok(json!({"serverContent": {"interrupted": true}}))]
+        );
+        session.on_timer(151_000);
+        assert_eq!(
+            drain(&mut session),
+            [Ok(
+                json!({"serverContent": {"inputTranscription": {"text": "(caller speech)"}}})
+            )]
+        );
+        session.handle_text(&silence, 160_000);
+        session.on_timer(170_000);
+        assert_eq!(drain(&mut session).len(), 1, "the next echo opens a turn");
+
+        let record = lock(&record);
+        assert_eq!(record.speech_started_at_us, [51_000, 151_000]);
+        assert_eq!(record.responses.len(), 2);
+        assert_eq!(record.session_update_at_us, Some(500));
+        assert_eq!(record.appends, [(640, 1_000), (1_280, 160_000)]);
+        assert_eq!(record.responses[0].deltas, [(960, 11_000)]);
+        assert_eq!(record.responses[1].deltas, [(960, 170_000)]);
+    }
+
+    /// Gemini has no error event: a bad message closes the session with 1007, after which it
+    /// says and schedules nothing.
+    #[test]
+    fn gemini_refusals_close_the_session_with_1007() {
+        let setup = gemini_setup().to_string();
+        let audio = gemini_audio(&[0; 320]).to_string();
+        let wrong_rate = json!({"realtimeInput": {"audio": {"data": "AAAA",
+            "mimeType": "audio/pcm;rate=8000"}}})
+        .to_string();
+        let two_fields = json!({"setup": {"model": "models/x"}, "toolResponse": {}}).to_string();
+        let cases: [(&str, Vec<&str>); 7] = [
+            ("audio before setup", vec![audio.as_str()]),
+            ("setup without a model", vec![r#"{"setup":{}}"#]),
+            ("a second setup", vec![setup.as_str(), setup.as_str()]),
+            ("8 kHz audio", vec![setup.as_str(), wrong_rate.as_str()]),
+            ("two fields", vec![two_fields.as_str()]),
+            ("an unknown field", vec![setup.as_str(), r#"{"bogus":{}}"#]),
+            ("not JSON", vec![setup.as_str(), "not json"]),
+        ];
+        for (name, messages) in cases {
+            let record = Arc::new(Mutex::new(EchoSessionRecord::default()));
+            let config = EchoModelConfig {
+                barge_in_every: Some(Duration::from_millis(100)),
+                ..config(10)
+            };
+            let mut session = EchoSession::new(1, &config, record.clone(), EchoProtocol::Gemini);
+            for message in messages {
+                session.handle_text(message, 1_000);
+            }
+            let out = drain(&mut session);
+            assert_eq!(out.last(), Some(&Err(1007)), "{name}: {out:?}");
+            assert!(session.closed, "{name}");
+            session.handle_text(&audio, 2_000);
+            session.on_timer(1_000_000);
+            assert!(
+                drain(&mut session).is_empty(),
+                "{name}: nothing after the close"
+            );
+            assert_eq!(session.poll_timeout(), None, "{name}");
+            assert_eq!(lock(&record).errors_sent, 1, "{name}");
+        }
+        // A binary frame holding JSON is taken like text; one holding no UTF-8 is refused.
+        let record = Arc::new(Mutex::new(EchoSessionRecord::default()));
+        let mut session = EchoSession::new(1, &config(10), record, EchoProtocol::Gemini);
+        session.handle_binary(setup.as_bytes(), 0);
+        assert_eq!(drain(&mut session), [Ok(json!({"setupComplete": {}}))]);
+        session.handle_binary(&[0xff, 0xfe], 0);
+        assert_eq!(drain(&mut session), [Err(1007)]);
+    }
+
+    #[tokio::test]
+    async fn gemini_handshake_requires_an_api_key() {
+        let model = EchoModel::start(config(5), Epoch::now())
+            .await
+            .expect("start");
+        for key in [None, Some(" ")] {
+            match dial_gemini(&model.gemini_url(), key).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(
+                    response.status(),
+                    tokio_tungstenite::tungstenite::http::StatusCode::UNAUTHORIZED,
+                    "{key:?}"
+                ),
+                other => panic!("{key:?}: expected 401, got {:?}", other.map(|_| ())),
+            }
+        }
+        let by_query = format!("{}?key=AIza-test", model.gemini_url());
+        let mut client = dial_gemini(&by_query, None)
+            .await
+            .expect("key in the query");
+        send(&mut client, gemini_setup()).await;
+        assert_eq!(
+            next_gemini(&mut client).await,
+            Ok(json!({"setupComplete": {}}))
+        );
+    }
+
     #[test]
     fn decoded_length_comes_from_length_and_padding() {
         for len in 0..10usize {
@@ -1266,7 +1954,7 @@ mod tests {
     #[test]
     fn sans_io_echo_waits_for_the_delay_and_batches() {
         let record = Arc::new(Mutex::new(EchoSessionRecord::default()));
-        let mut session = EchoSession::new(1, &config(200), record.clone());
+        let mut session = EchoSession::new(1, &config(200), record.clone(), EchoProtocol::OpenAi);
         let mut out = Vec::new();
         for (at, audio) in [(1_000, "AAAA"), (21_000, "BBBB")] {
             session.handle_text(&append(audio).to_string(), at);

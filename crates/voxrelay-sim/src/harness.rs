@@ -16,6 +16,11 @@
 //! reached the caller are lost unless a barge-in cleared them (the tail of an interrupted
 //! response) or the caller had hung up. A call the bridge hangs up before the caller does is
 //! an error. Nothing is guessed from averages or byte offsets.
+//!
+//! The bridge is measured on a provider, or several side by side (`--provider openai,gemini`):
+//! each is a side of its own, measured at every step in the given order, against the echo
+//! model's endpoint for that API. Gemini has no audio mode (PCM16 16 kHz in, 24 kHz out), so
+//! its frames carry the tones, as in `pcm16`, and its results say mode `gemini`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -38,7 +43,7 @@ use super::results::{
 };
 use super::{SPEECH_FIXTURE, http_client};
 use crate::launcher::{BridgeLauncher, BridgeSettings, InProcessBridge};
-use voxrelay_core::{AudioMode, Secret};
+use voxrelay_core::{AudioMode, Provider, Secret};
 
 /// Samples of plots kept per direction.
 const MAX_SAMPLES: usize = 20_000;
@@ -63,7 +68,8 @@ pub enum BridgeUnderTest {
 /// Which relay a measurement is of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
-    Bridge,
+    /// The bridge, on this provider's model.
+    Bridge(Provider),
     /// The baseline relay on one of its drivers: the machine's floor.
     Floor(FloorDriver),
 }
@@ -72,7 +78,8 @@ impl Side {
     /// How the progress lines name it.
     fn label(self) -> &'static str {
         match self {
-            Self::Bridge => "bridge",
+            Self::Bridge(Provider::OpenAi) => "bridge",
+            Self::Bridge(Provider::Gemini) => "bridge-gemini",
             Self::Floor(FloorDriver::Tokio) => "floor",
             Self::Floor(FloorDriver::Uring) => "floor-uring",
         }
@@ -83,7 +90,11 @@ impl Side {
 pub struct BenchOptions {
     pub calls: usize,
     pub seconds: f64,
+    /// The OpenAI side's audio mode (Gemini has none).
     pub audio_mode: AudioMode,
+    /// The bridge's providers, each measured at every step in this order (`--provider`); the
+    /// first is the result, the others `other_providers`. Empty means OpenAI.
+    pub providers: Vec<Provider>,
     pub bridge: BridgeUnderTest,
     /// Measure the baseline relay beside the bridge, interleaved at every step.
     pub floor: bool,
@@ -119,6 +130,7 @@ impl Default for BenchOptions {
             calls: 20,
             seconds: 10.0,
             audio_mode: AudioMode::Pcmu,
+            providers: vec![Provider::OpenAi],
             bridge: BridgeUnderTest::Child,
             floor: false,
             floor_only: false,
@@ -220,7 +232,7 @@ impl Rig {
         calls: usize,
     ) -> Result<BenchResult, BenchError> {
         let (bridge, endpoint) =
-            start_bridge(options, launcher, side, &self.model.url(), self.ca()).await?;
+            start_bridge(options, launcher, side, &self.model_url(side), self.ca()).await?;
         let result = measure(
             options,
             side,
@@ -235,6 +247,14 @@ impl Rig {
         Ok(result)
     }
 
+    /// The echo model's endpoint for the API `side` speaks (the floor relays OpenAI's).
+    fn model_url(&self, side: Side) -> String {
+        match side {
+            Side::Bridge(Provider::Gemini) => self.model.gemini_url(),
+            Side::Bridge(Provider::OpenAi) | Side::Floor(_) => self.model.url(),
+        }
+    }
+
     fn ca(&self) -> Option<&std::path::Path> {
         self.tls.as_ref().map(ModelTls::ca_file)
     }
@@ -244,30 +264,59 @@ impl Rig {
     }
 }
 
-/// The sides a run measures, in the order each step measures them.
+/// The bridge's providers in the order measured (OpenAI when none is given), each once.
+fn providers(options: &BenchOptions) -> Vec<Provider> {
+    let mut providers = Vec::new();
+    for provider in &options.providers {
+        if !providers.contains(provider) {
+            providers.push(*provider);
+        }
+    }
+    if providers.is_empty() {
+        providers.push(Provider::OpenAi);
+    }
+    providers
+}
+
+/// The sides a run measures, in the order each step measures them: the bridge on each
+/// provider, then the floors.
 fn sides(options: &BenchOptions) -> Vec<Side> {
     let mut drivers = options.floor_drivers.clone();
     if drivers.is_empty() {
         drivers.push(FloorDriver::Tokio);
     }
     let floors = drivers.into_iter().map(Side::Floor);
+    let bridges = providers(options).into_iter().map(Side::Bridge);
     if options.floor_only {
         floors.collect()
     } else if options.floor {
-        std::iter::once(Side::Bridge).chain(floors).collect()
+        bridges.chain(floors).collect()
     } else {
-        vec![Side::Bridge]
+        bridges.collect()
     }
 }
 
-/// One result from a run's sides, in order: the first, with the second as its `floor` (and
-/// `ratios`, first ÷ second), and any later ones as `other_floors` (each ÷ the second).
-fn combine(results: Vec<BenchResult>) -> BenchResult {
-    let mut results = results.into_iter();
-    let mut result = results.next().unwrap_or_default();
-    if let Some(floor) = results.next() {
+/// One result from a run's sides, in order: the first bridge, with the other bridges as
+/// `other_providers`; the first floor as its `floor` (and `ratios`, bridge ÷ floor, on every
+/// bridge's result), and any later floors as `other_floors` (each ÷ the first floor). A run
+/// of floors alone has the first floor as its result.
+fn combine(results: Vec<(Side, BenchResult)>) -> BenchResult {
+    let (bridges, floors): (Vec<_>, Vec<_>) = results
+        .into_iter()
+        .partition(|(side, _)| matches!(side, Side::Bridge(_)));
+    let mut bridges = bridges.into_iter().map(|(_, result)| result);
+    let mut floors = floors.into_iter().map(|(_, result)| result);
+    let (mut result, floor) = match bridges.next() {
+        Some(bridge) => (bridge, floors.next()),
+        None => (floors.next().unwrap_or_default(), floors.next()),
+    };
+    result.other_providers = bridges.collect();
+    if let Some(floor) = floor {
         result.ratios = Some(ratios(&result, &floor));
-        for other in results {
+        for other in &mut result.other_providers {
+            other.ratios = Some(ratios(other, &floor));
+        }
+        for other in floors {
             result.other_floor_ratios.push(ratios(&other, &floor));
             result.other_floors.push(other);
         }
@@ -286,10 +335,10 @@ pub async fn run(
     let rig = Rig::start(options).await?;
     let mut results = Vec::new();
     for side in sides(options) {
-        results.push(
-            rig.measure_fresh(options, launcher, side, options.calls)
-                .await?,
-        );
+        let result = rig
+            .measure_fresh(options, launcher, side, options.calls)
+            .await?;
+        results.push((side, result));
     }
     rig.stop();
     Ok(combine(results))
@@ -393,7 +442,12 @@ pub async fn run_ramp(
         calls = (calls + step).min(max_calls);
     }
     rig.stop();
-    Ok(combine(ramps.into_iter().map(SideRamp::finish).collect()))
+    Ok(combine(
+        sides
+            .into_iter()
+            .zip(ramps.into_iter().map(SideRamp::finish))
+            .collect(),
+    ))
 }
 
 /// Bridge ÷ floor. With ramps: capacity from the held counts, CPU at the largest count both
@@ -442,15 +496,17 @@ pub fn ratios(bridge: &BenchResult, floor: &BenchResult) -> Ratios {
 /// in every batch: halfway through (every call up) and after it (every call ended). A leak
 /// shows as a rising column; the idle descriptor count should come back to the same number
 /// after every batch. The result is the last batch's, with `errors` summed over all of them.
-/// Unlike the other runs, the soak keeps one bridge process throughout: that is the point.
+/// Unlike the other runs, the soak keeps one bridge process throughout: that is the point. It
+/// soaks one provider (the first of `options.providers`).
 pub async fn run_soak(
     options: &BenchOptions,
     launcher: &impl BridgeLauncher,
     minutes: f64,
 ) -> Result<BenchResult, BenchError> {
+    let side = Side::Bridge(providers(options)[0]);
     let rig = Rig::start(options).await?;
     let (bridge, endpoint) =
-        start_bridge(options, launcher, Side::Bridge, &rig.model.url(), rig.ca()).await?;
+        start_bridge(options, launcher, side, &rig.model_url(side), rig.ca()).await?;
     let pid = match &bridge {
         RunningBridge::Child { pid, .. } => Some(pid.to_string()),
         _ => None,
@@ -463,7 +519,7 @@ pub async fn run_soak(
     loop {
         last = measure(
             options,
-            Side::Bridge,
+            side,
             rig.epoch,
             &rig.model,
             &bridge,
@@ -548,7 +604,14 @@ async fn start_bridge<L: BridgeLauncher>(
                 "ws"
             };
             let signed_url = format!("{signed_scheme}://{}/twilio/media", authority(public_url));
-            eprintln!("bench: target {url}; its VOXRELAY_OPENAI_URL must be {model_url}");
+            match side {
+                Side::Bridge(Provider::Gemini) => eprintln!(
+                    "bench: target {url}; its VOXRELAY_PROVIDER must be gemini and its VOXRELAY_GEMINI_URL {model_url}"
+                ),
+                _ => {
+                    eprintln!("bench: target {url}; its VOXRELAY_OPENAI_URL must be {model_url}")
+                }
+            }
             Ok((
                 RunningBridge::Remote,
                 Endpoint {
@@ -577,9 +640,11 @@ async fn start_bridge<L: BridgeLauncher>(
                 },
             ))
         }
-        (BridgeUnderTest::InProcess, Side::Bridge) => {
+        (BridgeUnderTest::InProcess, Side::Bridge(provider)) => {
             let settings = BridgeSettings {
                 audio_mode: options.audio_mode,
+                provider,
+                voice: bench_voice(provider),
                 greeting: Some(String::new()),
                 max_calls: Some(BENCH_MAX_CALLS),
                 ..BridgeSettings::new(model_url.to_owned(), Secret::new("bench"), token.clone())
@@ -631,8 +696,6 @@ async fn start_bridge<L: BridgeLauncher>(
                     .arg("serve")
                     .env("VOXRELAY_LISTEN", &listen)
                     .env("TWILIO_AUTH_TOKEN", token.expose())
-                    .env("OPENAI_API_KEY", "bench")
-                    .env("VOXRELAY_OPENAI_URL", model_url)
                     .env("VOXRELAY_AUDIO_MODE", options.audio_mode.as_str())
                     .env("VOXRELAY_GREETING", "")
                     .env("VOXRELAY_DRAIN_SECONDS", "2")
@@ -648,6 +711,25 @@ async fn start_bridge<L: BridgeLauncher>(
                     .env_remove("VOXRELAY_MOCK_MODEL")
                     .env_remove("VOXRELAY_MODEL_CA_FILE")
                     .env_remove("VOXRELAY_TWILIO_ACCOUNT_SID");
+                // The one model of the run: the bridge has a key for its provider only.
+                match side {
+                    Side::Bridge(Provider::Gemini) => command
+                        .env("VOXRELAY_PROVIDER", Provider::Gemini.as_str())
+                        .env("GEMINI_API_KEY", "bench")
+                        .env("VOXRELAY_GEMINI_URL", model_url)
+                        .env_remove("OPENAI_API_KEY")
+                        .env_remove("VOXRELAY_OPENAI_URL"),
+                    _ => command
+                        .env("VOXRELAY_PROVIDER", Provider::OpenAi.as_str())
+                        .env("OPENAI_API_KEY", "bench")
+                        .env("VOXRELAY_OPENAI_URL", model_url)
+                        .env_remove("GEMINI_API_KEY")
+                        .env_remove("VOXRELAY_GEMINI_URL"),
+                };
+                match bench_voice(side_provider(side)) {
+                    Some(voice) => command.env("VOXRELAY_VOICE", voice),
+                    None => command.env_remove("VOXRELAY_VOICE"),
+                };
                 if let Some(ca) = model_ca {
                     command.env("VOXRELAY_MODEL_CA_FILE", ca);
                 }
@@ -667,7 +749,7 @@ async fn start_bridge<L: BridgeLauncher>(
             let pid = child.id().unwrap_or_default();
             let ready = Url::parse(&format!("http://{listen}/readyz"))
                 .map_err(|e| BenchError::Bridge(e.to_string()))?;
-            let health = (side == Side::Bridge).then_some(ready);
+            let health = matches!(side, Side::Bridge(_)).then_some(ready);
             wait_until_listening(port, health).await?;
             let url = format!("ws://{listen}/twilio/media");
             Ok((
@@ -679,6 +761,23 @@ async fn start_bridge<L: BridgeLauncher>(
                 },
             ))
         }
+    }
+}
+
+/// The fallback agent's voice in a run on `provider`: Gemini's own default voice, named (the
+/// bridge's environment may name another); OpenAI's is left to the bridge.
+fn bench_voice(provider: Provider) -> Option<String> {
+    match provider {
+        Provider::Gemini => Some(Provider::Gemini.default_voice().to_owned()),
+        Provider::OpenAi => None,
+    }
+}
+
+/// The provider a side's relay speaks to the model (the floor relays OpenAI's protocol).
+fn side_provider(side: Side) -> Provider {
+    match side {
+        Side::Bridge(provider) => provider,
+        Side::Floor(_) => Provider::OpenAi,
     }
 }
 
@@ -856,9 +955,11 @@ async fn measure(
     let started_at = epoch.us();
     // The floor relays μ-law untouched whatever the run's mode, so its frames carry the
     // watermark; the bridge's carry what survives its mode.
+    // Gemini's PCM16 is resampled both ways, so its frames carry the tones, as in `pcm16`.
     let ids = match side {
         Side::Floor(_) => AudioMode::Pcmu,
-        Side::Bridge => options.audio_mode,
+        Side::Bridge(Provider::OpenAi) => options.audio_mode,
+        Side::Bridge(Provider::Gemini) => AudioMode::Pcm16,
     };
 
     let mut handles = Vec::with_capacity(calls);
@@ -962,18 +1063,23 @@ async fn measure(
     let mut result = join(options, ids, &records, &sessions);
     result.calls = calls;
     result.seconds = duration.as_secs_f64();
-    result.audio_mode = options.audio_mode.as_str().to_owned();
+    result.provider = side_provider(side).as_str().to_owned();
+    // Gemini has no audio-mode axis: its mode is its name.
+    result.audio_mode = match side {
+        Side::Bridge(Provider::Gemini) => Provider::Gemini.as_str().to_owned(),
+        _ => options.audio_mode.as_str().to_owned(),
+    };
     result.baseline = matches!(side, Side::Floor(_));
     result.target = match (&options.bridge, side) {
         (BridgeUnderTest::Target { url, .. }, _) => url.to_string(),
-        (BridgeUnderTest::InProcess, Side::Bridge) => "in-process".to_owned(),
+        (BridgeUnderTest::InProcess, Side::Bridge(_)) => "in-process".to_owned(),
         (BridgeUnderTest::InProcess, Side::Floor(FloorDriver::Tokio)) => {
             "in-process (baseline relay)".to_owned()
         }
         (BridgeUnderTest::InProcess, Side::Floor(FloorDriver::Uring)) => {
             "in-process (baseline relay, io_uring)".to_owned()
         }
-        (BridgeUnderTest::Child, Side::Bridge) => "child".to_owned(),
+        (BridgeUnderTest::Child, Side::Bridge(_)) => "child".to_owned(),
         (BridgeUnderTest::Child, Side::Floor(FloorDriver::Tokio)) => {
             "child (baseline relay)".to_owned()
         }
@@ -1438,9 +1544,10 @@ pub fn summary(result: &BenchResult) -> String {
     };
     let _ = writeln!(
         out,
-        "\nvoxrelay bench: {} calls × {:.0} s, audio {}, bridge {}{}",
+        "\nvoxrelay bench: {} calls × {:.0} s, provider {}, audio {}, bridge {}{}",
         result.calls,
         result.seconds,
+        result.provider,
         result.audio_mode,
         result.target,
         if result.baseline { " (baseline)" } else { "" }
@@ -1977,7 +2084,7 @@ mod tests {
         assert_eq!(
             sides(&options),
             [
-                Side::Bridge,
+                Side::Bridge(Provider::OpenAi),
                 Side::Floor(FloorDriver::Tokio),
                 Side::Floor(FloorDriver::Uring)
             ]
@@ -1987,9 +2094,15 @@ mod tests {
             ..BenchResult::default()
         };
         let result = combine(vec![
-            bridge,
-            floor(FloorDriver::Tokio, 2.0),
-            floor(FloorDriver::Uring, 1.0),
+            (Side::Bridge(Provider::OpenAi), bridge),
+            (
+                Side::Floor(FloorDriver::Tokio),
+                floor(FloorDriver::Tokio, 2.0),
+            ),
+            (
+                Side::Floor(FloorDriver::Uring),
+                floor(FloorDriver::Uring, 1.0),
+            ),
         ]);
         assert_eq!(
             result.ratios.as_ref().and_then(|r| r.cpu_per_call_second),
@@ -2004,6 +2117,59 @@ mod tests {
         let json = serde_json::to_value(&result).unwrap();
         assert_eq!(json["floor"]["floor_driver"], "tokio");
         assert_eq!(json["other_floors"][0]["floor_driver"], "uring");
+    }
+
+    /// `--provider openai,gemini --baseline`: both bridges, then the floor, at every step; the
+    /// second provider's result follows the first's, each compared with the same floor.
+    #[test]
+    fn a_second_provider_is_measured_beside_the_first() {
+        let options = BenchOptions {
+            floor: true,
+            providers: vec![Provider::OpenAi, Provider::Gemini, Provider::OpenAi],
+            ..BenchOptions::default()
+        };
+        let expected = [
+            Side::Bridge(Provider::OpenAi),
+            Side::Bridge(Provider::Gemini),
+            Side::Floor(FloorDriver::Tokio),
+        ];
+        assert_eq!(sides(&options), expected, "each provider once, in order");
+        assert_eq!(
+            sides(&BenchOptions {
+                providers: Vec::new(),
+                ..BenchOptions::default()
+            }),
+            [Side::Bridge(Provider::OpenAi)],
+            "OpenAI when none is named"
+        );
+        let run = |provider: &str, cpu| BenchResult {
+            provider: provider.to_owned(),
+            audio_mode: if provider == "gemini" {
+                "gemini"
+            } else {
+                "pcm16"
+            }
+            .to_owned(),
+            bridge_cpu_ms_per_call_second: Some(cpu),
+            ..BenchResult::default()
+        };
+        let result = combine(
+            expected
+                .into_iter()
+                .zip([run("openai", 3.0), run("gemini", 4.0), run("openai", 2.0)])
+                .collect(),
+        );
+        assert_eq!(result.provider, "openai");
+        assert_eq!(result.other_providers.len(), 1);
+        assert!(result.other_floors.is_empty());
+        let cpu_ratio = |r: &BenchResult| r.ratios.as_ref().and_then(|r| r.cpu_per_call_second);
+        assert_eq!(cpu_ratio(&result), Some(1.5));
+        assert_eq!(cpu_ratio(&result.other_providers[0]), Some(2.0));
+        let json = serde_json::to_value(&result).unwrap();
+        assert_eq!(json["provider"], "openai");
+        assert_eq!(json["other_providers"][0]["provider"], "gemini");
+        assert_eq!(json["other_providers"][0]["audio_mode"], "gemini");
+        assert_eq!(json["floor"]["provider"], "openai");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! on the bridge crate (the bridge binary depends on the simulator, not the reverse).
 //!
 //! The binary implements [`BridgeLauncher`] with `voxrelay::http::Bridge` and passes it in.
-//! The simulator says what to run ([`BridgeSettings`]: the models, the Twilio token its callers
-//! sign with, the agent's audio mode and greeting, pre-warm, the control plane, the call cap),
+//! The simulator says what to run ([`BridgeSettings`]: the models and the default provider, the
+//! Twilio token its callers sign with, the agent's audio mode, voice and greeting, pre-warm, the
+//! control plane, the call cap),
 //! gets back a running bridge ([`InProcessBridge`]: its address; stopping it drains and returns
 //! the figures the demo prints) and, for the first-audio probe, the bridge's own tenant lookup
 //! ([`TenantLookups`]) so the lookup is timed as a call pays it.
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use url::Url;
 use voxrelay_core::control::signing::SigningKey;
-use voxrelay_core::{AudioMode, Secret};
+use voxrelay_core::{AudioMode, Provider, Secret};
 
 /// How the simulator wants the bridge configured; everything else is the bridge's default for a
 /// local bridge (127.0.0.1, port 0, the admin listener on port 0 too).
@@ -26,9 +27,14 @@ pub struct BridgeSettings {
     /// OpenAI Realtime's endpoint, the bridge's default provider.
     pub model_url: String,
     pub model_api_key: Secret,
-    /// Gemini Live's endpoint (the mock's `gemini_url`), dialled with the same key for
-    /// tenants on Gemini; `None`: the bridge has no Gemini target, so such tenants fall back.
+    /// Which API the model at `model_url` speaks: the bridge's default provider and the
+    /// fallback agent's.
+    pub provider: Provider,
+    /// Gemini Live's endpoint (the mock's `gemini_url`) when `provider` is OpenAI, dialled with
+    /// the same key for tenants on Gemini; `None`: such tenants fall back.
     pub gemini_model_url: Option<String>,
+    /// The fallback agent's voice; `None` keeps the provider's default.
+    pub voice: Option<String>,
     /// The Twilio auth token the simulated callers sign with.
     pub twilio_auth_token: Secret,
     /// The fallback agent's audio mode.
@@ -51,7 +57,9 @@ impl BridgeSettings {
         Self {
             model_url,
             model_api_key,
+            provider: Provider::OpenAi,
             gemini_model_url: None,
+            voice: None,
             twilio_auth_token,
             audio_mode: AudioMode::default(),
             greeting: None,

@@ -319,9 +319,14 @@ fn plot_err(error: impl std::fmt::Display) -> ReportError {
     ReportError::Plot(error.to_string())
 }
 
-/// "bridge" or "baseline" per run; numbered when two runs would otherwise share a name.
+/// "bridge" (on Gemini: "bridge gemini") or "baseline" per run; numbered when two runs would
+/// otherwise share a name.
 fn run_labels(runs: &[BenchResult]) -> Vec<String> {
-    let base = |run: &BenchResult| if run.baseline { "baseline" } else { "bridge" };
+    let base = |run: &BenchResult| match (run.baseline, run.provider.as_str()) {
+        (true, _) => "baseline",
+        (false, "gemini") => "bridge gemini",
+        (false, _) => "bridge",
+    };
     runs.iter()
         .enumerate()
         .map(|(index, run)| {
@@ -527,6 +532,7 @@ fn summary_table(page: &mut String, runs: &[BenchResult], labels: &[String]) {
     let rows: Vec<(String, Vec<String>)> = vec![
         row("calls", runs, |r| r.calls.to_string()),
         row("seconds", runs, |r| number(r.seconds, 1)),
+        row("provider", runs, |r| r.provider.clone()),
         row("audio mode", runs, |r| r.audio_mode.clone()),
         row("target", runs, |r| r.target.clone()),
         row("late frames", runs, |r| {
@@ -973,6 +979,12 @@ mod tests {
     fn run_labels_stay_distinct() {
         let labels = run_labels(&[synthetic(false), synthetic(false), synthetic(true)]);
         assert_eq!(labels, ["bridge 1", "bridge 2", "baseline"]);
+        let gemini = BenchResult {
+            provider: "gemini".to_owned(),
+            ..synthetic(false)
+        };
+        let labels = run_labels(&[synthetic(false), gemini, synthetic(true)]);
+        assert_eq!(labels, ["bridge", "bridge gemini", "baseline"]);
         assert_eq!(format_us_tick(100.0), "100 µs");
         assert_eq!(format_us_tick(2_500.0), "2.5 ms");
         assert_eq!(format_us_tick(1_000_000.0), "1 s");

@@ -7,7 +7,11 @@
 //! `--baseline` run adds `floor` (the baseline relay's result, same shape) and `ratios`; with
 //! `--floor-driver tokio,uring` the later floors follow as `other_floors` with
 //! `other_floor_ratios` (each ÷ `floor`), and every floor names its `floor_driver`. A
-//! `--model-faults` run adds `model_faults`.
+//! `--model-faults` run adds `model_faults`. Every result (floors, other providers, ramp
+//! results alike) names its `provider` (`openai` or `gemini`; a floor relays OpenAI's
+//! protocol); a Gemini result's `audio_mode` is `gemini`, as Gemini has no mode to choose.
+//! With `--provider openai,gemini` the providers after the first follow as `other_providers`
+//! (same shape, each with its own `ratios` to `floor` with `--baseline`).
 
 use std::time::Instant;
 
@@ -126,7 +130,12 @@ pub struct Samples {
 pub struct BenchResult {
     pub calls: usize,
     pub seconds: f64,
+    /// `pcmu` or `pcm16` (OpenAI), or `gemini`.
     pub audio_mode: String,
+    /// The bridge's model API: `openai` or `gemini` (a floor: `openai`, whose protocol it
+    /// relays). Runs from before Gemini read as `openai`.
+    #[serde(default = "openai")]
+    pub provider: String,
     /// `child` (a `voxrelay serve` process started by the harness), `in-process`, or the URL
     /// given with `--target`.
     pub target: String,
@@ -218,6 +227,10 @@ pub struct BenchResult {
     /// Each of `other_floors` ÷ `floor` (e.g. the io_uring floor ÷ the tokio floor), in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_floor_ratios: Vec<Ratios>,
+    /// With `--provider` naming more than one: the bridge on the providers after the first,
+    /// measured interleaved in the same run, same shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_providers: Vec<BenchResult>,
     /// With `--model-faults`: the sessions the model dropped and what the callers went through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_faults: Option<ModelFaultResult>,
@@ -246,6 +259,11 @@ pub struct ModelFaultResult {
     /// Caller frames a dropped session had received but not yet echoed: what went down with it
     /// (the caller's words the model never answered; its successor did not hear them either).
     pub frames_swallowed: u64,
+}
+
+/// The provider of a result that names none (written before Gemini was measured).
+fn openai() -> String {
+    "openai".to_owned()
 }
 
 impl BenchResult {
@@ -279,6 +297,7 @@ mod tests {
             "calls",
             "seconds",
             "audio_mode",
+            "provider",
             "uplink_us",
             "downlink_us",
             "barge_in_us",

@@ -1,4 +1,6 @@
-//! Streaming sample-rate conversion between 8 kHz telephone audio and 16/24 kHz upstream audio.
+//! Streaming sample-rate conversion between 8 kHz telephone audio and 16/24 kHz upstream audio,
+//! and from 16 to 24 kHz (a Gemini Live peer's input rate to its output rate: the benchmark's
+//! echo model speaks what it hears back at the rate it must send).
 //!
 //! [`StreamResampler`] owns one rubato FFT resampler (`Fft`, `FixedSync::Both`) plus the input
 //! that has not yet filled a block. Each block is 10 ms of input (80 samples at 8 kHz, 160 at
@@ -28,7 +30,7 @@ pub enum ResampleError {
 /// 10 ms is the smallest that keeps 3.4 kHz flat and divides a 20 ms Twilio frame evenly.
 const BLOCK_MS: u32 = 10;
 
-/// Streaming mono resampler for the pairs 8000⇄16000 and 8000⇄24000 Hz.
+/// Streaming mono resampler for the pairs 8000⇄16000, 8000⇄24000 and 16000→24000 Hz.
 pub struct StreamResampler {
     engine: Fft<f32>,
     from_hz: u32,
@@ -56,11 +58,11 @@ impl std::fmt::Debug for StreamResampler {
 }
 
 impl StreamResampler {
-    /// Supported pairs: 8000⇄16000 and 8000⇄24000.
+    /// Supported pairs: 8000⇄16000, 8000⇄24000 and 16000→24000.
     pub fn new(from_hz: u32, to_hz: u32) -> Result<Self, ResampleError> {
         let supported = matches!(
             (from_hz, to_hz),
-            (8000, 16000) | (16000, 8000) | (8000, 24000) | (24000, 8000)
+            (8000, 16000) | (16000, 8000) | (8000, 24000) | (24000, 8000) | (16000, 24000)
         );
         if !supported {
             return Err(ResampleError::UnsupportedRate { from_hz, to_hz });
@@ -191,7 +193,13 @@ mod tests {
     use super::*;
     use std::f64::consts::PI;
 
-    const PAIRS: [(u32, u32); 4] = [(8000, 16000), (16000, 8000), (8000, 24000), (24000, 8000)];
+    const PAIRS: [(u32, u32); 5] = [
+        (8000, 16000),
+        (16000, 8000),
+        (8000, 24000),
+        (24000, 8000),
+        (16000, 24000),
+    ];
 
     fn resampler(from_hz: u32, to_hz: u32) -> StreamResampler {
         StreamResampler::new(from_hz, to_hz).expect("supported pair")
@@ -322,6 +330,28 @@ mod tests {
     fn upsampling_to_16k_leaves_no_image_at_4400hz() {
         let rejection = image_rejection_db(16000);
         assert!(rejection >= 50.0, "image only {rejection:.1} dB down");
+    }
+
+    /// 16 → 24 kHz (Gemini's input rate to its output rate): the output is the same tone at
+    /// 24 kHz after the reported delay, with nothing else in it (an image or alias would show
+    /// as error).
+    #[test]
+    fn sixteen_to_twenty_four_khz_keeps_a_tone_above_50db_snr() {
+        for freq_hz in [440.0, 1000.0, 3000.0] {
+            let mut r = resampler(16000, 24000);
+            let delay = r.delay_output_frames();
+            let out = in_frames(&mut r, &tone(freq_hz, 16000, 16000));
+            assert_eq!(out.len(), 24000, "{freq_hz} Hz: 1 s in, 1 s out");
+            let (mut signal, mut error) = (0.0f64, 0.0f64);
+            for (n, &sample) in out.iter().enumerate().skip(delay + 1200) {
+                let phase = 2.0 * PI * freq_hz * (n - delay) as f64 / 24000.0;
+                let expected = 0.5 * 32768.0 * phase.sin();
+                signal += expected * expected;
+                error += (f64::from(sample) - expected).powi(2);
+            }
+            let snr = 10.0 * (signal / error.max(f64::MIN_POSITIVE)).log10();
+            assert!(snr > 50.0, "{freq_hz} Hz: SNR {snr:.1} dB");
+        }
     }
 
     fn alias_rejection_db(from_hz: u32) -> f64 {
@@ -501,7 +531,7 @@ mod tests {
             (8000, 44100),
             (44100, 8000),
             (8000, 8000),
-            (16000, 24000),
+            (24000, 16000),
             (0, 8000),
         ] {
             assert!(matches!(

@@ -698,10 +698,10 @@ pub(crate) fn check_realtime_handshake(request: &Request) -> Result<(), ErrorRes
 }
 
 /// What the Gemini Live endpoint checks at the handshake: a non-empty API key, in the
-/// `x-goog-api-key` header or the `key` query parameter.
+/// `x-goog-api-key` header or the `key` query parameter. Shared with the benchmark's echo model.
 // tungstenite's callback error is the HTTP response itself.
 #[allow(clippy::result_large_err)]
-fn check_gemini_handshake(request: &Request) -> Result<(), ErrorResponse> {
+pub(crate) fn check_gemini_handshake(request: &Request) -> Result<(), ErrorResponse> {
     let header_key = request
         .headers()
         .get("x-goog-api-key")
