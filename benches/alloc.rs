@@ -121,7 +121,7 @@ const MAX_ALLOCATIONS_PER_FRAME: f64 = 0.01;
 /// Set when a scenario allocated on the per-frame path: the run then fails.
 static ALLOCATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-fn report(path: &str, mode: AudioMode, count: Count, frames: u64) {
+fn report(path: &str, label: &str, count: Count, frames: u64) {
     // A per-frame allocation shows as 1.0 or more; the runtime's own bookkeeping (timer
     // wheels, a task's first poll) as a few in a run.
     if count.allocations as f64 / frames as f64 >= MAX_ALLOCATIONS_PER_FRAME {
@@ -129,7 +129,7 @@ fn report(path: &str, mode: AudioMode, count: Count, frames: u64) {
     }
     println!(
         "{path:<34} {:<6} {:>8.2} allocations/frame {:>9.0} bytes/frame   ({} frames)",
-        mode.as_str(),
+        label,
         count.allocations as f64 / frames as f64,
         count.bytes as f64 / frames as f64,
         frames
@@ -175,11 +175,40 @@ fn take_texts(engine: &mut CallEngine, spent: &mut Vec<String>) {
     }
 }
 
-fn started_engine(mode: AudioMode, now: Instant) -> CallEngine {
-    let settings = SessionSettings {
-        audio_mode: mode,
-        greeting: None,
-        ..SessionSettings::default()
+/// The model side an engine scenario's frames take.
+#[derive(Clone, Copy)]
+enum Path {
+    OpenAi(AudioMode),
+    Gemini,
+}
+
+impl Path {
+    const ALL: [Path; 3] = [
+        Path::OpenAi(AudioMode::Pcmu),
+        Path::OpenAi(AudioMode::Pcm16),
+        Path::Gemini,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::OpenAi(mode) => mode.as_str(),
+            Path::Gemini => "gemini",
+        }
+    }
+}
+
+fn started_engine(path: Path, now: Instant) -> CallEngine {
+    let settings = match path {
+        Path::OpenAi(mode) => SessionSettings {
+            audio_mode: mode,
+            greeting: None,
+            ..SessionSettings::default()
+        },
+        Path::Gemini => SessionSettings {
+            provider: voxrelay::Provider::Gemini,
+            greeting: None,
+            ..SessionSettings::default()
+        },
     };
     let mut engine = CallEngine::new(PlaybackConfig::default());
     engine
@@ -210,9 +239,9 @@ fn counted(f: impl FnOnce()) -> Count {
     after.since(before)
 }
 
-fn engine_uplink(mode: AudioMode) {
+fn engine_uplink(path: Path) {
     let now = Instant::now();
-    let mut engine = started_engine(mode, now);
+    let mut engine = started_engine(path, now);
     let payload = speech_payload();
     let mut text = String::with_capacity(512);
     let mut sequence = 2;
@@ -235,26 +264,40 @@ fn engine_uplink(mode: AudioMode) {
             frame(&mut engine);
         }
     });
-    report("engine uplink (media → append)", mode, count, FRAMES);
+    report("engine uplink (media → append)", path.name(), count, FRAMES);
 }
 
-fn engine_downlink(mode: AudioMode) {
+fn engine_downlink(path: Path) {
     let start = Instant::now();
-    let mut engine = started_engine(mode, start);
-    engine
-        .handle(
-            start,
-            Input::Model(r#"{"type":"response.created","response":{"id":"resp_1"}}"#),
-        )
-        .unwrap();
-    let audio: Vec<u8> = match mode {
-        AudioMode::Pcmu => vec![0xD5; 160],
-        AudioMode::Pcm16 => (0..480i16).flat_map(|n| (n * 40).to_le_bytes()).collect(),
+    let mut engine = started_engine(path, start);
+    let audio: Vec<u8> = match path {
+        Path::OpenAi(AudioMode::Pcmu) => vec![0xD5; 160],
+        _ => (0..480i16).flat_map(|n| (n * 40).to_le_bytes()).collect(),
     };
-    let delta = format!(
-        r#"{{"type":"response.output_audio.delta","event_id":"e","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"{}"}}"#,
-        BASE64.encode(&audio)
-    );
+    let delta = match path {
+        Path::OpenAi(_) => {
+            engine
+                .handle(
+                    start,
+                    Input::Model(r#"{"type":"response.created","response":{"id":"resp_1"}}"#),
+                )
+                .unwrap();
+            format!(
+                r#"{{"type":"response.output_audio.delta","event_id":"e","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"{}"}}"#,
+                BASE64.encode(&audio)
+            )
+        }
+        // Gemini names no turn in its deltas: the first opens the turn the others continue.
+        Path::Gemini => {
+            let delta = format!(
+                r#"{{"serverContent":{{"modelTurn":{{"parts":[{{"inlineData":{{"mimeType":"audio/pcm;rate=24000","data":"{}"}}}}]}}}}}}"#,
+                BASE64.encode(&audio)
+            );
+            engine.handle(start, Input::Model(&delta)).unwrap();
+            while engine.poll_output().is_some() {}
+            delta
+        }
+    };
     let mut tick = 0u32;
     let mut spent = Vec::with_capacity(8);
     let mut frame = |engine: &mut CallEngine| {
@@ -276,7 +319,12 @@ fn engine_downlink(mode: AudioMode) {
             frame(&mut engine);
         }
     });
-    report("engine downlink (delta → media+mark)", mode, count, FRAMES);
+    report(
+        "engine downlink (delta → media+mark)",
+        path.name(),
+        count,
+        FRAMES,
+    );
 }
 
 /// The simulated Twilio side of one call, plus the echo model, on the calling thread's
@@ -431,7 +479,12 @@ async fn call_uplink(mode: AudioMode) {
     }
     let count = Count::now().since(measured);
     rig.stop().await;
-    report("call uplink (socket → socket)", mode, count, frames);
+    report(
+        "call uplink (socket → socket)",
+        mode.as_str(),
+        count,
+        frames,
+    );
 }
 
 /// Real-time frames, echoed 20 ms later: per 20 ms, one frame each way plus a mark and its echo.
@@ -479,27 +532,27 @@ async fn call_both_ways(mode: AudioMode) {
     }
     let count = Count::now().since(measured);
     rig.stop().await;
-    report("call both ways (per 20 ms)", mode, count, frames);
+    report("call both ways (per 20 ms)", mode.as_str(), count, frames);
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; other arguments filter by scenario name, e.g.
     // `cargo bench --bench alloc -- call-uplink-pcmu` (names: engine-uplink, engine-downlink,
-    // call-uplink, call-both, each with -pcmu or -pcm16).
+    // call-uplink, call-both, each with -pcmu or -pcm16; the engine ones also with -gemini).
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let wanted = |name: &str, mode: AudioMode| {
-        let name = format!("{name}-{}", mode.as_str());
+    let wanted = |name: &str, path: &str| {
+        let name = format!("{name}-{path}");
         filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()))
     };
-    for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
-        if wanted("engine-uplink", mode) {
-            engine_uplink(mode);
+    for path in Path::ALL {
+        if wanted("engine-uplink", path.name()) {
+            engine_uplink(path);
         }
-        if wanted("engine-downlink", mode) {
-            engine_downlink(mode);
+        if wanted("engine-downlink", path.name()) {
+            engine_downlink(path);
         }
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -507,10 +560,10 @@ fn main() {
         .build()
         .expect("runtime");
     for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
-        if wanted("call-uplink", mode) {
+        if wanted("call-uplink", mode.as_str()) {
             runtime.block_on(call_uplink(mode));
         }
-        if wanted("call-both", mode) {
+        if wanted("call-both", mode.as_str()) {
             runtime.block_on(call_both_ways(mode));
         }
     }

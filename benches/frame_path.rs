@@ -1,6 +1,7 @@
 //! The bridge's per-frame CPU work without sockets: one Twilio `media` message in →
 //! the model's `input_audio_buffer.append` out (uplink), and one 20 ms model audio delta in →
-//! Twilio `media` + `mark` out (downlink), through the real call engine, in both audio modes.
+//! Twilio `media` + `mark` out (downlink), through the real call engine, on every path: OpenAI
+//! in `pcmu` and `pcm16`, and Gemini Live (8 → 16 kHz up, 24 → 8 kHz down).
 //!
 //! Set against the end-to-end added latency the demo reports, this separates the bridge's
 //! own computation from task wake-ups and socket system calls.
@@ -11,11 +12,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use voxrelay::AudioMode;
 use voxrelay::session::engine::{CallEngine, Input, Output, Resolved};
 use voxrelay::session::model::ModelSession;
 use voxrelay::session::playback::PlaybackConfig;
 use voxrelay::upstream::SessionSettings;
+use voxrelay::{AudioMode, Provider};
 
 const STREAM_SID: &str = "MZ00000000000000000000000000000001";
 
@@ -28,11 +29,40 @@ fn take_texts(engine: &mut CallEngine, spent: &mut Vec<String>) {
     }
 }
 
-fn started_engine(mode: AudioMode, now: Instant) -> CallEngine {
-    let settings = SessionSettings {
-        audio_mode: mode,
-        greeting: None,
-        ..SessionSettings::default()
+/// The model side a frame takes.
+#[derive(Clone, Copy)]
+enum Path {
+    OpenAi(AudioMode),
+    Gemini,
+}
+
+impl Path {
+    const ALL: [Path; 3] = [
+        Path::OpenAi(AudioMode::Pcmu),
+        Path::OpenAi(AudioMode::Pcm16),
+        Path::Gemini,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::OpenAi(mode) => mode.as_str(),
+            Path::Gemini => "gemini",
+        }
+    }
+}
+
+fn started_engine(path: Path, now: Instant) -> CallEngine {
+    let settings = match path {
+        Path::OpenAi(mode) => SessionSettings {
+            audio_mode: mode,
+            greeting: None,
+            ..SessionSettings::default()
+        },
+        Path::Gemini => SessionSettings {
+            provider: Provider::Gemini,
+            greeting: None,
+            ..SessionSettings::default()
+        },
     };
     let mut engine = CallEngine::new(PlaybackConfig::default());
     let start = format!(
@@ -64,13 +94,13 @@ fn uplink(c: &mut Criterion) {
             .map(|i| (i * 37 % 256) as u8)
             .collect::<Vec<_>>(),
     );
-    for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
+    for path in Path::ALL {
         let now = Instant::now();
-        let mut engine = started_engine(mode, now);
+        let mut engine = started_engine(path, now);
         let mut sequence = 2u64;
         let mut text = String::new();
         let mut spent = Vec::with_capacity(4);
-        group.bench_function(mode.as_str(), |b| {
+        group.bench_function(path.name(), |b| {
             b.iter(|| {
                 // A fresh sequence number each frame, as Twilio sends them.
                 text.clear();
@@ -103,25 +133,39 @@ fn itoa(value: u64) -> String {
 fn downlink(c: &mut Criterion) {
     let mut group = c.benchmark_group("downlink_20ms_delta");
     group.throughput(Throughput::Elements(1));
-    for mode in [AudioMode::Pcmu, AudioMode::Pcm16] {
+    for path in Path::ALL {
         let start = Instant::now();
-        let mut engine = started_engine(mode, start);
-        engine
-            .handle(
-                start,
-                Input::Model(r#"{"type":"response.created","response":{"id":"resp_1"}}"#),
-            )
-            .unwrap();
-        let audio: Vec<u8> = match mode {
-            AudioMode::Pcmu => vec![0xD5; 160],
-            AudioMode::Pcm16 => (0..480i16).flat_map(|n| (n * 40).to_le_bytes()).collect(),
+        let mut engine = started_engine(path, start);
+        // 20 ms of model audio: μ-law 8 kHz, or PCM16 24 kHz (OpenAI's pcm16 and Gemini's).
+        let audio: Vec<u8> = match path {
+            Path::OpenAi(AudioMode::Pcmu) => vec![0xD5; 160],
+            _ => (0..480i16).flat_map(|n| (n * 40).to_le_bytes()).collect(),
         };
-        let delta = format!(
-            r#"{{"type":"response.output_audio.delta","event_id":"e","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"{}"}}"#,
-            BASE64.encode(&audio)
-        );
+        let delta = match path {
+            Path::OpenAi(_) => {
+                engine
+                    .handle(
+                        start,
+                        Input::Model(r#"{"type":"response.created","response":{"id":"resp_1"}}"#),
+                    )
+                    .unwrap();
+                format!(
+                    r#"{{"type":"response.output_audio.delta","event_id":"e","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"{}"}}"#,
+                    BASE64.encode(&audio)
+                )
+            }
+            // The first delta opens the model's turn; the measured ones continue it.
+            Path::Gemini => format!(
+                r#"{{"serverContent":{{"modelTurn":{{"parts":[{{"inlineData":{{"mimeType":"audio/pcm;rate=24000","data":"{}"}}}}]}}}}}}"#,
+                BASE64.encode(&audio)
+            ),
+        };
+        if let Path::Gemini = path {
+            engine.handle(start, Input::Model(&delta)).unwrap();
+            while engine.poll_output().is_some() {}
+        }
         let mut tick = 0u32;
-        group.bench_function(mode.as_str(), |b| {
+        group.bench_function(path.name(), |b| {
             b.iter(|| {
                 // Real time advances 20 ms per delta, so the pacer sends one chunk each time.
                 tick += 1;
