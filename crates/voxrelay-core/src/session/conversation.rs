@@ -185,6 +185,20 @@ impl Conversation {
         }
     }
 
+    /// What the model said in `item_id` and the share of it the caller heard (the whole text
+    /// unless playback was cut).
+    pub fn assistant_heard(&self, item_id: &str) -> Option<(&str, &str)> {
+        self.turns.iter().rev().find_map(|turn| match turn {
+            Turn::Assistant {
+                item_id: id,
+                text,
+                produced_ms,
+                heard_ms,
+            } if id == item_id => Some((text.as_str(), heard_text(text, *produced_ms, *heard_ms))),
+            _ => None,
+        })
+    }
+
     /// `item_id` was withdrawn before the caller heard any of it.
     pub fn assistant_unheard(&mut self, item_id: &str) {
         self.assistant_cut(item_id, 0);

@@ -45,7 +45,7 @@ use super::continuity::{
 use super::conversation::Conversation;
 use super::model::ModelSession;
 use super::playback::{Interruption, MarkOutcome, Playback, PlaybackConfig};
-use super::transcript::{MAX_TRANSCRIPT_LINE_BYTES, Transcript};
+use super::transcript::{MAX_TRANSCRIPT_LINE_BYTES, Transcript, cut_marked};
 use crate::codec::{StreamResampler, g711, pcm};
 use crate::logtext::{Untrusted, WarnBudget};
 use crate::twilio::events::{write_clear_json, write_mark_json, write_media_json_from_mulaw};
@@ -1070,7 +1070,15 @@ impl CallEngine {
             }
             UpstreamEvent::OutputTranscript { item_id, text } => {
                 self.conversation.assistant_said(&item_id, text.trim());
-                self.push_transcript(now, Speaker::Assistant, text);
+                // The report keeps what the caller heard: a turn already cut is cut here too.
+                let heard = match self.conversation.assistant_heard(&item_id) {
+                    Some((full, heard)) if heard != full => Some(cut_marked(heard)),
+                    _ => None,
+                };
+                match heard {
+                    Some(heard) => self.push_transcript(now, Speaker::Assistant, heard.into()),
+                    None => self.push_transcript(now, Speaker::Assistant, text),
+                }
             }
             UpstreamEvent::OutputTranscriptDelta { item_id, delta } => {
                 self.conversation.assistant_text_delta(&item_id, &delta);
@@ -1409,6 +1417,7 @@ impl CallEngine {
     fn note_interruption(&mut self, interruption: &Interruption) -> Option<(String, u32)> {
         for item_id in interruption.delete.iter().filter(|id| !is_hold_item(id)) {
             self.conversation.assistant_unheard(item_id);
+            self.cut_transcript_line(item_id);
         }
         let truncate = interruption
             .truncate
@@ -1429,7 +1438,18 @@ impl CallEngine {
         };
         self.conversation
             .assistant_cut(&truncate.item_id, audio_end_ms);
+        self.cut_transcript_line(&truncate.item_id);
         Some((truncate.item_id.clone(), audio_end_ms))
+    }
+
+    /// A transcript line already written for `item_id` is cut where the caller stopped
+    /// hearing it (with a provider that has no truncate, the report is the only record of it).
+    fn cut_transcript_line(&mut self, item_id: &str) {
+        if let Some((full, heard)) = self.conversation.assistant_heard(item_id)
+            && heard != full
+        {
+            self.stats.transcript.cut_assistant_line(full, heard);
+        }
     }
 
     /// Sends every chunk the pacer allows at `now`. `caused_at` marks chunks sent without

@@ -62,6 +62,25 @@ impl Transcript {
         }
     }
 
+    /// The most recent assistant line reading `full` now reads `heard` and a closing `…`: the
+    /// caller stopped hearing it there (a barge-in, or the session lost). Lines are matched
+    /// by text, newest first; returns whether one was.
+    pub fn cut_assistant_line(&mut self, full: &str, heard: &str) -> bool {
+        let full = full.trim();
+        let Some(line) = self
+            .lines
+            .iter_mut()
+            .rev()
+            .find(|line| line.speaker == Speaker::Assistant && line.text == full)
+        else {
+            return false;
+        };
+        let before = encoded_line_bytes(line);
+        line.text = cut_marked(heard);
+        self.encoded_bytes = self.encoded_bytes - before + encoded_line_bytes(line);
+        true
+    }
+
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &TranscriptLine> {
         self.lines.iter()
     }
@@ -140,6 +159,16 @@ fn floor_char_boundary(text: &str, at: usize) -> usize {
         end -= 1;
     }
     end
+}
+
+/// `heard` marked as cut where the caller stopped hearing it.
+pub fn cut_marked(heard: &str) -> String {
+    let heard = heard.trim_end();
+    if heard.is_empty() {
+        "…".to_owned()
+    } else {
+        format!("{heard}…")
+    }
 }
 
 #[cfg(test)]

@@ -2161,3 +2161,61 @@ fn gemini_audio_is_resampled_each_way_and_usage_is_summed() {
     // 5 ms tail, padded to whole 20 ms chunks (6 × 160 bytes).
     assert_eq!(played, 960, "100 ms at 8 kHz and its tail");
 }
+
+#[test]
+fn a_gemini_turn_the_caller_cut_is_reported_as_heard() {
+    let mut h = Harness::started_unresolved(AudioMode::Pcmu);
+    h.resolve_with(ModelSession::new(gemini_settings(), false));
+    h.open_model();
+    h.upstream_out();
+    // One second of speech, generated at once (faster than real time), then its transcript.
+    let second = BASE64.encode(vec![0u8; 48_000]);
+    h.upstream(
+        0,
+        &json!({"serverContent": {"modelTurn": {"parts": [{"inlineData":
+            {"mimeType": "audio/pcm;rate=24000", "data": second}}]}}})
+        .to_string(),
+    )
+    .unwrap();
+    let said = "one two three four five six seven eight nine ten";
+    h.upstream(
+        0,
+        &json!({"serverContent": {"outputTranscription": {"text": said}}}).to_string(),
+    )
+    .unwrap();
+    h.upstream(0, r#"{"serverContent":{"turnComplete":true}}"#)
+        .unwrap();
+    assert_eq!(
+        h.engine.stats().transcript.iter().last().unwrap().text,
+        said
+    );
+    // The caller talks over it 400 ms in: Gemini is done generating, so the bridge barges in
+    // on what still plays, at the caller's first transcribed words.
+    h.run_until(400);
+    h.upstream(
+        400,
+        r#"{"serverContent":{"inputTranscription":{"text":"wait"}}}"#,
+    )
+    .unwrap();
+    assert_eq!(h.engine.stats().barge_ins, 1);
+    let line = h
+        .engine
+        .stats()
+        .transcript
+        .iter()
+        .last()
+        .unwrap()
+        .text
+        .clone();
+    assert!(line.ends_with('…'), "{line}");
+    assert!(
+        line.starts_with("one two three") && line.len() < said.len() / 2 + 4,
+        "about 40% of it was heard: {line}"
+    );
+    let to_model = h.upstream_out();
+    assert!(
+        to_model.is_empty(),
+        "no truncate, delete or cancel: {:?}",
+        to_model.len()
+    );
+}
