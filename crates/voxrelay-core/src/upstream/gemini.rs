@@ -330,7 +330,7 @@ fn is_output_audio(mime_type: &str) -> bool {
     }
     parts.all(|param| match param.split_once('=') {
         Some((key, value)) if key.trim().eq_ignore_ascii_case("rate") => {
-            value.trim() == OUTPUT_RATE.to_string()
+            value.trim().parse::<u32>() == Ok(OUTPUT_RATE)
         }
         _ => true,
     })
