@@ -18,7 +18,7 @@ use url::Url;
 use voxrelay::AudioMode;
 #[cfg(feature = "sim")]
 use voxrelay::Secret;
-use voxrelay::config::{BridgeConfig, RawConfig, UpstreamTarget};
+use voxrelay::config::{BridgeConfig, RawConfig};
 use voxrelay::http::{Bridge, shutdown_signal};
 #[cfg(feature = "sim")]
 use voxrelay::in_process::InProcessLauncher;
@@ -424,6 +424,7 @@ async fn start_mock_model(
         .await
         .context("starting the built-in mock model")?;
     tracing::warn!(mock = %server.url(), "--mock-model: calls go to the built-in mock realtime model, not OpenAI");
+    use voxrelay::config::UpstreamTarget;
     // Both providers' sessions go to the mock: it speaks each one's protocol on its own path.
     config.models.openai = Some(UpstreamTarget {
         url: server.url(),

@@ -175,6 +175,9 @@ impl CallLatencyRecorder {
 
 pub use super::engine::TwilioErrorKind;
 
+/// A `voxrelay_provider_*` family: its name, its help, and the figure it shows.
+type ProviderFamily<T> = (&'static str, &'static str, fn(&ProviderMetrics) -> &T);
+
 /// What one provider's calls did, recorded once per call when it ends (never on the media
 /// path): the `voxrelay_provider_*{provider}` families, so operators compare providers on the
 /// same bridge. Twilio-side and listener families carry no provider: they happen before a
@@ -702,7 +705,7 @@ impl Metrics {
     }
 
     fn render_providers(&self, out: &mut String) {
-        let counters: [(&str, &str, fn(&ProviderMetrics) -> &AtomicU64); 8] = [
+        let counters: [ProviderFamily<AtomicU64>; 8] = [
             (
                 "voxrelay_provider_calls_total",
                 "Calls ended, by the provider that answered.",
@@ -758,7 +761,7 @@ impl Metrics {
                 }),
             );
         }
-        let histograms: [(&str, &str, fn(&ProviderMetrics) -> &Histogram); 3] = [
+        let histograms: [ProviderFamily<Histogram>; 3] = [
             (
                 "voxrelay_provider_uplink_added_seconds",
                 "Caller frame read to model append written, by provider.",
