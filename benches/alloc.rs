@@ -37,13 +37,15 @@ use voxrelay::bench::results::Epoch;
 use voxrelay::config::{AgentDefaults, ModelTargets, UpstreamTarget};
 use voxrelay::session::binding::StreamTokens;
 use voxrelay::session::call::{CallServices, run_call};
-use voxrelay::session::engine::{CallEngine, Input, Output, Resolved};
+use voxrelay::session::engine::{CallEngine, Input, Output};
 use voxrelay::session::metrics::Metrics;
-use voxrelay::session::model::ModelSession;
 use voxrelay::session::playback::PlaybackConfig;
 use voxrelay::session::prewarm::{PendingCalls, PendingLimits};
 use voxrelay::session::registry::CallRegistry;
-use voxrelay::upstream::SessionSettings;
+
+#[path = "shared/engine_paths.rs"]
+mod engine_paths;
+use engine_paths::{Path, STREAM_SID, start_message, started_engine};
 use voxrelay::{Secret, bench::echo_model::EchoSessionRecord};
 
 /// Counts the allocations (and reallocations) made on threads that opted in.
@@ -136,15 +138,8 @@ fn report(path: &str, label: &str, count: Count, frames: u64) {
     );
 }
 
-const STREAM_SID: &str = "MZ00000000000000000000000000000001";
 const FRAMES: u64 = 2_000;
 const WARM_UP: u64 = 200;
-
-fn start_message() -> String {
-    format!(
-        r#"{{"event":"start","sequenceNumber":"1","streamSid":"{STREAM_SID}","start":{{"accountSid":"AC00000000000000000000000000000001","streamSid":"{STREAM_SID}","callSid":"CA00000000000000000000000000000001","tracks":["inbound"],"customParameters":{{}},"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}}}}"#
-    )
-}
 
 /// A Twilio `media` message as Twilio lays it out, into a reused buffer.
 fn media_message(text: &mut String, sequence: u64, payload_b64: &str) {
@@ -173,60 +168,6 @@ fn take_texts(engine: &mut CallEngine, spent: &mut Vec<String>) {
             spent.push(out.text);
         }
     }
-}
-
-/// The model side an engine scenario's frames take.
-#[derive(Clone, Copy)]
-enum Path {
-    OpenAi(AudioMode),
-    Gemini,
-}
-
-impl Path {
-    const ALL: [Path; 3] = [
-        Path::OpenAi(AudioMode::Pcmu),
-        Path::OpenAi(AudioMode::Pcm16),
-        Path::Gemini,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Path::OpenAi(mode) => mode.as_str(),
-            Path::Gemini => "gemini",
-        }
-    }
-}
-
-fn started_engine(path: Path, now: Instant) -> CallEngine {
-    let settings = match path {
-        Path::OpenAi(mode) => SessionSettings {
-            audio_mode: mode,
-            greeting: None,
-            ..SessionSettings::default()
-        },
-        Path::Gemini => SessionSettings {
-            provider: voxrelay::Provider::Gemini,
-            greeting: None,
-            ..SessionSettings::default()
-        },
-    };
-    let mut engine = CallEngine::new(PlaybackConfig::default());
-    engine
-        .handle(
-            now,
-            Input::Twilio(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#),
-        )
-        .unwrap();
-    engine.handle(now, Input::Twilio(&start_message())).unwrap();
-    engine
-        .handle(
-            now,
-            Input::ContextResolved(Resolved::session(ModelSession::new(settings, false))),
-        )
-        .unwrap();
-    engine.handle(now, Input::ModelConnected).unwrap();
-    while engine.poll_output().is_some() {}
-    engine
 }
 
 /// Runs `f` with this thread's allocations counted.
@@ -270,34 +211,7 @@ fn engine_uplink(path: Path) {
 fn engine_downlink(path: Path) {
     let start = Instant::now();
     let mut engine = started_engine(path, start);
-    let audio: Vec<u8> = match path {
-        Path::OpenAi(AudioMode::Pcmu) => vec![0xD5; 160],
-        _ => (0..480i16).flat_map(|n| (n * 40).to_le_bytes()).collect(),
-    };
-    let delta = match path {
-        Path::OpenAi(_) => {
-            engine
-                .handle(
-                    start,
-                    Input::Model(r#"{"type":"response.created","response":{"id":"resp_1"}}"#),
-                )
-                .unwrap();
-            format!(
-                r#"{{"type":"response.output_audio.delta","event_id":"e","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"{}"}}"#,
-                BASE64.encode(&audio)
-            )
-        }
-        // Gemini names no turn in its deltas: the first opens the turn the others continue.
-        Path::Gemini => {
-            let delta = format!(
-                r#"{{"serverContent":{{"modelTurn":{{"parts":[{{"inlineData":{{"mimeType":"audio/pcm;rate=24000","data":"{}"}}}}]}}}}}}"#,
-                BASE64.encode(&audio)
-            );
-            engine.handle(start, Input::Model(&delta)).unwrap();
-            while engine.poll_output().is_some() {}
-            delta
-        }
-    };
+    let delta = path.model_delta(&mut engine, start);
     let mut tick = 0u32;
     let mut spent = Vec::with_capacity(8);
     let mut frame = |engine: &mut CallEngine| {

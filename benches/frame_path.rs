@@ -12,13 +12,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use voxrelay::session::engine::{CallEngine, Input, Output, Resolved};
-use voxrelay::session::model::ModelSession;
-use voxrelay::session::playback::PlaybackConfig;
-use voxrelay::upstream::SessionSettings;
-use voxrelay::{AudioMode, Provider};
+use voxrelay::session::engine::{CallEngine, Input, Output};
 
-const STREAM_SID: &str = "MZ00000000000000000000000000000001";
+#[path = "shared/engine_paths.rs"]
+mod engine_paths;
+use engine_paths::{Path, STREAM_SID, started_engine};
 
 /// Takes the engine's outputs as the driver does, keeping each written text for reuse.
 fn take_texts(engine: &mut CallEngine, spent: &mut Vec<String>) {
@@ -27,63 +25,6 @@ fn take_texts(engine: &mut CallEngine, spent: &mut Vec<String>) {
             spent.push(out.text);
         }
     }
-}
-
-/// The model side a frame takes.
-#[derive(Clone, Copy)]
-enum Path {
-    OpenAi(AudioMode),
-    Gemini,
-}
-
-impl Path {
-    const ALL: [Path; 3] = [
-        Path::OpenAi(AudioMode::Pcmu),
-        Path::OpenAi(AudioMode::Pcm16),
-        Path::Gemini,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Path::OpenAi(mode) => mode.as_str(),
-            Path::Gemini => "gemini",
-        }
-    }
-}
-
-fn started_engine(path: Path, now: Instant) -> CallEngine {
-    let settings = match path {
-        Path::OpenAi(mode) => SessionSettings {
-            audio_mode: mode,
-            greeting: None,
-            ..SessionSettings::default()
-        },
-        Path::Gemini => SessionSettings {
-            provider: Provider::Gemini,
-            greeting: None,
-            ..SessionSettings::default()
-        },
-    };
-    let mut engine = CallEngine::new(PlaybackConfig::default());
-    let start = format!(
-        r#"{{"event":"start","sequenceNumber":"1","streamSid":"{STREAM_SID}","start":{{"accountSid":"AC00000000000000000000000000000001","streamSid":"{STREAM_SID}","callSid":"CA00000000000000000000000000000001","tracks":["inbound"],"customParameters":{{}},"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}}}}"#
-    );
-    engine
-        .handle(
-            now,
-            Input::Twilio(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#),
-        )
-        .unwrap();
-    engine.handle(now, Input::Twilio(&start)).unwrap();
-    engine
-        .handle(
-            now,
-            Input::ContextResolved(Resolved::session(ModelSession::new(settings, false))),
-        )
-        .unwrap();
-    engine.handle(now, Input::ModelConnected).unwrap();
-    while engine.poll_output().is_some() {}
-    engine
 }
 
 fn uplink(c: &mut Criterion) {
@@ -136,34 +77,7 @@ fn downlink(c: &mut Criterion) {
     for path in Path::ALL {
         let start = Instant::now();
         let mut engine = started_engine(path, start);
-        // 20 ms of model audio: μ-law 8 kHz, or PCM16 24 kHz (OpenAI's pcm16 and Gemini's).
-        let audio: Vec<u8> = match path {
-            Path::OpenAi(AudioMode::Pcmu) => vec![0xD5; 160],
-            _ => (0..480i16).flat_map(|n| (n * 40).to_le_bytes()).collect(),
-        };
-        let delta = match path {
-            Path::OpenAi(_) => {
-                engine
-                    .handle(
-                        start,
-                        Input::Model(r#"{"type":"response.created","response":{"id":"resp_1"}}"#),
-                    )
-                    .unwrap();
-                format!(
-                    r#"{{"type":"response.output_audio.delta","event_id":"e","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"{}"}}"#,
-                    BASE64.encode(&audio)
-                )
-            }
-            // The first delta opens the model's turn; the measured ones continue it.
-            Path::Gemini => format!(
-                r#"{{"serverContent":{{"modelTurn":{{"parts":[{{"inlineData":{{"mimeType":"audio/pcm;rate=24000","data":"{}"}}}}]}}}}}}"#,
-                BASE64.encode(&audio)
-            ),
-        };
-        if let Path::Gemini = path {
-            engine.handle(start, Input::Model(&delta)).unwrap();
-            while engine.poll_output().is_some() {}
-        }
+        let delta = path.model_delta(&mut engine, start);
         let mut tick = 0u32;
         group.bench_function(path.name(), |b| {
             b.iter(|| {

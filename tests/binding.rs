@@ -190,7 +190,7 @@ async fn an_upgrade_on_the_wrong_fly_machine_is_replayed_once() {
 // ---- Stream tokens bind CallSid, To and an expiry; unbound streams get no tenant ----
 
 mod unbound {
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::sync::atomic::Ordering::Relaxed;
     use std::time::Duration;
 
@@ -217,27 +217,6 @@ mod unbound {
 
     fn sid(prefix: &str) -> String {
         format!("{prefix}{:032x}", rand::random::<u128>())
-    }
-
-    /// A fresh directory under the system's temp dir, removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Self {
-            let path = std::env::temp_dir().join(format!(
-                "voxrelay-binding-{name}-{}-{:x}",
-                std::process::id(),
-                rand::random::<u64>()
-            ));
-            std::fs::create_dir_all(&path).unwrap();
-            Self(path)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 
     async fn control_plane() -> RunningControlPlane {
@@ -292,7 +271,7 @@ mod unbound {
     async fn an_unbound_stream_naming_a_tenants_number_gets_the_fallback_and_leaves_the_calls_report_alone()
      {
         let cp = control_plane().await;
-        let scratch = Scratch::new("unbound");
+        let scratch = Scratch::new("binding-unbound");
         let stack = stack_with(|config| {
             config.require_stream_token = false;
             config.control_plane = Some(target(&cp, &scratch.0));

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -135,53 +134,7 @@ async fn fifty_concurrent_calls_stay_isolated() {
     })
     .await;
     let tones: Vec<f64> = (0..CALLS).map(|i| 320.0 + 60.0 * i as f64).collect();
-    let mut calls = Vec::new();
-    for &hz in &tones {
-        let mut audio = tone_mulaw(hz, 600);
-        audio.extend(silence_mulaw(100));
-        let mut caller = CallerConfig::new(stack.url.clone(), stack.token.clone(), audio);
-        caller.linger = Duration::from_millis(2_000);
-        calls.push(tokio::spawn(async move { (hz, place_call(&caller).await) }));
-    }
-    for call in calls {
-        let (hz, report) = tokio::time::timeout(Duration::from_secs(30), call)
-            .await
-            .unwrap()
-            .unwrap();
-        let report = report.expect("call succeeded");
-        let heard = decode_mulaw(&report.audio_received);
-        assert!(
-            heard.len() >= 8 * 400,
-            "caller on {hz} Hz heard only {} samples",
-            heard.len()
-        );
-        assert_eq!(
-            dominant(&heard, 8000.0, &tones),
-            hz,
-            "caller on {hz} Hz heard someone else"
-        );
-    }
-    let sessions = stack.mock.log().sessions();
-    assert_eq!(sessions.len(), CALLS);
-    let mut heard_by_model = HashSet::new();
-    for session in &sessions {
-        let hz = dominant(&session.input_audio_8k, session.input_rate as f64, &tones);
-        // The session's own tone dominates every other candidate by far.
-        let own = tone_power(&session.input_audio_8k, session.input_rate as f64, hz);
-        for &other in tones.iter().filter(|&&t| t != hz) {
-            let leak = tone_power(&session.input_audio_8k, session.input_rate as f64, other);
-            assert!(
-                leak < own / 100.0,
-                "session hearing {hz} Hz also hears {other} Hz"
-            );
-        }
-        heard_by_model.insert(hz as u64);
-    }
-    assert_eq!(
-        heard_by_model.len(),
-        CALLS,
-        "two sessions heard the same caller"
-    );
+    calls_on_their_own_tones(&stack, &tones).await;
     assert!(
         eventually(Duration::from_secs(5), || stack
             .bridge

@@ -8,9 +8,8 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -223,27 +222,6 @@ async fn a_digit_reaches_the_model_and_is_answered(provider: Provider) {
 const KEY_ID: &str = "conformance";
 const KEY_SECRET: &str = "conformance-secret";
 
-/// A fresh directory under the system's temp dir, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "voxrelay-conformance-{name}-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 async fn start_control_plane(db: &Path) -> RunningControlPlane {
     ControlPlane::start(ControlPlaneConfig {
         listen: "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
@@ -288,7 +266,7 @@ fn utterance() -> Vec<u8> {
 /// model → bridge → `POST /v1/tools/take_message` → model, and the model speaks the answer;
 /// the tenant's own context chose the provider (the bridge's default is OpenAI either way).
 async fn a_tool_call_round_trips_through_the_control_plane(provider: Provider) {
-    let dir = Scratch::new("tool");
+    let dir = Scratch::new("conformance-tool");
     let cp = start_control_plane(&dir.0.join("cp.db")).await;
     let mock = MockConfig {
         reply_delay: Duration::from_millis(20),
@@ -468,49 +446,9 @@ async fn concurrent_calls_stay_isolated(provider: Provider) {
     })
     .await;
     let tones: Vec<f64> = (0..CALLS).map(|i| 400.0 + 150.0 * i as f64).collect();
-    let mut calls = Vec::new();
-    for &hz in &tones {
-        let mut audio = tone_mulaw(hz, 600);
-        audio.extend(silence_mulaw(100));
-        let mut caller = CallerConfig::new(stack.url.clone(), stack.token.clone(), audio);
-        caller.linger = Duration::from_millis(2_000);
-        calls.push(tokio::spawn(async move { (hz, place_call(&caller).await) }));
-    }
-    for call in calls {
-        let (hz, report) = tokio::time::timeout(Duration::from_secs(30), call)
-            .await
-            .unwrap()
-            .unwrap();
-        let heard = decode_mulaw(&report.expect("call succeeded").audio_received);
-        assert!(heard.len() >= 8 * 400, "caller on {hz} Hz heard too little");
-        assert_eq!(
-            dominant(&heard, 8000.0, &tones),
-            hz,
-            "caller on {hz} Hz heard someone else"
-        );
-    }
-    let sessions = stack.mock.log().sessions();
-    assert_eq!(sessions.len(), CALLS);
-    let mut heard_by_model = HashSet::new();
-    for session in &sessions {
+    for session in calls_on_their_own_tones(&stack, &tones).await {
         assert_eq!(session.provider, provider.as_str());
-        let rate = session.input_rate as f64;
-        let hz = dominant(&session.input_audio_8k, rate, &tones);
-        let own = tone_power(&session.input_audio_8k, rate, hz);
-        for &other in tones.iter().filter(|&&t| t != hz) {
-            let leak = tone_power(&session.input_audio_8k, rate, other);
-            assert!(
-                leak < own / 100.0,
-                "session hearing {hz} Hz also hears {other} Hz"
-            );
-        }
-        heard_by_model.insert(hz as u64);
     }
-    assert_eq!(
-        heard_by_model.len(),
-        CALLS,
-        "two sessions heard the same caller"
-    );
     stack.bridge.drain_and_stop(Duration::from_secs(1)).await;
 }
 
@@ -575,7 +513,7 @@ async fn gemini_go_away_renews_the_session_on_its_handle() {
 /// by Gemini, with no restart of anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_switches_provider_by_changing_its_context() {
-    let dir = Scratch::new("switch");
+    let dir = Scratch::new("conformance-switch");
     let cp = start_control_plane(&dir.0.join("cp.db")).await;
     let target = control_target(cp.url(), &dir.0.join("spool"));
     let stack = start_stack_for(Provider::OpenAi, MockConfig::default(), None, |config| {
@@ -620,7 +558,7 @@ async fn a_tenant_switches_provider_by_changing_its_context() {
 /// answered in another provider's voice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_on_a_provider_without_a_key_gets_its_fallback() {
-    let dir = Scratch::new("nokey");
+    let dir = Scratch::new("conformance-nokey");
     let cp = start_control_plane(&dir.0.join("cp.db")).await;
     let target = control_target(cp.url(), &dir.0.join("spool"));
     let stack = start_stack_for(Provider::OpenAi, MockConfig::default(), None, |config| {

@@ -2,18 +2,18 @@
 //! from `fixtures/tenants.toml`), the bridge configured against it, the mock model and
 //! scripted Twilio callers. Each tenant's calls get that tenant's agent; a control plane that
 //! is down or silent costs at most the lookup budget and the fallback answers; reports
-//! survive the outage through the spool; a tool call goes model → bridge → control plane →
-//! model.
+//! survive the outage through the spool. (A tool call model → bridge → control plane → model
+//! is in the provider conformance suite, `tests/conformance.rs`.)
 
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use voxrelay::config::{ControlPlaneTarget, DEFAULT_GREETING, DEFAULT_INSTRUCTIONS};
 use voxrelay::control::signing::{SigningKey, Verifier};
 use voxrelay::{AudioMode, Secret};
@@ -23,34 +23,13 @@ use voxrelay_control_plane::server::{
 };
 use voxrelay_control_plane::store::DbLocation;
 use voxrelay_sim::caller::{CallReport as CallerReport, CallerConfig, place_call};
-use voxrelay_sim::mock::{MockConfig, MockFault, MockFaultKind, MockSessionRecord, MockToolCall};
+use voxrelay_sim::mock::{MockConfig, MockFault, MockFaultKind, MockSessionRecord};
 
 const KEY_ID: &str = "bridge-test";
 const KEY_SECRET: &str = "tenancy-test-secret";
 const ACME: &str = "+15550100001";
 const LUNA: &str = "+15550100002";
 const BUDGET: Duration = Duration::from_millis(300);
-
-/// A fresh directory under the system's temp dir, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "voxrelay-tenancy-{name}-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 async fn start_control_plane(listen: SocketAddr, db: &Path) -> RunningControlPlane {
     start_control_plane_seeded(listen, db, seed_toml()).await
@@ -135,7 +114,7 @@ fn utterance() -> Vec<u8> {
 
 #[tokio::test]
 async fn two_tenants_called_at_once_each_get_their_own_agent() {
-    let dir = Scratch::new("two");
+    let dir = Scratch::new("tenancy-two");
     let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &dir.0.join("cp.db")).await;
     let stack = bridge_against(
         MockConfig::default(),
@@ -231,55 +210,12 @@ async fn two_tenants_called_at_once_each_get_their_own_agent() {
     cp.stop().await;
 }
 
-#[tokio::test]
-async fn a_tool_call_round_trips_through_the_control_plane() {
-    let dir = Scratch::new("tool");
-    let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &dir.0.join("cp.db")).await;
-    let mock_config = MockConfig {
-        reply_delay: Duration::from_millis(20),
-        tool_script: vec![MockToolCall {
-            name: "take_message".into(),
-            arguments: json!({
-                "caller_name": "Grace Hopper",
-                "callback_number": "+15557770003",
-                "message": "Please call me back about my cleaning."
-            }),
-        }],
-        ..MockConfig::default()
-    };
-    let stack = bridge_against(mock_config, control_target(cp.url(), &dir.0.join("spool"))).await;
-    call(&stack, ACME, "+15557770003", utterance()).await;
-
-    let session = &stack.mock.log().sessions()[0];
-    assert_eq!(session.function_calls.len(), 1, "the mock called the tool");
-    let (_, output) = session
-        .function_outputs
-        .first()
-        .expect("the bridge answered the call");
-    let output: Value = serde_json::from_str(output).expect("JSON output");
-    assert_eq!(output["saved"], true, "{output}");
-    assert!(
-        session
-            .response_transcripts
-            .iter()
-            .any(|t| t.starts_with("(tool said:")),
-        "the model was asked to respond after the output: {:?}",
-        session.response_transcripts
-    );
-    let messages = cp.store().messages("acme_dental").unwrap();
-    assert_eq!(messages.len(), 1);
-    assert_eq!(messages[0].caller_name, "Grace Hopper");
-    assert!(cp.store().messages("bistro_luna").unwrap().is_empty());
-    assert_eq!(
-        stack.bridge.metrics().control_tool_failures.load(Relaxed),
-        0
-    );
-    cp.stop().await;
-}
+// A tool call model → bridge → control plane → model: one test per provider in
+// `tests/conformance.rs` (`a_tool_call_round_trips_through_the_control_plane`).
 
 #[tokio::test]
 async fn control_plane_outage_falls_back_in_budget_and_spooled_reports_arrive_after() {
-    let dir = Scratch::new("outage");
+    let dir = Scratch::new("tenancy-outage");
     let db = dir.0.join("cp.db");
     let spool = dir.0.join("spool");
     let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &db).await;
@@ -393,7 +329,7 @@ async fn a_control_plane_that_never_answers_costs_at_most_the_budget() {
             sockets.push(socket);
         }
     });
-    let dir = Scratch::new("silent");
+    let dir = Scratch::new("tenancy-silent");
     let url = url::Url::parse(&format!("http://{silent_addr}/")).unwrap();
     let stack = bridge_against(
         MockConfig::default(),
@@ -433,7 +369,7 @@ async fn a_control_plane_that_never_answers_costs_at_most_the_budget() {
 
 #[tokio::test]
 async fn a_tenants_maximum_call_length_ends_the_call() {
-    let dir = Scratch::new("maxlen");
+    let dir = Scratch::new("tenancy-maxlen");
     let seed = seed_toml().replace("max_call_seconds = 600", "max_call_seconds = 1");
     assert_ne!(seed, seed_toml(), "the seed names Acme's limit");
     let cp =
@@ -517,7 +453,7 @@ async fn talkative_model(lines: usize, line_bytes: usize) -> (String, tokio::tas
 
 #[tokio::test]
 async fn a_call_with_an_oversized_transcript_still_delivers_its_report_with_the_cut_marked() {
-    let dir = Scratch::new("long");
+    let dir = Scratch::new("tenancy-long");
     let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &dir.0.join("cp.db")).await;
     // 80 lines of 15 kB: a 1.2 MB transcript, more than the control plane takes in one body.
     let (lines, line_bytes) = (80, 15_000);
@@ -609,7 +545,7 @@ async fn a_call_with_an_oversized_transcript_still_delivers_its_report_with_the_
 /// session, and both reports say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limited_tenant_gets_its_fallback_and_a_dropped_session_is_reported() {
-    let dir = Scratch::new("continuity");
+    let dir = Scratch::new("tenancy-continuity");
     let cp = start_control_plane("127.0.0.1:0".parse().unwrap(), &dir.0.join("cp.db")).await;
     let refused = bridge_against(
         MockConfig {

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 use super::agent::CallAgent;
 use super::engine::CallStats;
+use crate::Provider;
 use crate::control::api::{
     CallLatency, CallReport, LatencySummary, ModelSessionReport, ReportBinding, ReportFallback,
     ReportUsage, TranscriptEntry,
@@ -141,7 +142,13 @@ pub fn call_report(
             caller_got: fallback_twiml(identity.binding, agent).to_owned(),
         }),
         provider: agent.provider,
-        model: agent.model.as_deref().map(bounded),
+        // Gemini's default model is the bridge's to name (it goes in `setup`); OpenAI's is the
+        // endpoint URL's, which the report does not guess.
+        model: agent
+            .model
+            .as_deref()
+            .or((agent.provider == Provider::Gemini).then(|| Provider::Gemini.default_model()))
+            .map(bounded),
         usage: (stats.usage.reports > 0).then_some(ReportUsage {
             input_tokens: stats.usage.input_tokens,
             output_tokens: stats.usage.output_tokens,
@@ -172,7 +179,6 @@ mod tests {
     };
     use crate::session::engine::{TokenUsage, TranscriptLine};
     use crate::testkit::Lcg;
-    use voxrelay_core::Provider;
 
     fn identity(binding: ReportBinding, started_at: SystemTime) -> CallIdentity {
         CallIdentity {
@@ -248,7 +254,8 @@ mod tests {
         let mut stats = CallStats::default();
         let mut agent = CallAgent::from_defaults(&AgentDefaults::default(), "fresh");
         agent.provider = Provider::Gemini;
-        agent.model = Some("gemini-3.8-live".into());
+        // No tenant model: Gemini's is the bridge's default, and the report names it.
+        agent.model = None;
         let started = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
         let report = |stats: &CallStats| {
             call_report(

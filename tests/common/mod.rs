@@ -328,3 +328,82 @@ pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) ->
     }
     condition()
 }
+
+/// A fresh directory under the system's temp dir (`voxrelay-{name}-{pid}-{random}`), removed
+/// when dropped.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "voxrelay-{name}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One call per tone in `tones`, all at once, each caller speaking its own tone: every caller
+/// must hear back only its own tone, and every model session hear exactly one caller (no other
+/// tone within 20 dB). Returns the mock's sessions for further checks.
+pub async fn calls_on_their_own_tones(
+    stack: &Stack,
+    tones: &[f64],
+) -> Vec<voxrelay_sim::mock::MockSessionRecord> {
+    use voxrelay_sim::caller::{CallerConfig, place_call};
+    let mut calls = Vec::new();
+    for &hz in tones {
+        let mut audio = tone_mulaw(hz, 600);
+        audio.extend(silence_mulaw(100));
+        let mut caller = CallerConfig::new(stack.url.clone(), stack.token.clone(), audio);
+        caller.linger = Duration::from_millis(2_000);
+        calls.push(tokio::spawn(async move { (hz, place_call(&caller).await) }));
+    }
+    for call in calls {
+        let (hz, report) = tokio::time::timeout(Duration::from_secs(30), call)
+            .await
+            .unwrap()
+            .unwrap();
+        let heard = decode_mulaw(&report.expect("call succeeded").audio_received);
+        assert!(
+            heard.len() >= 8 * 400,
+            "caller on {hz} Hz heard only {} samples",
+            heard.len()
+        );
+        assert_eq!(
+            dominant(&heard, 8000.0, tones),
+            hz,
+            "caller on {hz} Hz heard someone else"
+        );
+    }
+    let sessions = stack.mock.log().sessions();
+    assert_eq!(sessions.len(), tones.len());
+    let mut heard_by_model = std::collections::HashSet::new();
+    for session in &sessions {
+        let rate = session.input_rate as f64;
+        let hz = dominant(&session.input_audio_8k, rate, tones);
+        let own = tone_power(&session.input_audio_8k, rate, hz);
+        for &other in tones.iter().filter(|&&t| t != hz) {
+            let leak = tone_power(&session.input_audio_8k, rate, other);
+            assert!(
+                leak < own / 100.0,
+                "session hearing {hz} Hz also hears {other} Hz"
+            );
+        }
+        heard_by_model.insert(hz as u64);
+    }
+    assert_eq!(
+        heard_by_model.len(),
+        tones.len(),
+        "two sessions heard the same caller"
+    );
+    sessions
+}
