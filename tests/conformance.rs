@@ -149,10 +149,14 @@ async fn greeting_two_way_audio_and_barge_in_on_buffered_audio(provider: Provide
     );
     let own = metrics.provider(provider);
     assert_eq!(own.barge_in.count(), 1);
+    assert_eq!(own.barge_ins.load(Relaxed), 1);
+    assert_eq!(own.frames_out.load(Relaxed), report.media_received);
     assert!(own.uplink.count() > 0 && own.downlink.count() > 0);
     let text = metrics.render();
-    let line = format!("voxrelay_provider_calls_total{{provider=\"{provider}\"}} 1");
-    assert!(text.contains(&line), "{line} missing");
+    for family in ["calls", "barge_ins"] {
+        let line = format!("voxrelay_provider_{family}_total{{provider=\"{provider}\"}} 1");
+        assert!(text.contains(&line), "{line} missing");
+    }
     stack.bridge.drain_and_stop(Duration::from_secs(1)).await;
 }
 

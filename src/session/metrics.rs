@@ -180,8 +180,9 @@ type ProviderFamily<T> = (&'static str, &'static str, fn(&ProviderMetrics) -> &T
 
 /// What one provider's calls did, recorded once per call when it ends (never on the media
 /// path): the `voxrelay_provider_*{provider}` families, so operators compare providers on the
-/// same bridge. Twilio-side and listener families carry no provider: they happen before a
-/// call's provider is known, or do not depend on it.
+/// same bridge. Every per-call figure has its twin here; the process-wide families (listener,
+/// webhooks, signatures, pre-warm, the control plane, calls active) carry no provider: they
+/// happen before a call's provider is known, or belong to no one call.
 #[derive(Default)]
 pub struct ProviderMetrics {
     pub calls: AtomicU64,
@@ -195,6 +196,18 @@ pub struct ProviderMetrics {
     pub fallbacks: AtomicU64,
     pub input_tokens: AtomicU64,
     pub output_tokens: AtomicU64,
+    /// The call's media counters (twins of the process-wide ones, which move during a call).
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub audio_bytes_in: AtomicU64,
+    pub audio_bytes_out: AtomicU64,
+    pub marks_sent: AtomicU64,
+    pub barge_ins: AtomicU64,
+    pub late_deltas_dropped: AtomicU64,
+    pub dtmf_digits: AtomicU64,
+    pub tool_calls: AtomicU64,
+    /// Bad Twilio input, all kinds together (by kind: the process-wide family).
+    pub twilio_errors: AtomicU64,
     pub uplink: Histogram,
     pub downlink: Histogram,
     pub barge_in: Histogram,
@@ -233,6 +246,20 @@ impl ProviderMetrics {
             .fetch_add(stats.upstream_errors, Relaxed);
         if continuity.fallback.is_some() {
             self.fallbacks.fetch_add(1, Relaxed);
+        }
+        for (counter, value) in [
+            (&self.frames_in, stats.frames_in),
+            (&self.frames_out, stats.frames_out),
+            (&self.audio_bytes_in, stats.audio_bytes_in),
+            (&self.audio_bytes_out, stats.audio_bytes_out),
+            (&self.marks_sent, stats.marks_sent),
+            (&self.barge_ins, stats.barge_ins),
+            (&self.late_deltas_dropped, stats.late_deltas_dropped),
+            (&self.dtmf_digits, stats.dtmf_digits),
+            (&self.tool_calls, stats.tool_calls),
+            (&self.twilio_errors, stats.twilio_errors.iter().sum()),
+        ] {
+            counter.fetch_add(value, Relaxed);
         }
         self.input_tokens
             .fetch_add(stats.usage.input_tokens, Relaxed);
@@ -705,7 +732,7 @@ impl Metrics {
     }
 
     fn render_providers(&self, out: &mut String) {
-        let counters: [ProviderFamily<AtomicU64>; 8] = [
+        let counters: [ProviderFamily<AtomicU64>; 18] = [
             (
                 "voxrelay_provider_calls_total",
                 "Calls ended, by the provider that answered.",
@@ -745,6 +772,56 @@ impl Metrics {
                 "voxrelay_provider_output_tokens_total",
                 "Output tokens the provider reported using.",
                 |m| &m.output_tokens,
+            ),
+            (
+                "voxrelay_provider_frames_in_total",
+                "Twilio media frames received.",
+                |m| &m.frames_in,
+            ),
+            (
+                "voxrelay_provider_frames_out_total",
+                "Twilio media frames sent.",
+                |m| &m.frames_out,
+            ),
+            (
+                "voxrelay_provider_audio_bytes_in_total",
+                "Caller audio bytes received (mu-law).",
+                |m| &m.audio_bytes_in,
+            ),
+            (
+                "voxrelay_provider_audio_bytes_out_total",
+                "Assistant audio bytes sent (mu-law).",
+                |m| &m.audio_bytes_out,
+            ),
+            (
+                "voxrelay_provider_marks_sent_total",
+                "Twilio marks sent.",
+                |m| &m.marks_sent,
+            ),
+            (
+                "voxrelay_provider_barge_ins_total",
+                "Barge-ins: the caller talked over audible assistant audio.",
+                |m| &m.barge_ins,
+            ),
+            (
+                "voxrelay_provider_late_deltas_dropped_total",
+                "Model audio for a response a barge-in had already cut.",
+                |m| &m.late_deltas_dropped,
+            ),
+            (
+                "voxrelay_provider_dtmf_digits_total",
+                "DTMF digits relayed to the model.",
+                |m| &m.dtmf_digits,
+            ),
+            (
+                "voxrelay_provider_tool_calls_total",
+                "Function calls the model made.",
+                |m| &m.tool_calls,
+            ),
+            (
+                "voxrelay_provider_twilio_errors_total",
+                "Bad Twilio input on calls to this provider, all kinds.",
+                |m| &m.twilio_errors,
             ),
         ];
         for (name, help, field) in counters {
