@@ -1535,6 +1535,7 @@ fn push_field(out: &mut String, key: &str, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gemini_test_client::{dial_gemini, next_gemini};
 
     use std::time::Instant;
 
@@ -1636,42 +1637,6 @@ mod tests {
         .expect("sessions end after their clients leave");
     }
 
-    async fn dial_gemini(
-        url: &str,
-        key: Option<&str>,
-    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-        let mut request = url.into_client_request()?;
-        if let Some(key) = key {
-            request.headers_mut().insert(
-                "x-goog-api-key",
-                HeaderValue::from_str(key).expect("header"),
-            );
-        }
-        let (socket, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(request))
-            .await
-            .expect("handshake in time")?;
-        Ok(socket)
-    }
-
-    /// The next Gemini message (they carry no event id), or the close code.
-    async fn next_gemini(client: &mut Client) -> Result<Value, Option<u16>> {
-        loop {
-            let message = tokio::time::timeout(STEP, client.next())
-                .await
-                .expect("message in time");
-            match message {
-                Some(Ok(Message::Text(text))) => {
-                    return Ok(serde_json::from_str(text.as_str()).expect("server JSON"));
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(frame.map(|frame| u16::from(frame.code)));
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return Err(None),
-            }
-        }
-    }
-
     fn gemini_setup() -> Value {
         json!({"setup": {"model": "models/gemini-3.8-live",
             "generationConfig": {"responseModalities": ["AUDIO"]}}})
@@ -1705,7 +1670,7 @@ mod tests {
         let model = EchoModel::start(config(30), Epoch::now())
             .await
             .expect("start");
-        let mut client = dial_gemini(&model.gemini_url(), Some("AIza-test"))
+        let mut client = dial_gemini(&model.gemini_url(), &[("x-goog-api-key", "AIza-test")])
             .await
             .expect("dial");
         send(&mut client, gemini_setup()).await;
@@ -1901,20 +1866,18 @@ mod tests {
         let model = EchoModel::start(config(5), Epoch::now())
             .await
             .expect("start");
-        for key in [None, Some(" ")] {
-            match dial_gemini(&model.gemini_url(), key).await {
+        for headers in [&[][..], &[("x-goog-api-key", " ")][..]] {
+            match dial_gemini(&model.gemini_url(), headers).await {
                 Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(
                     response.status(),
                     tokio_tungstenite::tungstenite::http::StatusCode::UNAUTHORIZED,
-                    "{key:?}"
+                    "{headers:?}"
                 ),
-                other => panic!("{key:?}: expected 401, got {:?}", other.map(|_| ())),
+                other => panic!("{headers:?}: expected 401, got {:?}", other.map(|_| ())),
             }
         }
         let by_query = format!("{}?key=AIza-test", model.gemini_url());
-        let mut client = dial_gemini(&by_query, None)
-            .await
-            .expect("key in the query");
+        let mut client = dial_gemini(&by_query, &[]).await.expect("key in the query");
         send(&mut client, gemini_setup()).await;
         assert_eq!(
             next_gemini(&mut client).await,

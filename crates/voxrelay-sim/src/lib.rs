@@ -24,6 +24,8 @@ pub mod demo;
 pub mod dial;
 pub mod echo_model;
 pub mod first_audio;
+#[cfg(test)]
+mod gemini_test_client;
 pub mod harness;
 pub mod http_client;
 pub mod launcher;

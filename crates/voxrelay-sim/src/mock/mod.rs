@@ -750,6 +750,7 @@ mod tests {
     use super::session::Format;
     use super::voice::rms_dbfs;
     use super::*;
+    use crate::gemini_test_client::{dial_gemini, next_gemini};
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as BASE64;
     use serde_json::json;
@@ -1221,41 +1222,6 @@ mod tests {
         );
     }
 
-    async fn dial_gemini(
-        url: String,
-        headers: &[(&'static str, &str)],
-    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-        let mut request = url.into_client_request()?;
-        for (name, value) in headers {
-            request
-                .headers_mut()
-                .insert(*name, HeaderValue::from_str(value).expect("header"));
-        }
-        let (socket, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(request))
-            .await
-            .expect("handshake in time")?;
-        Ok(socket)
-    }
-
-    /// The next Gemini message, or the close code if the server closed.
-    async fn next_gemini(client: &mut Client) -> Result<Value, Option<u16>> {
-        loop {
-            let message = tokio::time::timeout(STEP, client.next())
-                .await
-                .expect("message in time");
-            match message {
-                Some(Ok(Message::Text(text))) => {
-                    return Ok(serde_json::from_str(text.as_str()).expect("server JSON"));
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(frame.map(|frame| u16::from(frame.code)));
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return Err(None),
-            }
-        }
-    }
-
     fn gemini_setup(extra: Value) -> Message {
         let mut setup = json!({"setup": {"model": "models/gemini-3.8-live",
             "generationConfig": {"responseModalities": ["AUDIO"]}, "sessionResumption": {}}});
@@ -1267,7 +1233,7 @@ mod tests {
 
     /// Dials Gemini with a key, sends setup and returns the client and its first handle.
     async fn gemini_ready(server: &MockRealtimeServer, extra: Value) -> (Client, String) {
-        let mut client = dial_gemini(server.gemini_url(), &[("x-goog-api-key", "AIza-test")])
+        let mut client = dial_gemini(&server.gemini_url(), &[("x-goog-api-key", "AIza-test")])
             .await
             .expect("dial");
         client.send(gemini_setup(extra)).await.expect("send");
@@ -1298,7 +1264,7 @@ mod tests {
                 &[("authorization", "Bearer sk-test")][..],
             ),
         ] {
-            match dial_gemini(url.clone(), headers).await {
+            match dial_gemini(&url, headers).await {
                 Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                     assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
                 }
@@ -1313,7 +1279,7 @@ mod tests {
             "no session without a key"
         );
 
-        let by_query = dial_gemini(format!("{}?key=AIza-test", server.gemini_url()), &[])
+        let by_query = dial_gemini(&format!("{}?key=AIza-test", server.gemini_url()), &[])
             .await
             .expect("a key in the query is accepted");
         drop(by_query);
@@ -1411,7 +1377,7 @@ mod tests {
 
         let (mut resumed, _) =
             gemini_ready(&server, json!({"sessionResumption": {"handle": handle}})).await;
-        let mut stranger = dial_gemini(server.gemini_url(), &[("x-goog-api-key", "AIza-test")])
+        let mut stranger = dial_gemini(&server.gemini_url(), &[("x-goog-api-key", "AIza-test")])
             .await
             .expect("dial");
         stranger
