@@ -45,6 +45,7 @@ use super::continuity::{
 use super::conversation::Conversation;
 use super::model::ModelSession;
 use super::playback::{Interruption, MarkOutcome, Playback, PlaybackConfig};
+use super::tap::MediaTap;
 use super::transcript::{MAX_TRANSCRIPT_LINE_BYTES, Transcript, cut_marked};
 use crate::codec::{StreamResampler, g711, pcm};
 use crate::logtext::{Untrusted, WarnBudget};
@@ -557,6 +558,8 @@ pub struct CallEngine {
     renewal: Renewal,
     /// Between the model's `speech_started` and `speech_stopped`.
     caller_speaking: bool,
+    /// The call's recorder, when it is recorded.
+    tap: Option<Box<dyn MediaTap>>,
 }
 
 /// Where the open session's make-before-break renewal stands.
@@ -622,7 +625,34 @@ impl CallEngine {
             last_input_at: None,
             renewal: Renewal::default(),
             caller_speaking: false,
+            tap: None,
         }
+    }
+
+    /// Hands the call's audio from now on to `tap` (the recorder), beginning with the caller
+    /// audio still held for the model session (a call's recording is decided when its agent
+    /// is known, a moment after the stream starts).
+    pub fn set_media_tap(&mut self, mut tap: Box<dyn MediaTap>) {
+        if let Some(started) = self.started_at {
+            let mut from = 0;
+            for &(read_at, len, _) in &self.held_uplink.frames {
+                let (head, tail) = self.held_uplink.bytes.as_slices();
+                let at = read_at.saturating_duration_since(started);
+                // The hold is a ring: a frame may straddle its two slices.
+                let end = from + len;
+                if end <= head.len() {
+                    tap.caller_audio(at, &head[from..end]);
+                } else if from >= head.len() {
+                    tap.caller_audio(at, &tail[from - head.len()..end - head.len()]);
+                } else {
+                    let mut frame = head[from..].to_vec();
+                    frame.extend_from_slice(&tail[..end - head.len()]);
+                    tap.caller_audio(at, &frame);
+                }
+                from = end;
+            }
+        }
+        self.tap = Some(tap);
     }
 
     /// The conversation kept for replay.
@@ -832,6 +862,9 @@ impl CallEngine {
         }
         self.stats.frames_in += 1;
         self.stats.audio_bytes_in += self.scratch.bytes.len() as u64;
+        if let (Some(tap), Some(started)) = (self.tap.as_mut(), self.started_at) {
+            tap.caller_audio(now.saturating_duration_since(started), &self.scratch.bytes);
+        }
         if self.model_is_open() {
             self.send_caller_audio(now, Some(payload_b64));
         } else {
@@ -1398,6 +1431,9 @@ impl CallEngine {
         let Some(stream_sid) = self.stream.stream_sid() else {
             return;
         };
+        if let (Some(tap), Some(started)) = (self.tap.as_mut(), self.started_at) {
+            tap.agent_cut(now.saturating_duration_since(started));
+        }
         let mut text = String::with_capacity(64);
         write_clear_json(&mut text, stream_sid);
         self.outputs.retain(
@@ -1476,6 +1512,12 @@ impl CallEngine {
             if is_hold_item(transmit.item_id) {
                 // 8 bytes of μ-law per ms.
                 self.stats.continuity.hold_prompt_ms += transmit.payload.len() as u64 / 8;
+            }
+            if let (Some(tap), Some(started)) = (self.tap.as_mut(), self.started_at) {
+                tap.agent_audio(
+                    transmit.play_at.saturating_duration_since(started),
+                    transmit.payload,
+                );
             }
             self.stats.frames_out += 1;
             self.stats.audio_bytes_out += transmit.payload.len() as u64;

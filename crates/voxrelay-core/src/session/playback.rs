@@ -88,6 +88,9 @@ pub struct Transmit<'a> {
     pub item_id: &'a str,
     /// Cumulative ms of `item_id` sent, this chunk included.
     pub item_ms: u32,
+    /// When Twilio is estimated to start playing this chunk: after everything sent before it,
+    /// and never before it was sent.
+    pub play_at: Instant,
 }
 
 /// What barge-in requires. The caller sends Twilio `clear` first, then the model commands.
@@ -541,6 +544,7 @@ impl Playback {
             mark: &self.mark,
             item_id: &item.item_id,
             item_ms: item.sent_ms,
+            play_at: start,
         })
     }
 

@@ -2219,3 +2219,62 @@ fn a_gemini_turn_the_caller_cut_is_reported_as_heard() {
         to_model.len()
     );
 }
+
+/// What a tap was handed, in order.
+#[derive(Debug, PartialEq)]
+enum Tapped {
+    Caller(Duration, usize),
+    Agent(Duration, usize),
+    Cut(Duration),
+}
+
+struct RecordingTap(std::sync::Arc<std::sync::Mutex<Vec<Tapped>>>);
+
+impl MediaTap for RecordingTap {
+    fn caller_audio(&mut self, at: Duration, mulaw: &[u8]) {
+        self.0.lock().unwrap().push(Tapped::Caller(at, mulaw.len()));
+    }
+    fn agent_audio(&mut self, play_at: Duration, mulaw: &[u8]) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(Tapped::Agent(play_at, mulaw.len()));
+    }
+    fn agent_cut(&mut self, at: Duration) {
+        self.0.lock().unwrap().push(Tapped::Cut(at));
+    }
+}
+
+#[test]
+fn a_tap_gets_held_caller_audio_then_both_legs_at_their_heard_times_and_the_cut() {
+    let mut h = Harness::started_unresolved(AudioMode::Pcmu);
+    // Two frames held before the agent is known, read at 20 and 40 ms.
+    h.twilio(20, &media_msg(&b64(&[0x55; 160]))).unwrap();
+    h.twilio(40, &media_msg(&b64(&[0x55; 160]))).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    h.engine
+        .set_media_tap(Box::new(RecordingTap(std::sync::Arc::clone(&seen))));
+    h.resolve(false);
+    h.open_model();
+    h.upstream_out();
+    h.twilio(60, &media_msg(&b64(&[0x55; 160]))).unwrap();
+    // 200 ms of agent audio at 100 ms: the lead (120 ms) lets six 20 ms chunks go at once,
+    // each heard after the one before it; the rest follow as the pacer allows.
+    h.upstream(100, &response_created("r1")).unwrap();
+    h.upstream(100, &delta("r1", "A", &[0x11; 1_600])).unwrap();
+    h.upstream(100, &response_done("r1")).unwrap();
+    h.run_until(150);
+    h.upstream(150, speech_started()).unwrap();
+    let ms = Duration::from_millis;
+    let seen = seen.lock().unwrap();
+    let expected: Vec<Tapped> = [
+        Tapped::Caller(ms(20), 160),
+        Tapped::Caller(ms(40), 160),
+        Tapped::Caller(ms(60), 160),
+    ]
+    .into_iter()
+    .chain((0..8).map(|chunk| Tapped::Agent(ms(100 + 20 * chunk), 160)))
+    .chain([Tapped::Cut(ms(150))])
+    .collect();
+    assert_eq!(*seen, expected);
+}
