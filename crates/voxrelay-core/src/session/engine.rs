@@ -47,6 +47,7 @@ use super::model::ModelSession;
 use super::playback::{Interruption, MarkOutcome, Playback, PlaybackConfig};
 use super::tap::MediaTap;
 use super::transcript::{MAX_TRANSCRIPT_LINE_BYTES, Transcript, cut_marked};
+use super::turns::{Turns, UplinkClock};
 use crate::codec::{StreamResampler, g711, pcm};
 use crate::logtext::{Untrusted, WarnBudget};
 use crate::twilio::events::{write_clear_json, write_mark_json, write_media_json_from_mulaw};
@@ -364,6 +365,8 @@ pub struct CallStats {
     /// Bounded: the most recent lines within the report's budget.
     pub transcript: Transcript,
     pub continuity: ContinuityStats,
+    /// Each assistant turn, timed ([`Turns::all`] once the call is over).
+    pub turns: Turns,
 }
 
 /// Tokens a call's model sessions reported (OpenAI's `response.done` usage, Gemini's
@@ -499,6 +502,8 @@ struct ModelLeg {
     response_owed: bool,
     /// This session replaces a lost one: it is told the conversation when it opens.
     successor: bool,
+    /// When the caller audio at each of this session's positions was read.
+    uplink_clock: UplinkClock,
     /// The successor must answer once told (the lost session was answering, or owed one).
     respond_on_open: bool,
 }
@@ -507,9 +512,16 @@ impl ModelLeg {
     /// A leg for `session`, not yet open; `successor`: it replaces a lost or old session.
     fn new(session: ModelSession, successor: bool, respond_on_open: bool) -> Self {
         let audio = session.protocol().audio();
+        let resamplers = Resamplers::for_audio(audio);
+        let uplink_delay = resamplers.uplink.as_ref().map_or(Duration::ZERO, |uplink| {
+            Duration::from_micros(
+                uplink.delay_output_frames() as u64 * 1_000_000 / u64::from(uplink.output_rate()),
+            )
+        });
         Self {
             session,
-            resamplers: Resamplers::for_audio(audio),
+            resamplers,
+            uplink_clock: UplinkClock::new(uplink_delay),
             last_audio: None,
             produced: VecDeque::new(),
             bytes_per_ms: audio.output.bytes_per_ms(),
@@ -828,12 +840,15 @@ impl CallEngine {
             StreamEvent::Connected => {}
             StreamEvent::Started(info) => {
                 self.started_at = Some(now);
+                self.stats.turns.started(now);
                 self.outputs
                     .push_back(Output::Event(CallEvent::Started(info)));
             }
             StreamEvent::Media { payload_b64, .. } => self.on_caller_audio(now, &payload_b64)?,
             StreamEvent::Mark { name } => match self.playback.on_mark(now, &name) {
-                MarkOutcome::Confirmed { .. } => {}
+                MarkOutcome::Confirmed { item_id, ms } => {
+                    self.stats.turns.mark_confirmed(&item_id, ms, now);
+                }
                 MarkOutcome::Stale => self.stats.marks_stale += 1,
                 MarkOutcome::Unknown => {
                     tracing::debug!(mark = %Untrusted(&name), "mark echo we did not send");
@@ -896,6 +911,10 @@ impl CallEngine {
         let Some(model) = self.model.as_mut() else {
             return;
         };
+        // μ-law: 8 bytes per ms.
+        model
+            .uplink_clock
+            .sent(read_at, self.scratch.bytes.len() as u64 / 8);
         // The append is the audio's base64 plus about 50 bytes of JSON.
         const APPEND_OVERHEAD: usize = 64;
         let mut text = self.scratch.spare_appends.pop().unwrap_or_default();
@@ -1080,13 +1099,23 @@ impl CallEngine {
                 item_id,
                 audio_b64,
             } => self.on_model_audio(now, &response_id, &item_id, &audio_b64)?,
-            UpstreamEvent::SpeechStarted { item_id, .. } => {
+            UpstreamEvent::SpeechStarted {
+                item_id,
+                audio_start_ms,
+            } => {
                 self.caller_speaking = true;
+                let at = self.caller_audio_read_at(audio_start_ms);
+                self.stats.turns.caller_started(at, now);
                 self.conversation.caller_started(&item_id);
                 self.on_speech_started(now);
             }
-            UpstreamEvent::SpeechStopped { .. } => self.caller_speaking = false,
+            UpstreamEvent::SpeechStopped { audio_end_ms } => {
+                self.caller_speaking = false;
+                let at = self.caller_audio_read_at(audio_end_ms);
+                self.stats.turns.caller_stopped(at, now);
+            }
             UpstreamEvent::ResponseCreated { response_id } => {
+                self.stats.turns.response_created(&response_id, now);
                 self.stop_hold(now);
                 self.playback.on_response_created(&response_id);
                 if let Some(model) = self.model.as_mut() {
@@ -1357,6 +1386,7 @@ impl CallEngine {
             self.stats.late_deltas_dropped += 1;
             return Ok(());
         }
+        self.stats.turns.model_audio(response_id, item_id, now);
         self.pump_playback(now, Some(now));
         Ok(())
     }
@@ -1394,6 +1424,9 @@ impl CallEngine {
         }
         // The caller hears the clear: it goes first, and its write stops the barge-in clock.
         self.send_clear(now);
+        if !hold_playing {
+            self.stats.turns.barged_in(now);
+        }
         let heard = self.note_interruption(&interruption);
         let Some(model) = self.model.as_mut() else {
             return;
@@ -1424,6 +1457,12 @@ impl CallEngine {
         for text in commands {
             self.push_model_control(text);
         }
+    }
+
+    /// When the bridge read the caller audio at the open session's position `model_ms`.
+    fn caller_audio_read_at(&self, model_ms: Option<u64>) -> Option<Instant> {
+        let model = self.model.as_ref()?;
+        model.uplink_clock.at(model_ms?)
     }
 
     /// Twilio `clear`, ahead of any audio not yet taken for Twilio (stale now).
@@ -1513,6 +1552,12 @@ impl CallEngine {
                 // 8 bytes of μ-law per ms.
                 self.stats.continuity.hold_prompt_ms += transmit.payload.len() as u64 / 8;
             }
+            self.stats.turns.chunk_sent(
+                transmit.item_id,
+                now,
+                transmit.play_at,
+                Duration::from_millis(transmit.payload.len() as u64 / 8),
+            );
             if let (Some(tap), Some(started)) = (self.tap.as_mut(), self.started_at) {
                 tap.agent_audio(
                     transmit.play_at.saturating_duration_since(started),

@@ -196,7 +196,7 @@ impl GeminiLive {
             self.caller_turns += 1;
             events.push(UpstreamEvent::SpeechStarted {
                 item_id: Cow::Owned(self.caller_id()),
-                audio_start_ms: 0,
+                audio_start_ms: None,
             });
         }
     }
@@ -206,7 +206,7 @@ impl GeminiLive {
     fn close_caller_turn<'a>(&mut self, events: &mut UpstreamEvents<'a>) {
         if std::mem::take(&mut self.caller_open) {
             let text = std::mem::take(&mut self.input_text);
-            events.push(UpstreamEvent::SpeechStopped { audio_end_ms: 0 });
+            events.push(UpstreamEvent::SpeechStopped { audio_end_ms: None });
             if !text.trim().is_empty() {
                 events.push(UpstreamEvent::InputTranscript {
                     item_id: Cow::Owned(self.caller_id()),

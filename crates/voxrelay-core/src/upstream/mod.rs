@@ -154,12 +154,15 @@ pub enum UpstreamEvent<'a> {
         item_id: Cow<'a, str>,
         audio_b64: Cow<'a, str>,
     },
+    /// The caller started speaking; `audio_start_ms` is where, in the audio this session was
+    /// sent (`None`: the provider does not say).
     SpeechStarted {
         item_id: Cow<'a, str>,
-        audio_start_ms: u64,
+        audio_start_ms: Option<u64>,
     },
+    /// The caller stopped speaking; `audio_end_ms` is where, as for `SpeechStarted`.
     SpeechStopped {
-        audio_end_ms: u64,
+        audio_end_ms: Option<u64>,
     },
     ResponseCreated {
         response_id: Cow<'a, str>,

@@ -171,13 +171,13 @@ impl OpenAiRealtime {
                 let started: SpeechStarted<'a> = serde_json::from_str(text)?;
                 UpstreamEvent::SpeechStarted {
                     item_id: started.item_id,
-                    audio_start_ms: started.audio_start_ms,
+                    audio_start_ms: Some(started.audio_start_ms),
                 }
             }
             "input_audio_buffer.speech_stopped" => {
                 let stopped: SpeechStopped = serde_json::from_str(text)?;
                 UpstreamEvent::SpeechStopped {
-                    audio_end_ms: stopped.audio_end_ms,
+                    audio_end_ms: Some(stopped.audio_end_ms),
                 }
             }
             "response.created" => {
@@ -669,9 +669,11 @@ mod tests {
                 UpstreamEvent::Other, // session.created
                 UpstreamEvent::SpeechStarted {
                     item_id: "msg_003".into(),
-                    audio_start_ms: 1000
+                    audio_start_ms: Some(1000)
                 },
-                UpstreamEvent::SpeechStopped { audio_end_ms: 2000 },
+                UpstreamEvent::SpeechStopped {
+                    audio_end_ms: Some(2000)
+                },
                 UpstreamEvent::Other, // committed
                 UpstreamEvent::AudioDelta {
                     response_id: "resp_001".into(),

@@ -2278,3 +2278,39 @@ fn a_tap_gets_held_caller_audio_then_both_legs_at_their_heard_times_and_the_cut(
     .collect();
     assert_eq!(*seen, expected);
 }
+
+#[test]
+fn a_turn_is_timed_from_the_callers_speech_end_to_twilios_mark() {
+    use crate::session::turns::TurnCause;
+    let ms = Duration::from_millis;
+    let mut h = Harness::streaming(AudioMode::Pcmu);
+    // 1 s of caller audio, a frame read every 20 ms.
+    for frame in 1..=50 {
+        h.twilio(20 * frame, &media_msg(&b64(&[0x55; 160])))
+            .unwrap();
+    }
+    h.upstream_out();
+    let stopped =
+        json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 590, "item_id": "u1"});
+    h.upstream(1_200, &stopped.to_string()).unwrap();
+    h.upstream(1_300, &response_created("r1")).unwrap();
+    h.upstream(1_400, &delta("r1", "A", &[0x11; 800])).unwrap();
+    let first_mark = h
+        .twilio_out()
+        .iter()
+        .find(|sent| sent.event() == "mark")
+        .map(|sent| sent.mark_name().to_owned())
+        .expect("a chunk and its mark");
+    h.twilio(1_450, &mark_msg(&first_mark)).unwrap();
+    let turns = h.engine.stats().turns.all();
+    let [turn] = &turns[..] else {
+        panic!("one turn: {turns:?}");
+    };
+    assert_eq!(turn.cause, TurnCause::Caller);
+    // Position 590 is 10 ms before the end of the frame read at 600 ms.
+    assert_eq!(turn.detect, Some(ms(610)));
+    assert_eq!(turn.model, Some(ms(810)));
+    assert_eq!(turn.bridge, Some(ms(0)));
+    assert_eq!(turn.playout, Some(ms(30)));
+    assert_eq!(turn.voice_to_voice, Some(ms(840)));
+}

@@ -223,7 +223,7 @@ fn caller_speech_is_placed_at_its_first_transcript_and_ends_when_the_model_answe
         events(&mut protocol, heard),
         vec![UpstreamEvent::SpeechStarted {
             item_id: "gemini-0-caller-1".into(),
-            audio_start_ms: 0
+            audio_start_ms: None
         }]
     );
     let more = r#"{"serverContent":{"inputTranscription":{"text":" a table."}}}"#;
@@ -233,7 +233,7 @@ fn caller_speech_is_placed_at_its_first_transcript_and_ends_when_the_model_answe
     assert_eq!(
         answered[..3],
         [
-            UpstreamEvent::SpeechStopped { audio_end_ms: 0 },
+            UpstreamEvent::SpeechStopped { audio_end_ms: None },
             UpstreamEvent::InputTranscript {
                 item_id: "gemini-0-caller-1".into(),
                 text: "I'd like a table.".into()
@@ -261,7 +261,7 @@ fn an_interruption_barges_in_and_cancels_the_turn() {
         vec![
             UpstreamEvent::SpeechStarted {
                 item_id: "gemini-0-caller-1".into(),
-                audio_start_ms: 0
+                audio_start_ms: None
             },
             UpstreamEvent::OutputTranscript {
                 item_id: "gemini-0-turn-1".into(),
@@ -285,7 +285,7 @@ fn an_interruption_barges_in_and_cancels_the_turn() {
     assert_eq!(
         events(&mut protocol, r#"{"serverContent":{"turnComplete":true}}"#),
         vec![
-            UpstreamEvent::SpeechStopped { audio_end_ms: 0 },
+            UpstreamEvent::SpeechStopped { audio_end_ms: None },
             UpstreamEvent::InputTranscript {
                 item_id: "gemini-0-caller-1".into(),
                 text: "wait".into()
