@@ -1165,6 +1165,11 @@ where
             self.metrics
                 .provider(agent.provider)
                 .record_call(stats, &self.latency);
+            self.metrics.turns.record(
+                agent.tenant_id.as_deref(),
+                agent.provider,
+                &stats.turns.all(),
+            );
         }
         if let Some(record) = self.record.take() {
             // A call that ended before its agent was known is reported with the fallback's.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::continuity::{FallbackReason, SessionEnd};
 use super::engine::CallStats;
+use super::turn_metrics::TurnMetrics;
 // From the core crate, not `crate::control`: metrics sits below the control-plane client,
 // which records into it, so it must not import from it.
 use voxrelay_core::Provider;
@@ -382,6 +383,8 @@ impl ControlEndpoint {
 pub struct Metrics {
     /// Per provider, by [`Provider`] order (`openai`, `gemini`).
     providers: [ProviderMetrics; 2],
+    /// Turn timings per tenant and provider, added at each call's end.
+    pub turns: TurnMetrics,
     pub calls_active: AtomicI64,
     pub calls_started: AtomicU64,
     pub calls_ended: AtomicU64,
@@ -1289,6 +1292,7 @@ impl Metrics {
         );
         self.render_providers(&mut out);
         self.render_control(&mut out);
+        self.turns.render(&mut out);
         self.listener.render(&mut out);
         out
     }

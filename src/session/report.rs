@@ -11,21 +11,23 @@
 //! request was) and counted in `transcript_dropped_lines`; a single line longer than
 //! [`MAX_TRANSCRIPT_LINE_BYTES`] keeps its start and is counted in `transcript_cut_lines`. The
 //! other strings a peer or a control plane can make long (ids, numbers, agent and tenant names,
-//! the memory namespace, the model id) are cut at [`MAX_REPORT_FIELD_BYTES`]. The whole report
+//! the memory namespace, the model id) are cut at [`MAX_REPORT_FIELD_BYTES`]; at most
+//! `voxrelay_core::session::turns::MAX_TURNS` turns are kept. The whole report
 //! is then at most [`MAX_REPORT_BYTES`] (the worst case is built and measured in the tests).
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::agent::CallAgent;
 use super::engine::CallStats;
 use crate::Provider;
 use crate::control::api::{
     CallLatency, CallReport, LatencySummary, ModelSessionReport, ReportBinding, ReportFallback,
-    ReportUsage, TranscriptEntry,
+    ReportUsage, TranscriptEntry, TurnBargeInReport, TurnReport,
 };
 pub use voxrelay_core::session::transcript::{
     MAX_TRANSCRIPT_BYTES, MAX_TRANSCRIPT_LINE_BYTES, Transcript,
 };
+use voxrelay_core::session::turns::TurnTiming;
 
 /// μ-law 8 kHz: one byte per sample.
 const MULAW_BYTES_PER_SECOND: f64 = 8_000.0;
@@ -33,9 +35,10 @@ const MULAW_BYTES_PER_SECOND: f64 = 8_000.0;
 /// Longest id, number, agent name, tenant id, memory namespace or model id a report carries.
 pub const MAX_REPORT_FIELD_BYTES: usize = 256;
 /// The largest report [`call_report`] can build, encoded: the transcript budget, eight cut
-/// fields at their worst JSON escaping (six bytes per byte), and the rest of the document with
-/// every number at its widest. Under a third of the control plane's 1 MiB body limit.
-pub const MAX_REPORT_BYTES: usize = 272 * 1024;
+/// fields at their worst JSON escaping (six bytes per byte), every turn kept (about 120 bytes
+/// each at their widest), and the rest of the document with every number at its widest. Under
+/// a third of the control plane's 1 MiB body limit.
+pub const MAX_REPORT_BYTES: usize = 296 * 1024;
 const _: () = assert!(MAX_REPORT_BYTES <= (1 << 20) / 3);
 
 /// Who the call was, as `start` and the webhook said: the one record of a call's identity,
@@ -153,6 +156,30 @@ pub fn call_report(
             input_tokens: stats.usage.input_tokens,
             output_tokens: stats.usage.output_tokens,
         }),
+        turns: stats.turns.all().iter().map(turn_report).collect(),
+        turns_dropped: stats.turns.dropped(),
+    }
+}
+
+/// A duration as the report's milliseconds, to the microsecond.
+fn report_ms(duration: Duration) -> f64 {
+    duration.as_micros() as f64 / 1_000.0
+}
+
+fn turn_report(turn: &TurnTiming) -> TurnReport {
+    TurnReport {
+        at_ms: turn.at.as_millis() as u64,
+        cause: turn.cause.as_str().to_owned(),
+        voice_to_voice_ms: turn.voice_to_voice.map(report_ms),
+        model_ms: turn.model.map(report_ms),
+        detect_ms: turn.detect.map(report_ms),
+        bridge_ms: turn.bridge.map(report_ms),
+        playout_ms: turn.playout.map(report_ms),
+        barge_in: turn.barge_in.map(|barge_in| TurnBargeInReport {
+            at_ms: barge_in.at.as_millis() as u64,
+            talk_over_ms: barge_in.talk_over.map(report_ms),
+            heard_over_caller_ms: barge_in.heard_over_caller.map(report_ms),
+        }),
     }
 }
 
@@ -179,6 +206,7 @@ mod tests {
     };
     use crate::session::engine::{TokenUsage, TranscriptLine};
     use crate::testkit::Lcg;
+    use voxrelay_core::session::turns::MAX_TURNS;
 
     fn identity(binding: ReportBinding, started_at: SystemTime) -> CallIdentity {
         CallIdentity {
@@ -384,6 +412,33 @@ mod tests {
             output_tokens: u64::MAX,
             reports: u64::MAX,
         };
+        // Every turn kept, each with every part and a barge-in, at widths no call reaches
+        // (days, to the microsecond).
+        let t0 = std::time::Instant::now();
+        let at = |us: u64| t0 + Duration::from_micros(us);
+        stats.turns.started(t0);
+        for n in 0..=MAX_TURNS as u64 {
+            let base = 900_000_000_001 + n;
+            stats
+                .turns
+                .caller_stopped(Some(at(base)), at(base + 111_111_111_111));
+            stats
+                .turns
+                .response_created("r", at(base + 222_222_222_221));
+            stats
+                .turns
+                .model_audio("r", "i", at(base + 333_333_333_331));
+            stats
+                .turns
+                .chunk_sent("i", at(base + 444_444_444_441), at(base), Duration::ZERO);
+            stats
+                .turns
+                .mark_confirmed("i", 0, at(base + 555_555_555_551));
+            stats
+                .turns
+                .caller_started(Some(at(base + 1)), at(base + 666_666_666_661));
+            stats.turns.barged_in(at(base + 777_777_777_771));
+        }
         let report = call_report(
             &CallIdentity {
                 call_sid: hostile.clone(),
@@ -401,6 +456,14 @@ mod tests {
         );
         let encoded = serde_json::to_vec(&report).unwrap();
         assert!(report.transcript_dropped_lines > 0 && report.transcript_cut_lines > 0);
+        assert_eq!(report.turns.len(), MAX_TURNS);
+        assert!(report.turns.iter().all(|turn| {
+            turn.voice_to_voice_ms.is_some()
+                && turn
+                    .barge_in
+                    .as_ref()
+                    .is_some_and(|b| b.talk_over_ms.is_some())
+        }));
         assert!(
             encoded.len() <= MAX_REPORT_BYTES,
             "{} > {MAX_REPORT_BYTES}",

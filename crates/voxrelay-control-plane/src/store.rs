@@ -32,12 +32,13 @@ use super::seed::{BusinessHours, Seed};
 use super::tools::{Tool, ToolArguments, business_hours_output};
 use voxrelay_core::control::api::{
     CallHistory, CallLatency, CallReport, ModelSessionReport, ReportBinding, ReportFallback,
-    ReportUsage, Speaker, TenantContext, ToolRequest, TranscriptEntry, memory_namespace,
+    ReportUsage, Speaker, TenantContext, ToolRequest, TranscriptEntry, TurnReport,
+    memory_namespace,
 };
 use voxrelay_core::{AudioMode, Provider};
 
 /// The schema this build creates and understands (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// How long a statement waits for another process's lock on the file before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -120,7 +121,10 @@ CREATE TABLE IF NOT EXISTS calls (
     -- Schema 4. Tokens the provider reported for the call, both set or both NULL (none
     -- reported). Columns rather than JSON so usage can be summed in SQL.
     input_tokens      INTEGER CHECK (input_tokens >= 0),
-    output_tokens     INTEGER CHECK (output_tokens >= 0)
+    output_tokens     INTEGER CHECK (output_tokens >= 0),
+    -- Schema 5. JSON {\"turns\": […], \"turns_dropped\": …}: what the caller experienced, as
+    -- the report has it (NULL: reported before schema 5, read as no turns).
+    quality           TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS calls_by_tenant ON calls (tenant_id, started_at_ms);
 
@@ -194,6 +198,14 @@ ALTER TABLE calls ADD COLUMN provider TEXT CHECK (provider IN ('openai', 'gemini
 ALTER TABLE calls ADD COLUMN model TEXT;
 ALTER TABLE calls ADD COLUMN input_tokens INTEGER CHECK (input_tokens >= 0);
 ALTER TABLE calls ADD COLUMN output_tokens INTEGER CHECK (output_tokens >= 0);
+COMMIT;
+";
+
+/// Schema 4 → 5: the calls' quality record (turn timings), NULL for every call already
+/// reported (read as none: those bridges did not time turns).
+const MIGRATE_4_TO_5: &str = "
+BEGIN;
+ALTER TABLE calls ADD COLUMN quality TEXT;
 COMMIT;
 ";
 
@@ -352,6 +364,9 @@ impl Store {
         }
         if (1..=3).contains(&version) {
             conn.execute_batch(MIGRATE_3_TO_4)?;
+        }
+        if (1..=4).contains(&version) {
+            conn.execute_batch(MIGRATE_4_TO_5)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self {
@@ -556,6 +571,11 @@ impl Store {
                 table: "calls",
                 column: "continuity",
             })?;
+        let quality =
+            serde_json::to_string(&Quality::of(report)).map_err(|_| StoreError::Corrupt {
+                table: "calls",
+                column: "quality",
+            })?;
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let stored: Option<(Option<i64>, Option<String>)> = tx
@@ -600,9 +620,10 @@ impl Store {
                  stream_sid, agent_name, started_at_ms, ended_at_ms, end_reason, context_source,
                  audio_seconds_in, audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
                  memory_namespace, binding, report_sha256, transcript_dropped_lines,
-                 transcript_cut_lines, continuity, provider, model, input_tokens, output_tokens)
+                 transcript_cut_lines, continuity, provider, model, input_tokens, output_tokens,
+                 quality)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, 'bound', ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)
+                 ?18, 'bound', ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)
              ON CONFLICT (call_sid) DO UPDATE SET
                  tenant_id = excluded.tenant_id, from_number = excluded.from_number,
                  to_number = excluded.to_number, reported_at_ms = excluded.reported_at_ms,
@@ -618,7 +639,7 @@ impl Store {
                  transcript_cut_lines = excluded.transcript_cut_lines,
                  continuity = excluded.continuity, provider = excluded.provider,
                  model = excluded.model, input_tokens = excluded.input_tokens,
-                 output_tokens = excluded.output_tokens",
+                 output_tokens = excluded.output_tokens, quality = excluded.quality",
             params![
                 report.call_sid,
                 tenant_id,
@@ -646,6 +667,7 @@ impl Store {
                 report.model,
                 ints.usage.map(|(input, _)| input),
                 ints.usage.map(|(_, output)| output),
+                quality,
             ],
         )?;
         // Lines a lookup-only row cannot have; cleared so the report's are the only ones.
@@ -949,7 +971,7 @@ fn reported_calls(
                  started_at_ms, ended_at_ms, end_reason, context_source, audio_seconds_in,
                  audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
                  memory_namespace, transcript_dropped_lines, transcript_cut_lines, continuity,
-                 provider, model, input_tokens, output_tokens
+                 provider, model, input_tokens, output_tokens, quality
              FROM calls
              WHERE reported_at_ms IS NOT NULL AND {filter}"
         ))?;
@@ -957,6 +979,7 @@ fn reported_calls(
         while let Some(row) = rows.next()? {
             let latency: CallLatency = json_column(row.get(15)?, "latency")?;
             let continuity: Continuity = json_column(row.get(19)?, "continuity")?;
+            let quality: Quality = json_column(row.get(24)?, "quality")?;
             let corrupt = |column| StoreError::Corrupt {
                 table: "calls",
                 column,
@@ -1008,6 +1031,8 @@ fn reported_calls(
                 provider,
                 model: row.get(21)?,
                 usage,
+                turns: quality.turns,
+                turns_dropped: quality.turns_dropped,
             });
         }
     }
@@ -1076,6 +1101,25 @@ struct Continuity {
     hold_prompt_ms: u64,
     #[serde(default)]
     fallback: Option<ReportFallback>,
+}
+
+/// The `calls.quality` column: what the caller experienced, as one JSON object (a key left
+/// out reads as the report's own default).
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Quality {
+    #[serde(default)]
+    turns: Vec<TurnReport>,
+    #[serde(default)]
+    turns_dropped: u64,
+}
+
+impl Quality {
+    fn of(report: &CallReport) -> Self {
+        Self {
+            turns: report.turns.clone(),
+            turns_dropped: report.turns_dropped,
+        }
+    }
 }
 
 impl Continuity {
@@ -1247,6 +1291,17 @@ mod tests {
             provider: Provider::OpenAi,
             model: None,
             usage: None,
+            turns: vec![TurnReport {
+                at_ms: 1_200,
+                cause: "caller".into(),
+                voice_to_voice_ms: Some(812.5),
+                model_ms: Some(700.25),
+                detect_ms: Some(520.0),
+                bridge_ms: Some(0.375),
+                playout_ms: Some(111.875),
+                barge_in: None,
+            }],
+            turns_dropped: 1,
         }
     }
 
@@ -1499,14 +1554,17 @@ mod tests {
     fn database_at_schema(path: &std::path::Path, version: i64) -> Connection {
         let conn = Connection::open(path).expect("open");
         conn.execute_batch(SCHEMA).expect("schema");
-        let mut undo = vec![
-            "ALTER TABLE tenants DROP COLUMN provider",
-            "ALTER TABLE tenants DROP COLUMN model",
-            "ALTER TABLE calls DROP COLUMN provider",
-            "ALTER TABLE calls DROP COLUMN model",
-            "ALTER TABLE calls DROP COLUMN input_tokens",
-            "ALTER TABLE calls DROP COLUMN output_tokens",
-        ];
+        let mut undo = vec!["ALTER TABLE calls DROP COLUMN quality"];
+        if version < 4 {
+            undo.extend([
+                "ALTER TABLE tenants DROP COLUMN provider",
+                "ALTER TABLE tenants DROP COLUMN model",
+                "ALTER TABLE calls DROP COLUMN provider",
+                "ALTER TABLE calls DROP COLUMN model",
+                "ALTER TABLE calls DROP COLUMN input_tokens",
+                "ALTER TABLE calls DROP COLUMN output_tokens",
+            ]);
+        }
         if version < 3 {
             undo.extend([
                 "ALTER TABLE tenants DROP COLUMN fallback_number",
@@ -1618,6 +1676,9 @@ mod tests {
         let mut expected = old_report.clone();
         expected.tenant_id = Some("old_tenant".into());
         expected.transcript.clear();
+        // Schema 2 stored no turns.
+        expected.turns.clear();
+        expected.turns_dropped = 0;
         assert_eq!(history.calls, vec![expected]);
         // Its report is as final as before: the identical retry acknowledged, no other.
         assert_eq!(
@@ -2048,6 +2109,48 @@ mod tests {
             .expect("tenant");
         assert_eq!(history.calls.len(), 1);
         assert_eq!(history.calls[0].transcript.len(), 2);
+    }
+
+    #[test]
+    fn a_schema_4_database_is_migrated_and_its_reports_read_as_untimed() {
+        let dir = TempDir::new("migrate-4");
+        let path = dir.0.join("cp.sqlite3");
+        {
+            let conn = database_at_schema(&path, 4);
+            assert!(
+                !columns(&conn)
+                    .iter()
+                    .any(|(_, column, _)| column == "quality")
+            );
+            conn.execute(
+                "INSERT INTO tenants (id, agent_name, voice, instructions, audio_mode, language,
+                     max_call_seconds, tools, business_hours)
+                 VALUES ('old_tenant', 'Olga', 'marin', 'x', 'pcmu', 'en', 0, '[]',
+                     '{\"timezone\":\"\",\"days\":[null,null,null,null,null,null,null]}')",
+                [],
+            )
+            .expect("tenant");
+            conn.execute(
+                "INSERT INTO calls (call_sid, tenant_id, reported_at_ms, started_at_ms,
+                     stream_sid, agent_name, end_reason, context_source)
+                 VALUES ('CA0', 'old_tenant', 6, 1, 'MZ0', 'Olga', 'twilio_stop', 'fresh')",
+                [],
+            )
+            .expect("reported call");
+        }
+        let store = Store::open(&DbLocation::File(path.clone())).expect("migrated");
+        let version: i64 = store
+            .lock()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        let history = store
+            .call_history("old_tenant", 50)
+            .expect("store")
+            .expect("tenant");
+        assert_eq!(history.calls.len(), 1);
+        assert!(history.calls[0].turns.is_empty());
+        assert_eq!(history.calls[0].turns_dropped, 0);
     }
 
     #[test]

@@ -271,6 +271,49 @@ pub struct CallReport {
     /// provider reported none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<ReportUsage>,
+    /// Every assistant turn, timed on the bridge's clock (at most the bridge's
+    /// `session::turns::MAX_TURNS`, oldest first); absent from bridges before the field.
+    #[serde(default)]
+    pub turns: Vec<TurnReport>,
+    /// Turns beyond those kept.
+    #[serde(default)]
+    pub turns_dropped: u64,
+}
+
+/// One assistant turn of a reported call. Durations are milliseconds with microsecond
+/// precision; a part is `null` when its event never came (a turn cut before it was heard, a
+/// turn that answered no caller speech: the greeting, a digit, a tool's answer).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TurnReport {
+    /// When the model began the turn, in ms since the stream's `start`.
+    pub at_ms: u64,
+    /// `caller` (it answered the caller's speech) or `other`.
+    pub cause: String,
+    /// Caller speech end to the reply's playback start as Twilio's mark confirmed it.
+    pub voice_to_voice_ms: Option<f64>,
+    /// Caller speech end to the model's first audio (its turn detection and think time).
+    pub model_ms: Option<f64>,
+    /// Caller speech end to the model saying the caller stopped (its turn detection alone);
+    /// `null` for a provider that does not say (Gemini).
+    pub detect_ms: Option<f64>,
+    /// The model's first audio to its first chunk sent to Twilio.
+    pub bridge_ms: Option<f64>,
+    /// First chunk sent to Twilio to its playback start.
+    pub playout_ms: Option<f64>,
+    /// Set when the caller barged in on this turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub barge_in: Option<TurnBargeInReport>,
+}
+
+/// A barge-in on a reported turn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TurnBargeInReport {
+    /// When the `clear` went, in ms since the stream's `start`.
+    pub at_ms: u64,
+    /// Caller speech start to the `clear` sent; `null` when the speech start is unknown.
+    pub talk_over_ms: Option<f64>,
+    /// Agent audio the caller heard after they started to speak, up to the `clear`.
+    pub heard_over_caller_ms: Option<f64>,
 }
 
 /// A call's token usage as the provider reported it (OpenAI's `response.done` usage,

@@ -1,0 +1,274 @@
+//! What callers waited for, per tenant and provider: the turn histograms of `/metrics`.
+//!
+//! Each ended call's turns ([`voxrelay_core::session::turns`]) are added once, at the call's
+//! end, off the media path: `voxrelay_voice_to_voice_seconds`, its three parts
+//! (`voxrelay_turn_model_seconds`, `voxrelay_turn_bridge_seconds`,
+//! `voxrelay_turn_playout_seconds`) and `voxrelay_barge_in_talk_over_seconds`, each labelled
+//! `tenant` and `provider`. Buckets are a turn's scale (20 ms to 10 s), not the media path's.
+//!
+//! Bounded: a tenant label is one of at most [`MAX_TENANT_SERIES`] tenants, later tenants are
+//! counted under `tenant="other"` (a control plane with thousands of tenants must not grow the
+//! exposition without bound); the fallback agent's calls are `tenant="-"`. A series is created
+//! once (a map insert) and then only atomics are touched.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use voxrelay_core::Provider;
+use voxrelay_core::session::turns::TurnTiming;
+
+/// Tenants with series of their own; the rest share `other`.
+pub const MAX_TENANT_SERIES: usize = 256;
+/// The longest tenant label kept (longer ids are cut; tenant ids are the control plane's).
+const MAX_TENANT_LABEL_BYTES: usize = 64;
+
+/// Upper bounds of the turn buckets, in milliseconds.
+const TURN_BUCKETS_MS: [u64; 17] = [
+    20, 50, 100, 200, 300, 400, 500, 600, 700, 800, 1_000, 1_250, 1_500, 2_000, 3_000, 5_000,
+    10_000,
+];
+
+/// A lock-free histogram of turn durations.
+#[derive(Default)]
+pub struct TurnHistogram {
+    buckets: [AtomicU64; TURN_BUCKETS_MS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl TurnHistogram {
+    pub fn observe(&self, value: Duration) {
+        let us = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
+        if let Some(index) = TURN_BUCKETS_MS
+            .iter()
+            .position(|&bound| us <= bound * 1_000)
+        {
+            self.buckets[index].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bucket, &bound) in self.buckets.iter().zip(&TURN_BUCKETS_MS) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}",
+                bound as f64 / 1e3
+            );
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// One tenant's and provider's turns.
+#[derive(Default)]
+pub struct TurnSeries {
+    pub voice_to_voice: TurnHistogram,
+    pub model: TurnHistogram,
+    pub bridge: TurnHistogram,
+    pub playout: TurnHistogram,
+    pub talk_over: TurnHistogram,
+}
+
+type Family = (
+    &'static str,
+    &'static str,
+    fn(&TurnSeries) -> &TurnHistogram,
+);
+
+const FAMILIES: [Family; 5] = [
+    (
+        "voxrelay_voice_to_voice_seconds",
+        "Caller speech end to the agent's reply heard (Twilio's mark), per turn.",
+        |s| &s.voice_to_voice,
+    ),
+    (
+        "voxrelay_turn_model_seconds",
+        "Caller speech end to the model's first audio, per turn (turn detection and think time).",
+        |s| &s.model,
+    ),
+    (
+        "voxrelay_turn_bridge_seconds",
+        "The model's first audio to its first chunk sent to Twilio, per turn.",
+        |s| &s.bridge,
+    ),
+    (
+        "voxrelay_turn_playout_seconds",
+        "First chunk sent to Twilio to its playback start as Twilio's mark confirmed, per turn.",
+        |s| &s.playout,
+    ),
+    (
+        "voxrelay_barge_in_talk_over_seconds",
+        "Caller speech start to the clear sent, per barge-in.",
+        |s| &s.talk_over,
+    ),
+];
+
+/// The turn histograms of every tenant and provider.
+#[derive(Default)]
+pub struct TurnMetrics {
+    series: DashMap<(String, Provider), Arc<TurnSeries>>,
+}
+
+impl TurnMetrics {
+    /// Adds a call's turns. `tenant`: `None` for the fallback agent.
+    pub fn record(&self, tenant: Option<&str>, provider: Provider, turns: &[TurnTiming]) {
+        if turns.is_empty() {
+            return;
+        }
+        let series = self.series_for(tenant, provider);
+        for turn in turns {
+            let parts = [
+                (turn.voice_to_voice, &series.voice_to_voice),
+                (turn.model, &series.model),
+                (turn.bridge, &series.bridge),
+                (turn.playout, &series.playout),
+                (
+                    turn.barge_in.and_then(|barge_in| barge_in.talk_over),
+                    &series.talk_over,
+                ),
+            ];
+            for (value, histogram) in parts {
+                if let Some(value) = value {
+                    histogram.observe(value);
+                }
+            }
+        }
+    }
+
+    /// The series of `tenant` and `provider`, if any turn was recorded for them.
+    pub fn series(&self, tenant: &str, provider: Provider) -> Option<Arc<TurnSeries>> {
+        self.series
+            .get(&(tenant.to_owned(), provider))
+            .map(|entry| Arc::clone(&entry))
+    }
+
+    fn series_for(&self, tenant: Option<&str>, provider: Provider) -> Arc<TurnSeries> {
+        let label = tenant_label(tenant);
+        if let Some(series) = self.series.get(&(label.clone(), provider)) {
+            return Arc::clone(&series);
+        }
+        // Racing inserts may pass the cap by a few series; the bound still holds to within the
+        // number of concurrent call ends.
+        let tenants = self.series.len();
+        let key = if tenants >= MAX_TENANT_SERIES * Provider::ALL.len() {
+            ("other".to_owned(), provider)
+        } else {
+            (label, provider)
+        };
+        Arc::clone(&self.series.entry(key).or_default())
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let mut series: Vec<((String, Provider), Arc<TurnSeries>)> = self
+            .series
+            .iter()
+            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
+            .collect();
+        series.sort_by(|a, b| {
+            (a.0.0.as_str(), a.0.1.as_str()).cmp(&(b.0.0.as_str(), b.0.1.as_str()))
+        });
+        for (name, help, field) in FAMILIES {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for ((tenant, provider), series) in &series {
+                let labels = format!("tenant=\"{tenant}\",provider=\"{}\"", provider.as_str());
+                field(series).render(out, name, &labels);
+            }
+        }
+    }
+}
+
+/// A tenant id as a label value: cut, and only characters that need no escaping.
+fn tenant_label(tenant: Option<&str>) -> String {
+    let Some(tenant) = tenant else {
+        return "-".to_owned();
+    };
+    tenant
+        .chars()
+        .take(MAX_TENANT_LABEL_BYTES)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '+') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use voxrelay_core::session::turns::{BargeInTiming, TurnCause};
+
+    fn turn(v2v_ms: u64) -> TurnTiming {
+        let ms = Duration::from_millis;
+        TurnTiming {
+            at: ms(0),
+            cause: TurnCause::Caller,
+            voice_to_voice: Some(ms(v2v_ms)),
+            model: Some(ms(v2v_ms - 100)),
+            detect: Some(ms(400)),
+            bridge: Some(Duration::from_micros(300)),
+            playout: Some(ms(99)),
+            barge_in: Some(BargeInTiming {
+                at: ms(0),
+                talk_over: Some(ms(250)),
+                heard_over_caller: Some(ms(200)),
+            }),
+        }
+    }
+
+    #[test]
+    fn turns_render_per_tenant_and_provider_in_turn_sized_buckets() {
+        let metrics = TurnMetrics::default();
+        metrics.record(Some("acme"), Provider::OpenAi, &[turn(750), turn(950)]);
+        metrics.record(None, Provider::Gemini, &[turn(650)]);
+        let mut out = String::new();
+        metrics.render(&mut out);
+        assert!(out.contains(
+            "voxrelay_voice_to_voice_seconds_bucket{tenant=\"acme\",provider=\"openai\",le=\"0.8\"} 1\n"
+        ));
+        assert!(out.contains(
+            "voxrelay_voice_to_voice_seconds_bucket{tenant=\"acme\",provider=\"openai\",le=\"1\"} 2\n"
+        ));
+        assert!(out.contains(
+            "voxrelay_voice_to_voice_seconds_count{tenant=\"-\",provider=\"gemini\"} 1\n"
+        ));
+        assert!(out.contains("voxrelay_turn_bridge_seconds_bucket{tenant=\"acme\",provider=\"openai\",le=\"0.02\"} 2\n"));
+        assert!(out.contains(
+            "voxrelay_barge_in_talk_over_seconds_count{tenant=\"acme\",provider=\"openai\"} 2\n"
+        ));
+        for (name, _, _) in FAMILIES {
+            assert_eq!(out.matches(&format!("# TYPE {name} histogram")).count(), 1);
+        }
+    }
+
+    #[test]
+    fn tenant_series_are_capped_and_labels_need_no_escaping() {
+        let metrics = TurnMetrics::default();
+        for n in 0..MAX_TENANT_SERIES * 2 + 10 {
+            metrics.record(Some(&format!("t{n}")), Provider::OpenAi, &[turn(800)]);
+        }
+        assert!(metrics.series.len() <= MAX_TENANT_SERIES * Provider::ALL.len() + 1);
+        let other = metrics
+            .series("other", Provider::OpenAi)
+            .expect("overflow series");
+        assert!(other.voice_to_voice.count() > 0);
+        assert_eq!(tenant_label(Some("a\"b\\c\nd")), "a_b_c_d");
+    }
+}
