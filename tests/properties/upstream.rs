@@ -102,7 +102,11 @@ proptest! {
         match protocol.parse_event(&text, &mut out) {
             Ok(event) => prop_assert_eq!(
                 event,
-                UpstreamEvent::SpeechStarted { item_id: item_id.as_str().into(), audio_start_ms: Some(audio_start_ms) }
+                UpstreamEvent::SpeechStarted {
+                    item_id: item_id.as_str().into(),
+                    // The speech begins after the server's prefix padding (300 ms by default).
+                    audio_start_ms: Some(audio_start_ms.saturating_add(300)),
+                }
             ),
             Err(error) => prop_assert!(may_refuse, "{}", error),
         }

@@ -341,6 +341,9 @@ fn render(
                         usage.input_tokens, usage.output_tokens
                     )),
             );
+            for turn in &call.turns {
+                let _ = writeln!(out, "      {}", turn_line(turn));
+            }
             if call.model_sessions.len() > 1 || call.fallback.is_some() {
                 let sessions: Vec<String> = call
                     .model_sessions
@@ -416,6 +419,43 @@ fn render(
         us(figures.pacer_lateness.p99),
     );
     out
+}
+
+/// One turn of a reported call, as the demo prints it: where the caller's wait went.
+fn turn_line(turn: &voxrelay_core::control::api::TurnReport) -> String {
+    let part = |value: Option<f64>| value.map_or("-".to_owned(), |ms| format!("{ms:.1}"));
+    let mut line = format!(
+        "turn at {:.1} s ({}): ",
+        turn.at_ms as f64 / 1e3,
+        turn.cause
+    );
+    if let Some(voice_to_voice) = turn.voice_to_voice_ms {
+        let _ = write!(
+            line,
+            "voice-to-voice {voice_to_voice:.1} ms = model {} (turn detection {}) + bridge {} + playout {}",
+            part(turn.model_ms),
+            part(turn.detect_ms),
+            part(turn.bridge_ms),
+            part(turn.playout_ms),
+        );
+    } else {
+        let _ = write!(
+            line,
+            "bridge {} ms, playout {} ms",
+            part(turn.bridge_ms),
+            part(turn.playout_ms)
+        );
+    }
+    if let Some(barge_in) = &turn.barge_in {
+        let _ = write!(
+            line,
+            "; barged in at {:.1} s: talk-over {} ms, agent heard over the caller {} ms",
+            barge_in.at_ms as f64 / 1e3,
+            part(barge_in.talk_over_ms),
+            part(barge_in.heard_over_caller_ms),
+        );
+    }
+    line
 }
 
 #[cfg(test)]

@@ -308,6 +308,16 @@ impl Turns {
         let Some(open) = self.open.take() else {
             return;
         };
+        if open.first_audio.is_none() && open.barge_in.is_none() {
+            // Nothing was said (a tool call, a cancelled response): the caller is still
+            // waiting, and their wait ends with the next response that speaks.
+            if self.pending_speech_end.is_none()
+                && let (Some(end), Some(detected)) = (open.speech_end, open.detected_at)
+            {
+                self.pending_speech_end = Some((end, detected));
+            }
+            return;
+        }
         if self.done.len() == MAX_TURNS {
             self.dropped += 1;
             return;
@@ -431,6 +441,7 @@ mod tests {
         let mut turns = Turns::default();
         for n in 0..MAX_TURNS + 3 {
             turns.response_created(&n.to_string(), t0);
+            turns.model_audio(&n.to_string(), "i", t0);
         }
         turns.finish();
         assert_eq!(turns.timings().len(), MAX_TURNS);
@@ -438,14 +449,36 @@ mod tests {
     }
 
     #[test]
-    fn a_speech_end_the_model_never_answered_is_not_counted_twice() {
+    fn a_speech_end_is_answered_once() {
         let t0 = Instant::now();
         let mut turns = Turns::default();
         turns.caller_stopped(Some(t0), t0 + ms(500));
         turns.response_created("a", t0 + ms(600));
+        turns.model_audio("a", "i", t0 + ms(700));
         turns.response_created("b", t0 + ms(900));
+        turns.model_audio("b", "j", t0 + ms(950));
         turns.finish();
         let causes: Vec<TurnCause> = turns.timings().iter().map(|t| t.cause).collect();
         assert_eq!(causes, [TurnCause::Caller, TurnCause::Other]);
+    }
+
+    #[test]
+    fn a_silent_response_passes_the_callers_wait_to_the_one_that_speaks() {
+        let t0 = Instant::now();
+        let mut turns = Turns::default();
+        turns.started(t0);
+        turns.caller_stopped(Some(t0), t0 + ms(500));
+        // A tool call: a response with no audio; then its answer.
+        turns.response_created("call", t0 + ms(600));
+        turns.response_created("answer", t0 + ms(900));
+        turns.model_audio("answer", "i", t0 + ms(1_000));
+        turns.finish();
+        let [turn] = turns.timings() else {
+            panic!("one turn: {:?}", turns.timings());
+        };
+        assert_eq!(turn.cause, TurnCause::Caller);
+        assert_eq!(turn.at, ms(900));
+        assert_eq!(turn.model, Some(ms(1_000)));
+        assert_eq!(turn.detect, Some(ms(500)));
     }
 }

@@ -154,8 +154,9 @@ pub enum UpstreamEvent<'a> {
         item_id: Cow<'a, str>,
         audio_b64: Cow<'a, str>,
     },
-    /// The caller started speaking; `audio_start_ms` is where, in the audio this session was
-    /// sent (`None`: the provider does not say).
+    /// The caller started speaking; `audio_start_ms` is where their speech began in the audio
+    /// this session was sent (after any padding the provider keeps before it; `None`: the
+    /// provider does not say).
     SpeechStarted {
         item_id: Cow<'a, str>,
         audio_start_ms: Option<u64>,

@@ -169,9 +169,12 @@ impl OpenAiRealtime {
             }
             "input_audio_buffer.speech_started" => {
                 let started: SpeechStarted<'a> = serde_json::from_str(text)?;
+                // `audio_start_ms` is where the audio the server keeps for the item begins: its
+                // prefix padding before the speech it detected.
+                let padding = u64::from(self.settings.vad.prefix_padding_ms);
                 UpstreamEvent::SpeechStarted {
                     item_id: started.item_id,
-                    audio_start_ms: Some(started.audio_start_ms),
+                    audio_start_ms: Some(started.audio_start_ms.saturating_add(padding)),
                 }
             }
             "input_audio_buffer.speech_stopped" => {
@@ -669,7 +672,8 @@ mod tests {
                 UpstreamEvent::Other, // session.created
                 UpstreamEvent::SpeechStarted {
                     item_id: "msg_003".into(),
-                    audio_start_ms: Some(1000)
+                    // 1000 in the fixture, after the default 300 ms of prefix padding.
+                    audio_start_ms: Some(1300)
                 },
                 UpstreamEvent::SpeechStopped {
                     audio_end_ms: Some(2000)
