@@ -120,6 +120,10 @@ impl InProcessBridge for RunningBridge {
         self.0.local_addr()
     }
 
+    fn admin_addr(&self) -> SocketAddr {
+        self.0.admin_addr()
+    }
+
     async fn stop(self, drain: Duration) -> BridgeFigures {
         let metrics = Arc::clone(self.0.metrics());
         let drained = self.0.drain_and_stop(drain).await;

@@ -4,7 +4,7 @@
 //! end, off the media path: `voxrelay_voice_to_voice_seconds`, its three parts
 //! (`voxrelay_turn_model_seconds`, `voxrelay_turn_bridge_seconds`,
 //! `voxrelay_turn_playout_seconds`) and `voxrelay_barge_in_talk_over_seconds`, each labelled
-//! `tenant` and `provider`. Buckets are a turn's scale (20 ms to 10 s), not the media path's.
+//! `tenant` and `provider`. Buckets are a turn's scale (10 ms to 10 s), not the media path's.
 //!
 //! Bounded: a tenant label is one of at most [`MAX_TENANT_SERIES`] tenants, later tenants are
 //! counted under `tenant="other"` (a control plane with thousands of tenants must not grow the
@@ -26,9 +26,11 @@ pub const MAX_TENANT_SERIES: usize = 256;
 const MAX_TENANT_LABEL_BYTES: usize = 64;
 
 /// Upper bounds of the turn buckets, in milliseconds.
-const TURN_BUCKETS_MS: [u64; 17] = [
-    20, 50, 100, 200, 300, 400, 500, 600, 700, 800, 1_000, 1_250, 1_500, 2_000, 3_000, 5_000,
-    10_000,
+/// 50 ms apart where voice agents answer (a fast one in 300 ms, a slow one in 1.5 s), so a
+/// percentile read from them is within 25 ms or so.
+const TURN_BUCKETS_MS: [u64; 30] = [
+    10, 20, 30, 50, 75, 100, 150, 200, 250, 300, 350, 400, 450, 500, 550, 600, 650, 700, 800, 900,
+    1_000, 1_100, 1_250, 1_500, 1_750, 2_000, 2_500, 3_000, 5_000, 10_000,
 ];
 
 /// A lock-free histogram of turn durations.
@@ -54,6 +56,12 @@ impl TurnHistogram {
 
     pub fn count(&self) -> u64 {
         self.count.load(Relaxed)
+    }
+
+    /// The mean of what was observed (exact, unlike the buckets).
+    pub fn mean(&self) -> Option<Duration> {
+        let count = self.count();
+        (count > 0).then(|| Duration::from_micros(self.sum_us.load(Relaxed) / count))
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
@@ -244,12 +252,15 @@ mod tests {
             "voxrelay_voice_to_voice_seconds_bucket{tenant=\"acme\",provider=\"openai\",le=\"0.8\"} 1\n"
         ));
         assert!(out.contains(
+            "voxrelay_voice_to_voice_seconds_bucket{tenant=\"acme\",provider=\"openai\",le=\"0.9\"} 1\n"
+        ));
+        assert!(out.contains(
             "voxrelay_voice_to_voice_seconds_bucket{tenant=\"acme\",provider=\"openai\",le=\"1\"} 2\n"
         ));
         assert!(out.contains(
             "voxrelay_voice_to_voice_seconds_count{tenant=\"-\",provider=\"gemini\"} 1\n"
         ));
-        assert!(out.contains("voxrelay_turn_bridge_seconds_bucket{tenant=\"acme\",provider=\"openai\",le=\"0.02\"} 2\n"));
+        assert!(out.contains("voxrelay_turn_bridge_seconds_bucket{tenant=\"acme\",provider=\"openai\",le=\"0.01\"} 2\n"));
         assert!(out.contains(
             "voxrelay_barge_in_talk_over_seconds_count{tenant=\"acme\",provider=\"openai\"} 2\n"
         ));

@@ -725,6 +725,9 @@ struct PendingEcho {
     bytes: u64,
     /// The session's output bytes before this echo.
     output_start: u64,
+    /// Where the caller audio it echoes ends, in ms of the session's input: a response that
+    /// opens with it says the caller stopped speaking there.
+    input_end_ms: u64,
     /// The frame ids found since the previous echo was queued (`EchoSession::ids`).
     ids: std::ops::Range<usize>,
 }
@@ -1134,6 +1137,7 @@ impl EchoSession {
                 audio: copy,
                 bytes: out_bytes,
                 output_start,
+                input_end_ms: self.input_bytes / self.format.bytes_per_ms(),
                 ids: self.ids_queued..self.ids.len(),
             });
             self.ids_queued = self.ids.len();
@@ -1149,7 +1153,7 @@ impl EchoSession {
             return;
         };
         if self.current.is_none() {
-            self.start_response(now_us, echo.output_start);
+            self.start_response(now_us, echo.output_start, echo.input_end_ms);
         }
         let Some(current) = self.current.as_mut() else {
             return;
@@ -1228,7 +1232,11 @@ impl EchoSession {
         }
     }
 
-    fn start_response(&mut self, now_us: u64, output_start: u64) {
+    /// Opens a response with the echo of caller audio that ended at `input_end_ms`. An OpenAI
+    /// response is preceded by `speech_stopped` there, as the real service's turn detection
+    /// does, so the bridge times the turn: the caller "stopped" where the echo begins, and the
+    /// model answered the model delay later.
+    fn start_response(&mut self, now_us: u64, output_start: u64, input_end_ms: u64) {
         if self.protocol == EchoProtocol::Gemini {
             // A Gemini turn is not announced (nor named): its first audio opens it.
             let turn_id = self.new_id("turn");
@@ -1246,6 +1254,11 @@ impl EchoSession {
             });
             return;
         }
+        self.begin("input_audio_buffer.speech_stopped");
+        let _ = write!(self.out, r#","audio_end_ms":{input_end_ms}"#);
+        let speech_item = self.new_id("item");
+        push_field(&mut self.out, "item_id", &speech_item);
+        self.finish();
         let response_id = self.new_id("resp");
         let item_id = self.new_id("item");
         self.begin("response.created");
@@ -1940,6 +1953,7 @@ mod tests {
         assert_eq!(
             kinds,
             [
+                "input_audio_buffer.speech_stopped",
                 "response.created",
                 "response.output_item.added",
                 "response.output_audio.delta",
@@ -1979,6 +1993,11 @@ mod tests {
                     response_id = Some(event["response"]["id"].clone());
                 }
                 Some("response.output_item.added") => {}
+                Some("input_audio_buffer.speech_stopped") => {
+                    assert!(response_id.is_none(), "the turn ends before the response");
+                    // The first append's 20 ms of μ-law.
+                    assert_eq!(event["audio_end_ms"], 20);
+                }
                 Some("response.output_audio.delta") => {
                     let id = response_id.as_ref().expect("response.created comes first");
                     assert_eq!(&event["response_id"], id);
@@ -2087,6 +2106,10 @@ mod tests {
                     speech_started += 1;
                     assert!(event["audio_start_ms"].as_u64().is_some());
                     assert!(event["item_id"].is_string());
+                }
+                Some("input_audio_buffer.speech_stopped") => {
+                    assert!(current.is_none(), "a turn ends between responses");
+                    assert!(event["audio_end_ms"].as_u64().is_some());
                 }
                 Some("response.done") => {
                     assert_eq!(Some(&event["response"]["id"]), current.as_ref());

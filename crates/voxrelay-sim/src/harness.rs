@@ -41,6 +41,7 @@ use super::results::{
     BenchResult, Epoch, Machine, ModelFaultResult, Percentiles, RampStep, Ratios, Samples,
     SoakSample,
 };
+use super::turn_figures::TurnFigures;
 use super::{SPEECH_FIXTURE, http_client};
 use crate::launcher::{BridgeLauncher, BridgeSettings, InProcessBridge};
 use voxrelay_core::{AudioMode, Provider, Secret};
@@ -177,6 +178,9 @@ struct Endpoint {
     connect_url: String,
     signed_url: String,
     auth_token: Secret,
+    /// The bridge's admin listener, where its turn timings are read (a bridge the harness
+    /// started).
+    admin: Option<SocketAddr>,
 }
 
 /// The echo model (and the run's TLS), started once for a run; relays come and go.
@@ -233,7 +237,7 @@ impl Rig {
     ) -> Result<BenchResult, BenchError> {
         let (bridge, endpoint) =
             start_bridge(options, launcher, side, &self.model_url(side), self.ca()).await?;
-        let result = measure(
+        let mut result = measure(
             options,
             side,
             self.epoch,
@@ -243,6 +247,9 @@ impl Rig {
             calls,
         )
         .await;
+        if let (Side::Bridge(_), Some(admin)) = (side, endpoint.admin) {
+            result.turns = TurnFigures::fetch(admin).await;
+        }
         stop_bridge(bridge).await;
         Ok(result)
     }
@@ -618,6 +625,7 @@ async fn start_bridge<L: BridgeLauncher>(
                     connect_url,
                     signed_url,
                     auth_token: auth_token.clone(),
+                    admin: None,
                 },
             ))
         }
@@ -637,6 +645,7 @@ async fn start_bridge<L: BridgeLauncher>(
                     connect_url: url.clone(),
                     signed_url: url,
                     auth_token: token,
+                    admin: None,
                 },
             ))
         }
@@ -654,12 +663,14 @@ async fn start_bridge<L: BridgeLauncher>(
                 .await
                 .map_err(|e| BenchError::Bridge(e.to_string()))?;
             let url = format!("ws://{}/twilio/media", bridge.local_addr());
+            let admin = Some(bridge.admin_addr());
             Ok((
                 RunningBridge::InProcess(bridge),
                 Endpoint {
                     connect_url: url.clone(),
                     signed_url: url,
                     auth_token: token,
+                    admin,
                 },
             ))
         }
@@ -669,6 +680,10 @@ async fn start_bridge<L: BridgeLauncher>(
                 .map_err(|e| BenchError::Bridge(e.to_string()))?
                 .port();
             let listen = format!("127.0.0.1:{port}");
+            // Chosen here (not port 0) so the harness can read the bridge's `/metrics`.
+            let admin = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| BenchError::Bridge(e.to_string()))?;
             let exe = std::env::current_exe().map_err(|e| BenchError::Bridge(e.to_string()))?;
             let mut command = tokio::process::Command::new(exe);
             if let Side::Floor(driver) = side {
@@ -702,8 +717,7 @@ async fn start_bridge<L: BridgeLauncher>(
                     // The harness signs for the address it starts the bridge on.
                     .env("VOXRELAY_PUBLIC_URL", format!("http://{listen}"))
                     .env("VOXRELAY_MAX_CALLS", BENCH_MAX_CALLS.to_string())
-                    // Port 0: runs side by side never fight over the admin port.
-                    .env("VOXRELAY_ADMIN_LISTEN", "127.0.0.1:0")
+                    .env("VOXRELAY_ADMIN_LISTEN", admin.to_string())
                     // The harness's callers open their streams directly, as TwiML from
                     // elsewhere would, with no webhook token: measured as unbound streams
                     // (the fallback agent), which is the same media path.
@@ -758,6 +772,7 @@ async fn start_bridge<L: BridgeLauncher>(
                     connect_url: url.clone(),
                     signed_url: url,
                     auth_token: token,
+                    admin: matches!(side, Side::Bridge(_)).then_some(admin),
                 },
             ))
         }
@@ -1601,6 +1616,31 @@ pub fn summary(result: &BenchResult) -> String {
         result.calls_up,
         result.load_cpu_utilisation * 100.0
     );
+    if let Some(turns) = result
+        .turns
+        .as_ref()
+        .filter(|t| t.voice_to_voice_ms.count > 0)
+    {
+        let v2v = &turns.voice_to_voice_ms;
+        let _ = writeln!(
+            out,
+            "  turns, as the bridge timed them (n={}): voice-to-voice p50 {:.0} ms, p99 {:.0} ms; mean {:.1} ms = model {:.1} + bridge {:.2} + playout {:.1}",
+            v2v.count,
+            v2v.p50,
+            v2v.p99,
+            v2v.mean,
+            turns.model_ms.mean,
+            turns.bridge_ms.mean,
+            turns.playout_ms.mean,
+        );
+        if turns.talk_over_ms.count > 0 {
+            let _ = writeln!(
+                out,
+                "  barge-in talk-over (caller speech start to clear, n={}): p50 {:.0} ms, p99 {:.0} ms",
+                turns.talk_over_ms.count, turns.talk_over_ms.p50, turns.talk_over_ms.p99,
+            );
+        }
+    }
     if let Some(max) = result.max_calls_held {
         let _ = writeln!(
             out,
@@ -1902,6 +1942,10 @@ mod tests {
 
     impl crate::launcher::InProcessBridge for NoBridge {
         fn local_addr(&self) -> SocketAddr {
+            match *self {}
+        }
+
+        fn admin_addr(&self) -> SocketAddr {
             match *self {}
         }
 

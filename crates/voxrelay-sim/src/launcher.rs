@@ -123,6 +123,9 @@ pub trait InProcessBridge: Send {
     /// The public listener (webhooks and media streams).
     fn local_addr(&self) -> SocketAddr;
 
+    /// The admin listener (`/metrics`).
+    fn admin_addr(&self) -> SocketAddr;
+
     /// Stops accepting, lets live calls run on for at most `drain`, stops, and returns what the
     /// bridge measured over its life.
     fn stop(self, drain: Duration) -> impl Future<Output = BridgeFigures> + Send;

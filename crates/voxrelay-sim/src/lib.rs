@@ -36,6 +36,7 @@ pub mod model_tls;
 pub mod report;
 pub mod results;
 pub mod tone_ids;
+pub mod turn_figures;
 pub mod watermark;
 
 /// A few seconds of synthetic speech, G.711 μ-law 8 kHz (see `fixtures/make-speech.sh`).

@@ -234,6 +234,10 @@ pub struct BenchResult {
     /// With `--model-faults`: the sessions the model dropped and what the callers went through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_faults: Option<ModelFaultResult>,
+    /// The bridge's own turn timings (voice-to-voice and its parts), read from its `/metrics`
+    /// after the calls; absent for a floor or a `--target` bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turns: Option<crate::turn_figures::TurnFigures>,
 }
 
 /// A `--model-faults` run: model sessions dropped at random times, and how the calls fared.
