@@ -382,6 +382,8 @@ impl ControlEndpoint {
 pub struct Metrics {
     /// Per provider, by [`Provider`] order (`openai`, `gemini`).
     providers: [ProviderMetrics; 2],
+    /// Call recordings: written, failed by kind, frames dropped, bytes.
+    pub recordings: crate::recording::RecordingMetrics,
     pub calls_active: AtomicI64,
     pub calls_started: AtomicU64,
     pub calls_ended: AtomicU64,
@@ -1289,6 +1291,7 @@ impl Metrics {
         );
         self.render_providers(&mut out);
         self.render_control(&mut out);
+        self.recordings.render(&mut out);
         self.listener.render(&mut out);
         out
     }

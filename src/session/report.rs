@@ -153,6 +153,8 @@ pub fn call_report(
             input_tokens: stats.usage.input_tokens,
             output_tokens: stats.usage.output_tokens,
         }),
+        // The call's end sets it once the recorder has finalised its file.
+        recording: None,
     }
 }
 

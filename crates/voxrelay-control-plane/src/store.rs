@@ -514,6 +514,7 @@ impl Store {
             // provider gets it at its next call.
             provider: tenant.provider,
             model: tenant.model,
+            record: None,
         }))
     }
 
@@ -1008,6 +1009,7 @@ fn reported_calls(
                 provider,
                 model: row.get(21)?,
                 usage,
+                recording: None,
             });
         }
     }
@@ -1247,6 +1249,7 @@ mod tests {
             provider: Provider::OpenAi,
             model: None,
             usage: None,
+            recording: None,
         }
     }
 
