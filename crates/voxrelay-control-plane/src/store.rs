@@ -37,7 +37,7 @@ use voxrelay_core::control::api::{
 use voxrelay_core::{AudioMode, Provider};
 
 /// The schema this build creates and understands (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// How long a statement waits for another process's lock on the file before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,7 +68,9 @@ CREATE TABLE IF NOT EXISTS tenants (
     -- NULL: the bridge's default model for the provider. Checked here too, so a row edited by
     -- hand cannot hand the bridge a value the seed would have refused.
     model            TEXT CHECK (length(model) BETWEEN 1 AND 128
-                                 AND model NOT GLOB '*[^A-Za-z0-9._-]*')
+                                 AND model NOT GLOB '*[^A-Za-z0-9._-]*'),
+    -- Schema 5. 1: the tenant's calls are recorded, 0: not; NULL: the bridge's VOXRELAY_RECORD.
+    record           INTEGER CHECK (record IN (0, 1))
 ) STRICT;
 
 CREATE TABLE IF NOT EXISTS numbers (
@@ -120,7 +122,10 @@ CREATE TABLE IF NOT EXISTS calls (
     -- Schema 4. Tokens the provider reported for the call, both set or both NULL (none
     -- reported). Columns rather than JSON so usage can be summed in SQL.
     input_tokens      INTEGER CHECK (input_tokens >= 0),
-    output_tokens     INTEGER CHECK (output_tokens >= 0)
+    output_tokens     INTEGER CHECK (output_tokens >= 0),
+    -- Schema 5. JSON of the report's `recording` ({path, duration_ms, sha256, frames_dropped}
+    -- or {error}); NULL: the call was not to be recorded (or reported before schema 5).
+    recording         TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS calls_by_tenant ON calls (tenant_id, started_at_ms);
 
@@ -194,6 +199,15 @@ ALTER TABLE calls ADD COLUMN provider TEXT CHECK (provider IN ('openai', 'gemini
 ALTER TABLE calls ADD COLUMN model TEXT;
 ALTER TABLE calls ADD COLUMN input_tokens INTEGER CHECK (input_tokens >= 0);
 ALTER TABLE calls ADD COLUMN output_tokens INTEGER CHECK (output_tokens >= 0);
+COMMIT;
+";
+
+/// Schema 4 → 5: the tenants' recording switch and the calls' recording, NULL for every
+/// existing row (the bridge's default; no recording reported).
+const MIGRATE_4_TO_5: &str = "
+BEGIN;
+ALTER TABLE tenants ADD COLUMN record INTEGER CHECK (record IN (0, 1));
+ALTER TABLE calls ADD COLUMN recording TEXT;
 COMMIT;
 ";
 
@@ -316,11 +330,12 @@ struct TenantRow {
     fallback_number: Option<String>,
     provider: Option<Provider>,
     model: Option<String>,
+    record: Option<bool>,
 }
 
 /// Every column but `hold_prompt`, which only the context answer reads (up to 80 KB a row).
 const TENANT_COLUMNS: &str = "id, agent_name, voice, greeting, instructions, audio_mode, language, \
-     max_call_seconds, tools, business_hours, fallback_number, provider, model";
+     max_call_seconds, tools, business_hours, fallback_number, provider, model, record";
 
 impl Store {
     /// Opens (creating if needed) the database and its schema.
@@ -352,6 +367,9 @@ impl Store {
         }
         if (1..=3).contains(&version) {
             conn.execute_batch(MIGRATE_3_TO_4)?;
+        }
+        if (1..=4).contains(&version) {
+            conn.execute_batch(MIGRATE_4_TO_5)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self {
@@ -386,8 +404,8 @@ impl Store {
             outcome.tenants_written += tx.execute(
                 "INSERT INTO tenants (id, agent_name, voice, greeting, instructions, audio_mode,
                      language, max_call_seconds, tools, business_hours, fallback_number,
-                     hold_prompt, provider, model)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                     hold_prompt, provider, model, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                  ON CONFLICT (id) DO UPDATE SET
                      agent_name = excluded.agent_name, voice = excluded.voice,
                      greeting = excluded.greeting, instructions = excluded.instructions,
@@ -396,15 +414,16 @@ impl Store {
                      business_hours = excluded.business_hours,
                      fallback_number = excluded.fallback_number,
                      hold_prompt = excluded.hold_prompt,
-                     provider = excluded.provider, model = excluded.model
+                     provider = excluded.provider, model = excluded.model,
+                     record = excluded.record
                  WHERE (agent_name, voice, greeting, instructions, audio_mode, language,
                         max_call_seconds, tools, business_hours, fallback_number, hold_prompt,
-                        provider, model)
+                        provider, model, record)
                     IS NOT (excluded.agent_name, excluded.voice, excluded.greeting,
                         excluded.instructions, excluded.audio_mode, excluded.language,
                         excluded.max_call_seconds, excluded.tools, excluded.business_hours,
                         excluded.fallback_number, excluded.hold_prompt, excluded.provider,
-                        excluded.model)",
+                        excluded.model, excluded.record)",
                 params![
                     tenant.id,
                     tenant.agent_name,
@@ -420,6 +439,7 @@ impl Store {
                     tenant.hold_prompt,
                     tenant.provider.map(Provider::as_str),
                     tenant.model,
+                    tenant.record,
                 ],
             )?;
         }
@@ -514,7 +534,7 @@ impl Store {
             // provider gets it at its next call.
             provider: tenant.provider,
             model: tenant.model,
-            record: None,
+            record: tenant.record,
         }))
     }
 
@@ -556,6 +576,15 @@ impl Store {
             serde_json::to_string(&Continuity::of(report)).map_err(|_| StoreError::Corrupt {
                 table: "calls",
                 column: "continuity",
+            })?;
+        let recording = report
+            .recording
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|_| StoreError::Corrupt {
+                table: "calls",
+                column: "recording",
             })?;
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -601,9 +630,10 @@ impl Store {
                  stream_sid, agent_name, started_at_ms, ended_at_ms, end_reason, context_source,
                  audio_seconds_in, audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
                  memory_namespace, binding, report_sha256, transcript_dropped_lines,
-                 transcript_cut_lines, continuity, provider, model, input_tokens, output_tokens)
+                 transcript_cut_lines, continuity, provider, model, input_tokens, output_tokens,
+                 recording)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, 'bound', ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)
+                 ?18, 'bound', ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)
              ON CONFLICT (call_sid) DO UPDATE SET
                  tenant_id = excluded.tenant_id, from_number = excluded.from_number,
                  to_number = excluded.to_number, reported_at_ms = excluded.reported_at_ms,
@@ -619,7 +649,7 @@ impl Store {
                  transcript_cut_lines = excluded.transcript_cut_lines,
                  continuity = excluded.continuity, provider = excluded.provider,
                  model = excluded.model, input_tokens = excluded.input_tokens,
-                 output_tokens = excluded.output_tokens",
+                 output_tokens = excluded.output_tokens, recording = excluded.recording",
             params![
                 report.call_sid,
                 tenant_id,
@@ -647,6 +677,7 @@ impl Store {
                 report.model,
                 ints.usage.map(|(input, _)| input),
                 ints.usage.map(|(_, output)| output),
+                recording,
             ],
         )?;
         // Lines a lookup-only row cannot have; cleared so the report's are the only ones.
@@ -875,6 +906,7 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
                     row.get::<_, Option<String>>(10)?,
                     row.get::<_, Option<String>>(11)?,
                     row.get::<_, Option<String>>(12)?,
+                    row.get::<_, Option<bool>>(13)?,
                 ))
             },
         )
@@ -893,6 +925,7 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
         fallback_number,
         provider,
         model,
+        record,
     )) = raw
     else {
         return Ok(None);
@@ -932,6 +965,7 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
         fallback_number,
         provider,
         model,
+        record,
     }))
 }
 
@@ -950,7 +984,7 @@ fn reported_calls(
                  started_at_ms, ended_at_ms, end_reason, context_source, audio_seconds_in,
                  audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
                  memory_namespace, transcript_dropped_lines, transcript_cut_lines, continuity,
-                 provider, model, input_tokens, output_tokens
+                 provider, model, input_tokens, output_tokens, recording
              FROM calls
              WHERE reported_at_ms IS NOT NULL AND {filter}"
         ))?;
@@ -1009,7 +1043,10 @@ fn reported_calls(
                 provider,
                 model: row.get(21)?,
                 usage,
-                recording: None,
+                recording: row
+                    .get::<_, Option<String>>(24)?
+                    .map(|json| serde_json::from_str(&json).map_err(|_| corrupt("recording")))
+                    .transpose()?,
             });
         }
     }
@@ -1184,7 +1221,7 @@ mod tests {
     use super::*;
     use crate::seed::SeedFiles;
     use crate::test_dir::TempDir;
-    use voxrelay_core::control::api::LatencySummary;
+    use voxrelay_core::control::api::{LatencySummary, ReportRecording};
 
     const FIXTURE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -1497,19 +1534,25 @@ mod tests {
         );
     }
 
-    /// A database file shaped as schema `version` (1 to 3) left it: today's schema without
+    /// A database file shaped as schema `version` (1 to 4) left it: today's schema without
     /// what later versions added, columns in the order the migrations append them.
     fn database_at_schema(path: &std::path::Path, version: i64) -> Connection {
         let conn = Connection::open(path).expect("open");
         conn.execute_batch(SCHEMA).expect("schema");
         let mut undo = vec![
-            "ALTER TABLE tenants DROP COLUMN provider",
-            "ALTER TABLE tenants DROP COLUMN model",
-            "ALTER TABLE calls DROP COLUMN provider",
-            "ALTER TABLE calls DROP COLUMN model",
-            "ALTER TABLE calls DROP COLUMN input_tokens",
-            "ALTER TABLE calls DROP COLUMN output_tokens",
+            "ALTER TABLE tenants DROP COLUMN record",
+            "ALTER TABLE calls DROP COLUMN recording",
         ];
+        if version < 4 {
+            undo.extend([
+                "ALTER TABLE tenants DROP COLUMN provider",
+                "ALTER TABLE tenants DROP COLUMN model",
+                "ALTER TABLE calls DROP COLUMN provider",
+                "ALTER TABLE calls DROP COLUMN model",
+                "ALTER TABLE calls DROP COLUMN input_tokens",
+                "ALTER TABLE calls DROP COLUMN output_tokens",
+            ]);
+        }
         if version < 3 {
             undo.extend([
                 "ALTER TABLE tenants DROP COLUMN fallback_number",
@@ -1680,6 +1723,93 @@ mod tests {
             .expect("store")
             .expect("known");
         assert_eq!((context.fallback_number, context.hold_prompt), (None, None));
+    }
+
+    #[test]
+    fn a_tenants_record_switch_and_a_reports_recording_round_trip() {
+        let store = Store::open(&DbLocation::InMemory).expect("open");
+        let mut seed = Seed::parse(FIXTURE, &SeedFiles::Shipped).expect("fixture");
+        seed.tenants[0].record = Some(true);
+        seed.tenants[1].record = Some(false);
+        store.apply_seed(&seed).expect("seed");
+        let record = |tenant: usize| {
+            store
+                .context_for_call(&seed.tenants[tenant].numbers[0], "", "", NOW_MS)
+                .expect("store")
+                .expect("known")
+                .record
+        };
+        assert_eq!(
+            (record(0), record(1), record(2)),
+            (Some(true), Some(false), None)
+        );
+        let tenant = seed.tenants[0].id.clone();
+        let mut written = report("CA1", Some(&tenant), NOW_MS);
+        written.recording = Some(ReportRecording::Written {
+            path: "/var/lib/voxrelay/recordings/CA1.opus".into(),
+            duration_ms: 61_240,
+            sha256: "ab".repeat(32),
+            frames_dropped: 0,
+        });
+        let mut failed = report("CA2", Some(&tenant), NOW_MS + 1);
+        failed.recording = Some(ReportRecording::Failed {
+            error: "disk_full: No space left on device (os error 28)".into(),
+        });
+        let none = report("CA3", Some(&tenant), NOW_MS + 2);
+        for call in [&written, &failed, &none] {
+            assert_eq!(store.record_report(call, NOW_MS).expect("store"), Ok(2));
+        }
+        assert_eq!(store.reported_call("CA1").expect("store"), Some(written));
+        assert_eq!(store.reported_call("CA2").expect("store"), Some(failed));
+        let none_back = store.reported_call("CA3").expect("store").expect("stored");
+        assert_eq!(none_back.recording, None);
+        let json = serde_json::to_value(&none_back).expect("json");
+        assert!(json.get("recording").is_none());
+    }
+
+    #[test]
+    fn a_schema_4_database_is_migrated_with_no_record_switch_and_no_recordings() {
+        let dir = TempDir::new("migrate-4");
+        let path = dir.0.join("cp.sqlite3");
+        {
+            let conn = database_at_schema(&path, 4);
+            assert!(
+                !columns(&conn)
+                    .iter()
+                    .any(|(_, column, _)| column == "record" || column == "recording")
+            );
+            conn.execute(
+                "INSERT INTO tenants (id, agent_name, voice, instructions, audio_mode, language,
+                     max_call_seconds, tools, business_hours, provider)
+                 VALUES ('old_tenant', 'Olga', 'marin', 'x', 'pcmu', 'en', 0, '[]',
+                     '{\"timezone\":\"\",\"days\":[null,null,null,null,null,null,null]}',
+                     'gemini')",
+                [],
+            )
+            .expect("tenant");
+            conn.execute(
+                "INSERT INTO numbers (number, tenant_id) VALUES ('+15550100077', 'old_tenant')",
+                [],
+            )
+            .expect("number");
+        }
+        let store = Store::open(&DbLocation::File(path.clone())).expect("migrated");
+        assert_eq!(columns(&store.lock()), columns(&seeded().lock()));
+        let context = store
+            .context_for_call("+15550100077", "", "", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!(
+            (context.provider, context.record),
+            (Some(Provider::Gemini), None)
+        );
+        assert!(
+            store
+                .lock()
+                .execute("UPDATE tenants SET record = 2 WHERE id = 'old_tenant'", [])
+                .is_err(),
+            "the check holds on the migrated table"
+        );
     }
 
     #[test]
