@@ -1036,6 +1036,42 @@ mod tests {
     }
 
     #[test]
+    fn recording_is_off_by_default_and_refused_at_start_on_a_build_that_cannot_record() {
+        let config = BridgeConfig::from_raw(raw_with_token()).expect("valid");
+        assert!(!config.recording.record_by_default);
+        assert_eq!(
+            config.recording.dir,
+            PathBuf::from(crate::recording::DEFAULT_RECORDING_DIR)
+        );
+        let raw = parse_flags(&["--record", "1", "--recording-dir", "/var/lib/voxrelay/rec"])
+            .expect("flags");
+        let asked = RawConfig {
+            twilio_auth_token: Some("token".into()),
+            public_url: Some("https://voice.example.com".into()),
+            openai_api_key: Some("sk-test".into()),
+            ..raw
+        };
+        match BridgeConfig::from_raw(asked) {
+            Ok(config) => {
+                assert!(crate::recording::AVAILABLE);
+                assert!(config.recording.record_by_default);
+                assert_eq!(config.recording.dir, PathBuf::from("/var/lib/voxrelay/rec"));
+            }
+            Err(error) => {
+                assert!(!crate::recording::AVAILABLE);
+                assert!(matches!(error, ConfigError::RecordingUnavailable));
+                assert!(error.to_string().contains("--features opus"), "{error}");
+            }
+        }
+        // A tenant may still ask; the bridge itself does not record by default.
+        let off = RawConfig {
+            record: Some(false),
+            ..raw_with_token()
+        };
+        assert!(BridgeConfig::from_raw(off).is_ok());
+    }
+
+    #[test]
     fn flags_fill_the_raw_config_and_the_listeners_have_their_defaults() {
         use clap::CommandFactory;
         Serve::command().debug_assert();

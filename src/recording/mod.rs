@@ -297,6 +297,37 @@ mod tests {
         assert!(off.records(&agent));
     }
 
+    /// On a build without the `opus` feature a call asked to record goes on unrecorded, its
+    /// report says `recording_unavailable` and the metric counts it.
+    #[cfg(not(feature = "opus"))]
+    #[tokio::test]
+    async fn a_build_without_opus_reports_recording_unavailable() {
+        let metrics = std::sync::Arc::new(Metrics::default());
+        let identity = CallIdentity {
+            call_sid: "CA1".into(),
+            stream_sid: "MZ1".into(),
+            from: String::new(),
+            to: String::new(),
+            started_at: SystemTime::UNIX_EPOCH,
+            binding: crate::control::api::ReportBinding::Bound,
+        };
+        let mut agent = CallAgent::from_defaults(&AgentDefaults::default(), "fresh");
+        let settings = RecordingSettings::default();
+        let (off, tap) = CallRecording::start(&settings, &metrics, &identity, &agent);
+        assert!(tap.is_none());
+        assert_eq!(off.finish().await, None);
+        agent.record = Some(true);
+        let (asked, tap) = CallRecording::start(&settings, &metrics, &identity, &agent);
+        assert!(tap.is_none());
+        assert_eq!(
+            asked.finish().await,
+            Some(ReportRecording::Failed {
+                error: "recording_unavailable".into()
+            })
+        );
+        assert_eq!(metrics.recordings.failures(FailureKind::Unavailable), 1);
+    }
+
     #[test]
     fn file_names_keep_only_safe_characters() {
         let metadata = |call_sid: &str| RecordingMetadata {
