@@ -1051,17 +1051,15 @@ mod tests {
             openai_api_key: Some("sk-test".into()),
             ..raw
         };
-        match BridgeConfig::from_raw(asked) {
-            Ok(config) => {
-                assert!(crate::recording::AVAILABLE);
-                assert!(config.recording.record_by_default);
-                assert_eq!(config.recording.dir, PathBuf::from("/var/lib/voxrelay/rec"));
-            }
-            Err(error) => {
-                assert!(!crate::recording::AVAILABLE);
-                assert!(matches!(error, ConfigError::RecordingUnavailable));
-                assert!(error.to_string().contains("--features opus"), "{error}");
-            }
+        let result = BridgeConfig::from_raw(asked);
+        if crate::recording::AVAILABLE {
+            let config = result.expect("a build with opus records");
+            assert!(config.recording.record_by_default);
+            assert_eq!(config.recording.dir, PathBuf::from("/var/lib/voxrelay/rec"));
+        } else {
+            let error = result.expect_err("a build without opus refuses to start");
+            assert!(matches!(error, ConfigError::RecordingUnavailable));
+            assert!(error.to_string().contains("--features opus"), "{error}");
         }
         // A tenant may still ask; the bridge itself does not record by default.
         let off = RawConfig {
