@@ -32,6 +32,8 @@ use crate::session::report::CallIdentity;
 pub const DEFAULT_RECORDING_DIR: &str = "recordings";
 /// The Opus tags' vendor string.
 pub const VENDOR: &str = concat!("voxrelay ", env!("CARGO_PKG_VERSION"));
+/// The longest failure detail a report carries (an I/O or encoder error's text).
+pub const MAX_ERROR_DETAIL_BYTES: usize = 200;
 /// Whether this build can record (the `opus` feature).
 pub const AVAILABLE: bool = cfg!(feature = "opus");
 
@@ -155,11 +157,18 @@ impl FailureKind {
         }
     }
 
-    /// The report's `recording.error`: the kind, then what went wrong.
+    /// The report's `recording.error`: the kind, then what went wrong (at most
+    /// [`MAX_ERROR_DETAIL_BYTES`] of it, so the report stays bounded).
     pub fn report(self, detail: Option<&str>) -> ReportRecording {
         ReportRecording::Failed {
             error: match detail {
-                Some(detail) => format!("{}: {detail}", self.as_str()),
+                Some(detail) => {
+                    let mut end = detail.len().min(MAX_ERROR_DETAIL_BYTES);
+                    while !detail.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    format!("{}: {}", self.as_str(), &detail[..end])
+                }
                 None => self.as_str().to_owned(),
             },
         }
@@ -351,6 +360,14 @@ mod tests {
             ReportRecording::Failed {
                 error: "recording_unavailable".into()
             }
+        );
+        let ReportRecording::Failed { error } = FailureKind::Write.report(Some(&"é".repeat(300)))
+        else {
+            panic!("a failure");
+        };
+        assert!(
+            error.len() <= "write: ".len() + MAX_ERROR_DETAIL_BYTES,
+            "{error}"
         );
         let metrics = RecordingMetrics::default();
         metrics.failed(FailureKind::DiskFull);
