@@ -28,6 +28,11 @@ const PACKETS_PER_PAGE: u32 = 50;
 /// Narrowband stereo speech: 16 kbit/s per channel. Opus codes the channels jointly; at this
 /// rate what one leg leaks into the other is ~50 dB down, but for a few ms at an abrupt onset.
 const BITRATE: i32 = 32_000;
+/// The encoder's complexity (0–10). libopus's time per 20 ms stereo slot here, on the
+/// benchmark VM (`cost` below): 63 µs at 0, 97 µs at 3, 138 µs at 5, 274 µs at 10 (its
+/// default), i.e. 4.8 ms of CPU per recorded call-second at 3 against 13.7 ms at 10. At 16
+/// kbit/s per channel of narrowband speech the higher settings buy little a reviewer hears.
+const COMPLEXITY: u8 = 3;
 /// The most an Opus packet can take (RFC 6716 §3.4: 1275 bytes per frame, and a 20 ms
 /// packet is one frame).
 const MAX_PACKET: usize = 1_275;
@@ -87,6 +92,7 @@ impl<W: Write> OggOpusWriter<W> {
     pub fn new(inner: W, metadata: &RecordingMetadata, serial: u32) -> Result<Self, OggOpusError> {
         let mut encoder = Encoder::new(SampleRate::Hz8000, Channels::Stereo, Application::Voip)?;
         encoder.set_bitrate(Bitrate::BitsPerSecond(BITRATE))?;
+        encoder.set_complexity(COMPLEXITY)?;
         // In 8 kHz samples; the header wants 48 kHz.
         let lookahead = u64::from(encoder.lookahead()?) * GRANULE_PER_SAMPLE;
         let pre_skip = u16::try_from(lookahead).unwrap_or(u16::MAX);
@@ -354,4 +360,35 @@ fn take_field(data: &[u8]) -> Option<(String, &[u8])> {
     let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
     let field = data.get(4..4usize.checked_add(len)?)?;
     Some((String::from_utf8(field.to_vec()).ok()?, &data[4 + len..]))
+}
+
+#[cfg(test)]
+mod cost {
+    /// `cargo test --features opus --lib recording::ogg_opus::cost -- --ignored --nocapture`:
+    /// libopus's own time per 20 ms stereo slot at each complexity (the library is the
+    /// system's optimised build whatever this crate's profile).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn encoder_cost_per_slot_by_complexity() {
+        use audiopus::coder::Encoder;
+        use audiopus::{Application, Bitrate, Channels, SampleRate};
+        let slot: Vec<i16> = (0..320)
+            .map(|n| ((n as f64 * 0.3).sin() * 6000.0) as i16)
+            .collect();
+        let mut out = [0u8; 1275];
+        for complexity in [0u8, 3, 5, 8, 10] {
+            let mut encoder =
+                Encoder::new(SampleRate::Hz8000, Channels::Stereo, Application::Voip).unwrap();
+            encoder.set_bitrate(Bitrate::BitsPerSecond(32_000)).unwrap();
+            encoder.set_complexity(complexity).unwrap();
+            let start = std::time::Instant::now();
+            for _ in 0..2_000 {
+                encoder.encode(&slot, &mut out).unwrap();
+            }
+            eprintln!(
+                "complexity {complexity}: {:.1} µs per slot",
+                start.elapsed().as_secs_f64() * 1e6 / 2_000.0
+            );
+        }
+    }
 }

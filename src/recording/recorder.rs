@@ -40,6 +40,10 @@ pub const FINALIZE_TIMEOUT: Duration = Duration::from_secs(2);
 const WRITER_STACK: usize = 256 * 1024;
 /// The file's write buffer: a few seconds of Opus.
 const WRITE_BUFFER: usize = 16 * 1024;
+/// The writer wakes at most this often: it takes whatever is queued, encodes what became
+/// final, then sleeps, rather than waking for every 20 ms frame (five frames a wake, far
+/// within the queue).
+const WRITER_BATCH: Duration = Duration::from_millis(100);
 
 enum Event {
     Caller(Duration, Vec<u8>),
@@ -317,13 +321,20 @@ impl Writer {
         let mut samples = 0u64;
         loop {
             // Once closed, what is queued is taken without waiting (the `Close` itself may not
-            // have fitted in a full queue).
+            // have fitted in a full queue). Otherwise, with the queue empty, the writer sleeps
+            // a batch, then waits for the next event.
             let event = if self.shared.closed.load(Relaxed) {
                 match self.events.try_recv() {
                     Ok(event) => event,
                     Err(_) => break,
                 }
+            } else if let Ok(event) = self.events.try_recv() {
+                event
             } else {
+                std::thread::sleep(WRITER_BATCH);
+                if self.shared.closed.load(Relaxed) {
+                    continue;
+                }
                 match self.events.recv_timeout(Duration::from_millis(250)) {
                     Ok(event) => event,
                     Err(RecvTimeoutError::Timeout) => continue,
