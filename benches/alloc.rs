@@ -288,6 +288,7 @@ impl CallRig {
             },
             playback: PlaybackConfig::default(),
             continuity: voxrelay::config::ContinuitySettings::default(),
+            recording: voxrelay::recording::RecordingSettings::default(),
         });
         let (twilio, bridge_side) = tokio::io::duplex(64 * 1024);
         let cancel = CancellationToken::new();

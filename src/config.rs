@@ -107,6 +107,11 @@ pub const MAX_WEBHOOK_BODY_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(
+        "VOXRELAY_RECORD=1, but this build cannot record calls: build with `--features opus` \
+         (it links libopus), or set VOXRELAY_RECORD=0"
+    )]
+    RecordingUnavailable,
     /// `VOXRELAY_MODEL_CA_FILE` could not be read or holds no usable certificate.
     #[error("VOXRELAY_MODEL_CA_FILE: {0}")]
     BadModelCa(#[from] crate::upstream::connect::ModelCaError),
@@ -265,6 +270,8 @@ pub struct BridgeConfig {
     pub limits: ListenerLimits,
     /// How calls keep (and replace) their model session.
     pub continuity: ContinuitySettings,
+    /// Whether calls are recorded, and where (`VOXRELAY_RECORD`, `VOXRELAY_RECORDING_DIR`).
+    pub recording: crate::recording::RecordingSettings,
 }
 
 /// How calls keep their model session: the bridge-wide part of each call's
@@ -625,6 +632,14 @@ pub struct RawConfig {
     /// Public connections that have not yet passed a Twilio signature check (default 128).
     #[arg(long, env = "VOXRELAY_MAX_UNVERIFIED_CONNECTIONS")]
     pub max_unverified_connections: Option<usize>,
+    /// Record calls (1) or not (0, the default) when their tenant does not say; needs a build
+    /// with the `opus` feature.
+    #[arg(long, env = "VOXRELAY_RECORD", value_parser = parse_flag)]
+    pub record: Option<bool>,
+    /// Where call recordings go (created 0700; default `recordings`, relative to the working
+    /// directory).
+    #[arg(long, env = "VOXRELAY_RECORDING_DIR")]
+    pub recording_dir: Option<PathBuf>,
 }
 
 /// `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`.
@@ -638,6 +653,7 @@ fn parse_flag(value: &str) -> Result<bool, String> {
 
 impl BridgeConfig {
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let recording = recording_from_raw(&raw)?;
         let control_plane = control_plane_from_raw(&raw)?;
         let prewarm_unclaimed_after = raw
             .prewarm_unclaimed_ms
@@ -809,6 +825,7 @@ impl BridgeConfig {
             admin_listen: raw.admin_listen.unwrap_or_else(default_admin_listen),
             limits,
             continuity,
+            recording,
         })
     }
 }
@@ -840,8 +857,27 @@ impl BridgeConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             limits: ListenerLimits::default(),
             continuity: ContinuitySettings::default(),
+            recording: crate::recording::RecordingSettings::default(),
         }
     }
+}
+
+/// `VOXRELAY_RECORD` and `VOXRELAY_RECORDING_DIR`; recording by default on a build that
+/// cannot record is refused here, so the bridge does not start.
+fn recording_from_raw(raw: &RawConfig) -> Result<crate::recording::RecordingSettings, ConfigError> {
+    let record_by_default = raw.record.unwrap_or(false);
+    if record_by_default && !crate::recording::AVAILABLE {
+        return Err(ConfigError::RecordingUnavailable);
+    }
+    let defaults = crate::recording::RecordingSettings::default();
+    Ok(crate::recording::RecordingSettings {
+        record_by_default,
+        dir: raw
+            .recording_dir
+            .clone()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or(defaults.dir),
+    })
 }
 
 fn default_listen() -> SocketAddr {
@@ -997,6 +1033,40 @@ mod tests {
         use clap::Parser;
         Serve::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
             .map(|serve| serve.raw)
+    }
+
+    #[test]
+    fn recording_is_off_by_default_and_refused_at_start_on_a_build_that_cannot_record() {
+        let config = BridgeConfig::from_raw(raw_with_token()).expect("valid");
+        assert!(!config.recording.record_by_default);
+        assert_eq!(
+            config.recording.dir,
+            PathBuf::from(crate::recording::DEFAULT_RECORDING_DIR)
+        );
+        let raw = parse_flags(&["--record", "1", "--recording-dir", "/var/lib/voxrelay/rec"])
+            .expect("flags");
+        let asked = RawConfig {
+            twilio_auth_token: Some("token".into()),
+            public_url: Some("https://voice.example.com".into()),
+            openai_api_key: Some("sk-test".into()),
+            ..raw
+        };
+        let result = BridgeConfig::from_raw(asked);
+        if crate::recording::AVAILABLE {
+            let config = result.expect("a build with opus records");
+            assert!(config.recording.record_by_default);
+            assert_eq!(config.recording.dir, PathBuf::from("/var/lib/voxrelay/rec"));
+        } else {
+            let error = result.expect_err("a build without opus refuses to start");
+            assert!(matches!(error, ConfigError::RecordingUnavailable));
+            assert!(error.to_string().contains("--features opus"), "{error}");
+        }
+        // A tenant may still ask; the bridge itself does not record by default.
+        let off = RawConfig {
+            record: Some(false),
+            ..raw_with_token()
+        };
+        assert!(BridgeConfig::from_raw(off).is_ok());
     }
 
     #[test]

@@ -108,6 +108,13 @@ fn bridge_config(settings: BridgeSettings) -> BridgeConfig {
         limits: settings
             .max_calls
             .map_or(local.limits, ListenerLimits::for_calls),
+        recording: match settings.record_dir {
+            Some(dir) => crate::recording::RecordingSettings {
+                record_by_default: true,
+                dir,
+            },
+            None => local.recording.clone(),
+        },
         ..local
     }
 }

@@ -16,6 +16,7 @@ pub mod control;
 pub mod http;
 #[cfg(feature = "sim")]
 pub mod in_process;
+pub mod recording;
 pub mod session;
 pub mod upstream;
 

@@ -207,6 +207,11 @@ struct BenchArgs {
     /// how calls survive: reconnect gaps, the gap each caller heard, calls lost.
     #[arg(long, value_parser = parse_fraction)]
     model_faults: Option<f64>,
+    /// Record every call of the bridge under test (VOXRELAY_RECORD=1) into a temporary
+    /// directory, removed after the run (its size is printed): the recorder's cost per call
+    /// and the capacity held with recording on. Needs a build with `--features opus`.
+    #[arg(long, conflicts_with = "target")]
+    record: bool,
     /// Where the echo model listens.
     #[arg(long, default_value = "127.0.0.1:0")]
     model_listen: SocketAddr,
@@ -656,7 +661,21 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "--floor-driver uring speaks plain ws:// to the model; --model-tls needs the tokio floor"
         );
     }
+    if args.record && !voxrelay::recording::AVAILABLE {
+        bail!(
+            "--record needs a build that records calls: cargo run --release --features opus -- bench --record"
+        );
+    }
+    // Removed after the run; its size is reported.
+    let record_dir = args.record.then(|| {
+        std::env::temp_dir().join(format!(
+            "voxrelay-bench-recordings-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ))
+    });
     let options = BenchOptions {
+        record_dir: record_dir.clone(),
         calls: args.calls.max(1),
         seconds: args.seconds.max(1.0),
         audio_mode: args.audio_mode,
@@ -682,7 +701,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let budget = Duration::from_secs_f64(args.budget_ms.max(0.0) / 1e3);
     let launcher = InProcessLauncher;
     let result = if let Some(minutes) = args.soak_minutes {
-        harness::run_soak(&options, &launcher, minutes).await?
+        harness::run_soak(&options, &launcher, minutes).await
     } else if args.ramp {
         harness::run_ramp(
             &options,
@@ -691,10 +710,25 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             args.ramp_max,
             budget,
         )
-        .await?
+        .await
     } else {
-        harness::run(&options, &launcher).await?
+        harness::run(&options, &launcher).await
     };
+    if let Some(dir) = &record_dir {
+        let (files, bytes) = std::fs::read_dir(dir).map_or((0, 0), |entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.metadata().ok())
+                .fold((0u64, 0u64), |(n, total), meta| (n + 1, total + meta.len()))
+        });
+        println!(
+            "recordings: {files} files, {bytes} bytes ({:.1} KiB per file), written to {} and removed",
+            bytes as f64 / 1024.0 / files.max(1) as f64,
+            dir.display()
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let result = result?;
     println!("{}", harness::summary(&result));
     for other in &result.other_providers {
         println!("{}", harness::summary(other));

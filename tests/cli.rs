@@ -30,6 +30,8 @@ fn clean_command(args: &[&str]) -> Command {
         .env_remove("VOXRELAY_GEMINI_URL")
         .env_remove("VOXRELAY_CONTROL_PLANE_URL")
         .env_remove("VOXRELAY_TWILIO_ACCOUNT_SID")
+        .env_remove("VOXRELAY_RECORD")
+        .env_remove("VOXRELAY_RECORDING_DIR")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
     command
@@ -75,6 +77,17 @@ fn base_with(
         .chain(extra)
         .copied()
         .collect()
+}
+
+/// A build that cannot record refuses `VOXRELAY_RECORD=1` rather than run unrecorded.
+#[cfg(not(feature = "opus"))]
+#[test]
+fn serve_refuses_to_record_on_a_build_without_opus() {
+    let reason = serve_refusal(&base_with(None, &[("VOXRELAY_RECORD", "1")]));
+    assert!(
+        reason.contains("VOXRELAY_RECORD=1") && reason.contains("--features opus"),
+        "{reason}"
+    );
 }
 
 #[test]

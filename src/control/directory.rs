@@ -463,6 +463,7 @@ mod tests {
             hold_prompt: None,
             provider: None,
             model: None,
+            record: None,
         }
     }
 

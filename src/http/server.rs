@@ -150,6 +150,7 @@ impl Bridge {
             twilio_account_sid: config.twilio_account_sid.clone(),
             control,
             continuity: config.continuity.clone(),
+            recording: config.recording.clone(),
         });
         let limits = config.limits.clone();
         let call_slots = CallSlots::new(

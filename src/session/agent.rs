@@ -44,6 +44,8 @@ pub struct CallAgent {
     /// The provider's model id; `None`: the endpoint's default (OpenAI's URL, Gemini's
     /// [`Provider::default_model`]).
     pub model: Option<String>,
+    /// The tenant's word on recording its calls; `None`: the bridge's `VOXRELAY_RECORD`.
+    pub record: Option<bool>,
 }
 
 impl CallAgent {
@@ -65,6 +67,7 @@ impl CallAgent {
             hold_prompt: None,
             provider: defaults.provider,
             model: None,
+            record: None,
         }
     }
 
@@ -104,6 +107,7 @@ impl CallAgent {
             hold_prompt: checked_hold_prompt(context),
             provider: context.provider.unwrap_or(default_provider),
             model: checked_model(context),
+            record: context.record,
         }
     }
 
@@ -206,6 +210,7 @@ mod tests {
             hold_prompt: Some(BASE64.encode([0x7f_u8; 800])),
             provider: None,
             model: None,
+            record: None,
         }
     }
 

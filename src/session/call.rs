@@ -60,6 +60,7 @@ use crate::control::directory::TenantDirectory;
 use crate::control::reports::{ReportHandover, ReportSender};
 use crate::control::tool_calls::{DEFAULT_TOOL_TIMEOUT, run_tool};
 use crate::logtext::Untrusted;
+use crate::recording::{CallRecording, ReportRecording};
 use crate::twilio::stream::StartInfo;
 use crate::upstream::connect::connect_model;
 use crate::upstream::{UpstreamError, UpstreamSocket};
@@ -110,6 +111,8 @@ pub struct CallServices {
     pub control: Option<ControlServices>,
     /// How calls keep (and replace) their model session.
     pub continuity: ContinuitySettings,
+    /// Whether calls are recorded, and where.
+    pub recording: crate::recording::RecordingSettings,
 }
 
 /// The control plane as the calls use it.
@@ -475,6 +478,8 @@ struct Call<S> {
     lost_session: Option<SessionEnd>,
     /// A renewal's standby socket, open and untouched until the switch.
     standby: Option<UpstreamSocket>,
+    /// The call's recording, once its agent is known.
+    recording: CallRecording,
 }
 
 impl<S> Call<S>
@@ -520,6 +525,7 @@ where
             agent: None,
             lost_session: None,
             standby: None,
+            recording: CallRecording::Off,
         }
     }
 
@@ -995,6 +1001,18 @@ where
             }
             None => self.services.model_session(&agent),
         };
+        if let Some(record) = &self.record {
+            let (recording, tap) = CallRecording::start(
+                &self.services.recording,
+                &self.metrics,
+                &record.identity,
+                &agent,
+            );
+            if let Some(tap) = tap {
+                self.engine.set_media_tap(tap);
+            }
+            self.recording = recording;
+        }
         self.agent = Some(agent);
         self.feed(
             now,
@@ -1171,13 +1189,23 @@ where
                 &stats.turns.all(),
             );
         }
+        // The report names the recording: its file is finalised first (bounded wait).
+        let recording = std::mem::take(&mut self.recording).finish().await;
         if let Some(record) = self.record.take() {
             // A call that ended before its agent was known is reported with the fallback's.
             let agent = self
                 .agent
                 .take()
                 .unwrap_or_else(|| CallAgent::from_defaults(&self.services.agent, "unresolved"));
-            submit_report(&self.metrics, record, &agent, reason, stats, &self.latency);
+            submit_report(
+                &self.metrics,
+                record,
+                &agent,
+                reason,
+                stats,
+                &self.latency,
+                recording,
+            );
         }
         // Abandoned: a connect, a claim or tools still under way.
         self.waits = Waits::default();
@@ -1224,11 +1252,12 @@ fn submit_report(
     reason: EndReason,
     stats: &super::engine::CallStats,
     latency: &CallLatencyRecorder,
+    recording: Option<ReportRecording>,
 ) {
     let Some(handover) = record.handover else {
         return;
     };
-    let report = call_report(
+    let mut report = call_report(
         &record.identity,
         agent,
         std::time::SystemTime::now(),
@@ -1236,6 +1265,7 @@ fn submit_report(
         stats,
         latency.summary(),
     );
+    report.recording = recording;
     if report.transcript_dropped_lines > 0 || report.transcript_cut_lines > 0 {
         metrics
             .control_report_transcripts_truncated

@@ -385,6 +385,8 @@ pub struct Metrics {
     providers: [ProviderMetrics; 2],
     /// Turn timings per tenant and provider, added at each call's end.
     pub turns: TurnMetrics,
+    /// Call recordings: written, failed by kind, frames dropped, bytes.
+    pub recordings: crate::recording::RecordingMetrics,
     pub calls_active: AtomicI64,
     pub calls_started: AtomicU64,
     pub calls_ended: AtomicU64,
@@ -1293,6 +1295,7 @@ impl Metrics {
         self.render_providers(&mut out);
         self.render_control(&mut out);
         self.turns.render(&mut out);
+        self.recordings.render(&mut out);
         self.listener.render(&mut out);
         out
     }

@@ -158,6 +158,8 @@ pub fn call_report(
         }),
         turns: stats.turns.all().iter().map(turn_report).collect(),
         turns_dropped: stats.turns.dropped(),
+        // The call's end sets it once the recorder has finalised its file.
+        recording: None,
     }
 }
 

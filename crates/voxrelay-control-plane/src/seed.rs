@@ -157,6 +157,8 @@ pub struct SeedTenant {
     pub provider: Option<Provider>,
     /// The provider's model id; `None`: the bridge's default model for the provider.
     pub model: Option<String>,
+    /// Whether the tenant's calls are recorded; `None`: the bridge's `VOXRELAY_RECORD`.
+    pub record: Option<bool>,
 }
 
 /// Why a seed file was refused. Validation errors do not echo values (a seed may carry long or
@@ -274,6 +276,8 @@ struct RawTenant {
     provider: Option<String>,
     #[serde(default)]
     model: Option<String>,
+    #[serde(default)]
+    record: Option<bool>,
 }
 
 #[derive(Default, Deserialize)]
@@ -481,6 +485,7 @@ fn validate_tenant(
         hold_prompt,
         provider,
         model,
+        record: raw.record,
     })
 }
 
@@ -590,6 +595,20 @@ mod tests {
     }
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures");
+
+    #[test]
+    fn a_tenant_may_turn_recording_on_or_off_or_leave_it_to_the_bridge() {
+        for (line, expected) in [
+            ("record = true", Some(true)),
+            ("record = false", Some(false)),
+            ("", None),
+        ] {
+            let seed =
+                parse(&format!("{MINIMAL}\nnumbers = [\"+15550100001\"]\n{line}")).expect("seed");
+            assert_eq!(seed.tenants[0].record, expected, "{line:?}");
+        }
+        assert!(parse(&format!("{MINIMAL}\nrecord = \"yes\"")).is_err());
+    }
 
     #[test]
     fn the_fixture_parses_with_both_audio_modes_and_every_tenant_numbered() {

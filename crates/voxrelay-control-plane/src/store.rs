@@ -69,7 +69,9 @@ CREATE TABLE IF NOT EXISTS tenants (
     -- NULL: the bridge's default model for the provider. Checked here too, so a row edited by
     -- hand cannot hand the bridge a value the seed would have refused.
     model            TEXT CHECK (length(model) BETWEEN 1 AND 128
-                                 AND model NOT GLOB '*[^A-Za-z0-9._-]*')
+                                 AND model NOT GLOB '*[^A-Za-z0-9._-]*'),
+    -- Schema 5. 1: the tenant's calls are recorded, 0: not; NULL: the bridge's VOXRELAY_RECORD.
+    record           INTEGER CHECK (record IN (0, 1))
 ) STRICT;
 
 CREATE TABLE IF NOT EXISTS numbers (
@@ -124,7 +126,10 @@ CREATE TABLE IF NOT EXISTS calls (
     output_tokens     INTEGER CHECK (output_tokens >= 0),
     -- Schema 5. JSON {\"turns\": […], \"turns_dropped\": …}: what the caller experienced, as
     -- the report has it (NULL: reported before schema 5, read as no turns).
-    quality           TEXT
+    quality           TEXT,
+    -- Schema 5. JSON of the report's `recording` ({path, duration_ms, sha256, frames_dropped}
+    -- or {error}); NULL: the call was not to be recorded (or reported before schema 5).
+    recording         TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS calls_by_tenant ON calls (tenant_id, started_at_ms);
 
@@ -201,11 +206,14 @@ ALTER TABLE calls ADD COLUMN output_tokens INTEGER CHECK (output_tokens >= 0);
 COMMIT;
 ";
 
-/// Schema 4 → 5: the calls' quality record (turn timings), NULL for every call already
-/// reported (read as none: those bridges did not time turns).
+/// Schema 4 → 5: the tenants' recording switch, and the calls' recording and quality record
+/// (turn timings), NULL for every existing row (the bridge's default; no recording reported;
+/// no turns: those bridges did not time them).
 const MIGRATE_4_TO_5: &str = "
 BEGIN;
+ALTER TABLE tenants ADD COLUMN record INTEGER CHECK (record IN (0, 1));
 ALTER TABLE calls ADD COLUMN quality TEXT;
+ALTER TABLE calls ADD COLUMN recording TEXT;
 COMMIT;
 ";
 
@@ -328,11 +336,12 @@ struct TenantRow {
     fallback_number: Option<String>,
     provider: Option<Provider>,
     model: Option<String>,
+    record: Option<bool>,
 }
 
 /// Every column but `hold_prompt`, which only the context answer reads (up to 80 KB a row).
 const TENANT_COLUMNS: &str = "id, agent_name, voice, greeting, instructions, audio_mode, language, \
-     max_call_seconds, tools, business_hours, fallback_number, provider, model";
+     max_call_seconds, tools, business_hours, fallback_number, provider, model, record";
 
 impl Store {
     /// Opens (creating if needed) the database and its schema.
@@ -401,8 +410,8 @@ impl Store {
             outcome.tenants_written += tx.execute(
                 "INSERT INTO tenants (id, agent_name, voice, greeting, instructions, audio_mode,
                      language, max_call_seconds, tools, business_hours, fallback_number,
-                     hold_prompt, provider, model)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                     hold_prompt, provider, model, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                  ON CONFLICT (id) DO UPDATE SET
                      agent_name = excluded.agent_name, voice = excluded.voice,
                      greeting = excluded.greeting, instructions = excluded.instructions,
@@ -411,15 +420,16 @@ impl Store {
                      business_hours = excluded.business_hours,
                      fallback_number = excluded.fallback_number,
                      hold_prompt = excluded.hold_prompt,
-                     provider = excluded.provider, model = excluded.model
+                     provider = excluded.provider, model = excluded.model,
+                     record = excluded.record
                  WHERE (agent_name, voice, greeting, instructions, audio_mode, language,
                         max_call_seconds, tools, business_hours, fallback_number, hold_prompt,
-                        provider, model)
+                        provider, model, record)
                     IS NOT (excluded.agent_name, excluded.voice, excluded.greeting,
                         excluded.instructions, excluded.audio_mode, excluded.language,
                         excluded.max_call_seconds, excluded.tools, excluded.business_hours,
                         excluded.fallback_number, excluded.hold_prompt, excluded.provider,
-                        excluded.model)",
+                        excluded.model, excluded.record)",
                 params![
                     tenant.id,
                     tenant.agent_name,
@@ -435,6 +445,7 @@ impl Store {
                     tenant.hold_prompt,
                     tenant.provider.map(Provider::as_str),
                     tenant.model,
+                    tenant.record,
                 ],
             )?;
         }
@@ -529,6 +540,7 @@ impl Store {
             // provider gets it at its next call.
             provider: tenant.provider,
             model: tenant.model,
+            record: tenant.record,
         }))
     }
 
@@ -576,6 +588,15 @@ impl Store {
                 table: "calls",
                 column: "quality",
             })?;
+        let recording = report
+            .recording
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|_| StoreError::Corrupt {
+                table: "calls",
+                column: "recording",
+            })?;
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let stored: Option<(Option<i64>, Option<String>)> = tx
@@ -621,9 +642,9 @@ impl Store {
                  audio_seconds_in, audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
                  memory_namespace, binding, report_sha256, transcript_dropped_lines,
                  transcript_cut_lines, continuity, provider, model, input_tokens, output_tokens,
-                 quality)
+                 quality, recording)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, 'bound', ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)
+                 ?18, 'bound', ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)
              ON CONFLICT (call_sid) DO UPDATE SET
                  tenant_id = excluded.tenant_id, from_number = excluded.from_number,
                  to_number = excluded.to_number, reported_at_ms = excluded.reported_at_ms,
@@ -639,7 +660,8 @@ impl Store {
                  transcript_cut_lines = excluded.transcript_cut_lines,
                  continuity = excluded.continuity, provider = excluded.provider,
                  model = excluded.model, input_tokens = excluded.input_tokens,
-                 output_tokens = excluded.output_tokens, quality = excluded.quality",
+                 output_tokens = excluded.output_tokens, quality = excluded.quality,
+                 recording = excluded.recording",
             params![
                 report.call_sid,
                 tenant_id,
@@ -668,6 +690,7 @@ impl Store {
                 ints.usage.map(|(input, _)| input),
                 ints.usage.map(|(_, output)| output),
                 quality,
+                recording,
             ],
         )?;
         // Lines a lookup-only row cannot have; cleared so the report's are the only ones.
@@ -896,6 +919,7 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
                     row.get::<_, Option<String>>(10)?,
                     row.get::<_, Option<String>>(11)?,
                     row.get::<_, Option<String>>(12)?,
+                    row.get::<_, Option<bool>>(13)?,
                 ))
             },
         )
@@ -914,6 +938,7 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
         fallback_number,
         provider,
         model,
+        record,
     )) = raw
     else {
         return Ok(None);
@@ -953,6 +978,7 @@ fn load_tenant(tx: &Transaction<'_>, id: &str) -> Result<Option<TenantRow>, Stor
         fallback_number,
         provider,
         model,
+        record,
     }))
 }
 
@@ -971,7 +997,7 @@ fn reported_calls(
                  started_at_ms, ended_at_ms, end_reason, context_source, audio_seconds_in,
                  audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
                  memory_namespace, transcript_dropped_lines, transcript_cut_lines, continuity,
-                 provider, model, input_tokens, output_tokens, quality
+                 provider, model, input_tokens, output_tokens, quality, recording
              FROM calls
              WHERE reported_at_ms IS NOT NULL AND {filter}"
         ))?;
@@ -1033,6 +1059,10 @@ fn reported_calls(
                 usage,
                 turns: quality.turns,
                 turns_dropped: quality.turns_dropped,
+                recording: row
+                    .get::<_, Option<String>>(25)?
+                    .map(|json| serde_json::from_str(&json).map_err(|_| corrupt("recording")))
+                    .transpose()?,
             });
         }
     }
@@ -1226,7 +1256,7 @@ mod tests {
     use super::*;
     use crate::seed::SeedFiles;
     use crate::test_dir::TempDir;
-    use voxrelay_core::control::api::LatencySummary;
+    use voxrelay_core::control::api::{LatencySummary, ReportRecording};
 
     const FIXTURE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -1302,6 +1332,7 @@ mod tests {
                 barge_in: None,
             }],
             turns_dropped: 1,
+            recording: None,
         }
     }
 
@@ -1549,12 +1580,16 @@ mod tests {
         );
     }
 
-    /// A database file shaped as schema `version` (1 to 3) left it: today's schema without
+    /// A database file shaped as schema `version` (1 to 4) left it: today's schema without
     /// what later versions added, columns in the order the migrations append them.
     fn database_at_schema(path: &std::path::Path, version: i64) -> Connection {
         let conn = Connection::open(path).expect("open");
         conn.execute_batch(SCHEMA).expect("schema");
-        let mut undo = vec!["ALTER TABLE calls DROP COLUMN quality"];
+        let mut undo = vec![
+            "ALTER TABLE calls DROP COLUMN quality",
+            "ALTER TABLE tenants DROP COLUMN record",
+            "ALTER TABLE calls DROP COLUMN recording",
+        ];
         if version < 4 {
             undo.extend([
                 "ALTER TABLE tenants DROP COLUMN provider",
@@ -1738,6 +1773,93 @@ mod tests {
             .expect("store")
             .expect("known");
         assert_eq!((context.fallback_number, context.hold_prompt), (None, None));
+    }
+
+    #[test]
+    fn a_tenants_record_switch_and_a_reports_recording_round_trip() {
+        let store = Store::open(&DbLocation::InMemory).expect("open");
+        let mut seed = Seed::parse(FIXTURE, &SeedFiles::Shipped).expect("fixture");
+        seed.tenants[0].record = Some(true);
+        seed.tenants[1].record = Some(false);
+        store.apply_seed(&seed).expect("seed");
+        let record = |tenant: usize| {
+            store
+                .context_for_call(&seed.tenants[tenant].numbers[0], "", "", NOW_MS)
+                .expect("store")
+                .expect("known")
+                .record
+        };
+        assert_eq!(
+            (record(0), record(1), record(2)),
+            (Some(true), Some(false), None)
+        );
+        let tenant = seed.tenants[0].id.clone();
+        let mut written = report("CA1", Some(&tenant), NOW_MS);
+        written.recording = Some(ReportRecording::Written {
+            path: "/var/lib/voxrelay/recordings/CA1.opus".into(),
+            duration_ms: 61_240,
+            sha256: "ab".repeat(32),
+            frames_dropped: 0,
+        });
+        let mut failed = report("CA2", Some(&tenant), NOW_MS + 1);
+        failed.recording = Some(ReportRecording::Failed {
+            error: "disk_full: No space left on device (os error 28)".into(),
+        });
+        let none = report("CA3", Some(&tenant), NOW_MS + 2);
+        for call in [&written, &failed, &none] {
+            assert_eq!(store.record_report(call, NOW_MS).expect("store"), Ok(2));
+        }
+        assert_eq!(store.reported_call("CA1").expect("store"), Some(written));
+        assert_eq!(store.reported_call("CA2").expect("store"), Some(failed));
+        let none_back = store.reported_call("CA3").expect("store").expect("stored");
+        assert_eq!(none_back.recording, None);
+        let json = serde_json::to_value(&none_back).expect("json");
+        assert!(json.get("recording").is_none());
+    }
+
+    #[test]
+    fn a_schema_4_database_is_migrated_with_no_record_switch_and_no_recordings() {
+        let dir = TempDir::new("migrate-4");
+        let path = dir.0.join("cp.sqlite3");
+        {
+            let conn = database_at_schema(&path, 4);
+            assert!(
+                !columns(&conn)
+                    .iter()
+                    .any(|(_, column, _)| column == "record" || column == "recording")
+            );
+            conn.execute(
+                "INSERT INTO tenants (id, agent_name, voice, instructions, audio_mode, language,
+                     max_call_seconds, tools, business_hours, provider)
+                 VALUES ('old_tenant', 'Olga', 'marin', 'x', 'pcmu', 'en', 0, '[]',
+                     '{\"timezone\":\"\",\"days\":[null,null,null,null,null,null,null]}',
+                     'gemini')",
+                [],
+            )
+            .expect("tenant");
+            conn.execute(
+                "INSERT INTO numbers (number, tenant_id) VALUES ('+15550100077', 'old_tenant')",
+                [],
+            )
+            .expect("number");
+        }
+        let store = Store::open(&DbLocation::File(path.clone())).expect("migrated");
+        assert_eq!(columns(&store.lock()), columns(&seeded().lock()));
+        let context = store
+            .context_for_call("+15550100077", "", "", NOW_MS)
+            .expect("store")
+            .expect("known");
+        assert_eq!(
+            (context.provider, context.record),
+            (Some(Provider::Gemini), None)
+        );
+        assert!(
+            store
+                .lock()
+                .execute("UPDATE tenants SET record = 2 WHERE id = 'old_tenant'", [])
+                .is_err(),
+            "the check holds on the migrated table"
+        );
     }
 
     #[test]

@@ -123,6 +123,9 @@ pub struct BenchOptions {
     pub progress: bool,
     /// The share of model sessions the echo model drops at a random moment (`--model-faults`).
     pub model_faults: Option<f64>,
+    /// Record every call of the bridge under test into this directory (`--record`:
+    /// `VOXRELAY_RECORD=1`, `VOXRELAY_RECORDING_DIR`); `None`: recording off.
+    pub record_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for BenchOptions {
@@ -147,6 +150,7 @@ impl Default for BenchOptions {
             model_tls: false,
             progress: true,
             model_faults: None,
+            record_dir: None,
         }
     }
 }
@@ -656,6 +660,7 @@ async fn start_bridge<L: BridgeLauncher>(
                 voice: bench_voice(provider),
                 greeting: Some(String::new()),
                 max_calls: Some(BENCH_MAX_CALLS),
+                record_dir: options.record_dir.clone(),
                 ..BridgeSettings::new(model_url.to_owned(), Secret::new("bench"), token.clone())
             };
             let bridge = launcher
@@ -747,6 +752,12 @@ async fn start_bridge<L: BridgeLauncher>(
                 if let Some(ca) = model_ca {
                     command.env("VOXRELAY_MODEL_CA_FILE", ca);
                 }
+                match &options.record_dir {
+                    Some(dir) => command
+                        .env("VOXRELAY_RECORD", "1")
+                        .env("VOXRELAY_RECORDING_DIR", dir),
+                    None => command.env("VOXRELAY_RECORD", "0"),
+                };
             }
             command
                 .env("RUST_LOG", "warn")

@@ -48,6 +48,9 @@ pub struct BridgeSettings {
     pub control_plane: Option<ControlPlaneAccess>,
     /// `VOXRELAY_MAX_CALLS`; `None` keeps the bridge's default.
     pub max_calls: Option<usize>,
+    /// Record every call into this directory (`VOXRELAY_RECORD=1` with
+    /// `VOXRELAY_RECORDING_DIR`); `None`: the bridge's default, off.
+    pub record_dir: Option<PathBuf>,
 }
 
 impl BridgeSettings {
@@ -66,6 +69,7 @@ impl BridgeSettings {
             prewarm: true,
             control_plane: None,
             max_calls: None,
+            record_dir: None,
         }
     }
 }

@@ -188,7 +188,10 @@ voxrelay_calls_active 0
         assert_eq!(v2v.count, 8);
         assert!((v2v.mean - 625.0).abs() < 1e-9);
         // Two turns in (500, 600], six in (600, 700]: rank 4 of 8 is the second of the six.
-        assert!((v2v.p50 - (600.0 + 100.0 * 2.0 / 6.0)).abs() < 1e-9, "{v2v:?}");
+        assert!(
+            (v2v.p50 - (600.0 + 100.0 * 2.0 / 6.0)).abs() < 1e-9,
+            "{v2v:?}"
+        );
         // Rank 7.92 is 5.92 of the six in (600, 700].
         assert!(
             (v2v.p99 - (600.0 + 100.0 * 5.92 / 6.0)).abs() < 1e-9,

@@ -116,6 +116,10 @@ pub struct TenantContext {
     /// default for the provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Whether this tenant's calls are recorded (Ogg Opus, `VOXRELAY_RECORDING_DIR`). Absent:
+    /// the bridge's `VOXRELAY_RECORD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<bool>,
 }
 
 /// The longest tenant hold prompt, in bytes of 8 kHz μ-law (10 s).
@@ -278,6 +282,9 @@ pub struct CallReport {
     /// Turns beyond those kept.
     #[serde(default)]
     pub turns_dropped: u64,
+    /// The call's recording, when it was to be recorded; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<ReportRecording>,
 }
 
 /// One assistant turn of a reported call. Durations are milliseconds with microsecond
@@ -314,6 +321,28 @@ pub struct TurnBargeInReport {
     pub talk_over_ms: Option<f64>,
     /// Agent audio the caller heard after they started to speak, up to the `clear`.
     pub heard_over_caller_ms: Option<f64>,
+}
+
+/// A recorded call's file, or why it has none.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReportRecording {
+    Written {
+        /// Where the bridge wrote the Ogg Opus file (on the bridge's host).
+        path: String,
+        /// Audio in the file, in ms.
+        duration_ms: u64,
+        /// SHA-256 of the file, lowercase hex.
+        sha256: String,
+        /// Frames and chunks the recorder's queue could not take (0 normally): the file has
+        /// silence in their place.
+        frames_dropped: u64,
+    },
+    Failed {
+        /// `recording_unavailable` (a build without recording), or the failure's kind and
+        /// detail (`unwritable_dir: …`, `disk_full: …`, `encoder: …`, `finalize_timeout`).
+        error: String,
+    },
 }
 
 /// A call's token usage as the provider reported it (OpenAI's `response.done` usage,
