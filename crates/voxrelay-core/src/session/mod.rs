@@ -2,8 +2,9 @@
 //! single input and output surface, the model session it runs ([`model`]) and how it is
 //! replaced when lost or old ([`continuity`]) with the conversation a successor is told
 //! ([`conversation`]), playback pacing and barge-in ([`playback`]), the transcript a call
-//! keeps ([`transcript`]), each leg's bounded outbound buffer ([`queue`]), and the seam for
-//! observers of the call's audio ([`tap`]). The bridge's
+//! keeps ([`transcript`]), each leg's bounded outbound buffer ([`queue`]), the seam for
+//! observers of the call's audio ([`tap`]) and what the call's audio sounded like
+//! ([`telemetry`]). The bridge's
 //! call task drives them; nothing here reads a clock, opens a socket or spawns a task.
 
 pub mod continuity;
@@ -13,4 +14,5 @@ pub mod model;
 pub mod playback;
 pub mod queue;
 pub mod tap;
+pub mod telemetry;
 pub mod transcript;
