@@ -230,6 +230,7 @@ fn report(call_sid: &str, tenant: &str, to: &str, started_at_ms: u64) -> CallRep
         provider: Provider::OpenAi,
         model: None,
         usage: None,
+        audio: None,
     }
 }
 

@@ -1145,6 +1145,9 @@ where
     /// is buffered and a close frame, then they are dropped with the registry entry.
     async fn finish(mut self, reason: EndReason) {
         let stats = self.engine.stats();
+        // Summed up once, here: O(the telemetry's bounded state), not per frame.
+        let audio = self.engine.audio_summary();
+        self.metrics.audio.record_call(&audio);
         self.metrics.publish_call_stats(stats, &mut self.published);
         // The provider the call's agent ran on; a call that ended before its agent was known
         // would have had the environment's (as its report says).
@@ -1172,7 +1175,7 @@ where
                 .agent
                 .take()
                 .unwrap_or_else(|| CallAgent::from_defaults(&self.services.agent, "unresolved"));
-            submit_report(&self.metrics, record, &agent, reason, stats, &self.latency);
+            submit_report(&self.metrics, record, &agent, reason, stats, &self.latency, &audio);
         }
         // Abandoned: a connect, a claim or tools still under way.
         self.waits = Waits::default();
@@ -1219,11 +1222,12 @@ fn submit_report(
     reason: EndReason,
     stats: &super::engine::CallStats,
     latency: &CallLatencyRecorder,
+    audio: &voxrelay_core::session::telemetry::AudioTelemetry,
 ) {
     let Some(handover) = record.handover else {
         return;
     };
-    let report = call_report(
+    let mut report = call_report(
         &record.identity,
         agent,
         std::time::SystemTime::now(),
@@ -1231,6 +1235,7 @@ fn submit_report(
         stats,
         latency.summary(),
     );
+    report.audio = Some(super::report::audio_report(audio));
     if report.transcript_dropped_lines > 0 || report.transcript_cut_lines > 0 {
         metrics
             .control_report_transcripts_truncated

@@ -18,5 +18,5 @@ pub mod report;
 // The sans-IO parts live in `voxrelay-core`; re-exported so `crate::session::engine` and the
 // rest keep their paths.
 pub use voxrelay_core::session::{
-    continuity, conversation, engine, model, playback, queue, transcript,
+    continuity, conversation, engine, model, playback, queue, telemetry, transcript,
 };

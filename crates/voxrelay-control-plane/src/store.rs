@@ -37,7 +37,7 @@ use voxrelay_core::control::api::{
 use voxrelay_core::{AudioMode, Provider};
 
 /// The schema this build creates and understands (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// How long a statement waits for another process's lock on the file before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -120,7 +120,10 @@ CREATE TABLE IF NOT EXISTS calls (
     -- Schema 4. Tokens the provider reported for the call, both set or both NULL (none
     -- reported). Columns rather than JSON so usage can be summed in SQL.
     input_tokens      INTEGER CHECK (input_tokens >= 0),
-    output_tokens     INTEGER CHECK (output_tokens >= 0)
+    output_tokens     INTEGER CHECK (output_tokens >= 0),
+    -- Schema 5. JSON of the report's `audio` (both legs' levels, silence, one-way audio and
+    -- echo), as the report has it (NULL: none reported, or reported before schema 5).
+    audio             TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS calls_by_tenant ON calls (tenant_id, started_at_ms);
 
@@ -194,6 +197,14 @@ ALTER TABLE calls ADD COLUMN provider TEXT CHECK (provider IN ('openai', 'gemini
 ALTER TABLE calls ADD COLUMN model TEXT;
 ALTER TABLE calls ADD COLUMN input_tokens INTEGER CHECK (input_tokens >= 0);
 ALTER TABLE calls ADD COLUMN output_tokens INTEGER CHECK (output_tokens >= 0);
+COMMIT;
+";
+
+/// Schema 4 → 5: the calls' audio telemetry, NULL for every call already reported (read as
+/// none reported, which is what those calls had).
+const MIGRATE_4_TO_5: &str = "
+BEGIN;
+ALTER TABLE calls ADD COLUMN audio TEXT;
 COMMIT;
 ";
 
@@ -352,6 +363,9 @@ impl Store {
         }
         if (1..=3).contains(&version) {
             conn.execute_batch(MIGRATE_3_TO_4)?;
+        }
+        if (1..=4).contains(&version) {
+            conn.execute_batch(MIGRATE_4_TO_5)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self {
@@ -556,6 +570,15 @@ impl Store {
                 table: "calls",
                 column: "continuity",
             })?;
+        let audio = report
+            .audio
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|_| StoreError::Corrupt {
+                table: "calls",
+                column: "audio",
+            })?;
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let stored: Option<(Option<i64>, Option<String>)> = tx
@@ -600,9 +623,10 @@ impl Store {
                  stream_sid, agent_name, started_at_ms, ended_at_ms, end_reason, context_source,
                  audio_seconds_in, audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
                  memory_namespace, binding, report_sha256, transcript_dropped_lines,
-                 transcript_cut_lines, continuity, provider, model, input_tokens, output_tokens)
+                 transcript_cut_lines, continuity, provider, model, input_tokens, output_tokens,
+                 audio)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, 'bound', ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)
+                 ?18, 'bound', ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)
              ON CONFLICT (call_sid) DO UPDATE SET
                  tenant_id = excluded.tenant_id, from_number = excluded.from_number,
                  to_number = excluded.to_number, reported_at_ms = excluded.reported_at_ms,
@@ -618,7 +642,7 @@ impl Store {
                  transcript_cut_lines = excluded.transcript_cut_lines,
                  continuity = excluded.continuity, provider = excluded.provider,
                  model = excluded.model, input_tokens = excluded.input_tokens,
-                 output_tokens = excluded.output_tokens",
+                 output_tokens = excluded.output_tokens, audio = excluded.audio",
             params![
                 report.call_sid,
                 tenant_id,
@@ -646,6 +670,7 @@ impl Store {
                 report.model,
                 ints.usage.map(|(input, _)| input),
                 ints.usage.map(|(_, output)| output),
+                audio,
             ],
         )?;
         // Lines a lookup-only row cannot have; cleared so the report's are the only ones.
@@ -949,7 +974,7 @@ fn reported_calls(
                  started_at_ms, ended_at_ms, end_reason, context_source, audio_seconds_in,
                  audio_seconds_out, barge_ins, dtmf_digits, tool_calls, latency,
                  memory_namespace, transcript_dropped_lines, transcript_cut_lines, continuity,
-                 provider, model, input_tokens, output_tokens
+                 provider, model, input_tokens, output_tokens, audio
              FROM calls
              WHERE reported_at_ms IS NOT NULL AND {filter}"
         ))?;
@@ -977,6 +1002,12 @@ fn reported_calls(
                 (Some(_), None) => return Err(corrupt("output_tokens")),
                 (None, Some(_)) => return Err(corrupt("input_tokens")),
             };
+            // NULL: none reported (or reported before schema 5).
+            let audio = row
+                .get::<_, Option<String>>(24)?
+                .map(|text| serde_json::from_str(&text))
+                .transpose()
+                .map_err(|_| corrupt("audio"))?;
             calls.push(CallReport {
                 call_sid: row.get(0)?,
                 stream_sid: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
@@ -1008,6 +1039,7 @@ fn reported_calls(
                 provider,
                 model: row.get(21)?,
                 usage,
+                audio,
             });
         }
     }
@@ -1151,6 +1183,14 @@ impl ReportInts {
                 i64::try_from(session.started_ms)?;
                 session.ended_ms.map(i64::try_from).transpose()?;
             }
+            if let Some(audio) = &report.audio {
+                for leg in [&audio.caller, &audio.agent] {
+                    i64::try_from(leg.audio_ms)?;
+                    i64::try_from(leg.clipped_samples)?;
+                    i64::try_from(leg.longest_silence_ms)?;
+                    i64::try_from(leg.one_way_ms)?;
+                }
+            }
             Ok(ints)
         })
     }
@@ -1247,6 +1287,7 @@ mod tests {
             provider: Provider::OpenAi,
             model: None,
             usage: None,
+            audio: None,
         }
     }
 
@@ -1494,19 +1535,29 @@ mod tests {
         );
     }
 
-    /// A database file shaped as schema `version` (1 to 3) left it: today's schema without
+    /// A database file shaped as schema `version` (1 to 4) left it: today's schema without
     /// what later versions added, columns in the order the migrations append them.
     fn database_at_schema(path: &std::path::Path, version: i64) -> Connection {
         let conn = Connection::open(path).expect("open");
         conn.execute_batch(SCHEMA).expect("schema");
-        let mut undo = vec![
+        let mut undo = vec!["ALTER TABLE calls DROP COLUMN audio"];
+        if version >= 4 {
+            // Schema 4 is today's without the audio column.
+            for statement in undo.drain(..) {
+                conn.execute_batch(statement).expect(statement);
+            }
+            conn.pragma_update(None, "user_version", version)
+                .expect("pragma");
+            return conn;
+        }
+        undo.extend([
             "ALTER TABLE tenants DROP COLUMN provider",
             "ALTER TABLE tenants DROP COLUMN model",
             "ALTER TABLE calls DROP COLUMN provider",
             "ALTER TABLE calls DROP COLUMN model",
             "ALTER TABLE calls DROP COLUMN input_tokens",
             "ALTER TABLE calls DROP COLUMN output_tokens",
-        ];
+        ]);
         if version < 3 {
             undo.extend([
                 "ALTER TABLE tenants DROP COLUMN fallback_number",
@@ -1677,6 +1728,88 @@ mod tests {
             .expect("store")
             .expect("known");
         assert_eq!((context.fallback_number, context.hold_prompt), (None, None));
+    }
+
+    #[test]
+    fn a_reports_audio_round_trips_and_a_schema_4_database_gains_its_column() {
+        use voxrelay_core::control::api::{ReportAudio, ReportEcho, ReportLegAudio};
+        let dir = TempDir::new("migrate-4");
+        let path = dir.0.join("cp.sqlite3");
+        let old = report("CA1", Some("harbor_florist"), NOW_MS);
+        {
+            let conn = database_at_schema(&path, 4);
+            assert!(!columns(&conn).iter().any(|(_, column, _)| column == "audio"));
+        }
+        let store = Store::open(&DbLocation::File(path)).expect("migrated");
+        let version: i64 = store
+            .lock()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("pragma");
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(columns(&store.lock()), columns(&seeded().lock()));
+        store
+            .apply_seed(&Seed::parse(FIXTURE, &SeedFiles::Shipped).expect("fixture"))
+            .expect("seed");
+        // A report without audio (a bridge before the field) reads back without it.
+        let mut old = old;
+        old.to = "+15550100004".into();
+        assert_eq!(store.record_report(&old, NOW_MS).expect("store"), Ok(2));
+        assert_eq!(store.reported_call("CA1").expect("store"), Some(old));
+        let leg = ReportLegAudio {
+            audio_ms: 61_020,
+            rms_dbfs: -23.46,
+            peak_dbfs: -3.0,
+            clipped_samples: 7,
+            silence_share: 0.42,
+            longest_silence_ms: 5_410,
+            one_way_episodes: 1,
+            one_way_ms: 5_410,
+        };
+        let mut heard = report("CA2", Some("harbor_florist"), NOW_MS);
+        heard.to = "+15550100004".into();
+        heard.audio = Some(ReportAudio {
+            caller: leg,
+            agent: ReportLegAudio {
+                silence_share: 0.6,
+                ..leg
+            },
+            echo: ReportEcho {
+                detected: true,
+                delay_ms: Some(180),
+                level_db: Some(19.88),
+                correlation: 0.95,
+            },
+        });
+        assert_eq!(store.record_report(&heard, NOW_MS).expect("store"), Ok(2));
+        assert_eq!(store.reported_call("CA2").expect("store"), Some(heard.clone()));
+        let stored: String = store
+            .lock()
+            .query_row("SELECT audio FROM calls WHERE call_sid = 'CA2'", [], |row| {
+                row.get(0)
+            })
+            .expect("row");
+        let stored: Value = serde_json::from_str(&stored).expect("json");
+        assert_eq!(stored["echo"]["delay_ms"], 180);
+        // A retry differing only in its audio is another report.
+        let mut other = heard.clone();
+        other.audio = None;
+        assert_eq!(
+            store.record_report(&other, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        // Its integers are held to SQLite's range like every report integer.
+        let mut huge = report("CA3", Some("harbor_florist"), NOW_MS);
+        huge.audio = Some(ReportAudio {
+            caller: ReportLegAudio {
+                clipped_samples: u64::MAX,
+                ..leg
+            },
+            ..ReportAudio::default()
+        });
+        assert_eq!(
+            store.record_report(&huge, NOW_MS).expect("store"),
+            Err(Refusal::OutOfRange)
+        );
     }
 
     #[test]
