@@ -564,7 +564,7 @@ impl AudioMetrics {
         write_labelled_counter(
             out,
             "voxrelay_audio_one_way_total",
-            "One-way audio: times a leg was silent for 5 s or more while the other spoke, by leg (caller: what Twilio sent; agent: what the caller was played).",
+            "One-way audio: times a leg was silent for 8 s or more while the other spoke, by leg (caller: what Twilio sent; agent: what the caller was played).",
             "leg",
             by_leg(&self.one_way),
         );

@@ -301,7 +301,7 @@ pub struct ReportLegAudio {
     /// playing.
     pub silence_share: f64,
     pub longest_silence_ms: u64,
-    /// Times the leg was silent for 5 s or more while the other spoke (one-way audio), and
+    /// Times the leg was silent for 8 s or more while the other spoke (one-way audio), and
     /// those silences' length summed.
     pub one_way_episodes: u32,
     pub one_way_ms: u64,

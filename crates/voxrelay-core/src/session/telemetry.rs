@@ -44,8 +44,10 @@ const SAMPLES_PER_MS: u64 = 8;
 /// sits around −20 to −30 dBFS, a quiet line's noise below −50.
 pub const SILENCE_DBFS: f64 = -45.0;
 
-/// One-way audio: a leg silent this long while the other spoke is an episode.
-pub const ONE_WAY_AFTER: Duration = Duration::from_secs(5);
+/// One-way audio: a leg silent this long while the other spoke is an episode. Not 5 s: an
+/// agent's greeting or a caller's long question runs 5–6 s with the other side rightly
+/// silent, and would count in most calls.
+pub const ONE_WAY_AFTER: Duration = Duration::from_secs(8);
 /// How much the other leg must have spoken during the silence, counted from half of
 /// [`ONE_WAY_AFTER`] into it, for it to count: a leg silent while both are silent is a pause,
 /// and one silent after the other's turn ended is a pause too, not one-way audio.

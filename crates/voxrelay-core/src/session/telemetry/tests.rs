@@ -191,36 +191,44 @@ fn the_latest_caller_speech_frame_ends_the_callers_voice() {
 
 #[test]
 fn one_way_audio_is_detected_when_a_leg_is_silent_while_the_other_talks() {
-    // The caller talks for 8 s and the agent plays nothing: the agent's leg is one-way.
+    // The caller talks for 12 s and the agent plays nothing: the agent's leg is one-way.
     let mut telemetry = CallTelemetry::new();
-    feed_call(&mut telemetry, &encode(speech(3, 64_000)), &[]);
+    feed_call(&mut telemetry, &encode(speech(3, 96_000)), &[]);
     let summary = telemetry.summary();
     assert_eq!(summary.agent.one_way_episodes, 1);
     assert!(
-        summary.agent.one_way_ms >= 7900,
+        summary.agent.one_way_ms >= 11_900,
         "{}",
         summary.agent.one_way_ms
     );
     assert_eq!(summary.caller.one_way_episodes, 0);
 
-    // The agent talks for 7 s into a dead caller line (digital silence): the caller's leg.
+    // The agent talks for 10 s into a dead caller line (digital silence): the caller's leg.
     let mut telemetry = CallTelemetry::new();
-    let agent = encode(speech(4, 56_000));
-    let caller = vec![MULAW_SILENCE; 56_000];
+    let agent = encode(speech(4, 80_000));
+    let caller = vec![MULAW_SILENCE; 80_000];
     feed_call(&mut telemetry, &caller, &chunks(&agent));
     let summary = telemetry.summary();
     assert_eq!(summary.caller.one_way_episodes, 1);
     assert!(
-        summary.caller.one_way_ms >= 6900,
+        summary.caller.one_way_ms >= 9_900,
         "{}",
         summary.caller.one_way_ms
     );
     assert_eq!(summary.agent.one_way_episodes, 0);
+
+    // Just under the wait: a 7.5 s greeting to a listening caller is no episode.
+    let mut telemetry = CallTelemetry::new();
+    let agent = encode(speech(4, 60_000));
+    let mut caller = vec![MULAW_SILENCE; 60_000];
+    caller.extend(encode(speech(5, 16_000)));
+    feed_call(&mut telemetry, &caller, &chunks(&agent));
+    assert_eq!(telemetry.summary().caller.one_way_episodes, 0);
 }
 
 #[test]
 fn turns_and_shared_pauses_are_not_one_way_audio() {
-    // 40 s of turns, 3 s each, then 8 s where both are silent.
+    // 39 s of turns, 3 s each, then 8 s where both are silent.
     let mut telemetry = CallTelemetry::new();
     let turn = 24_000;
     let mut caller = Vec::new();
