@@ -1175,7 +1175,15 @@ where
                 .agent
                 .take()
                 .unwrap_or_else(|| CallAgent::from_defaults(&self.services.agent, "unresolved"));
-            submit_report(&self.metrics, record, &agent, reason, stats, &self.latency, &audio);
+            submit_report(
+                &self.metrics,
+                record,
+                &agent,
+                reason,
+                stats,
+                &self.latency,
+                &audio,
+            );
         }
         // Abandoned: a connect, a claim or tools still under way.
         self.waits = Waits::default();

@@ -1738,7 +1738,11 @@ mod tests {
         let old = report("CA1", Some("harbor_florist"), NOW_MS);
         {
             let conn = database_at_schema(&path, 4);
-            assert!(!columns(&conn).iter().any(|(_, column, _)| column == "audio"));
+            assert!(
+                !columns(&conn)
+                    .iter()
+                    .any(|(_, column, _)| column == "audio")
+            );
         }
         let store = Store::open(&DbLocation::File(path)).expect("migrated");
         let version: i64 = store
@@ -1781,12 +1785,17 @@ mod tests {
             },
         });
         assert_eq!(store.record_report(&heard, NOW_MS).expect("store"), Ok(2));
-        assert_eq!(store.reported_call("CA2").expect("store"), Some(heard.clone()));
+        assert_eq!(
+            store.reported_call("CA2").expect("store"),
+            Some(heard.clone())
+        );
         let stored: String = store
             .lock()
-            .query_row("SELECT audio FROM calls WHERE call_sid = 'CA2'", [], |row| {
-                row.get(0)
-            })
+            .query_row(
+                "SELECT audio FROM calls WHERE call_sid = 'CA2'",
+                [],
+                |row| row.get(0),
+            )
             .expect("row");
         let stored: Value = serde_json::from_str(&stored).expect("json");
         assert_eq!(stored["echo"]["delay_ms"], 180);

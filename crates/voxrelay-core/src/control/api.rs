@@ -581,7 +581,12 @@ mod tests {
         // A bridge from before the field: none, and none written back.
         let report: CallReport = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(report.audio, None);
-        assert!(serde_json::to_value(&report).unwrap().get("audio").is_none());
+        assert!(
+            serde_json::to_value(&report)
+                .unwrap()
+                .get("audio")
+                .is_none()
+        );
         let leg = serde_json::json!({"audio_ms": 60_000, "rms_dbfs": -24.5, "peak_dbfs": -3.1,
             "clipped_samples": 12, "silence_share": 0.41, "longest_silence_ms": 5_400,
             "one_way_episodes": 1, "one_way_ms": 5_400});
@@ -591,7 +596,10 @@ mod tests {
         let audio = report.audio.expect("the audio");
         assert_eq!(audio.caller.one_way_episodes, 1);
         assert_eq!(audio.echo.delay_ms, Some(180));
-        assert_eq!(serde_json::to_value(&report).unwrap()["audio"], json["audio"]);
+        assert_eq!(
+            serde_json::to_value(&report).unwrap()["audio"],
+            json["audio"]
+        );
     }
 
     #[test]

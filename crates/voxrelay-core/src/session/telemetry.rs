@@ -156,6 +156,14 @@ struct Leg {
 }
 
 impl Leg {
+    /// A held agent step, now heard.
+    fn heard(&mut self, held: AgentStep) {
+        self.square_sum += f64::from(held.square_sum);
+        self.samples += u64::from(held.samples);
+        self.peak = self.peak.max(f64::from(held.peak));
+        self.clipped += u64::from(held.clipped);
+    }
+
     fn sample(&mut self, code: u8, x: f64) {
         self.square_sum += x * x;
         self.samples += 1;
@@ -226,11 +234,14 @@ fn steps_of(duration: Duration) -> u64 {
     (duration.as_millis() / STEP.as_millis()) as u64
 }
 
-/// An agent step waiting for the caller's timeline: what was placed in it.
+/// An agent step waiting for the caller's timeline: what was placed in it (a cut withdraws
+/// it whole, so the agent's figures count only audio the caller heard).
 #[derive(Clone, Copy, Debug, Default)]
 struct AgentStep {
     square_sum: f32,
+    peak: f32,
     samples: u8,
+    clipped: u8,
 }
 
 /// Per lag, running sums over the caller steps compared with an agent speech step.
@@ -371,8 +382,7 @@ impl CallTelemetry {
         // Agent steps the caller's timeline has not reached yet (the call's last moments).
         for step in self.agent_base..self.agent_end {
             let held = self.agent_pending[ring_index(step)];
-            agent.square_sum += f64::from(held.square_sum);
-            agent.samples += u64::from(held.samples);
+            agent.heard(held);
             agent.step(self.speech(held), false);
         }
         AudioTelemetry {
@@ -396,17 +406,13 @@ impl CallTelemetry {
             return;
         }
         self.make_room(step);
-        let mut square = 0.0;
+        let held = &mut self.agent_pending[ring_index(step)];
         for &code in mulaw {
             let x = sample(code);
-            square += x * x;
-            // The sum of squares goes with the step (a cut may withdraw it); peak and
-            // clipping are counted now, so a cut chunk's clipped samples still count.
-            self.agent.peak = self.agent.peak.max(peak::full_wave([x])[0]);
-            self.agent.clipped += u64::from(clipped(code));
+            held.square_sum += (x * x) as f32;
+            held.peak = held.peak.max(peak::full_wave([x])[0] as f32);
+            held.clipped = held.clipped.saturating_add(u8::from(clipped(code)));
         }
-        let held = &mut self.agent_pending[ring_index(step)];
-        held.square_sum += square as f32;
         held.samples = held.samples.saturating_add(mulaw.len() as u8);
         self.agent_end = self.agent_end.max(step + 1);
     }
@@ -434,8 +440,7 @@ impl CallTelemetry {
         let held = std::mem::take(&mut self.agent_pending[index]);
         self.agent_base += 1;
         self.agent_end = self.agent_end.max(self.agent_base);
-        self.agent.square_sum += f64::from(held.square_sum);
-        self.agent.samples += u64::from(held.samples);
+        self.agent.heard(held);
         let power = step_power(held);
         self.agent.step(power >= self.threshold, other_speech);
         power

@@ -2299,7 +2299,10 @@ fn tone_bursts(samples: usize) -> Vec<u8> {
             let phase = std::f64::consts::TAU * 500.0 * (start + n) as f64 / 8000.0;
             mulaw_encode((amplitude * phase.sin()) as i16)
         }));
-        out.extend(std::iter::repeat_n(MULAW_SILENCE, next(40, 120) as usize * 8));
+        out.extend(std::iter::repeat_n(
+            MULAW_SILENCE,
+            next(40, 120) as usize * 8,
+        ));
     }
     out.truncate(samples);
     out

@@ -148,12 +148,19 @@ fn samples_at_the_codes_extremes_are_counted_as_clipped() {
         .count() as u64;
     assert!(clipped_expected > 1000, "{clipped_expected}");
     feed_caller(&mut telemetry, &encode_i16(&loud));
-    // The agent plays two frames of the extremes themselves.
+    // The agent plays two frames of the extremes themselves, then one more that a barge-in
+    // withdraws before it is heard: not counted.
     telemetry.agent_audio(ms(0), &[0x00, 0x80].repeat(160));
+    telemetry.agent_audio(ms(2_000), &[0x00, 0x80].repeat(80));
+    telemetry.agent_cut(ms(1_990));
     let summary = telemetry.summary();
     assert_eq!(summary.caller.clipped_samples, clipped_expected);
     assert_eq!(summary.agent.clipped_samples, 320);
-    assert!(summary.agent.peak_dbfs > -0.5, "{}", summary.agent.peak_dbfs);
+    assert!(
+        summary.agent.peak_dbfs > -0.5,
+        "{}",
+        summary.agent.peak_dbfs
+    );
 }
 
 #[test]
@@ -166,7 +173,11 @@ fn silence_share_and_longest_silence() {
     caller.extend(std::iter::repeat_n(MULAW_SILENCE, 4_000));
     feed_caller(&mut telemetry, &caller);
     let leg = telemetry.summary().caller;
-    assert!((leg.silence_share - 2.5 / 4.5).abs() < 0.01, "{}", leg.silence_share);
+    assert!(
+        (leg.silence_share - 2.5 / 4.5).abs() < 0.01,
+        "{}",
+        leg.silence_share
+    );
     assert_eq!(leg.longest_silence_ms, 2000);
     // The agent never played: silent throughout, one step per caller step.
     let agent = telemetry.summary().agent;
@@ -258,7 +269,11 @@ fn echoed(agent: &[f64], delay_ms: usize, gain_db: f64, noise_dbfs: f64) -> Vec<
     let noise = noise(&mut Rng(77), noise_dbfs, agent.len());
     (0..agent.len())
         .map(|n| {
-            let echo = if n >= delay { agent[n - delay] * gain } else { 0.0 };
+            let echo = if n >= delay {
+                agent[n - delay] * gain
+            } else {
+                0.0
+            };
             echo + noise[n]
         })
         .collect()
@@ -296,7 +311,10 @@ fn an_echo_is_found_beside_the_callers_own_speech() {
     feed_call(&mut telemetry, &caller, &agent_chunks);
     let echo = telemetry.summary().echo;
     assert!(echo.detected, "{echo:?}");
-    assert!((290..=310).contains(&echo.delay_ms.unwrap_or(0)), "{echo:?}");
+    assert!(
+        (290..=310).contains(&echo.delay_ms.unwrap_or(0)),
+        "{echo:?}"
+    );
 }
 
 #[test]
@@ -332,8 +350,9 @@ fn too_little_agent_speech_is_not_judged() {
 #[test]
 fn a_cut_withdraws_the_agent_audio_never_heard() {
     let mut telemetry = CallTelemetry::new();
-    // One second of agent audio placed ahead, cut after 300 ms.
-    let agent = encode_i16(&tone(800.0, -20.0, 8000));
+    // One second of agent audio placed ahead, cut after 300 ms (1 kHz: its samples reach the
+    // sine's crest, so its peak is 3 dB over its RMS).
+    let agent = encode_i16(&tone(1000.0, -20.0, 8000));
     for (i, chunk) in agent.chunks(FRAME).enumerate() {
         telemetry.agent_audio(ms(20 * i as u64), chunk);
     }
@@ -342,7 +361,12 @@ fn a_cut_withdraws_the_agent_audio_never_heard() {
     let leg = telemetry.summary().agent;
     assert_eq!(leg.audio_ms, 300);
     assert!((leg.rms_dbfs - -20.0).abs() < 0.5, "{}", leg.rms_dbfs);
-    assert!((leg.silence_share - 1.7 / 2.0).abs() < 0.01, "{}", leg.silence_share);
+    assert!((leg.peak_dbfs - -17.0).abs() < 0.5, "{}", leg.peak_dbfs);
+    assert!(
+        (leg.silence_share - 1.7 / 2.0).abs() < 0.01,
+        "{}",
+        leg.silence_share
+    );
 }
 
 #[test]
@@ -367,4 +391,3 @@ fn agent_audio_before_the_caller_or_far_ahead_is_bounded() {
     telemetry.agent_audio(Duration::MAX, &[0x10; 7]);
     assert_eq!(telemetry.summary().caller.audio_ms, 20);
 }
-
