@@ -4,7 +4,8 @@
 //! in `pcmu` and `pcm16`, and Gemini Live (8 → 16 kHz up, 24 → 8 kHz down).
 //!
 //! Set against the end-to-end added latency the demo reports, this separates the bridge's
-//! own computation from task wake-ups and socket system calls.
+//! own computation from task wake-ups and socket system calls. `telemetry_20ms` measures the
+//! audio telemetry alone (it runs inside both paths above), for its share of them.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use voxrelay::session::engine::{CallEngine, Input, Output};
+use voxrelay::session::telemetry::CallTelemetry;
 
 #[path = "shared/engine_paths.rs"]
 mod engine_paths;
@@ -94,5 +96,41 @@ fn downlink(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, uplink, downlink);
+/// The audio telemetry alone, per 20 ms of call: one caller frame and one agent chunk (played
+/// 120 ms ahead, as the pacer's lead places it), through `CallTelemetry` as the engine's tap
+/// points feed it. Set against `uplink_frame` + `downlink_20ms_delta`, its share of the
+/// per-frame path (the engine runs it inside both).
+fn telemetry(c: &mut Criterion) {
+    let mut group = c.benchmark_group("telemetry_20ms");
+    group.throughput(Throughput::Elements(1));
+    // Speech-like levels: a loud and a quiet half, so steps are both speech and silence.
+    let caller: Vec<u8> = (0..160u32).map(|i| (i * 37 % 256) as u8).collect();
+    let agent: Vec<u8> = (0..160u32).map(|i| (i * 91 % 256) as u8 | 0x40).collect();
+    let frame = Duration::from_millis(20);
+    let lead = Duration::from_millis(120);
+    let mut telemetry = CallTelemetry::new();
+    let mut at = Duration::ZERO;
+    group.bench_function("caller_frame_and_agent_chunk", |b| {
+        b.iter(|| {
+            at += frame;
+            telemetry.agent_audio(at + lead, black_box(&agent));
+            telemetry.caller_audio(at, black_box(&caller));
+        })
+    });
+    let mut telemetry = CallTelemetry::new();
+    let mut at = Duration::ZERO;
+    group.bench_function("caller_frame_only", |b| {
+        b.iter(|| {
+            at += frame;
+            telemetry.caller_audio(at, black_box(&caller));
+        })
+    });
+    // The summary a call's end takes once (report and metrics).
+    group.bench_function("summary_at_call_end", |b| {
+        b.iter(|| black_box(telemetry.summary()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, uplink, downlink, telemetry);
 criterion_main!(benches);

@@ -233,6 +233,7 @@ fn report(call_sid: &str, tenant: &str, to: &str, started_at_ms: u64) -> CallRep
         turns: Vec::new(),
         turns_dropped: 0,
         recording: None,
+        audio: None,
     }
 }
 

@@ -75,6 +75,14 @@ async fn the_demo_answers_each_tenant_with_its_own_agent_and_reports_it() {
         "the mock's response.done usage reaches the report: {acme:?}"
     );
     assert!(report.text.contains("provider: gemini"), "{}", report.text);
+    // A line of audio telemetry for every call the control plane stored.
+    let stored: usize = report.history.iter().map(|(_, calls)| calls.len()).sum();
+    assert_eq!(
+        report.text.matches("      audio: caller ").count(),
+        stored,
+        "{}",
+        report.text
+    );
     let survivor = report
         .history
         .iter()

@@ -206,6 +206,17 @@ async fn two_tenants_called_at_once_each_get_their_own_agent() {
         // The bridge's own per-call latency: one uplink figure per caller frame it relayed.
         assert!(report.latency.uplink_us.count > 50, "{:?}", report.latency);
         assert!(report.latency.uplink_us.p50 <= report.latency.uplink_us.max);
+        // What the call sounded like, measured by the bridge and stored by the control plane:
+        // the caller's utterance on one leg, the greeting and answer on the other.
+        let audio = report.audio.expect("the call's audio telemetry");
+        assert_eq!(
+            audio.caller.audio_ms,
+            (report.audio_seconds_in * 1000.0).round() as u64,
+            "{audio:?}"
+        );
+        assert!(audio.agent.audio_ms > 0, "{audio:?}");
+        assert!(audio.caller.rms_dbfs > -60.0, "{audio:?}");
+        assert!(audio.caller.silence_share < 1.0, "{audio:?}");
     }
     cp.stop().await;
 }

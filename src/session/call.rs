@@ -1163,6 +1163,9 @@ where
     /// is buffered and a close frame, then they are dropped with the registry entry.
     async fn finish(mut self, reason: EndReason) {
         let stats = self.engine.stats();
+        // Summed up once, here: O(the telemetry's bounded state), not per frame.
+        let audio = self.engine.audio_summary();
+        self.metrics.audio.record_call(&audio);
         self.metrics.publish_call_stats(stats, &mut self.published);
         // The provider the call's agent ran on; a call that ended before its agent was known
         // would have had the environment's (as its report says).
@@ -1201,10 +1204,13 @@ where
                 &self.metrics,
                 record,
                 &agent,
-                reason,
-                stats,
-                &self.latency,
-                recording,
+                EndedCall {
+                    reason,
+                    stats,
+                    latency: &self.latency,
+                    recording,
+                    audio: &audio,
+                },
             );
         }
         // Abandoned: a connect, a claim or tools still under way.
@@ -1244,16 +1250,24 @@ fn classify_connect_error(error: &crate::upstream::UpstreamError) -> ConnectFail
     }
 }
 
-/// Hands an ended call's report to the report sender (a no-op without a control plane).
-fn submit_report(
-    metrics: &Metrics,
-    record: CallRecord,
-    agent: &CallAgent,
+/// What an ended call measured, for its report.
+struct EndedCall<'a> {
     reason: EndReason,
-    stats: &super::engine::CallStats,
-    latency: &CallLatencyRecorder,
+    stats: &'a super::engine::CallStats,
+    latency: &'a CallLatencyRecorder,
     recording: Option<ReportRecording>,
-) {
+    audio: &'a voxrelay_core::session::telemetry::AudioTelemetry,
+}
+
+/// Hands an ended call's report to the report sender (a no-op without a control plane).
+fn submit_report(metrics: &Metrics, record: CallRecord, agent: &CallAgent, ended: EndedCall<'_>) {
+    let EndedCall {
+        reason,
+        stats,
+        latency,
+        recording,
+        audio,
+    } = ended;
     let Some(handover) = record.handover else {
         return;
     };
@@ -1266,6 +1280,7 @@ fn submit_report(
         latency.summary(),
     );
     report.recording = recording;
+    report.audio = Some(super::report::audio_report(audio));
     if report.transcript_dropped_lines > 0 || report.transcript_cut_lines > 0 {
         metrics
             .control_report_transcripts_truncated

@@ -16,6 +16,7 @@ use super::turn_metrics::TurnMetrics;
 // which records into it, so it must not import from it.
 use voxrelay_core::Provider;
 use voxrelay_core::control::api::ContextSource;
+use voxrelay_core::session::telemetry::AudioTelemetry;
 
 /// Upper bounds of the latency buckets, in microseconds.
 const BUCKETS_US: [u64; 16] = [
@@ -498,6 +499,114 @@ pub struct Metrics {
     pub control_reports_lost: AtomicU64,
     /// Reports whose transcript was shortened to fit (oldest lines dropped or a line cut).
     pub control_report_transcripts_truncated: AtomicU64,
+    /// What calls sounded like, recorded once per call at its end.
+    pub audio: AudioMetrics,
+}
+
+/// Upper bounds of the caller-level buckets, dBFS (speech on a phone line sits around −20 to
+/// −30; below −45 is silence).
+const LEVEL_BUCKETS_DBFS: [i32; 12] = [-60, -50, -45, -40, -35, -30, -25, -20, -15, -10, -5, 0];
+
+/// The calls' audio telemetry (`voxrelay_core::session::telemetry`), summed over calls.
+#[derive(Default)]
+pub struct AudioMetrics {
+    /// By leg: `caller`, `agent`.
+    one_way: [AtomicU64; 2],
+    one_way_ms: [AtomicU64; 2],
+    clipped: [AtomicU64; 2],
+    echo: AtomicU64,
+    /// The caller leg's RMS level per call, by [`LEVEL_BUCKETS_DBFS`].
+    caller_level: [AtomicU64; LEVEL_BUCKETS_DBFS.len()],
+    caller_level_count: AtomicU64,
+    caller_level_sum_centi_db: AtomicI64,
+}
+
+impl AudioMetrics {
+    const LEGS: [&'static str; 2] = ["caller", "agent"];
+
+    /// One ended call's figures.
+    pub fn record_call(&self, audio: &AudioTelemetry) {
+        for (index, leg) in [&audio.caller, &audio.agent].into_iter().enumerate() {
+            self.one_way[index].fetch_add(u64::from(leg.one_way_episodes), Relaxed);
+            self.one_way_ms[index].fetch_add(leg.one_way_ms, Relaxed);
+            self.clipped[index].fetch_add(leg.clipped_samples, Relaxed);
+        }
+        if audio.echo.detected {
+            self.echo.fetch_add(1, Relaxed);
+        }
+        // A call whose caller sent no audio has no level to count.
+        if audio.caller.audio_ms > 0 {
+            let level = audio.caller.rms_dbfs;
+            if let Some(index) = LEVEL_BUCKETS_DBFS
+                .iter()
+                .position(|&bound| level <= f64::from(bound))
+            {
+                self.caller_level[index].fetch_add(1, Relaxed);
+            }
+            self.caller_level_count.fetch_add(1, Relaxed);
+            self.caller_level_sum_centi_db
+                .fetch_add((level * 100.0).round() as i64, Relaxed);
+        }
+    }
+
+    /// One-way audio episodes of `leg` (0: the caller's, 1: the agent's).
+    pub fn one_way_episodes(&self, leg: usize) -> u64 {
+        self.one_way[leg].load(Relaxed)
+    }
+
+    pub fn echoes(&self) -> u64 {
+        self.echo.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String) {
+        let by_leg = |counters: &[AtomicU64; 2]| {
+            let [caller, agent] = Self::LEGS;
+            [
+                (caller, counters[0].load(Relaxed)),
+                (agent, counters[1].load(Relaxed)),
+            ]
+        };
+        write_labelled_counter(
+            out,
+            "voxrelay_audio_one_way_total",
+            "One-way audio: times a leg was silent for 8 s or more while the other spoke, by leg (caller: what Twilio sent; agent: what the caller was played).",
+            "leg",
+            by_leg(&self.one_way),
+        );
+        write_labelled_counter(
+            out,
+            "voxrelay_audio_one_way_ms_total",
+            "Length of those one-way silences, summed, by leg.",
+            "leg",
+            by_leg(&self.one_way_ms),
+        );
+        write_labelled_counter(
+            out,
+            "voxrelay_audio_clipped_samples_total",
+            "Samples at the mu-law code's extremes (clipped), by leg.",
+            "leg",
+            by_leg(&self.clipped),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP voxrelay_audio_echo_total Calls in which the agent's voice came back in the caller's audio.\n# TYPE voxrelay_audio_echo_total counter\nvoxrelay_audio_echo_total {}",
+            self.echo.load(Relaxed)
+        );
+        let name = "voxrelay_audio_caller_level_dbfs";
+        let _ = writeln!(
+            out,
+            "# HELP {name} The caller leg's RMS level per call, dBFS.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (bucket, bound) in self.caller_level.iter().zip(LEVEL_BUCKETS_DBFS) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.caller_level_count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.caller_level_sum_centi_db.load(Relaxed) as f64 / 100.0;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
 }
 
 /// Why the public listener refused or cut something, each counted separately.
@@ -1297,6 +1406,7 @@ impl Metrics {
         self.turns.render(&mut out);
         self.recordings.render(&mut out);
         self.listener.render(&mut out);
+        self.audio.render(&mut out);
         out
     }
 
@@ -1419,6 +1529,47 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audio_telemetry_is_counted_per_call_and_rendered() {
+        use voxrelay_core::session::telemetry::LegAudio;
+        let metrics = Metrics::default();
+        let mut audio = AudioTelemetry {
+            caller: LegAudio {
+                audio_ms: 60_000,
+                rms_dbfs: -27.5,
+                clipped_samples: 40,
+                one_way_episodes: 1,
+                one_way_ms: 6_000,
+                ..LegAudio::default()
+            },
+            ..AudioTelemetry::default()
+        };
+        audio.agent.clipped_samples = 2;
+        audio.echo.detected = true;
+        metrics.audio.record_call(&audio);
+        // A call without caller audio: no level, nothing else either.
+        metrics.audio.record_call(&AudioTelemetry::default());
+        assert_eq!(metrics.audio.one_way_episodes(0), 1);
+        assert_eq!(metrics.audio.one_way_episodes(1), 0);
+        assert_eq!(metrics.audio.echoes(), 1);
+        let text = metrics.render();
+        for line in [
+            "voxrelay_audio_one_way_total{leg=\"caller\"} 1\n",
+            "voxrelay_audio_one_way_total{leg=\"agent\"} 0\n",
+            "voxrelay_audio_one_way_ms_total{leg=\"caller\"} 6000\n",
+            "voxrelay_audio_clipped_samples_total{leg=\"caller\"} 40\n",
+            "voxrelay_audio_clipped_samples_total{leg=\"agent\"} 2\n",
+            "voxrelay_audio_echo_total 1\n",
+            "voxrelay_audio_caller_level_dbfs_bucket{le=\"-30\"} 0\n",
+            "voxrelay_audio_caller_level_dbfs_bucket{le=\"-25\"} 1\n",
+            "voxrelay_audio_caller_level_dbfs_bucket{le=\"+Inf\"} 1\n",
+            "voxrelay_audio_caller_level_dbfs_sum -27.5\n",
+            "voxrelay_audio_caller_level_dbfs_count 1\n",
+        ] {
+            assert!(text.contains(line), "{line} missing");
+        }
+    }
 
     #[test]
     fn a_call_latency_summary_is_bounded_by_the_largest_sample() {

@@ -20,5 +20,5 @@ pub mod turn_metrics;
 // The sans-IO parts live in `voxrelay-core`; re-exported so `crate::session::engine` and the
 // rest keep their paths.
 pub use voxrelay_core::session::{
-    continuity, conversation, engine, model, playback, queue, tap, transcript, turns,
+    continuity, conversation, engine, model, playback, queue, tap, telemetry, transcript, turns,
 };

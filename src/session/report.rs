@@ -21,9 +21,11 @@ use super::agent::CallAgent;
 use super::engine::CallStats;
 use crate::Provider;
 use crate::control::api::{
-    CallLatency, CallReport, LatencySummary, ModelSessionReport, ReportBinding, ReportFallback,
-    ReportUsage, TranscriptEntry, TurnBargeInReport, TurnReport,
+    CallLatency, CallReport, LatencySummary, ModelSessionReport, ReportAudio, ReportBinding,
+    ReportEcho, ReportFallback, ReportLegAudio, ReportUsage, TranscriptEntry, TurnBargeInReport,
+    TurnReport,
 };
+use voxrelay_core::session::telemetry::{AudioTelemetry, LegAudio};
 pub use voxrelay_core::session::transcript::{
     MAX_TRANSCRIPT_BYTES, MAX_TRANSCRIPT_LINE_BYTES, Transcript,
 };
@@ -160,6 +162,8 @@ pub fn call_report(
         turns_dropped: stats.turns.dropped(),
         // The call's end sets it once the recorder has finalised its file.
         recording: None,
+        // The engine's telemetry, added by [`audio_report`] where the call has it.
+        audio: None,
     }
 }
 
@@ -182,6 +186,44 @@ fn turn_report(turn: &TurnTiming) -> TurnReport {
             talk_over_ms: barge_in.talk_over.map(report_ms),
             heard_over_caller_ms: barge_in.heard_over_caller.map(report_ms),
         }),
+    }
+}
+
+/// A call's audio telemetry as its report carries it (`CallReport::audio`): levels and shares
+/// rounded to 0.01, every number finite.
+pub fn audio_report(audio: &AudioTelemetry) -> ReportAudio {
+    ReportAudio {
+        caller: leg_report(&audio.caller),
+        agent: leg_report(&audio.agent),
+        echo: ReportEcho {
+            detected: audio.echo.detected,
+            delay_ms: audio.echo.delay_ms,
+            level_db: audio.echo.level_db.map(round2),
+            correlation: round2(audio.echo.correlation),
+        },
+    }
+}
+
+fn leg_report(leg: &LegAudio) -> ReportLegAudio {
+    ReportLegAudio {
+        audio_ms: leg.audio_ms,
+        rms_dbfs: round2(leg.rms_dbfs),
+        peak_dbfs: round2(leg.peak_dbfs),
+        clipped_samples: leg.clipped_samples,
+        silence_share: round2(leg.silence_share),
+        longest_silence_ms: leg.longest_silence_ms,
+        one_way_episodes: leg.one_way_episodes,
+        one_way_ms: leg.one_way_ms,
+    }
+}
+
+/// `x` to two decimals; a non-finite `x` (never made by the telemetry) as 0, which JSON can
+/// carry.
+fn round2(x: f64) -> f64 {
+    if x.is_finite() {
+        (x * 100.0).round() / 100.0
+    } else {
+        0.0
     }
 }
 
@@ -371,6 +413,57 @@ mod tests {
     }
 
     #[test]
+    fn the_audio_telemetry_is_reported_rounded_and_finite() {
+        let leg = LegAudio {
+            audio_ms: 61_020,
+            rms_dbfs: -23.456_7,
+            peak_dbfs: -3.001,
+            clipped_samples: 7,
+            silence_share: 0.416_66,
+            longest_silence_ms: 5_410,
+            one_way_episodes: 1,
+            one_way_ms: 5_410,
+        };
+        let mut telemetry = AudioTelemetry {
+            caller: leg,
+            agent: LegAudio {
+                rms_dbfs: f64::NAN,
+                ..LegAudio::default()
+            },
+            ..AudioTelemetry::default()
+        };
+        telemetry.echo.detected = true;
+        telemetry.echo.delay_ms = Some(180);
+        telemetry.echo.level_db = Some(19.876);
+        telemetry.echo.correlation = 0.954;
+        let audio = audio_report(&telemetry);
+        assert_eq!(
+            serde_json::to_value(audio).unwrap(),
+            serde_json::json!({
+                "caller": {"audio_ms": 61_020, "rms_dbfs": -23.46, "peak_dbfs": -3.0,
+                    "clipped_samples": 7, "silence_share": 0.42, "longest_silence_ms": 5_410,
+                    "one_way_episodes": 1, "one_way_ms": 5_410},
+                "agent": {"audio_ms": 0, "rms_dbfs": 0.0, "peak_dbfs": 0.0,
+                    "clipped_samples": 0, "silence_share": 0.0, "longest_silence_ms": 0,
+                    "one_way_episodes": 0, "one_way_ms": 0},
+                "echo": {"detected": true, "delay_ms": 180, "level_db": 19.88,
+                    "correlation": 0.95}
+            })
+        );
+        // `call_report` leaves it to the call that has it.
+        let agent = CallAgent::from_defaults(&AgentDefaults::default(), "fresh");
+        let report = call_report(
+            &identity(ReportBinding::Bound, UNIX_EPOCH),
+            &agent,
+            UNIX_EPOCH,
+            "twilio_stop",
+            &CallStats::default(),
+            [(0, 0, 0, 0); 3],
+        );
+        assert_eq!(report.audio, None);
+    }
+
+    #[test]
     fn the_worst_case_report_fits_its_bound() {
         // Every field at its longest and worst escaping; the transcript filled to its budget
         // with escape-heavy lines of every length.
@@ -441,7 +534,7 @@ mod tests {
                 .caller_started(Some(at(base + 1)), at(base + 666_666_666_661));
             stats.turns.barged_in(at(base + 777_777_777_771));
         }
-        let report = call_report(
+        let mut report = call_report(
             &CallIdentity {
                 call_sid: hostile.clone(),
                 stream_sid: hostile.clone(),
@@ -456,6 +549,27 @@ mod tests {
             &stats,
             [(u64::MAX, u64::MAX, u64::MAX, u64::MAX); 3],
         );
+        // The audio telemetry with every number at its widest.
+        let leg = LegAudio {
+            audio_ms: u64::MAX,
+            rms_dbfs: -99.99,
+            peak_dbfs: -99.99,
+            clipped_samples: u64::MAX,
+            silence_share: 0.99,
+            longest_silence_ms: u64::MAX,
+            one_way_episodes: u32::MAX,
+            one_way_ms: u64::MAX,
+        };
+        report.audio = Some(audio_report(&AudioTelemetry {
+            caller: leg,
+            agent: leg,
+            echo: voxrelay_core::session::telemetry::EchoSummary {
+                detected: true,
+                delay_ms: Some(u32::MAX),
+                level_db: Some(-99.99),
+                correlation: 0.99,
+            },
+        }));
         let encoded = serde_json::to_vec(&report).unwrap();
         assert!(report.transcript_dropped_lines > 0 && report.transcript_cut_lines > 0);
         assert_eq!(report.turns.len(), MAX_TURNS);

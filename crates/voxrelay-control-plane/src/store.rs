@@ -31,8 +31,8 @@ use serde_json::{Value, json};
 use super::seed::{BusinessHours, Seed};
 use super::tools::{Tool, ToolArguments, business_hours_output};
 use voxrelay_core::control::api::{
-    CallHistory, CallLatency, CallReport, ModelSessionReport, ReportBinding, ReportFallback,
-    ReportUsage, Speaker, TenantContext, ToolRequest, TranscriptEntry, TurnReport,
+    CallHistory, CallLatency, CallReport, ModelSessionReport, ReportAudio, ReportBinding,
+    ReportFallback, ReportUsage, Speaker, TenantContext, ToolRequest, TranscriptEntry, TurnReport,
     memory_namespace,
 };
 use voxrelay_core::{AudioMode, Provider};
@@ -124,8 +124,9 @@ CREATE TABLE IF NOT EXISTS calls (
     -- reported). Columns rather than JSON so usage can be summed in SQL.
     input_tokens      INTEGER CHECK (input_tokens >= 0),
     output_tokens     INTEGER CHECK (output_tokens >= 0),
-    -- Schema 5. JSON {\"turns\": […], \"turns_dropped\": …}: what the caller experienced, as
-    -- the report has it (NULL: reported before schema 5, read as no turns).
+    -- Schema 5. JSON {\"turns\": […], \"turns_dropped\": …, \"audio\": {…}}: what the caller
+    -- experienced (turn timings, audio telemetry), as the report has it (NULL: reported before
+    -- schema 5, read as no turns and no telemetry).
     quality           TEXT,
     -- Schema 5. JSON of the report's `recording` ({path, duration_ms, sha256, frames_dropped}
     -- or {error}); NULL: the call was not to be recorded (or reported before schema 5).
@@ -207,8 +208,8 @@ COMMIT;
 ";
 
 /// Schema 4 → 5: the tenants' recording switch, and the calls' recording and quality record
-/// (turn timings), NULL for every existing row (the bridge's default; no recording reported;
-/// no turns: those bridges did not time them).
+/// (turn timings and audio telemetry), NULL for every existing row (the bridge's default; no
+/// recording reported; no turns or telemetry: those bridges did not measure them).
 const MIGRATE_4_TO_5: &str = "
 BEGIN;
 ALTER TABLE tenants ADD COLUMN record INTEGER CHECK (record IN (0, 1));
@@ -1059,6 +1060,7 @@ fn reported_calls(
                 usage,
                 turns: quality.turns,
                 turns_dropped: quality.turns_dropped,
+                audio: quality.audio,
                 recording: row
                     .get::<_, Option<String>>(25)?
                     .map(|json| serde_json::from_str(&json).map_err(|_| corrupt("recording")))
@@ -1141,6 +1143,8 @@ struct Quality {
     turns: Vec<TurnReport>,
     #[serde(default)]
     turns_dropped: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    audio: Option<ReportAudio>,
 }
 
 impl Quality {
@@ -1148,6 +1152,7 @@ impl Quality {
         Self {
             turns: report.turns.clone(),
             turns_dropped: report.turns_dropped,
+            audio: report.audio,
         }
     }
 }
@@ -1224,6 +1229,14 @@ impl ReportInts {
             for session in &report.model_sessions {
                 i64::try_from(session.started_ms)?;
                 session.ended_ms.map(i64::try_from).transpose()?;
+            }
+            if let Some(audio) = &report.audio {
+                for leg in [&audio.caller, &audio.agent] {
+                    i64::try_from(leg.audio_ms)?;
+                    i64::try_from(leg.clipped_samples)?;
+                    i64::try_from(leg.longest_silence_ms)?;
+                    i64::try_from(leg.one_way_ms)?;
+                }
             }
             Ok(ints)
         })
@@ -1333,6 +1346,7 @@ mod tests {
             }],
             turns_dropped: 1,
             recording: None,
+            audio: None,
         }
     }
 
@@ -1859,6 +1873,72 @@ mod tests {
                 .execute("UPDATE tenants SET record = 2 WHERE id = 'old_tenant'", [])
                 .is_err(),
             "the check holds on the migrated table"
+        );
+    }
+
+    #[test]
+    fn a_reports_audio_round_trips_in_its_quality_record() {
+        use voxrelay_core::control::api::{ReportEcho, ReportLegAudio};
+        let store = seeded();
+        let leg = ReportLegAudio {
+            audio_ms: 61_020,
+            rms_dbfs: -23.46,
+            peak_dbfs: -3.0,
+            clipped_samples: 7,
+            silence_share: 0.42,
+            longest_silence_ms: 5_410,
+            one_way_episodes: 1,
+            one_way_ms: 5_410,
+        };
+        let mut heard = report("CA2", Some("harbor_florist"), NOW_MS);
+        heard.to = "+15550100004".into();
+        heard.audio = Some(ReportAudio {
+            caller: leg,
+            agent: ReportLegAudio {
+                silence_share: 0.6,
+                ..leg
+            },
+            echo: ReportEcho {
+                detected: true,
+                delay_ms: Some(180),
+                level_db: Some(19.88),
+                correlation: 0.95,
+            },
+        });
+        assert_eq!(store.record_report(&heard, NOW_MS).expect("store"), Ok(2));
+        assert_eq!(
+            store.reported_call("CA2").expect("store"),
+            Some(heard.clone())
+        );
+        let stored: String = store
+            .lock()
+            .query_row(
+                "SELECT quality FROM calls WHERE call_sid = 'CA2'",
+                [],
+                |row| row.get(0),
+            )
+            .expect("row");
+        let stored: serde_json::Value = serde_json::from_str(&stored).expect("json");
+        assert_eq!(stored["audio"]["echo"]["delay_ms"], 180);
+        // A retry differing only in its audio is another report.
+        let mut other = heard.clone();
+        other.audio = None;
+        assert_eq!(
+            store.record_report(&other, NOW_MS).expect("store"),
+            Err(Refusal::ReportConflict)
+        );
+        // Its integers are held to SQLite's range like every report integer.
+        let mut huge = report("CA3", Some("harbor_florist"), NOW_MS);
+        huge.audio = Some(ReportAudio {
+            caller: ReportLegAudio {
+                clipped_samples: u64::MAX,
+                ..leg
+            },
+            ..ReportAudio::default()
+        });
+        assert_eq!(
+            store.record_report(&huge, NOW_MS).expect("store"),
+            Err(Refusal::OutOfRange)
         );
     }
 

@@ -29,6 +29,7 @@ use crate::launcher::{
 use crate::mock::{MockConfig, MockFaultKind, MockRealtimeServer, MockSessionRecord, MockToolCall};
 use voxrelay_control_plane::server::{ControlPlaneError, start_embedded};
 use voxrelay_core::control::api::CallReport as ControlReport;
+use voxrelay_core::control::api::{ReportAudio, ReportLegAudio};
 use voxrelay_core::{AudioMode, Secret};
 
 /// The seeded numbers the demo dials, in order, and one nobody owns.
@@ -344,6 +345,9 @@ fn render(
             for turn in &call.turns {
                 let _ = writeln!(out, "      {}", turn_line(turn));
             }
+            if let Some(audio) = &call.audio {
+                let _ = writeln!(out, "      {}", audio_line(audio));
+            }
             if call.model_sessions.len() > 1 || call.fallback.is_some() {
                 let sessions: Vec<String> = call
                     .model_sessions
@@ -458,9 +462,72 @@ fn turn_line(turn: &voxrelay_core::control::api::TurnReport) -> String {
     line
 }
 
+/// A call's audio telemetry on one line: both legs' level, peak, silence, clipping and
+/// one-way audio, and the echo.
+fn audio_line(audio: &ReportAudio) -> String {
+    let leg = |leg: &ReportLegAudio| {
+        format!(
+            "{:.1} dBFS (peak {:.1}), {:.0}% silent (longest {:.1} s), {} clipped, one-way {}",
+            leg.rms_dbfs,
+            leg.peak_dbfs,
+            leg.silence_share * 100.0,
+            leg.longest_silence_ms as f64 / 1e3,
+            leg.clipped_samples,
+            leg.one_way_episodes,
+        )
+    };
+    let echo = match (audio.echo.delay_ms, audio.echo.level_db) {
+        (Some(delay), Some(level)) if audio.echo.detected => {
+            format!("echo at {delay} ms, {level:.1} dB down")
+        }
+        _ => format!("no echo (r {:.2})", audio.echo.correlation),
+    };
+    format!(
+        "audio: caller {}; agent {}; {echo}",
+        leg(&audio.caller),
+        leg(&audio.agent)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use voxrelay_core::control::api::ReportEcho;
+
+    #[test]
+    fn the_audio_line_names_both_legs_and_the_echo() {
+        let leg = ReportLegAudio {
+            audio_ms: 9_000,
+            rms_dbfs: -23.46,
+            peak_dbfs: -3.0,
+            clipped_samples: 2,
+            silence_share: 0.42,
+            longest_silence_ms: 5_410,
+            one_way_episodes: 1,
+            one_way_ms: 5_410,
+        };
+        let mut audio = ReportAudio {
+            caller: leg,
+            agent: leg,
+            echo: ReportEcho {
+                detected: true,
+                delay_ms: Some(180),
+                level_db: Some(19.88),
+                correlation: 0.95,
+            },
+        };
+        assert_eq!(
+            audio_line(&audio),
+            "audio: caller -23.5 dBFS (peak -3.0), 42% silent (longest 5.4 s), 2 clipped, one-way 1; \
+             agent -23.5 dBFS (peak -3.0), 42% silent (longest 5.4 s), 2 clipped, one-way 1; \
+             echo at 180 ms, 19.9 dB down"
+        );
+        audio.echo = ReportEcho {
+            correlation: 0.12,
+            ..ReportEcho::default()
+        };
+        assert!(audio_line(&audio).ends_with("; no echo (r 0.12)"));
+    }
 
     #[test]
     fn demo_dials_each_seeded_number_and_every_third_call_an_unknown_one() {

@@ -285,6 +285,10 @@ pub struct CallReport {
     /// The call's recording, when it was to be recorded; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recording: Option<ReportRecording>,
+    /// What the call sounded like, per leg, with one-way audio and echo
+    /// (`voxrelay_core::session::telemetry`); absent from a bridge before the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio: Option<ReportAudio>,
 }
 
 /// One assistant turn of a reported call. Durations are milliseconds with microsecond
@@ -343,6 +347,50 @@ pub enum ReportRecording {
         /// detail (`unwritable_dir: …`, `disk_full: …`, `encoder: …`, `finalize_timeout`).
         error: String,
     },
+}
+
+/// A call's audio telemetry: the caller's leg (what Twilio sent), the agent's (what the caller
+/// was played and heard: a barge-in's cut withdraws the rest), and the agent's voice echoing
+/// back in the caller's audio. Levels in dBFS (a full-scale sine is −3 dBFS; −100 stands for
+/// digital silence), rounded to 0.01.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReportAudio {
+    pub caller: ReportLegAudio,
+    pub agent: ReportLegAudio,
+    pub echo: ReportEcho,
+}
+
+/// One leg's figures over the call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReportLegAudio {
+    /// Audio the leg carried, ms.
+    pub audio_ms: u64,
+    pub rms_dbfs: f64,
+    pub peak_dbfs: f64,
+    /// Samples at the μ-law code's extremes (clipped, or at full scale).
+    pub clipped_samples: u64,
+    /// Share of the call (0–1) the leg was silent: below −45 dBFS, or, for the agent, not
+    /// playing.
+    pub silence_share: f64,
+    pub longest_silence_ms: u64,
+    /// Times the leg was silent for 8 s or more while the other spoke (one-way audio), and
+    /// those silences' length summed.
+    pub one_way_episodes: u32,
+    pub one_way_ms: u64,
+}
+
+/// The agent's own voice in the caller's audio.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReportEcho {
+    pub detected: bool,
+    /// How long after it was played it came back; `null` unless detected.
+    pub delay_ms: Option<u32>,
+    /// Echo return loss: how many dB below the played audio it came back; `null` unless
+    /// detected.
+    pub level_db: Option<f64>,
+    /// The best correlation found between the played audio and the caller's (0–1; an echo
+    /// is 0.6 or more).
+    pub correlation: f64,
 }
 
 /// A call's token usage as the provider reported it (OpenAI's `response.done` usage,
@@ -588,6 +636,41 @@ mod tests {
                 input_tokens: 10,
                 output_tokens: 4
             })
+        );
+    }
+
+    #[test]
+    fn a_reports_audio_is_optional_and_round_trips() {
+        let mut json = serde_json::json!({
+            "call_sid":"CA1","stream_sid":"MZ1","tenant_id":null,"agent_name":"a","from":"",
+            "to":"","started_at_ms":0,"ended_at_ms":0,"end_reason":"twilio_stop",
+            "context_source":"fresh","audio_seconds_in":1.0,"audio_seconds_out":0.5,
+            "barge_ins":0,"dtmf_digits":0,"tool_calls":0,"latency":{
+                "uplink_us":{"count":0,"p50":0,"p99":0,"max":0},
+                "downlink_us":{"count":0,"p50":0,"p99":0,"max":0},
+                "barge_in_us":{"count":0,"p50":0,"p99":0,"max":0}},
+            "transcript":[]});
+        // A bridge from before the field: none, and none written back.
+        let report: CallReport = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(report.audio, None);
+        assert!(
+            serde_json::to_value(&report)
+                .unwrap()
+                .get("audio")
+                .is_none()
+        );
+        let leg = serde_json::json!({"audio_ms": 60_000, "rms_dbfs": -24.5, "peak_dbfs": -3.1,
+            "clipped_samples": 12, "silence_share": 0.41, "longest_silence_ms": 5_400,
+            "one_way_episodes": 1, "one_way_ms": 5_400});
+        json["audio"] = serde_json::json!({"caller": leg, "agent": leg, "echo": {
+            "detected": true, "delay_ms": 180, "level_db": 21.5, "correlation": 0.93}});
+        let report: CallReport = serde_json::from_value(json.clone()).unwrap();
+        let audio = report.audio.expect("the audio");
+        assert_eq!(audio.caller.one_way_episodes, 1);
+        assert_eq!(audio.echo.delay_ms, Some(180));
+        assert_eq!(
+            serde_json::to_value(&report).unwrap()["audio"],
+            json["audio"]
         );
     }
 

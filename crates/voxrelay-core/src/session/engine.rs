@@ -46,6 +46,7 @@ use super::conversation::Conversation;
 use super::model::ModelSession;
 use super::playback::{Interruption, MarkOutcome, Playback, PlaybackConfig};
 use super::tap::MediaTap;
+use super::telemetry::{AudioTelemetry, CallTelemetry};
 use super::transcript::{MAX_TRANSCRIPT_LINE_BYTES, Transcript, cut_marked};
 use super::turns::{Turns, UplinkClock};
 use crate::codec::{StreamResampler, g711, pcm};
@@ -572,6 +573,8 @@ pub struct CallEngine {
     caller_speaking: bool,
     /// The call's recorder, when it is recorded.
     tap: Option<Box<dyn MediaTap>>,
+    /// What the call sounded like: always on, fed where the tap is.
+    telemetry: CallTelemetry,
 }
 
 /// Where the open session's make-before-break renewal stands.
@@ -638,6 +641,7 @@ impl CallEngine {
             renewal: Renewal::default(),
             caller_speaking: false,
             tap: None,
+            telemetry: CallTelemetry::new(),
         }
     }
 
@@ -684,6 +688,17 @@ impl CallEngine {
 
     pub fn stats(&self) -> &CallStats {
         &self.stats
+    }
+
+    /// The call's audio telemetry so far (both legs, one-way audio, echo), for its report and
+    /// metrics at its end; its live state, e.g. [`CallTelemetry::caller_voice_ended`].
+    pub fn audio_telemetry(&self) -> &CallTelemetry {
+        &self.telemetry
+    }
+
+    /// The call's audio telemetry summed up (O(a few hundred steps): at the call's end).
+    pub fn audio_summary(&self) -> AudioTelemetry {
+        self.telemetry.summary()
     }
 
     /// Whether the model session is open (configured, or pre-warmed and adopted).
@@ -877,8 +892,12 @@ impl CallEngine {
         }
         self.stats.frames_in += 1;
         self.stats.audio_bytes_in += self.scratch.bytes.len() as u64;
-        if let (Some(tap), Some(started)) = (self.tap.as_mut(), self.started_at) {
-            tap.caller_audio(now.saturating_duration_since(started), &self.scratch.bytes);
+        if let Some(started) = self.started_at {
+            let at = now.saturating_duration_since(started);
+            self.telemetry.caller_audio(at, &self.scratch.bytes);
+            if let Some(tap) = self.tap.as_mut() {
+                tap.caller_audio(at, &self.scratch.bytes);
+            }
         }
         if self.model_is_open() {
             self.send_caller_audio(now, Some(payload_b64));
@@ -1470,8 +1489,12 @@ impl CallEngine {
         let Some(stream_sid) = self.stream.stream_sid() else {
             return;
         };
-        if let (Some(tap), Some(started)) = (self.tap.as_mut(), self.started_at) {
-            tap.agent_cut(now.saturating_duration_since(started));
+        if let Some(started) = self.started_at {
+            let at = now.saturating_duration_since(started);
+            self.telemetry.agent_cut(at);
+            if let Some(tap) = self.tap.as_mut() {
+                tap.agent_cut(at);
+            }
         }
         let mut text = String::with_capacity(64);
         write_clear_json(&mut text, stream_sid);
@@ -1558,11 +1581,12 @@ impl CallEngine {
                 transmit.play_at,
                 Duration::from_millis(transmit.payload.len() as u64 / 8),
             );
-            if let (Some(tap), Some(started)) = (self.tap.as_mut(), self.started_at) {
-                tap.agent_audio(
-                    transmit.play_at.saturating_duration_since(started),
-                    transmit.payload,
-                );
+            if let Some(started) = self.started_at {
+                let play_at = transmit.play_at.saturating_duration_since(started);
+                self.telemetry.agent_audio(play_at, transmit.payload);
+                if let Some(tap) = self.tap.as_mut() {
+                    tap.agent_audio(play_at, transmit.payload);
+                }
             }
             self.stats.frames_out += 1;
             self.stats.audio_bytes_out += transmit.payload.len() as u64;

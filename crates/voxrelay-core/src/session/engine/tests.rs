@@ -2314,3 +2314,91 @@ fn a_turn_is_timed_from_the_callers_speech_end_to_twilios_mark() {
     assert_eq!(turn.playout, Some(ms(30)));
     assert_eq!(turn.voice_to_voice, Some(ms(840)));
 }
+
+/// Speech-like agent audio in μ-law: a 500 Hz tone in bursts of 60–200 ms at varying
+/// loudness, with 40–120 ms gaps (a fixed pseudo-random pattern).
+fn tone_bursts(samples: usize) -> Vec<u8> {
+    use crate::codec::g711::{MULAW_SILENCE, mulaw_encode};
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |low: u64, high: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        low + state % (high - low)
+    };
+    let mut out = Vec::with_capacity(samples);
+    while out.len() < samples {
+        let on = next(60, 200) as usize * 8;
+        let amplitude = next(2_000, 12_000) as f64;
+        let start = out.len();
+        out.extend((0..on).map(|n| {
+            let phase = std::f64::consts::TAU * 500.0 * (start + n) as f64 / 8000.0;
+            mulaw_encode((amplitude * phase.sin()) as i16)
+        }));
+        out.extend(std::iter::repeat_n(
+            MULAW_SILENCE,
+            next(40, 120) as usize * 8,
+        ));
+    }
+    out.truncate(samples);
+    out
+}
+
+#[test]
+fn telemetry_hears_both_legs_at_the_tap_points_with_the_echo_and_the_cut() {
+    use crate::codec::g711::{MULAW_SILENCE, mulaw_decode, mulaw_encode};
+    let mut h = Harness::streaming(AudioMode::Pcmu);
+    // Six seconds of agent audio from t = 0; the caller's line carries it back 200 ms later
+    // and 20 dB down, and the caller barges in at 5 s.
+    let agent = tone_bursts(6 * 8000);
+    h.upstream(0, &response_created("r1")).unwrap();
+    for second in agent.chunks(8000) {
+        h.upstream(0, &delta("r1", "A", second)).unwrap();
+    }
+    h.upstream(0, &response_done("r1")).unwrap();
+    const CUT_MS: u64 = 5_000;
+    const ECHO_SAMPLES: usize = 1_600;
+    for frame in 0..350u64 {
+        let read_at = 20 * (frame + 1);
+        h.run_until(read_at);
+        let audio: Vec<u8> = (0..160)
+            .map(|n| {
+                let heard = (frame as usize * 160 + n).checked_sub(ECHO_SAMPLES);
+                match heard.filter(|&at| at < CUT_MS as usize * 8) {
+                    Some(at) => mulaw_encode(mulaw_decode(agent[at]) / 10),
+                    None => MULAW_SILENCE,
+                }
+            })
+            .collect();
+        h.twilio(read_at, &media_msg(&b64(&audio))).unwrap();
+        if read_at == CUT_MS {
+            h.upstream(CUT_MS, speech_started()).unwrap();
+            assert_eq!(h.engine.stats().barge_ins, 1);
+        }
+    }
+    let summary = h.engine.audio_summary();
+    // The agent's leg is what was heard: the cut withdrew what the lead had sent past 5 s.
+    assert!(
+        summary.agent.audio_ms.abs_diff(CUT_MS) <= 20,
+        "{:?}",
+        summary.agent
+    );
+    assert_eq!(summary.caller.audio_ms, 7_000);
+    assert!(
+        (summary.agent.rms_dbfs - summary.caller.rms_dbfs).abs() > 15.0,
+        "{summary:?}"
+    );
+    assert!(summary.echo.detected, "{:?}", summary.echo);
+    let delay = summary.echo.delay_ms.unwrap_or_default();
+    assert!((190..=210).contains(&delay), "{:?}", summary.echo);
+    let level = summary.echo.level_db.unwrap_or_default();
+    assert!((level - 20.0).abs() < 3.0, "{:?}", summary.echo);
+    // The caller's line went quiet once the heard audio's echo had come back.
+    let ended = h
+        .engine
+        .audio_telemetry()
+        .caller_voice_ended()
+        .expect("the echo sounded");
+    assert!(ended <= Duration::from_millis(CUT_MS + 220), "{ended:?}");
+    assert!(ended >= Duration::from_millis(4_000), "{ended:?}");
+}
