@@ -514,9 +514,11 @@ mod tests {
         stats.turns.started(t0);
         for n in 0..=MAX_TURNS as u64 {
             let base = 900_000_000_001 + n;
-            stats
-                .turns
-                .caller_stopped(Some(at(base)), at(base + 111_111_111_111));
+            stats.turns.caller_stopped(
+                Some(at(base)),
+                Some(at(base + 111_111_111_111)),
+                at(base + 111_111_111_111),
+            );
             stats
                 .turns
                 .response_created("r", at(base + 222_222_222_221));

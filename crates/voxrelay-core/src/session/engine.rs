@@ -1123,15 +1123,30 @@ impl CallEngine {
                 audio_start_ms,
             } => {
                 self.caller_speaking = true;
-                let at = self.caller_audio_read_at(audio_start_ms);
+                // A provider that does not say where (Gemini): the bridge's own level
+                // detection says where the caller's current run of speech began.
+                let at = match audio_start_ms {
+                    Some(position) => self.caller_audio_read_at(Some(position)),
+                    None => self.on_call_clock(self.telemetry.caller_voice_started()),
+                };
                 self.stats.turns.caller_started(at, now);
                 self.conversation.caller_started(&item_id);
                 self.on_speech_started(now);
             }
             UpstreamEvent::SpeechStopped { audio_end_ms } => {
                 self.caller_speaking = false;
-                let at = self.caller_audio_read_at(audio_end_ms);
-                self.stats.turns.caller_stopped(at, now);
+                match audio_end_ms {
+                    Some(position) => {
+                        let at = self.caller_audio_read_at(Some(position));
+                        self.stats.turns.caller_stopped(at, Some(now), now);
+                    }
+                    // Gemini shows the turn's end only by answering: the caller's speech ended
+                    // with the last frame the bridge heard as speech.
+                    None => {
+                        let at = self.on_call_clock(self.telemetry.caller_voice_ended());
+                        self.stats.turns.caller_stopped(at, None, now);
+                    }
+                }
             }
             UpstreamEvent::ResponseCreated { response_id } => {
                 self.stats.turns.response_created(&response_id, now);
@@ -1476,6 +1491,11 @@ impl CallEngine {
         for text in commands {
             self.push_model_control(text);
         }
+    }
+
+    /// A time since the stream's start (the telemetry's clock) as an instant.
+    fn on_call_clock(&self, since_start: Option<Duration>) -> Option<Instant> {
+        Some(self.started_at? + since_start?)
     }
 
     /// When the bridge read the caller audio at the open session's position `model_ms`.

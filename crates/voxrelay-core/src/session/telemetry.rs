@@ -37,6 +37,10 @@ use crate::codec::g711::mulaw_decode;
 
 /// The envelope's step: 80 samples at 8 kHz.
 pub const STEP: Duration = Duration::from_millis(10);
+/// A pause in the caller's speech shorter than this does not end their run of speech (for
+/// [`CallTelemetry::caller_voice_started`]): the gaps between words.
+pub const VOICE_RUN_GAP: Duration = Duration::from_millis(300);
+
 const STEP_SAMPLES: usize = 80;
 const SAMPLES_PER_MS: u64 = 8;
 
@@ -278,6 +282,9 @@ pub struct CallTelemetry {
     /// The caller's first sample, in samples since the stream's start (set by its first frame).
     caller_origin: Option<u64>,
     voice_ended: Option<Duration>,
+    /// Where the caller's current run of speech began (runs join across pauses up to
+    /// [`VOICE_RUN_GAP`]).
+    voice_started: Option<Duration>,
     /// Agent steps from `agent_base` (the next caller step's) to `agent_end`, by step mod the
     /// ring's length.
     agent_pending: Box<[AgentStep; AGENT_PENDING_STEPS]>,
@@ -306,6 +313,7 @@ impl CallTelemetry {
             caller_step_square: 0.0,
             caller_origin: None,
             voice_ended: None,
+            voice_started: None,
             agent_pending: Box::new([AgentStep::default(); AGENT_PENDING_STEPS]),
             agent_base: 0,
             agent_end: 0,
@@ -319,6 +327,13 @@ impl CallTelemetry {
     /// its read time, when its audio had all arrived.
     pub fn caller_voice_ended(&self) -> Option<Duration> {
         self.voice_ended
+    }
+
+    /// The start (time since the stream's start) of the caller's latest run of speech: the
+    /// beginning of its first frame judged as speech, pauses shorter than [`VOICE_RUN_GAP`]
+    /// within it.
+    pub fn caller_voice_started(&self) -> Option<Duration> {
+        self.voice_started
     }
 
     /// One caller frame, read at `at`.
@@ -346,6 +361,14 @@ impl CallTelemetry {
             }
         }
         if frame_square / mulaw.len() as f64 >= self.threshold {
+            let run_goes_on = self
+                .voice_ended
+                .is_some_and(|ended| at.saturating_sub(ended) <= VOICE_RUN_GAP);
+            if !run_goes_on {
+                // The frame's audio began its length before it was read (8 samples a ms).
+                let length = Duration::from_micros(mulaw.len() as u64 * 125);
+                self.voice_started = Some(at.saturating_sub(length));
+            }
             self.voice_ended = Some(at);
         }
     }

@@ -155,8 +155,9 @@ struct OpenTurn {
 /// The call's turns. The engine calls it at the events named in the module's paragraph.
 #[derive(Clone, Debug, Default)]
 pub struct Turns {
-    /// The caller's latest speech end not yet answered, and when the model reported it.
-    pending_speech_end: Option<(Instant, Instant)>,
+    /// The caller's latest speech end not yet answered, and when the model reported it (if
+    /// the model reports it: Gemini does not).
+    pending_speech_end: Option<(Instant, Option<Instant>)>,
     /// The caller's current speech start, while they speak (`Some(None)`: speaking, since
     /// when unknown).
     speech_start: Option<Option<Instant>>,
@@ -179,11 +180,12 @@ impl Turns {
         self.speech_start = Some(at.map(|at| at.min(now)));
     }
 
-    /// The model says the caller stopped at `at` (when that audio was read).
-    pub fn caller_stopped(&mut self, at: Option<Instant>, now: Instant) {
+    /// The caller stopped at `at` (when that audio was read), as the model said at
+    /// `detected` (`None`: a provider that only shows it by answering).
+    pub fn caller_stopped(&mut self, at: Option<Instant>, detected: Option<Instant>, now: Instant) {
         self.speech_start = None;
         if let Some(at) = at {
-            self.pending_speech_end = Some((at.min(now), now));
+            self.pending_speech_end = Some((at.min(now), detected));
         }
     }
 
@@ -191,7 +193,7 @@ impl Turns {
     pub fn response_created(&mut self, response_id: &str, now: Instant) {
         self.finish_open();
         let (speech_end, detected_at) = match self.pending_speech_end.take() {
-            Some((end, detected)) => (Some(end), Some(detected)),
+            Some((end, detected)) => (Some(end), detected),
             None => (None, None),
         };
         self.open = Some(OpenTurn {
@@ -312,9 +314,9 @@ impl Turns {
             // Nothing was said (a tool call, a cancelled response): the caller is still
             // waiting, and their wait ends with the next response that speaks.
             if self.pending_speech_end.is_none()
-                && let (Some(end), Some(detected)) = (open.speech_end, open.detected_at)
+                && let Some(end) = open.speech_end
             {
-                self.pending_speech_end = Some((end, detected));
+                self.pending_speech_end = Some((end, open.detected_at));
             }
             return;
         }
@@ -384,7 +386,7 @@ mod tests {
         let mut turns = Turns::default();
         turns.started(t0);
         turns.caller_started(Some(t0 + ms(100)), t0 + ms(150));
-        turns.caller_stopped(Some(t0 + ms(1_000)), t0 + ms(1_500));
+        turns.caller_stopped(Some(t0 + ms(1_000)), Some(t0 + ms(1_500)), t0 + ms(1_500));
         turns.response_created("r1", t0 + ms(1_510));
         turns.model_audio("r1", "i1", t0 + ms(1_700));
         turns.model_audio("r1", "i1", t0 + ms(1_720));
@@ -452,7 +454,7 @@ mod tests {
     fn a_speech_end_is_answered_once() {
         let t0 = Instant::now();
         let mut turns = Turns::default();
-        turns.caller_stopped(Some(t0), t0 + ms(500));
+        turns.caller_stopped(Some(t0), Some(t0 + ms(500)), t0 + ms(500));
         turns.response_created("a", t0 + ms(600));
         turns.model_audio("a", "i", t0 + ms(700));
         turns.response_created("b", t0 + ms(900));
@@ -467,7 +469,7 @@ mod tests {
         let t0 = Instant::now();
         let mut turns = Turns::default();
         turns.started(t0);
-        turns.caller_stopped(Some(t0), t0 + ms(500));
+        turns.caller_stopped(Some(t0), Some(t0 + ms(500)), t0 + ms(500));
         // A tool call: a response with no audio; then its answer.
         turns.response_created("call", t0 + ms(600));
         turns.response_created("answer", t0 + ms(900));

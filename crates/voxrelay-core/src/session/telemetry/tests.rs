@@ -201,6 +201,26 @@ fn the_latest_caller_speech_frame_ends_the_callers_voice() {
 }
 
 #[test]
+fn the_callers_run_of_speech_starts_at_its_first_frame_and_spans_short_pauses() {
+    let mut telemetry = CallTelemetry::new();
+    assert_eq!(telemetry.caller_voice_started(), None);
+    // 200 ms of silence, a 200 ms word, a 200 ms pause (between words), another word.
+    let mut caller = vec![MULAW_SILENCE; 1600];
+    caller.extend(encode_i16(&tone(300.0, -25.0, 1600)));
+    caller.extend(std::iter::repeat_n(MULAW_SILENCE, 1600));
+    caller.extend(encode_i16(&tone(300.0, -25.0, 1600)));
+    feed_caller(&mut telemetry, &caller);
+    assert_eq!(telemetry.caller_voice_started(), Some(ms(200)));
+    assert_eq!(telemetry.caller_voice_ended(), Some(ms(800)));
+    // After a pause longer than a gap between words, the next word starts a new run.
+    let mut telemetry = CallTelemetry::new();
+    caller.extend(std::iter::repeat_n(MULAW_SILENCE, 4000));
+    caller.extend(encode_i16(&tone(300.0, -25.0, 800)));
+    feed_caller(&mut telemetry, &caller);
+    assert_eq!(telemetry.caller_voice_started(), Some(ms(1_300)));
+}
+
+#[test]
 fn one_way_audio_is_detected_when_a_leg_is_silent_while_the_other_talks() {
     // The caller talks for 12 s and the agent plays nothing: the agent's leg is one-way.
     let mut telemetry = CallTelemetry::new();
