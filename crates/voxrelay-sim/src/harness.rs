@@ -251,7 +251,9 @@ impl Rig {
             calls,
         )
         .await;
-        if let (Side::Bridge(_), Some(admin)) = (side, endpoint.admin) {
+        // Gemini's turns are timed from the caller's silence (the bridge's level detection),
+        // and the bench's callers never fall silent: on Gemini they would time nothing real.
+        if let (Side::Bridge(Provider::OpenAi), Some(admin)) = (side, endpoint.admin) {
             result.turns = TurnFigures::fetch(admin).await;
         }
         stop_bridge(bridge).await;

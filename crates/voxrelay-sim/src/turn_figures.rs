@@ -117,7 +117,10 @@ fn summarise(exposition: &str, family: &str) -> TurnSummary {
             else {
                 continue;
             };
-            // `+Inf` is the count again.
+            // `+Inf` is the count again (and Rust would parse it as infinity).
+            if bound == "+Inf" {
+                continue;
+            }
             if let Ok(seconds) = bound.parse::<f64>() {
                 // Keyed in µs so bounds sort and sum exactly.
                 *buckets.entry((seconds * 1e6).round() as u64).or_default() += value;
@@ -169,9 +172,9 @@ mod tests {
 voxrelay_voice_to_voice_seconds_bucket{tenant=\"-\",provider=\"openai\",le=\"0.5\"} 0
 voxrelay_voice_to_voice_seconds_bucket{tenant=\"-\",provider=\"openai\",le=\"0.6\"} 2
 voxrelay_voice_to_voice_seconds_bucket{tenant=\"-\",provider=\"openai\",le=\"0.7\"} 4
-voxrelay_voice_to_voice_seconds_bucket{tenant=\"-\",provider=\"openai\",le=\"+Inf\"} 4
-voxrelay_voice_to_voice_seconds_sum{tenant=\"-\",provider=\"openai\"} 2.4
-voxrelay_voice_to_voice_seconds_count{tenant=\"-\",provider=\"openai\"} 4
+voxrelay_voice_to_voice_seconds_bucket{tenant=\"-\",provider=\"openai\",le=\"+Inf\"} 5
+voxrelay_voice_to_voice_seconds_sum{tenant=\"-\",provider=\"openai\"} 22.4
+voxrelay_voice_to_voice_seconds_count{tenant=\"-\",provider=\"openai\"} 5
 voxrelay_voice_to_voice_seconds_bucket{tenant=\"a\",provider=\"gemini\",le=\"0.5\"} 0
 voxrelay_voice_to_voice_seconds_bucket{tenant=\"a\",provider=\"gemini\",le=\"0.6\"} 0
 voxrelay_voice_to_voice_seconds_bucket{tenant=\"a\",provider=\"gemini\",le=\"0.7\"} 4
@@ -185,18 +188,16 @@ voxrelay_calls_active 0
     fn series_are_summed_and_percentiles_interpolated_in_their_bucket() {
         let figures = TurnFigures::parse(EXPOSITION);
         let v2v = &figures.voice_to_voice_ms;
-        assert_eq!(v2v.count, 8);
-        assert!((v2v.mean - 625.0).abs() < 1e-9);
-        // Two turns in (500, 600], six in (600, 700]: rank 4 of 8 is the second of the six.
+        assert_eq!(v2v.count, 9);
+        assert!((v2v.mean - 25_000.0 / 9.0).abs() < 1e-9);
+        // Two turns in (500, 600], six in (600, 700], one (20 s) beyond the last bucket: rank
+        // 4.5 of 9 is 2.5 of the six.
         assert!(
-            (v2v.p50 - (600.0 + 100.0 * 2.0 / 6.0)).abs() < 1e-9,
+            (v2v.p50 - (600.0 + 100.0 * 2.5 / 6.0)).abs() < 1e-9,
             "{v2v:?}"
         );
-        // Rank 7.92 is 5.92 of the six in (600, 700].
-        assert!(
-            (v2v.p99 - (600.0 + 100.0 * 5.92 / 6.0)).abs() < 1e-9,
-            "{v2v:?}"
-        );
+        // Rank 8.91 is beyond the buckets: their last bound is all that is known.
+        assert!((v2v.p99 - 700.0).abs() < 1e-9, "{v2v:?}");
         assert_eq!(figures.model_ms, TurnSummary::default());
         assert_eq!(gauge(EXPOSITION, "voxrelay_calls_active"), Some(0.0));
     }
