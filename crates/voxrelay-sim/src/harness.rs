@@ -1629,6 +1629,12 @@ pub fn summary(result: &BenchResult) -> String {
         result.calls_up,
         result.load_cpu_utilisation * 100.0
     );
+    if result.provider == Provider::Gemini.as_str() && !result.baseline {
+        let _ = writeln!(
+            out,
+            "  turns: not timed on Gemini here (its speech end is the caller's silence, and these callers never fall silent)"
+        );
+    }
     if let Some(turns) = result
         .turns
         .as_ref()
