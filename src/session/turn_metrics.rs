@@ -6,6 +6,11 @@
 //! `voxrelay_turn_playout_seconds`) and `voxrelay_barge_in_talk_over_seconds`, each labelled
 //! `tenant` and `provider`. Buckets are a turn's scale (10 ms to 10 s), not the media path's.
 //!
+//! Beside them, summaries with exact quantiles (0.5, 0.9, 0.99) of the last [`RECENT_TURNS`]
+//! turns heard, all tenants together: `voxrelay_voice_to_voice_recent_seconds` and its parts'
+//! `voxrelay_turn_{model,bridge,playout}_recent_seconds` (buckets cannot say whether a turn
+//! of 201 ms is nearer 200 or 250; these can, for a benchmark or a dashboard's "now").
+//!
 //! Bounded: a tenant label is one of at most [`MAX_TENANT_SERIES`] tenants, later tenants are
 //! counted under `tenant="other"` (a control plane with thousands of tenants must not grow the
 //! exposition without bound); the fallback agent's calls are `tenant="-"`. A series is created
@@ -126,10 +131,23 @@ const FAMILIES: [Family; 5] = [
     ),
 ];
 
+/// Turns whose exact figures are kept for the `_recent` summaries, newest replacing oldest.
+pub const RECENT_TURNS: usize = 4_096;
+
+/// The recent turns' exact figures (µs), every tenant and provider together: what the
+/// `voxrelay_voice_to_voice_recent_seconds` summary and its parts' report as quantiles.
+#[derive(Default)]
+struct RecentTurns {
+    /// `[voice_to_voice, model, bridge, playout]` of each turn that was heard.
+    turns: std::collections::VecDeque<[u64; 4]>,
+}
+
 /// The turn histograms of every tenant and provider.
 #[derive(Default)]
 pub struct TurnMetrics {
     series: DashMap<(String, Provider), Arc<TurnSeries>>,
+    /// Locked once per call at its end and once per scrape, never on the media path.
+    recent: std::sync::Mutex<RecentTurns>,
 }
 
 impl TurnMetrics {
@@ -139,6 +157,25 @@ impl TurnMetrics {
             return;
         }
         let series = self.series_for(tenant, provider);
+        {
+            let mut recent = self
+                .recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let us = |value: Duration| u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
+            for turn in turns {
+                if let (Some(v2v), Some(model), Some(bridge), Some(playout)) =
+                    (turn.voice_to_voice, turn.model, turn.bridge, turn.playout)
+                {
+                    if recent.turns.len() == RECENT_TURNS {
+                        recent.turns.pop_front();
+                    }
+                    recent
+                        .turns
+                        .push_back([us(v2v), us(model), us(bridge), us(playout)]);
+                }
+            }
+        }
         for turn in turns {
             let parts = [
                 (turn.voice_to_voice, &series.voice_to_voice),
@@ -196,6 +233,60 @@ impl TurnMetrics {
                 let labels = format!("tenant=\"{tenant}\",provider=\"{}\"", provider.as_str());
                 field(series).render(out, name, &labels);
             }
+        }
+        self.render_recent(out);
+    }
+
+    /// Exact quantiles of the last [`RECENT_TURNS`] heard answers (summaries, all tenants).
+    fn render_recent(&self, out: &mut String) {
+        let recent: Vec<[u64; 4]> = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .turns
+            .iter()
+            .copied()
+            .collect();
+        const RECENT: [(&str, &str); 4] = [
+            (
+                "voxrelay_voice_to_voice_recent_seconds",
+                "Voice-to-voice of the most recent turns heard (all tenants), exact quantiles.",
+            ),
+            (
+                "voxrelay_turn_model_recent_seconds",
+                "The model's part of the most recent turns heard, exact quantiles.",
+            ),
+            (
+                "voxrelay_turn_bridge_recent_seconds",
+                "The bridge's part of the most recent turns heard, exact quantiles.",
+            ),
+            (
+                "voxrelay_turn_playout_recent_seconds",
+                "The playout's part of the most recent turns heard, exact quantiles.",
+            ),
+        ];
+        let mut values: Vec<u64> = Vec::with_capacity(recent.len());
+        for (part, (name, help)) in RECENT.iter().enumerate() {
+            values.clear();
+            values.extend(recent.iter().map(|turn| turn[part]));
+            values.sort_unstable();
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+            if !values.is_empty() {
+                for quantile in ["0.5", "0.9", "0.99"] {
+                    let q: f64 = quantile.parse().unwrap_or(0.5);
+                    // Nearest rank.
+                    let rank = ((values.len() as f64) * q).ceil() as usize;
+                    let value = values[rank.clamp(1, values.len()) - 1];
+                    let _ = writeln!(
+                        out,
+                        "{name}{{quantile=\"{quantile}\"}} {}",
+                        value as f64 / 1e6
+                    );
+                }
+            }
+            let sum: u64 = values.iter().fold(0u64, |sum, v| sum.saturating_add(*v));
+            let _ = writeln!(out, "{name}_sum {}", sum as f64 / 1e6);
+            let _ = writeln!(out, "{name}_count {}", values.len());
         }
     }
 }
@@ -267,6 +358,11 @@ mod tests {
         for (name, _, _) in FAMILIES {
             assert_eq!(out.matches(&format!("# TYPE {name} histogram")).count(), 1);
         }
+        // The recent summaries: exact quantiles over all three turns (650, 750, 950 ms).
+        assert!(out.contains("voxrelay_voice_to_voice_recent_seconds{quantile=\"0.5\"} 0.75\n"));
+        assert!(out.contains("voxrelay_voice_to_voice_recent_seconds{quantile=\"0.99\"} 0.95\n"));
+        assert!(out.contains("voxrelay_turn_bridge_recent_seconds{quantile=\"0.5\"} 0.0003\n"));
+        assert!(out.contains("voxrelay_voice_to_voice_recent_seconds_count 3\n"));
     }
 
     #[test]
@@ -276,6 +372,8 @@ mod tests {
             metrics.record(Some(&format!("t{n}")), Provider::OpenAi, &[turn(800)]);
         }
         assert!(metrics.series.len() <= MAX_TENANT_SERIES * Provider::ALL.len() + 1);
+        let recent = metrics.recent.lock().unwrap().turns.len();
+        assert_eq!(recent, RECENT_TURNS.min(MAX_TENANT_SERIES * 2 + 10));
         let other = metrics
             .series("other", Provider::OpenAi)
             .expect("overflow series");

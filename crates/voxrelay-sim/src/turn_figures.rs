@@ -3,10 +3,11 @@
 //! barge-in talk-over) once a step's calls have ended, summed over every tenant and provider
 //! series.
 //!
-//! Counts and means are exact (the histograms carry their sums); percentiles come from the
-//! buckets, interpolated linearly inside the bucket that holds them, as Prometheus's
-//! `histogram_quantile` does, so they are as fine as the buckets (50 ms apart from 200 ms to
-//! 700 ms, 10 ms to 10 s in all). Because
+//! Counts and means are exact (the histograms carry their sums). Percentiles are exact too when
+//! the bridge's `_recent` summaries cover the step (their last 4,096 turns: a fresh bridge per
+//! step); otherwise they come from the buckets, interpolated linearly inside the bucket that
+//! holds them, as Prometheus's `histogram_quantile` does (as fine as the buckets: 50 ms apart
+//! from 200 ms to 700 ms). Talk-over has no summary. Because
 //! every turn's parts add up to its voice-to-voice time, the parts' means add up to its mean:
 //! that is what each part contributed.
 
@@ -38,6 +39,14 @@ pub struct TurnFigures {
 }
 
 /// The families read, in [`TurnFigures`] order.
+/// The exact summaries of the first four, in order.
+const RECENT: [&str; 4] = [
+    "voxrelay_voice_to_voice_recent_seconds",
+    "voxrelay_turn_model_recent_seconds",
+    "voxrelay_turn_bridge_recent_seconds",
+    "voxrelay_turn_playout_recent_seconds",
+];
+
 const FAMILIES: [&str; 5] = [
     "voxrelay_voice_to_voice_seconds",
     "voxrelay_turn_model_seconds",
@@ -50,12 +59,32 @@ impl TurnFigures {
     /// Reads the turn families out of a Prometheus text exposition.
     pub fn parse(exposition: &str) -> Self {
         let [
-            voice_to_voice_ms,
-            model_ms,
-            bridge_ms,
-            playout_ms,
+            mut voice_to_voice_ms,
+            mut model_ms,
+            mut bridge_ms,
+            mut playout_ms,
             talk_over_ms,
         ] = FAMILIES.map(|family| summarise(exposition, family));
+        for (summary, name) in [
+            &mut voice_to_voice_ms,
+            &mut model_ms,
+            &mut bridge_ms,
+            &mut playout_ms,
+        ]
+        .into_iter()
+        .zip(RECENT)
+        {
+            // Exact when the summary saw every turn the histogram did.
+            if gauge(exposition, &format!("{name}_count")) == Some(summary.count as f64)
+                && let (Some(p50), Some(p99)) = (
+                    gauge(exposition, &format!("{name}{{quantile=\"0.5\"}}")),
+                    gauge(exposition, &format!("{name}{{quantile=\"0.99\"}}")),
+                )
+            {
+                summary.p50 = p50 * 1e3;
+                summary.p99 = p99 * 1e3;
+            }
+        }
         Self {
             voice_to_voice_ms,
             model_ms,
@@ -182,6 +211,14 @@ voxrelay_voice_to_voice_seconds_bucket{tenant=\"a\",provider=\"gemini\",le=\"+In
 voxrelay_voice_to_voice_seconds_sum{tenant=\"a\",provider=\"gemini\"} 2.6
 voxrelay_voice_to_voice_seconds_count{tenant=\"a\",provider=\"gemini\"} 4
 voxrelay_calls_active 0
+# TYPE voxrelay_turn_model_recent_seconds summary
+voxrelay_turn_model_recent_seconds{quantile=\"0.5\"} 0.201
+voxrelay_turn_model_recent_seconds{quantile=\"0.99\"} 0.2049
+voxrelay_turn_model_recent_seconds_count 2
+voxrelay_turn_model_seconds_bucket{tenant=\"-\",provider=\"openai\",le=\"0.2\"} 0
+voxrelay_turn_model_seconds_bucket{tenant=\"-\",provider=\"openai\",le=\"0.25\"} 2
+voxrelay_turn_model_seconds_sum{tenant=\"-\",provider=\"openai\"} 0.4059
+voxrelay_turn_model_seconds_count{tenant=\"-\",provider=\"openai\"} 2
 ";
 
     #[test]
@@ -198,7 +235,12 @@ voxrelay_calls_active 0
         );
         // Rank 8.91 is beyond the buckets: their last bound is all that is known.
         assert!((v2v.p99 - 700.0).abs() < 1e-9, "{v2v:?}");
-        assert_eq!(figures.model_ms, TurnSummary::default());
+        // The model's part has an exact summary covering its two turns.
+        let model = &figures.model_ms;
+        assert_eq!(model.count, 2);
+        assert!((model.p50 - 201.0).abs() < 1e-9, "{model:?}");
+        assert!((model.p99 - 204.9).abs() < 1e-9, "{model:?}");
+        assert_eq!(figures.bridge_ms, TurnSummary::default());
         assert_eq!(gauge(EXPOSITION, "voxrelay_calls_active"), Some(0.0));
     }
 }
