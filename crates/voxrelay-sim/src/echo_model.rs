@@ -65,6 +65,10 @@ const READ_BUFFER_BYTES: usize = 4 * 1024;
 const WRITE_BUFFER_BYTES: usize = 32 * 1024;
 /// Echoed appends remembered, to time a frame by the delta that carried its first sample.
 const ECHOED_APPENDS: usize = 8;
+/// The prefix padding the echo model's `speech_started` positions carry, as the real
+/// service's default turn detection does.
+const ECHO_PREFIX_PADDING_MS: u32 = 300;
+
 /// Recycled echo buffers kept per session (a 200 ms delay holds about ten 20 ms appends).
 const SPARE_BUFFERS: usize = 64;
 /// How long a session waits for its peer to take the close frame at shutdown.
@@ -1311,7 +1315,10 @@ impl EchoSession {
             return;
         }
         let item_id = self.new_id("item");
-        let audio_start_ms = self.input_bytes / self.format.bytes_per_ms();
+        // As the real service says it: where the item's audio begins, its prefix padding
+        // (300 ms by default) before the speech it detected, here the audio heard last.
+        let audio_start_ms = (self.input_bytes / self.format.bytes_per_ms())
+            .saturating_sub(u64::from(ECHO_PREFIX_PADDING_MS));
         self.begin("input_audio_buffer.speech_started");
         let _ = write!(self.out, r#","audio_start_ms":{audio_start_ms}"#);
         push_field(&mut self.out, "item_id", &item_id);
