@@ -8,22 +8,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
 use voxrelay::Provider;
-use voxrelay::Secret;
-use voxrelay::config::ControlPlaneTarget;
-use voxrelay::control::signing::{SigningKey, Verifier};
-use voxrelay_control_plane::seed::{Seed, SeedFiles, SeedSource};
-use voxrelay_control_plane::server::{
-    ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
-};
-use voxrelay_control_plane::store::DbLocation;
+use voxrelay_control_plane::seed::{Seed, SeedFiles};
+use voxrelay_control_plane::server::{RunningControlPlane, seed_toml};
 use voxrelay_sim::caller::{CallerConfig, place_call};
 use voxrelay_sim::mock::{MockConfig, MockFault, MockFaultKind, MockToolCall};
 
@@ -224,32 +216,14 @@ async fn a_digit_reaches_the_model_and_is_answered(provider: Provider) {
 
 // ---- a tenant's calls, with the reference control plane ----
 
-const KEY_ID: &str = "conformance";
-const KEY_SECRET: &str = "conformance-secret";
-
-async fn start_control_plane(db: &Path) -> RunningControlPlane {
-    ControlPlane::start(ControlPlaneConfig {
-        listen: "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
-        db: DbLocation::File(db.to_path_buf()),
-        seed: Some(SeedSource::with_shipped_files(seed_toml())),
-        verifier: Verifier::from_key_list(&format!("{KEY_ID}:{KEY_SECRET}")).unwrap(),
+/// A bridge (OpenAI by default, both providers served by the mock) that looks tenants up on
+/// `cp`.
+async fn stack_on(cp: &RunningControlPlane, dir: &Scratch, mock: MockConfig) -> Stack {
+    let target = control_target(cp.url(), &dir.0.join("spool"));
+    start_stack_for(Provider::OpenAi, mock, None, |config| {
+        config.control_plane = Some(target);
     })
     .await
-    .expect("control plane")
-}
-
-/// Contexts are fetched at every call (a tiny TTL), so a tenant's change shows at its next call.
-fn control_target(url: url::Url, spool: &Path) -> ControlPlaneTarget {
-    ControlPlaneTarget {
-        url,
-        key: SigningKey::new(KEY_ID, Secret::new(KEY_SECRET)),
-        lookup_budget: Duration::from_millis(500),
-        context_ttl: Duration::from_millis(1),
-        context_stale: Duration::from_millis(1),
-        report_spool_dir: spool.to_path_buf(),
-        report_retry: Duration::from_millis(500),
-        report_resend: Duration::from_secs(3600),
-    }
 }
 
 /// The shipped tenant that runs on `provider`: Acme Dental (the bridge's default, OpenAI) or
@@ -285,11 +259,7 @@ async fn a_tool_call_round_trips_through_the_control_plane(provider: Provider) {
         }],
         ..MockConfig::default()
     };
-    let target = control_target(cp.url(), &dir.0.join("spool"));
-    let stack = start_stack_for(Provider::OpenAi, mock, None, |config| {
-        config.control_plane = Some(target);
-    })
-    .await;
+    let stack = stack_on(&cp, &dir, mock).await;
     let (tenant, number) = tenant_on(provider);
     let caller = CallerConfig {
         to: number.to_owned(),
@@ -619,11 +589,7 @@ async fn a_turn_is_timed_from_the_callers_speech_end_to_its_reply_heard(provider
         silence_ms: SILENCE_MS as u32,
         ..MockConfig::default()
     };
-    let target = control_target(cp.url(), &dir.0.join("spool"));
-    let stack = start_stack_for(Provider::OpenAi, mock, None, |config| {
-        config.control_plane = Some(target);
-    })
-    .await;
+    let stack = stack_on(&cp, &dir, mock).await;
     let (tenant, number) = tenant_on(provider);
     let caller = CallerConfig {
         to: number.to_owned(),

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -16,48 +15,15 @@ use std::time::Duration;
 use common::*;
 use sha2::{Digest, Sha256};
 use voxrelay::Provider;
-use voxrelay::Secret;
-use voxrelay::config::ControlPlaneTarget;
 use voxrelay::control::api::{CallReport, ReportRecording};
-use voxrelay::control::signing::{SigningKey, Verifier};
 use voxrelay::recording::FailureKind;
 use voxrelay::recording::ogg_opus::decode;
-use voxrelay_control_plane::seed::SeedSource;
-use voxrelay_control_plane::server::{
-    ControlPlane, ControlPlaneConfig, RunningControlPlane, seed_toml,
-};
-use voxrelay_control_plane::store::DbLocation;
+use voxrelay_control_plane::server::seed_toml;
 use voxrelay_sim::caller::{CallerConfig, place_call};
 use voxrelay_sim::mock::MockConfig;
 
-const KEY_ID: &str = "recording";
-const KEY_SECRET: &str = "recording-secret";
 /// Acme Dental's number in the shipped seed.
 const ACME: &str = "+15550100001";
-
-async fn start_control_plane(db: &Path, seed: String) -> RunningControlPlane {
-    ControlPlane::start(ControlPlaneConfig {
-        listen: "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
-        db: DbLocation::File(db.to_path_buf()),
-        seed: Some(SeedSource::with_shipped_files(seed)),
-        verifier: Verifier::from_key_list(&format!("{KEY_ID}:{KEY_SECRET}")).unwrap(),
-    })
-    .await
-    .expect("control plane")
-}
-
-fn control_target(url: url::Url, spool: &Path) -> ControlPlaneTarget {
-    ControlPlaneTarget {
-        url,
-        key: SigningKey::new(KEY_ID, Secret::new(KEY_SECRET)),
-        lookup_budget: Duration::from_millis(500),
-        context_ttl: Duration::from_millis(1),
-        context_stale: Duration::from_millis(1),
-        report_spool_dir: spool.to_path_buf(),
-        report_retry: Duration::from_millis(500),
-        report_resend: Duration::from_secs(3600),
-    }
-}
 
 /// Quiet, then a 700 Hz tone over the greeting (a barge-in), then quiet while the echo plays.
 fn barge_in_script() -> Vec<u8> {
@@ -83,7 +49,7 @@ async fn recorded_call(
     adjust: impl FnOnce(&mut voxrelay::config::BridgeConfig, &Path),
 ) -> (voxrelay_sim::caller::CallReport, CallReport, Stack, Scratch) {
     let dir = Scratch::new("recording-e2e");
-    let cp = start_control_plane(&dir.0.join("cp.db"), seed).await;
+    let cp = start_control_plane_seeded(&dir.0.join("cp.db"), seed).await;
     let target = control_target(cp.url(), &dir.0.join("spool"));
     let root = dir.0.clone();
     let stack = start_stack_for(

@@ -407,3 +407,51 @@ pub async fn calls_on_their_own_tones(
     );
     sessions
 }
+
+// ---- the reference control plane, for tests of a tenant's calls ----
+
+/// The key the tests' bridges sign with and their control planes accept.
+pub const CP_KEY_ID: &str = "e2e-tests";
+pub const CP_KEY_SECRET: &str = "e2e-tests-secret";
+
+/// The reference control plane on 127.0.0.1, its database at `db`, seeded with the shipped
+/// tenants.
+pub async fn start_control_plane(
+    db: &std::path::Path,
+) -> voxrelay_control_plane::server::RunningControlPlane {
+    start_control_plane_seeded(db, voxrelay_control_plane::server::seed_toml().to_owned()).await
+}
+
+/// The reference control plane on 127.0.0.1, seeded with `seed` (TOML; the shipped files).
+pub async fn start_control_plane_seeded(
+    db: &std::path::Path,
+    seed: String,
+) -> voxrelay_control_plane::server::RunningControlPlane {
+    use voxrelay_control_plane::server::{ControlPlane, ControlPlaneConfig};
+    ControlPlane::start(ControlPlaneConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        db: voxrelay_control_plane::store::DbLocation::File(db.to_path_buf()),
+        seed: Some(voxrelay_control_plane::seed::SeedSource::with_shipped_files(seed)),
+        verifier: voxrelay::control::signing::Verifier::from_key_list(&format!(
+            "{CP_KEY_ID}:{CP_KEY_SECRET}"
+        ))
+        .unwrap(),
+    })
+    .await
+    .expect("control plane")
+}
+
+/// A bridge's way to a test control plane. Contexts are fetched at every call (a tiny TTL),
+/// so a tenant's change shows at its next call.
+pub fn control_target(url: Url, spool: &std::path::Path) -> voxrelay::config::ControlPlaneTarget {
+    voxrelay::config::ControlPlaneTarget {
+        url,
+        key: voxrelay::control::signing::SigningKey::new(CP_KEY_ID, Secret::new(CP_KEY_SECRET)),
+        lookup_budget: Duration::from_millis(500),
+        context_ttl: Duration::from_millis(1),
+        context_stale: Duration::from_millis(1),
+        report_spool_dir: spool.to_path_buf(),
+        report_retry: Duration::from_millis(500),
+        report_resend: Duration::from_secs(3600),
+    }
+}

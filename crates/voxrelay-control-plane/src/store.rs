@@ -1832,16 +1832,14 @@ mod tests {
     }
 
     #[test]
-    fn a_schema_4_database_is_migrated_with_no_record_switch_and_no_recordings() {
+    fn a_schema_4_database_is_migrated_with_no_record_switch_recordings_or_turns() {
         let dir = TempDir::new("migrate-4");
         let path = dir.0.join("cp.sqlite3");
         {
             let conn = database_at_schema(&path, 4);
-            assert!(
-                !columns(&conn)
-                    .iter()
-                    .any(|(_, column, _)| column == "record" || column == "recording")
-            );
+            assert!(!columns(&conn).iter().any(|(_, column, _)| {
+                column == "record" || column == "recording" || column == "quality"
+            }));
             conn.execute(
                 "INSERT INTO tenants (id, agent_name, voice, instructions, audio_mode, language,
                      max_call_seconds, tools, business_hours, provider)
@@ -1856,9 +1854,26 @@ mod tests {
                 [],
             )
             .expect("number");
+            // A call schema 4 stored a report for (the columns history needs).
+            conn.execute(
+                "INSERT INTO calls (call_sid, tenant_id, reported_at_ms, started_at_ms,
+                     stream_sid, agent_name, end_reason, context_source)
+                 VALUES ('CA0', 'old_tenant', 6, 1, 'MZ0', 'Olga', 'twilio_stop', 'fresh')",
+                [],
+            )
+            .expect("reported call");
         }
         let store = Store::open(&DbLocation::File(path.clone())).expect("migrated");
         assert_eq!(columns(&store.lock()), columns(&seeded().lock()));
+        // Its report reads as what that bridge measured: no turns, no telemetry, no recording.
+        let history = store
+            .call_history("old_tenant", 50)
+            .expect("store")
+            .expect("tenant");
+        let [old] = &history.calls[..] else {
+            panic!("one call: {:?}", history.calls);
+        };
+        assert!(old.turns.is_empty() && old.audio.is_none() && old.recording.is_none());
         let context = store
             .context_for_call("+15550100077", "", "", NOW_MS)
             .expect("store")
@@ -2311,48 +2326,6 @@ mod tests {
             .expect("tenant");
         assert_eq!(history.calls.len(), 1);
         assert_eq!(history.calls[0].transcript.len(), 2);
-    }
-
-    #[test]
-    fn a_schema_4_database_is_migrated_and_its_reports_read_as_untimed() {
-        let dir = TempDir::new("migrate-4");
-        let path = dir.0.join("cp.sqlite3");
-        {
-            let conn = database_at_schema(&path, 4);
-            assert!(
-                !columns(&conn)
-                    .iter()
-                    .any(|(_, column, _)| column == "quality")
-            );
-            conn.execute(
-                "INSERT INTO tenants (id, agent_name, voice, instructions, audio_mode, language,
-                     max_call_seconds, tools, business_hours)
-                 VALUES ('old_tenant', 'Olga', 'marin', 'x', 'pcmu', 'en', 0, '[]',
-                     '{\"timezone\":\"\",\"days\":[null,null,null,null,null,null,null]}')",
-                [],
-            )
-            .expect("tenant");
-            conn.execute(
-                "INSERT INTO calls (call_sid, tenant_id, reported_at_ms, started_at_ms,
-                     stream_sid, agent_name, end_reason, context_source)
-                 VALUES ('CA0', 'old_tenant', 6, 1, 'MZ0', 'Olga', 'twilio_stop', 'fresh')",
-                [],
-            )
-            .expect("reported call");
-        }
-        let store = Store::open(&DbLocation::File(path.clone())).expect("migrated");
-        let version: i64 = store
-            .lock()
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .expect("version");
-        assert_eq!(version, SCHEMA_VERSION);
-        let history = store
-            .call_history("old_tenant", 50)
-            .expect("store")
-            .expect("tenant");
-        assert_eq!(history.calls.len(), 1);
-        assert!(history.calls[0].turns.is_empty());
-        assert_eq!(history.calls[0].turns_dropped, 0);
     }
 
     #[test]
