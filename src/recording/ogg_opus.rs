@@ -223,18 +223,7 @@ fn cut(text: &str, max: usize) -> &str {
 
 /// `at` as RFC 3339 UTC to the second (`2026-12-07T04:43:29Z`).
 pub fn rfc3339(at: SystemTime) -> String {
-    let secs = voxrelay_core::time::unix_secs(at);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's days-to-civil.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let ((year, month, day), rem) = voxrelay_core::time::utc_civil(at);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
